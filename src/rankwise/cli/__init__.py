@@ -1,0 +1,97 @@
+"""The ``rankwise`` command line: a thin table of subcommands over library functions.
+
+Each subcommand lives in its own module under ``rankwise.cli`` and exposes two functions:
+
+* ``add_arguments(parser: argparse.ArgumentParser) -> None``
+* ``run(args: argparse.Namespace) -> int`` (the process exit code)
+
+Modules are imported only when their subcommand runs, so ``rankwise --help`` stays fast.
+A :class:`CliError` raised by ``run`` (or a ``ValueError``/``FileNotFoundError`` from the
+library) is printed as one line ``rankwise <command>: error: ...`` with exit code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from rankwise import __version__
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class Command(NamedTuple):
+    module: str
+    help: str
+
+
+# The one table of subcommands: name -> (module under rankwise.cli, one-line help).
+COMMANDS: dict[str, Command] = {
+    "version": Command("version", "versions of rankwise and the libraries it runs on"),
+}
+
+_USER_ERRORS = (
+    CliError,
+    ValueError,
+    KeyError,
+    FileNotFoundError,
+    NotADirectoryError,
+    PermissionError,
+    IsADirectoryError,
+)
+
+
+def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; subcommand parsers are built only for the command being run."""
+    table = COMMANDS if commands is None else commands
+    epilog = "commands:\n" + "\n".join(f"  {n:<16} {c.help}" for n, c in table.items())
+    parser = argparse.ArgumentParser(
+        prog="rankwise",
+        description="Low-rank approximation and low-rank adaptation (LoRA) for PyTorch.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"rankwise {__version__}")
+    parser.add_argument(
+        "command",
+        nargs="?",
+        choices=list(table),
+        metavar="COMMAND",
+        help="one of the commands below; 'rankwise COMMAND --help' for its options",
+    )
+    return parser
+
+
+def _command_parser(name: str, command: Command) -> tuple[argparse.ArgumentParser, object]:
+    module = importlib.import_module(f"rankwise.cli.{command.module}")
+    parser = argparse.ArgumentParser(prog=f"rankwise {name}", description=command.help)
+    module.add_arguments(parser)
+    return parser, module
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = build_parser()
+    if not argv or argv[0].startswith("-"):
+        args = top.parse_args(argv)
+        top.print_help()
+        return 0 if args.command is None and not argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        top.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS) or '(none yet)'}")
+    parser, module = _command_parser(name, COMMANDS[name])
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except _USER_ERRORS as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"rankwise {name}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rankwise {name}: interrupted", file=sys.stderr)
+        return 130
