@@ -1,0 +1,107 @@
+"""Input checks and numpy/torch conversion shared by every ``rankwise.linalg`` routine.
+
+Every public function funnels its matrices through :func:`as_matrix` (2-D, floating, finite;
+numpy arrays are viewed as tensors without a copy) and hands its result back through
+:func:`to_output`, which turns tensors into numpy arrays again when the caller passed numpy.
+Nothing here, nor in the routines, writes into a caller's array.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+ArrayLike = torch.Tensor | np.ndarray
+T = TypeVar("T")
+
+_FLOATS = (torch.float32, torch.float64)
+
+
+class Matrix(NamedTuple):
+    """A validated 2-D floating tensor and whether the caller gave a numpy array."""
+
+    tensor: torch.Tensor
+    was_numpy: bool
+
+
+def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
+    """Validate ``value`` as a 2-D finite float32/float64 matrix named ``name``.
+
+    Integer and boolean inputs are promoted to float64 (numpy's default float); float16 and
+    bfloat16 are promoted to float32, since LAPACK has no half-precision factorizations.
+    """
+    was_numpy = isinstance(value, np.ndarray)
+    if was_numpy:
+        if value.dtype.kind == "c" or value.dtype.kind not in "biuf":
+            raise ValueError(f"{name}: expected a real numeric array, found dtype {value.dtype}")
+        tensor = torch.from_numpy(np.ascontiguousarray(value))
+    elif isinstance(value, torch.Tensor):
+        tensor = value
+    else:
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(value)}")
+    if tensor.ndim != 2:
+        raise ValueError(
+            f"{name}: expected a 2-D matrix, found {tensor.ndim}-D with shape {tuple(tensor.shape)}"
+        )
+    if tensor.is_complex():
+        raise ValueError(f"{name}: expected a real matrix, found dtype {tensor.dtype}")
+    if not tensor.is_floating_point():
+        tensor = tensor.to(torch.float64)
+    elif tensor.dtype not in _FLOATS:
+        tensor = tensor.to(torch.float32)
+    if min(tensor.shape) == 0:
+        raise ValueError(f"{name}: expected a non-empty matrix, found shape {tuple(tensor.shape)}")
+    if check_finite and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
+    return Matrix(tensor, was_numpy)
+
+
+def check_rank(rank: Any, shape: tuple[int, ...], name: str = "rank") -> int:
+    """``rank`` must be an int with ``1 <= rank <= min(shape)``."""
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise ValueError(f"{name}: expected an int, found {rank!r} ({type(rank).__name__})")
+    limit = min(shape)
+    if not 1 <= int(rank) <= limit:
+        raise ValueError(
+            f"{name}: expected 1 <= {name} <= min{tuple(shape)} = {limit}, found {rank}"
+        )
+    return int(rank)
+
+
+def check_fraction(value: Any, name: str, *, closed_right: bool) -> float:
+    """``value`` must be a real number in (0, 1] (``closed_right``) or (0, 1)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected a number, found {value!r}") from None
+    upper_ok = number <= 1.0 if closed_right else number < 1.0
+    if not (math.isfinite(number) and number > 0.0 and upper_ok):
+        interval = "(0, 1]" if closed_right else "(0, 1)"
+        raise ValueError(f"{name}: expected a value in {interval}, found {value!r}")
+    return number
+
+
+def check_one_of(**options: Any) -> str:
+    """Exactly one of the keyword ``options`` may be given (not None); return its name."""
+    given = [key for key, value in options.items() if value is not None]
+    if len(given) != 1:
+        names = ", ".join(options)
+        raise ValueError(f"expected exactly one of {names}; found {given or 'none'}")
+    return given[0]
+
+
+def to_output(result: T, was_numpy: bool) -> T:
+    """Return ``result`` (a tensor or a NamedTuple of tensors) as numpy if the input was numpy."""
+    if not was_numpy:
+        return result
+    if isinstance(result, torch.Tensor):
+        return result.detach().cpu().numpy()  # type: ignore[return-value]
+    fields = [
+        f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else f
+        for f in result  # type: ignore[attr-defined]
+    ]
+    return type(result)(*fields)  # type: ignore[call-arg]

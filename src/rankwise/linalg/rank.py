@@ -1,0 +1,102 @@
+"""Rank and energy helpers: how much of a matrix a low-rank approximation keeps.
+
+With singular values ``σ_1 >= σ_2 >= ... >= 0`` the *energy* kept by the top ``r`` triplets is
+``Σ_{i<=r} σ_i² / Σ_i σ_i²`` — by Eckart–Young–Mirsky, ``1 - energy`` is the squared relative
+Frobenius error of the best rank-``r`` approximation.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from rankwise.linalg._validate import ArrayLike, as_matrix, check_fraction, to_output
+
+
+def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
+    was_numpy = isinstance(S, np.ndarray)
+    tensor = torch.from_numpy(np.ascontiguousarray(S)) if was_numpy else S
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(S)}")
+    if tensor.ndim != 1 or tensor.numel() == 0:
+        raise ValueError(f"{name}: expected a non-empty 1-D vector, found shape {tuple(S.shape)}")
+    tensor = tensor.to(torch.float64)
+    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
+        raise ValueError(f"{name}: expected finite non-negative singular values")
+    return tensor, was_numpy
+
+
+def energy(S: ArrayLike) -> ArrayLike:
+    """Cumulative energy ``e[r-1] = Σ_{i<=r} σ_i² / Σ_i σ_i²`` of a descending spectrum ``S``.
+
+    Returns a float64 vector of the same length (numpy for numpy input). ``e[-1] == 1``; an
+    all-zero spectrum has energy 1 at every rank (nothing is lost by truncating it).
+    """
+    sigma, was_numpy = _spectrum(S)
+    squares = sigma.square()
+    total = squares.sum()
+    if total == 0:
+        return to_output(torch.ones_like(sigma), was_numpy)
+    return to_output(torch.cumsum(squares, 0) / total, was_numpy)
+
+
+def rank_for_energy(S: ArrayLike, fraction: float) -> int:
+    """Smallest ``r >= 1`` whose top-``r`` triplets keep at least ``fraction`` of the energy.
+
+    ``fraction`` must lie in (0, 1]. The comparison allows ``len(S)`` ulps of rounding in the
+    cumulative sum, so a spectrum built to keep exactly 80% at rank 2 gives rank 2 for 0.8.
+    """
+    fraction = check_fraction(fraction, "fraction", closed_right=True)
+    cumulative, _ = _spectrum(S)
+    cumulative = torch.as_tensor(energy(cumulative))
+    slack = 4 * cumulative.numel() * torch.finfo(torch.float64).eps
+    reached = torch.nonzero(cumulative >= fraction - slack)
+    return int(reached[0, 0]) + 1
+
+
+def stable_rank(M: ArrayLike) -> float:
+    """Stable rank ``‖M‖_F² / ‖M‖_2²`` (Rudelson & Vershynin 2007); 0 for the zero matrix."""
+    matrix = as_matrix(M, "M").tensor.to(torch.float64)
+    sigma = torch.linalg.svdvals(matrix)
+    if sigma[0] == 0:
+        return 0.0
+    return float(sigma.square().sum() / sigma[0].square())
+
+
+def effective_rank(M: ArrayLike) -> float:
+    """Effective rank ``exp(H(p))``, ``p_i = σ_i / Σ σ_j`` (Roy & Vetterli 2007, Def. 1).
+
+    Equals ``r`` for ``r`` equal singular values and lies in ``[1, min(m, n)]``; 0 for the
+    zero matrix.
+    """
+    matrix = as_matrix(M, "M").tensor.to(torch.float64)
+    sigma = torch.linalg.svdvals(matrix)
+    total = sigma.sum()
+    if total == 0:
+        return 0.0
+    p = sigma[sigma > 0] / total
+    return float(math.exp(float(-(p * p.log()).sum())))
+
+
+def relative_error(
+    M: ArrayLike, approx: ArrayLike, *, norm: Literal["fro", "spectral"] = "fro"
+) -> float:
+    """``‖M - approx‖ / ‖M‖`` in the Frobenius (default) or spectral norm (float64 maths)."""
+    matrix = as_matrix(M, "M").tensor
+    other = as_matrix(approx, "approx").tensor
+    if other.shape != matrix.shape:
+        raise ValueError(
+            f"approx: expected shape {tuple(matrix.shape)} (that of M), found {tuple(other.shape)}"
+        )
+    if norm not in ("fro", "spectral"):
+        raise ValueError(f"norm: expected 'fro' or 'spectral', found {norm!r}")
+    matrix = matrix.to(torch.float64)
+    diff = matrix - other.to(device=matrix.device, dtype=torch.float64)
+    ord_ = "fro" if norm == "fro" else 2
+    scale = float(torch.linalg.matrix_norm(matrix, ord=ord_))
+    if scale == 0:
+        return 0.0 if not bool(diff.any()) else math.inf
+    return float(torch.linalg.matrix_norm(diff, ord=ord_)) / scale
