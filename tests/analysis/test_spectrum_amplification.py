@@ -1,0 +1,101 @@
+"""Spectrum summaries and the LoRA paper's amplification measure against dense computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rankwise.analysis import Factors, amplification, spectrum
+from rankwise.errors import ShapeMismatchError
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _with_spectrum(S: torch.Tensor, m: int, n: int, seed: int) -> torch.Tensor:
+    g = _gen(seed)
+    U, _ = torch.linalg.qr(torch.randn(m, S.numel(), generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, S.numel(), generator=g, dtype=torch.float64))
+    return U @ torch.diag(S) @ V.mT
+
+
+def test_spectrum_of_a_known_spectrum() -> None:
+    S = torch.tensor([4.0, 2.0, 1.0, 1.0], dtype=torch.float64)
+    result = spectrum(_with_spectrum(S, 20, 30, seed=0))
+    torch.testing.assert_close(result.singular_values[:4], S)
+    assert result.singular_values[4:].abs().max() < 1e-12
+    assert result.stable_rank == pytest.approx((16 + 4 + 1 + 1) / 16)
+    p = S / S.sum()
+    assert result.effective_rank == pytest.approx(math.exp(float(-(p * p.log()).sum())), rel=1e-9)
+    torch.testing.assert_close(
+        result.energy[:4], torch.tensor([16, 20, 21, 22], dtype=torch.float64) / 22.0
+    )
+
+
+def test_spectrum_of_factors_equals_the_dense_one() -> None:
+    g = _gen(1)
+    B = torch.randn(40, 6, generator=g, dtype=torch.float64)
+    A = torch.randn(6, 30, generator=g, dtype=torch.float64)
+    factored, dense = spectrum(Factors(B, A)), spectrum(B @ A)
+    torch.testing.assert_close(factored.singular_values, dense.singular_values[:6])
+    assert factored.stable_rank == pytest.approx(dense.stable_rank, rel=1e-10)
+    assert factored.effective_rank == pytest.approx(dense.effective_rank, rel=1e-9)
+
+
+def _dense_amplification(W: torch.Tensor, delta: torch.Tensor, r: int) -> tuple[float, float]:
+    U, S, Vh = torch.linalg.svd(delta)
+    projected = torch.linalg.norm(U[:, :r].mT @ W @ Vh[:r].mT)
+    Uw, Sw, Vhw = torch.linalg.svd(W)
+    own = torch.linalg.norm(Uw[:, :r].mT @ W @ Vhw[:r].mT)
+    return float(projected), float(own)
+
+
+def test_amplification_matches_a_dense_computation() -> None:
+    g = _gen(2)
+    W = torch.randn(48, 32, generator=g, dtype=torch.float64)
+    delta = torch.randn(48, 4, generator=g, dtype=torch.float64) @ torch.randn(
+        4, 32, generator=g, dtype=torch.float64
+    )
+    result = amplification(W, delta, generator=0)
+    projected, own = _dense_amplification(W, delta, 4)
+    assert result.rank == 4  # the numerical rank of delta
+    assert result.delta_norm == pytest.approx(float(torch.linalg.norm(delta)), rel=1e-12)
+    assert result.weight_norm == pytest.approx(float(torch.linalg.norm(W)), rel=1e-12)
+    assert result.delta_directions == pytest.approx(projected, rel=1e-10)
+    assert result.weight_directions == pytest.approx(own, rel=1e-10)
+    assert result.factor == pytest.approx(result.delta_norm / projected, rel=1e-10)
+    assert amplification(W, delta, generator=0) == result  # reproducible random baseline
+
+
+def test_amplification_of_an_update_along_w_top_directions() -> None:
+    # delta spans W's own top-2 directions: its projection equals W's top-2 energy.
+    W = _with_spectrum(torch.tensor([9.0, 5.0, 1.0, 0.5], dtype=torch.float64), 30, 20, seed=3)
+    U, S, Vh = torch.linalg.svd(W)
+    delta = 0.1 * U[:, :2] @ Vh[:2]
+    result = amplification(W, delta, rank=2, generator=1)
+    assert result.delta_directions == pytest.approx(math.hypot(9.0, 5.0), rel=1e-10)
+    assert result.weight_directions == pytest.approx(math.hypot(9.0, 5.0), rel=1e-10)
+
+
+def test_random_directions_have_the_expected_energy() -> None:
+    # For Haar-random r-subspaces, E ||Q1^T W Q2||_F^2 = r^2 ||W||_F^2 / (m n).
+    g = _gen(4)
+    W = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    delta = torch.randn(24, 16, generator=g, dtype=torch.float64)
+    values = [
+        amplification(W, delta, rank=3, generator=s).random_directions ** 2 for s in range(300)
+    ]
+    expected = 9 * float(torch.linalg.norm(W) ** 2) / (24 * 16)
+    assert sum(values) / len(values) == pytest.approx(expected, rel=0.15)
+
+
+def test_amplification_errors() -> None:
+    with pytest.raises(ShapeMismatchError, match="same shape"):
+        amplification(torch.randn(4, 5), torch.randn(5, 4))
+    with pytest.raises(ValueError, match="rank"):
+        amplification(torch.randn(4, 5), torch.randn(4, 5), rank=9)
+    with pytest.raises(ValueError, match="rank"):
+        amplification(torch.randn(4, 5), torch.zeros(4, 5))
