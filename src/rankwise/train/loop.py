@@ -1,0 +1,383 @@
+"""The fine-tuning loop: data, model, method, AdamW + linear schedule, checkpoints, evaluation.
+
+One optimizer step sees ``batch_size × grad_accum × world_size`` examples. Its gradient is the
+gradient of the *mean* loss over those examples (or predicted tokens): each micro-batch's
+summed loss is divided by the step's global count of terms and multiplied by the world size
+(DDP averages gradients over processes), so 2 processes × batch 8 give the same update as
+1 process × batch 16, and grad-accum 2 × batch 8 the same as batch 16.
+
+Schedule: AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only, linear warmup
+to ``lr`` then linear decay to 0 (the transformers default), gradient norm clipped at 1.0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from rankwise.train import checkpoint as ckpt
+from rankwise.train import distributed as dist_
+from rankwise.train.batching import (
+    Encoded,
+    collate,
+    count_targets,
+    encode,
+    epoch_generator,
+    length_grouped_batches,
+    shard,
+)
+from rankwise.train.config import TrainConfig, resolve
+from rankwise.train.evaluate import EvalResult, evaluate, loss_sum
+from rankwise.train.inputs import RunData, load_run_data
+from rankwise.train.methods import MergeCheck, Prepared, prepare, trainable_state
+from rankwise.train.metrics import MetricsLog, read_metrics
+from rankwise.train.outputs import finish_outputs, prepare_output, task_info
+
+MAX_GRAD_NORM = 1.0
+
+
+class TrainResult(NamedTuple):
+    output: Path
+    saved: Path | None  # the adapter (or, for full fine-tuning, the model) directory
+    merged: Path | None
+    steps: int
+    examples_per_s: float
+    before: EvalResult | None
+    after: EvalResult | None
+    trainable: int
+    total: int
+    merge_check: MergeCheck | None
+    seconds: float
+    resumed_from: int | None
+
+
+@dataclasses.dataclass
+class _Run:
+    config: TrainConfig
+    info: dist_.DistInfo
+    out: Path
+    prepared: Prepared
+    wrapped: Any  # the model, or its DistributedDataParallel wrapper
+    data: RunData
+    train_enc: Encoded
+    eval_enc: Encoded
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    total_steps: int
+    log: MetricsLog
+    echo: Callable[[str], None]
+    pad_id: int
+
+
+def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int) -> int:
+    batches = math.ceil(n_examples / (config.batch_size * world_size))
+    return math.ceil(batches / config.grad_accum)
+
+
+def total_steps(n_examples: int, config: TrainConfig, world_size: int) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * steps_per_epoch(n_examples, config, world_size)))
+
+
+def _optimizer(model: Any, config: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.ndim >= 2]
+    rest = [p for n, p in params if p.ndim < 2]  # biases and norms: no weight decay
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+    warm = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+
+    def factor(step: int) -> float:  # linear warmup to 1, then linear decay to 0
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        return max(0.0, (total - step) / max(1, total - warm))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _no_sync(run: _Run, last: bool) -> contextlib.AbstractContextManager[Any]:
+    if run.info.world_size > 1 and not last:
+        return run.wrapped.no_sync()
+    return contextlib.nullcontext()
+
+
+def _optimizer_step(run: _Run, micro: list[list[int]]) -> tuple[float, int]:
+    """One optimizer step over global micro-batches; returns (mean loss, global examples)."""
+    task, info = run.config.task, run.info
+    local = [shard(b, info.rank, info.world_size) for b in micro]
+    batches = [
+        collate(run.train_enc, ids or b[:1], pad_id=run.pad_id) for ids, b in zip(local, micro)
+    ]
+    counts = [count_targets(x, task) if ids else 0 for x, ids in zip(batches, local)]
+    terms = max(1, dist_.sum_int(sum(counts), info))
+    loss_total = 0.0
+    for k, (batch, ids) in enumerate(zip(batches, local)):
+        with _no_sync(run, k == len(batches) - 1):
+            loss, _ = loss_sum(run.wrapped, batch, task)
+            # An empty shard still joins DDP's gradient all-reduce, with weight 0.
+            weight = info.world_size / terms if ids else 0.0
+            (loss * weight).backward()
+            loss_total += float(loss.detach()) if ids else 0.0
+    params = [p for p in run.prepared.model.parameters() if p.requires_grad]
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    loss_sum_all = dist_.sum_floats([loss_total], info)[0]
+    return loss_sum_all / terms, sum(len(b) for b in micro)
+
+
+def _evaluate(run: _Run) -> EvalResult | None:
+    """Held-out evaluation on rank 0 (the other processes wait)."""
+    result = None
+    if run.info.is_main:
+        result = evaluate(
+            run.prepared.model,
+            run.eval_enc,
+            batch_size=max(32, run.config.batch_size),
+            pad_id=run.pad_id,
+        )
+    dist_.barrier(run.info)
+    return result
+
+
+def _save(run: _Run, position: ckpt.Position) -> None:
+    if run.info.is_main:
+        ckpt.save_checkpoint(
+            run.out,
+            position,
+            weights=trainable_state(run.prepared.model),
+            optimizer=run.optimizer.state_dict(),
+            scheduler=run.scheduler.state_dict(),
+            keep=run.config.keep_checkpoints,
+        )
+    dist_.barrier(run.info)
+
+
+def _progress(run: _Run, start: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=run.total_steps,
+        initial=start,
+        disable=not run.info.is_main,
+        unit="step",
+        desc="finetune",
+        dynamic_ncols=True,
+    )
+
+
+def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> tuple[int, float]:
+    """Run optimizer steps from ``position`` to the end; returns (steps done, examples/s)."""
+    config, lengths = run.config, run.train_enc.lengths()
+    step, epoch, next_batch = position
+    bar, seen, clock = _progress(run, step), 0, time.perf_counter()
+    run.prepared.model.train()
+    while step < run.total_steps:
+        gen = epoch_generator(config.seed, epoch)
+        batches = length_grouped_batches(
+            lengths, config.batch_size * run.info.world_size, generator=gen
+        )
+        for first in range(next_batch, len(batches), config.grad_accum):
+            tick = time.perf_counter()
+            micro = batches[first : first + config.grad_accum]
+            loss, examples = _optimizer_step(run, micro)
+            step, seen = step + 1, seen + examples
+            rate = examples / max(time.perf_counter() - tick, 1e-9)
+            record = {
+                "step": step,
+                "epoch": round(epoch + (first + len(micro)) / len(batches), 4),
+                "loss": loss,
+                "lr": run.scheduler.get_last_lr()[0],
+                "examples_per_s": rate,
+            }
+            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
+                found = _evaluate(run)
+                record.update(found.as_metrics() if found else {})
+            run.log.log(record)
+            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}", refresh=False)
+            bar.update(1)
+            done = first + len(micro) >= len(batches)
+            if config.save_every and step % config.save_every == 0 and step < run.total_steps:
+                _save(
+                    run,
+                    ckpt.Position(
+                        step, epoch + 1 if done else epoch, 0 if done else first + len(micro)
+                    ),
+                )
+            if step >= run.total_steps or (stop_after is not None and step >= stop_after):
+                bar.close()
+                return step, seen / max(time.perf_counter() - clock, 1e-9)
+        epoch, next_batch = epoch + 1, 0
+    bar.close()
+    return step, seen / max(time.perf_counter() - clock, 1e-9)
+
+
+def _resume(run: _Run) -> ckpt.Position:
+    found = ckpt.load_latest(run.out)
+    if found is None:
+        run.echo(f"no checkpoint in {run.out}; starting from step 0")
+        return ckpt.Position(0, 0, 0)
+    for message in found.skipped:
+        run.echo(f"warning: {message}")
+    model = run.prepared.model
+    expected = set(trainable_state(model))
+    if set(found.weights) != expected:
+        raise ValueError(
+            f"checkpoint {found.path}: its tensors do not match this run's trainable parameters (different --method, --r or --targets?)"
+        )
+    model.load_state_dict(found.weights, strict=False)
+    run.optimizer.load_state_dict(found.optimizer)
+    run.scheduler.load_state_dict(found.scheduler)
+    torch.set_rng_state(found.rng)
+    run.log.truncate_after(found.position.step)
+    run.echo(f"resumed from {found.path} (step {found.position.step})")
+    return found.position
+
+
+def train(
+    config: TrainConfig,
+    *,
+    echo: Callable[[str], None] = print,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Fine-tune as ``config`` says; see the module docstring. ``stop_after`` ends the run after
+    that many optimizer steps without any final output (as a kill would; for resume tests)."""
+    started = time.perf_counter()
+    info = dist_.setup()
+    try:
+        return _train(
+            resolve(config), info, echo if info.is_main else (lambda _: None), stop_after, started
+        )
+    finally:
+        dist_.teardown(info)
+
+
+def _train(
+    config: TrainConfig,
+    info: dist_.DistInfo,
+    echo: Callable[[str], None],
+    stop_after: int | None,
+    started: float,
+) -> TrainResult:
+    torch.manual_seed(config.seed)
+    data = load_run_data(config)
+    prepared = prepare(
+        data.loaded.model, config, base_model=data.loaded.source, generator=config.seed
+    )
+    out = prepare_output(config, info)
+    tokenizer, pad_id = data.loaded.tokenizer, data.loaded.tokenizer.pad_token_id
+    train_enc = encode(
+        data.split.train, tokenizer, task=config.task, max_length=config.max_length or 128
+    )
+    eval_enc = encode(
+        data.split.eval, tokenizer, task=config.task, max_length=config.max_length or 128
+    )
+    total = total_steps(len(train_enc.input_ids), config, info.world_size)
+    optimizer, scheduler = _optimizer(prepared.model, config, total)
+    wrapped = prepared.model
+    if info.world_size > 1:
+        wrapped = torch.nn.parallel.DistributedDataParallel(prepared.model)
+    log = MetricsLog(out, enabled=info.is_main)
+    run = _Run(
+        config,
+        info,
+        out,
+        prepared,
+        wrapped,
+        data,
+        train_enc,
+        eval_enc,
+        optimizer,
+        scheduler,
+        total,
+        log,
+        echo,
+        pad_id,
+    )
+    echo(
+        f"model {data.loaded.source}: {prepared.trainable:,} trainable of {prepared.total:,} parameters ({100 * prepared.trainable / prepared.total:.2f}%), method {config.method}"
+    )
+    echo(
+        f"data {data.split.train.source}: {len(train_enc.input_ids):,} training, {len(eval_enc.input_ids):,} held-out examples; {total} steps of {config.batch_size * config.grad_accum * info.world_size} examples"
+    )
+    position = _resume(run) if config.resume else ckpt.Position(0, 0, 0)
+    before = _before(run, position)
+    steps, rate = _train_steps(run, position, stop_after)
+    if stop_after is not None and steps < total:
+        return TrainResult(
+            out,
+            None,
+            None,
+            steps,
+            rate,
+            before,
+            None,
+            prepared.trainable,
+            prepared.total,
+            None,
+            time.perf_counter() - started,
+            position.step or None,
+        )
+    after = _evaluate(run)
+    if after is not None:
+        run.log.log({"step": steps, **after.as_metrics()})
+        echo(f"held-out after training:  {_fmt(after.as_metrics())}")
+    task = task_info(config, data.split.train.label_names, data.loaded.source)
+    finished = finish_outputs(
+        prepared,
+        config,
+        info,
+        out,
+        tokenizer=tokenizer,
+        task=task,
+        eval_enc=eval_enc,
+        after=after,
+        pad_id=pad_id,
+        echo=echo,
+    )
+    return TrainResult(
+        out,
+        finished.saved,
+        finished.merged,
+        steps,
+        rate,
+        before,
+        after,
+        prepared.trainable,
+        prepared.total,
+        finished.merge_check,
+        time.perf_counter() - started,
+        position.step or None,
+    )
+
+
+def _before(run: _Run, position: ckpt.Position) -> EvalResult | None:
+    """Held-out metrics before training (read back from metrics.jsonl when resuming)."""
+    if position.step > 0:
+        records = [r for r in read_metrics(run.log.path) if r.get("step") == 0]
+        if records:
+            run.echo(f"held-out before training: {_fmt(records[0])}")
+        return None
+    result = _evaluate(run)
+    if result is not None:
+        run.log.log({"step": 0, **result.as_metrics()})
+        run.echo(f"held-out before training: {_fmt(result.as_metrics())}")
+    return result
+
+
+def _fmt(metrics: dict[str, Any]) -> str:
+    if "eval_accuracy" in metrics:
+        return f"accuracy {100 * metrics['eval_accuracy']:.2f}% (loss {metrics['eval_loss']:.4f})"
+    return f"perplexity {metrics.get('eval_perplexity', float('nan')):.3f} (loss {metrics['eval_loss']:.4f})"

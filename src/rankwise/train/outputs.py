@@ -1,0 +1,190 @@
+"""The output directory of a run: created only after every input loaded, written by rank 0.
+
+``<output>/`` holds ``config.yaml`` (the resolved options), ``metrics.jsonl``,
+``training_curve.png``, ``checkpoints/``, and at the end ``adapter/`` (PEFT format, plus the
+tokenizer and ``rankwise_task.json`` with the task and label names) or, for full fine-tuning,
+``model/`` (``save_pretrained``); with ``--merge`` also ``merged/``, a plain transformers model
+directory. Directories are written under a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from rankwise.errors import ConfigError
+from rankwise.train import distributed as dist_
+from rankwise.train.batching import Encoded
+from rankwise.train.config import TrainConfig, atomic_write_text, write_yaml
+from rankwise.train.evaluate import EvalResult, evaluate
+from rankwise.train.methods import MergeCheck, Prepared
+from rankwise.train.metrics import CURVE_FILE, METRICS_FILE, plot_training_curve
+
+CONFIG_FILE = "config.yaml"
+TASK_FILE = "rankwise_task.json"
+
+
+class Finished(NamedTuple):
+    saved: Path | None
+    merged: Path | None
+    merge_check: MergeCheck | None
+
+
+def default_output() -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"finetune-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"finetune-{stamp}-{n}"
+    return out
+
+
+def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
+    """Check, create and (rank 0) start the output directory; write the resolved config."""
+    if config.output is None and info.world_size > 1:
+        raise ConfigError("option 'output': pass --output DIR when running under torchrun")
+    out = Path(config.output) if config.output else default_output()
+    if config.resume:
+        if not out.is_dir():
+            raise FileNotFoundError(f"--resume: output directory {str(out)!r} does not exist")
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"output directory {str(out)!r} is not empty; pass --resume to continue the run in it, or choose another --output"
+        )
+    elif out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"output {str(out)!r} is a file; expected a directory")
+    if info.is_main:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            write_yaml(config, out / CONFIG_FILE)
+        except OSError as err:
+            raise PermissionError(
+                f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
+            ) from None
+    dist_.barrier(info)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; rename it to ``final`` on success."""
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        stale = final.parent / f".stale-{final.name}-{os.getpid()}"
+        os.replace(final, stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def task_info(config: TrainConfig, label_names: tuple[str, ...], base_model: str) -> dict[str, Any]:
+    return {
+        "task": config.task,
+        "label_names": list(label_names),
+        "max_length": config.max_length,
+        "base_model": base_model,
+    }
+
+
+def save_trained(prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[str, Any]) -> Path:
+    """The adapter (PEFT format) or, for full fine-tuning, the whole model; plus tokenizer."""
+    if prepared.lora_config is None:
+        final = out / "model"
+        with atomic_dir(final) as tmp:
+            prepared.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
+        return final
+    from rankwise.io import save_adapter
+
+    final = out / "adapter"
+    with atomic_dir(final) as tmp:
+        save_adapter(prepared.model, tmp)
+        tokenizer.save_pretrained(tmp)
+        atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
+    return final
+
+
+def check_merge(
+    prepared: Prepared, eval_enc: Encoded, after: EvalResult, *, pad_id: int
+) -> MergeCheck:
+    """Merge the adapters, evaluate again, unmerge: do merged and unmerged predict alike?"""
+    from rankwise.lora import merge, unmerge
+
+    merge(prepared.model)
+    try:
+        merged = evaluate(prepared.model, eval_enc, batch_size=64, pad_id=pad_id)
+    finally:
+        unmerge(prepared.model)
+    if after.logits is not None and merged.logits is not None:
+        diff = float((after.logits - merged.logits).abs().max())
+        mismatches = sum(a != b for a, b in zip(after.predictions or (), merged.predictions or ()))
+        return MergeCheck(after.examples, mismatches == 0, mismatches, diff)
+    diff = abs(after.loss - merged.loss)
+    return MergeCheck(after.examples, diff <= 1e-4 * max(1.0, abs(after.loss)), 0, diff)
+
+
+def save_merged(prepared: Prepared, out: Path, *, tokenizer: Any) -> Path:
+    """``merge_and_unload`` and ``save_pretrained``: loadable by transformers alone."""
+    from rankwise.lora import merge_and_unload
+
+    model = merge_and_unload(prepared.model) if prepared.lora_config is not None else prepared.model
+    final = out / "merged"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return final
+
+
+def finish_outputs(
+    prepared: Prepared,
+    config: TrainConfig,
+    info: dist_.DistInfo,
+    out: Path,
+    *,
+    tokenizer: Any,
+    task: dict[str, Any],
+    eval_enc: Encoded,
+    after: EvalResult | None,
+    pad_id: int,
+    echo: Callable[[str], None],
+) -> Finished:
+    """Rank 0: save, check the merge, write ``--merge`` output and the training curve."""
+    saved = merged = check = None
+    if info.is_main:
+        saved = save_trained(prepared, out, tokenizer=tokenizer, info=task)
+        echo(f"saved {'adapter' if prepared.lora_config is not None else 'model'}: {saved}")
+        if prepared.lora_config is not None and after is not None:
+            check = check_merge(prepared, eval_enc, after, pad_id=pad_id)
+            verdict = (
+                "identical predictions"
+                if check.identical
+                else f"{check.mismatches} DIFFERENT predictions"
+            )
+            echo(
+                f"merge check: merged vs unmerged on {check.examples} held-out examples: {verdict} (max |Δ| {check.max_abs_diff:.2e})"
+            )
+        if config.merge:
+            with torch.no_grad():
+                merged = save_merged(prepared, out, tokenizer=tokenizer)
+            echo(f"merged model (transformers from_pretrained): {merged}")
+        if (out / METRICS_FILE).exists():
+            curve = plot_training_curve(out / METRICS_FILE, out / CURVE_FILE)
+            echo(f"metrics: {out / METRICS_FILE}; curve: {curve}")
+    dist_.barrier(info)
+    return Finished(saved, merged, check)
