@@ -33,6 +33,7 @@ class Command(NamedTuple):
 # The one table of subcommands: name -> (module under rankwise.cli, one-line help).
 COMMANDS: dict[str, Command] = {
     "version": Command("version", "versions of rankwise and the libraries it runs on"),
+    "finetune": Command("finetune", "fine-tune a model with LoRA (or in full) on text data"),
 }
 
 _USER_ERRORS = (
