@@ -1,0 +1,180 @@
+"""Save and load LoRA adapters in PEFT's on-disk format, exactly.
+
+A directory holds ``adapter_config.json`` (see :mod:`rankwise.io.config_json`) and
+``adapter_model.safetensors`` whose keys are ``base_model.model.`` + the model's own state
+names: ``<module>.lora_A.weight`` / ``.lora_B.weight``, embeddings
+``<module>.lora_embedding_A`` / ``_B``, ``modules_to_save`` under their original keys and
+biases per the bias mode (PEFT 0.21.2 ``get_peft_model_state_dict``). PEFT's extra copies of
+``modules_to_save`` (``<m>.modules_to_save.<k>``, ``<m>.original_module.<k>``, written with
+``bias="all"``) are understood on reading.
+
+Loading checks everything first — config, file header, every key and shape, every value
+finite — and only then injects (if needed) and copies, so a bad adapter leaves the model as it
+was. A model that already has adapters of the same shapes gets its weights swapped in place.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from rankwise.errors import AdapterFormatError, MergeError, ShapeMismatchError
+from rankwise.io.config_json import read_adapter_config, write_adapter_config
+from rankwise.io.files import read_header, read_tensors, write_safetensors
+from rankwise.lora.config import LoraConfig
+from rankwise.lora.inject import (
+    STATE_ATTR,
+    apply_plan,
+    get_config,
+    lora_layers,
+    replace_state_config,
+    set_trainable,
+)
+from rankwise.lora.state import adapter_state_dict, planned_shapes
+from rankwise.lora.targets import resolve
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+
+
+def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+    """Write ``model``'s adapter to ``directory`` (created if needed) in PEFT's format.
+
+    Returns the directory. Both files are written atomically. A merged model is saved with
+    its factors (merging does not change ``A`` and ``B``).
+    """
+    config = get_config(model)
+    if config.base_model_name_or_path is None:  # as PEFT: the model's own name_or_path, if any
+        config = config.replace(base_model_name_or_path=model.__dict__.get("name_or_path") or None)
+    auto_mapping = None
+    if config.task_type is None:  # as PEFT: how to rebuild the base model class
+        cls = type(model)
+        auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PREFIX + k: v for k, v in adapter_state_dict(model).items()}
+    write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_adapter_config(out, config, auto_mapping=auto_mapping)
+    return out
+
+
+def load_adapter(
+    model: nn.Module, directory: str | Path, *, is_trainable: bool = False
+) -> nn.Module:
+    """Load the adapter in ``directory`` (written by rankwise or PEFT) into ``model``.
+
+    A plain model gets adapters injected as the config says; a model that already has
+    adapters of the same names and shapes gets its weights (and alpha/scaling) swapped in
+    place. ``is_trainable=False`` (as PEFT) freezes every parameter and puts the model in eval
+    mode. Raises AdapterFormatError / ShapeMismatchError with the model unchanged.
+    """
+    directory = Path(directory)
+    config = read_adapter_config(directory)
+    weights = _weights_file(directory)
+    header = read_header(weights)
+    renamed = _rename_keys(header, source=weights)
+    injected = hasattr(model, STATE_ATTR)
+    if injected:
+        expected = _expected_for_swap(model, config)
+        plan = None
+    else:
+        plan = resolve(model, config.replace(inference_mode=False))
+        expected = planned_shapes(model, plan)
+    _check_keys(expected, {k: header[f].shape for k, f in renamed.items()}, source=weights)
+    tensors = read_tensors(weights, renamed.values())
+    values = {k: tensors[f] for k, f in renamed.items()}
+    _check_values(values, source=weights)
+    if plan is not None:
+        apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
+    else:
+        _set_layer_scales(model, config)
+        replace_state_config(model, config)
+    _copy_in(model, values)
+    set_trainable(model, trainable=is_trainable)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _weights_file(directory: Path) -> Path:
+    path = directory / WEIGHTS_NAME
+    if path.is_file():
+        return path
+    if (directory / PICKLE_NAME).exists():
+        raise AdapterFormatError(
+            f"{directory}: holds only {PICKLE_NAME}, a pickle; rankwise never unpickles (it can "
+            "run arbitrary code). Convert it with PEFT (save_pretrained(..., "
+            "safe_serialization=True)) in a process you trust"
+        )
+    raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}")
+
+
+def _rename_keys(header: dict, *, source: Path) -> dict[str, str]:
+    """In-memory name -> file key; PEFT's ``modules_to_save``/``original_module`` copies mapped."""
+    out: dict[str, str] = {}
+    for key in header:
+        if not key.startswith(PREFIX):
+            raise AdapterFormatError(f"{source}: key {key!r} does not start with {PREFIX!r}")
+        name = key[len(PREFIX) :]
+        if ".original_module." in name:
+            continue  # PEFT's copy of the untrained module (bias="all"); the base holds it
+        name = name.replace(".modules_to_save.", ".")
+        out.setdefault(name, key)
+    return out
+
+
+def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
+    if any(layer.merged for _, layer in lora_layers(model)):
+        raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
+    for name, layer in lora_layers(model):
+        r, _ = config.rank_and_alpha(name)
+        if r != layer.r:
+            raise ShapeMismatchError(
+                f"{name}: the adapter config gives r={r}, the model's layer has r={layer.r}"
+            )
+    return {k: tuple(v.shape) for k, v in adapter_state_dict(model, bias=config.bias).items()}
+
+
+def _check_keys(
+    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, source: Path
+) -> None:
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    if missing or extra:
+        raise AdapterFormatError(
+            f"{source}: keys do not fit the model: missing {_few(missing)}, unexpected {_few(extra)}"
+        )
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            module = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
+            raise ShapeMismatchError(
+                f"{source}: module {module!r}, key {key!r}: expected shape {tuple(shape)}, "
+                f"found {tuple(found[key])}"
+            )
+
+
+def _few(keys: list[str]) -> str:
+    return "none" if not keys else f"{keys[:4]}{' …' if len(keys) > 4 else ''} ({len(keys)})"
+
+
+def _check_values(values: dict[str, Tensor], *, source: Path) -> None:
+    for key, value in values.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan")
+
+
+def _set_layer_scales(model: nn.Module, config: LoraConfig) -> None:
+    for name, layer in lora_layers(model):
+        r, alpha = config.rank_and_alpha(name)
+        layer.lora_alpha = alpha
+        layer.scaling = config.scaling(r=r, alpha=alpha)
+
+
+def _copy_in(model: nn.Module, values: dict[str, Tensor]) -> None:
+    live = model.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for key, value in values.items():
+            live[key].copy_(value.to(dtype=live[key].dtype))

@@ -1,0 +1,120 @@
+"""``adapter_config.json``: PEFT's LoRA config file, read and written field for field.
+
+Written with every field PEFT 0.21.2 writes (``peft.LoraConfig`` ``to_dict``), the fields
+rankwise does not implement at their PEFT defaults, so PEFT — and tools that read PEFT files —
+find what they expect. ``inference_mode`` is written as ``true``, as ``save_pretrained`` does.
+
+Read: ``peft_type`` must be ``"LORA"``; fields of features rankwise does not implement
+(``use_dora``, ``lora_bias``, ``layer_replication``, ...) must be at their defaults, otherwise
+:class:`AdapterFormatError` names the field; unknown fields are ignored (newer PEFT versions).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rankwise.errors import AdapterFormatError, ConfigError
+from rankwise.io.files import atomic_write_bytes
+from rankwise.lora.config import LoraConfig
+
+CONFIG_NAME = "adapter_config.json"
+PEFT_TYPE = "LORA"
+
+# Fields PEFT 0.21.2 writes for features rankwise does not (yet) implement, at their defaults.
+PEFT_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "auto_mapping": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "loftq_config": {},
+    "lora_bias": False,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "revision": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_dora": False,
+    "use_qalora": False,
+    "velora_config": None,
+}
+# Fields whose value does not change how the adapter computes (any value accepted on read).
+_INERT = {"auto_mapping", "revision", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
+_OURS = set(LoraConfig.__dataclass_fields__)
+
+
+def config_to_json(
+    config: LoraConfig, *, auto_mapping: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The JSON object PEFT writes for ``config`` (keys sorted as PEFT's ``save_pretrained``).
+
+    ``auto_mapping`` (PEFT writes it when ``task_type`` is None): the base model's class name
+    and module, ``{"base_model_class": ..., "parent_library": ...}``.
+    """
+    data = {**PEFT_DEFAULTS, **config.to_dict(), "auto_mapping": auto_mapping}
+    init = data["init_lora_weights"]
+    data["init_lora_weights"] = {"kaiming": True, "random": False}.get(init, init)
+    data["inference_mode"] = True
+    data["peft_type"] = PEFT_TYPE
+    return dict(sorted(data.items()))
+
+
+def config_from_json(data: Any, *, source: str) -> LoraConfig:
+    """A :class:`LoraConfig` from a parsed ``adapter_config.json``; AdapterFormatError if not LoRA."""
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{source}: expected a JSON object, found {type(data).__name__}")
+    peft_type = data.get("peft_type")
+    if peft_type != PEFT_TYPE:
+        raise AdapterFormatError(
+            f"{source}: peft_type is {peft_type!r}; rankwise reads LoRA adapters ('LORA') only"
+        )
+    for key, default in PEFT_DEFAULTS.items():
+        if key in _INERT or key not in data:
+            continue
+        value = data[key]
+        if value != default and not (default in (None, False, {}) and not value):
+            raise AdapterFormatError(
+                f"{source}: {key}={value!r} is a PEFT feature rankwise does not implement "
+                f"(expected {default!r})"
+            )
+    fields = {k: v for k, v in data.items() if k in _OURS}
+    if isinstance(fields.get("target_modules"), (list, tuple)):
+        fields["target_modules"] = sorted(fields["target_modules"])
+    try:
+        return LoraConfig(**fields)
+    except (ConfigError, TypeError) as err:
+        raise AdapterFormatError(f"{source}: invalid LoRA config ({err})") from None
+
+
+def write_adapter_config(
+    directory: Path, config: LoraConfig, *, auto_mapping: dict[str, str] | None = None
+) -> None:
+    """Write ``directory/adapter_config.json`` atomically."""
+    data = config_to_json(config, auto_mapping=auto_mapping)
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    atomic_write_bytes(Path(directory) / CONFIG_NAME, text.encode("utf-8"))
+
+
+def read_adapter_config(directory: str | Path) -> LoraConfig:
+    """The :class:`LoraConfig` in ``directory/adapter_config.json`` (written by rankwise or PEFT)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterFormatError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
+    except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
+        raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+    return config_from_json(data, source=str(path))
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"non-finite number {name} is not allowed")

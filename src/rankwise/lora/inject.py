@@ -1,0 +1,190 @@
+"""Inject LoRA adapters into a model in place: resolve, check, initialize, then swap modules.
+
+Nothing is changed until every target is resolved, its wrapper built and its factors
+initialized; then each target module is replaced by its wrapper in one pass, parameters are
+frozen except the adapters (plus ``modules_to_save`` and the chosen bias mode), and the
+effective :class:`LoraConfig` is attached to the model as ``model._rankwise_lora.config``
+(read it with :func:`get_config`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal, overload
+
+import torch
+from torch import Tensor, nn
+
+from rankwise.errors import InjectionError
+from rankwise.lora.config import LoraConfig
+from rankwise.lora.initializers import INITIALIZERS, as_generator, initializer_name
+from rankwise.lora.layers import WRAPPERS, LoraLayer
+from rankwise.lora.targets import Plan, Target, resolve
+
+STATE_ATTR = "_rankwise_lora"
+
+
+@dataclass
+class LoraState:
+    """What injection attached to the model (``model._rankwise_lora``).
+
+    ``config``: the effective config; ``modules_to_save``: qualified names trained in full;
+    ``requires_grad``: every parameter's flag before injection (restored by unload);
+    ``originals``: copies of the modules_to_save tensors at injection (for disable_adapters).
+    """
+
+    config: LoraConfig
+    modules_to_save: tuple[str, ...]
+    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    originals: dict[str, Tensor] = field(default_factory=dict)
+
+
+def parametrization_name(config: LoraConfig) -> str:
+    """Row of :data:`WRAPPERS` for ``config`` (variants such as DoRA add their own rows)."""
+    return "vanilla"
+
+
+@overload
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    dry_run: Literal[False] = ...,
+    generator: torch.Generator | int | None = ...,
+) -> nn.Module: ...
+@overload
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    dry_run: Literal[True],
+    generator: torch.Generator | int | None = ...,
+) -> list[str]: ...
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    dry_run: bool = False,
+    generator: torch.Generator | int | None = None,
+) -> nn.Module | list[str]:
+    """Add LoRA adapters to ``model`` in place and return it.
+
+    ``h = W0 x + s · B A x`` on every module ``config`` selects (Hu et al. 2021). With
+    ``dry_run=True`` the matched module names are returned and the model is not touched.
+    ``generator`` (or a seed) makes the random initial factors reproducible.
+    Raises :class:`InjectionError` (nothing changed) for unknown or unsupported targets or a
+    model that already has adapters.
+    """
+    if not isinstance(config, LoraConfig):
+        raise InjectionError(
+            f"config: expected a rankwise LoraConfig, found {type(config).__name__}"
+        )
+    plan = resolve(model, config)
+    if dry_run:
+        return [t.name for t in plan.targets]
+    apply_plan(model, plan, generator=as_generator(generator))
+    return model
+
+
+def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | None) -> None:
+    """Build and initialize every wrapper, then swap them in and set the trainable flags."""
+    modules = dict(model.named_modules())
+    cfg = plan.config
+    wrappers = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
+    state = LoraState(
+        config=cfg,
+        modules_to_save=plan.modules_to_save,
+        requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+        originals={
+            f"{m}.{k}": v.detach().clone()
+            for m in plan.modules_to_save
+            for k, v in modules[m].state_dict().items()
+        },
+    )
+    for name, wrapper in wrappers.items():
+        _set_submodule(model, name, wrapper)
+    object.__setattr__(model, STATE_ATTR, state)
+    set_trainable(model, trainable=not cfg.inference_mode)
+
+
+def _build(
+    base: nn.Module, target: Target, cfg: LoraConfig, g: torch.Generator | None
+) -> LoraLayer:
+    cls = WRAPPERS[parametrization_name(cfg)][target.kind]
+    layer = cls(
+        base,
+        r=target.r,
+        lora_alpha=target.lora_alpha,
+        scaling=cfg.scaling(r=target.r, alpha=target.lora_alpha),
+        lora_dropout=cfg.lora_dropout,
+    )
+    layer.train(base.training)
+    init = INITIALIZERS[initializer_name(cfg.init_lora_weights)]
+    with torch.no_grad():
+        W = layer.base_matrix().detach()  # (out, in)
+        result = init(
+            W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding", generator=g
+        )
+    layer.set_factors(result.A, result.B)
+    if result.base is not None:
+        layer.set_base_matrix(result.base)
+    return layer
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def get_state(model: nn.Module) -> LoraState:
+    """The :class:`LoraState` attached by :func:`inject`; InjectionError if there is none."""
+    state = getattr(model, STATE_ATTR, None)
+    if not isinstance(state, LoraState):
+        raise InjectionError(
+            f"model: {type(model).__name__} has no rankwise LoRA adapters; call inject() first"
+        )
+    return state
+
+
+def get_config(model: nn.Module) -> LoraConfig:
+    """The effective :class:`LoraConfig` attached to ``model`` at injection."""
+    return get_state(model).config
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """``(qualified_name, layer)`` for every LoRA wrapper in ``model``, in module order."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def set_trainable(model: nn.Module, *, trainable: bool) -> None:
+    """Freeze everything, then (if ``trainable``) unfreeze adapters, modules_to_save and biases.
+
+    ``bias="all"``: every parameter named ``*bias``; ``"lora_only"``: the biases of the
+    adapted base layers (PEFT's ``mark_only_lora_as_trainable``).
+    """
+    state = get_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if not trainable:
+        return
+    for _, layer in lora_layers(model):
+        for name, p in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                p.requires_grad_(True)
+        if state.config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    for name in state.modules_to_save:
+        model.get_submodule(name).requires_grad_(True)
+    if state.config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                p.requires_grad_(True)
+
+
+def replace_state_config(model: nn.Module, config: LoraConfig) -> None:
+    """Attach ``config`` as the model's effective config (used when swapping adapters)."""
+    get_state(model).config = config

@@ -1,0 +1,391 @@
+"""LoRA layer wrappers: hold the original ``base_layer`` and add ``lora_A`` / ``lora_B``.
+
+``h = W0 x + s · B (A x)`` with ``A: (r, in)``, ``B: (out, r)``, ``s`` the scaling rule
+(Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3). In forward the
+rank-r product ``B A`` is never formed: ``x`` is projected down to ``r`` features first, the
+scale is applied to that small tensor, and the projection up is fused with the addition to the
+base output (one ``addmm``). With ``lora_dropout = 0`` no dropout module exists at all.
+
+Attribute and parameter names equal PEFT's on-disk names (``lora_A.weight``,
+``lora_B.weight``; embeddings ``lora_embedding_A`` / ``lora_embedding_B`` as bare
+parameters; the base layer's own tensors under ``base_layer.``), so a state dict needs no
+rename table. Shapes follow PEFT 0.21.2 (``peft/tuners/lora/layer.py``):
+
+==========================  ============================  ===============================
+base layer                  lora_A                        lora_B
+==========================  ============================  ===============================
+``nn.Linear(in, out)``      ``Linear(in, r)`` (r, in)     ``Linear(r, out)`` (out, r)
+``Conv1D(out, in)`` (GPT-2) ``Linear(in, r)`` (r, in)     ``Linear(r, out)`` (out, r)
+``nn.ConvNd(in, out, k)``   ``ConvNd(in, r, k, stride,    ``ConvNd(r, out, 1)`` (out, r, 1…)
+                            padding)`` (r, in, *k)
+``nn.Embedding(n, d)``      ``lora_embedding_A`` (r, n)   ``lora_embedding_B`` (d, r)
+==========================  ============================  ===============================
+
+The *parametrization* axis (vanilla here; DoRA, AdaLoRA later) is the pair of methods
+:meth:`LoraLayer.adapted_forward` and :meth:`LoraLayer.merged_weight` /
+:meth:`LoraLayer.unmerged_weight`; a variant subclasses a wrapper and overrides them.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankwise.errors import MergeError, ShapeMismatchError
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class LoraFactors(NamedTuple):
+    """The adapter as matrices: ``ΔW = s · B @ A`` with ``A: (r, in)``, ``B: (out, r)``."""
+
+    A: Tensor
+    B: Tensor
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of float16/bfloat16 models are kept in float32 (as PEFT's autocast default)."""
+    return torch.float32 if base_dtype in _LOW_PRECISION else base_dtype
+
+
+class LoraLayer(nn.Module):
+    """Base of every wrapper: ``h = base_layer(x) + s · B A x`` (see the module docstring).
+
+    Attributes: ``base_layer`` (the original module), ``lora_A`` / ``lora_B``, ``r``,
+    ``lora_alpha``, ``scaling`` (``s``), ``lora_dropout`` (the probability), ``merged``
+    (``ΔW`` currently added into the base weight) and ``disabled`` (adapter bypassed).
+    """
+
+    kind: ClassVar[str] = "abstract"
+    parametrization: ClassVar[str] = "vanilla"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.r = int(r)
+        self.lora_alpha = lora_alpha
+        self.scaling = float(scaling)
+        self.lora_dropout = float(lora_dropout)
+        # p = 0: no module, no call, no copy of x
+        self.dropout: nn.Module | None = nn.Dropout(lora_dropout) if lora_dropout > 0 else None
+        self.merged = False
+        self.disabled = False
+        self._dtype = adapter_dtype(self.base_weight.dtype)
+
+    def __getattr__(self, name: str) -> object:
+        """Attributes the wrapper lacks come from ``base_layer`` (``weight``, ``bias``,
+        ``in_features``, ``padding_idx``, …), so model code that reads them keeps working."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if name == "base_layer" or "base_layer" not in modules:
+                raise
+            return getattr(modules["base_layer"], name)
+
+    # -- the base weight seen as the matrix of a linear map ------------------------------------
+    @property
+    def base_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    def base_matrix(self) -> Tensor:
+        """The base weight as ``W: (out, in)`` (a view; transposed or flattened by layer type)."""
+        raise NotImplementedError
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        """Inverse of :meth:`base_matrix`'s layout: ``(out, in)`` -> the base weight's shape."""
+        raise NotImplementedError
+
+    def factors(self) -> LoraFactors:
+        """``A: (r, in)``, ``B: (out, r)`` as (views of) the live parameters."""
+        raise NotImplementedError
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        """Parameter name -> shape of the adapter this class would add to ``base``."""
+        raise NotImplementedError
+
+    def set_factors(self, A: Tensor, B: Tensor) -> None:
+        """Copy ``A: (r, in)`` and ``B: (out, r)`` into the parameters (no autograd record)."""
+        cur = self.factors()
+        for name, new, old in (("A", A, cur.A), ("B", B, cur.B)):
+            if tuple(new.shape) != tuple(old.shape):
+                raise ShapeMismatchError(
+                    f"{type(self).__name__}.{name}: expected shape {tuple(old.shape)}, "
+                    f"found {tuple(new.shape)}"
+                )
+        with torch.no_grad():
+            cur.A.copy_(A)
+            cur.B.copy_(B)
+
+    def set_base_matrix(self, W: Tensor) -> None:
+        """Replace the base weight with ``W: (out, in)`` (residual initializers, e.g. PiSSA)."""
+        with torch.no_grad():
+            self.base_weight.copy_(self._from_matrix(W.to(self.base_weight.dtype)))
+
+    # -- parametrization hook: vanilla LoRA --------------------------------------------------
+    def delta_weight(self) -> Tensor:
+        """``s · B A`` in float32 and in the base weight's layout (for merging)."""
+        A, B = self.factors()
+        return self._from_matrix((B.float() * self.scaling) @ A.float())
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        """Float32 base weight -> merged weight ``W0 + s B A``."""
+        return weight + self.delta_weight()
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        """Float32 merged weight -> base weight ``W - s B A`` (inverse of merged_weight)."""
+        return weight - self.delta_weight()
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        return self.adapted_forward(x)
+
+    # -- merge -------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Add ``s B A`` into the base weight, computed in float32; refuses non-finite results."""
+        if self.merged:
+            raise MergeError(f"{type(self).__name__}: already merged")
+        self._write_weight(self.merged_weight(self.base_weight.detach().float()), "merge")
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract ``s B A`` from the merged base weight (float32); the inverse of merge."""
+        if not self.merged:
+            raise MergeError(f"{type(self).__name__}: not merged, nothing to unmerge")
+        self._write_weight(self.unmerged_weight(self.base_weight.detach().float()), "unmerge")
+        self.merged = False
+
+    def _write_weight(self, new: Tensor, what: str) -> None:
+        if not torch.isfinite(new).all():
+            raise MergeError(
+                f"{type(self).__name__}: {what} would give non-finite weights "
+                "(the adapter or base weight holds inf/nan or overflows); weights left unchanged"
+            )
+        with torch.no_grad():
+            self.base_weight.copy_(new)
+
+    def _project_up(self, result: Tensor, h: Tensor, B: Tensor) -> Tensor:
+        """``result + s · h @ B.T`` with ``s`` folded into the fused matmul (one allocation).
+
+        ``h: (..., r)``, ``B: (out, r)``, ``result: (..., out)``.
+        """
+        if result.dtype != h.dtype:
+            return result + (F.linear(h, B) * self.scaling).to(result.dtype)
+        out_f = result.shape[-1]
+        # (N, out) = (N, out) + s * (N, r) @ (r, out): scale applied inside the GEMM
+        fused = torch.addmm(
+            result.reshape(-1, out_f), h.reshape(-1, h.shape[-1]), B.t(), alpha=self.scaling
+        )
+        return fused.view(result.shape)
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on ``nn.Linear`` (``W: (out, in)``) or transformers' ``Conv1D`` (``W: (in, out)``,
+    ``fan_in_fan_out``). ``h = base(x) + s · (dropout(x) A^T) B^T``."""
+
+    kind = "linear"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        w = self.base_weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = int(in_f), int(out_f)
+        kw = {"bias": False, "device": w.device, "dtype": self._dtype}
+        self.lora_A = nn.Linear(self.in_features, r, **kw)
+        self.lora_B = nn.Linear(r, self.out_features, **kw)
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        w = base.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if is_hf_conv1d(base) else (w.shape[1], w.shape[0])
+        return {"lora_A.weight": (r, int(in_f)), "lora_B.weight": (int(out_f), r)}
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def factors(self) -> LoraFactors:
+        return LoraFactors(self.lora_A.weight, self.lora_B.weight)
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (..., out)
+        h = x if self.dropout is None else self.dropout(x)
+        if h.dtype != self._dtype:
+            h = h.to(self._dtype)
+        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
+        return self._project_up(result, h, self.lora_B.weight)
+
+
+class LoraEmbedding(LoraLayer):
+    """LoRA on ``nn.Embedding(n, d)``: ``h = E[x] + s · (A^T[x]) B^T`` with ``A: (r, n)``,
+    ``B: (d, r)``; ``ΔE = s · (B A)^T``. No dropout on token ids (as PEFT)."""
+
+    kind = "embedding"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=0.0)
+        n, d = self.base_weight.shape
+        self.in_features, self.out_features = int(n), int(d)
+        kw = {"device": self.base_weight.device, "dtype": self._dtype}
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, n, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.zeros(d, r, **kw))
+
+    @property
+    def lora_A(self) -> Tensor:  # type: ignore[override]
+        return self.lora_embedding_A
+
+    @property
+    def lora_B(self) -> Tensor:  # type: ignore[override]
+        return self.lora_embedding_B
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        n, d = base.weight.shape
+        return {"lora_embedding_A": (r, int(n)), "lora_embedding_B": (int(d), r)}
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.t()  # (d, n): the map one_hot(token) -> embedding
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.t()
+
+    def factors(self) -> LoraFactors:
+        return LoraFactors(self.lora_embedding_A, self.lora_embedding_B)
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        result = base(x)  # (..., d)
+        # (..., r): rows of A^T (n, r) looked up with the base layer's own options
+        h = F.embedding(
+            x,
+            self.lora_embedding_A.t(),
+            padding_idx=base.padding_idx,
+            max_norm=base.max_norm,
+            norm_type=base.norm_type,
+            scale_grad_by_freq=base.scale_grad_by_freq,
+            sparse=base.sparse,
+        )
+        embed_scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
+        if embed_scale is not None:
+            h = h * embed_scale
+        return self._project_up(result, h, self.lora_embedding_B)
+
+
+class LoraConv(LoraLayer):
+    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (``groups = dilation = 1``):
+    ``h = conv(x) + s · conv_B(conv_A(dropout(x)))`` with ``conv_A`` of the base layer's kernel,
+    stride and padding and ``conv_B`` 1×1; ``ΔW = s · (B A)`` reshaped to ``(out, in, *k)``."""
+
+    kind = "conv"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        conv = type(base_layer)
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        kw = {"bias": False, "device": self.base_weight.device, "dtype": self._dtype}
+        ones = (1,) * len(base_layer.kernel_size)
+        self.lora_A = conv(
+            self.in_features, r, base_layer.kernel_size, base_layer.stride, base_layer.padding, **kw
+        )
+        self.lora_B = conv(r, self.out_features, ones, ones, **kw)
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        k = tuple(int(s) for s in base.kernel_size)
+        ones = (1,) * len(k)
+        return {
+            "lora_A.weight": (r, int(base.in_channels), *k),
+            "lora_B.weight": (int(base.out_channels), r, *ones),
+        }
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.flatten(1)  # (out, in * prod(k))
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.base_weight.shape)
+
+    def factors(self) -> LoraFactors:
+        # A: (r, in * prod(k)); B: (out, r) — views of the conv kernels
+        return LoraFactors(self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1))
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (N, out, *spatial)
+        h = x if self.dropout is None else self.dropout(x)
+        if h.dtype != self._dtype:
+            h = h.to(self._dtype)
+        h = self.lora_A(h) * self.scaling  # (N, r, *spatial): the scale on the r-channel map
+        return result + self.lora_B(h).to(result.dtype)
+
+
+def is_hf_conv1d(module: nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2), recognised by class name so transformers stays unimported."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def wrapper_kind(module: nn.Module) -> str | None:
+    """Key of :data:`WRAPPERS` for ``module``, or None if it cannot be adapted."""
+    if isinstance(module, LoraLayer):
+        return None
+    if isinstance(module, nn.Linear) or is_hf_conv1d(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return "conv"
+    return None
+
+
+# parametrization -> layer kind -> wrapper class. Variants add a row (e.g. "dora").
+WRAPPERS: dict[str, dict[str, type[LoraLayer]]] = {
+    "vanilla": {"linear": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv},
+}

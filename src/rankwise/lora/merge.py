@@ -1,0 +1,129 @@
+"""Merge, unmerge, unload and temporarily disable adapters.
+
+Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, cast back to the
+weight's dtype) so inference runs the plain base layers at no extra cost; unmerging subtracts
+the same product. Both are all-or-nothing: if any layer fails (non-finite result) the layers
+already done are restored and :class:`MergeError` is raised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from rankwise.errors import MergeError
+from rankwise.lora.inject import STATE_ATTR, _set_submodule, get_state, lora_layers
+
+
+def merge(model: nn.Module) -> nn.Module:
+    """Add every adapter's ``s · B A`` into its base weight; returns ``model``."""
+    get_state(model)
+    layers = list(lora_layers(model))
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise MergeError(
+            f"merge: layers already merged: {merged[:3]}{'…' if len(merged) > 3 else ''}"
+        )
+    done = []
+    try:
+        for _, layer in layers:
+            layer.merge()
+            done.append(layer)
+    except MergeError:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Subtract every adapter's ``s · B A`` from its (merged) base weight; returns ``model``."""
+    get_state(model)
+    layers = list(lora_layers(model))
+    unmerged = [name for name, layer in layers if not layer.merged]
+    if unmerged:
+        raise MergeError(
+            f"unmerge: layers not merged: {unmerged[:3]}{'…' if len(unmerged) > 3 else ''}"
+        )
+    done = []
+    try:
+        for _, layer in layers:
+            layer.unmerge()
+            done.append(layer)
+    except MergeError:
+        for layer in reversed(done):
+            layer.merge()
+        raise
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge, then put the plain base modules back: no wrapper is left (zero-latency model).
+
+    ``modules_to_save`` keep their trained values and parameters get back the
+    ``requires_grad`` flags they had before injection.
+    """
+    layers = list(lora_layers(model))
+    if not all(layer.merged for _, layer in layers):
+        if any(layer.merged for _, layer in layers):
+            raise MergeError("merge_and_unload: the model is partly merged; unmerge() it first")
+        merge(model)
+    return _strip(model)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Drop the adapters (unmerging first if merged) and return the model with its original
+    module types; ``modules_to_save`` keep their trained values (as PEFT's ``unload``)."""
+    get_state(model)
+    if any(layer.merged for _, layer in lora_layers(model)):
+        unmerge(model)
+    return _strip(model)
+
+
+def _strip(model: nn.Module) -> nn.Module:
+    state = get_state(model)
+    for name, layer in list(lora_layers(model)):
+        _set_submodule(model, name, layer.base_layer)
+    for p, flag in state.requires_grad:
+        p.requires_grad_(flag)
+    object.__delattr__(model, STATE_ATTR)
+    return model
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block: adapters bypassed, ``modules_to_save`` showing
+    their values from injection time. A merged model is unmerged for the block and merged again.
+    """
+    state = get_state(model)
+    layers = [layer for _, layer in lora_layers(model)]
+    was_merged = bool(layers) and all(layer.merged for layer in layers)
+    if was_merged:
+        unmerge(model)
+    current = _swap_saved(model, state.originals)
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+        _swap_saved(model, current)
+        if was_merged:
+            merge(model)
+
+
+def _swap_saved(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy ``values`` into the named tensors in place; returns the previous values."""
+    previous = {}
+    targets = dict(model.named_parameters(remove_duplicate=False))
+    targets |= dict(model.named_buffers(remove_duplicate=False))
+    with torch.no_grad():
+        for key, value in values.items():
+            t = targets[key]
+            previous[key] = t.detach().clone()
+            t.copy_(value)
+    return previous

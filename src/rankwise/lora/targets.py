@@ -1,0 +1,192 @@
+"""Resolve a :class:`LoraConfig` against a model: which modules get adapters, at which rank.
+
+Pure with respect to the model: it reads ``named_modules()`` and never changes anything, so
+injection can check every target before touching the model ("validate, then mutate").
+
+Matching follows PEFT 0.21.2 (``peft.tuners.tuners_utils.check_target_module_exists``):
+
+* list ``target_modules``: a module matches if its qualified name equals an entry or ends
+  with ``"." + entry``; a str: ``re.fullmatch(target_modules, name)``; ``"all-linear"``: every
+  ``nn.Linear`` / ``Conv1D`` except the output embeddings (``get_output_embeddings()``) or,
+  when those are absent and ``task_type == "SEQ_CLS"``, the ``classifier``/``score`` head.
+* ``exclude_modules`` uses the same rules and wins; modules inside ``modules_to_save`` are
+  never adapted.
+* ``layers_to_transform``: with a list ``target_modules`` only, the layer index is the first
+  numbered segment after ``<layers_pattern>.`` (or after any segment when no pattern is given).
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Iterable
+from typing import NamedTuple
+
+from torch import nn
+
+from rankwise.errors import InjectionError
+from rankwise.lora.config import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, LoraConfig
+from rankwise.lora.layers import LoraLayer, is_hf_conv1d, wrapper_kind
+
+
+class Target(NamedTuple):
+    """One module to adapt: qualified name, wrapper kind, rank and alpha."""
+
+    name: str
+    kind: str
+    r: int
+    lora_alpha: float
+
+
+class Plan(NamedTuple):
+    """Everything injection will do, decided before the model is touched.
+
+    ``config`` is the effective configuration (``all-linear`` expanded to module names,
+    ``SEQ_CLS`` heads added to ``modules_to_save``, ``fan_in_fan_out`` set for ``Conv1D``,
+    as PEFT records them).
+    """
+
+    targets: tuple[Target, ...]
+    modules_to_save: tuple[str, ...]
+    config: LoraConfig
+
+
+def resolve(model: nn.Module, config: LoraConfig) -> Plan:
+    """The :class:`Plan` for injecting ``config`` into ``model``; raises InjectionError."""
+    if any(isinstance(m, LoraLayer) for m in model.modules()) or hasattr(model, "_rankwise_lora"):
+        raise InjectionError(
+            "model: adapters are already injected; call rankwise.lora.unload(model) or "
+            "merge_and_unload(model) first, or load_adapter() to swap weights in place"
+        )
+    if config.target_modules is None:
+        raise InjectionError(
+            "target_modules: expected a list of names, a regex or 'all-linear', found None"
+        )
+    modules = dict(model.named_modules())
+    cfg = _with_task_heads(config)
+    save_names = _modules_to_save(modules, cfg)
+    if cfg.target_modules == ALL_LINEAR:
+        cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
+    names = [n for n in modules if n and _is_target(cfg, n, save_names)]
+    _check_every_entry_matched(cfg, list(modules), names)
+    targets = []
+    for name in names:
+        kind = wrapper_kind(modules[name])
+        _check_supported(name, modules[name], kind)
+        r, alpha = cfg.rank_and_alpha(name)
+        targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
+    if not targets:
+        raise InjectionError(f"target_modules: {cfg.target_modules!r} matched no module")
+    if any(is_hf_conv1d(modules[t.name]) for t in targets):
+        cfg = cfg.replace(fan_in_fan_out=True)  # PEFT records this for GPT-2-style Conv1D
+    return Plan(tuple(targets), save_names, cfg)
+
+
+def _with_task_heads(config: LoraConfig) -> LoraConfig:
+    if config.task_type != "SEQ_CLS":
+        return config
+    extra = [n for n in SEQ_CLS_HEAD_NAMES if n not in (config.modules_to_save or [])]
+    return config.replace(modules_to_save=[*(config.modules_to_save or []), *extra])
+
+
+def _suffix_match(name: str, entries: Iterable[str]) -> bool:
+    return any(name == e or name.endswith("." + e) for e in entries)
+
+
+def _modules_to_save(modules: dict[str, nn.Module], cfg: LoraConfig) -> tuple[str, ...]:
+    wanted = cfg.modules_to_save or []
+    found: list[str] = []
+    for entry in wanted:
+        hits = [n for n in modules if n and _suffix_match(n, [entry])]
+        hits = [n for n in hits if not any(n.startswith(f + ".") for f in found)]
+        if not hits and not (cfg.task_type == "SEQ_CLS" and entry in SEQ_CLS_HEAD_NAMES):
+            raise InjectionError(
+                f"modules_to_save: {entry!r} matches no module{_candidates(entry, modules)}"
+            )
+        found.extend(h for h in hits if h not in found)
+    # keep the outermost module when both a module and its child match
+    return tuple(n for n in found if not any(n.startswith(o + ".") for o in found if o != n))
+
+
+def _is_target(cfg: LoraConfig, name: str, save_names: tuple[str, ...]) -> bool:
+    if _excluded(cfg, name):
+        return False
+    if any(name == s or name.startswith(s + ".") for s in save_names):
+        return False
+    if isinstance(cfg.target_modules, str):
+        return re.fullmatch(cfg.target_modules, name) is not None
+    if not _suffix_match(name, cfg.target_modules or []):
+        return False
+    return _in_layers(cfg, name)
+
+
+def _excluded(cfg: LoraConfig, name: str) -> bool:
+    ex = cfg.exclude_modules
+    if not ex:
+        return False
+    if isinstance(ex, str):
+        return re.fullmatch(ex, name) is not None
+    return _suffix_match(name, ex)
+
+
+def _in_layers(cfg: LoraConfig, name: str) -> bool:
+    idx = cfg.layers_to_transform
+    if idx is None or (isinstance(idx, list) and not idx):
+        return True
+    patterns = cfg.layers_pattern
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # the first numbered segment
+    else:
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match is not None:
+                break
+    if match is None:
+        return False
+    layer = int(match.group("idx"))
+    return layer == idx if isinstance(idx, int) else layer in idx
+
+
+def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig) -> list[str]:
+    names = [n for n, m in modules.items() if n and (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
+    head: nn.Module | None = None
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        head = get_out()
+    if head is None and cfg.task_type == "SEQ_CLS":
+        head = next((getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if hasattr(model, h)), None)
+    if head is not None:
+        names = [n for n in names if modules[n] is not head]
+    return names
+
+
+def _check_every_entry_matched(cfg: LoraConfig, all_names: list[str], hits: list[str]) -> None:
+    if isinstance(cfg.target_modules, str):
+        return  # a regex: checked as a whole (no hit -> "matched no module")
+    for entry in cfg.target_modules or []:
+        if not any(_suffix_match(n, [entry]) for n in all_names if n):
+            hint = _candidates(entry, dict.fromkeys(all_names))
+            raise InjectionError(f"target_modules: {entry!r} matches no module{hint}")
+
+
+def _candidates(entry: str, modules: dict[str, object]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if n} | {n for n in modules if n})
+    close = difflib.get_close_matches(entry, leaves, n=5, cutoff=0.5)
+    return f"; close candidates: {close}" if close else ""
+
+
+def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
+    if kind is None:
+        raise InjectionError(
+            f"target_modules: module {name!r} is a {type(module).__name__}; supported types are "
+            "nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d and transformers' Conv1D"
+        )
+    if kind == "conv":
+        groups, dilation = module.groups, tuple(module.dilation)  # type: ignore[union-attr]
+        mode = module.padding_mode  # type: ignore[union-attr]
+        if groups != 1 or any(d != 1 for d in dilation) or mode != "zeros":
+            raise InjectionError(
+                f"target_modules: convolution {name!r} has groups={groups}, dilation={dilation}, "
+                f"padding_mode={mode!r}; LoRA supports groups=1, dilation=1, padding_mode='zeros'"
+            )

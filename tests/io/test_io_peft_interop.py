@@ -1,0 +1,141 @@
+"""PEFT interop both ways: same logits, same key names, same config fields."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lora_testkit import BUILDERS, load_minilm, logits, tiny_bert_cls
+from safetensors.torch import load_file
+from torch import nn
+
+from rankwise.io import load_adapter, read_adapter_config, save_adapter
+from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers
+
+CASES = {
+    "bert": dict(
+        target_modules=["query", "key", "value", "dense", "word_embeddings"], task_type="SEQ_CLS"
+    ),
+    "gpt2": dict(target_modules=["c_attn", "c_proj", "c_fc", "wte"], task_type="CAUSAL_LM"),
+    "llama": dict(target_modules="all-linear", task_type="CAUSAL_LM", use_rslora=True),
+    "t5": dict(target_modules=["q", "v", "wo"], task_type="SEQ_2_SEQ_LM"),
+    "vit": dict(target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"]),
+}
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    """Random non-zero adapters (and head) so the comparison is not trivially B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _peft_adapted(family: str, kwargs: dict, seed: int) -> nn.Module:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    model = get_peft_model(BUILDERS[family](), PeftConfig(r=4, lora_alpha=8, **kwargs))
+    _perturb(model, seed)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_rankwise_save_loads_in_peft(family: str, tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    ours = inject(BUILDERS[family](), LoraConfig(r=4, lora_alpha=8, **CASES[family]))
+    _perturb(ours, 3)
+    expected = logits(ours, family)
+    save_adapter(ours, tmp_path)
+    theirs = PeftModel.from_pretrained(BUILDERS[family](), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, family), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(CASES))
+def test_peft_save_loads_in_rankwise(family: str, tmp_path: Path) -> None:
+    theirs = _peft_adapted(family, CASES[family], seed=5)
+    expected = logits(theirs, family)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(BUILDERS[family](), tmp_path)
+    torch.testing.assert_close(logits(ours, family), expected, rtol=0, atol=1e-5)
+    assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
+
+
+@pytest.mark.parametrize("family", list(CASES))
+@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+def test_keys_and_config_equal_peft_own_save(family: str, bias: str, tmp_path: Path) -> None:
+    kwargs = {**CASES[family], "bias": bias}
+    theirs = _peft_adapted(family, kwargs, seed=0)
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = inject(BUILDERS[family](), LoraConfig(r=4, lora_alpha=8, **kwargs))
+    save_adapter(ours, tmp_path / "ours")
+    peft_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    # PEFT's bias="all" also writes its ModulesToSaveWrapper copies; everything else is equal
+    peft_keys = {
+        k for k in peft_keys if ".original_module." not in k and ".modules_to_save." not in k
+    }
+    assert set(our_file) == peft_keys
+    ref = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    got = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    ref.pop("peft_version")
+    assert set(got) == set(ref)
+    for key in ("target_modules", "modules_to_save"):
+        ref[key], got[key] = sorted(set(ref[key] or [])), sorted(set(got[key] or []))
+    assert got == ref
+
+
+def test_round_trip_keeps_values_and_swaps_in_place(tmp_path: Path) -> None:
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    a = inject(tiny_bert_cls(), cfg, generator=1)
+    _perturb(a, 1)
+    save_adapter(a, tmp_path / "a")
+    b = inject(tiny_bert_cls(), cfg.replace(lora_alpha=4), generator=2)
+    _perturb(b, 2)
+    save_adapter(b, tmp_path / "b")
+    expected_b = logits(b, "bert")
+    model = load_adapter(tiny_bert_cls(), tmp_path / "a", is_trainable=True)
+    assert logits(model, "bert").allclose(logits(a, "bert"), atol=1e-6)
+    layers = [id(layer) for _, layer in lora_layers(model)]
+    load_adapter(model, tmp_path / "b", is_trainable=True)
+    assert [id(layer) for _, layer in lora_layers(model)] == layers  # swapped, not re-injected
+    torch.testing.assert_close(logits(model, "bert"), expected_b, rtol=0, atol=1e-6)
+    assert get_config(model).lora_alpha == 4 and read_adapter_config(tmp_path / "b").lora_alpha == 4
+    assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
+
+
+def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    kwargs = dict(
+        r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"
+    )
+    ours = inject(load_minilm(minilm_path), LoraConfig(**kwargs))
+    _perturb(ours, 11)
+    ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+    save_adapter(ours, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(load_minilm(minilm_path), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    peft_model = get_peft_model(load_minilm(minilm_path), PeftConfig(**kwargs)).eval()
+    _perturb(peft_model, 12)
+    peft_model.save_pretrained(tmp_path / "peft")
+    back = load_adapter(load_minilm(minilm_path), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            back(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5
+        )
+    assert sum(isinstance(m, LoraLayer) for m in back.modules()) == 6 * 6 + 1
+    assert (
+        read_adapter_config(tmp_path / "ours").base_model_name_or_path
+        == json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+    )

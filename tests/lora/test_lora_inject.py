@@ -1,0 +1,236 @@
+"""Injection on real transformers models: targets, freezing, identity at init, training."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_testkit import BUILDERS, assert_unchanged, logits, snapshot, tiny_bert_cls, token_batch
+from torch import nn
+
+from rankwise.errors import ConfigError, InjectionError
+from rankwise.lora import (
+    LoraConfig,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    get_config,
+    inject,
+    lora_layers,
+    trainable_report,
+)
+
+BERT_TARGETS = ["query", "key", "value", "dense"]
+
+
+def test_bert_seq_cls_identity_at_init_and_trainable_set() -> None:
+    model = tiny_bert_cls()
+    ref = logits(model, "bert")
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=BERT_TARGETS, task_type="SEQ_CLS"))
+    torch.testing.assert_close(logits(model, "bert"), ref, rtol=0, atol=1e-6)
+    names = [n for n, _ in lora_layers(model)]
+    # 2 layers x (query, key, value, attention.output.dense, intermediate.dense, output.dense) + pooler
+    assert len(names) == 2 * 6 + 1 and "bert.pooler.dense" in names
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {
+        n for n, _ in model.named_parameters() if ".lora_" in n or n.startswith("classifier.")
+    }
+    assert get_config(model).modules_to_save == ["classifier", "score"]
+
+
+def test_trainable_report_counts_and_text() -> None:
+    model = tiny_bert_cls()
+    total = sum(p.numel() for p in model.parameters())
+    inject(model, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    rep = trainable_report(model)
+    lora = 2 * 2 * (4 * 32 + 32 * 4)
+    assert rep.trainable == lora + 32 * 2 + 2
+    assert rep.total == total + lora
+    assert rep.by_type["lora"].trainable == lora
+    assert (
+        str(rep)
+        == f"trainable {rep.trainable / 1e3:.3g}K / {rep.total / 1e3:.3g}K ({rep.percent:.2f}%)"
+    )
+
+
+def test_report_format_matches_the_issue_example() -> None:
+    from rankwise.lora.report import TrainableReport
+
+    assert str(TrainableReport(341_000, 22_700_000, {})) == "trainable 0.34M / 22.7M (1.50%)"
+
+
+def test_only_adapter_and_head_parameters_change_after_steps() -> None:
+    model = tiny_bert_cls().train()
+    inject(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=8, lora_dropout=0.1, target_modules=BERT_TARGETS, task_type="SEQ_CLS"
+        ),
+        generator=0,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for step in range(3):
+        out = model(input_ids=token_batch(step), labels=torch.tensor([0, 1]))
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(".lora_" in n or n.startswith("classifier.") for n in changed)
+    assert any(".lora_A." in n for n in changed) and any(".lora_B." in n for n in changed)
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_make_the_right_biases_trainable(bias: str) -> None:
+    model = tiny_bert_cls()
+    inject(model, LoraConfig(r=2, target_modules=["query"], bias=bias))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and n.endswith("bias")}
+    if bias == "lora_only":
+        assert trainable == {
+            f"bert.encoder.layer.{i}.attention.self.query.base_layer.bias" for i in range(2)
+        }
+    else:
+        assert trainable == {n for n, _ in model.named_parameters() if n.endswith("bias")}
+
+
+def test_wrapper_types_and_attributes() -> None:
+    model = tiny_bert_cls()
+    inject(model, LoraConfig(r=3, lora_alpha=6, target_modules=["query", "word_embeddings"]))
+    q = model.bert.encoder.layer[0].attention.self.query
+    assert isinstance(q, LoraLinear) and isinstance(q.base_layer, nn.Linear)
+    assert (q.r, q.scaling, q.merged) == (3, 2.0, False)
+    assert q.lora_A.weight.shape == (3, 32) and q.lora_B.weight.shape == (32, 3)
+    assert q.dropout is None  # p = 0: no dropout module at all
+    emb = model.bert.embeddings.word_embeddings
+    assert isinstance(emb, LoraEmbedding) and emb.lora_A.shape == (3, 99)
+
+
+def test_inject_is_reproducible_with_a_generator() -> None:
+    a, b = tiny_bert_cls(), tiny_bert_cls()
+    cfg = LoraConfig(r=4, target_modules=["query"])
+    inject(a, cfg, generator=7)
+    inject(b, cfg, generator=7)
+    for (_, la), (_, lb) in zip(lora_layers(a), lora_layers(b)):
+        assert torch.equal(la.lora_A.weight, lb.lora_A.weight)
+
+
+def test_dry_run_returns_names_and_touches_nothing() -> None:
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    names = inject(model, LoraConfig(target_modules=["query"]), dry_run=True)
+    assert names == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(2)]
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (LoraConfig(target_modules=["qeury"]), "close candidates: \\['query'"),
+        (LoraConfig(target_modules=["LayerNorm"]), "LayerNorm; supported types"),
+        (LoraConfig(target_modules=r".*\.nothing"), "matched no module"),
+        (LoraConfig(target_modules=["query"], modules_to_save=["head"]), "modules_to_save: 'head'"),
+        (LoraConfig(target_modules=None), "target_modules"),
+    ],
+)
+def test_bad_targets_raise_and_leave_the_model_unchanged(config: LoraConfig, message: str) -> None:
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(InjectionError, match=message):
+        inject(model, config)
+    assert_unchanged(model, snap)
+
+
+def test_injecting_twice_is_refused_without_change() -> None:
+    model = tiny_bert_cls()
+    inject(model, LoraConfig(target_modules=["query"]))
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(InjectionError, match="already injected"):
+        inject(model, LoraConfig(target_modules=["value"]))
+    assert all(torch.equal(v, sd[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"r": 0},
+        {"r": -1},
+        {"lora_alpha": 0},
+        {"lora_dropout": 1.0},
+        {"lora_dropout": -0.1},
+        {"target_modules": "("},
+        {"bias": "some"},
+        {"init_lora_weights": "nope"},
+        {"rank_pattern": {"query": 0}},
+        {"target_modules": "q.*", "layers_to_transform": [0]},
+    ],
+)
+def test_invalid_config_values_raise_at_construction(kwargs: dict) -> None:
+    with pytest.raises(ConfigError):
+        LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_all_linear_matches_peft_and_keeps_outputs(family: str) -> None:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    task = "SEQ_CLS" if family in ("bert", "vit") else None
+    ours = BUILDERS[family]()
+    ref = logits(ours, family)
+    names = inject(ours, LoraConfig(target_modules="all-linear", task_type=task), dry_run=True)
+    peft_model = get_peft_model(
+        BUILDERS[family](), PeftConfig(target_modules="all-linear", task_type=task)
+    )
+    theirs = [
+        n.removeprefix("base_model.model.")
+        for n, m in peft_model.named_modules()
+        if isinstance(m, PeftLoraLayer)
+    ]
+    assert sorted(names) == sorted(theirs)
+    inject(ours, LoraConfig(target_modules="all-linear", task_type=task))
+    torch.testing.assert_close(logits(ours, family), ref, rtol=0, atol=1e-6)
+    assert all(isinstance(m, LoraLayer) for n, m in ours.named_modules() if n in names)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"target_modules": ["query", "value"], "layers_to_transform": [1]},
+        {"target_modules": ["dense"], "layers_to_transform": 0, "layers_pattern": "layer"},
+        {"target_modules": r".*\.(query|key)", "exclude_modules": ["layer.0.attention.self.key"]},
+        {"target_modules": ["dense"], "exclude_modules": r".*intermediate.*"},
+        {"target_modules": ["query", "value"], "rank_pattern": {"layer.1.*query": 2}},
+    ],
+)
+def test_target_resolution_matches_peft(kwargs: dict) -> None:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+
+    ours = inject(tiny_bert_cls(), LoraConfig(**kwargs), dry_run=True)
+    peft_model = get_peft_model(tiny_bert_cls(), PeftConfig(**kwargs))
+    theirs = {
+        n.removeprefix("base_model.model."): m
+        for n, m in peft_model.named_modules()
+        if isinstance(m, PeftLoraLayer)
+    }
+    assert sorted(ours) == sorted(theirs)
+    model = inject(tiny_bert_cls(), LoraConfig(**kwargs))
+    for name, layer in lora_layers(model):
+        assert layer.r == theirs[name].r["default"]
+        assert layer.scaling == theirs[name].scaling["default"]
+
+
+def test_rslora_scaling_and_patterns() -> None:
+    model = inject(
+        tiny_bert_cls(),
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            target_modules=["query"],
+            alpha_pattern={"layer.1.attention.self.query": 2},
+        ),
+    )
+    scales = [layer.scaling for _, layer in lora_layers(model)]
+    assert scales == [8 / 2.0, 2 / 2.0]
