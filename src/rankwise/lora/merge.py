@@ -27,6 +27,7 @@ def merge(model: nn.Module) -> nn.Module:
         raise MergeError(
             f"merge: layers already merged: {merged[:3]}{'…' if len(merged) > 3 else ''}"
         )
+    _check_untied(model)
     done = []
     try:
         for _, layer in layers:
@@ -37,6 +38,21 @@ def merge(model: nn.Module) -> nn.Module:
             layer.unmerge()
         raise
     return model
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a weight shared with another module (e.g. GPT-2's ``wte`` tied to
+    ``lm_head``): the merged product would also change the other module's output."""
+    owners: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(name)
+    for name, layer in lora_layers(model):
+        others = [n for n in owners.get(id(layer.base_weight), []) if not n.startswith(name + ".")]
+        if others:
+            raise MergeError(
+                f"merge: the weight of {name!r} is tied to {others}; merging would change those "
+                "modules too. Untie the weights first or keep this adapter unmerged"
+            )
 
 
 def unmerge(model: nn.Module) -> nn.Module:

@@ -1,0 +1,170 @@
+"""Bad adapter directories: each a clear error, and the model left exactly as it was."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from lora_testkit import assert_unchanged, snapshot, tiny_bert_cls, tiny_gpt2
+from safetensors.torch import load_file, save_file
+
+from rankwise.errors import AdapterFormatError, ShapeMismatchError
+from rankwise.io import load_adapter, read_adapter_config, save_adapter
+from rankwise.lora import LoraConfig, inject, lora_layers
+
+CFG = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path) -> Path:
+    model = inject(tiny_bert_cls(), CFG, generator=0)
+    return save_adapter(model, tmp_path / "good")
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    path = directory / "adapter_model.safetensors"
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, path)
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    path = directory / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+KEY = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+
+
+def _truncate(d: Path) -> None:
+    p = d / "adapter_model.safetensors"
+    p.write_bytes(p.read_bytes()[:-40])
+
+
+def _garble_header(d: Path) -> None:
+    p = d / "adapter_model.safetensors"
+    data = bytearray(p.read_bytes())
+    data[8:20] = b"not json!!!!"
+    p.write_bytes(bytes(data))
+
+
+def _only_pickle(d: Path) -> None:
+    (d / "adapter_model.safetensors").rename(d / "adapter_model.bin")
+
+
+CASES = {
+    "truncated": (_truncate, AdapterFormatError, "not a valid safetensors file"),
+    "corrupt header": (_garble_header, AdapterFormatError, "adapter_model.safetensors"),
+    "empty file": (
+        lambda d: (d / "adapter_model.safetensors").write_bytes(b""),
+        AdapterFormatError,
+        "safetensors",
+    ),
+    "only a pickle": (_only_pickle, AdapterFormatError, "never unpickles"),
+    "no weights": (
+        lambda d: (d / "adapter_model.safetensors").unlink(),
+        AdapterFormatError,
+        "no adapter_model",
+    ),
+    "no config": (
+        lambda d: (d / "adapter_config.json").unlink(),
+        AdapterFormatError,
+        "no adapter_config.json",
+    ),
+    "config not json": (
+        lambda d: (d / "adapter_config.json").write_text("{r: 4"),
+        AdapterFormatError,
+        "not valid JSON",
+    ),
+    "not lora": (lambda d: _edit_config(d, peft_type="IA3"), AdapterFormatError, "'IA3'"),
+    "dora": (lambda d: _edit_config(d, use_dora=True), AdapterFormatError, "use_dora"),
+    "bad r": (lambda d: _edit_config(d, r=0), AdapterFormatError, "r: expected a positive int"),
+    "missing key": (
+        lambda d: _edit_weights(d, lambda t: t.pop(KEY)),
+        AdapterFormatError,
+        "missing \\[.*query.lora_A",
+    ),
+    "extra key": (
+        lambda d: _edit_weights(
+            d, lambda t: t.update({"base_model.model.x.lora_A.weight": torch.zeros(1)})
+        ),
+        AdapterFormatError,
+        "unexpected \\['x.lora_A.weight'\\]",
+    ),
+    "no prefix": (
+        lambda d: _edit_weights(d, lambda t: t.update({"x": t.pop(KEY)})),
+        AdapterFormatError,
+        "'x'",
+    ),
+    "wrong shape": (
+        lambda d: _edit_weights(d, lambda t: t.update({KEY: torch.zeros(4, 31)})),
+        ShapeMismatchError,
+        r"'bert.encoder.layer.0.attention.self.query'.*expected shape \(4, 32\), found \(4, 31\)",
+    ),
+    "nan": (
+        lambda d: _edit_weights(d, lambda t: t[KEY].fill_(float("nan"))),
+        AdapterFormatError,
+        "inf or nan",
+    ),
+    "other targets": (
+        lambda d: _edit_config(d, target_modules=["query", "key"]),
+        AdapterFormatError,
+        "missing \\[.*key.lora_A",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_adapter_raises_and_leaves_plain_model_unchanged(case: str, adapter_dir: Path) -> None:
+    edit, error, message = CASES[case]
+    edit(adapter_dir)
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(error, match=message):
+        load_adapter(model, adapter_dir)
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("case", ["wrong shape", "missing key", "nan", "truncated"])
+def test_bad_adapter_leaves_injected_model_unchanged(case: str, adapter_dir: Path) -> None:
+    edit, error, message = CASES[case]
+    edit(adapter_dir)
+    model = inject(tiny_bert_cls(), CFG, generator=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(error, match=message):
+        load_adapter(model, adapter_dir)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_adapter_for_another_model_names_module_and_shapes(tmp_path: Path) -> None:
+    gpt2 = inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
+    save_adapter(gpt2, tmp_path)
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(Exception, match="c_attn"):
+        load_adapter(model, tmp_path)
+    assert_unchanged(model, snap)
+
+
+def test_other_rank_for_injected_model(adapter_dir: Path) -> None:
+    model = inject(tiny_bert_cls(), CFG.replace(r=2))
+    with pytest.raises(ShapeMismatchError, match="r=4.*r=2"):
+        load_adapter(model, adapter_dir)
+    assert all(layer.r == 2 for _, layer in lora_layers(model))
+
+
+def test_read_config_of_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(AdapterFormatError, match="not an adapter directory"):
+        read_adapter_config(tmp_path / "nope")
+
+
+def test_non_finite_json_is_refused(adapter_dir: Path) -> None:
+    path = adapter_dir / "adapter_config.json"
+    path.write_text(path.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
+    with pytest.raises(AdapterFormatError, match="NaN"):
+        read_adapter_config(adapter_dir)

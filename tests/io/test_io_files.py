@@ -1,0 +1,96 @@
+"""File primitives: atomic writes, header validation, config JSON round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankwise.errors import AdapterFormatError
+from rankwise.io.config_json import config_from_json, config_to_json
+from rankwise.io.files import (
+    TensorInfo,
+    atomic_write_bytes,
+    read_header,
+    read_tensors,
+    write_safetensors,
+)
+from rankwise.lora import LoraConfig
+
+
+def test_atomic_write_replaces_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "f.bin"
+    atomic_write_bytes(path, b"one")
+    atomic_write_bytes(path, b"two")
+    assert path.read_bytes() == b"two" and os.listdir(tmp_path) == ["f.bin"]
+
+
+def test_failed_write_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    write_safetensors(path, {"a": torch.ones(2)}, metadata={"format": "pt"})
+    with pytest.raises(TypeError):
+        atomic_write_bytes(path, "not bytes")  # type: ignore[arg-type]
+    assert read_header(path) == {"a": TensorInfo("F32", (2,))} and len(os.listdir(tmp_path)) == 1
+
+
+def test_header_is_read_without_data_and_tensors_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "t.safetensors"
+    t = {"x": torch.arange(6.0).view(2, 3).t(), "y": torch.zeros(1, dtype=torch.float16)}
+    write_safetensors(path, t, metadata={"format": "pt"})
+    assert read_header(path) == {"x": TensorInfo("F32", (3, 2)), "y": TensorInfo("F16", (1,))}
+    assert torch.equal(read_tensors(path, ["x"])["x"], t["x"])
+
+
+def test_header_pointing_past_the_end_is_refused(tmp_path: Path) -> None:
+    header = json.dumps(
+        {"a": {"dtype": "F32", "shape": [1000], "data_offsets": [0, 4000]}}
+    ).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 16)
+    with pytest.raises(AdapterFormatError, match="bad.safetensors"):
+        read_header(path)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], task_type="CAUSAL_LM"),
+        LoraConfig(
+            target_modules=r".*\.q", use_rslora=True, init_lora_weights="gaussian", bias="all"
+        ),
+        LoraConfig(
+            target_modules=["q"],
+            layers_to_transform=[0, 2],
+            layers_pattern="h",
+            rank_pattern={"q": 2},
+        ),
+        LoraConfig(target_modules=["q"], init_lora_weights=False, modules_to_save=["head"]),
+    ],
+)
+def test_config_json_round_trip(cfg: LoraConfig) -> None:
+    data = json.loads(json.dumps(config_to_json(cfg)))
+    assert data["peft_type"] == "LORA" and data["inference_mode"] is True
+    back = config_from_json(data, source="test")
+    assert back == cfg.replace(inference_mode=True)
+
+
+def test_peft_reads_our_config(tmp_path: Path) -> None:
+    from peft import LoraConfig as PeftConfig
+
+    from rankwise.io import write_adapter_config
+
+    cfg = LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q", "v"], use_rslora=True, rank_pattern={"v": 2}
+    )
+    write_adapter_config(tmp_path, cfg)
+    theirs = PeftConfig.from_pretrained(str(tmp_path))
+    assert (theirs.r, theirs.lora_alpha, set(theirs.target_modules), theirs.use_rslora) == (
+        4,
+        16,
+        {"q", "v"},
+        True,
+    )
+    assert theirs.rank_pattern == {"v": 2}

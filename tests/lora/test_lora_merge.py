@@ -1,0 +1,138 @@
+"""Merge / unmerge / unload / disable on real model families."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_testkit import BUILDERS, logits, tiny_bert_cls
+from torch import nn
+
+from rankwise.errors import InjectionError, MergeError
+from rankwise.lora import (
+    LoraConfig,
+    LoraLayer,
+    disable_adapters,
+    inject,
+    lora_layers,
+    merge,
+    merge_and_unload,
+    unload,
+    unmerge,
+)
+
+TARGETS = {
+    "bert": ["query", "value", "dense", "word_embeddings"],
+    "gpt2": ["c_attn", "c_proj", "wpe"],
+    "llama": ["q_proj", "v_proj", "down_proj", "embed_tokens"],
+    "t5": ["q", "k", "v", "o", "wi", "wo"],
+    "vit": ["q_proj", "v_proj", "fc1", "projection"],
+}
+
+
+def _adapted(family: str) -> nn.Module:
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS[family], init_lora_weights=False)
+    return inject(BUILDERS[family](), cfg, generator=0)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_merged_equals_unmerged_and_back(family: str) -> None:
+    model = _adapted(family)
+    base_out = logits(BUILDERS[family](), family)
+    out = logits(model, family)
+    assert (out - base_out).abs().max() > 1e-3  # the adapter really changes the output
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    merge(model)
+    assert all(layer.merged for _, layer in lora_layers(model))
+    torch.testing.assert_close(logits(model, family), out, rtol=1e-5, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(logits(model, family), out, rtol=1e-5, atol=1e-5)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, weights[n], rtol=1e-6, atol=1e-6)
+    plain = merge_and_unload(model)
+    assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+    assert {n: type(m) for n, m in plain.named_modules()} == {
+        n: type(m) for n, m in BUILDERS[family]().named_modules()
+    }
+    torch.testing.assert_close(logits(plain, family), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_unload_gives_the_base_model_back(family: str) -> None:
+    model = _adapted(family)
+    ref = BUILDERS[family]()
+    flags = {n: p.requires_grad for n, p in ref.named_parameters()}
+    merge(model)  # unload unmerges first
+    plain = unload(model)
+    assert plain.state_dict().keys() == ref.state_dict().keys()
+    for k, v in plain.state_dict().items():
+        torch.testing.assert_close(v, ref.state_dict()[k], rtol=1e-6, atol=1e-6)
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+    with pytest.raises(InjectionError, match="no rankwise LoRA adapters"):
+        merge(plain)
+
+
+def test_disable_adapters_runs_the_base_model_including_heads() -> None:
+    model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                               init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)  # a "trained" head
+    out = logits(model, "bert")
+    with disable_adapters(model):
+        torch.testing.assert_close(
+            logits(model, "bert"), logits(tiny_bert_cls(), "bert"), rtol=0, atol=1e-6
+        )
+    torch.testing.assert_close(logits(model, "bert"), out, rtol=0, atol=0)
+    merge(model)
+    with disable_adapters(model):
+        torch.testing.assert_close(
+            logits(model, "bert"), logits(tiny_bert_cls(), "bert"), rtol=1e-5, atol=1e-5
+        )
+    assert all(layer.merged for _, layer in lora_layers(model))
+    torch.testing.assert_close(logits(model, "bert"), out, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_is_all_or_nothing() -> None:
+    model = _adapted("bert")
+    layers = [layer for _, layer in lora_layers(model)]
+    with torch.no_grad():
+        layers[-1].lora_B.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(MergeError, match="non-finite"):
+        merge(model)
+    assert not any(layer.merged for layer in layers)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p, before[n], rtol=1e-6, atol=1e-6, equal_nan=True)
+    with pytest.raises(MergeError, match="not merged"):
+        unmerge(model)
+
+
+def test_merge_in_bfloat16_uses_float32() -> None:
+    model = BUILDERS["llama"]().to(torch.bfloat16)
+    inject(
+        model,
+        LoraConfig(r=4, target_modules=TARGETS["llama"], init_lora_weights=False),
+        generator=0,
+    )
+    w0, bound = {}, {}
+    for n, layer in lora_layers(model):
+        assert layer.factors().B.dtype == torch.float32  # adapters stay float32
+        w0[n] = layer.base_weight.detach().float()
+        bound[n] = (w0[n].abs() + layer.delta_weight().abs()).max()
+    merge(model)
+    for n, layer in lora_layers(model):
+        assert layer.base_weight.dtype == torch.bfloat16
+        exact = w0[n] + layer.delta_weight()
+        assert (layer.base_weight.float() - exact).abs().max() <= 2**-8 * bound[n]  # one rounding
+    unmerge(model)
+    for n, layer in lora_layers(model):
+        assert (layer.base_weight.float() - w0[n]).abs().max() <= 2 * 2**-8 * bound[n]
+
+
+def test_merge_refuses_tied_weights() -> None:
+    model = inject(
+        BUILDERS["gpt2"](), LoraConfig(r=2, target_modules=["wte"], init_lora_weights=False)
+    )
+    w = model.transformer.wte.base_weight.detach().clone()
+    with pytest.raises(MergeError, match="tied to \\['lm_head.weight'\\]"):
+        merge(model)
+    assert torch.equal(model.transformer.wte.base_weight, w)
