@@ -10,6 +10,16 @@ the model- and directory-level versions live in :mod:`rankwise.analysis.model`.
 
 from __future__ import annotations
 
+from rankwise.analysis.adapter_files import read_factors, write_factors
+from rankwise.analysis.adapters import (
+    LayerReport,
+    ModuleSimilarity,
+    ModuleSpectrum,
+    adapter_similarity,
+    adapter_spectrum,
+    combine_adapters,
+    resize_adapter,
+)
 from rankwise.analysis.algebra import (
     COMBINE_METHODS,
     Factors,
@@ -22,16 +32,35 @@ from rankwise.analysis.algebra import (
     ties_merge,
 )
 from rankwise.analysis.amplification import Amplification, amplification
+from rankwise.analysis.model import (
+    ExtractReport,
+    ModuleAmplification,
+    adapter_amplification,
+    extract_adapter,
+)
 from rankwise.analysis.similarity import factor_basis, subspace_similarity
 from rankwise.analysis.spectrum import Spectrum, spectrum
 
 __all__ = [
     "COMBINE_METHODS",
     "Amplification",
+    "ExtractReport",
     "Factors",
+    "LayerReport",
+    "ModuleAmplification",
+    "ModuleSimilarity",
+    "ModuleSpectrum",
     "Spectrum",
+    "adapter_amplification",
+    "adapter_similarity",
+    "adapter_spectrum",
     "amplification",
     "combine",
+    "combine_adapters",
+    "extract_adapter",
+    "read_factors",
+    "resize_adapter",
+    "write_factors",
     "dare_merge",
     "extract",
     "factor_basis",

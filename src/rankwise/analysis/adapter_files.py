@@ -1,0 +1,133 @@
+"""Adapter directories as plain factors: read ``ΔW = s·B A`` per module, write factors back.
+
+The analysis layer works on the *effective* update of each adapted module, so it reads an
+adapter directory (PEFT format: ``adapter_model.safetensors`` with keys
+``base_model.model.<module>.lora_A.weight`` ``(r, in)`` / ``.lora_B.weight`` ``(out, r)`` and
+``adapter_config.json``) into ``{module: Factors(s·B, A)}``, the scaling ``s`` (``alpha/r`` or
+``alpha/√r``, after ``rank_pattern``/``alpha_pattern``) folded into ``B``. Written adapters use
+``lora_alpha = r`` per module (``s = 1``), so the stored factors *are* the update; PEFT and
+rankwise load them on the base model unchanged. The file format itself is
+:mod:`rankwise.io`'s; this module only maps it to and from factors.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rankwise.analysis.algebra import Factors
+from rankwise.errors import AdapterFormatError
+from rankwise.io import read_adapter_config, write_adapter_config
+from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
+from rankwise.io.files import read_header, read_tensors, write_safetensors
+from rankwise.lora.config import LoraConfig
+
+_A, _B = ".lora_A.weight", ".lora_B.weight"
+# Fields of a source adapter's config carried over into an adapter derived from it.
+_CARRIED = ("task_type", "base_model_name_or_path", "fan_in_fan_out")
+
+
+def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
+    """The :class:`LoraConfig` of an adapter directory (:func:`rankwise.io.read_adapter_config`)."""
+    return read_adapter_config(directory)
+
+
+def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
+    path = Path(directory) / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}")
+    header = read_header(path)  # validated before any tensor is read
+    embedding = [k for k in header if ".lora_embedding_" in k]
+    if embedding:
+        raise AdapterFormatError(
+            f"{path}: embedding adapters ({embedding[0]!r}) are not supported by the analysis "
+            "functions; they handle linear (lora_A/lora_B) layers"
+        )
+    return read_tensors(path, [k for k in header if k.endswith((_A, _B))])
+
+
+def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
+    """``{module path: Factors(s·B, A)}`` for every LoRA pair in an adapter directory.
+
+    Module paths are as in the base model (the ``base_model.model.`` prefix removed); ``s`` is
+    the module's scaling after ``rank_pattern``/``alpha_pattern`` and ``use_rslora``.
+    """
+    config = read_config(directory)
+    tensors = _read_tensors(directory)
+    modules = sorted(
+        k[len(PREFIX) : -len(_A)] for k in tensors if k.startswith(PREFIX) and k.endswith(_A)
+    )
+    if not modules:
+        raise AdapterFormatError(
+            f"{directory}: no '{PREFIX}<module>{_A}' tensors in {WEIGHTS_NAME}"
+        )
+    out: dict[str, Factors] = {}
+    for module in modules:
+        A = tensors[f"{PREFIX}{module}{_A}"]  # (r, in)
+        B = tensors.get(f"{PREFIX}{module}{_B}")  # (out, r)
+        if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
+            found = None if B is None else tuple(B.shape)
+            raise AdapterFormatError(
+                f"{directory}: module {module!r} has lora_A {tuple(A.shape)} and lora_B {found}; "
+                "expected (r, in) and (out, r)"
+            )
+        r, alpha = config.rank_and_alpha(module)
+        if r != A.shape[0]:
+            raise AdapterFormatError(
+                f"{directory}: module {module!r} has rank {A.shape[0]} in the weights, {r} in the config"
+            )
+        out[module] = Factors(config.scaling(r=r, alpha=alpha) * B, A)
+    return out
+
+
+def _config_for(factors: Mapping[str, Factors], carried: LoraConfig | None) -> LoraConfig:
+    """PEFT config with ``lora_alpha = r`` everywhere (scaling 1) and per-module overrides."""
+    ranks = {m: int(f.A.shape[0]) for m, f in factors.items()}
+    values = list(ranks.values())
+    r = max(set(values), key=values.count)  # the most common rank; others go to rank_pattern
+    pattern = {m: k for m, k in ranks.items() if k != r}
+    keep: dict[str, Any] = {}
+    if carried is not None:
+        keep = {k: getattr(carried, k) for k in _CARRIED if getattr(carried, k) is not None}
+    return LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(factors),
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        **keep,
+    )
+
+
+def write_factors(
+    directory: str | os.PathLike[str],
+    factors: Mapping[str, Factors],
+    *,
+    carried: LoraConfig | None = None,
+) -> Path:
+    """Write ``{module: Factors(B, A)}`` as a PEFT LoRA adapter whose update is ``B A``.
+
+    ``carried`` (a source adapter's config) supplies ``task_type``, ``base_model_name_or_path``
+    and ``fan_in_fan_out``. Files are written atomically by :mod:`rankwise.io`.
+    """
+    if not factors:
+        raise ValueError("factors is empty: nothing to write")
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for module, (B, A) in factors.items():
+        tensors[f"{PREFIX}{module}{_A}"] = A.detach()
+        tensors[f"{PREFIX}{module}{_B}"] = B.detach()
+    write_safetensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+    write_adapter_config(target, _config_for(factors, carried))
+    return target
+
+
+def dtype_of(factors: Mapping[str, Factors]) -> torch.dtype:
+    """The dtype of the first module's factors."""
+    return next(iter(factors.values())).A.dtype

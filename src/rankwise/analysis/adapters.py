@@ -1,0 +1,172 @@
+"""Adapter directories in, reports (and new adapter directories) out.
+
+Each function reads PEFT-format LoRA adapters as per-module factors of the effective update
+``ΔW = s·B A`` (:func:`~rankwise.analysis.adapter_files.read_factors`), applies the tensor-level
+function of :mod:`rankwise.analysis` module by module, and returns one report row per module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from rankwise.analysis._common import as_generator
+from rankwise.analysis.adapter_files import read_config, read_factors, write_factors
+from rankwise.analysis.algebra import (
+    CombineMethod,
+    Factors,
+    choose_rank,
+    combine,
+    factored_svd,
+    split_svd,
+)
+from rankwise.analysis.similarity import Factor, subspace_similarity
+from rankwise.analysis.spectrum import Spectrum, spectrum
+from rankwise.errors import AdapterFormatError
+
+PathLike = str | os.PathLike[str]
+
+
+class LayerReport(NamedTuple):
+    """One module of a derived adapter (extract, resize, combine).
+
+    ``source_rank`` is the rank of what the module came from (``r`` for resize, ``Σ rᵢ`` for
+    combine, ``min(out, in)`` for a dense ``ΔW`` in extract); ``relative_error`` is
+    ``‖ΔW_source − ΔW_new‖_F / ‖ΔW_source‖_F`` with ``ΔW_source = Σ wᵢ ΔWᵢ`` for combine.
+    """
+
+    module: str
+    shape: tuple[int, int]  # (out, in)
+    source_rank: int
+    rank: int
+    relative_error: float
+
+
+class ModuleSimilarity(NamedTuple):
+    """φ(i, j) for one module present in both adapters (LoRA paper Eq. 4)."""
+
+    module: str
+    rank1: int
+    rank2: int
+    dim: int  # d: in (A factors) or out (B factors); E φ(i, j) = max(i, j) / d at random
+    phi: Tensor  # (rank1, rank2)
+
+
+class ModuleSpectrum(NamedTuple):
+    module: str
+    shape: tuple[int, int]  # (out, in)
+    rank: int
+    spectrum: Spectrum
+
+
+def factored_norm(B: Tensor, A: Tensor) -> float:
+    """``‖B A‖_F = sqrt(tr((BᵀB)(AAᵀ)))`` in ``O((out + in)·r²)``, never forming ``B A``."""
+    gram = (B.mT @ B) * (A @ A.mT).mT  # (r, r): elementwise, its sum is the trace of the product
+    return math.sqrt(max(float(gram.sum()), 0.0))
+
+
+def factored_relative_error(reference: Factors, approx: Factors) -> float:
+    """``‖B A − B' A'‖_F / ‖B A‖_F`` via the factors ``[B | −B'] · [A; A']``."""
+    dtype = torch.float64
+    B = torch.cat([reference.B.to(dtype), -approx.B.to(dtype)], dim=1)  # (out, r + r')
+    A = torch.cat([reference.A.to(dtype), approx.A.to(dtype)], dim=0)  # (r + r', in)
+    scale = factored_norm(reference.B.to(dtype), reference.A.to(dtype))
+    diff = factored_norm(B, A)
+    return diff / scale if scale > 0 else (0.0 if diff == 0 else math.inf)
+
+
+def _shape(f: Factors) -> tuple[int, int]:
+    return (int(f.B.shape[0]), int(f.A.shape[1]))
+
+
+def resize_adapter(
+    source: PathLike, destination: PathLike, rank: int | None = None, *, energy: float | None = None
+) -> tuple[LayerReport, ...]:
+    """Write ``source`` resized to ``rank`` (capped at each module's ``r``) or by ``energy``.
+
+    Each module's update becomes its best rank-``k`` approximation (:func:`resize`, never
+    forming ``B A``); per-module ranks that differ go to ``rank_pattern``.
+    """
+    factors = read_factors(source)
+    new: dict[str, Factors] = {}
+    report = []
+    for module, f in factors.items():
+        r = f.A.shape[0]
+        svd = factored_svd(f.B, f.A)
+        keep = None if rank is None else min(rank, svd.S.numel())
+        k = choose_rank(svd.S, keep, energy, available=svd.S.numel())
+        new[module] = split_svd(svd, k, dtype=f.A.dtype)
+        error = factored_relative_error(f, new[module])
+        report.append(LayerReport(module, _shape(f), r, k, error))
+    write_factors(destination, new, carried=read_config(source))
+    return tuple(report)
+
+
+def combine_adapters(
+    sources: Sequence[PathLike],
+    destination: PathLike,
+    weights: Sequence[float] | None = None,
+    *,
+    method: CombineMethod = "linear",
+    rank: int | None = None,
+    density: float = 0.5,
+    generator: torch.Generator | int | None = None,
+) -> tuple[LayerReport, ...]:
+    """Write the combination of several adapters (:func:`combine`, module by module).
+
+    A module missing from some adapters is combined from those that have it (a zero update
+    elsewhere). ``generator`` (DARE) is shared across modules in sorted module order.
+    """
+    if len(sources) == 0:
+        raise ValueError("sources must name at least one adapter directory")
+    w = [1.0] * len(sources) if weights is None else [float(x) for x in weights]
+    if len(w) != len(sources):
+        raise ValueError(f"weights has {len(w)} entries; sources has {len(sources)}")
+    adapters = [read_factors(s) for s in sources]
+    gen = as_generator(generator)  # one stream across modules, in sorted module order
+    new: dict[str, Factors] = {}
+    report = []
+    for module in sorted(set().union(*adapters)):
+        present = [(a[module], wi) for a, wi in zip(adapters, w) if module in a]
+        pairs, ws = [p for p, _ in present], [wi for _, wi in present]
+        try:
+            out = combine(pairs, ws, method=method, rank=rank, density=density, generator=gen)
+        except ValueError as err:
+            raise type(err)(f"module {module!r}: {err}") from None
+        exact = combine(pairs, ws, method="linear")
+        new[module] = out
+        error = factored_relative_error(exact, out)
+        report.append(LayerReport(module, _shape(out), exact.A.shape[0], out.A.shape[0], error))
+    write_factors(destination, new, carried=read_config(sources[0]))
+    return tuple(report)
+
+
+def adapter_similarity(
+    first: PathLike, second: PathLike, *, factor: Factor = "A"
+) -> tuple[ModuleSimilarity, ...]:
+    """φ between two adapters for every module they share (e.g. r = 8 vs r = 64, two seeds)."""
+    one, two = read_factors(first), read_factors(second)
+    shared = sorted(set(one) & set(two))
+    if not shared:
+        raise AdapterFormatError(f"adapters {first} and {second} share no adapted module")
+    rows = []
+    for module in shared:
+        x1 = one[module].A if factor == "A" else one[module].B
+        x2 = two[module].A if factor == "A" else two[module].B
+        phi = subspace_similarity(x1, x2, factor=factor)
+        dim = x1.shape[1] if factor == "A" else x1.shape[0]
+        rows.append(ModuleSimilarity(module, phi.shape[0], phi.shape[1], int(dim), phi))
+    return tuple(rows)
+
+
+def adapter_spectrum(directory: PathLike) -> tuple[ModuleSpectrum, ...]:
+    """The :class:`Spectrum` of every module's effective update ``s·B A`` (factored)."""
+    rows = []
+    for module, f in read_factors(directory).items():
+        rows.append(ModuleSpectrum(module, _shape(f), int(f.A.shape[0]), spectrum(f)))
+    return tuple(rows)

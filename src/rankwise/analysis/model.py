@@ -1,0 +1,186 @@
+"""Model-level analysis: extract a LoRA from two models, measure amplification on a model.
+
+``extract_adapter`` turns a fully fine-tuned model into a PEFT-format LoRA adapter for its base
+model: for each adapted linear layer, the truncated (or randomized) SVD of
+``ΔW = W_finetuned − W_base`` gives ``B A`` (Eckart–Young optimal at that rank). Weights are
+``(out, in)`` as in ``nn.Linear``; transformers' ``Conv1D`` stores ``(in, out)`` and is
+transposed on read.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rankwise.analysis._common import as_generator
+from rankwise.analysis.adapter_files import read_factors, write_factors
+from rankwise.analysis.adapters import LayerReport
+from rankwise.analysis.algebra import Factors, extract
+from rankwise.analysis.amplification import Amplification, amplification
+from rankwise.errors import ShapeMismatchError
+from rankwise.linalg import relative_error
+from rankwise.lora.config import LoraConfig
+
+PathLike = str | os.PathLike[str]
+
+
+class ExtractReport(NamedTuple):
+    """What :func:`extract_adapter` wrote: one row per layer, and what it could not capture."""
+
+    layers: tuple[LayerReport, ...]
+    uncaptured: tuple[str, ...]  # parameters that changed outside the extracted weights
+
+
+class ModuleAmplification(NamedTuple):
+    module: str
+    amplification: Amplification
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def linear_weight(module: nn.Module) -> Tensor:
+    """The ``(out, in)`` weight of an ``nn.Linear`` or transformers ``Conv1D`` (a view)."""
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach().mT  # Conv1D stores (in, out)
+    if isinstance(module, nn.Linear):
+        return module.weight.detach()
+    raise TypeError(f"expected nn.Linear or Conv1D, found {type(module).__name__}")
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _targets(
+    base: dict[str, nn.Module], tuned: dict[str, nn.Module], targets: Sequence[str] | None
+) -> list[str]:
+    linear = [
+        n
+        for n, m in base.items()
+        if _is_linear(m)
+        and n in tuned
+        and _is_linear(tuned[n])
+        and linear_weight(m).shape == linear_weight(tuned[n]).shape
+    ]
+    if targets is None:  # every linear layer whose weight changed
+        return [
+            n for n in linear if not torch.equal(linear_weight(base[n]), linear_weight(tuned[n]))
+        ]
+    chosen = []
+    for target in targets:
+        hits = [n for n in linear if _matches(n, target)]
+        if not hits:
+            raise KeyError(f"target {target!r} matches no linear layer present in both models")
+        chosen.extend(h for h in hits if h not in chosen)
+    return chosen
+
+
+def _uncaptured(
+    base_model: nn.Module, tuned_model: nn.Module, layers: list[str]
+) -> tuple[str, ...]:
+    captured = {f"{n}.weight" for n in layers}
+    base = dict(base_model.named_parameters())
+    out = []
+    for name, p in tuned_model.named_parameters():
+        if name in captured:
+            continue
+        q = base.get(name)
+        if q is None or q.shape != p.shape or not torch.equal(q.detach(), p.detach()):
+            out.append(name)
+    return tuple(out)
+
+
+def extract_adapter(
+    base_model: nn.Module,
+    finetuned_model: nn.Module,
+    directory: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    targets: Sequence[str] | None = None,
+    randomized: bool = False,
+    generator: torch.Generator | int | None = None,
+    task_type: str | None = None,
+) -> ExtractReport:
+    """Write a LoRA adapter with ``B A ≈ W_finetuned − W_base`` for each target layer.
+
+    ``targets`` are module names (a name matches itself and any ``*.name``); by default every
+    ``nn.Linear``/``Conv1D`` whose weight differs. ``rank`` (capped at ``min(out, in)``) or
+    ``energy`` (the fraction of ``‖ΔW‖_F²`` to keep, per layer) sets each layer's rank; layers
+    whose rank differs from the most common one go to ``rank_pattern``. The adapter is PEFT's
+    format with ``lora_alpha = r`` (scaling 1): ``peft.PeftModel.from_pretrained(base, dir)``
+    loads it. Parameters that changed but are not extracted (biases, norms, heads) are listed
+    in ``uncaptured``; neither model is modified.
+    """
+    base = dict(base_model.named_modules())
+    tuned = dict(finetuned_model.named_modules())
+    layers = _targets(base, tuned, targets)
+    if not layers:
+        raise ValueError("no linear layer differs between base_model and finetuned_model")
+    gen = as_generator(generator)
+    factors: dict[str, Factors] = {}
+    report = []
+    for name in layers:
+        W0, W1 = linear_weight(base[name]), linear_weight(tuned[name])
+        if W0.shape != W1.shape:
+            raise ShapeMismatchError(f"layer {name!r}: {tuple(W0.shape)} vs {tuple(W1.shape)}")
+        k = None if rank is None else min(rank, min(W0.shape))
+        f = extract(W0, W1, k, energy=energy, randomized=randomized, generator=gen)
+        delta = W1.double() - W0.double()  # (out, in)
+        error = relative_error(delta, f.B.double() @ f.A.double())
+        factors[name] = f
+        report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
+    carried = LoraConfig(task_type=task_type) if task_type is not None else None
+    write_factors(directory, factors, carried=carried)
+    return ExtractReport(tuple(report), _uncaptured(base_model, finetuned_model, layers))
+
+
+def find_module(model: nn.Module, name: str) -> nn.Module:
+    """The module of ``model`` that an adapter's module path ``name`` refers to.
+
+    Exact name first; otherwise the unique module whose name is a dotted suffix of ``name``
+    or has ``name`` as a dotted suffix (an adapter saved on ``BertForSequenceClassification``
+    names ``bert.encoder...``, a ``BertModel`` calls it ``encoder...``).
+    """
+    modules = dict(model.named_modules())
+    if name in modules:
+        return modules[name]
+    hits = [n for n in modules if n and (_matches(name, n) or _matches(n, name))]
+    if len(hits) != 1:
+        found = "none" if not hits else ", ".join(hits[:5])
+        raise KeyError(
+            f"adapter module {name!r}: expected one matching module in the model, found {found}"
+        )
+    return modules[hits[0]]
+
+
+def adapter_amplification(
+    model: nn.Module,
+    directory: PathLike,
+    *,
+    rank: int | None = None,
+    generator: torch.Generator | int | None = None,
+) -> tuple[ModuleAmplification, ...]:
+    """:func:`amplification` of each module's ``ΔW = s·B A`` against the model's ``W``.
+
+    ``rank`` defaults to each module's adapter rank (the paper's Table 7 uses ``r``); it is
+    capped at that rank. ``model`` is the base model the adapter was trained on.
+    """
+    gen = as_generator(generator)
+    rows = []
+    for module, f in read_factors(directory).items():
+        W = linear_weight(find_module(model, module)).double()  # (out, in)
+        delta = f.B.double() @ f.A.double()  # (out, in): dense, as W is
+        if W.shape != delta.shape:
+            raise ShapeMismatchError(
+                f"module {module!r}: model weight {tuple(W.shape)}, adapter update {tuple(delta.shape)}"
+            )
+        r = f.A.shape[0] if rank is None else min(rank, f.A.shape[0])
+        rows.append(ModuleAmplification(module, amplification(W, delta, rank=r, generator=gen)))
+    return tuple(rows)

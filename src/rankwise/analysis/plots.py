@@ -1,0 +1,121 @@
+"""PNG figures of the analysis reports (matplotlib, imported lazily with the Agg backend).
+
+* :func:`plot_similarity` — a φ(i, j) heatmap per module, as the LoRA paper's Figures 3–4
+  (``i`` down the rows, ``j`` across; colour scale fixed to [0, 1]); with ``zoom`` a second
+  panel shows the leading ``zoom × zoom`` corner, as the paper's right-hand panels do.
+* :func:`plot_spectra` — normalized singular values (log scale) and cumulative energy.
+* :func:`plot_amplification` — the amplification factor per module.
+
+Each returns the paths it wrote; files are written atomically (temp file, then os.replace).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rankwise.analysis.adapters import ModuleSimilarity, ModuleSpectrum
+from rankwise.analysis.model import ModuleAmplification
+
+PathLike = str | os.PathLike[str]
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only, never a window
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    finally:
+        fig.clf()
+    return path
+
+
+def _slug(module: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", module)
+
+
+def plot_similarity(
+    rows: Sequence[ModuleSimilarity],
+    directory: PathLike,
+    *,
+    labels: tuple[str, str] = ("adapter 1", "adapter 2"),
+    zoom: int | None = 8,
+) -> list[Path]:
+    """One heatmap PNG per module: ``similarity_<module>.png`` in ``directory``."""
+    plt = _pyplot()
+    paths = []
+    for row in rows:
+        phi = row.phi.detach().cpu().double().numpy()
+        panels = [(phi, "")]
+        if zoom is not None and max(phi.shape) > zoom:
+            panels.append((phi[:zoom, :zoom], f" (top {zoom})"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        for ax, (data, suffix) in zip(axes[0], panels):
+            image = ax.imshow(
+                data,
+                vmin=0.0,
+                vmax=1.0,
+                cmap="viridis",
+                aspect="auto",
+                extent=(0.5, data.shape[1] + 0.5, data.shape[0] + 0.5, 0.5),
+            )
+            ax.set_xlabel(f"j ({labels[1]}, r={row.rank2})")
+            ax.set_ylabel(f"i ({labels[0]}, r={row.rank1})")
+            ax.set_title(f"phi(i, j){suffix}", fontsize=9)
+        fig.colorbar(image, ax=list(axes[0]), shrink=0.85)
+        fig.suptitle(row.module, fontsize=9)
+        paths.append(_save(fig, Path(directory) / f"similarity_{_slug(row.module)}.png"))
+        plt.close(fig)
+    return paths
+
+
+def plot_spectra(rows: Sequence[ModuleSpectrum], directory: PathLike) -> list[Path]:
+    """``spectrum.png``: σᵢ/σ₁ (log) and the energy curve of every module's update."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for row in rows:
+        s = row.spectrum.singular_values.detach().double().cpu()
+        if float(s.max()) == 0.0:
+            continue
+        ranks = range(1, s.numel() + 1)
+        left.semilogy(ranks, (s / s[0]).clamp_min(1e-16).numpy(), lw=1, label=row.module)
+        right.plot(ranks, row.spectrum.energy.detach().cpu().numpy(), lw=1)
+    left.set(xlabel="i", ylabel="sigma_i / sigma_1", title="singular values")
+    right.set(xlabel="rank k", ylabel="fraction of |dW|_F^2", title="energy", ylim=(0, 1.02))
+    if len(rows) <= 12:
+        left.legend(fontsize=6)
+    path = _save(fig, Path(directory) / "spectrum.png")
+    plt.close(fig)
+    return [path]
+
+
+def plot_amplification(rows: Sequence[ModuleAmplification], directory: PathLike) -> list[Path]:
+    """``amplification.png``: ``‖ΔW‖_F / ‖UᵀWV‖_F`` per module (LoRA paper Table 7)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.8))
+    names = [row.module for row in rows]
+    ax.bar(range(len(rows)), [row.amplification.factor for row in rows])
+    ax.set_xticks(range(len(rows)), names, rotation=75, ha="right", fontsize=6)
+    ax.set_ylabel("|dW|_F / |U'WV|_F")
+    ax.set_title("amplification factor")
+    path = _save(fig, Path(directory) / "amplification.png")
+    plt.close(fig)
+    return [path]

@@ -1,0 +1,60 @@
+"""``rankwise combine``: one adapter from several (exact linear, SVD, TIES or DARE)."""
+
+from __future__ import annotations
+
+import argparse
+
+from rankwise.analysis.algebra import COMBINE_METHODS
+from rankwise.cli import CliError
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, found {text!r}"
+        ) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT format)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory of the new adapter")
+    parser.add_argument("--weights", type=_floats, help="comma-separated weights (default all 1)")
+    parser.add_argument(
+        "--method",
+        choices=COMBINE_METHODS,
+        default="linear",
+        help="linear: exact sum (rank = sum of ranks); svd: best rank-k of the sum; "
+        "ties / dare: the papers' merges on the dense updates, then rank k (default linear)",
+    )
+    parser.add_argument("--rank", type=int, help="rank k for svd/ties/dare (default: largest r)")
+    parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (0.5)")
+    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    parser.add_argument("--plot", metavar="DIR", help="also write the new adapter's spectrum PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rankwise.analysis import combine_adapters
+    from rankwise.analysis.report import format_table, layer_table
+
+    if args.rank is not None and args.rank < 1:
+        raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    rows = combine_adapters(
+        args.adapters,
+        args.out,
+        args.weights,
+        method=args.method,
+        rank=args.rank,
+        density=args.density,
+        generator=args.seed,
+    )
+    print(format_table(*layer_table(rows)))
+    print(f"wrote {args.out}")
+    if args.plot:
+        from rankwise.analysis import adapter_spectrum
+        from rankwise.analysis.plots import plot_spectra
+
+        for path in plot_spectra(adapter_spectrum(args.out), args.plot):
+            print(f"wrote {path}")
+    return 0

@@ -1,0 +1,36 @@
+"""``rankwise resize``: the best rank-k version of an adapter, computed in factored form."""
+
+from __future__ import annotations
+
+import argparse
+
+from rankwise.cli import CliError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("adapter", help="source adapter directory (PEFT format)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="directory of the new adapter")
+    size = parser.add_mutually_exclusive_group(required=True)
+    size.add_argument("--rank", type=int, help="new rank (capped at each module's r)")
+    size.add_argument(
+        "--energy", type=float, help="keep this fraction of each |dW|_F^2, per module"
+    )
+    parser.add_argument("--plot", metavar="DIR", help="also write the new adapter's spectrum PNG")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rankwise.analysis import resize_adapter
+    from rankwise.analysis.report import format_table, layer_table
+
+    if args.rank is not None and args.rank < 1:
+        raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    rows = resize_adapter(args.adapter, args.out, args.rank, energy=args.energy)
+    print(format_table(*layer_table(rows)))
+    print(f"wrote {args.out}")
+    if args.plot:
+        from rankwise.analysis import adapter_spectrum
+        from rankwise.analysis.plots import plot_spectra
+
+        for path in plot_spectra(adapter_spectrum(args.out), args.plot):
+            print(f"wrote {path}")
+    return 0

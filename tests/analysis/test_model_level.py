@@ -1,0 +1,202 @@
+"""Model- and directory-level analysis on a tiny BERT, checked against the real PEFT."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from rankwise.analysis import (  # noqa: E402
+    Factors,
+    adapter_amplification,
+    adapter_similarity,
+    adapter_spectrum,
+    amplification,
+    combine_adapters,
+    extract_adapter,
+    read_factors,
+    resize_adapter,
+)
+from rankwise.errors import AdapterFormatError  # noqa: E402
+
+QV = ("query", "value")
+
+
+def _bert(seed: int = 0) -> torch.nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        num_labels=2,
+    )
+    torch.manual_seed(seed)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 99, (3, 7), generator=g)}
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**_inputs()).logits
+
+
+def _finetune(base: torch.nn.Module, ranks: dict[str, int], seed: int) -> torch.nn.Module:
+    """A copy of base whose attention layers get an exact rank-ranks[kind] update."""
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(seed)
+    for name, module in tuned.named_modules():
+        kind = name.rsplit(".", 1)[-1]
+        if kind in ranks:
+            out, inp = module.weight.shape
+            B = torch.randn(out, ranks[kind], generator=g) * 0.3
+            A = torch.randn(ranks[kind], inp, generator=g) * 0.3
+            module.weight.data += B @ A
+    return tuned
+
+
+def _peft_logits(base: torch.nn.Module, directory: Path) -> torch.Tensor:
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(directory))
+    return _logits(model.eval())
+
+
+def test_extracted_adapter_reproduces_the_finetuned_model_in_peft(tmp_path: Path) -> None:
+    base = _bert()
+    tuned = _finetune(base, {"query": 2, "value": 2}, seed=1)
+    report = extract_adapter(base, tuned, tmp_path / "ad", rank=2)
+    assert len(report.layers) == 4 and report.uncaptured == ()
+    assert all(row.rank == 2 and row.relative_error < 1e-5 for row in report.layers)
+    assert not torch.allclose(_logits(base), _logits(tuned), atol=1e-3)
+    torch.testing.assert_close(
+        _peft_logits(base, tmp_path / "ad"), _logits(tuned), atol=1e-5, rtol=0
+    )
+
+
+def test_extract_by_energy_writes_per_layer_ranks(tmp_path: Path) -> None:
+    base = _bert()
+    tuned = _finetune(base, {"query": 1, "value": 3}, seed=2)
+    tuned.bert.pooler.dense.bias.data += 1.0  # changed, but not a linear weight: reported
+    report = extract_adapter(base, tuned, tmp_path / "ad", energy=0.99999, targets=QV)
+    ranks = {row.module.rsplit(".", 1)[-1]: row.rank for row in report.layers}
+    assert ranks == {"query": 1, "value": 3}
+    assert report.uncaptured == ("bert.pooler.dense.bias",)
+    config = json.loads((tmp_path / "ad" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and len(config["rank_pattern"]) == 2
+    # PEFT reproduces the attention updates; the pooler bias is not part of the adapter.
+    tuned.bert.pooler.dense.bias.data -= 1.0
+    torch.testing.assert_close(
+        _peft_logits(base, tmp_path / "ad"), _logits(tuned), atol=1e-5, rtol=0
+    )
+
+
+def _peft_adapter(
+    base: torch.nn.Module, directory: Path, *, r: int, seed: int, **kw: object
+) -> dict:
+    """Save a PEFT adapter with random (non-zero) A and B; return PEFT's own delta weights."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, target_modules=list(QV), init_lora_weights=False, **kw)
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    model.save_pretrained(str(directory))
+    return {
+        name.removeprefix("base_model.model."): module.get_delta_weight("default").detach()
+        for name, module in model.named_modules()
+        if isinstance(module, peft.tuners.lora.LoraLayer)
+    }
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"lora_alpha": 16}, {"lora_alpha": 4, "use_rslora": True, "rank_pattern": {"value": 2}}],
+)
+def test_read_factors_of_a_peft_adapter_is_its_delta_weight(tmp_path: Path, options: dict) -> None:
+    deltas = _peft_adapter(_bert(), tmp_path, r=4, seed=3, **options)
+    factors = read_factors(tmp_path)
+    assert sorted(factors) == sorted(deltas)
+    for name, (B, A) in factors.items():
+        torch.testing.assert_close(B @ A, deltas[name])
+
+
+def test_resize_adapter_is_the_best_rank_k_and_loads_in_peft(tmp_path: Path) -> None:
+    base = _bert()
+    _peft_adapter(base, tmp_path / "r8", r=8, seed=4, lora_alpha=8)
+    report = resize_adapter(tmp_path / "r8", tmp_path / "r3", 3)
+    assert [row.rank for row in report] == [3] * 4 and all(row.source_rank == 8 for row in report)
+    source, resized = read_factors(tmp_path / "r8"), read_factors(tmp_path / "r3")
+    for row in report:
+        dense = (source[row.module].B @ source[row.module].A).double()
+        U, S, Vh = torch.linalg.svd(dense)
+        best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
+        got = resized[row.module].B.double() @ resized[row.module].A.double()
+        torch.testing.assert_close(got, best, atol=1e-5, rtol=0)
+        assert row.relative_error == pytest.approx(float(S[3:].norm() / S.norm()), rel=1e-4)
+    # PEFT loads it and equals the base with the truncated updates merged in.
+    merged = copy.deepcopy(base)
+    modules = dict(merged.named_modules())
+    for name, (B, A) in resized.items():
+        modules[name].weight.data += B @ A
+    torch.testing.assert_close(
+        _peft_logits(base, tmp_path / "r3"), _logits(merged), atol=1e-5, rtol=0
+    )
+
+
+def test_combine_adapters_linear_is_exact_and_loads_in_peft(tmp_path: Path) -> None:
+    base = _bert()
+    d1 = _peft_adapter(base, tmp_path / "a", r=4, seed=5, lora_alpha=8)
+    d2 = _peft_adapter(base, tmp_path / "b", r=2, seed=6, lora_alpha=2)
+    report = combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", [0.7, -0.4])
+    assert all(row.rank == 6 and row.relative_error < 1e-6 for row in report)
+    merged = copy.deepcopy(base)
+    modules = dict(merged.named_modules())
+    for name in d1:
+        modules[name].weight.data += 0.7 * d1[name] - 0.4 * d2[name]
+    torch.testing.assert_close(
+        _peft_logits(base, tmp_path / "ab"), _logits(merged), atol=1e-5, rtol=0
+    )
+    svd = combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "svd", method="svd", rank=3)
+    assert all(row.rank == 3 and 0 < row.relative_error < 1 for row in svd)
+
+
+def test_similarity_spectrum_and_amplification_of_adapters(tmp_path: Path) -> None:
+    base = _bert()
+    deltas = _peft_adapter(base, tmp_path / "a", r=4, seed=7, lora_alpha=8)
+    for row in adapter_similarity(tmp_path / "a", tmp_path / "a", factor="B"):
+        torch.testing.assert_close(row.phi, torch.ones(4, 4, dtype=row.phi.dtype))
+    spectra = {row.module: row for row in adapter_spectrum(tmp_path / "a")}
+    modules = dict(base.named_modules())
+    for name, delta in deltas.items():
+        S = torch.linalg.svdvals(delta.double())
+        torch.testing.assert_close(
+            spectra[name].spectrum.singular_values.double(), S[:4], rtol=1e-5, atol=1e-6
+        )
+    rows = adapter_amplification(base.bert, tmp_path / "a", generator=0)  # BertModel: suffix names
+    for row in rows:
+        W = modules[row.module].weight.detach().double()
+        direct = amplification(W, deltas[row.module].double(), rank=4)
+        assert row.amplification.factor == pytest.approx(direct.factor, rel=1e-6)
+        assert row.amplification.rank == 4
+
+
+def test_directory_errors_name_the_culprit(tmp_path: Path) -> None:
+    with pytest.raises(AdapterFormatError, match="adapter_config.json"):
+        read_factors(tmp_path)
+    (tmp_path / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    with pytest.raises(AdapterFormatError, match="IA3"):
+        read_factors(tmp_path)
+    base = _bert()
+    with pytest.raises(ValueError, match="no linear layer differs"):
+        extract_adapter(base, copy.deepcopy(base), tmp_path / "x", rank=2)
+    with pytest.raises(KeyError, match="nosuch"):
+        extract_adapter(
+            base, _finetune(base, {"query": 1}, 0), tmp_path / "x", rank=1, targets=["nosuch"]
+        )
+    assert isinstance(Factors(torch.ones(2, 1), torch.ones(1, 2)), tuple)

@@ -1,0 +1,122 @@
+"""``rankwise analyze / extract / resize / combine`` end to end on a tiny BERT and real PEFT."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from rankwise.analysis import read_factors  # noqa: E402
+from rankwise.cli import main  # noqa: E402
+
+QV = ["query", "value"]
+
+
+def _bert() -> torch.nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        num_labels=2,
+    )
+    torch.manual_seed(0)
+    return transformers.BertForSequenceClassification(config).eval()
+
+
+def _adapter(base: torch.nn.Module, directory: Path, *, r: int, seed: int) -> Path:
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=QV, init_lora_weights=False)
+    peft.get_peft_model(copy.deepcopy(base), config).save_pretrained(str(directory))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("cli")
+    base = _bert()
+    base.save_pretrained(str(root / "base"))
+    tuned = copy.deepcopy(base)
+    g = torch.Generator().manual_seed(1)
+    for name, module in tuned.named_modules():
+        if name.endswith(("query", "value")):
+            module.weight.data += torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)
+    tuned.save_pretrained(str(root / "tuned"))
+    return {
+        "root": root,
+        "base": root / "base",
+        "tuned": root / "tuned",
+        "r2": _adapter(base, root / "r2", r=2, seed=2),
+        "r8": _adapter(base, root / "r8", r=8, seed=3),
+    }
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    code = main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def test_analyze_similarity_prints_a_table_and_writes_heatmaps(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    plots = setup["root"] / "sim"
+    out = _run(
+        ["analyze", "similarity", str(setup["r2"]), str(setup["r8"]), "--plot", str(plots)], capsys
+    )
+    assert "phi(1,1)" in out and "bert.encoder.layer.1.attention.self.value" in out
+    pngs = sorted(plots.glob("similarity_*.png"))
+    assert len(pngs) == 4 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_analyze_spectrum_and_amplification(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = _run(
+        ["analyze", "spectrum", str(setup["r8"]), "--plot", str(setup["root"] / "spec")], capsys
+    )
+    assert "stable_rank" in out and (setup["root"] / "spec" / "spectrum.png").is_file()
+    argv = [
+        "analyze",
+        "amplification",
+        str(setup["r8"]),
+        "--model",
+        str(setup["base"]),
+        "--rank",
+        "4",
+    ]
+    out = _run([*argv, "--plot", str(setup["root"] / "amp")], capsys)
+    lines = [line for line in out.splitlines() if "attention.self.query" in line]
+    assert len(lines) == 2 and all(line.split()[1] == "4" for line in lines)
+    assert (setup["root"] / "amp" / "amplification.png").is_file()
+
+
+def test_extract_resize_combine(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    root = setup["root"]
+    argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"])]
+    out = _run([*argv, "--out", str(root / "ex"), "--rank", "2"], capsys)
+    assert "rel_error" in out and len(read_factors(root / "ex")) == 4
+    out = _run(["resize", str(setup["r8"]), "--out", str(root / "small"), "--rank", "3"], capsys)
+    assert all(f.A.shape[0] == 3 for f in read_factors(root / "small").values())
+    argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out", str(root / "both")]
+    out = _run([*argv, "--weights", "0.5,0.5", "--method", "ties", "--rank", "4"], capsys)
+    assert all(f.A.shape[0] == 4 for f in read_factors(root / "both").values())
+
+
+def test_cli_errors_are_one_line(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["resize", str(setup["root"] / "missing"), "--out", str(setup["root"] / "x"), "--rank", "2"]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("rankwise resize: error:") and "missing" in err
+    code = main(["combine", str(setup["r2"]), "--out", str(setup["root"] / "y"), "--rank", "0"])
+    assert code == 2 and "--rank" in capsys.readouterr().err
