@@ -34,6 +34,10 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "version": Command("version", "versions of rankwise and the libraries it runs on"),
     "finetune": Command("finetune", "fine-tune a model with LoRA (or in full) on text data"),
+    "analyze": Command("analyze", "adapter analysis: subspace similarity, spectrum, amplification"),
+    "extract": Command("extract", "extract a LoRA adapter from a fine-tuned model by SVD"),
+    "resize": Command("resize", "resize an adapter to a lower rank, in factored form"),
+    "combine": Command("combine", "combine adapters: exact linear, SVD, TIES or DARE"),
 }
 
 _USER_ERRORS = (
