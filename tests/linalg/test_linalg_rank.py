@@ -1,0 +1,72 @@
+"""energy, rank_for_energy, stable_rank, effective_rank, relative_error."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from linalg_spectra import with_spectrum
+
+from rankwise.linalg import (
+    effective_rank,
+    energy,
+    rank_for_energy,
+    relative_error,
+    stable_rank,
+    truncated_svd,
+)
+
+
+def test_energy_and_rank_for_energy_on_a_constructed_spectrum() -> None:
+    S = np.sqrt(np.array([0.5, 0.3, 0.15, 0.05]))
+    e = energy(S)
+    assert isinstance(e, np.ndarray)
+    np.testing.assert_allclose(e, [0.5, 0.8, 0.95, 1.0], rtol=1e-15)
+    assert [rank_for_energy(S, f) for f in (0.5, 0.50001, 0.8, 0.95, 1.0)] == [1, 2, 2, 3, 4]
+    torch.testing.assert_close(energy(torch.zeros(3)), torch.ones(3, dtype=torch.float64))
+
+
+def test_energy_gives_the_eckart_young_frobenius_error() -> None:
+    M = torch.randn(30, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    S = torch.linalg.svdvals(M)
+    for r in (1, 5, 19):
+        svd = truncated_svd(M, r)
+        error = relative_error(M, (svd.U * svd.S) @ svd.Vh)
+        assert error**2 == pytest.approx(1 - float(energy(S)[r - 1]), rel=1e-10)
+
+
+def test_stable_and_effective_rank() -> None:
+    flat = with_spectrum(40, 30, torch.ones(7, dtype=torch.float64), seed=1)
+    assert stable_rank(flat) == pytest.approx(7.0, rel=1e-12)
+    assert effective_rank(flat) == pytest.approx(7.0, rel=1e-12)
+    skewed = with_spectrum(40, 30, torch.tensor([1.0, 0.1, 0.1]), seed=2)
+    assert 1.0 < stable_rank(skewed) < effective_rank(skewed) < 3.0
+    assert stable_rank(torch.zeros(3, 3)) == 0.0 and effective_rank(torch.zeros(3, 3)) == 0.0
+
+
+def test_relative_error_norms() -> None:
+    M = torch.diag(torch.tensor([3.0, 4.0]))
+    approx = torch.diag(torch.tensor([3.0, 0.0]))
+    assert relative_error(M, approx) == pytest.approx(4.0 / 5.0)
+    assert relative_error(M, approx, norm="spectral") == pytest.approx(1.0)
+    assert relative_error(torch.zeros(2, 2), torch.zeros(2, 2)) == 0.0
+    assert math.isinf(relative_error(torch.zeros(2, 2), torch.ones(2, 2)))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: rank_for_energy(np.ones(3), 0.0), r"fraction: expected a value in \(0, 1\]"),
+        (lambda: rank_for_energy(np.ones(3), 1.01), "fraction"),
+        (lambda: energy(np.ones((2, 2))), "S: expected a non-empty 1-D vector"),
+        (lambda: energy(np.array([1.0, -1.0])), "S: expected finite non-negative"),
+        (lambda: stable_rank(torch.ones(3)), "M: expected a 2-D matrix"),
+        (lambda: relative_error(torch.ones(2, 2), torch.ones(2, 3)), r"approx: expected shape"),
+        (lambda: relative_error(torch.ones(2, 2), torch.ones(2, 2), norm="nuc"), "norm"),
+    ],
+)
+def test_bad_input(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
