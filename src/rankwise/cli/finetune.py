@@ -87,6 +87,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from rankwise.train.models import quiet_transformers
+
+    quiet_transformers()
     from rankwise.train import train
 
     result = train(config_from_args(args))

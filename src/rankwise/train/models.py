@@ -112,3 +112,11 @@ def load_pretrained(
             if isinstance(module, torch.nn.Dropout):
                 module.p = model_dropout
     return Loaded(model, tokenizer, source)
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' per-file progress bars and load reports (for the command line)."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()

@@ -1,0 +1,31 @@
+"""``rankwise merge``: fold an adapter into its base model and save a plain transformers model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter",
+        required=True,
+        metavar="DIR",
+        help="adapter directory from rankwise finetune (PEFT format)",
+    )
+    parser.add_argument(
+        "--out", required=True, metavar="DIR", help="new directory for the merged model"
+    )
+    parser.add_argument(
+        "--model", metavar="PATH", help="base model (default: the one recorded with the adapter)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from rankwise.train.models import quiet_transformers
+
+    quiet_transformers()
+    from rankwise.train.inference import load_trained, merge_to
+
+    out = merge_to(load_trained(args.adapter, model=args.model), args.out)
+    print(f"merged model: {out} (load it with transformers' from_pretrained)")
+    return 0

@@ -1,0 +1,160 @@
+"""Use a trained run: load an adapter (or a full / merged model), evaluate, predict, merge.
+
+An adapter directory written by ``rankwise finetune`` holds the PEFT files plus the tokenizer
+and ``rankwise_task.json`` (task, label names, max length, base model); the base model is
+taken from there, from ``adapter_config.json``'s ``base_model_name_or_path``, or from an
+explicit ``model`` argument. A PEFT adapter directory from elsewhere works too when the base
+model and (for classification) the label names can be found.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from rankwise.errors import AdapterFormatError, ConfigError
+from rankwise.train.batching import encode
+from rankwise.train.data import TextDataset, load_dataset
+from rankwise.train.evaluate import EvalResult, evaluate
+from rankwise.train.models import load_pretrained
+
+TASK_FILE = "rankwise_task.json"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class Trained(NamedTuple):
+    model: Any  # transformers model, adapters loaded (not merged), eval mode
+    tokenizer: Any
+    task: str
+    label_names: tuple[str, ...]
+    max_length: int
+    has_adapter: bool
+
+
+class Prediction(NamedTuple):
+    text: str
+    label: str
+    probability: float
+
+
+def _task_info(directory: Path) -> dict[str, Any]:
+    path = directory / TASK_FILE
+    if not path.is_file():
+        return {}
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterFormatError(f"{path}: invalid JSON ({err.msg})") from None
+    return info if isinstance(info, dict) else {}
+
+
+def _label_names_of_model_dir(directory: Path) -> tuple[str, ...]:
+    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    id2label = config.get("id2label") or {}
+    return tuple(id2label[k] for k in sorted(id2label, key=int))
+
+
+def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
+    """An adapter directory (with its base model) or a full model directory, ready to run."""
+    root = Path(directory)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
+    info = _task_info(root)
+    task = str(info.get("task", "classification"))
+    has_adapter = (root / ADAPTER_CONFIG).is_file()
+    if not has_adapter and not (root / "config.json").is_file():
+        raise AdapterFormatError(
+            f"{root}: neither an adapter ({ADAPTER_CONFIG}) nor a model directory (config.json)"
+        )
+    names = tuple(info.get("label_names") or ())
+    if has_adapter:
+        from rankwise.io import load_adapter, read_adapter_config
+
+        base = model or info.get("base_model") or read_adapter_config(root).base_model_name_or_path
+        if base is None:
+            raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
+    else:
+        base, names = str(root), names or _label_names_of_model_dir(root)
+    if task == "classification" and not names:
+        raise AdapterFormatError(
+            f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
+        )
+    loaded = load_pretrained(str(base), task=task, label_names=names)
+    tokenizer = loaded.tokenizer
+    if has_adapter:
+        load_adapter(loaded.model, root)
+        if (root / "tokenizer_config.json").is_file():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(root)
+    loaded.model.eval()
+    max_length = int(info.get("max_length") or 128)
+    return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
+
+
+def evaluate_file(
+    trained: Trained,
+    data: str,
+    *,
+    text_column: str | None = None,
+    label_column: str | None = None,
+    batch_size: int = 64,
+) -> EvalResult:
+    """Accuracy (classification) or perplexity (causal LM) of ``trained`` on a data file."""
+    names = trained.label_names if trained.task == "classification" else None
+    dataset = load_dataset(
+        data,
+        task=trained.task,
+        text_column=text_column,
+        label_column=label_column,
+        label_names=names,
+    )
+    encoded = encode(dataset, trained.tokenizer, task=trained.task, max_length=trained.max_length)
+    return evaluate(
+        trained.model, encoded, batch_size=batch_size, pad_id=trained.tokenizer.pad_token_id
+    )
+
+
+@torch.no_grad()
+def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
+    """The most likely label and its softmax probability for each text (classification)."""
+    if trained.task != "classification":
+        raise ValueError(
+            f"predict: the run's task is {trained.task!r}; predict supports classification"
+        )
+    if not texts:
+        raise ValueError("predict: expected at least one text, found none")
+    dataset = TextDataset(tuple(texts), tuple(0 for _ in texts), trained.label_names, None, "argv")
+    encoded = encode(
+        dataset, trained.tokenizer, task="classification", max_length=trained.max_length
+    )
+    result = evaluate(trained.model, encoded, batch_size=64, pad_id=trained.tokenizer.pad_token_id)
+    probs = torch.softmax(result.logits, dim=-1)  # (texts, classes)
+    best = probs.argmax(dim=-1).tolist()
+    return [
+        Prediction(t, trained.label_names[b], float(probs[i, b]))
+        for i, (t, b) in enumerate(zip(texts, best))
+    ]
+
+
+def merge_to(trained: Trained, out: str | Path) -> Path:
+    """Merge the adapter into the base weights and save a plain transformers model directory."""
+    from rankwise.lora import merge_and_unload
+    from rankwise.train.outputs import atomic_dir
+
+    if not trained.has_adapter:
+        raise AdapterFormatError(
+            "merge: the directory holds a full model, not an adapter; nothing to merge"
+        )
+    final = Path(out)
+    if final.exists() and (not final.is_dir() or any(final.iterdir())):
+        raise ConfigError(f"merge: output {str(final)!r} exists and is not an empty directory")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    model = merge_and_unload(trained.model)
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(tmp)
+        trained.tokenizer.save_pretrained(tmp)
+    return final
