@@ -34,6 +34,9 @@ class Command(NamedTuple):
 COMMANDS: dict[str, Command] = {
     "version": Command("version", "versions of rankwise and the libraries it runs on"),
     "finetune": Command("finetune", "fine-tune a model with LoRA (or in full) on text data"),
+    "evaluate": Command("evaluate", "accuracy or perplexity of a trained adapter on a data file"),
+    "predict": Command("predict", "labels a trained classifier gives to texts"),
+    "merge": Command("merge", "merge an adapter into its base model (plain transformers model)"),
     "analyze": Command("analyze", "adapter analysis: subspace similarity, spectrum, amplification"),
     "extract": Command("extract", "extract a LoRA adapter from a fine-tuned model by SVD"),
     "resize": Command("resize", "resize an adapter to a lower rank, in factored form"),
