@@ -5,6 +5,7 @@
   panel shows the leading ``zoom × zoom`` corner, as the paper's right-hand panels do.
 * :func:`plot_spectra` — normalized singular values (log scale) and cumulative energy.
 * :func:`plot_amplification` — the amplification factor per module.
+* :func:`plot_budget` — held-out accuracy per set of adapted weight types (equal budget).
 
 Each returns the paths it wrote; files are written atomically (temp file, then os.replace).
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.analysis.adapters import ModuleSimilarity, ModuleSpectrum
+from rankwise.analysis.budget import BudgetPlan
 from rankwise.analysis.model import ModuleAmplification
 
 PathLike = str | os.PathLike[str]
@@ -117,5 +119,24 @@ def plot_amplification(rows: Sequence[ModuleAmplification], directory: PathLike)
     ax.set_ylabel("|dW|_F / |U'WV|_F")
     ax.set_title("amplification factor")
     path = _save(fig, Path(directory) / "amplification.png")
+    plt.close(fig)
+    return [path]
+
+
+def plot_budget(
+    plans: Sequence[BudgetPlan], results: Sequence[Any], directory: PathLike
+) -> list[Path]:
+    """``budget.png``: held-out accuracy of each set of weight types (LoRA paper Table 5)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(plans) + 2), 3.6))
+    names = ["{" + ",".join(p.types) + "}" + f"\nr={p.rank}" for p in plans]
+    values = [100 * (getattr(r, "accuracy", None) or 0.0) for r in results]
+    ax.bar(range(len(plans)), values)
+    ax.set_xticks(range(len(plans)), names, fontsize=7)
+    low = min(values) if values else 0.0
+    ax.set_ylim(max(0.0, low - 5), min(100.0, max(values, default=100.0) + 2))
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(f"equal budget: {plans[0].params if plans else 0} LoRA parameters per run")
+    path = _save(fig, Path(directory) / "budget.png")
     plt.close(fig)
     return [path]

@@ -7,8 +7,10 @@ summary columns that answer the LoRA paper's questions; :func:`format_table` ali
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from rankwise.analysis.adapters import LayerReport, ModuleSimilarity, ModuleSpectrum
+from rankwise.analysis.budget import BudgetPlan
 from rankwise.analysis.model import ModuleAmplification
 from rankwise.linalg import rank_for_energy
 
@@ -106,6 +108,29 @@ def amplification_table(rows: Sequence[ModuleAmplification]) -> Table:
         for row in rows
         for a in [row.amplification]
     ]
+    return headers, body
+
+
+def budget_table(plans: Sequence[BudgetPlan], results: Sequence[Any]) -> Table:
+    """The LoRA paper's Table 5: held-out accuracy (and loss) per set of adapted weight types.
+
+    ``results`` are the engine's held-out evaluations (fields ``accuracy``, ``loss``), one per plan.
+    """
+    headers = ["types", "rank", "layers", "params", "accuracy", "loss"]
+    body = []
+    for plan, result in zip(plans, results):
+        accuracy = getattr(result, "accuracy", None)
+        loss = getattr(result, "loss", None)
+        body.append(
+            [
+                "{" + ",".join(plan.types) + "}",
+                str(plan.rank),
+                str(plan.layers),
+                str(plan.params),
+                "-" if accuracy is None else f"{100 * accuracy:.2f}",
+                "-" if loss is None else f"{loss:.4f}",
+            ]
+        )
     return headers, body
 
 

@@ -3,6 +3,8 @@
 * ``similarity A1 A2`` — subspace similarity φ per shared module (Hu et al. 2021, Sec. 7.2)
 * ``spectrum ADAPTER`` — singular values, stable/effective rank, energy of each ``ΔW``
 * ``amplification ADAPTER --model M`` — how ``ΔW`` amplifies directions of ``W`` (Sec. 7.3)
+* ``budget --data FILE`` — which weight types to adapt under a fixed parameter budget
+  (Sec. 7.1, Table 5): one fine-tuning run (:mod:`rankwise.train`) per set of types
 """
 
 from __future__ import annotations
@@ -39,6 +41,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="base model directory (default: the bundled MiniLM)")
     p.add_argument("--rank", type=int, help="directions to project on (default: each adapter's r)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-subspace baseline")
+    _plot_option(p)
+    _budget_arguments(sub.add_parser("budget", help="compare weight types at an equal budget"))
+
+
+def _sets(text: str) -> list[tuple[str, ...]]:
+    """``"q,v,qv,qkvo"`` -> ``[("q",), ("v",), ("q", "v"), ("q", "k", "v", "o")]``."""
+    groups = [tuple(g.strip()) for g in text.split(",") if g.strip()]
+    if not groups:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated sets such as q,v,qv; found {text!r}"
+        )
+    return groups
+
+
+def _budget_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="model directory (default: the bundled MiniLM)")
+    p.add_argument("--data", required=True, help="training data (.tsv/.csv/.jsonl)")
+    p.add_argument("--eval-data", help="held-out data (default: a split of --data)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--budget", type=int, help="trainable LoRA parameters per run")
+    size.add_argument("--rank", type=int, default=8, help="budget = this rank on the first set (8)")
+    p.add_argument("--sets", type=_sets, help="sets of types q,k,v,o (default q,k,v,o,qk,qv,qkvo)")
+    p.add_argument("--max-steps", type=int, default=200, help="optimizer steps per run (200)")
+    p.add_argument("--max-length", type=int, default=64, help="tokens per text (64)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per step (16)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the engine's LoRA default)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every run (0)")
+    p.add_argument("--output", required=True, metavar="DIR", help="one run directory per set")
     _plot_option(p)
 
 
@@ -108,10 +138,55 @@ def _amplification(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    """Plan equal-budget ranks (:func:`budget_plan`), then fine-tune once per set."""
+    from rankwise.analysis.budget import PAPER_SETS, budget_plan
+    from rankwise.analysis.report import budget_table
+    from rankwise.train import train
+    from rankwise.train.config import from_mapping
+
+    model = load_base_model(args.model)
+    sets = args.sets or PAPER_SETS
+    budget = args.budget
+    plans = budget_plan(model, budget=budget, rank=None if budget else args.rank, sets=sets)
+    del model
+    results = []
+    for plan in plans:
+        name = "".join(plan.types)
+        print(
+            f"[budget] {name}: rank {plan.rank} on {plan.layers} layers, {plan.params} parameters"
+        )
+        config = from_mapping(
+            {
+                "model": args.model,
+                "data": args.data,
+                "eval_data": args.eval_data,
+                "r": plan.rank,
+                "alpha": 2.0 * plan.rank,  # scaling alpha / r = 2 in every run
+                "targets": list(plan.targets),
+                "max_steps": args.max_steps,
+                "max_length": args.max_length,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "seed": args.seed,
+                "save_every": 0,
+                "output": str(Path(args.output) / name),
+            }
+        )
+        results.append(train(config, echo=lambda _line: None).after)
+    _print(budget_table(plans, results))
+    if args.plot:
+        from rankwise.analysis.plots import plot_budget
+
+        _plotted(plot_budget(plans, results, args.plot))
+    return 0
+
+
 _RUN: dict[str, Callable[[argparse.Namespace], int]] = {
     "similarity": _similarity,
     "spectrum": _spectrum,
     "amplification": _amplification,
+    "budget": _budget,
 }
 
 

@@ -1,0 +1,63 @@
+"""``rankwise analyze budget``: equal-budget runs of the fine-tuning engine on a tiny BERT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from rankwise.cli import main  # noqa: E402
+
+WORDS = ["good", "bad", "great", "awful", "fine", "poor", "nice", "dull", "film", "plot"]
+
+
+def _tiny_model_dir(root: Path) -> Path:
+    directory = root / "tiny"
+    directory.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (root / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(root / "vocab.txt")).save_pretrained(directory)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=len(vocab),
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(directory)
+    return directory
+
+
+def test_budget_runs_each_set_at_its_equal_budget_rank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model = _tiny_model_dir(tmp_path)
+    rows = ["label\tsentence"] + [
+        f"{i % 2}\t{WORDS[i % 10]} {WORDS[(3 * i) % 10]}" for i in range(24)
+    ]
+    data = tmp_path / "train.tsv"
+    data.write_text("\n".join(rows) + "\n")
+    argv = ["analyze", "budget", "--model", str(model), "--data", str(data), "--sets", "q,qv"]
+    argv += [
+        "--rank",
+        "2",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--output",
+        str(tmp_path / "runs"),
+    ]
+    code = main([*argv, "--plot", str(tmp_path / "plots")])
+    out = capsys.readouterr().out
+    assert code == 0
+    table = {line.split()[0]: line.split() for line in out.splitlines() if line.startswith("{")}
+    assert table["{q}"][1:4] == ["2", "2", str(2 * 2 * 64)]
+    assert table["{q,v}"][1:4] == ["1", "4", str(1 * 4 * 64)]
+    assert all(0.0 <= float(row[4]) <= 100.0 for row in table.values())
+    assert (tmp_path / "runs" / "qv" / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "plots" / "budget.png").is_file()
