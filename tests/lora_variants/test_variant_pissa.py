@@ -1,0 +1,118 @@
+"""PiSSA and OLoRA as pure functions: optimality, exact reconstruction, PEFT's own factors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import known_spectrum
+from torch import nn
+
+from rankwise.lora.init_svd import (
+    from_peft_init,
+    olora_init,
+    pissa_exact_init,
+    pissa_init,
+    to_peft_init,
+)
+
+
+def _optimal_error(W: torch.Tensor, r: int) -> float:
+    S = torch.linalg.svdvals(W.double())
+    return float(S[r:].square().sum().sqrt())
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40)])
+def test_pissa_exact_residual_is_the_optimal_truncation(shape: tuple[int, int]) -> None:
+    W = known_spectrum(*shape, decay=0.85)
+    r, s = 5, 2.0
+    A, B, base = pissa_exact_init(W, r=r, scaling=s)
+    assert A.shape == (r, shape[1]) and B.shape == (shape[0], r)
+    # ‖W_res‖_F = sqrt(Σ_{i>r} σ_i²): Eckart–Young optimal, and W_res + s·B A = W exactly
+    assert float(base.norm()) == pytest.approx(_optimal_error(W, r), rel=1e-10)
+    torch.testing.assert_close(base + s * B @ A, W, rtol=0, atol=1e-12)
+    assert int(torch.linalg.matrix_rank(W - base)) == r
+    # the √S split: AAᵀ = BᵀB = diag(S_r / s)
+    S = torch.linalg.svdvals(W)[:r]
+    torch.testing.assert_close(A @ A.T, torch.diag(S / s), atol=1e-12, rtol=0)
+    torch.testing.assert_close(B.T @ B, torch.diag(S / s), atol=1e-12, rtol=0)
+
+
+def test_pissa_randomized_close_to_optimal_on_a_flat_tail() -> None:
+    W = known_spectrum(120, 80, decay=0.97, seed=3)
+    res = pissa_init(W, r=8, scaling=1.0, generator=0)
+    assert float(res.base.norm()) <= 1.01 * _optimal_error(W, 8)
+    torch.testing.assert_close(res.base + res.B @ res.A, W, rtol=0, atol=1e-12)
+    again = pissa_init(W, r=8, scaling=1.0, generator=0)
+    assert torch.equal(res.A, again.A) and torch.equal(res.base, again.base)
+
+
+def test_pissa_fast_path_within_one_percent_on_minilm(
+    minilm_weights: dict[str, torch.Tensor],
+) -> None:
+    assert len(minilm_weights) == 36
+    worst = 0.0
+    for W in minilm_weights.values():
+        res = pissa_init(W, r=8, scaling=2.0, generator=0)
+        assert res.base.dtype == W.dtype
+        worst = max(worst, float(res.base.double().norm()) / _optimal_error(W, 8))
+    assert 1.0 - 1e-4 <= worst <= 1.01
+
+
+def _peft_layer(W: torch.Tensor, init: str, r: int, alpha: float) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(W.shape[1], W.shape[0], bias=False)
+            with torch.no_grad():
+                self.lin.weight.copy_(W)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["lin"], init_lora_weights=init)
+    return get_peft_model(One(), cfg).base_model.model.lin
+
+
+@pytest.mark.parametrize(("name", "ours"), [("pissa", pissa_exact_init), ("olora", olora_init)])
+def test_same_residual_and_update_as_peft(name: str, ours: object) -> None:
+    W = known_spectrum(48, 32, decay=0.9, seed=5, dtype=torch.float32)
+    r, alpha = 4, 8.0
+    layer = _peft_layer(W, name, r, alpha)
+    A, B, base = ours(W, r=r, scaling=alpha / r)  # type: ignore[operator]
+    peft_A, peft_B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    torch.testing.assert_close(base, layer.base_layer.weight.detach(), atol=1e-5, rtol=0)
+    # factors agree up to the sign of each singular pair; the product agrees exactly
+    torch.testing.assert_close(B @ A, (peft_B @ peft_A).detach(), atol=1e-5, rtol=0)
+
+
+def test_olora_factors() -> None:
+    W = known_spectrum(30, 20, seed=2)
+    A, B, base = olora_init(W, r=6, scaling=0.5)
+    torch.testing.assert_close(B.T @ B, torch.eye(6, dtype=W.dtype), atol=1e-12, rtol=0)
+    assert torch.allclose(A.tril(-1), torch.zeros_like(A))  # rows of R: upper trapezoidal
+    torch.testing.assert_close(base + 0.5 * B @ A, W, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("init", [pissa_init, olora_init])
+def test_embeddings_fall_back_to_the_default(init: object) -> None:
+    W = torch.randn(16, 50)  # (dim, num_embeddings)
+    A, B, base = init(W, r=4, scaling=1.0, embedding=True, generator=0)  # type: ignore[operator]
+    assert base is None and torch.count_nonzero(A) == 0
+
+
+@pytest.mark.parametrize("init", [pissa_init, olora_init])
+def test_bad_rank_is_named(init: object) -> None:
+    with pytest.raises(ValueError, match="r must be"):
+        init(torch.randn(6, 4), r=5, scaling=1.0)  # type: ignore[operator]
+    with pytest.raises(ValueError, match="weight must be"):
+        init(torch.randn(6, 4, 2), r=2, scaling=1.0)  # type: ignore[operator]
+
+
+def test_peft_init_names_at_the_file_edge() -> None:
+    assert from_peft_init("pissa") == "pissa_exact"
+    assert from_peft_init("pissa_niter_16") == "pissa"
+    assert from_peft_init("olora") == "olora" and from_peft_init(True) is True
+    for ours in ("pissa", "pissa_exact", "olora", "lora_ga", True, False, "gaussian"):
+        assert from_peft_init(to_peft_init(ours)) == ours
