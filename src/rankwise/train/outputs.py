@@ -62,6 +62,7 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
         )
     elif out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {str(out)!r} is a file; expected a directory")
+    dist_.barrier(info)  # every process checked before rank 0 creates anything
     if info.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
