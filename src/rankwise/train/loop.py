@@ -183,16 +183,14 @@ def _progress(run: _Run, start: int) -> Any:
     )
 
 
-def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any) -> None:
+def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any, average: float) -> None:
     """Evaluate (every ``eval_every``), log the step's record and move the progress bar."""
     every = run.config.eval_every
     if every and step % every == 0 and step < run.total_steps:
         found = _evaluate(run)
         record.update(found.as_metrics() if found else {})
     run.log.log(record)
-    bar.set_postfix(
-        loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.1f}", refresh=False
-    )
+    bar.set_postfix_str(f"loss={record['loss']:.4f}, ex/s={average:.1f}", refresh=False)
     bar.update(1)
 
 
@@ -221,7 +219,8 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
                     "lr": lr,
                     "examples_per_s": rate,
                 }
-                _after_step(run, step, record, bar)
+                average = seen / max(time.perf_counter() - clock, 1e-9)
+                _after_step(run, step, record, bar, average)
                 if config.save_every and step % config.save_every == 0 and step < run.total_steps:
                     done = index + 1 == len(batches)  # next: the first batch of the next epoch
                     _save(run, ckpt.Position(step, epoch + done, 0 if done else index + 1))
