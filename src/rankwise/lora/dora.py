@@ -1,0 +1,213 @@
+"""DoRA: weight-decomposed low-rank adaptation, as a parametrization of the LoRA wrappers.
+
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", eq. (5)::
+
+    W' = m ⊙ (W0 + s·B A) / ‖W0 + s·B A‖        h = W' x + b
+
+with the norm taken per output row of ``W: (out, in)`` (PEFT 0.21.2's ``get_weight_norm``;
+for an embedding ``E: (n, d)`` per embedding dimension, i.e. per row of the map ``(d, n)``),
+the magnitude ``m: (out,)`` a trainable vector initialized to ``‖W0 + s·B A‖`` (so the output
+is unchanged at step 0; ``‖W0‖`` when ``B = 0``) and saved as PEFT's
+``<module>.lora_magnitude_vector``. Following the paper's §4.3 the norm is treated as a
+constant in backward (detached), which is what makes DoRA cheap to train.
+
+Cost: the forward never forms ``W0 + s·B A``. With ``c = m / ‖·‖`` (out,),
+``h = c ⊙ (W0 x + s·B (A x)) + b`` — the base GEMM, the two rank-``r`` GEMMs of LoRA and one
+fused multiply-add. The row norms come from the identity
+
+    ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+(``W0 Aᵀ``: (out, r); ``A Aᵀ``: (r, r)), with ``‖W0‖²_row`` cached. The norm is cached too,
+keyed on the identity and version counter of ``W0``, ``A`` and ``B`` (every in-place change —
+an optimizer step, ``load_adapter``, a merge — bumps a version), so in eval mode it is computed
+once and reused until a weight changes, and in training it is recomputed after each step.
+
+With dropout active in training the result is PEFT's
+``base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃`` (``x̃`` the dropped-out input). Merging writes
+``c ⊙ (W0 + s·BA)`` (``c`` from the unmerged weight, remembered for the exact unmerge).
+Supported on ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Embedding``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankwise.errors import MergeError
+from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
+
+MAGNITUDE = "lora_magnitude_vector"
+
+
+def _key(*tensors: Tensor) -> tuple[Any, ...]:
+    # identity + version counter: changes on every in-place write and on `.data =` swaps
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+def dora_row_norm(
+    W: Tensor, A: Tensor, B: Tensor, scaling: float, w_sq: Tensor | None = None
+) -> Tensor:
+    """``‖W + s·B A‖`` per row, ``(out,)``, without forming the (out, in) matrix.
+
+    ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``; ``w_sq`` optionally the precomputed
+    ``‖W‖²`` per row. Computed in float32 (float64 stays float64) under ``no_grad``.
+    """
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        W, A, B = W.to(dt), A.detach().to(dt), B.detach().to(dt)
+        if w_sq is None:
+            w_sq = W.square().sum(dim=1)  # (out,)
+        cross = ((W @ A.T) * B).sum(dim=1)  # (out,): <W_i, (BA)_i>, W Aᵀ is (out, r)
+        lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1)  # (out,): ‖(BA)_i‖² via the (r, r) Gram
+        sq = w_sq.to(dt) + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
+        return sq.clamp_min(0.0).sqrt()
+
+
+class DoraMixin:
+    """The DoRA parametrization over a LoRA wrapper (see the module docstring).
+
+    Adds ``lora_magnitude_vector: (out,)`` and overrides the parametrization hooks
+    ``adapted_forward`` / ``merged_weight`` / ``unmerged_weight``.
+    """
+
+    parametrization: ClassVar[str] = "dora"
+
+    def _dora_setup(self) -> None:
+        out_f = self.base_matrix().shape[0]
+        w = self.base_weight
+        self.lora_magnitude_vector = nn.Parameter(
+            torch.ones(out_f, device=w.device, dtype=self._dtype)
+        )
+        self._w_sq: tuple[tuple[Any, ...], Tensor] | None = None
+        self._norm: tuple[tuple[Any, ...], Tensor] | None = None
+        self._merged_norm: Tensor | None = None
+        self.reset_magnitude()
+
+    # -- the magnitude follows the initialization ---------------------------------------------
+    def reset_magnitude(self) -> None:
+        """``m ← ‖W0 + s·B A‖`` per row: the adapted output equals the current one."""
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def set_factors(self, A: Tensor, B: Tensor) -> None:
+        super().set_factors(A, B)  # type: ignore[misc]
+        self.reset_magnitude()
+
+    def set_base_matrix(self, W: Tensor) -> None:
+        super().set_base_matrix(W)  # type: ignore[misc]
+        self.reset_magnitude()
+
+    # -- norms (cached, version-keyed) --------------------------------------------------------
+    def weight_norm(self) -> Tensor:
+        """``‖W0 + s·B A‖`` per output row (out,), detached; cached until a weight changes."""
+        W = self.base_matrix()
+        A, B = self.factors()
+        key = (*_key(W, A, B), self.scaling)
+        if self._norm is not None and self._norm[0] == key:
+            return self._norm[1]
+        wkey = _key(W)
+        if self._w_sq is None or self._w_sq[0] != wkey:
+            with torch.no_grad():
+                self._w_sq = (wkey, W.detach().float().square().sum(dim=1))
+        norm = dora_row_norm(W, A, B, self.scaling, self._w_sq[1])
+        self._norm = (key, norm)
+        return norm
+
+    def _dora_scale(self, dtype: torch.dtype) -> Tensor:
+        # c = m / ‖W0 + sBA‖ (out,): gradient flows to m only (norm detached, §4.3)
+        return (self.lora_magnitude_vector / self.weight_norm().to(self._dtype)).to(dtype)
+
+    # -- merge: W' = c ⊙ (W0 + s BA), in the base weight's layout ----------------------------
+    def _rows(self, t: Tensor, c: Tensor) -> Tensor:
+        """Multiply the rows of the (out, in) matrix seen through ``t``'s layout by ``c``."""
+        M = self._from_matrix(t)  # the layouts here are transposes: their own inverse
+        return self._from_matrix(M * c[:, None])
+
+    def merged_weight(self, weight: Tensor) -> Tensor:
+        norm = self.weight_norm().float()
+        self._merged_norm = norm.clone()
+        c = self.lora_magnitude_vector.detach().float() / norm
+        return self._rows(weight + self.delta_weight(), c)
+
+    def unmerged_weight(self, weight: Tensor) -> Tensor:
+        if self._merged_norm is None:
+            raise MergeError(f"{type(self).__name__}: no weight norm recorded at merge time")
+        c = self.lora_magnitude_vector.detach().float() / self._merged_norm
+        out = self._rows(weight, 1.0 / c) - self.delta_weight()
+        self._merged_norm = None
+        return out
+
+
+class DoraLinear(DoraMixin, LoraLinear):
+    """DoRA on ``nn.Linear`` / transformers ``Conv1D``: ``h = c ⊙ (W0 x + s·B A x) + b``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self._dora_setup()
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        shapes = LoraLinear.factor_shapes(base, r)
+        return {**shapes, MAGNITUDE: (shapes["lora_B.weight"][0],)}
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        W = self.base_matrix()  # (out, in), a view
+        bias = self.base_layer.bias
+        c = self._dora_scale(x.dtype)  # (out,)
+        if self.dropout is not None and self.training:
+            # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x)
+            xd = self.dropout(x)
+            lora = F.linear(F.linear(xd.to(self._dtype), self.lora_A.weight), self.lora_B.weight)
+            extra = (c - 1) * F.linear(xd, W) + c * (lora * self.scaling).to(x.dtype)
+            return self.base_layer(x) + extra
+        y = F.linear(x, W)  # (..., out), no bias yet
+        h = x if x.dtype == self._dtype else x.to(self._dtype)
+        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
+        y = self._project_up(y, h, self.lora_B.weight)  # W0 x + s·B A x
+        if bias is None:
+            return y * c
+        return torch.addcmul(bias, y, c)  # c ⊙ (...) + b in one pass
+
+
+class DoraEmbedding(DoraMixin, LoraEmbedding):
+    """DoRA on ``nn.Embedding(n, d)``: ``h = c ⊙ (E[x] + s·(Aᵀ[x]) Bᵀ)``, ``c: (d,)``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self._dora_setup()
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        shapes = LoraEmbedding.factor_shapes(base, r)
+        return {**shapes, MAGNITUDE: (shapes["lora_embedding_B"][0],)}
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        y = LoraEmbedding.adapted_forward(self, x)  # (..., d): E[x] + s·Aᵀ[x] Bᵀ
+        return y * self._dora_scale(y.dtype)
+
+
+# layer kind -> DoRA wrapper (the "dora" row of rankwise.lora.layers.WRAPPERS)
+DORA_WRAPPERS: dict[str, type[LoraLayer]] = {"linear": DoraLinear, "embedding": DoraEmbedding}
