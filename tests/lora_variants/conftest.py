@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,16 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# the tiny-model builders of tests/lora/conftest.py, shared as the module ``lora_testkit``
+if "lora_testkit" not in sys.modules:
+    _path = Path(__file__).resolve().parents[1] / "lora" / "conftest.py"
+    _spec = importlib.util.spec_from_file_location("lora_testkit", _path)
+    if _spec is None or _spec.loader is None:
+        raise ImportError(f"cannot load the shared test kit {_path}")
+    _module = importlib.util.module_from_spec(_spec)
+    sys.modules["lora_testkit"] = _module
+    _spec.loader.exec_module(_module)
 
 
 def known_spectrum(
