@@ -89,7 +89,7 @@ def test_random_directions_have_the_expected_energy() -> None:
         amplification(W, delta, rank=3, generator=s).random_directions ** 2 for s in range(300)
     ]
     expected = 9 * float(torch.linalg.norm(W) ** 2) / (24 * 16)
-    assert sum(values) / len(values) == pytest.approx(expected, rel=0.15)
+    assert sum(values) / len(values) == pytest.approx(expected, rel=0.2)
 
 
 def test_amplification_errors() -> None:

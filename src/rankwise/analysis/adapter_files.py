@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from rankwise.analysis.algebra import Factors
@@ -126,8 +125,3 @@ def write_factors(
     write_safetensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_adapter_config(target, _config_for(factors, carried))
     return target
-
-
-def dtype_of(factors: Mapping[str, Factors]) -> torch.dtype:
-    """The dtype of the first module's factors."""
-    return next(iter(factors.values())).A.dtype

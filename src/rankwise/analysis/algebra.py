@@ -13,6 +13,7 @@ on the dense update, so they form it — as their papers do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
@@ -64,6 +65,13 @@ def split_svd(svd: SVD, rank: int, *, dtype: torch.dtype | None = None) -> Facto
     return Factors(B.contiguous(), A.contiguous())
 
 
+def check_rank(rank: int, *, available: int) -> int:
+    """``rank`` if it is an integer in ``[1, available]``, else a ValueError naming it."""
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= available:
+        raise ValueError(f"rank must be an integer in [1, {available}]; found {rank!r}")
+    return rank
+
+
 def choose_rank(S: Tensor, rank: int | None, energy: float | None, *, available: int) -> int:
     """The rank to keep: given directly (``1 ≤ rank ≤ available``) or by retained energy."""
     if (rank is None) == (energy is None):
@@ -71,9 +79,7 @@ def choose_rank(S: Tensor, rank: int | None, energy: float | None, *, available:
             f"give exactly one of rank and energy; found rank={rank!r}, energy={energy!r}"
         )
     if rank is not None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= available:
-            raise ValueError(f"rank must be an integer in [1, {available}]; found {rank!r}")
-        return rank
+        return check_rank(rank, available=available)
     if not 0.0 < float(energy) <= 1.0:  # type: ignore[arg-type]
         raise ValueError(f"energy must be a fraction in (0, 1]; found {energy!r}")
     return max(1, min(available, int(rank_for_energy(S, float(energy)))))  # type: ignore[arg-type]
@@ -121,7 +127,7 @@ def extract(
     if randomized:
         if rank is None or energy is not None:
             raise ValueError("randomized=True needs rank (an integer) and no energy")
-        choose_rank(delta.new_ones(1), rank, None, available=min(delta.shape))
+        check_rank(rank, available=min(delta.shape))
         svd = randomized_svd(delta, rank, generator=as_generator(generator))
     else:
         svd = truncated_svd(delta)
@@ -193,7 +199,8 @@ def dare_merge(
     gen = as_generator(generator)
     out = torch.zeros_like(deltas[0])
     for w, d in zip(weights, deltas):
-        keep = torch.rand(d.shape, generator=gen, dtype=d.dtype) < density  # Bernoulli(density)
+        # Bernoulli(density) mask, drawn on the CPU where the generator lives
+        keep = (torch.rand(d.shape, generator=gen, dtype=d.dtype) < density).to(d.device)
         out += (w / density) * d * keep
     return out
 
@@ -205,9 +212,9 @@ def _check_density(density: float) -> None:
 
 def _keep_top(t: Tensor, density: float) -> Tensor:
     """``t`` with all but its ``ceil(density·numel)`` largest-magnitude entries zeroed."""
-    k = max(1, min(t.numel(), int(torch.ceil(torch.tensor(density * t.numel())).item())))
+    k = max(1, min(t.numel(), math.ceil(density * t.numel())))
     idx = t.abs().flatten().topk(k).indices
-    mask = torch.zeros(t.numel(), dtype=torch.bool)
+    mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
     mask[idx] = True
     return t * mask.view_as(t)
 

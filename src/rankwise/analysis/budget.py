@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from rankwise.analysis.model import _is_linear, _matches, linear_weight
+from rankwise.analysis.model import is_linear, linear_weight, matches_name
 
 # Short weight-type names -> module-name suffixes (BERT-style attention, as in MiniLM).
 BERT_TYPES: dict[str, str] = {
@@ -51,7 +51,7 @@ def cost_per_rank(model: nn.Module, targets: Sequence[str]) -> tuple[int, int]:
     """``(layers, Σ (in + out))`` over the linear layers whose names match ``targets``."""
     layers, cost = 0, 0
     for name, module in model.named_modules():
-        if _is_linear(module) and any(_matches(name, t) for t in targets):
+        if is_linear(module) and any(matches_name(name, t) for t in targets):
             out_features, in_features = linear_weight(module).shape
             layers, cost = layers + 1, cost + out_features + in_features
     return layers, cost

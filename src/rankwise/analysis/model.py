@@ -40,7 +40,7 @@ class ModuleAmplification(NamedTuple):
     amplification: Amplification
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
@@ -53,7 +53,7 @@ def linear_weight(module: nn.Module) -> Tensor:
     raise TypeError(f"expected nn.Linear or Conv1D, found {type(module).__name__}")
 
 
-def _matches(name: str, target: str) -> bool:
+def matches_name(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
@@ -63,9 +63,9 @@ def _targets(
     linear = [
         n
         for n, m in base.items()
-        if _is_linear(m)
+        if is_linear(m)
         and n in tuned
-        and _is_linear(tuned[n])
+        and is_linear(tuned[n])
         and linear_weight(m).shape == linear_weight(tuned[n]).shape
     ]
     if targets is None:  # every linear layer whose weight changed
@@ -74,7 +74,7 @@ def _targets(
         ]
     chosen = []
     for target in targets:
-        hits = [n for n in linear if _matches(n, target)]
+        hits = [n for n in linear if matches_name(n, target)]
         if not hits:
             raise KeyError(f"target {target!r} matches no linear layer present in both models")
         chosen.extend(h for h in hits if h not in chosen)
@@ -136,7 +136,8 @@ def extract_adapter(
         error = relative_error(delta, f.B.double() @ f.A.double())
         factors[name] = f
         report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
-    carried = LoraConfig(task_type=task_type) if task_type is not None else None
+    conv1d = any(type(base[n]).__name__ == "Conv1D" for n in layers)  # PEFT's fan_in_fan_out
+    carried = LoraConfig(task_type=task_type, fan_in_fan_out=conv1d)
     write_factors(directory, factors, carried=carried)
     return ExtractReport(tuple(report), _uncaptured(base_model, finetuned_model, layers))
 
@@ -151,7 +152,7 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     modules = dict(model.named_modules())
     if name in modules:
         return modules[name]
-    hits = [n for n in modules if n and (_matches(name, n) or _matches(n, name))]
+    hits = [n for n in modules if n and (matches_name(name, n) or matches_name(n, name))]
     if len(hits) != 1:
         found = "none" if not hits else ", ".join(hits[:5])
         raise KeyError(

@@ -28,7 +28,9 @@ def factor_basis(X: Tensor, *, factor: Factor = "A") -> Tensor:
     """Orthonormal basis of a factor's row space (``A``) or column space (``B``), as columns.
 
     ``A: (r, in)`` gives its right singular vectors ``(in, r)``; ``B: (out, r)`` its left
-    singular vectors ``(out, r)``; columns ordered by decreasing singular value.
+    singular vectors ``(out, r)``; columns ordered by decreasing singular value. Directions
+    with zero singular value (a rank-deficient factor) are arbitrary, so φ is meaningful up to
+    the factor's numerical rank.
     """
     check_matrix(X, name=f"factor {factor}")
     if factor not in ("A", "B"):
@@ -36,6 +38,10 @@ def factor_basis(X: Tensor, *, factor: Factor = "A") -> Tensor:
             f"factor must be 'A' (right singular vectors) or 'B' (left); found {factor!r}"
         )
     svd = truncated_svd(X.to(work_dtype(X)))
+    if float(svd.S[0]) == 0.0:
+        raise ValueError(
+            f"factor {factor} is all zeros (an untrained LoRA B?): it spans no subspace to compare"
+        )
     return svd.Vh.mT if factor == "A" else svd.U  # (in, k) or (out, k), k = min(X.shape)
 
 
