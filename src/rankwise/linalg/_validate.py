@@ -54,9 +54,12 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
         tensor = tensor.to(torch.float32)
     if min(tensor.shape) == 0:
         raise ValueError(f"{name}: expected a non-empty matrix, found shape {tuple(tensor.shape)}")
-    if check_finite and not bool(torch.isfinite(tensor).all()):
+    # One streaming pass: a NaN/Inf entry makes the sum non-finite (a finite overflow only
+    # sends us to the exact count below, which then finds nothing).
+    if check_finite and not bool(torch.isfinite(tensor.sum())):
         bad = int((~torch.isfinite(tensor)).sum())
-        raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
+        if bad:
+            raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
     return Matrix(tensor, was_numpy)
 
 

