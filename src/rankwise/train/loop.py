@@ -272,6 +272,38 @@ def train(
         dist_.teardown(info)
 
 
+def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], None]) -> _Run:
+    """Load inputs (nothing written yet), adapt the model, then open the output directory."""
+    torch.manual_seed(config.seed)  # the head's and the adapters' initial values
+    data = load_run_data(config)
+    model = data.loaded.model
+    prepared = prepare(model, config, base_model=data.loaded.source, generator=config.seed)
+    out = prepare_output(config, info)
+    tokenizer, length = data.loaded.tokenizer, config.max_length or 128
+    train_enc = encode(data.split.train, tokenizer, task=config.task, max_length=length)
+    eval_enc = encode(data.split.eval, tokenizer, task=config.task, max_length=length)
+    total = total_steps(len(train_enc.input_ids), config, info.world_size)
+    optimizer, scheduler = _optimizer(model, config, total)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
+    return _Run(
+        config=config, info=info, out=out, prepared=prepared, wrapped=wrapped, data=data,
+        train_enc=train_enc, eval_enc=eval_enc, optimizer=optimizer, scheduler=scheduler,
+        total_steps=total, log=MetricsLog(out, enabled=info.is_main), echo=echo,
+        pad_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+
+
+def _announce(run: _Run) -> None:
+    p, config, split = run.prepared, run.config, run.data.split
+    share = 100 * p.trainable / p.total
+    run.echo(f"model {run.data.loaded.source}: {p.trainable:,} trainable of {p.total:,} "
+             f"parameters ({share:.2f}%), method {config.method}")  # fmt: skip
+    per_step = config.batch_size * config.grad_accum * run.info.world_size
+    run.echo(f"data {split.train.source}: {len(split.train.texts):,} training, "
+             f"{len(split.eval.texts):,} held-out examples; {run.total_steps} steps of "
+             f"{per_step} examples")  # fmt: skip
+
+
 def _train(
     config: TrainConfig,
     info: dist_.DistInfo,
@@ -279,96 +311,31 @@ def _train(
     stop_after: int | None,
     started: float,
 ) -> TrainResult:
-    torch.manual_seed(config.seed)
-    data = load_run_data(config)
-    prepared = prepare(
-        data.loaded.model, config, base_model=data.loaded.source, generator=config.seed
-    )
-    out = prepare_output(config, info)
-    tokenizer, pad_id = data.loaded.tokenizer, data.loaded.tokenizer.pad_token_id
-    train_enc = encode(
-        data.split.train, tokenizer, task=config.task, max_length=config.max_length or 128
-    )
-    eval_enc = encode(
-        data.split.eval, tokenizer, task=config.task, max_length=config.max_length or 128
-    )
-    total = total_steps(len(train_enc.input_ids), config, info.world_size)
-    optimizer, scheduler = _optimizer(prepared.model, config, total)
-    wrapped = prepared.model
-    if info.world_size > 1:
-        wrapped = torch.nn.parallel.DistributedDataParallel(prepared.model)
-    log = MetricsLog(out, enabled=info.is_main)
-    run = _Run(
-        config,
-        info,
-        out,
-        prepared,
-        wrapped,
-        data,
-        train_enc,
-        eval_enc,
-        optimizer,
-        scheduler,
-        total,
-        log,
-        echo,
-        pad_id,
-    )
-    echo(
-        f"model {data.loaded.source}: {prepared.trainable:,} trainable of {prepared.total:,} parameters ({100 * prepared.trainable / prepared.total:.2f}%), method {config.method}"
-    )
-    echo(
-        f"data {data.split.train.source}: {len(train_enc.input_ids):,} training, {len(eval_enc.input_ids):,} held-out examples; {total} steps of {config.batch_size * config.grad_accum * info.world_size} examples"
-    )
+    run = _build_run(config, info, echo)
+    _announce(run)
     position = _resume(run) if config.resume else ckpt.Position(0, 0, 0)
     before = _before(run, position)
     steps, rate = _train_steps(run, position, stop_after)
-    if stop_after is not None and steps < total:
-        return TrainResult(
-            out,
-            None,
-            None,
-            steps,
-            rate,
-            before,
-            None,
-            prepared.trainable,
-            prepared.total,
-            None,
-            time.perf_counter() - started,
-            position.step or None,
-        )
+    result = TrainResult(
+        output=run.out, saved=None, merged=None, steps=steps, examples_per_s=rate,
+        before=before, after=None, trainable=run.prepared.trainable, total=run.prepared.total,
+        merge_check=None, seconds=0.0, resumed_from=position.step or None,
+    )  # fmt: skip
+    if stop_after is not None and steps < run.total_steps:  # stopped as if killed: no outputs
+        return result._replace(seconds=time.perf_counter() - started)
     after = _evaluate(run)
     if after is not None:
         run.log.log({"step": steps, **after.as_metrics()})
         echo(f"held-out after training:  {_fmt(after.as_metrics())}")
-    task = task_info(config, data.split.train.label_names, data.loaded.source)
+    task = task_info(config, run.data.split.train.label_names, run.data.loaded.source)
     finished = finish_outputs(
-        prepared,
-        config,
-        info,
-        out,
-        tokenizer=tokenizer,
-        task=task,
-        eval_enc=eval_enc,
-        after=after,
-        pad_id=pad_id,
-        echo=echo,
-    )
-    return TrainResult(
-        out,
-        finished.saved,
-        finished.merged,
-        steps,
-        rate,
-        before,
-        after,
-        prepared.trainable,
-        prepared.total,
-        finished.merge_check,
-        time.perf_counter() - started,
-        position.step or None,
-    )
+        run.prepared, config, info, run.out, tokenizer=run.data.loaded.tokenizer, task=task,
+        eval_enc=run.eval_enc, after=after, pad_id=run.pad_id, echo=echo,
+    )  # fmt: skip
+    return result._replace(
+        saved=finished.saved, merged=finished.merged, after=after,
+        merge_check=finished.merge_check, seconds=time.perf_counter() - started,
+    )  # fmt: skip
 
 
 def _before(run: _Run, position: ckpt.Position) -> EvalResult | None:
