@@ -42,6 +42,7 @@ def test_budget_runs_each_set_at_its_equal_budget_rank(
     data = tmp_path / "train.tsv"
     data.write_text("\n".join(rows) + "\n")
     argv = ["analyze", "budget", "--model", str(model), "--data", str(data), "--sets", "q,qv"]
+    argv += ["--types", "q=attention.self.query,v=attention.self.value"]
     argv += [
         "--rank",
         "2",

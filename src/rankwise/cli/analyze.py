@@ -55,6 +55,16 @@ def _sets(text: str) -> list[tuple[str, ...]]:
     return groups
 
 
+def _types(text: str) -> dict[str, str]:
+    """``"q=q_proj,v=v_proj"`` -> ``{"q": "q_proj", "v": "v_proj"}``."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) != 2 or not p[0].strip() or not p[1].strip() for p in pairs):
+        raise argparse.ArgumentTypeError(
+            f"expected type=module pairs such as q=q_proj; found {text!r}"
+        )
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
 def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: the bundled MiniLM)")
     p.add_argument("--data", required=True, help="training data (.tsv/.csv/.jsonl)")
@@ -63,6 +73,12 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     size.add_argument("--budget", type=int, help="trainable LoRA parameters per run")
     size.add_argument("--rank", type=int, default=8, help="budget = this rank on the first set (8)")
     p.add_argument("--sets", type=_sets, help="sets of types q,k,v,o (default q,k,v,o,qk,qv,qkvo)")
+    p.add_argument(
+        "--types",
+        type=_types,
+        help="type=module-suffix pairs, e.g. q=q_proj,k=k_proj,v=v_proj,o=o_proj "
+        "(default: BERT's attention.self.query/key/value, attention.output.dense)",
+    )
     p.add_argument("--max-steps", type=int, default=200, help="optimizer steps per run (200)")
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (64)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (16)")
@@ -140,7 +156,7 @@ def _amplification(args: argparse.Namespace) -> int:
 
 def _budget(args: argparse.Namespace) -> int:
     """Plan equal-budget ranks (:func:`budget_plan`), then fine-tune once per set."""
-    from rankwise.analysis.budget import PAPER_SETS, budget_plan
+    from rankwise.analysis.budget import BERT_TYPES, PAPER_SETS, budget_plan
     from rankwise.analysis.report import budget_table
     from rankwise.train import train
     from rankwise.train.config import from_mapping
@@ -148,7 +164,9 @@ def _budget(args: argparse.Namespace) -> int:
     model = load_base_model(args.model)
     sets = args.sets or PAPER_SETS
     budget = args.budget
-    plans = budget_plan(model, budget=budget, rank=None if budget else args.rank, sets=sets)
+    types = args.types or BERT_TYPES
+    rank = None if budget else args.rank
+    plans = budget_plan(model, budget=budget, rank=rank, sets=sets, types=types)
     del model
     results = []
     for plan in plans:
