@@ -183,3 +183,28 @@ def test_unsupported_convolutions_are_refused() -> None:
 def test_conv_wrapper_kind() -> None:
     model = inject(Holder(nn.Conv2d(3, 4, 3)), LoraConfig(r=2, target_modules=["layer"]))
     assert [type(m) for _, m in lora_layers(model)] == [LoraConv]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf", "embedding", "conv2d"])
+@pytest.mark.parametrize("hooked", [False, True])
+def test_gradients_equal_peft(kind: str, hooked: bool) -> None:
+    ours, theirs, x = _pair(kind)
+    ours.train()
+    theirs.train()
+    if hooked:  # a hook on the base layer forces the module-call path
+        ours.layer.base_layer.register_forward_hook(lambda m, i, o: None)
+    if x.is_floating_point():
+        x = x.requires_grad_()
+    g = torch.randn(ours(x).shape, generator=torch.Generator().manual_seed(2))
+    (ours(x) * g).sum().backward()
+    grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.requires_grad}
+    gx = x.grad.clone() if x.is_floating_point() else None
+    if gx is not None:
+        x.grad = None
+    (theirs(x) * g).sum().backward()
+    for n, p in theirs.named_parameters():
+        if p.requires_grad:
+            key = n.removeprefix("base_model.model.").replace(".default", "")
+            torch.testing.assert_close(grads[key], p.grad, rtol=1e-5, atol=1e-6)
+    if gx is not None:
+        torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)

@@ -240,12 +240,37 @@ class LoraLinear(LoraLayer):
         return LoraFactors(self.lora_A.weight, self.lora_B.weight)
 
     def adapted_forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)  # (..., out)
-        h = x if self.dropout is None else self.dropout(x)
+        x2d = x.reshape(-1, x.shape[-1])  # (N, in): a view for contiguous x, no copy
+        h = x2d if self.dropout is None else self.dropout(x2d)
         if h.dtype != self._dtype:
             h = h.to(self._dtype)
-        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
-        return self._project_up(result, h, self.lora_B.weight)
+        h = F.linear(h, self.lora_A.weight)  # (N, r): project down first, never form B @ A
+        if _plain(self.base_layer) and x.dtype == self._dtype:
+            # (N, out): the base GEMM computed here, so its output is ours to update in place
+            W, b = self.base_weight, self.base_layer.bias
+            Wt = W if self.fan_in_fan_out else W.t()  # (in, out)
+            result = torch.addmm(b, x2d, Wt) if b is not None else x2d @ Wt
+            # += s * (N, r) @ (r, out): scale inside the GEMM, no temporary of size (N, out)
+            result.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
+            return result.view(*x.shape[:-1], self.out_features)
+        base = self.base_layer(x)  # hooks on the base layer: run it as a module
+        return self._project_up(base, h.view(*x.shape[:-1], self.r), self.lora_B.weight)
+
+
+def _plain(module: nn.Module) -> bool:
+    """An ``nn.Linear`` / ``Conv1D`` of the exact class with no forward hooks: its forward is
+    exactly ``x W^T + b`` (``x W + b`` for Conv1D), so it may be computed inline."""
+    from torch.nn.modules import module as module_mod
+
+    if type(module) is not nn.Linear and not is_hf_conv1d(module):
+        return False
+    hooks = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module_mod._global_forward_hooks,
+        module_mod._global_forward_pre_hooks,
+    )
+    return not any(hooks)
 
 
 class LoraEmbedding(LoraLayer):

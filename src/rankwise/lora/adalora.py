@@ -1,0 +1,215 @@
+"""AdaLoRA: the SVD-form adapter ``ΔW = P Λ Q`` whose rank budget is reallocated in training.
+
+Zhang et al. 2023, "AdaLoRA: Adaptive Budget Allocation for Parameter-Efficient Fine-Tuning"
+(ICLR), eq. (3): ``W = W0 + ΔW = W0 + P Λ Q`` with ``P: (out, r)``, ``Λ = diag(λ): (r, r)``,
+``Q: (r, in)``; the triplets ``(P_{:,i}, λ_i, Q_{i,:})`` are pruned by importance (see
+:mod:`rankwise.lora.adalora_alloc`) by zeroing ``λ_i``, and ``P``, ``Q`` are kept near
+orthogonal by the regularizer of eq. (4), ``R(P, Q) = ‖PᵀP − I‖_F + ‖QQᵀ − I‖_F``.
+
+Names, shapes and numbers are PEFT 0.21.2's (``peft/tuners/adalora/layer.py``), so files are
+interchangeable: ``lora_A = Q: (r, in)``, ``lora_E = λ: (r, 1)``, ``lora_B = P: (out, r)``
+(bare parameters: file keys ``<module>.lora_A`` without ``.weight``), initialized
+``λ = 0``, ``P, Q ~ N(0, 0.02²)`` (so the output is unchanged at step 0 while all three
+receive gradients), and
+
+    h = W0 x + (α / (r_init + 1e-5)) · P (λ ⊙ (Q x))
+
+where the divisor is PEFT's ``ranknum``, the *initial* rank, kept when ranks shrink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rankwise.errors import ConfigError
+from rankwise.lora.config import LoraConfig
+from rankwise.lora.initializers import LoraInit
+from rankwise.lora.layers import LoraFactors, LoraLayer, is_hf_conv1d
+
+RANKNUM_EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
+INIT_STD = 0.02  # PEFT AdaLoraLayer.reset_lora_parameters
+
+
+@dataclass
+class AdaLoraConfig(LoraConfig):
+    """``peft.AdaLoraConfig`` field for field (``peft_type`` ``"ADALORA"``).
+
+    * ``init_r``: the rank every adapted layer starts with; ``target_r``: the average rank left
+      at the end (budget ``target_r × #layers``); ``r`` is ignored (as PEFT).
+    * schedule: ``tinit`` warm-up steps at the full budget, then the cubic decrease to the
+      target until ``total_step - tfinal``, then ``tfinal`` steps at the final ranks; masks are
+      recomputed every ``deltaT`` steps.
+    * ``beta1`` / ``beta2``: EMA factors of sensitivity and uncertainty (paper eq. 9–10);
+      ``orth_reg_weight``: weight of the orthogonality regularizer (eq. 4).
+    * ``rank_pattern``: ``"<module>.lora_E" -> [bool] * init_r``, the triplets kept
+      (written by the allocator, saved in the file; PEFT's meaning, not LoRA's).
+    """
+
+    kind: ClassVar[str] = "ADALORA"
+
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1  # noqa: N815 (PEFT's field name)
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+    rank_pattern: dict[str, Any] = field(default_factory=dict)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        pattern = dict(self.rank_pattern or {})
+        self.rank_pattern = {}  # LoRA's meaning (regex -> int) is validated by the parent
+        super().__post_init__()
+        self.rank_pattern = _check_masks(pattern, self.init_r)
+        _check_adalora(self)
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``init_r`` — or the number of kept triplets recorded in ``rank_pattern`` — and alpha."""
+        mask = self.rank_pattern.get(f"{module_name}.lora_E")
+        r = self.init_r if mask is None else int(sum(bool(b) for b in mask))
+        return r, self.lora_alpha
+
+    def scaling(self, *, r: int, alpha: float) -> float:
+        """``α / (init_r + 1e-5)`` whatever the current rank (PEFT's ``scaling / ranknum``)."""
+        return float(alpha) / (self.init_r + RANKNUM_EPS)
+
+
+def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{name}: expected an int >= {low}, found {value!r}")
+
+
+def _check_adalora(cfg: AdaLoraConfig) -> None:
+    _positive_int("init_r", cfg.init_r)
+    _positive_int("target_r", cfg.target_r)
+    _positive_int("deltaT", cfg.deltaT)
+    _positive_int("tinit", cfg.tinit, allow_zero=True)
+    _positive_int("tfinal", cfg.tfinal, allow_zero=True)
+    if cfg.total_step is None:
+        raise ConfigError("total_step: AdaLoRA needs the total number of training steps (> 0)")
+    _positive_int("total_step", cfg.total_step)
+    for name in ("beta1", "beta2"):
+        value = getattr(cfg, name)
+        if not isinstance(value, (int, float)) or not 0 < value < 1:
+            raise ConfigError(f"{name}: expected a float in (0, 1), found {value!r}")
+    if not isinstance(cfg.orth_reg_weight, (int, float)) or cfg.orth_reg_weight < 0:
+        raise ConfigError(f"orth_reg_weight: expected a number >= 0, found {cfg.orth_reg_weight!r}")
+    if cfg.tinit >= cfg.total_step - cfg.tfinal:
+        raise ConfigError(
+            f"tinit/tfinal/total_step: no budgeting phase is left (tinit={cfg.tinit} must be < "
+            f"total_step - tfinal = {cfg.total_step - cfg.tfinal})"
+        )
+
+
+def _check_masks(pattern: dict[str, Any], init_r: int) -> dict[str, list[bool]]:
+    out: dict[str, list[bool]] = {}
+    for key, mask in pattern.items():
+        if not key.endswith(".lora_E"):
+            raise ConfigError(f"rank_pattern: AdaLoRA keys end with '.lora_E', found {key!r}")
+        if isinstance(mask, Tensor):
+            mask = mask.view(-1).tolist()
+        if not isinstance(mask, (list, tuple)) or len(mask) != init_r:
+            raise ConfigError(
+                f"rank_pattern[{key!r}]: expected {init_r} booleans (init_r), found {mask!r}"
+            )
+        out[key] = [bool(b) for b in mask]
+    return out
+
+
+class AdaLoraLinear(LoraLayer):
+    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``:
+    ``h = base(x) + s · P (λ ⊙ (Q x̃))``, ``s = α / (r_init + 1e-5)``, ``x̃ = dropout(x)``.
+
+    ``factors()`` are the live ``Q = lora_A`` and ``P = lora_B`` (what ``set_factors``
+    writes); the update is ``ΔW = s · P diag(λ) Q`` (:meth:`effective_factors`).
+    """
+
+    kind: ClassVar[str] = "linear"
+    parametrization: ClassVar[str] = "adalora"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        w = self.base_weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = int(in_f), int(out_f)
+        kw = {"device": w.device, "dtype": self._dtype}
+        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))  # Q: (r, in)
+        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))  # λ: (r, 1), zero at init
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # P: (out, r)
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        w = base.weight
+        in_f, out_f = (w.shape[0], w.shape[1]) if is_hf_conv1d(base) else (w.shape[1], w.shape[0])
+        return {"lora_A": (r, int(in_f)), "lora_E": (r, 1), "lora_B": (int(out_f), r)}
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
+
+    def factors(self) -> LoraFactors:
+        return LoraFactors(self.lora_A, self.lora_B)
+
+    def effective_factors(self) -> LoraFactors:
+        """``(diag(λ) Q: (r, in), P: (out, r))`` with ``ΔW = s · P diag(λ) Q``."""
+        return LoraFactors(self.lora_A * self.lora_E, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        A, B = self.effective_factors()
+        return self._from_matrix((B.float() * self.scaling) @ A.float())
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (..., out)
+        h = x if self.dropout is None else self.dropout(x)
+        if h.dtype != self._dtype:
+            h = h.to(self._dtype)
+        h = F.linear(h, self.lora_A) * self.lora_E.view(-1)  # (..., r): Q x̃, times λ
+        return self._project_up(result, h, self.lora_B)  # + s · P (...)
+
+
+def adalora_init(
+    weight: Tensor, *, r: int, scaling: float, embedding: bool, generator: torch.Generator | None
+) -> LoraInit:
+    """``Q: (r, in)``, ``P: (out, r)`` ~ ``N(0, 0.02²)`` (λ stays 0): PEFT's AdaLoRA init."""
+    out_f, in_f = weight.shape
+    A = torch.randn(r, in_f, generator=generator) * INIT_STD
+    B = torch.randn(out_f, r, generator=generator) * INIT_STD
+    return LoraInit(A.to(weight.device), B.to(weight.device), None)
+
+
+def orthogonal_regularization(model: nn.Module) -> Tensor:
+    """Paper eq. (4), PEFT's average: ``mean over P, Q of ‖PᵀP − I‖_F`` and ``‖QQᵀ − I‖_F``.
+
+    Add ``config.orth_reg_weight * orthogonal_regularization(model)`` to the training loss.
+    Returns a zero tensor if the model has no AdaLoRA layer.
+    """
+    terms = []
+    for module in model.modules():
+        if isinstance(module, AdaLoraLinear) and module.r > 0:
+            for cov in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):
+                eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+                terms.append(torch.linalg.matrix_norm(cov - eye))  # Frobenius, (r, r)
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).mean()

@@ -1,0 +1,153 @@
+"""AdaLoRA's rank allocator: importance scores, the cubic budget schedule, masking (a hook).
+
+Zhang et al. 2023, "AdaLoRA", §3.2–3.3, with PEFT 0.21.2's exact formulas
+(``peft/tuners/adalora/layer.py`` ``RankAllocator``, ``model.py`` ``update_and_allocate``):
+
+* sensitivity of every entry ``I = |w ⊙ ∂L/∂w|`` (eq. 8), smoothed
+  ``Ī ← β1 Ī + (1 − β1) I`` (eq. 9) and its uncertainty ``Ū ← β2 Ū + (1 − β2) |I − Ī|``
+  (eq. 10); the entry score is ``s = Ī · Ū`` (eq. 11);
+* the score of triplet ``i`` is ``s(λ_i) + mean_j s(Q_ij) + mean_j s(P_ji)`` (eq. 12);
+* budget ``b(t)`` (total rank over all layers): ``b0 = Σ init ranks`` for ``t ≤ tinit``;
+  ``b_T = target_r × #layers`` for ``t > T − tfinal``; in between the cubic decrease
+  ``b(t) = ⌊(b0 − b_T)(1 − (t − tinit)/(T − tfinal − tinit))³ + b_T⌋`` (eq. 13), applied every
+  ``deltaT`` steps;
+* masking: the ``b0 − b(t)`` lowest-scoring triplets get ``λ_i = 0`` (all triplets whose score
+  is ``≤`` the ``(b0 − b)``-th smallest, as PEFT's ``kthvalue`` threshold).
+
+Call :meth:`RankAllocator.update_and_allocate` once per optimizer step, after ``backward()``
+(and ``optimizer.step()``) and before ``zero_grad()``; it records the kept triplets in
+``config.rank_pattern`` for saving.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from rankwise.errors import ConfigError
+from rankwise.lora.adalora import AdaLoraConfig, AdaLoraLinear
+
+PARAMS = ("lora_A", "lora_E", "lora_B")
+
+
+class Allocation(NamedTuple):
+    """One step of the allocator: the rank budget and whether masks were (re)applied."""
+
+    budget: int
+    masked: bool
+
+
+def budget_schedule(
+    config: AdaLoraConfig, step: int, *, init_budget: int, target_budget: int
+) -> Allocation:
+    """``(b(t), mask now?)`` per the module docstring (PEFT ``RankAllocator.budget_schedule``)."""
+    total = config.total_step
+    if total is None:
+        raise ConfigError("total_step: AdaLoRA needs the total number of training steps")
+    if step <= config.tinit:
+        return Allocation(init_budget, False)
+    if step > total - config.tfinal:
+        return Allocation(target_budget, True)
+    progress = 1 - (step - config.tinit) / (total - config.tfinal - config.tinit)
+    budget = int((init_budget - target_budget) * progress**3 + target_budget)
+    return Allocation(budget, step % config.deltaT == 0)
+
+
+class RankAllocator:
+    """AdaLoRA's budget allocation over every :class:`AdaLoraLinear` of ``model``."""
+
+    def __init__(self, model: nn.Module, config: AdaLoraConfig) -> None:
+        if not isinstance(config, AdaLoraConfig):
+            raise ConfigError(f"config: expected an AdaLoraConfig, found {type(config).__name__}")
+        self.config = config
+        self.layers: dict[str, AdaLoraLinear] = {
+            name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLinear)
+        }
+        if not self.layers:
+            raise ConfigError("model: no AdaLoRA layers; inject(model, AdaLoraConfig(...)) first")
+        self.init_budget = sum(layer.r for layer in self.layers.values())
+        self.target_budget = config.target_r * len(self.layers)
+        self.reset_importance()
+
+    def reset_importance(self) -> None:
+        """Forget the smoothed sensitivities and uncertainties."""
+        self.exp_avg_ipt: dict[str, Tensor] = {}
+        self.exp_avg_unc: dict[str, Tensor] = {}
+
+    def _params(self) -> list[tuple[str, nn.Parameter]]:
+        return [(f"{n}.{p}", getattr(layer, p)) for n, layer in self.layers.items() for p in PARAMS]
+
+    @torch.no_grad()
+    def update_importance(self) -> None:
+        """Eq. (8)–(10) for every entry of every ``P``, ``λ``, ``Q`` that has a gradient."""
+        b1, b2 = self.config.beta1, self.config.beta2
+        for key, p in self._params():
+            if p.grad is None:
+                continue
+            ipt = (p * p.grad).abs()
+            avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
+            unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
+            avg = b1 * avg + (1 - b1) * ipt
+            self.exp_avg_ipt[key] = avg
+            self.exp_avg_unc[key] = b2 * unc + (1 - b2) * (ipt - avg).abs()
+
+    def triplet_scores(self) -> dict[str, Tensor]:
+        """Eq. (12): ``<module>.lora_E`` -> ``(r,)`` score of each triplet."""
+        out = {}
+        for name, layer in self.layers.items():
+            s = {p: self._score(f"{name}.{p}", getattr(layer, p)) for p in PARAMS}
+            # (r,) = λ score + mean over the row of Q + mean over the column of P
+            out[f"{name}.lora_E"] = (
+                s["lora_E"].view(-1) + s["lora_A"].mean(dim=1) + s["lora_B"].mean(dim=0)
+            )
+        return out
+
+    def _score(self, key: str, p: Tensor) -> Tensor:
+        if key not in self.exp_avg_ipt:
+            return torch.zeros_like(p)
+        return self.exp_avg_ipt[key] * self.exp_avg_unc[key]
+
+    @torch.no_grad()
+    def mask_to_budget(self, budget: int) -> dict[str, list[bool]]:
+        """Zero ``λ`` of the ``init_budget − budget`` least important triplets; the kept mask."""
+        scores = self.triplet_scores()
+        k = self.init_budget - budget
+        if k <= 0:
+            return {key: [True] * s.numel() for key, s in scores.items()}
+        threshold = torch.kthvalue(torch.cat([s.float() for s in scores.values()]), k).values
+        pattern = {}
+        for name, layer in self.layers.items():
+            keep = scores[f"{name}.lora_E"] > threshold  # (r,)
+            layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+            pattern[f"{name}.lora_E"] = keep.tolist()
+        return pattern
+
+    @torch.no_grad()
+    def apply_rank_pattern(self, pattern: dict[str, list[bool]]) -> None:
+        """Zero ``λ`` of every triplet ``pattern`` marks as pruned."""
+        for name, layer in self.layers.items():
+            mask = pattern.get(f"{name}.lora_E")
+            if mask is not None:
+                keep = torch.tensor(mask, dtype=torch.bool, device=layer.lora_E.device)
+                layer.lora_E.masked_fill_(~keep.view(-1, 1), 0.0)
+
+    def update_and_allocate(self, step: int) -> Allocation:
+        """One training step of AdaLoRA (PEFT ``AdaLoraModel.update_and_allocate``)."""
+        cfg = self.config
+        final = (cfg.total_step or 0) - cfg.tfinal
+        sched = budget_schedule(
+            cfg, step, init_budget=self.init_budget, target_budget=self.target_budget
+        )
+        if step < final:
+            self.update_importance()
+            if sched.masked:
+                cfg.rank_pattern = self.mask_to_budget(sched.budget)
+            return sched
+        if step == final:
+            cfg.rank_pattern = self.mask_to_budget(sched.budget)
+            self.reset_importance()
+            return Allocation(sched.budget, True)
+        self.apply_rank_pattern(cfg.rank_pattern)
+        return Allocation(sched.budget, bool(cfg.rank_pattern))

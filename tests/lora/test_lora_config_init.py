@@ -1,0 +1,131 @@
+"""LoraConfig validation, scaling rules and the initializer registry (pure functions)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rankwise.errors import ConfigError
+from rankwise.lora import INITIALIZERS, SCALING_RULES, LoraConfig
+from rankwise.lora.config import pattern_key
+from rankwise.lora.initializers import as_generator, initializer_name
+
+
+def test_defaults_match_peft() -> None:
+    from peft import LoraConfig as PeftConfig
+
+    ours, theirs = LoraConfig(), PeftConfig()
+    for name in (
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "bias",
+        "use_rslora",
+        "init_lora_weights",
+        "fan_in_fan_out",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "modules_to_save",
+        "exclude_modules",
+        "target_modules",
+    ):
+        assert getattr(ours, name) == getattr(theirs, name), name
+
+
+def test_scaling_rules() -> None:
+    assert LoraConfig(r=16, lora_alpha=32).scaling(r=16, alpha=32) == 2.0
+    assert LoraConfig(use_rslora=True).scaling(r=16, alpha=32) == 8.0
+    assert set(SCALING_RULES) == {"standard", "rslora"}
+
+
+def test_pattern_key_follows_peft() -> None:
+    from peft.utils.other import get_pattern_key
+
+    keys = ["layer.1.*query", "value", r"\d\.attention\.self\.key"]
+    for name in [
+        "bert.encoder.layer.1.attention.self.query",
+        "bert.encoder.layer.0.attention.self.value",
+        "bert.encoder.layer.0.attention.self.key",
+        "bert.encoder.layer.0.attention.self.query",
+    ]:
+        ours = pattern_key(dict.fromkeys(keys, 1), name)
+        assert (ours or name) == get_pattern_key(keys, name)
+
+
+def test_replace_validates_and_copies() -> None:
+    cfg = LoraConfig(target_modules=["q"])
+    other = cfg.replace(r=2)
+    assert (cfg.r, other.r) == (8, 2)
+    with pytest.raises(ConfigError, match="r: expected a positive int, found 0"):
+        cfg.replace(r=0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"lora_alpha": float("inf")}, "lora_alpha"),
+        ({"target_modules": ["q", ""]}, "non-empty"),
+        ({"target_modules": 3}, "list of module names"),
+        ({"layers_to_transform": [-1]}, "non-negative"),
+        ({"layers_pattern": "h"}, "requires layers_to_transform"),
+        ({"task_type": "CLS"}, "task_type"),
+        ({"alpha_pattern": {"[": 2}}, "not a valid regex"),
+        ({"use_rslora": 1}, "use_rslora"),
+    ],
+)
+def test_errors_name_the_field(kwargs: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        LoraConfig(**kwargs)
+
+
+W = torch.zeros(40, 300)
+
+
+@pytest.mark.parametrize("name", sorted(INITIALIZERS))
+def test_initializers_shapes_dtype_and_reproducibility(name: str) -> None:
+    w = W.to(torch.float64)
+    a = INITIALIZERS[name](w, r=4, scaling=2.0, embedding=False, generator=as_generator(3))
+    b = INITIALIZERS[name](w, r=4, scaling=2.0, embedding=False, generator=as_generator(3))
+    assert a.A.shape == (4, 300) and a.B.shape == (40, 4) and a.A.dtype == torch.float64
+    assert torch.equal(a.A, b.A) and torch.equal(a.B, b.B) and a.base is None
+
+
+def test_kaiming_is_peft_default() -> None:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (kaiming_uniform_ with a = sqrt(5)), B = 0."""
+    init = INITIALIZERS["kaiming"](
+        torch.zeros(64, 400), r=64, scaling=1.0, embedding=False, generator=as_generator(0)
+    )
+    bound = 1 / math.sqrt(400)
+    assert init.A.abs().max() <= bound and init.A.abs().max() > 0.95 * bound
+    assert abs(init.A.var().item() - bound**2 / 3) < 0.05 * bound**2
+    assert not init.B.any()
+    ref = torch.empty(64, 400)
+    torch.nn.init.kaiming_uniform_(ref, a=math.sqrt(5))
+    assert abs(ref.var().item() - init.A.var().item()) < 0.05 * bound**2
+
+
+def test_gaussian_and_embedding_rules() -> None:
+    g = INITIALIZERS["gaussian"](
+        torch.zeros(64, 400), r=8, scaling=1.0, embedding=False, generator=as_generator(0)
+    )
+    assert abs(g.A.std().item() - 1 / 8) < 0.01 and not g.B.any()
+    e = INITIALIZERS["gaussian"](
+        torch.zeros(64, 400), r=8, scaling=1.0, embedding=True, generator=as_generator(0)
+    )
+    assert (
+        not e.A.any() and abs(e.B.std().item() - 1.0) < 0.1
+    )  # PEFT: embeddings A = 0, B ~ N(0, 1)
+
+
+def test_initializer_names() -> None:
+    assert [initializer_name(v) for v in (True, False, "gaussian")] == [
+        "kaiming",
+        "random",
+        "gaussian",
+    ]
+    with pytest.raises(TypeError, match="generator"):
+        as_generator("seed")  # type: ignore[arg-type]
