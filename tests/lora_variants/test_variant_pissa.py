@@ -116,3 +116,31 @@ def test_peft_init_names_at_the_file_edge() -> None:
     assert from_peft_init("olora") == "olora" and from_peft_init(True) is True
     for ours in ("pissa", "pissa_exact", "olora", "lora_ga", True, False, "gaussian"):
         assert from_peft_init(to_peft_init(ours)) == ours
+
+
+def test_original_base_factors_and_config() -> None:
+    from rankwise.lora import LoraConfig
+    from rankwise.lora.init_svd import original_base_config, original_base_factors
+
+    W = known_spectrum(20, 12, seed=4)
+    s = 1.5
+    A0, B0, W_res = pissa_exact_init(W, r=3, scaling=s)
+    g = torch.Generator().manual_seed(0)
+    A = A0 + 0.1 * torch.randn(A0.shape, generator=g, dtype=W.dtype)  # "trained"
+    B = B0 + 0.1 * torch.randn(B0.shape, generator=g, dtype=W.dtype)
+    A2, B2 = original_base_factors(A, B, A0, B0)
+    assert A2.shape == (6, 12) and B2.shape == (20, 6)
+    torch.testing.assert_close(W + s * B2 @ A2, W_res + s * B @ A, atol=1e-12, rtol=0)
+    cfg = LoraConfig(r=3, lora_alpha=4.5, alpha_pattern={"q": 2}, init_lora_weights="gaussian")
+    out = original_base_config(cfg)
+    assert (out.r, out.lora_alpha, out.alpha_pattern, out.init_lora_weights) == (
+        6,
+        9.0,
+        {"q": 4},
+        True,
+    )
+    assert out.scaling(r=6, alpha=9.0) == cfg.scaling(r=3, alpha=4.5)
+    rs = original_base_config(LoraConfig(r=4, lora_alpha=8, use_rslora=True))
+    assert rs.scaling(r=rs.r, alpha=rs.lora_alpha) == pytest.approx(8 / 2)
+    with pytest.raises(ValueError, match="rslora"):
+        original_base_config(LoraConfig(r=4, use_rslora=True, rank_pattern={"q": 2}))

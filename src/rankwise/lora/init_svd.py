@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
 
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<power iterations>"
@@ -185,3 +186,38 @@ def to_peft_init(value: bool | str) -> bool | str:
     if value == "pissa":
         return f"pissa_niter_{PEFT_NITER_FOR_FAST}"
     return value
+
+
+def original_base_factors(A: Tensor, B: Tensor, A0: Tensor, B0: Tensor) -> tuple[Tensor, Tensor]:
+    """A rank-``2r`` plain LoRA relative to the *original* weight (PEFT ``subtract_mutated_init``).
+
+    A residual initializer trains ``W_res + s·B A`` with ``W_res = W - s·B0 A0``, so the update
+    relative to ``W`` is ``s (B A - B0 A0) = s [B | -B0] [A ; A0]``: returns
+    ``(A': (2r, in), B': (out, 2r))``; the scale stays ``s`` when ``r`` and ``lora_alpha`` are
+    doubled (:func:`original_base_config`). Works for any layout the factors share.
+    """
+    if A.shape != A0.shape or B.shape != B0.shape:
+        raise ValueError(
+            f"A0/B0: initial factors of shapes {tuple(A0.shape)}/{tuple(B0.shape)} do not match "
+            f"the trained ones {tuple(A.shape)}/{tuple(B.shape)}"
+        )
+    return torch.cat([A, A0.to(A.dtype)], dim=0), torch.cat([B, -B0.to(B.dtype)], dim=1)
+
+
+def original_base_config(config: LoraConfig) -> LoraConfig:
+    """The config of :func:`original_base_factors`' adapter, as PEFT's ``save_pretrained(...,
+    path_initial_model_for_weight_conversion=...)``: ``r``, ``lora_alpha`` and the patterns
+    doubled (``lora_alpha · √2`` under rsLoRA, keeping ``α/√r``), plain init."""
+    if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+        raise ValueError(
+            "config: an adapter for the original base cannot combine use_rslora with "
+            "rank_pattern/alpha_pattern (the scale cannot be kept; PEFT refuses it too)"
+        )
+    alpha = config.lora_alpha * (2**0.5 if config.use_rslora else 2)
+    return config.replace(
+        r=2 * config.r,
+        lora_alpha=alpha,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        init_lora_weights=True,
+    )
