@@ -105,6 +105,11 @@ CASES = {
         ShapeMismatchError,
         r"'bert.encoder.layer.0.attention.self.query'.*expected shape \(4, 32\), found \(4, 31\)",
     ),
+    "int dtype": (
+        lambda d: _edit_weights(d, lambda t: t.update({KEY: t[KEY].to(torch.int32)})),
+        AdapterFormatError,
+        "dtype torch.int32",
+    ),
     "nan": (
         lambda d: _edit_weights(d, lambda t: t[KEY].fill_(float("nan"))),
         AdapterFormatError,

@@ -162,6 +162,10 @@ def _few(keys: list[str]) -> str:
 
 def _check_values(values: dict[str, Tensor], *, source: Path) -> None:
     for key, value in values.items():
+        if ".lora_" in key and not value.is_floating_point():
+            raise AdapterFormatError(
+                f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float"
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan")
 

@@ -77,8 +77,10 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
         targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
     if not targets:
         raise InjectionError(f"target_modules: {cfg.target_modules!r} matched no module")
-    if any(is_hf_conv1d(modules[t.name]) for t in targets):
-        cfg = cfg.replace(fan_in_fan_out=True)  # PEFT records this for GPT-2-style Conv1D
+    # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag
+    conv1d = any(is_hf_conv1d(modules[t.name]) for t in targets)
+    if cfg.fan_in_fan_out != conv1d:
+        cfg = cfg.replace(fan_in_fan_out=conv1d)
     return Plan(tuple(targets), save_names, cfg)
 
 

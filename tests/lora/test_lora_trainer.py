@@ -1,0 +1,58 @@
+"""Adapters inside ``transformers.Trainer``: trains only the adapter (and head), saves, reloads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lora_testkit import logits, tiny_bert_cls
+
+from rankwise.io import load_adapter, save_adapter
+from rankwise.lora import LoraConfig, inject
+
+
+class _Data(torch.utils.data.Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(1, 99, (n, 8), generator=g)
+        self.labels = (self.ids[:, 0] > 50).long()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+@pytest.mark.slow
+def test_trainer_trains_only_adapters_and_round_trips(tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    model = inject(
+        tiny_bert_cls(),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"),
+        generator=0,
+    )
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=_Data(32))
+    trainer.train()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any(".lora_B." in n for n in changed)
+    assert all(".lora_" in n or n.startswith("classifier.") for n in changed)
+    model.eval()
+    save_adapter(model, tmp_path / "adapter")
+    again = load_adapter(tiny_bert_cls(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(again, "bert"), logits(model, "bert"), rtol=0, atol=1e-6)
