@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from rankwise.linalg import ID, id_reconstruct, interpolative, randomized_svd
+from rankwise.linalg.interpolative import SKETCH_OVERSAMPLE
 from rankwise.linalg.svd import _range_and_projection
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -92,10 +93,16 @@ def spectral_norm(E: torch.Tensor, steps: int = 80, seed: int = 0) -> float:
     return float(torch.linalg.eigvalsh(T)[-1].clamp_min(0).sqrt())
 
 
-def median_time(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
-    result = fn()  # warm-up (allocations, lazy imports)
+def median_time(
+    fn: Callable[[], Any], repeats: int, *, warmup: bool = True, seed: int = 0
+) -> tuple[float, Any]:
+    """Median wall time of ``repeats`` calls; torch's global RNG is re-seeded before each call
+    so peers without a generator argument (``torch.svd_lowrank``) are reproducible too."""
+    torch.manual_seed(seed)
+    result = fn() if warmup else None  # warm-up: allocations, lazy imports
     times = []
     for _ in range(repeats):
+        torch.manual_seed(seed)
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
@@ -194,7 +201,7 @@ def bench_id(n: int, k: int, repeats: int) -> list[dict[str, Any]]:
     }
     rows = []
     for peer, fn in peers.items():
-        seconds, (idx, Z) = median_time(fn, repeats)
+        seconds, (idx, Z) = median_time(fn, repeats, warmup=False)
         idx, Z = torch.as_tensor(np.asarray(idx)), torch.as_tensor(np.asarray(Z))
         error = spectral_norm(M - id_reconstruct(M, ID(idx, Z)))
         rows.append(
@@ -205,8 +212,9 @@ def bench_id(n: int, k: int, repeats: int) -> list[dict[str, Any]]:
                 "max_abs_Z": float(Z.abs().max()),
             }
         )
-    q = _range_and_projection(M, k + 10, k, None, torch.Generator().manual_seed(0)).power_iters
-    rows[0]["floor_seconds"] = floor_passes(M, k + 10, 2 * q + 2, repeats)
+    width = k + SKETCH_OVERSAMPLE
+    q = _range_and_projection(M, width, k, None, torch.Generator().manual_seed(0)).power_iters
+    rows[0]["floor_seconds"] = floor_passes(M, width, 2 * q + 2, repeats)
     rows[0]["auto_power_iters"] = q
     gemv = torch.randn(n, dtype=M.dtype)
     rows[1]["floor_seconds"] = median_time(lambda: [gemv @ M for _ in range(k)], repeats)[0]

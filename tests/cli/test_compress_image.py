@@ -1,0 +1,118 @@
+"""``rankwise compress-image``: figures, the printed table, cropping rule, bad input."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from rankwise.cli import main
+from rankwise.cli.compress_image import crop_for_monarch, monarch_blocks
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROW = re.compile(r"^(SVD|ID|Monarch \(b=(\d+)\))\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)%$")
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices: avoid OpenMP wake-ups on a busy machine
+    yield
+    torch.set_num_threads(threads)
+
+
+def _table(out: str) -> dict[tuple[str, int], tuple[int, float, float]]:
+    rows = {}
+    for line in out.splitlines():
+        match = ROW.match(line.strip())
+        if match:
+            method = match.group(1).split(" ")[0]
+            rows[(method, int(match.group(3)))] = (
+                int(match.group(4)),
+                float(match.group(5)),
+                float(match.group(6)),
+            )
+    return rows
+
+
+def test_default_image_writes_figures_and_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    assert main(["compress-image", "--ranks", "5,20", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "image 420x640" in out  # 427x640 center-cropped to multiples of lcm(5, 20) = 20
+    for name in ("compress_grid.png", "spectrum.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes left nothing behind
+    rows = _table(out)
+    assert set(rows) == {(m, k) for m in ("SVD", "ID", "Monarch") for k in (5, 20)}
+    for k in (5, 20):
+        svd, ident, monarch = rows[("SVD", k)], rows[("ID", k)], rows[("Monarch", k)]
+        assert svd[0] == monarch[0] == k * (420 + 640)  # equal parameter counts
+        assert ident[0] == k * (420 + 640 - k)
+        assert svd[1] == pytest.approx(420 * 640 / svd[0], abs=0.05)
+        assert svd[2] <= ident[2] and svd[2] <= monarch[2]  # Eckart–Young
+    for method in ("SVD", "ID", "Monarch"):
+        assert rows[(method, 20)][2] < rows[(method, 5)][2]
+
+
+def test_custom_image_with_awkward_size(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    Image = pytest.importorskip("PIL.Image")
+    y, x = np.mgrid[0:70, 0:101]
+    pixels = (127 + 120 * np.sin(x / 7.0) * np.cos(y / 11.0)).astype(np.uint8)
+    path = tmp_path / "waves.png"
+    Image.fromarray(np.stack([pixels] * 3, axis=-1)).save(path)
+    out_dir = tmp_path / "out"
+    assert main(["compress-image", str(path), "--ranks", "3,7", "--out", str(out_dir)]) == 0
+    out = capsys.readouterr().out
+    # lcm(3, 7) = 21 keeps 63 of 70 rows and 84 of 101 columns: b = k exactly.
+    assert "image 63x84" in out
+    assert (out_dir / "compress_grid.png").read_bytes().startswith(PNG_MAGIC)
+    rows = _table(out)
+    assert rows[("Monarch", 7)][0] == 7 * (63 + 84)
+
+
+def test_cropping_and_block_rules() -> None:
+    image = np.zeros((427, 640))
+    assert crop_for_monarch(image, (5, 20, 50)).shape == (400, 600)
+    # lcm(7, 11, 13) = 1001 would discard too much: multiples of 16 instead.
+    assert crop_for_monarch(image, (7, 11, 13)).shape == (416, 640)
+    assert monarch_blocks((416, 640), 7) == 8  # divisors of gcd 32: 1, 2, 4, 8, 16, 32
+    assert monarch_blocks((416, 640), 12) == 8  # tie between 8 and 16: the smaller
+    assert monarch_blocks((400, 600), 50) == 50
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ranks", "0,5"], "expected positive integers"),
+        (["--ranks", "five"], "expected integers such as 5,20,50"),
+    ],
+)
+def test_bad_ranks_are_argparse_errors(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["compress-image", *argv, "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_image_and_too_large_rank(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.png"
+    assert main(["compress-image", str(missing), "--out", str(tmp_path)]) == 2
+    assert "image: no such file" in capsys.readouterr().err
+    Image = pytest.importorskip("PIL.Image")
+    path = tmp_path / "small.png"
+    Image.fromarray(np.full((32, 48), 128, np.uint8)).save(path)
+    assert main(["compress-image", str(path), "--ranks", "40", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--ranks: expected ranks <= 32" in err or "too small to crop" in err
