@@ -41,6 +41,7 @@ COMMANDS: dict[str, Command] = {
     "extract": Command("extract", "extract a LoRA adapter from a fine-tuned model by SVD"),
     "resize": Command("resize", "resize an adapter to a lower rank, in factored form"),
     "combine": Command("combine", "combine adapters: exact linear, SVD, TIES or DARE"),
+    "compress-image": Command("compress_image", "SVD / ID / Monarch compression of an image"),
 }
 
 _USER_ERRORS = (
