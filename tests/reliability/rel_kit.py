@@ -50,21 +50,18 @@ def mlp(seed: int = 0, *, dims: tuple[int, ...] = (8, 6, 4)) -> nn.Sequential:
     return nn.Sequential(nn.Linear(dims[0], dims[1]), nn.ReLU(), nn.Linear(dims[1], dims[2]))
 
 
-def tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertForSequenceClassification
+class TiedLM(nn.Module):
+    """GPT-2's weight tying in miniature: ``lm_head.weight`` *is* ``wte.weight`` (11 x 6)."""
 
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=37, vocab_size=99, num_labels=2)  # fmt: skip
-    return BertForSequenceClassification(cfg).eval()
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(11, 6)
+        self.lm_head = nn.Linear(6, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
 
-
-def tiny_gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=32)
-    return GPT2LMHeadModel(cfg).eval()
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.wte(ids))  # (batch, seq, 11)
 
 
 class ModelSnapshot(NamedTuple):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from rel_kit import Call, Case, as_params, check_case, mlp, tiny, tiny_gpt2
+from rel_kit import Call, Case, TiedLM, as_params, check_case, mlp, tiny
 from torch import nn
 
 from rankwise import linalg
@@ -233,7 +233,7 @@ CASES: list[Case] = [
     ),  # fmt: skip
     Case(
         "merge tied weights",
-        _on_injected(merge, model_fn=tiny_gpt2, cfg=LoraConfig(r=2, target_modules=["wte"])),
+        _on_injected(merge, model_fn=TiedLM, cfg=LoraConfig(r=2, target_modules=["wte"])),
         MergeError,
         "tied to",
     ),  # fmt: skip
