@@ -170,3 +170,18 @@ def test_orthogonal_regularization() -> None:
     )
     reg.backward()
     assert layer.lora_A.grad is not None
+
+
+def test_truncate_to_rank_pattern() -> None:
+    from rankwise.lora.adalora import truncate_to_rank_pattern
+
+    A, E, B = torch.randn(4, 5), torch.randn(4, 1), torch.randn(6, 4)
+    state = {"m.lora_A": A, "m.lora_E": E, "m.lora_B": B, "other.weight": torch.ones(2)}
+    out = truncate_to_rank_pattern(state, {"m.lora_E": [True, False, True, False]})
+    assert torch.equal(out["m.lora_A"], A[[0, 2]]) and torch.equal(out["m.lora_E"], E[[0, 2]])
+    assert (
+        torch.equal(out["m.lora_B"], B[:, [0, 2]]) and out["other.weight"] is state["other.weight"]
+    )
+    assert state["m.lora_A"] is A  # the input dict is untouched
+    again = truncate_to_rank_pattern(out, {"m.lora_E": [True, False, True, False]})
+    assert again["m.lora_A"].shape == (2, 5)  # already truncated: left as is

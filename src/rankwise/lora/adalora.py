@@ -50,7 +50,7 @@ class AdaLoraConfig(LoraConfig):
       (written by the allocator, saved in the file; PEFT's meaning, not LoRA's).
     """
 
-    kind: ClassVar[str] = "ADALORA"
+    peft_type: ClassVar[str] = "ADALORA"
 
     target_r: int = 8
     init_r: int = 12
@@ -213,3 +213,24 @@ def orthogonal_regularization(model: nn.Module) -> Tensor:
     if not terms:
         return torch.zeros(())
     return torch.stack(terms).mean()
+
+
+def truncate_to_rank_pattern(
+    tensors: dict[str, Tensor], rank_pattern: dict[str, list[bool]]
+) -> dict[str, Tensor]:
+    """Keep only the triplets ``rank_pattern`` marks, as PEFT writes AdaLoRA files.
+
+    ``tensors``: state names (``<module>.lora_A`` (r, in), ``.lora_E`` (r, 1), ``.lora_B``
+    (out, r)); a tensor is indexed only if it still has all ``init_r`` triplets (PEFT's
+    ``resize_state_dict_by_rank_pattern``). Returns a new dict; the inputs are not modified.
+    """
+    out = dict(tensors)
+    for key, mask in rank_pattern.items():
+        module = key[: -len(".lora_E")]
+        keep = torch.tensor(mask, dtype=torch.bool)
+        for name, dim in (("lora_A", 0), ("lora_E", 0), ("lora_B", 1)):
+            full = f"{module}.{name}"
+            t = out.get(full)
+            if t is not None and t.shape[dim] == keep.numel() and int(keep.sum()) != keep.numel():
+                out[full] = t.index_select(dim, keep.nonzero().view(-1).to(t.device))
+    return out
