@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from linalg_spectra import geometric, with_spectrum
 
 from rankwise.linalg import (
@@ -158,3 +160,26 @@ def test_bad_matrices_and_decompositions() -> None:
         id_reconstruct(M[:, :4], d)
     with pytest.raises(ValueError, match=r"decomposition.idx: expected column indices"):
         id_reconstruct(M, d._replace(idx=torch.tensor([0, 7])))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    m=st.integers(1, 10),
+    n=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+    randomized=st.booleans(),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_full_rank_id_and_cur_are_exact_on_any_shape(
+    m: int, n: int, seed: int, randomized: bool, dtype: type
+) -> None:
+    M = np.random.default_rng(seed).standard_normal((m, n)).astype(dtype)
+    M.setflags(write=False)  # read-only input is fine: nothing writes to it
+    k = min(m, n)
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    d = interpolative(M, k, randomized=randomized, generator=seed)
+    assert d.idx.shape == (k,) and d.Z.shape == (k, n) and d.Z.dtype == dtype
+    assert len(set(d.idx.tolist())) == k
+    assert relative_error(M, id_reconstruct(M, d)) < tol
+    c = cur(M, k, randomized=randomized, generator=seed)
+    assert relative_error(M, c.C @ c.U @ c.R) < tol

@@ -15,7 +15,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     m=st.integers(1, 9),
     n=st.integers(1, 9),
@@ -85,6 +85,33 @@ def test_lstsq_factor_left_and_right_match_numpy() -> None:
     # Optimality: the residual is orthogonal to the factor's span.
     torch.testing.assert_close(A.T @ (A @ got_B - M), torch.zeros(4, 9, dtype=torch.float64))
     torch.testing.assert_close((got_A @ B - M) @ B.T, torch.zeros(12, 4, dtype=torch.float64))
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    m=st.integers(1, 8),
+    n=st.integers(1, 8),
+    r=st.integers(1, 8),
+    seed=st.integers(0, 2**16),
+    dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_lstsq_factor_matches_numpy_on_any_shape(
+    m: int, n: int, r: int, seed: int, dtype: type
+) -> None:
+    rng = np.random.default_rng(seed)
+    M = rng.standard_normal((m, n)).astype(dtype)
+    A = rng.standard_normal((m, r)).astype(dtype)
+    B = rng.standard_normal((r, n)).astype(dtype)
+    tol = 1e-3 if dtype == np.float32 else 1e-9
+    got = lstsq_factor(M, left=A)
+    assert isinstance(got, np.ndarray) and got.shape == (r, n) and got.dtype == dtype
+    want = np.linalg.lstsq(A.astype(np.float64), M.astype(np.float64), rcond=None)[0]
+    scale = 1 + np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol * scale * 10, rtol=tol)
+    got = lstsq_factor(M, right=B)
+    want = np.linalg.lstsq(B.T.astype(np.float64), M.T.astype(np.float64), rcond=None)[0].T
+    scale = 1 + np.abs(want).max()
+    np.testing.assert_allclose(got, want, atol=tol * scale * 10, rtol=tol)
 
 
 def test_lstsq_factor_rank_deficient_gives_the_minimum_norm_solution() -> None:

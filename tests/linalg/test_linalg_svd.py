@@ -135,7 +135,7 @@ def test_randomized_svd_matches_truncated_when_the_sketch_is_full() -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     m=st.integers(1, 12),
     n=st.integers(1, 12),

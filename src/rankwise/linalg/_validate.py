@@ -9,6 +9,7 @@ Nothing here, nor in the routines, writes into a caller's array.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
@@ -37,7 +38,9 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
     if was_numpy:
         if value.dtype.kind == "c" or value.dtype.kind not in "biuf":
             raise ValueError(f"{name}: expected a real numeric array, found dtype {value.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(value))
+        with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.from_numpy(np.ascontiguousarray(value))
     elif isinstance(value, torch.Tensor):
         tensor = value
     else:
