@@ -144,3 +144,15 @@ def test_original_base_factors_and_config() -> None:
     assert rs.scaling(r=rs.r, alpha=rs.lora_alpha) == pytest.approx(8 / 2)
     with pytest.raises(ValueError, match="rslora"):
         original_base_config(LoraConfig(r=4, use_rslora=True, rank_pattern={"q": 2}))
+
+
+def test_recorded_initial_factors_stay_out_of_the_state_dict() -> None:
+    from rankwise.lora import LoraLinear
+    from rankwise.lora.init_svd import initial_factors, record_initial_factors
+
+    layer = LoraLinear(nn.Linear(6, 5), r=2, lora_alpha=2, scaling=1.0, lora_dropout=0.0)
+    assert initial_factors(layer) is None
+    record_initial_factors(layer)
+    A0, B0 = initial_factors(layer)
+    assert torch.equal(A0, layer.lora_A.weight) and A0 is not layer.lora_A.weight
+    assert not any("init" in k for k in layer.state_dict())

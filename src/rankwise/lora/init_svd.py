@@ -34,6 +34,7 @@ from torch import Tensor
 
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
+from rankwise.lora.layers import LoraLayer
 
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<power iterations>"
 _PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -221,3 +222,23 @@ def original_base_config(config: LoraConfig) -> LoraConfig:
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         init_lora_weights=True,
     )
+
+
+INIT_A = "lora_A_init"
+INIT_B = "lora_B_init"
+
+
+def record_initial_factors(layer: LoraLayer) -> None:
+    """Keep copies of the layer's current ``A0: (r, in)``, ``B0: (out, r)`` as non-persistent
+    buffers (never in an adapter file), for :func:`original_base_factors` at export time."""
+    A, B = layer.factors()
+    layer.register_buffer(INIT_A, A.detach().clone(), persistent=False)
+    layer.register_buffer(INIT_B, B.detach().clone(), persistent=False)
+
+
+def initial_factors(layer: LoraLayer) -> tuple[Tensor, Tensor] | None:
+    """``(A0, B0)`` recorded by :func:`record_initial_factors`, or None (the base is unchanged)."""
+    buffers = dict(layer.named_buffers(recurse=False))
+    if INIT_A not in buffers or INIT_B not in buffers:
+        return None
+    return buffers[INIT_A], buffers[INIT_B]
