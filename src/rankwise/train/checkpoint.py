@@ -47,7 +47,8 @@ class Checkpoint(NamedTuple):
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: torch.Tensor
+    rng: torch.Tensor  # torch's CPU generator state
+    cuda_rng: list[torch.Tensor]  # one state per CUDA device (empty on CPU)
     skipped: tuple[str, ...]  # later checkpoints that were unreadable (one message each)
 
 
@@ -91,6 +92,7 @@ def save_checkpoint(
         "optimizer": dict(optimizer),
         "scheduler": dict(scheduler),
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     torch.save(state, tmp / STATE_FILE)
     index = {
@@ -138,7 +140,14 @@ def read_checkpoint(path: Path) -> Checkpoint:
     weights = load_file(str(path / WEIGHTS_FILE))
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     return Checkpoint(
-        path, position, weights, state["optimizer"], state["scheduler"], state["rng"], ()
+        path,
+        position,
+        weights,
+        state["optimizer"],
+        state["scheduler"],
+        state["rng"],
+        list(state.get("cuda_rng", [])),
+        (),
     )
 
 

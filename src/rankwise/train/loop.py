@@ -249,6 +249,8 @@ def _resume(run: _Run) -> ckpt.Position:
     run.optimizer.load_state_dict(found.optimizer)
     run.scheduler.load_state_dict(found.scheduler)
     torch.set_rng_state(found.rng)
+    if found.cuda_rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(found.cuda_rng)
     run.log.truncate_after(found.position.step)
     run.echo(f"resumed from {found.path} (step {found.position.step})")
     return found.position
