@@ -21,6 +21,14 @@ CASES = {
     "gpt2": dict(target_modules=["c_attn", "c_proj", "c_fc", "wte"], task_type="CAUSAL_LM"),
     "llama": dict(target_modules="all-linear", task_type="CAUSAL_LM", use_rslora=True),
     "t5": dict(target_modules=["q", "v", "wo"], task_type="SEQ_2_SEQ_LM"),
+    "bert-patterns": dict(
+        target_modules=["query", "value", "dense"],
+        rank_pattern={"layer.1.*query": 2},
+        alpha_pattern={"value": 3},
+        layers_to_transform=[1],
+        layers_pattern="layer",
+        task_type="SEQ_CLS",
+    ),
     "vit": dict(target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"]),
 }
 
@@ -38,7 +46,9 @@ def _peft_adapted(family: str, kwargs: dict, seed: int) -> nn.Module:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
-    model = get_peft_model(BUILDERS[family](), PeftConfig(r=4, lora_alpha=8, **kwargs))
+    fam = family.split("-")[0]  # "bert-patterns" -> "bert"
+
+    model = get_peft_model(BUILDERS[fam](), PeftConfig(r=4, lora_alpha=8, **kwargs))
     _perturb(model, seed)
     return model.eval()
 
@@ -47,31 +57,38 @@ def _peft_adapted(family: str, kwargs: dict, seed: int) -> nn.Module:
 def test_rankwise_save_loads_in_peft(family: str, tmp_path: Path) -> None:
     from peft import PeftModel
 
-    ours = inject(BUILDERS[family](), LoraConfig(r=4, lora_alpha=8, **CASES[family]))
+    fam = family.split("-")[0]  # "bert-patterns" -> "bert"
+
+    ours = inject(BUILDERS[fam](), LoraConfig(r=4, lora_alpha=8, **CASES[family]))
     _perturb(ours, 3)
-    expected = logits(ours, family)
+    expected = logits(ours, fam)
     save_adapter(ours, tmp_path)
-    theirs = PeftModel.from_pretrained(BUILDERS[family](), tmp_path).eval()
-    torch.testing.assert_close(logits(theirs, family), expected, rtol=0, atol=1e-5)
+    theirs = PeftModel.from_pretrained(BUILDERS[fam](), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, fam), expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", list(CASES))
 def test_peft_save_loads_in_rankwise(family: str, tmp_path: Path) -> None:
+    fam = family.split("-")[0]  # "bert-patterns" -> "bert"
     theirs = _peft_adapted(family, CASES[family], seed=5)
-    expected = logits(theirs, family)
+    expected = logits(theirs, fam)
     theirs.save_pretrained(tmp_path)
-    ours = load_adapter(BUILDERS[family](), tmp_path)
-    torch.testing.assert_close(logits(ours, family), expected, rtol=0, atol=1e-5)
+    ours = load_adapter(BUILDERS[fam](), tmp_path)
+    torch.testing.assert_close(logits(ours, fam), expected, rtol=0, atol=1e-5)
     assert not any(p.requires_grad for p in ours.parameters()) and not ours.training
 
 
-@pytest.mark.parametrize("family", list(CASES))
-@pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
+@pytest.mark.parametrize(
+    ("family", "bias"),
+    [(f, "none") for f in CASES]
+    + [(f, b) for f in ("bert", "gpt2", "llama") for b in ("all", "lora_only")],
+)
 def test_keys_and_config_equal_peft_own_save(family: str, bias: str, tmp_path: Path) -> None:
+    fam = family.split("-")[0]  # "bert-patterns" -> "bert"
     kwargs = {**CASES[family], "bias": bias}
     theirs = _peft_adapted(family, kwargs, seed=0)
     theirs.save_pretrained(tmp_path / "peft")
-    ours = inject(BUILDERS[family](), LoraConfig(r=4, lora_alpha=8, **kwargs))
+    ours = inject(BUILDERS[fam](), LoraConfig(r=4, lora_alpha=8, **kwargs))
     save_adapter(ours, tmp_path / "ours")
     peft_keys = set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
     our_file = load_file(tmp_path / "ours" / "adapter_model.safetensors")
