@@ -280,6 +280,23 @@ CASES: list[Case] = [
         "invalid LoRA config",
     ),  # fmt: skip
     Case(
+        "config rank_pattern is a string",
+        _load(lambda d: edit_config(d, rank_pattern="0")),
+        AdapterFormatError,
+        "rank_pattern",
+        bug="lora.config.LoraConfig.__post_init__ calls dict(rank_pattern) and a string raises a "
+        "bare ValueError ('dictionary update sequence'); check it is a mapping and raise "
+        "ConfigError naming the field (same for alpha_pattern)",
+    ),
+    Case(
+        "config target_modules holds nulls",
+        _load(lambda d: edit_config(d, target_modules=[None, None])),
+        AdapterFormatError,
+        "target_modules",
+        bug="io.config_json.config_from_json sorts target_modules before LoraConfig validates "
+        "it: TypeError ('<' not supported between NoneType); validate first or sort with key=str",
+    ),
+    Case(
         "config unimplemented PEFT field",
         _load(lambda d: edit_config(d, use_dora=True)),
         AdapterFormatError,
