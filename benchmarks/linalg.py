@@ -93,20 +93,28 @@ def spectral_norm(E: torch.Tensor, steps: int = 80, seed: int = 0) -> float:
     return float(torch.linalg.eigvalsh(T)[-1].clamp_min(0).sqrt())
 
 
-def median_time(
-    fn: Callable[[], Any], repeats: int, *, warmup: bool = True, seed: int = 0
-) -> tuple[float, Any]:
-    """Median wall time of ``repeats`` calls; torch's global RNG is re-seeded before each call
-    so peers without a generator argument (``torch.svd_lowrank``) are reproducible too."""
-    torch.manual_seed(seed)
-    result = fn() if warmup else None  # warm-up: allocations, lazy imports
-    times = []
+def race(
+    peers: dict[str, Callable[[], Any]], repeats: int, *, warmup: bool = True
+) -> dict[str, tuple[float, Any]]:
+    """Median wall time and last result of each peer, the repeats interleaved round-robin.
+
+    Interleaving makes a busy machine's load fall on every peer alike; torch's global RNG is
+    re-seeded before each call so peers without a generator (``torch.svd_lowrank``) are
+    reproducible too.
+    """
+    results: dict[str, Any] = {}
+    times: dict[str, list[float]] = {name: [] for name in peers}
+    if warmup:  # allocations, lazy imports
+        for name, fn in peers.items():
+            torch.manual_seed(0)
+            results[name] = fn()
     for _ in range(repeats):
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), result
+        for name, fn in peers.items():
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), results[name]) for name in peers}
 
 
 def svd_error(M: torch.Tensor, U: Any, S: Any, Vh: Any, k: int) -> float:
@@ -117,8 +125,8 @@ def svd_error(M: torch.Tensor, U: Any, S: Any, Vh: Any, k: int) -> float:
     return spectral_norm(M.double() - approx)
 
 
-def floor_passes(M: torch.Tensor, width: int, passes: int, repeats: int) -> float:
-    """Median time of ``passes`` products of M (alternately Mᵀ) with a thin block of ``width``.
+def floor_passes(M: torch.Tensor, width: int, passes: int) -> Callable[[], None]:
+    """``passes`` products of M (alternately Mᵀ) with a thin block of ``width``.
 
     Written in the fastest layout we found, a wide (width, n) block times M or Mᵀ, so the
     floor is the best the BLAS can do, not a strawman.
@@ -129,7 +137,7 @@ def floor_passes(M: torch.Tensor, width: int, passes: int, repeats: int) -> floa
         for p in range(passes):
             _ = block_t @ (M if p % 2 == 0 else M.T)
 
-    return median_time(run, repeats)[0]
+    return run
 
 
 def bench_rsvd(n: int, k: int, oversample: int, repeats: int) -> list[dict[str, Any]]:
@@ -152,23 +160,22 @@ def bench_rsvd(n: int, k: int, oversample: int, repeats: int) -> list[dict[str, 
             ),
             "torch.svd_lowrank (q=k+p, niter=2)": lambda M=M: _svd_lowrank(M, k + oversample),
         }
-        times = {}
-        for peer, fn in peers.items():
-            seconds, (U, S, Vh) = median_time(fn, repeats)
-            times[peer] = seconds
+        FLOOR = "floor"
+        peers[FLOOR] = floor_passes(M, k + oversample, 2 * q + 2)
+        timed = race(peers, repeats)
+        floor = timed.pop(FLOOR)[0]
+        for peer, (seconds, (U, S, Vh)) in timed.items():
             rows.append(
                 {
                     "spectrum": name,
                     "method": peer,
                     "seconds": seconds,
                     "error_over_sigma_k1": svd_error(M, U, S, Vh, k) / floor_sigma,
+                    "auto_power_iters": q,
+                    "floor_seconds": floor,
                 }
             )
-        floor = floor_passes(M, k + oversample, 2 * q + 2, repeats)
-        for row in rows[-len(peers) :]:
-            row["auto_power_iters"] = q
-            row["floor_seconds"] = floor
-        print_rows(rows[-len(peers) :])
+        print_rows(rows[-len(timed) :])
     return rows
 
 
@@ -199,9 +206,15 @@ def bench_id(n: int, k: int, repeats: int) -> list[dict[str, Any]]:
         "rankwise interpolative (deterministic)": lambda: interpolative(M, k),
         "scipy interp_decomp (defaults)": scipy_id,
     }
+    width = k + SKETCH_OVERSAMPLE
+    q = _range_and_projection(M, width, k, None, torch.Generator().manual_seed(0)).power_iters
+    gemv = torch.randn(n, dtype=M.dtype)
+    peers["floor randomized"] = floor_passes(M, width, 2 * q + 2)
+    peers["floor deterministic"] = lambda: [gemv @ M for _ in range(k)]
+    timed = race(peers, repeats, warmup=False)
+    floors = [timed.pop("floor randomized")[0], timed.pop("floor deterministic")[0]]
     rows = []
-    for peer, fn in peers.items():
-        seconds, (idx, Z) = median_time(fn, repeats, warmup=False)
+    for peer, (seconds, (idx, Z)) in timed.items():
         idx, Z = torch.as_tensor(np.asarray(idx)), torch.as_tensor(np.asarray(Z))
         error = spectral_norm(M - id_reconstruct(M, ID(idx, Z)))
         rows.append(
@@ -212,12 +225,8 @@ def bench_id(n: int, k: int, repeats: int) -> list[dict[str, Any]]:
                 "max_abs_Z": float(Z.abs().max()),
             }
         )
-    width = k + SKETCH_OVERSAMPLE
-    q = _range_and_projection(M, width, k, None, torch.Generator().manual_seed(0)).power_iters
-    rows[0]["floor_seconds"] = floor_passes(M, width, 2 * q + 2, repeats)
-    rows[0]["auto_power_iters"] = q
-    gemv = torch.randn(n, dtype=M.dtype)
-    rows[1]["floor_seconds"] = median_time(lambda: [gemv @ M for _ in range(k)], repeats)[0]
+    rows[0]["floor_seconds"], rows[0]["auto_power_iters"] = floors[0], q
+    rows[1]["floor_seconds"] = floors[1]
     print_rows(rows)
     return rows
 
@@ -232,7 +241,7 @@ def markdown(report: dict[str, Any]) -> str:
         "# rankwise.linalg benchmark",
         "",
         f"{report['machine']}; torch {report['torch']}, {report['threads']} thread(s); "
-        f"medians of {report['repeats']} runs. Ratios: peer time ÷ rankwise time (>1 means "
+        f"medians of {report['repeats']} interleaved runs (ID: {report['id_repeats']}). Ratios: peer time ÷ rankwise time (>1 means "
         "rankwise is faster); floor ratio: rankwise time ÷ floor time.",
         "",
         f"## randomized SVD: {report['svd_size']}² float32, rank {report['svd_rank']}",
@@ -303,9 +312,10 @@ def main() -> None:
         (512, 16, 400, 40) if args.quick else (4096, 64, 3000, 200)
     )
     repeats = 2 if args.quick else args.repeats
+    id_repeats = max(1, min(repeats, 3))
     with threadpool_limits(limits=args.threads):
         rsvd = bench_rsvd(svd_size, svd_rank, 10, repeats) if args.part != "id" else []
-        ids = bench_id(id_size, id_rank, max(1, min(repeats, 3))) if args.part != "svd" else []
+        ids = bench_id(id_size, id_rank, id_repeats) if args.part != "svd" else []
         pools = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]
     report = {
         "machine": f"{platform.machine()} {platform.processor() or ''} "
@@ -315,6 +325,7 @@ def main() -> None:
         "thread_pools": pools,
         "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")},
         "repeats": repeats,
+        "id_repeats": id_repeats,
         "svd_size": svd_size,
         "svd_rank": svd_rank,
         "id_size": id_size,
