@@ -4,8 +4,12 @@ The LoRA paper's questions as functions (Hu et al. 2021, Sec. 7): how similar ar
 subspaces two adapters learn (:func:`subspace_similarity`), is ``ΔW`` really low-rank
 (:func:`spectrum`), and how does ``ΔW`` relate to ``W`` (:func:`amplification`). Adapters are
 transformed without forming ``B @ A``: :func:`resize`, :func:`combine` (linear, SVD, TIES,
-DARE) and :func:`extract` (a LoRA from the difference of two weights). Tensors in and out;
-the model- and directory-level versions live in :mod:`rankwise.analysis.model`.
+DARE) and :func:`extract` (a LoRA from the difference of two weights). Tensors in and out.
+Adapter directories (PEFT format) and models: :func:`adapter_similarity`,
+:func:`adapter_spectrum`, :func:`adapter_amplification`, :func:`resize_adapter`,
+:func:`combine_adapters`, :func:`extract_adapter` and :func:`budget_plan`, each returning one
+report row per module; text tables in :mod:`rankwise.analysis.report`, PNG figures in
+:mod:`rankwise.analysis.plots` (matplotlib, imported only there).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from rankwise.analysis.algebra import (
     ties_merge,
 )
 from rankwise.analysis.amplification import Amplification, amplification
+from rankwise.analysis.budget import BudgetPlan, budget_plan
 from rankwise.analysis.model import (
     ExtractReport,
     ModuleAmplification,
@@ -44,6 +49,7 @@ from rankwise.analysis.spectrum import Spectrum, spectrum
 __all__ = [
     "COMBINE_METHODS",
     "Amplification",
+    "BudgetPlan",
     "ExtractReport",
     "Factors",
     "LayerReport",
@@ -55,6 +61,7 @@ __all__ = [
     "adapter_similarity",
     "adapter_spectrum",
     "amplification",
+    "budget_plan",
     "combine",
     "combine_adapters",
     "extract_adapter",
