@@ -212,8 +212,8 @@ def _header_edit(data: bytes, op: str, index: int, value: Any) -> bytes:
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
     length = len(text)
-    if op == "length" and isinstance(value, list) and value:
-        length = int(value[0]) % 2**64
+    if op == "length" and isinstance(value, list) and value and type(value[0]) is int:
+        length = value[0] % 2**64
     return struct.pack("<Q", length) + text + data[8 + n :]
 
 
