@@ -92,7 +92,7 @@ def run_peft(args: argparse.Namespace, train_file: Path, out: Path) -> Measured:
     targs = transformers.TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=64, learning_rate=args.lr, num_train_epochs=1,
-        warmup_ratio=0.06, seed=args.seed, save_strategy="no", report_to=[],
+        warmup_steps=0.06, seed=args.seed, save_strategy="no", report_to=[],
         logging_strategy="no", use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
     collator = transformers.DataCollatorWithPadding(tok)

@@ -76,7 +76,16 @@ def plot_training_curve(metrics: str | os.PathLike[str], out: str | os.PathLike[
     fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 3.6), squeeze=False)
     ax = axes[0][0]
     if train:
-        ax.plot(*zip(*train), lw=0.8, label="training loss")
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, lw=0.6, alpha=0.5, label="per step")
+        window = max(1, len(losses) // 20)  # moving average over ~5% of the run
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1])
+            / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
+        ax.plot(steps, smooth, lw=1.6, label=f"mean of {window}")
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.set_title("training loss")
