@@ -70,6 +70,22 @@ class AdaLoraConfig(LoraConfig):
         self.rank_pattern = _check_masks(pattern, self.init_r)
         _check_adalora(self)
 
+    @property
+    def parametrization(self) -> str:
+        """Row ``"adalora"`` of :data:`rankwise.lora.layers.WRAPPERS`."""
+        return "adalora"
+
+    @property
+    def initializer(self) -> str:
+        """``"adalora"`` (P, Q ~ N(0, 0.02²), λ = 0) for ``init_lora_weights=True``."""
+        from rankwise.lora.initializers import initializer_name
+
+        return (
+            "adalora"
+            if self.init_lora_weights is True
+            else initializer_name(self.init_lora_weights)
+        )
+
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``init_r`` — or the number of kept triplets recorded in ``rank_pattern`` — and alpha."""
         mask = self.rank_pattern.get(f"{module_name}.lora_E")
@@ -88,6 +104,8 @@ def _positive_int(name: str, value: Any, *, allow_zero: bool = False) -> None:
 
 
 def _check_adalora(cfg: AdaLoraConfig) -> None:
+    if getattr(cfg, "use_dora", False):
+        raise ConfigError("use_dora: AdaLoRA cannot be combined with DoRA (as in PEFT)")
     _positive_int("init_r", cfg.init_r)
     _positive_int("target_r", cfg.target_r)
     _positive_int("deltaT", cfg.deltaT)

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from rankwise.errors import InjectionError
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
 from rankwise.lora.inject import inject
 from rankwise.lora.layers import is_hf_conv1d
@@ -199,6 +200,7 @@ def lora_ga_init(
     for name, init in inits.items():
         layer = model.get_submodule(name)
         layer.set_factors(init.A, init.B)
+        record_initial_factors(layer)  # A0, B0 for save_adapter(..., for_original_base=True)
         layer.set_base_matrix(init.base)
     return model
 
