@@ -98,3 +98,14 @@ def test_held_out_split_is_seeded_and_disjoint(tmp_path: Path) -> None:
     assert sorted(a.train.texts + a.eval.texts) == sorted(ds.texts)
     with pytest.raises(ConfigError, match="eval_split"):
         held_out_split(ds, 50, generator=0)
+
+
+def test_hf_datasets_through_the_datasets_library(tmp_path: Path) -> None:
+    pytest.importorskip("datasets", reason="hf: sources need the 'datasets' package")
+    folder = tmp_path / "local_ds"
+    folder.mkdir()
+    _write(folder / "train.csv", "text,label\nfine film,pos\ndull film,neg\n")
+    ds = load_dataset(f"hf:{folder}")
+    assert ds.texts == ("fine film", "dull film") and ds.labels == (1, 0)
+    with pytest.raises(ConfigError, match="could not load hf:"):
+        load_dataset(f"hf:{folder}:no_such_split")

@@ -127,6 +127,8 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
     name, _, split = spec.partition(":")
     parts = name.split("/")
     cut = 1 if len(parts) == 2 else 2
+    if Path(name).exists():  # a local dataset directory (or script) is one name
+        cut = len(parts)
     name, config = "/".join(parts[:cut]), "/".join(parts[cut:])
     try:
         loaded = datasets.load_dataset(name, config or None, split=split or "train")
