@@ -173,9 +173,10 @@ def randomized_svd(
     ``power_iters="auto"`` chooses ``q`` adaptively: after each pass ``Z = Aᵀ Q`` the
     singular values of ``Z``'s QR factor ``R`` are Ritz values of ``A`` (free); the iteration
     stops once the leading ``rank`` Ritz values rise by at most 5% of the ``(rank+1)``-th
-    between consecutive iterations (at least one, at most 8 iterations). On fast decay this stops
-    after one or two iterations; on a flat tail (where ``q = 0`` is ~9× off σ_{k+1}) after
-    about three, with a spectral error within 5% of σ_{k+1}. An int fixes ``q``.
+    between consecutive iterations (at least one, at most 8 iterations). Measured on 4096²
+    matrices at rank 64 (``benchmarks/linalg.py``): ``q = 2`` on geometric decay and on a flat
+    tail (where ``q = 0`` is ~9× off σ_{k+1}), ``q = 3`` on σ_j = 1/j, each with a spectral
+    error within 0.3% of σ_{k+1} — against scikit-learn's fixed 7. An int fixes ``q``.
 
     ``generator`` (``torch.Generator``, int seed or ``None`` for torch's global RNG) makes the
     result reproducible. ``M`` is an (m, n) float32/float64 tensor or numpy array.
