@@ -230,7 +230,10 @@ def finetune_trial(
         process.send_signal(signal.SIGKILL)
         process.wait()
     count, leftovers, adapter_done, problems = check_run_dir(out, reference)
-    finish(run_finetune(inputs, out, resume=out.exists()))
+    try:
+        finish(run_finetune(inputs, out, resume=out.exists()))
+    except RuntimeError as err:
+        problems.append(f"--resume failed: {err}")
     final = out / "adapter" / WEIGHTS
     same = final.is_file() and final.read_bytes() == reference
     if not same:
