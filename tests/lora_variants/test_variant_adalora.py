@@ -185,3 +185,10 @@ def test_truncate_to_rank_pattern() -> None:
     assert state["m.lora_A"] is A  # the input dict is untouched
     again = truncate_to_rank_pattern(out, {"m.lora_E": [True, False, True, False]})
     assert again["m.lora_A"].shape == (2, 5)  # already truncated: left as is
+
+
+def test_rank_zero_layer_is_the_base_layer() -> None:
+    layer = AdaLoraLinear(nn.Linear(5, 4), r=0, lora_alpha=8, scaling=1.0, lora_dropout=0.0)
+    x = torch.randn(2, 3, 5)
+    torch.testing.assert_close(layer(x), layer.base_layer(x), atol=0, rtol=0)
+    assert layer.lora_A.shape == (0, 5) and layer.lora_B.shape == (4, 0)

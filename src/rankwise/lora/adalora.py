@@ -199,6 +199,8 @@ class AdaLoraLinear(LoraLayer):
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)
+        if self.r == 0:  # every triplet pruned (PEFT allows r = 0): the base layer alone
+            return result
         h = x if self.dropout is None else self.dropout(x)
         if h.dtype != self._dtype:
             h = h.to(self._dtype)
