@@ -220,10 +220,32 @@ def check_run_dir(out: Path, reference: bytes) -> tuple[int, int, bool, list[str
     return len(checkpoints), leftovers, adapter.exists(), problems
 
 
+def wait_for_training(process: subprocess.Popen, out: Path, *, timeout: float = 600) -> float:
+    """Wait until the run has loaded its inputs and created ``out/config.yaml`` (training is
+    about to start); returns the time waited."""
+    start = time.monotonic()
+    while not (out / "config.yaml").exists() and process.poll() is None:
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"{out}: no config.yaml within {timeout} s")
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def timed_reference(inputs: RunInputs, out: Path) -> tuple[bytes, float]:
+    """An uninterrupted run: its adapter bytes and the seconds from config.yaml to exit."""
+    process = run_finetune(inputs, out)
+    wait_for_training(process, out)
+    start = time.monotonic()
+    finish(process)
+    return (out / "adapter" / WEIGHTS).read_bytes(), time.monotonic() - start
+
+
 def finetune_trial(
     inputs: RunInputs, out: Path, *, delay: float, reference: bytes
 ) -> FinetuneTrial:
+    """Kill a run ``delay`` s after its training starts (config.yaml written), check, resume."""
     process = run_finetune(inputs, out)
+    wait_for_training(process, out)
     try:
         process.wait(timeout=delay)
     except subprocess.TimeoutExpired:
