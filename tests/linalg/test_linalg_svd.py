@@ -206,6 +206,12 @@ def test_bad_matrices_name_the_argument(fn) -> None:
             fn(M, 1)
 
 
+@pytest.mark.parametrize("fn", [truncated_svd, randomized_svd])
+def test_meta_tensors_are_refused(fn) -> None:
+    with pytest.raises(ValueError, match="M: expected a tensor with data, found one on the meta"):
+        fn(torch.empty(4, 4, device="meta"), 1)
+
+
 def test_inputs_are_not_modified() -> None:
     M = torch.randn(30, 20, dtype=torch.float64)
     before = M.clone()

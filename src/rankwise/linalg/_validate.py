@@ -45,6 +45,8 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
         tensor = value
     else:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(value)}")
+    if tensor.is_meta:
+        raise ValueError(f"{name}: expected a tensor with data, found one on the meta device")
     if tensor.ndim != 2:
         raise ValueError(
             f"{name}: expected a 2-D matrix, found {tensor.ndim}-D with shape {tuple(tensor.shape)}"
