@@ -215,7 +215,7 @@ def adalora_init(
     out_f, in_f = weight.shape
     A = torch.randn(r, in_f, generator=generator) * INIT_STD
     B = torch.randn(out_f, r, generator=generator) * INIT_STD
-    return LoraInit(A.to(weight.device), B.to(weight.device), None)
+    return LoraInit(A.to(weight.device, weight.dtype), B.to(weight.device, weight.dtype), None)
 
 
 def orthogonal_regularization(model: nn.Module) -> Tensor:

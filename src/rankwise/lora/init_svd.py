@@ -117,8 +117,8 @@ def pissa_init(
     root = torch.sqrt(S / scaling)  # (r,): √(S/s) split between the two factors
     A = root[:, None] * Vh  # (r, in)
     B = U * root[None, :]  # (out, r)
-    residual = W - scaling * (B @ A)  # (out, in) = W - U_r S_r V_rᵀ
-    return _finish(A, B, residual, weight)
+    delta = scaling * (B @ A)  # (out, in) = U_r S_r V_rᵀ
+    return _finish(A, B, W, delta, weight)
 
 
 def pissa_exact_init(
@@ -153,18 +153,14 @@ def olora_init(
     Q, R = torch.linalg.qr(W)  # (out, k), (k, in), k = min(out, in): reduced QR
     B = Q[:, :r]  # (out, r), orthonormal columns
     A = R[:r]  # (r, in), upper trapezoidal
-    residual = W - scaling * (B @ A)
-    return _finish(A, B, residual, weight)
+    return _finish(A, B, W, scaling * (B @ A), weight)
 
 
-def _finish(A: Tensor, B: Tensor, residual: Tensor, weight: Tensor) -> LoraInit:
-    # factors in the adapter dtype decided by the wrapper (it casts on copy); residual in the
-    # weight's dtype so the wrapper writes it back unchanged in precision
-    return LoraInit(
-        A.contiguous().to(weight.device),
-        B.contiguous().to(weight.device),
-        residual.to(weight.device, weight.dtype),
-    )
+def _finish(A: Tensor, B: Tensor, W: Tensor, delta: Tensor, weight: Tensor) -> LoraInit:
+    """Factors on the weight's device; ``base = W - s·B A`` in the weight's dtype, or None
+    when ``s·B A`` is exactly zero (the base weight stays as it is, e.g. ``W = 0``)."""
+    residual = None if not bool(delta.any()) else (W - delta).to(weight.device, weight.dtype)
+    return LoraInit(A.contiguous().to(weight.device), B.contiguous().to(weight.device), residual)
 
 
 def from_peft_init(value: bool | str) -> bool | str:
