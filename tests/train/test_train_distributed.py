@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -26,6 +27,7 @@ def _finetune(argv: list[str], *, procs: int, cwd: Path) -> subprocess.Completed
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_global_batch(
     tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:

@@ -35,6 +35,7 @@ def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_after_a_stop_is_bit_identical(
     tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:

@@ -15,6 +15,7 @@ from rankwise.train import TrainConfig, train
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGKILL is POSIX")
+@pytest.mark.slow
 def test_sigkill_then_resume_is_bit_identical(
     tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:
