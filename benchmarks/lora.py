@@ -125,19 +125,23 @@ def eval_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], No
 
 def interleaved(
     fns: dict[str, Callable[[], None]], *, repeats: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call, round-robin so every peer sees the same background load."""
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and process-CPU seconds per call, round-robin so every peer sees the same
+    background load (alternating order each round). CPU time is less disturbed by other
+    processes preempting ours on a shared machine; both are reported."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
+    wall: dict[str, list[float]] = {k: [] for k in fns}
+    cpu: dict[str, list[float]] = {k: [] for k in fns}
     for rep in range(repeats):
         order = list(fns) if rep % 2 == 0 else list(reversed(fns))
         for name in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def peak_memory(fn: Callable[[], None]) -> int:
@@ -168,7 +172,7 @@ def run(args: argparse.Namespace) -> dict:
         "rankwise": train_step_fn(models["rankwise"], batch),
         "peft": train_step_fn(models["peft"], batch),
     }
-    train_t = interleaved(train, repeats=args.repeats, warmup=args.warmup)
+    train_t, train_c = interleaved(train, repeats=args.repeats, warmup=args.warmup)
     memory = {name: peak_memory(fn) for name, fn in train.items()} if not args.no_memory else {}
 
     from rankwise.lora import merge_and_unload
@@ -176,20 +180,15 @@ def run(args: argparse.Namespace) -> dict:
     evals = {k: copy.deepcopy(models[k]).eval() for k in ("base", "rankwise", "peft")}
     evals["rankwise_merged"] = merge_and_unload(copy.deepcopy(evals["rankwise"]))
     evals["peft_merged"] = copy.deepcopy(evals["peft"]).merge_and_unload()
-    eval_t = interleaved(
+    eval_t, eval_c = interleaved(
         {k: eval_fn(m, batch) for k, m in evals.items()}, repeats=args.repeats, warmup=args.warmup
     )
     med = {f"train/{k}": statistics.median(v) for k, v in train_t.items()}
     med |= {f"eval/{k}": statistics.median(v) for k, v in eval_t.items()}
-    ratios = {
-        "train rankwise / floor": med["train/rankwise"] / med["train/floor"],
-        "train peft / floor": med["train/peft"] / med["train/floor"],
-        "train rankwise / peft": med["train/rankwise"] / med["train/peft"],
-        "eval rankwise unmerged / base": med["eval/rankwise"] / med["eval/base"],
-        "eval peft unmerged / base": med["eval/peft"] / med["eval/base"],
-        "eval rankwise merged / base": med["eval/rankwise_merged"] / med["eval/base"],
-        "eval peft merged / base": med["eval/peft_merged"] / med["eval/base"],
-    }
+    cpu = {f"train/{k}": statistics.median(v) for k, v in train_c.items()}
+    cpu |= {f"eval/{k}": statistics.median(v) for k, v in eval_c.items()}
+    ratios = {f"{name} (wall)": value for name, value in _ratios(med).items()}
+    ratios |= {f"{name} (cpu)": value for name, value in _ratios(cpu).items()}
     if memory:
         ratios["peak train memory rankwise / peft"] = memory["rankwise"] / memory["peft"]
     return {
@@ -209,12 +208,25 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
         },
         "median_seconds": med,
+        "median_cpu_seconds": cpu,
         "ratios": ratios,
         "peak_memory_bytes": memory,
         "samples_seconds": {
             **{f"train/{k}": v for k, v in train_t.items()},
             **{f"eval/{k}": v for k, v in eval_t.items()},
         },
+    }
+
+
+def _ratios(med: dict[str, float]) -> dict[str, float]:
+    return {
+        "train rankwise / floor": med["train/rankwise"] / med["train/floor"],
+        "train peft / floor": med["train/peft"] / med["train/floor"],
+        "train rankwise / peft": med["train/rankwise"] / med["train/peft"],
+        "eval rankwise unmerged / base": med["eval/rankwise"] / med["eval/base"],
+        "eval peft unmerged / base": med["eval/peft"] / med["eval/base"],
+        "eval rankwise merged / base": med["eval/rankwise_merged"] / med["eval/base"],
+        "eval peft merged / base": med["eval/peft_merged"] / med["eval/base"],
     }
 
 
@@ -226,10 +238,13 @@ def markdown(result: dict) -> str:
         f"MiniLM seq-cls, batch {s['batch'][0]}×{s['batch'][1]} ({s['data']}), r={s['r']}, "
         f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats.",
         "",
-        "| measurement | median (ms) |",
-        "|---|---:|",
+        "| measurement | median wall (ms) | median process CPU (ms) |",
+        "|---|---:|---:|",
     ]
-    lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in result["median_seconds"].items()]
+    cpu = result["median_cpu_seconds"]
+    lines += [
+        f"| {k} | {v * 1e3:.1f} | {cpu[k] * 1e3:.1f} |" for k, v in result["median_seconds"].items()
+    ]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
     if result["peak_memory_bytes"]:
