@@ -111,7 +111,7 @@ def test_round_trip_keeps_values_and_swaps_in_place(tmp_path: Path) -> None:
     a = inject(tiny_bert_cls(), cfg, generator=1)
     _perturb(a, 1)
     save_adapter(a, tmp_path / "a")
-    b = inject(tiny_bert_cls(), cfg.replace(lora_alpha=4), generator=2)
+    b = inject(tiny_bert_cls(), cfg.replace(lora_alpha=4, lora_dropout=0.1), generator=2)
     _perturb(b, 2)
     save_adapter(b, tmp_path / "b")
     expected_b = logits(b, "bert")
@@ -121,6 +121,7 @@ def test_round_trip_keeps_values_and_swaps_in_place(tmp_path: Path) -> None:
     load_adapter(model, tmp_path / "b", is_trainable=True)
     assert [id(layer) for _, layer in lora_layers(model)] == layers  # swapped, not re-injected
     torch.testing.assert_close(logits(model, "bert"), expected_b, rtol=0, atol=1e-6)
+    assert all(layer.dropout.p == 0.1 for _, layer in lora_layers(model))
     assert get_config(model).lora_alpha == 4 and read_adapter_config(tmp_path / "b").lora_alpha == 4
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)
 

@@ -81,7 +81,7 @@ def load_adapter(
         expected = _expected_for_swap(model, config)
         plan = None
     else:
-        plan = resolve(model, config.replace(inference_mode=False))
+        plan = resolve(model, config.replace(inference_mode=not is_trainable))
         expected = planned_shapes(model, plan)
     _check_keys(expected, {k: header[f].shape for k, f in renamed.items()}, source=weights)
     tensors = read_tensors(weights, renamed.values())
@@ -91,7 +91,7 @@ def load_adapter(
         apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
     else:
         _set_layer_scales(model, config)
-        replace_state_config(model, config)
+        replace_state_config(model, config.replace(inference_mode=not is_trainable))
     _copy_in(model, values)
     set_trainable(model, trainable=is_trainable)
     if not is_trainable:
@@ -175,6 +175,7 @@ def _set_layer_scales(model: nn.Module, config: LoraConfig) -> None:
         r, alpha = config.rank_and_alpha(name)
         layer.lora_alpha = alpha
         layer.scaling = config.scaling(r=r, alpha=alpha)
+        layer.set_dropout(config.lora_dropout)
 
 
 def _copy_in(model: nn.Module, values: dict[str, Tensor]) -> None:

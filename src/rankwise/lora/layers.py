@@ -94,6 +94,13 @@ class LoraLayer(nn.Module):
                 raise
             return getattr(modules["base_layer"], name)
 
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability of the adapter path (no module at all for p = 0)."""
+        if self.kind == "embedding":
+            return  # token ids are never dropped (as PEFT)
+        self.lora_dropout = float(p)
+        self.dropout = nn.Dropout(p).train(self.training) if p > 0 else None
+
     # -- the base weight seen as the matrix of a linear map ------------------------------------
     @property
     def base_weight(self) -> Tensor:
