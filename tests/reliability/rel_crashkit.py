@@ -159,17 +159,21 @@ def make_run_inputs(root: Path) -> RunInputs:
     return RunInputs(root / "model", root / "toy.csv")
 
 
-def finetune_argv(inputs: RunInputs, out: Path, *, resume: bool = False) -> list[str]:
+def finetune_argv(
+    inputs: RunInputs, out: Path, *, resume: bool = False, steps: int = 6
+) -> list[str]:
     argv = ["finetune", "--model", str(inputs.model), "--data", str(inputs.data),
-            "--max-steps", "6", "--batch-size", "4", "--save-every", "1", "--keep-checkpoints",
+            "--max-steps", str(steps), "--batch-size", "4", "--save-every", "1", "--keep-checkpoints",
             "2", "--eval-split", "4", "--max-length", "16", "--r", "2", "--seed", "0",
             "--output", str(out)]  # fmt: skip
     return argv + (["--resume"] if resume else [])
 
 
-def run_finetune(inputs: RunInputs, out: Path, *, resume: bool = False) -> subprocess.Popen:
+def run_finetune(
+    inputs: RunInputs, out: Path, *, resume: bool = False, steps: int = 6
+) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "rankwise", *finetune_argv(inputs, out, resume=resume)],
+        [sys.executable, "-m", "rankwise", *finetune_argv(inputs, out, resume=resume, steps=steps)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -231,20 +235,24 @@ def wait_for_training(process: subprocess.Popen, out: Path, *, timeout: float = 
     return time.monotonic() - start
 
 
-def timed_reference(inputs: RunInputs, out: Path) -> tuple[bytes, float]:
-    """An uninterrupted run: its adapter bytes and the seconds from config.yaml to exit."""
-    process = run_finetune(inputs, out)
+def timed_reference(inputs: RunInputs, out: Path, *, steps: int = 6) -> tuple[bytes, float]:
+    """An uninterrupted run: its adapter bytes and the seconds from config.yaml (training
+    starts) to the final ``adapter/`` appearing."""
+    process = run_finetune(inputs, out, steps=steps)
     wait_for_training(process, out)
     start = time.monotonic()
+    while not (out / "adapter").exists() and process.poll() is None:
+        time.sleep(0.02)
+    seconds = time.monotonic() - start
     finish(process)
-    return (out / "adapter" / WEIGHTS).read_bytes(), time.monotonic() - start
+    return (out / "adapter" / WEIGHTS).read_bytes(), seconds
 
 
 def finetune_trial(
-    inputs: RunInputs, out: Path, *, delay: float, reference: bytes
+    inputs: RunInputs, out: Path, *, delay: float, reference: bytes, steps: int = 6
 ) -> FinetuneTrial:
     """Kill a run ``delay`` s after its training starts (config.yaml written), check, resume."""
-    process = run_finetune(inputs, out)
+    process = run_finetune(inputs, out, steps=steps)
     wait_for_training(process, out)
     try:
         process.wait(timeout=delay)
@@ -253,7 +261,7 @@ def finetune_trial(
         process.wait()
     count, leftovers, adapter_done, problems = check_run_dir(out, reference)
     try:
-        finish(run_finetune(inputs, out, resume=out.exists()))
+        finish(run_finetune(inputs, out, resume=out.exists(), steps=steps))
     except RuntimeError as err:
         problems.append(f"--resume failed: {err}")
     final = out / "adapter" / WEIGHTS

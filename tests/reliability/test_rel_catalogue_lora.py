@@ -297,9 +297,6 @@ CASES: list[Case] = [
         _bad_svd(torch.empty(4, 4, device="meta"), rank=1),
         ValueError,
         "meta",
-        bug="linalg._validate.as_matrix lets meta tensors through and torch fails inside "
-        "(Tensor.item() on meta tensors); refuse tensor.is_meta with a ValueError naming "
-        "the argument",
     ),  # fmt: skip
 ]
 
