@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -44,12 +45,19 @@ def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None
     cfg.write_text(yaml.safe_dump({"model": str(model), "data": str(data), "max-steps": 5,
                                    "batch_size": 4, "r": 2, "save-every": 0}))  # fmt: skip
     out = tmp_path / "out"
-    code, stdout, _ = _run(["--config", str(cfg), "--max-steps", "2", "--output", str(out)], capsys)
+    code, stdout, _ = _run(
+        ["--config", str(cfg), "--max-steps", "2", "--eval-every", "1", "--output", str(out)],
+        capsys,
+    )
     assert code == 0, stdout
     resolved = yaml.safe_load((out / "config.yaml").read_text())
     assert resolved["max_steps"] == 2 and resolved["batch_size"] == 4 and resolved["r"] == 2
     assert "trainable" in stdout and "held-out before" in stdout and "held-out after" in stdout
     assert "merge check" in stdout and "identical predictions" in stdout
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 2]  # before, 2 steps, after
+    assert "eval_accuracy" in records[1] and "loss" in records[1] and "lr" in records[1]
+    assert "examples_per_s" in records[2] and "eval_accuracy" not in records[2]
     for name in ("metrics.jsonl", "training_curve.png", "adapter/adapter_model.safetensors"):
         assert (out / name).is_file(), name
 
