@@ -182,3 +182,13 @@ def test_causal_loss_counts_only_response_tokens(tiny_gpt2: Path) -> None:
             for t in range(start, len(ids)):  # predict token t from position t - 1
                 expected += F.cross_entropy(row[t - 1], torch.tensor(ids[t]))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_resume_refuses_a_different_global_batch(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out, max_steps=4, save_every=1), echo=_quiet, stop_after=1)
+    changed = _config(tiny_bert, toy_tsv, out, max_steps=4, save_every=1, batch_size=4, resume=True)
+    with pytest.raises(ValueError, match="examples per step"):
+        train(changed, echo=_quiet)

@@ -49,6 +49,7 @@ class Checkpoint(NamedTuple):
     scheduler: dict[str, Any]
     rng: torch.Tensor  # torch's CPU generator state
     cuda_rng: list[torch.Tensor]  # one state per CUDA device (empty on CPU)
+    meta: dict[str, Any]
     skipped: tuple[str, ...]  # later checkpoints that were unreadable (one message each)
 
 
@@ -76,8 +77,12 @@ def save_checkpoint(
     optimizer: Mapping[str, Any],
     scheduler: Mapping[str, Any],
     keep: int = 2,
+    meta: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write a checkpoint atomically and keep only the ``keep`` most recent ones."""
+    """Write a checkpoint atomically and keep only the ``keep`` most recent ones.
+
+    ``meta``: JSON-able facts the resumed run must match (e.g. the global batch size).
+    """
     from safetensors.torch import save_file
 
     root = Path(output) / CHECKPOINTS_DIR
@@ -98,6 +103,7 @@ def save_checkpoint(
     index = {
         "format": "rankwise-checkpoint/1",
         "position": position._asdict(),
+        "meta": dict(meta or {}),
         "sha256": {name: _sha256(tmp / name) for name in (WEIGHTS_FILE, STATE_FILE)},
     }
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
@@ -147,6 +153,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         state["scheduler"],
         state["rng"],
         list(state.get("cuda_rng", [])),
+        dict(index.get("meta", {})),
         (),
     )
 

@@ -166,6 +166,7 @@ def _save(run: _Run, position: ckpt.Position) -> None:
             optimizer=run.optimizer.state_dict(),
             scheduler=run.scheduler.state_dict(),
             keep=run.config.keep_checkpoints,
+            meta={"global_batch": _global_batch(run)},
         )
     dist_.barrier(run.info)
 
@@ -183,6 +184,10 @@ def _progress(run: _Run, start: int) -> Any:
     )
 
 
+def _global_batch(run: _Run) -> int:
+    return run.config.batch_size * run.config.grad_accum * run.info.world_size
+
+
 def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any, average: float) -> None:
     """Evaluate (every ``eval_every``), log the step's record and move the progress bar."""
     every = run.config.eval_every
@@ -197,7 +202,7 @@ def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any, average:
 def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> tuple[int, float]:
     """Run optimizer steps from ``position`` to the end; returns (steps done, examples/s)."""
     config, lengths = run.config, run.train_enc.lengths()
-    global_batch = config.batch_size * config.grad_accum * run.info.world_size
+    global_batch = _global_batch(run)
     step, epoch, next_batch = position
     bar, seen, clock = _progress(run, step), 0, time.perf_counter()
     run.prepared.model.train()
@@ -239,6 +244,12 @@ def _resume(run: _Run) -> ckpt.Position:
         return ckpt.Position(0, 0, 0)
     for message in found.skipped:
         run.echo(f"warning: {message}")
+    saved_batch = found.meta.get("global_batch", _global_batch(run))
+    if saved_batch != _global_batch(run):
+        raise ValueError(
+            f"--resume: {found.path} was written with {saved_batch} examples per step, this run "
+            f"has {_global_batch(run)} (batch size x grad accum x processes must stay the same)"
+        )
     model = run.prepared.model
     expected = set(trainable_state(model))
     if set(found.weights) != expected:
