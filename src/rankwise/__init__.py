@@ -13,7 +13,24 @@ from typing import Any
 __version__ = "0.1.0"
 
 # Public name -> module that defines it. Filled in as each part of the library lands.
-_LAZY: dict[str, str] = {}
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(
+        (
+            "LoraConfig",
+            "inject",
+            "merge",
+            "unmerge",
+            "merge_and_unload",
+            "unload",
+            "disable_adapters",
+            "trainable_report",
+            "lora_layers",
+            "get_config",
+        ),
+        "rankwise.lora",
+    ),
+    **dict.fromkeys(("save_adapter", "load_adapter", "read_adapter_config"), "rankwise.io"),
+}
 
 _SUBPACKAGES = ("linalg", "lora", "io", "analysis", "train", "cli")
 
