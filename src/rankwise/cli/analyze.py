@@ -99,6 +99,11 @@ def _plotted(paths: list[Any]) -> None:
         print(f"wrote {path}")
 
 
+def _label(path: str) -> str:
+    """The last two path components: ``runs/r8/adapter`` -> ``r8/adapter``."""
+    return "/".join(Path(path).parts[-2:])
+
+
 def _similarity(args: argparse.Namespace) -> int:
     from rankwise.analysis import adapter_similarity
     from rankwise.analysis.report import similarity_table
@@ -109,9 +114,7 @@ def _similarity(args: argparse.Namespace) -> int:
         from rankwise.analysis.plots import plot_similarity
 
         _plotted(
-            plot_similarity(
-                rows, args.plot, labels=(Path(args.adapter1).name, Path(args.adapter2).name)
-            )
+            plot_similarity(rows, args.plot, labels=(_label(args.adapter1), _label(args.adapter2)))
         )
     return 0
 
