@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import known_spectrum
 from torch import nn
+from variants_kit import known_spectrum
 
 from rankwise.lora.init_svd import (
     from_peft_init,

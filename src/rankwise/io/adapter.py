@@ -20,13 +20,16 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import AdapterFormatError, MergeError, ShapeMismatchError
+from rankwise.errors import AdapterFormatError, ConfigError, MergeError, ShapeMismatchError
 from rankwise.io.config_json import read_adapter_config, write_adapter_config
 from rankwise.io.files import read_header, read_tensors, write_safetensors
+from rankwise.lora.adalora import AdaLoraConfig, truncate_to_rank_pattern
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.init_svd import initial_factors, original_base_config, original_base_factors
 from rankwise.lora.inject import (
     STATE_ATTR,
     apply_plan,
+    check_wrappers,
     get_config,
     lora_layers,
     replace_state_config,
@@ -40,11 +43,19 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | Path, *, for_original_base: bool = False
+) -> Path:
     """Write ``model``'s adapter to ``directory`` (created if needed) in PEFT's format.
 
     Returns the directory. Both files are written atomically. A merged model is saved with
-    its factors (merging does not change ``A`` and ``B``).
+    its factors (merging does not change ``A`` and ``B``). AdaLoRA adapters are written in
+    PEFT's ``ADALORA`` format, each layer cut to the triplets ``rank_pattern`` keeps.
+
+    ``for_original_base=True`` (PiSSA, OLoRA, LoRA-GA, which moved ``s·B0 A0`` out of the
+    base weight) writes a plain LoRA of rank ``2r`` relative to the *unmodified* base:
+    ``ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]``, ``r`` and ``lora_alpha`` doubled (PEFT's
+    ``path_initial_model_for_weight_conversion``), which PEFT loads on the original model.
     """
     config = get_config(model)
     if config.base_model_name_or_path is None:  # as PEFT: the model's own name_or_path, if any
@@ -55,7 +66,12 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
         auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {PREFIX + k: v for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model)
+    if isinstance(config, AdaLoraConfig) and config.rank_pattern:
+        state = truncate_to_rank_pattern(state, config.rank_pattern)
+    if for_original_base:
+        state, config = _for_original_base(model, state, config)
+    tensors = {PREFIX + k: v for k, v in state.items()}
     write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
     write_adapter_config(out, config, auto_mapping=auto_mapping)
     return out
@@ -76,12 +92,18 @@ def load_adapter(
     weights = _weights_file(directory)
     header = read_header(weights)
     renamed = _rename_keys(header, source=weights)
+    if config.use_dora and not any(k.endswith(".lora_magnitude_vector") for k in renamed):
+        raise AdapterFormatError(
+            f"{weights}: the config sets use_dora=True but the file holds no "
+            "lora_magnitude_vector (not a DoRA adapter)"
+        )
     injected = hasattr(model, STATE_ATTR)
     if injected:
         expected = _expected_for_swap(model, config)
         plan = None
     else:
         plan = resolve(model, config.replace(inference_mode=not is_trainable))
+        check_wrappers(plan)  # e.g. DoRA on a convolution: InjectionError naming it
         expected = planned_shapes(model, plan)
     _check_keys(expected, {k: header[f].shape for k, f in renamed.items()}, source=weights)
     tensors = read_tensors(weights, renamed.values())
@@ -97,6 +119,29 @@ def load_adapter(
     if not is_trainable:
         model.eval()
     return model
+
+
+def _for_original_base(
+    model: nn.Module, state: dict[str, Tensor], config: LoraConfig
+) -> tuple[dict[str, Tensor], LoraConfig]:
+    """The rank-2r factors relative to the original base (see :func:`save_adapter`)."""
+    if config.parametrization != "vanilla":
+        raise ConfigError(
+            f"for_original_base: {config.parametrization} adapters depend on the base weight "
+            "itself and cannot be re-expressed as a plain LoRA on the original base"
+        )
+    out = dict(state)
+    for name, layer in lora_layers(model):
+        A, B = (t.detach() for t in layer.factors())  # (r, in), (out, r)
+        init = initial_factors(layer)  # None: the base was not changed (B0 A0 = 0)
+        A0, B0 = init if init is not None else (torch.zeros_like(A), torch.zeros_like(B))
+        A2, B2 = original_base_factors(A, B, A0, B0)  # (2r, in), (out, 2r)
+        (key_a, shape_a), (key_b, shape_b) = (
+            type(layer).factor_shapes(layer.base_layer, 2 * layer.r).items()
+        )
+        out[f"{name}.{key_a}"] = A2.reshape(shape_a)
+        out[f"{name}.{key_b}"] = B2.reshape(shape_b)
+    return out, original_base_config(config)
 
 
 def _weights_file(directory: Path) -> Path:

@@ -11,16 +11,23 @@ Read: ``peft_type`` must be ``"LORA"``; fields of features rankwise does not imp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from rankwise.errors import AdapterFormatError, ConfigError
 from rankwise.io.files import atomic_write_bytes
+from rankwise.lora.adalora import AdaLoraConfig
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.init_svd import from_peft_init, to_peft_init
 
 CONFIG_NAME = "adapter_config.json"
 PEFT_TYPE = "LORA"
+# peft_type -> config class (AdaLoRA: PEFT's "ADALORA" format, rank_pattern = kept triplets)
+CONFIG_CLASSES: dict[str, type[LoraConfig]] = {"LORA": LoraConfig, "ADALORA": AdaLoraConfig}
+# rankwise-only training flags: not written (PEFT does not know them), defaults on reading
+_LOCAL_ONLY = ("use_lora_fa",)
 
 # Fields PEFT 0.21.2 writes for features rankwise does not (yet) implement, at their defaults.
 PEFT_DEFAULTS: dict[str, Any] = {
@@ -43,13 +50,19 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "target_parameters": None,
     "trainable_token_indices": None,
     "use_bdlora": None,
-    "use_dora": False,
     "use_qalora": False,
     "velora_config": None,
 }
 # Fields whose value does not change how the adapter computes (any value accepted on read).
-_INERT = {"auto_mapping", "revision", "megatron_core", "qalora_group_size", "ensure_weight_tying"}
-_OURS = set(LoraConfig.__dataclass_fields__)
+# lora_ga_config only steers an initialization from gradients, which loading never redoes
+_INERT = {
+    "auto_mapping",
+    "revision",
+    "megatron_core",
+    "qalora_group_size",
+    "ensure_weight_tying",
+    "lora_ga_config",
+}
 
 
 def config_to_json(
@@ -61,10 +74,14 @@ def config_to_json(
     and module, ``{"base_model_class": ..., "parent_library": ...}``.
     """
     data = {**PEFT_DEFAULTS, **config.to_dict(), "auto_mapping": auto_mapping}
+    for key in _LOCAL_ONLY:
+        data.pop(key, None)
     init = data["init_lora_weights"]
-    data["init_lora_weights"] = {"kaiming": True, "random": False}.get(init, init)
+    data["init_lora_weights"] = to_peft_init({"kaiming": True, "random": False}.get(init, init))
+    if isinstance(config, AdaLoraConfig) and not config.rank_pattern:
+        data["rank_pattern"] = None  # PEFT's AdaLoRA default
     data["inference_mode"] = True
-    data["peft_type"] = PEFT_TYPE
+    data["peft_type"] = config.peft_type
     return dict(sorted(data.items()))
 
 
@@ -73,9 +90,10 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{source}: expected a JSON object, found {type(data).__name__}")
     peft_type = data.get("peft_type")
-    if peft_type != PEFT_TYPE:
+    cls = CONFIG_CLASSES.get(peft_type) if isinstance(peft_type, str) else None
+    if cls is None:
         raise AdapterFormatError(
-            f"{source}: peft_type is {peft_type!r}; rankwise reads LoRA adapters ('LORA') only"
+            f"{source}: peft_type is {peft_type!r}; rankwise reads {sorted(CONFIG_CLASSES)} adapters"
         )
     for key, default in PEFT_DEFAULTS.items():
         if key in _INERT or key not in data:
@@ -86,11 +104,16 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
                 f"{source}: {key}={value!r} is a PEFT feature rankwise does not implement "
                 f"(expected {default!r})"
             )
-    fields = {k: v for k, v in data.items() if k in _OURS}
+    names = {f.name for f in dataclasses.fields(cls)}  # ClassVars (peft_type) excluded
+    fields = {k: v for k, v in data.items() if k in names}
+    if "init_lora_weights" in fields:
+        fields["init_lora_weights"] = from_peft_init(fields["init_lora_weights"])
+    if fields.get("rank_pattern", {}) is None:
+        del fields["rank_pattern"]
     if isinstance(fields.get("target_modules"), (list, tuple)):
         fields["target_modules"] = sorted(fields["target_modules"])
     try:
-        return LoraConfig(**fields)
+        return cls(**fields)
     except (ConfigError, TypeError) as err:
         raise AdapterFormatError(f"{source}: invalid LoRA config ({err})") from None
 

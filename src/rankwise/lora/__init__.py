@@ -13,8 +13,17 @@
 
 from __future__ import annotations
 
+from rankwise.lora.adalora import (
+    AdaLoraConfig,
+    AdaLoraLinear,
+    adalora_init,
+    orthogonal_regularization,
+)
+from rankwise.lora.adalora_alloc import RankAllocator
 from rankwise.lora.config import SCALING_RULES, LoraConfig
-from rankwise.lora.initializers import INITIALIZERS, LoraInit
+from rankwise.lora.dora import DORA_WRAPPERS, DoraEmbedding, DoraLinear
+from rankwise.lora.init_svd import olora_init, pissa_exact_init, pissa_init
+from rankwise.lora.initializers import INITIALIZERS, LoraInit, kaiming_init
 from rankwise.lora.inject import get_config, inject, lora_layers
 from rankwise.lora.layers import (
     WRAPPERS,
@@ -24,10 +33,37 @@ from rankwise.lora.layers import (
     LoraLayer,
     LoraLinear,
 )
+from rankwise.lora.lora_ga import lora_ga_init
+from rankwise.lora.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from rankwise.lora.merge import disable_adapters, merge, merge_and_unload, unload, unmerge
 from rankwise.lora.report import TrainableReport, trainable_report
 
+# -- variants: one registry entry each (initializer axis, parametrization axis) ---------------
+INITIALIZERS.update(
+    {
+        "pissa": pissa_init,  # randomized SVD, within 1% of the optimal residual
+        "pissa_exact": pissa_exact_init,  # full SVD (PEFT's "pissa")
+        "olora": olora_init,
+        # LoRA-GA needs gradients (lora_ga_init); without them (e.g. loading a file) the
+        # factors start as the default and are overwritten, as in PEFT
+        "lora_ga": kaiming_init,
+        "adalora": adalora_init,
+    }
+)
+WRAPPERS.update({"dora": DORA_WRAPPERS, "adalora": {"linear": AdaLoraLinear}})
+
 __all__ = [
+    "AdaLoraConfig",
+    "AdaLoraLinear",
+    "DoraEmbedding",
+    "DoraLinear",
+    "RankAllocator",
+    "create_loraplus_optimizer",
+    "lora_ga_init",
+    "loraplus_param_groups",
+    "olora_init",
+    "orthogonal_regularization",
+    "pissa_init",
     "INITIALIZERS",
     "SCALING_RULES",
     "WRAPPERS",

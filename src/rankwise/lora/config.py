@@ -16,7 +16,7 @@ import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 from rankwise.errors import ConfigError
 
@@ -59,8 +59,15 @@ class LoraConfig:
     * ``modules_to_save``: modules trained in full and saved beside the adapter
       (``SEQ_CLS`` adds ``classifier``/``score`` at injection, as PEFT does).
     * ``init_lora_weights``: ``True`` (kaiming-uniform A, zero B), ``False`` (random A and B,
-      for tests), or a registered initializer name (``"gaussian"``).
+      for tests), or a registered initializer name (``"gaussian"``, ``"pissa"`` — randomized
+      SVD —, ``"pissa_exact"``, ``"olora"``, ``"lora_ga"``; see
+      :data:`rankwise.lora.initializers.INITIALIZERS`).
+    * ``use_dora``: the DoRA parametrization (:mod:`rankwise.lora.dora`);
+      ``use_lora_fa``: LoRA-FA, ``A`` frozen at its initialization and only ``B`` trained
+      (Zhang et al. 2023, "LoRA-FA"; a training flag, not written to ``adapter_config.json``).
     """
+
+    peft_type: ClassVar[str] = "LORA"
 
     r: int = 8
     lora_alpha: float = 8
@@ -70,6 +77,8 @@ class LoraConfig:
     bias: str = "none"
     modules_to_save: list[str] | None = None
     use_rslora: bool = False
+    use_dora: bool = False
+    use_lora_fa: bool = False
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
@@ -97,6 +106,18 @@ class LoraConfig:
     def scaling_rule(self) -> str:
         """Name of the scaling rule in :data:`SCALING_RULES`."""
         return "rslora" if self.use_rslora else "standard"
+
+    @property
+    def parametrization(self) -> str:
+        """Row of :data:`rankwise.lora.layers.WRAPPERS`: ``"dora"`` or ``"vanilla"``."""
+        return "dora" if self.use_dora else "vanilla"
+
+    @property
+    def initializer(self) -> str:
+        """Key of :data:`rankwise.lora.initializers.INITIALIZERS` for ``init_lora_weights``."""
+        from rankwise.lora.initializers import initializer_name
+
+        return initializer_name(self.init_lora_weights)
 
     def scaling(self, *, r: int, alpha: float) -> float:
         """The factor ``s`` multiplying ``B A`` for a layer of rank ``r`` and alpha ``alpha``."""
@@ -173,7 +194,7 @@ def _validate(cfg: LoraConfig) -> None:
         _check_alpha(f"alpha_pattern[{key!r}]", alpha)
     _check_layers(cfg)
     _check_init(cfg.init_lora_weights)
-    for flag in ("use_rslora", "fan_in_fan_out", "inference_mode"):
+    for flag in ("use_rslora", "use_dora", "use_lora_fa", "fan_in_fan_out", "inference_mode"):
         if not isinstance(getattr(cfg, flag), bool):
             raise ConfigError(f"{flag}: expected a bool, found {getattr(cfg, flag)!r}")
 

@@ -18,11 +18,14 @@ from torch import Tensor, nn
 
 from rankwise.errors import InjectionError
 from rankwise.lora.config import LoraConfig
-from rankwise.lora.initializers import INITIALIZERS, as_generator, initializer_name
+from rankwise.lora.init_svd import record_initial_factors
+from rankwise.lora.initializers import INITIALIZERS, as_generator
 from rankwise.lora.layers import WRAPPERS, LoraLayer
 from rankwise.lora.targets import Plan, Target, resolve
 
 STATE_ATTR = "_rankwise_lora"
+# LoRA-FA (Zhang et al. 2023): the down-projection A is frozen, only B (and the rest) train
+LORA_FA_FROZEN = ("lora_A", "lora_embedding_A")
 
 
 @dataclass
@@ -41,8 +44,8 @@ class LoraState:
 
 
 def parametrization_name(config: LoraConfig) -> str:
-    """Row of :data:`WRAPPERS` for ``config`` (variants such as DoRA add their own rows)."""
-    return "vanilla"
+    """Row of :data:`WRAPPERS` for ``config`` (``"vanilla"``, ``"dora"``, ``"adalora"``)."""
+    return config.parametrization
 
 
 @overload
@@ -91,7 +94,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     """Build and initialize every wrapper, then swap them in and set the trainable flags."""
     modules = dict(model.named_modules())
     cfg = plan.config
-    wrappers = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
+    check_wrappers(plan)
+    # every wrapper built and initialized first; residual base weights are written only after
+    built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
     state = LoraState(
         config=cfg,
         modules_to_save=plan.modules_to_save,
@@ -102,15 +107,29 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
             for k, v in modules[m].state_dict().items()
         },
     )
-    for name, wrapper in wrappers.items():
+    for name, (wrapper, residual) in built.items():
+        if residual is not None:
+            wrapper.set_base_matrix(residual)  # PiSSA/OLoRA: W_res = W - s·B0 A0
         _set_submodule(model, name, wrapper)
     object.__setattr__(model, STATE_ATTR, state)
     set_trainable(model, trainable=not cfg.inference_mode)
 
 
+def check_wrappers(plan: Plan) -> None:
+    """InjectionError naming the first target whose layer type the parametrization lacks."""
+    row = WRAPPERS.get(parametrization_name(plan.config), {})
+    for t in plan.targets:
+        if t.kind not in row:
+            raise InjectionError(
+                f"{t.name}: {parametrization_name(plan.config)} adapters support "
+                f"{sorted(row)} layers, not {t.kind!r}; exclude it from target_modules"
+            )
+
+
 def _build(
     base: nn.Module, target: Target, cfg: LoraConfig, g: torch.Generator | None
-) -> LoraLayer:
+) -> tuple[LoraLayer, Tensor | None]:
+    """The initialized wrapper and the residual base weight to write (or None)."""
     cls = WRAPPERS[parametrization_name(cfg)][target.kind]
     layer = cls(
         base,
@@ -120,7 +139,7 @@ def _build(
         lora_dropout=cfg.lora_dropout,
     )
     layer.train(base.training)
-    init = INITIALIZERS[initializer_name(cfg.init_lora_weights)]
+    init = INITIALIZERS[cfg.initializer]
     with torch.no_grad():
         W = layer.base_matrix().detach()  # (out, in)
         result = init(
@@ -128,8 +147,8 @@ def _build(
         )
     layer.set_factors(result.A, result.B)
     if result.base is not None:
-        layer.set_base_matrix(result.base)
-    return layer
+        record_initial_factors(layer)  # A0, B0 for save_adapter(..., for_original_base=True)
+    return layer, result.base
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -173,8 +192,11 @@ def set_trainable(model: nn.Module, *, trainable: bool) -> None:
         return
     for _, layer in lora_layers(model):
         for name, p in layer.named_parameters():
-            if not name.startswith("base_layer."):
-                p.requires_grad_(True)
+            if name.startswith("base_layer."):
+                continue
+            if state.config.use_lora_fa and name.split(".")[0] in LORA_FA_FROZEN:
+                continue  # LoRA-FA: A stays at its initialization
+            p.requires_grad_(True)
         if state.config.bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
             layer.base_layer.bias.requires_grad_(True)
     for name in state.modules_to_save:

@@ -196,7 +196,8 @@ def lora_ga_init(
         step=layers_per_pass or len(linear),
         g=g,
     )
-    inject(model, config.replace(init_lora_weights=True), generator=g)
+    # "lora_ga" in the attached config (and the file); the factors are set just below
+    inject(model, config.replace(init_lora_weights="lora_ga"), generator=g)
     for name, init in inits.items():
         layer = model.get_submodule(name)
         layer.set_factors(init.A, init.B)
