@@ -44,15 +44,9 @@ COMMANDS: dict[str, Command] = {
     "compress-image": Command("compress_image", "SVD / ID / Monarch compression of an image"),
 }
 
-_USER_ERRORS = (
-    CliError,
-    ValueError,
-    KeyError,
-    FileNotFoundError,
-    NotADirectoryError,
-    PermissionError,
-    IsADirectoryError,
-)
+# OSError covers a missing file, a directory where a file was expected (or the reverse), an
+# existing file in the way of an output directory, no permission and a full disk.
+_USER_ERRORS = (CliError, ValueError, KeyError, OSError)
 
 
 def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
