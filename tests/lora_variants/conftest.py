@@ -1,4 +1,4 @@
-"""Shared helpers for the LoRA-variant tests: matrices with known spectra, the bundled MiniLM."""
+"""Shared fixtures for the LoRA-variant tests: the tiny-model kit, the bundled MiniLM weights."""
 
 from __future__ import annotations
 
