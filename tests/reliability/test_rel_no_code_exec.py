@@ -152,13 +152,6 @@ def test_a_poisoned_checkpoint_never_runs_its_payload(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="train.checkpoint.read_checkpoint lets torch.load's pickle.UnpicklingError escape, so "
-    "load_latest (which catches ValueError) does not fall back and --resume shows a traceback; "
-    "catch (pickle.UnpicklingError, RuntimeError, EOFError) around torch.load and raise "
-    "ValueError naming state.pt",
-)
 def test_a_poisoned_checkpoint_is_refused_with_a_value_error(tmp_path: Path) -> None:
     from rankwise.train.checkpoint import read_checkpoint
 

@@ -110,14 +110,20 @@ def save_checkpoint(
     for name in (WEIGHTS_FILE, STATE_FILE, INDEX_FILE):
         _fsync(tmp / name)
     if final.exists():  # re-saving a step (after a resume): move the old one aside first
-        stale = root / f".stale-{final.name}-{os.getpid()}"
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
+        _discard(final)
     os.replace(tmp, final)
     _fsync(root)
     for old in list_checkpoints(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Delete a checkpoint so a kill midway never leaves a half-deleted ``step-*`` directory:
+    rename it out of the ``step-*`` namespace first (atomic), then remove it."""
+    stale = path.with_name(f".stale-{path.name}-{os.getpid()}")
+    os.replace(path, stale)
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def list_checkpoints(output: str | os.PathLike[str]) -> list[Path]:
@@ -143,15 +149,21 @@ def read_checkpoint(path: Path) -> Checkpoint:
         file = path / name
         if not file.is_file() or _sha256(file) != hashes.get(name):
             raise ValueError(f"{file}: missing or does not match its SHA-256 (partial or corrupt)")
-    weights = load_file(str(path / WEIGHTS_FILE))
-    state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    file = path / WEIGHTS_FILE
+    try:
+        weights = load_file(str(file))
+        file = path / STATE_FILE
+        # weights_only=True: a state file holding anything but tensors and plain containers
+        # (e.g. a planted pickle payload) is refused by torch's restricted unpickler, never run.
+        state = torch.load(file, map_location="cpu", weights_only=True)
+        parts = (state["optimizer"], state["scheduler"], state["rng"])
+    except Exception as err:  # any unreadable content means "this checkpoint is unusable"
+        raise ValueError(f"{file}: unreadable ({type(err).__name__}: {str(err)[:200]})") from None
     return Checkpoint(
         path,
         position,
         weights,
-        state["optimizer"],
-        state["scheduler"],
-        state["rng"],
+        *parts,
         list(state.get("cuda_rng", [])),
         dict(index.get("meta", {})),
         (),
