@@ -30,6 +30,7 @@ _LAZY: dict[str, str] = {
         "rankwise.lora",
     ),
     **dict.fromkeys(("save_adapter", "load_adapter", "read_adapter_config"), "rankwise.io"),
+    **dict.fromkeys(("TrainConfig", "TrainResult"), "rankwise.train"),
 }
 
 _SUBPACKAGES = ("linalg", "lora", "io", "analysis", "train", "cli")
