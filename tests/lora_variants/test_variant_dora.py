@@ -209,3 +209,21 @@ def test_factor_shapes_include_the_magnitude() -> None:
     shapes = DoraLinear.factor_shapes(nn.Linear(12, 9), 3)
     assert shapes["lora_magnitude_vector"] == (9,)
     assert set(dict(_dora(_linear()).named_parameters())) >= {"lora_magnitude_vector"}
+
+
+def test_inference_weight_cache_follows_every_change() -> None:
+    layer = _dora(_linear()).eval()
+    x = torch.randn(3, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x).double(), _reference(layer, x), atol=1e-5, rtol=1e-5)
+        first = layer.inference_weight()
+        assert layer.inference_weight() is first  # cached
+        layer.lora_A.weight.add_(0.05)  # in place: version bump
+        torch.testing.assert_close(layer(x).double(), _reference(layer, x), atol=1e-5, rtol=1e-5)
+        layer.lora_magnitude_vector.mul_(1.1)
+        torch.testing.assert_close(layer(x).double(), _reference(layer, x), atol=1e-5, rtol=1e-5)
+    layer.train()
+    assert layer.__dict__.get("_eval_weight") is None  # dropped in training mode
+    out = layer(x)
+    out.sum().backward()
+    assert layer.lora_magnitude_vector.grad is not None

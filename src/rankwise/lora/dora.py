@@ -21,6 +21,9 @@ fused multiply-add. The row norms come from the identity
 keyed on the identity and version counter of ``W0``, ``A`` and ``B`` (every in-place change —
 an optimizer step, ``load_adapter``, a merge — bumps a version), so in eval mode it is computed
 once and reused until a weight changes, and in training it is recomputed after each step.
+In eval mode without autograd (inference) the layer goes further and caches the DoRA weight
+``c ⊙ (W0 + s·BA)`` itself — one extra ``(out, in)`` matrix per layer, dropped by ``train()``
+and rebuilt when a weight changes — so inference costs one GEMM, as the base layer.
 
 With dropout active in training the result is PEFT's
 ``base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃`` (``x̃`` the dropped-out input). Merging writes
@@ -163,9 +166,31 @@ class DoraLinear(DoraMixin, LoraLinear):
         shapes = LoraLinear.factor_shapes(base, r)
         return {**shapes, MAGNITUDE: (shapes["lora_B.weight"][0],)}
 
+    def train(self, mode: bool = True) -> DoraLinear:
+        self._eval_weight = None  # the cached inference weight is for eval mode only
+        return super().train(mode)
+
+    def inference_weight(self) -> Tensor:
+        """``c ⊙ (W0 + s·BA)``, ``(out, in)``, cached until a weight changes (eval, no grad)."""
+        W = self.base_matrix()
+        A, B = self.factors()
+        m = self.lora_magnitude_vector
+        key = (*_key(W, A, B, m), self.scaling)
+        cached = self.__dict__.get("_eval_weight")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            V = W.float() + self.scaling * (B.float() @ A.float())  # (out, in), formed once
+            Wp = ((m.float() / V.norm(dim=1))[:, None] * V).to(W.dtype)
+        self._eval_weight = (key, Wp)
+        return Wp
+
     def adapted_forward(self, x: Tensor) -> Tensor:
         W = self.base_matrix()  # (out, in), a view
         bias = self.base_layer.bias
+        if not self.training and not torch.is_grad_enabled():
+            # inference: one GEMM with the cached DoRA weight, the base layer's cost
+            return F.linear(x, self.inference_weight(), bias)
         c = self._dora_scale(x.dtype)  # (out,)
         if self.dropout is not None and self.training:
             # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x)
@@ -176,7 +201,13 @@ class DoraLinear(DoraMixin, LoraLinear):
         y = F.linear(x, W)  # (..., out), no bias yet
         h = x if x.dtype == self._dtype else x.to(self._dtype)
         h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
-        y = self._project_up(y, h, self.lora_B.weight)  # W0 x + s·B A x
+        if h.dtype == y.dtype:
+            # W0 x + s·B A x, added in place: linear's backward does not need its output
+            y.view(-1, y.shape[-1]).addmm_(
+                h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling
+            )
+        else:
+            y = self._project_up(y, h, self.lora_B.weight)
         if bias is None:
             return y * c
         return torch.addcmul(bias, y, c)  # c ⊙ (...) + b in one pass
