@@ -76,18 +76,14 @@ CASES = [
         "resize {b} --out {t}/o --rank 1",
         "bin",
         "pickle",
-        "cli resize: analysis.adapter_files._read_tensors reports only 'no "
-        "adapter_model.safetensors' for a .bin-only directory; reuse io.adapter._weights_file "
-        "so the refusal explains the pickle",
+        None,
     ),  # fmt: skip
     (
         "resize an integer adapter",
         "resize {b} --out {t}/o --rank 1",
         "int",
         "int64",
-        "cli resize: a TypeError traceback ('factors A must be a floating-point tensor') from "
-        "analysis.algebra; analysis.adapter_files.read_factors should raise AdapterFormatError "
-        "naming the key and dtype",
+        None,
     ),  # fmt: skip
     (
         "resize --out is an existing file",

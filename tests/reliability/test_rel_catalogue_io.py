@@ -375,18 +375,12 @@ CASES: list[Case] = [
         ),
         AdapterFormatError,
         "int64",
-        bug="analysis.adapter_files.read_factors returns int64 factors and resize fails later "
-        "with TypeError ('factors A must be a floating-point tensor'); read_factors should "
-        "raise AdapterFormatError naming the key and dtype",
     ),  # fmt: skip
     Case(
         "resize a .bin-only adapter",
         _analysis(lambda s, o: resize_adapter(s, o, 1), _only_pickle),
         AdapterFormatError,
         "pickle",
-        bug="analysis.adapter_files._read_tensors says only 'no adapter_model.safetensors' for a "
-        ".bin-only directory; reuse io.adapter._weights_file so the pickle refusal is "
-        "explained as in load_adapter",
     ),  # fmt: skip
     Case(
         "resize energy out of range",

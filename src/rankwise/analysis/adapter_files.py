@@ -23,6 +23,7 @@ from rankwise.analysis.algebra import Factors
 from rankwise.errors import AdapterFormatError
 from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
+from rankwise.io.adapter import _weights_file as weights_file  # also refuses a pickle-only dir
 from rankwise.io.files import read_header, read_tensors, write_safetensors
 from rankwise.lora.config import LoraConfig
 
@@ -37,9 +38,7 @@ def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
 
 
 def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}")
+    path = weights_file(Path(directory))
     header = read_header(path)  # validated before any tensor is read
     embedding = [k for k in header if ".lora_embedding_" in k]
     if embedding:
@@ -69,6 +68,12 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
     for module in modules:
         A = tensors[f"{PREFIX}{module}{_A}"]  # (r, in)
         B = tensors.get(f"{PREFIX}{module}{_B}")  # (out, r)
+        for key, factor in ((_A, A), (_B, B)):
+            if factor is not None and not factor.is_floating_point():
+                raise AdapterFormatError(
+                    f"{directory}: key '{PREFIX}{module}{key}' has dtype {factor.dtype}; "
+                    "expected a floating-point tensor"
+                )
         if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             found = None if B is None else tuple(B.shape)
             raise AdapterFormatError(
