@@ -198,16 +198,17 @@ class DoraLinear(DoraMixin, LoraLinear):
             lora = F.linear(F.linear(xd.to(self._dtype), self.lora_A.weight), self.lora_B.weight)
             extra = (c - 1) * F.linear(xd, W) + c * (lora * self.scaling).to(x.dtype)
             return self.base_layer(x) + extra
-        y = F.linear(x, W)  # (..., out), no bias yet
-        h = x if x.dtype == self._dtype else x.to(self._dtype)
-        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
+        shape = (*x.shape[:-1], W.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D so the add below is in place on y itself
+        y = F.linear(x2, W)  # (N, out), no bias yet
+        h = x2 if x2.dtype == self._dtype else x2.to(self._dtype)
+        h = F.linear(h, self.lora_A.weight)  # (N, r): project down first, never form B @ A
         if h.dtype == y.dtype:
             # W0 x + s·B A x, added in place: linear's backward does not need its output
-            y.view(-1, y.shape[-1]).addmm_(
-                h.reshape(-1, h.shape[-1]), self.lora_B.weight.t(), alpha=self.scaling
-            )
+            y.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
         else:
             y = self._project_up(y, h, self.lora_B.weight)
+        y = y.view(shape)
         if bias is None:
             return y * c
         return torch.addcmul(bias, y, c)  # c ⊙ (...) + b in one pass
