@@ -111,7 +111,7 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
     if fields.get("rank_pattern", {}) is None:
         del fields["rank_pattern"]
     if isinstance(fields.get("target_modules"), (list, tuple)):
-        fields["target_modules"] = sorted(fields["target_modules"])
+        fields["target_modules"] = sorted(fields["target_modules"], key=str)
     try:
         return cls(**fields)
     except (ConfigError, TypeError) as err:

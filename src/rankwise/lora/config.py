@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
@@ -96,8 +96,8 @@ class LoraConfig:
             self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
         if isinstance(self.layers_pattern, (list, tuple)):
             self.layers_pattern = [str(p) for p in self.layers_pattern]
-        self.rank_pattern = dict(self.rank_pattern)
-        self.alpha_pattern = dict(self.alpha_pattern)
+        self.rank_pattern = _mapping("rank_pattern", self.rank_pattern)
+        self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern)
         if isinstance(self.layers_to_transform, (list, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
         _validate(self)
@@ -159,6 +159,19 @@ def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
     if value is None or isinstance(value, str):
         return value
     return _name_list(name, value)
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    """A copy of ``value`` as a dict; ConfigError naming ``name`` if it is not a mapping."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            f"{name}: expected a mapping of module-name regex -> value, "
+            f"found {type(value).__name__} {value!r}"
+        )
+    for key in value:
+        if not isinstance(key, str):
+            raise ConfigError(f"{name}: expected string keys, found {key!r}")
+    return dict(value)
 
 
 def _name_list(name: str, value: Any) -> list[str]:
