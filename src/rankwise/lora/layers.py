@@ -166,26 +166,44 @@ class LoraLayer(nn.Module):
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:
         """Add ``s B A`` into the base weight, computed in float32; refuses non-finite results."""
-        if self.merged:
-            raise MergeError(f"{type(self).__name__}: already merged")
-        self._write_weight(self.merged_weight(self.base_weight.detach().float()), "merge")
-        self.merged = True
+        self.write_weight(self.planned_weight("merge"), "merge")
 
     def unmerge(self) -> None:
         """Subtract ``s B A`` from the merged base weight (float32); the inverse of merge."""
-        if not self.merged:
-            raise MergeError(f"{type(self).__name__}: not merged, nothing to unmerge")
-        self._write_weight(self.unmerged_weight(self.base_weight.detach().float()), "unmerge")
-        self.merged = False
+        self.write_weight(self.planned_weight("unmerge"), "unmerge")
 
-    def _write_weight(self, new: Tensor, what: str) -> None:
+    def planned_weight(self, what: str) -> Tensor:
+        """The base weight ``merge``/``unmerge`` would write, in the base weight's dtype.
+
+        Validates without mutating: MergeError if the state is wrong (already merged / not
+        merged), the weight is on the meta device (no values to merge into), or the result is
+        not finite *after* the cast to the base dtype (float32 ``W + s B A`` may overflow fp16).
+        """
+        name = type(self).__name__
+        if what == "merge" and self.merged:
+            raise MergeError(f"{name}: already merged")
+        if what == "unmerge" and not self.merged:
+            raise MergeError(f"{name}: not merged, nothing to unmerge")
+        weight = self.base_weight
+        if weight.is_meta:
+            raise MergeError(
+                f"{name}: the base weight is on the meta device (shape {tuple(weight.shape)}, "
+                f"no values); materialize the model (to_empty + load) before {what}"
+            )
+        rule = self.merged_weight if what == "merge" else self.unmerged_weight
+        new = rule(weight.detach().float()).to(weight.dtype)
         if not torch.isfinite(new).all():
             raise MergeError(
-                f"{type(self).__name__}: {what} would give non-finite weights "
+                f"{name}: {what} would give non-finite weights in {weight.dtype} "
                 "(the adapter or base weight holds inf/nan or overflows); weights left unchanged"
             )
+        return new
+
+    def write_weight(self, new: Tensor, what: str) -> None:
+        """Write a weight from :meth:`planned_weight` (``what`` the same) and flip ``merged``."""
         with torch.no_grad():
             self.base_weight.copy_(new)
+        self.merged = what == "merge"
 
     def _project_up(self, result: Tensor, h: Tensor, B: Tensor) -> Tensor:
         """``result + s · h @ B.T`` with ``s`` folded into the fused matmul (one allocation).

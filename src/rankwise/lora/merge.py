@@ -2,8 +2,9 @@
 
 Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, cast back to the
 weight's dtype) so inference runs the plain base layers at no extra cost; unmerging subtracts
-the same product. Both are all-or-nothing: if any layer fails (non-finite result) the layers
-already done are restored and :class:`MergeError` is raised.
+the same product. Both are all-or-nothing (validate, then mutate): every new weight is computed
+and checked (finite in the weight's dtype, not on the meta device) before any is written, so a
+failure raises :class:`MergeError` naming the layer and leaves every weight bit-identical.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from rankwise.errors import MergeError
 from rankwise.lora.inject import STATE_ATTR, _set_submodule, get_state, lora_layers
+from rankwise.lora.layers import LoraLayer
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -28,16 +30,20 @@ def merge(model: nn.Module) -> nn.Module:
             f"merge: layers already merged: {merged[:3]}{'…' if len(merged) > 3 else ''}"
         )
     _check_untied(model)
-    done = []
-    try:
-        for _, layer in layers:
-            layer.merge()
-            done.append(layer)
-    except MergeError:
-        for layer in reversed(done):
-            layer.unmerge()
-        raise
+    _apply(layers, "merge")
     return model
+
+
+def _apply(layers: list[tuple[str, LoraLayer]], what: str) -> None:
+    """Plan every layer's new weight (raising MergeError naming the layer), then write all."""
+    planned = []
+    for name, layer in layers:
+        try:
+            planned.append((layer, layer.planned_weight(what)))
+        except MergeError as err:
+            raise MergeError(f"{what}: layer {name!r}: {err}") from None
+    for layer, new in planned:
+        layer.write_weight(new, what)
 
 
 def _check_untied(model: nn.Module) -> None:
@@ -64,15 +70,7 @@ def unmerge(model: nn.Module) -> nn.Module:
         raise MergeError(
             f"unmerge: layers not merged: {unmerged[:3]}{'…' if len(unmerged) > 3 else ''}"
         )
-    done = []
-    try:
-        for _, layer in layers:
-            layer.unmerge()
-            done.append(layer)
-    except MergeError:
-        for layer in reversed(done):
-            layer.merge()
-        raise
+    _apply(layers, "unmerge")
     return model
 
 

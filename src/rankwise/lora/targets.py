@@ -52,7 +52,11 @@ class Plan(NamedTuple):
 
 
 def resolve(model: nn.Module, config: LoraConfig) -> Plan:
-    """The :class:`Plan` for injecting ``config`` into ``model``; raises InjectionError."""
+    """The :class:`Plan` for injecting ``config`` into ``model``; raises InjectionError.
+
+    Every target's weight must be non-empty (a zero-size layer has nothing to adapt and would
+    divide by zero in the initializers); checked here, before anything is allocated.
+    """
     if any(isinstance(m, LoraLayer) for m in model.modules()) or hasattr(model, "_rankwise_lora"):
         raise InjectionError(
             "model: adapters are already injected; call rankwise.lora.unload(model) or "
@@ -74,6 +78,7 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
         kind = wrapper_kind(modules[name])
         _check_supported(name, modules[name], kind)
         r, alpha = cfg.rank_and_alpha(name)
+        _check_nonempty(name, modules[name])
         targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
     if not targets:
         raise InjectionError(f"target_modules: {cfg.target_modules!r} matched no module")
@@ -192,3 +197,13 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
                 f"target_modules: convolution {name!r} has groups={groups}, dilation={dilation}, "
                 f"padding_mode={mode!r}; LoRA supports groups=1, dilation=1, padding_mode='zeros'"
             )
+
+
+def _check_nonempty(name: str, module: nn.Module) -> None:
+    """Refuse a weight with a zero dimension, naming the module and its shape."""
+    shape = tuple(module.weight.shape)  # type: ignore[union-attr]
+    if 0 in shape:
+        raise InjectionError(
+            f"target_modules: module {name!r} has a zero-size weight of shape {shape}; "
+            "expected every dimension > 0"
+        )
