@@ -31,14 +31,6 @@ def test_save_adapter_killed_leaves_complete_files(tmp_path: Path) -> None:
     assert trial.weights_version is not None and trial.weights_version >= trial.reported
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="io.adapter.save_adapter replaces adapter_model.safetensors, then adapter_config.json: "
-    "a crash between the two leaves new weights with the old config (seen under SIGKILL in "
-    "benchmarks/crash_safety.py). Write both files into a temporary directory beside the target "
-    "and swap it in (as train.outputs.atomic_dir), or record the weights' SHA-256 in the config "
-    "and refuse a mismatch on load",
-)
 def test_save_adapter_failing_between_its_two_files_keeps_the_old_adapter(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from rankwise.errors import AdapterFormatError, ConfigError, MergeError, ShapeMismatchError
 from rankwise.io.config_json import read_adapter_config, write_adapter_config
-from rankwise.io.files import read_header, read_tensors, write_safetensors
+from rankwise.io.files import read_header, read_tensors, replaced_dir, write_safetensors
 from rankwise.lora.adalora import AdaLoraConfig, truncate_to_rank_pattern
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import initial_factors, original_base_config, original_base_factors
@@ -35,8 +35,9 @@ from rankwise.lora.inject import (
     replace_state_config,
     set_trainable,
 )
+from rankwise.lora.layers import adapter_dtype
 from rankwise.lora.state import adapter_state_dict, planned_shapes
-from rankwise.lora.targets import resolve
+from rankwise.lora.targets import Plan, resolve
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -48,7 +49,10 @@ def save_adapter(
 ) -> Path:
     """Write ``model``'s adapter to ``directory`` (created if needed) in PEFT's format.
 
-    Returns the directory. Both files are written atomically. A merged model is saved with
+    Returns the directory. Both files change together: they are written into a temporary
+    directory beside ``directory`` (holding links to the files already there, which are kept)
+    that is then swapped in atomically, so a crash leaves the old adapter or the new one, never
+    new weights with an old config. A merged model is saved with
     its factors (merging does not change ``A`` and ``B``). AdaLoRA adapters are written in
     PEFT's ``ADALORA`` format, each layer cut to the triplets ``rank_pattern`` keeps.
 
@@ -65,15 +69,15 @@ def save_adapter(
         cls = type(model)
         auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     state = adapter_state_dict(model)
     if isinstance(config, AdaLoraConfig) and config.rank_pattern:
         state = truncate_to_rank_pattern(state, config.rank_pattern)
     if for_original_base:
         state, config = _for_original_base(model, state, config)
     tensors = {PREFIX + k: v for k, v in state.items()}
-    write_safetensors(out / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_adapter_config(out, config, auto_mapping=auto_mapping)
+    with replaced_dir(out) as tmp:  # both files change together; other files are kept
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_adapter_config(tmp, config, auto_mapping=auto_mapping)
     return out
 
 
@@ -88,6 +92,7 @@ def load_adapter(
     mode. Raises AdapterFormatError / ShapeMismatchError with the model unchanged.
     """
     directory = Path(directory)
+    _check_materialized(model)
     config = read_adapter_config(directory)
     weights = _weights_file(directory)
     header = read_header(weights)
@@ -108,7 +113,7 @@ def load_adapter(
     _check_keys(expected, {k: header[f].shape for k, f in renamed.items()}, source=weights)
     tensors = read_tensors(weights, renamed.values())
     values = {k: tensors[f] for k, f in renamed.items()}
-    _check_values(values, source=weights)
+    _check_values(values, _target_dtypes(model, plan, values), source=weights)
     if plan is not None:
         apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
     else:
@@ -205,14 +210,61 @@ def _few(keys: list[str]) -> str:
     return "none" if not keys else f"{keys[:4]}{' …' if len(keys) > 4 else ''} ({len(keys)})"
 
 
-def _check_values(values: dict[str, Tensor], *, source: Path) -> None:
+def _check_materialized(model: nn.Module) -> None:
+    """Refuse a model with meta-device tensors: ``copy_`` into them drops every value."""
+    for kind, named in (("parameter", model.named_parameters), ("buffer", model.named_buffers)):
+        for key, t in named():
+            if t.is_meta:
+                module = key.rpartition(".")[0] or "<root>"
+                raise AdapterFormatError(
+                    f"load_adapter: module {module!r} has {kind} {key!r} on the meta device "
+                    "(shape only, no storage); expected a materialized model (to_empty + load "
+                    "its weights) so the adapter's values can be written"
+                )
+
+
+def _target_dtypes(
+    model: nn.Module, plan: Plan | None, values: dict[str, Tensor]
+) -> dict[str, torch.dtype]:
+    """Key -> dtype the value will have in the model (what ``_copy_in`` casts it to).
+
+    Existing tensors keep their dtype; LoRA tensors a ``plan`` will create get
+    :func:`adapter_dtype` of their base weight (float32 for fp16/bf16 bases).
+    """
+    live = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
+    targets = [t.name for t in plan.targets] if plan is not None else []
+    out: dict[str, torch.dtype] = {}
+    for key in values:
+        if key in live:
+            out[key] = live[key].dtype
+        elif key.replace(".base_layer.", ".") in live:
+            out[key] = live[key.replace(".base_layer.", ".")].dtype
+        else:
+            owner = max((n for n in targets if key.startswith(n + ".")), key=len, default=None)
+            weight = getattr(modules.get(owner), "weight", None) if owner is not None else None
+            if isinstance(weight, Tensor):
+                out[key] = adapter_dtype(weight.dtype)
+    return out
+
+
+def _check_values(
+    values: dict[str, Tensor], dtypes: dict[str, torch.dtype], *, source: Path
+) -> None:
+    """Float LoRA tensors only, and every value finite *after* the cast to its live dtype
+    (float64 values beyond float32's range would otherwise load as inf)."""
     for key, value in values.items():
         if ".lora_" in key and not value.is_floating_point():
             raise AdapterFormatError(
                 f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float"
             )
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan")
+        if not value.is_floating_point():
+            continue
+        dtype = dtypes.get(key, value.dtype)
+        cast = value.to(dtype) if dtype.is_floating_point else value
+        if not torch.isfinite(cast).all():
+            where = "" if dtype == value.dtype else f" once cast from {value.dtype} to {dtype}"
+            raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan{where}")
 
 
 def _set_layer_scales(model: nn.Module, config: LoraConfig) -> None:

@@ -3,6 +3,10 @@
 * Atomic writes: the bytes go to a temporary file in the destination's directory, are
   flushed and fsync'ed, then ``os.replace`` puts them in place, so a crash never leaves a
   half-written adapter.
+* Atomic directories (:func:`replaced_dir`): files that must change together (an adapter's
+  weights and config) are written into a temporary directory beside the target, which is then
+  swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux (two ``os.replace`` elsewhere),
+  so a reader sees the whole old or the whole new set, never a mix.
 * Reading: the safetensors header (JSON with every tensor's dtype, shape and byte range) is
   parsed and validated by ``safetensors.safe_open`` before any tensor is read; any failure
   becomes :class:`AdapterFormatError` naming the file. Nothing is ever unpickled.
@@ -10,9 +14,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import secrets
+import shutil
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -43,6 +52,76 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def replaced_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; on success it becomes ``final`` atomically.
+
+    The temporary directory starts with the entries ``final`` already holds (hard links, or
+    copies across file systems), so files the caller does not write are kept; write with
+    :func:`atomic_write_bytes` (``os.replace`` unlinks the shared name, never writing through
+    the link into the old file). On an exception ``final`` is left untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    if final.exists() and not final.is_dir():
+        raise NotADirectoryError(f"{final}: expected a directory, found a file")
+    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()  # the umask's mode, as mkdir(final) would give; copytree copies final's mode
+    try:
+        if final.is_dir():
+            shutil.copytree(final, tmp, symlinks=True, copy_function=_link, dirs_exist_ok=True)
+        yield tmp
+        _fsync_dir(tmp)
+        _swap_in(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old directory
+
+
+def _link(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Put ``tmp`` at ``final``; the old ``final`` (if any) ends up at ``tmp``."""
+    if not final.exists():
+        os.replace(tmp, final)
+    elif not _exchange(tmp, final):  # no atomic exchange: a brief moment with no ``final``
+        stale = final.parent / f".{final.name}.{secrets.token_hex(4)}.stale"
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        os.replace(stale, tmp)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with Linux ``renameat2(RENAME_EXCHANGE)``; False if unavailable."""
+    if sys.platform != "linux":
+        return False
+    fn = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if fn is None:  # glibc < 2.28 or another libc
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    rc = fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on directories
+    finally:
+        os.close(fd)
 
 
 def write_safetensors(
