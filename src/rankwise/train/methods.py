@@ -1,10 +1,14 @@
-"""Fine-tuning methods: what trains. ``full`` (every parameter, the baseline) and ``lora``.
+"""Fine-tuning methods: what trains. ``full`` (every parameter, the baseline), ``lora`` and the
+variants that are a change of :class:`rankwise.lora.LoraConfig` alone.
 
 ``lora`` injects adapters ``h = W0 x + (alpha / r) B A x`` (Hu et al. 2021) into the modules
 named by ``--targets`` with :func:`rankwise.lora.inject`; for classification the task type is
 ``SEQ_CLS``, so the classifier head is trained in full and saved beside the adapter
-(``modules_to_save``, as PEFT does). Methods the library does not provide yet are refused
-with a clear error rather than approximated.
+(``modules_to_save``, as PEFT does). ``dora`` (``use_dora``), ``pissa`` (exact SVD, so the
+residual base is rebuilt identically wherever the adapter is loaded), ``olora`` and ``lora-fa``
+(A frozen) are config fields (:data:`VARIANT_FIELDS`). Methods that need a hook in the loop
+(``lora-ga``: a gradient pass; ``adalora``: a rank allocator; ``loraplus``: parameter groups)
+are refused with a clear error rather than approximated.
 """
 
 from __future__ import annotations
@@ -16,7 +20,15 @@ import torch
 from rankwise.errors import ConfigError
 from rankwise.train.config import TrainConfig
 
-AVAILABLE = ("lora", "full")
+# Method -> the LoraConfig fields that make it (every other field as for plain LoRA).
+VARIANT_FIELDS: dict[str, dict[str, Any]] = {
+    "lora": {},
+    "dora": {"use_dora": True},
+    "pissa": {"init_lora_weights": "pissa_exact"},
+    "olora": {"init_lora_weights": "olora"},
+    "lora-fa": {"use_lora_fa": True},
+}
+AVAILABLE = (*VARIANT_FIELDS, "full")
 TASK_TYPES = {"classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
@@ -48,6 +60,7 @@ def lora_config_for(config: TrainConfig, *, base_model: str | None = None) -> An
         target_modules=list(config.targets),
         task_type=TASK_TYPES[config.task],
         base_model_name_or_path=base_model,
+        **VARIANT_FIELDS[config.method],
     )
 
 
