@@ -15,7 +15,7 @@ from rankwise.errors import MergeError
 from rankwise.lora import LoraConfig, inject, lora_layers, merge, unmerge
 
 CFG = LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "proj", "conv", "head"],
-                 init_lora_weights=False)  # fmt: skip
+                 rank_pattern={"head": 2}, init_lora_weights=False)  # fmt: skip
 
 
 def _randomize(model: nn.Module, *, scale: float, seed: int = 0) -> None:

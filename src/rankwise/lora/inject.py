@@ -21,7 +21,7 @@ from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import INITIALIZERS, as_generator
 from rankwise.lora.layers import WRAPPERS, LoraLayer
-from rankwise.lora.targets import Plan, Target, resolve
+from rankwise.lora.targets import Plan, Target, check_ranks, resolve
 
 STATE_ATTR = "_rankwise_lora"
 # LoRA-FA (Zhang et al. 2023): the down-projection A is frozen, only B (and the rest) train
@@ -84,6 +84,7 @@ def inject(
             f"config: expected a rankwise LoraConfig, found {type(config).__name__}"
         )
     plan = resolve(model, config)
+    check_ranks(model, plan)
     if dry_run:
         return [t.name for t in plan.targets]
     apply_plan(model, plan, generator=as_generator(generator))

@@ -42,7 +42,7 @@ from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
 from rankwise.lora.inject import inject
 from rankwise.lora.layers import is_hf_conv1d
-from rankwise.lora.targets import Target, resolve
+from rankwise.lora.targets import Target, check_ranks, resolve
 
 DEFAULT_GAMMA = 16.0
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -167,6 +167,7 @@ def lora_ga_init(
     and checked before the model is changed.
     """
     plan = resolve(model, config)
+    check_ranks(model, plan)
     batch_list = list(batches)
     if not batch_list:
         raise ValueError("batches: LoRA-GA needs at least one batch to estimate the gradient")

@@ -18,6 +18,7 @@ Matching follows PEFT 0.21.2 (``peft.tuners.tuners_utils.check_target_module_exi
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections.abc import Iterable
 from typing import NamedTuple
@@ -196,6 +197,24 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
             raise InjectionError(
                 f"target_modules: convolution {name!r} has groups={groups}, dilation={dilation}, "
                 f"padding_mode={mode!r}; LoRA supports groups=1, dilation=1, padding_mode='zeros'"
+            )
+
+
+def check_ranks(model: nn.Module, plan: Plan) -> None:
+    """Refuse a rank above what a target can hold, before anything is allocated.
+
+    ``B A`` has rank at most ``min(out, in)`` (a convolution's ``in`` counts ``in · ∏kernel``,
+    an embedding's ``min(num_embeddings, dim)``), so a larger ``r`` only adds parameters that
+    cannot change ΔW — and a mistyped huge ``r`` would otherwise reach the allocator.
+    (``load_adapter`` does not call this: a file's shapes are checked against the model instead.)
+    """
+    modules = dict(model.named_modules())
+    for t in plan.targets:
+        shape = tuple(modules[t.name].weight.shape)  # type: ignore[union-attr]
+        limit = min(shape[0], math.prod(shape[1:]))
+        if t.r > limit:
+            raise InjectionError(
+                f"r: module {t.name!r} (weight shape {shape}): r must be <= {limit}, found r={t.r}"
             )
 
 
