@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from rankwise.errors import ConfigError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit
-from rankwise.lora.layers import LoraFactors, LoraLayer, is_hf_conv1d
+from rankwise.lora.layers import LoraFactors, LoraLayer, linear_dims
 
 RANKNUM_EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
 INIT_STD = 0.02  # PEFT AdaLoraLayer.reset_lora_parameters
@@ -165,10 +165,8 @@ class AdaLoraLinear(LoraLayer):
         super().__init__(
             base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
         )
-        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base_layer)
         w = self.base_weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self.in_features, self.out_features = int(in_f), int(out_f)
         kw = {"device": w.device, "dtype": self._dtype}
         self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))  # Q: (r, in)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))  # λ: (r, 1), zero at init
@@ -176,9 +174,8 @@ class AdaLoraLinear(LoraLayer):
 
     @classmethod
     def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-        w = base.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if is_hf_conv1d(base) else (w.shape[1], w.shape[0])
-        return {"lora_A": (r, int(in_f)), "lora_E": (r, 1), "lora_B": (int(out_f), r)}
+        _, in_f, out_f = linear_dims(base)
+        return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
 
     def base_matrix(self) -> Tensor:
         return self.base_weight.t() if self.fan_in_fan_out else self.base_weight

@@ -241,19 +241,16 @@ class LoraLinear(LoraLayer):
         super().__init__(
             base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
         )
-        self.fan_in_fan_out = is_hf_conv1d(base_layer)
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base_layer)
         w = self.base_weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        self.in_features, self.out_features = int(in_f), int(out_f)
         kw = {"bias": False, "device": w.device, "dtype": self._dtype}
         self.lora_A = nn.Linear(self.in_features, r, **kw)
         self.lora_B = nn.Linear(r, self.out_features, **kw)
 
     @classmethod
     def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-        w = base.weight
-        in_f, out_f = (w.shape[0], w.shape[1]) if is_hf_conv1d(base) else (w.shape[1], w.shape[0])
-        return {"lora_A.weight": (r, int(in_f)), "lora_B.weight": (int(out_f), r)}
+        _, in_f, out_f = linear_dims(base)
+        return {"lora_A.weight": (r, in_f), "lora_B.weight": (out_f, r)}
 
     def base_matrix(self) -> Tensor:
         return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
@@ -415,6 +412,15 @@ class LoraConv(LoraLayer):
             h = h.to(self._dtype)
         h = self.lora_A(h) * self.scaling  # (N, r, *spatial): the scale on the r-channel map
         return result + self.lora_B(h).to(result.dtype)
+
+
+def linear_dims(base_layer: nn.Module) -> tuple[bool, int, int]:
+    """``(fan_in_fan_out, in_features, out_features)`` of an ``nn.Linear`` (``W: (out, in)``)
+    or a transformers ``Conv1D`` (``W: (in, out)``, hence ``fan_in_fan_out``)."""
+    conv1d = is_hf_conv1d(base_layer)
+    shape = base_layer.weight.shape  # type: ignore[union-attr]
+    in_f, out_f = (shape[0], shape[1]) if conv1d else (shape[1], shape[0])
+    return conv1d, int(in_f), int(out_f)
 
 
 def is_hf_conv1d(module: nn.Module) -> bool:
