@@ -61,14 +61,27 @@ class CUR(NamedTuple):
     rows: torch.Tensor
 
 
-def _new_direction(Q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _new_direction(Qt: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # A residual that vanished (rank-deficient M): continue with the coordinate vector least
-    # represented in span(Q), orthogonalized twice, so Q stays orthonormal.
+    # represented in span(Q) (Qt is (j, m), one basis vector per row), orthogonalized twice,
+    # so Q stays orthonormal.
     e = torch.zeros_like(v)
-    e[int(Q.square().sum(dim=1).argmin())] = 1.0
+    e[int(Qt.square().sum(dim=0).argmin())] = 1.0
     for _ in range(2):
-        e = e - Q @ (Q.mT @ e)
-    return e
+        e = e - (Qt @ e) @ Qt
+    return e / torch.linalg.vector_norm(e)
+
+
+def _column_norms2(A: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """``‖A[:, j]‖²`` (n,), summed over blocks of rows.
+
+    One streaming pass over ``A`` with a cache-sized temporary: ``A.square().sum(dim=0)``
+    would allocate a full (m, n) copy (6× slower on 3000² float64).
+    """
+    norms2 = A.new_zeros(A.shape[1])
+    for start in range(0, A.shape[0], block):
+        norms2 += A[start : start + block].square().sum(dim=0)  # (n,) from a (block, n) tile
+    return norms2
 
 
 def _pivoted_qr(
@@ -77,37 +90,40 @@ def _pivoted_qr(
     """Truncated column-pivoted QR (Businger & Golub 1965) by pivoted Gram–Schmidt.
 
     Returns the pivots (k,) and ``R`` (k, n) with ``R = Qᵀ A`` over *all* columns, so that
-    ``R[:, pivots]`` is upper triangular. Each step reads ``A`` once (``w = qᵀA``) and
-    downdates the residual column norms; norms that lost half their digits to cancellation
+    ``R[:, pivots]`` is upper triangular. Step ``j`` takes the column of largest residual norm,
+    orthogonalizes it against ``q_0..q_{j-1}`` (classical Gram–Schmidt with the coefficients
+    ``R[:j, p]`` already at hand, then once more: CGS2), and reads ``A`` once (one GEMV,
+    ``R[j] = q_jᵀ A``) to downdate every residual column norm: ``k`` passes over ``A`` in all,
+    and ``A`` is never updated or copied. Norms that lost half their digits to cancellation
     are recomputed (the safeguard of LAPACK's xLAQP2). ``eps``: stop once every residual
     column norm is ``<= eps · max_j ‖A[:, j]‖``.
     """
     m, n = A.shape
-    Q = A.new_zeros(m, max_rank)  # (m, k)
+    Qt = A.new_zeros(max_rank, m)  # (k, m): q_j in row j, contiguous for the GEMV
     R = A.new_zeros(max_rank, n)  # (k, n)
-    norms2 = A.square().sum(dim=0)  # (n,) residual column norms²
-    reference = norms2.clone()
-    stop = None if eps is None else (eps**2) * float(norms2.max())
-    available = torch.ones(n, dtype=torch.bool, device=A.device)
+    norms2 = _column_norms2(A)  # (n,) residual column norms²; -inf once a column is a pivot
     sqrt_eps = math.sqrt(torch.finfo(A.dtype).eps)
+    recompute_below = sqrt_eps * norms2  # (n,); -inf for pivots, so they never qualify
+    stop = None if eps is None else (eps**2) * float(norms2.max())
+    stale = torch.empty(n, dtype=torch.bool, device=A.device)
     pivots: list[int] = []
     for j in range(max_rank):
-        p = int(torch.where(available, norms2, -math.inf).argmax())
+        p = int(norms2.argmax())
         if stop is not None and j > 0 and float(norms2[p]) <= stop:
             break
-        v = A[:, p] - Q[:, :j] @ R[:j, p]  # (m,) residual of the pivot column
-        v = v - Q[:, :j] @ (Q[:, :j].mT @ v)  # re-orthogonalize (CGS2)
+        v = A[:, p] - R[:j, p] @ Qt[:j]  # (m,) residual of the pivot column
+        v -= (Qt[:j] @ v) @ Qt[:j]  # re-orthogonalize (CGS2)
         norm = torch.linalg.vector_norm(v)
-        Q[:, j] = v / norm if norm > 0 else _new_direction(Q[:, :j], v)
-        R[j] = Q[:, j] @ A  # (n,): the one pass over A
-        norms2 = (norms2 - R[j].square()).clamp_min(0)
-        available[p] = False
+        Qt[j] = v / norm if norm > 0 else _new_direction(Qt[:j], v)
+        R[j] = Qt[j] @ A  # (n,): the one pass over A
+        norms2.addcmul_(R[j], R[j], value=-1.0)
+        norms2[p] = recompute_below[p] = -math.inf
         pivots.append(p)
-        stale = torch.nonzero(available & (norms2 <= sqrt_eps * reference)).flatten()
-        if stale.numel():
-            residual = A[:, stale] - Q[:, : j + 1] @ R[: j + 1, stale]  # (m, s)
-            norms2[stale] = residual.square().sum(dim=0)
-            reference[stale] = norms2[stale]
+        if bool(torch.lt(norms2, recompute_below, out=stale).any()):
+            cols = stale.nonzero().flatten()  # (s,)
+            residual = A[:, cols] - Qt[: j + 1].mT @ R[: j + 1, cols]  # (m, s)
+            norms2[cols] = residual.square().sum(dim=0)
+            recompute_below[cols] = sqrt_eps * norms2[cols]
     k = len(pivots)
     return torch.tensor(pivots, dtype=torch.long, device=A.device), R[:k]
 
