@@ -101,9 +101,14 @@ def _pivoted_qr(
     m, n = A.shape
     Qt = A.new_zeros(max_rank, m)  # (k, m): q_j in row j, contiguous for the GEMV
     R = A.new_zeros(max_rank, n)  # (k, n)
-    norms2 = _column_norms2(A)  # (n,) residual column norms²; -inf once a column is a pivot
+    # norms2 (n,): residual column norms², -inf once a column is a pivot; recompute_below (n,):
+    # sqrt(eps)·(last exact norm²), -inf for pivots so they never qualify. One (2, n) buffer,
+    # so that one assignment retires a pivot in both.
+    state = A.new_empty(2, n)
+    norms2, recompute_below = state[0], state[1]
+    norms2.copy_(_column_norms2(A))
     sqrt_eps = math.sqrt(torch.finfo(A.dtype).eps)
-    recompute_below = sqrt_eps * norms2  # (n,); -inf for pivots, so they never qualify
+    torch.mul(norms2, sqrt_eps, out=recompute_below)
     stop = None if eps is None else (eps**2) * float(norms2.max())
     stale = torch.empty(n, dtype=torch.bool, device=A.device)
     pivots: list[int] = []
@@ -111,13 +116,17 @@ def _pivoted_qr(
         p = int(norms2.argmax())
         if stop is not None and j > 0 and float(norms2[p]) <= stop:
             break
-        v = A[:, p] - R[:j, p] @ Qt[:j]  # (m,) residual of the pivot column
-        v -= (Qt[:j] @ v) @ Qt[:j]  # re-orthogonalize (CGS2)
-        norm = torch.linalg.vector_norm(v)
-        Qt[j] = v / norm if norm > 0 else _new_direction(Qt[:j], v)
-        R[j] = Qt[j] @ A  # (n,): the one pass over A
+        Q = Qt[:j]  # (j, m)
+        v = torch.addmv(A[:, p], Q.mT, R[:j, p], alpha=-1.0)  # (m,) residual of the pivot
+        v.addmv_(Q.mT, Q @ v, alpha=-1.0)  # re-orthogonalize (CGS2)
+        norm = float(torch.linalg.vector_norm(v))
+        if norm > 0:
+            torch.div(v, norm, out=Qt[j])
+        else:
+            Qt[j] = _new_direction(Q, v)
+        torch.mv(A.mT, Qt[j], out=R[j])  # (n,) = q_jᵀ A: the one pass over A
         norms2.addcmul_(R[j], R[j], value=-1.0)
-        norms2[p] = recompute_below[p] = -math.inf
+        state[:, p] = -math.inf
         pivots.append(p)
         if bool(torch.lt(norms2, recompute_below, out=stale).any()):
             cols = stale.nonzero().flatten()  # (s,)
