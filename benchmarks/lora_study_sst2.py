@@ -306,11 +306,12 @@ def budget_claim(rows: Sequence[Mapping[str, Any]], *, dev_size: int) -> str:
     agrees = tuple(best["types"]) in PAPER_BUDGET_WINNERS
     verdict = "agrees with" if agrees else "differs from"
     margin = "within noise" if lead < noise else "beyond two standard errors"
+    pending = ["{" + ",".join(r["types"]) + "}" for r in rows if r.get("accuracy") is None]
     return (
         f"Budget table: {name} wins ({100 * p:.2f}%), {verdict} the paper's winners "
         f"{{q,v}} / {{q,k,v,o}}; its lead over the runner-up "
         f"{{{','.join(second['types'])}}} is {100 * lead:.2f} points ({margin}: 2 SE = "
-        f"{100 * noise:.2f})."
+        f"{100 * noise:.2f})" + (f"; not run yet: {', '.join(pending)}." if pending else ".")
     )
 
 
@@ -350,9 +351,12 @@ def write_atomic(path: Path, text: str) -> None:
         raise
 
 
-def train_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+def train_run(
+    spec: RunSpec, settings: Settings, *, train_missing: bool = True
+) -> dict[str, Any] | None:
     """One engine run (:func:`rankwise.train.train`), skipped when its ``result.json`` exists;
-    an interrupted run continues from its latest checkpoint (bit-identical, see the engine)."""
+    an interrupted run continues from its latest checkpoint (bit-identical, see the engine).
+    With ``train_missing=False`` a run without ``result.json`` is not trained: ``None``."""
     from rankwise.train import train
     from rankwise.train.config import from_mapping
 
@@ -361,6 +365,8 @@ def train_run(spec: RunSpec, settings: Settings) -> dict[str, Any]:
     if done.is_file():
         print(f"[study] {spec.name}: done before, skipped", flush=True)
         return json.loads(done.read_text(encoding="utf-8"))
+    if not train_missing:
+        return None
     checkpoints = out / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.iterdir())
     if out.exists() and not resume:
@@ -484,9 +490,11 @@ def amplification_study(runs: Mapping[str, Mapping[str, Any]]) -> list[TypeAmpli
     return out
 
 
-def budget_study(settings: Settings) -> tuple[list[BudgetPlan], list[dict[str, Any]]]:
+def budget_study(
+    settings: Settings, *, train_missing: bool = True
+) -> tuple[list[BudgetPlan], list[dict[str, Any]]]:
     """``rankwise analyze budget --rank 8``: plans from :func:`budget_plan`, one run per set
-    with the CLI's α = 2r (scaling 2) and seed 0."""
+    with the CLI's α = 2r (scaling 2) and seed 0; an untrained set's row has accuracy None."""
     from rankwise.analysis import budget_plan
     from rankwise.cli.analyze import load_base_model
 
@@ -495,7 +503,9 @@ def budget_study(settings: Settings) -> tuple[list[BudgetPlan], list[dict[str, A
     for plan in plans:
         name = "budget-" + "".join(plan.types)
         spec = RunSpec(name, plan.rank, 2.0 * plan.rank, 0, plan.targets)
-        record = train_run(spec, settings)
+        record = train_run(spec, settings, train_missing=train_missing)
+        if record is None:
+            record = {**spec._asdict(), "targets": list(spec.targets), "accuracy": None}
         rows.append({**record, "types": list(plan.types), "layers": plan.layers,
                      "params": plan.params})  # fmt: skip
     return plans, rows
@@ -664,7 +674,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         *amplification_table(report["amplification"]),
         "",
-        "## Equal budget (Sec. 7.1, Table 5): `rankwise analyze budget --rank 8`, α = 2r",
+        "## Equal budget (Sec. 7.1, Table 5): `rankwise analyze budget --rank 8`, α = 2r "
+        f"({sum(r.get('accuracy') is not None for r in report['budget'])} of "
+        f"{len(report['budget'])} sets finished)",
         "",
         *budget_table(report["budget"]),
         "",
@@ -700,6 +712,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=1000, help="steps per run (1000 = 16,000 ex.)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--skip-budget", action="store_true", help="leave out the 7 budget runs")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: report the finished runs in --work (unfinished budget sets pending)",
+    )
     p.add_argument("--quick", action="store_true", help="tiny smoke test: 4 steps, 256 examples")
     args = p.parse_args(argv)
     if args.max_steps < 1:
@@ -741,10 +758,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = args.results or (args.work if args.quick else RESULTS)
     results.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    runs = {spec.name: train_run(spec, settings) for spec in STUDY_RUNS}
+    train_missing = not args.report_only
+    runs = {
+        spec.name: train_run(spec, settings, train_missing=train_missing) for spec in STUDY_RUNS
+    }
+    missing = [name for name, record in runs.items() if record is None]
+    if missing:
+        sys.exit(f"--report-only: runs {missing} have no {RESULT_FILE} in {settings.work}")
     sim = similarity_study(runs)
     amps = amplification_study(runs)
-    plans, budget = ([], []) if args.skip_budget else budget_study(settings)
+    plans, budget = (
+        ([], []) if args.skip_budget else budget_study(settings, train_missing=train_missing)
+    )
     dev_size = sum(1 for _ in open(settings.dev, encoding="utf-8")) - 1
     command = "python benchmarks/lora_study_sst2.py " + " ".join(argv or sys.argv[1:])
     report = {

@@ -148,6 +148,8 @@ def test_budget_claim_names_the_winner_and_judges_the_margin():
     claim = study.budget_claim(rows, dev_size=872)
     assert "{q} wins" in claim and "differs from" in claim and "beyond two standard errors" in claim
     assert "fewer than two" in study.budget_claim(rows[:1], dev_size=872)
+    rows.append({"types": ["o"], "accuracy": None})  # a set not trained yet
+    assert study.budget_claim(rows, dev_size=872).endswith("not run yet: {o}.")
 
 
 def test_markdown_from_a_report_holds_every_table_and_claim():
