@@ -15,8 +15,9 @@ One command regenerates every number and figure of the README's study (issue #7)
    With one seed the initial ``A`` of r = 8 may equal the first 8 rows of r = 64's (kaiming from
    the same generator); the script reconstructs both initial ``A`` (the engine's own
    :func:`rankwise.lora.inject` with the run's seed), reports which modules coincide and, besides
-   the raw ``A``, compares the learned part ``ΔA = A_trained − A_init``, which shares nothing
-   by construction.
+   the raw ``A``, compares the learned part ``ΔA = A_trained − A_init``, from which the
+   shared initial rows cancel. ``--report-only`` trains nothing and reports the finished runs
+   (unfinished budget sets shown as pending).
 3. **Amplification** (Sec. 7.3, Table 7) at r = 4, 8, 64 for query and value: medians over the
    6 layers of ``‖ΔW‖_F``, ``‖UᵀWV‖_F`` on ΔW's top-r directions, W's own top-r and random
    ones, and the factor ``‖ΔW‖_F / ‖UᵀWV‖_F``.
