@@ -9,10 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rankwise.errors import ConfigError
 from rankwise.train import TrainConfig, train
 from rankwise.train.inference import evaluate_file, load_trained
-from rankwise.train.methods import VARIANT_FIELDS
+from rankwise.train.methods import AVAILABLE
 
 
 def _quiet(_: str) -> None:
@@ -26,7 +25,7 @@ def _config(model: Path, data: Path, out: Path, method: str, **changes) -> Train
     return TrainConfig(**{**options, **changes})
 
 
-@pytest.mark.parametrize("method", [m for m in VARIANT_FIELDS if m != "lora"])
+@pytest.mark.parametrize("method", [m for m in AVAILABLE if m not in ("lora", "full")])
 def test_variant_trains_merges_reloads_and_resumes(
     method: str, tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:
@@ -52,11 +51,3 @@ def test_variant_trains_merges_reloads_and_resumes(
         c = load_file(str(other / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], c[k]) for k in a if ".lora_A." in k)
         assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)
-
-
-def test_methods_needing_a_loop_hook_are_refused_clearly(
-    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
-) -> None:
-    with pytest.raises(ConfigError, match="not available yet"):
-        train(_config(tiny_bert, toy_tsv, tmp_path / "o", "adalora"), echo=_quiet)
-    assert not (tmp_path / "o" / "adapter").exists()

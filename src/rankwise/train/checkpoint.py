@@ -3,7 +3,8 @@
 Layout of ``<output>/checkpoints/step-000050/``:
 
 * ``trainable.safetensors`` — every trainable tensor under its in-memory name;
-* ``state.pt`` — optimizer and scheduler ``state_dict``s and the torch RNG state, written with
+* ``state.pt`` — optimizer and scheduler ``state_dict``s, the method hooks' state (e.g.
+  AdaLoRA's importance averages and rank pattern) and the torch RNG state, written with
   ``torch.save`` and read only with ``torch.load(..., weights_only=True)`` (no pickle code);
 * ``checkpoint.json`` — step, data position (epoch, micro-batch) and a SHA-256 of each file.
 
@@ -51,6 +52,7 @@ class Checkpoint(NamedTuple):
     cuda_rng: list[torch.Tensor]  # one state per CUDA device (empty on CPU)
     meta: dict[str, Any]
     skipped: tuple[str, ...]  # later checkpoints that were unreadable (one message each)
+    hooks: dict[str, Any]  # the method hooks' state (tensors and plain containers)
 
 
 def _sha256(path: Path) -> str:
@@ -78,10 +80,12 @@ def save_checkpoint(
     scheduler: Mapping[str, Any],
     keep: int = 2,
     meta: Mapping[str, Any] | None = None,
+    hooks: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and keep only the ``keep`` most recent ones.
 
-    ``meta``: JSON-able facts the resumed run must match (e.g. the global batch size).
+    ``meta``: JSON-able facts the resumed run must match (e.g. the global batch size);
+    ``hooks``: the method hooks' state (tensors, lists, dicts, numbers, strings, bools).
     """
     from safetensors.torch import save_file
 
@@ -96,6 +100,7 @@ def save_checkpoint(
     state = {
         "optimizer": dict(optimizer),
         "scheduler": dict(scheduler),
+        "hooks": dict(hooks or {}),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
@@ -167,6 +172,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         list(state.get("cuda_rng", [])),
         dict(index.get("meta", {})),
         (),
+        dict(state.get("hooks", {})),
     )
 
 

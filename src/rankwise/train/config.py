@@ -10,6 +10,7 @@ so a run can be repeated (or resumed) from its output directory alone.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections.abc import Mapping
@@ -28,6 +29,7 @@ METHODS = (
     "adalora",
     "loraplus",
     "lora-fa",
+    "rslora",
     "full",
 )
 DEFAULT_TARGETS = ("query", "key", "value", "dense")
@@ -56,6 +58,9 @@ class TrainConfig:
     method: str = "lora"
     r: int = 8
     alpha: float = 16.0
+    loraplus_ratio: float = 16.0
+    init_r: int | None = None
+    ga_batches: int = 8
     dropout: float = 0.1
     targets: tuple[str, ...] = DEFAULT_TARGETS
     model_dropout: float | None = None
@@ -98,7 +103,7 @@ def _coerce(name: str, value: Any) -> Any:
         return tuple(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None else None
-    if name in ("max_steps", "max_length"):
+    if name in ("max_steps", "max_length", "init_r"):
         kind = int
     elif name in ("lr", "model_dropout", "eval_split"):
         kind = float
@@ -183,7 +188,8 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"option 'method': expected one of {', '.join(METHODS)}, found {config.method!r}"
         )
-    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r}
+    positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r,
+                "ga_batches": config.ga_batches}  # fmt: skip
     for name, value in positive.items():
         if value < 1:
             raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
@@ -191,6 +197,15 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
+    if not config.loraplus_ratio > 0:
+        raise ConfigError(
+            f"option 'loraplus_ratio': expected a number > 0, found {config.loraplus_ratio}"
+        )
+    if config.init_r is not None and config.init_r < config.r:
+        raise ConfigError(
+            f"option 'init_r': expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
+            f"down to r), found {config.init_r}"
+        )
     if config.epochs <= 0:
         raise ConfigError(f"option 'epochs': expected a number > 0, found {config.epochs}")
     for name in ("dropout", "model_dropout"):
@@ -222,6 +237,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other fields, then :func:`validate`.
 
     * ``lr``: 5e-4 for adapter methods, 5e-5 for full fine-tuning (the usual LoRA / BERT values).
+    * ``init_r`` (AdaLoRA only): ``ceil(1.5 r)``, the initial rank pruned down to ``r`` on average.
     * The bundled demo corpus (``data`` unset) trains ``DEMO_MAX_STEPS`` steps at
       ``DEMO_MAX_LENGTH`` tokens and holds out ``DEMO_EVAL_SPLIT`` examples, unless set.
     * Otherwise ``max_length`` 128 and a 10% held-out split (when there is no ``eval_data``).
@@ -234,6 +250,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
         max_steps = DEMO_MAX_STEPS
     max_length = config.max_length or (DEMO_MAX_LENGTH if demo else 128)
     eval_split = config.eval_split or (DEMO_EVAL_SPLIT if demo else 0.1)
+    init_r = config.init_r
+    if init_r is None and config.method == "adalora":
+        init_r = math.ceil(1.5 * config.r)
     return dataclasses.replace(
-        config, lr=lr, max_steps=max_steps, max_length=max_length, eval_split=eval_split
+        config,
+        lr=lr,
+        max_steps=max_steps,
+        max_length=max_length,
+        eval_split=eval_split,
+        init_r=init_r,
     )

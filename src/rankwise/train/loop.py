@@ -7,7 +7,10 @@ summed loss is divided by the step's global count of terms and multiplied by the
 1 process × batch 16, and grad-accum 2 × batch 8 the same as batch 16.
 
 Schedule: AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only, linear warmup
-to ``lr`` then linear decay to 0 (the transformers default), gradient norm clipped at 1.0.
+to ``lr`` then linear decay to 0 (the transformers default; every parameter group's own lr is
+scaled alike), gradient norm clipped at 1.0. Method-specific parts (parameter groups, an extra
+loss term such as AdaLoRA's orthogonality penalty, a hook after each optimizer step, hook state
+in checkpoints) come from :mod:`rankwise.train.hooks`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from rankwise.train.batching import (
 )
 from rankwise.train.config import TrainConfig, resolve
 from rankwise.train.evaluate import EvalResult, evaluate, loss_sum
+from rankwise.train.hooks import MethodHooks, gradient_batches, make_hooks
 from rankwise.train.inputs import RunData, load_run_data
 from rankwise.train.methods import MergeCheck, Prepared, prepare, trainable_state
 from rankwise.train.metrics import MetricsLog, read_metrics
@@ -71,6 +75,7 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     total_steps: int
+    hooks: MethodHooks
     log: MetricsLog
     echo: Callable[[str], None]
     pad_id: int
@@ -86,15 +91,10 @@ def total_steps(n_examples: int, config: TrainConfig, world_size: int) -> int:
     return max(1, math.ceil(config.epochs * steps_per_epoch(n_examples, config, world_size)))
 
 
-def _optimizer(model: Any, config: TrainConfig, total: int) -> tuple[torch.optim.Optimizer, Any]:
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.ndim >= 2]
-    rest = [p for n, p in params if p.ndim < 2]  # biases and norms: no weight decay
-    groups = [
-        {"params": decay, "weight_decay": config.weight_decay},
-        {"params": rest, "weight_decay": 0.0},
-    ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr)
+def _optimizer(
+    groups: list[dict[str, Any]], config: TrainConfig, total: int
+) -> tuple[torch.optim.Optimizer, Any]:
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
     warm = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
 
     def factor(step: int) -> float:  # linear warmup to 1, then linear decay to 0
@@ -111,12 +111,16 @@ def _no_sync(run: _Run, last: bool) -> contextlib.AbstractContextManager[Any]:
     return contextlib.nullcontext()
 
 
-def _optimizer_step(run: _Run, step_batch: list[int]) -> float:
-    """One optimizer step on a global batch; returns its mean loss over all processes.
+def _optimizer_step(run: _Run, step_batch: list[int], step: int) -> float:
+    """Optimizer step number ``step`` (1-based) on a global batch; returns its mean task loss
+    over all processes.
 
     The step batch is cut into ``grad_accum`` micro-batches, each micro-batch into one
     contiguous share per process (so the examples of a step do not depend on how they are
-    spread over micro-batches and processes).
+    spread over micro-batches and processes). A hook's extra loss ``R`` (a function of the
+    weights alone, the same on every process) is added as ``R / micro-batches`` to every
+    micro-batch of every process: accumulation sums it back to ``R`` and DDP's average over
+    processes keeps it, so the step's gradient is that of ``mean task loss + R``.
     """
     task, info, accum = run.config.task, run.info, run.config.grad_accum
     micro = [m for m in (shard(step_batch, k, accum) for k in range(accum)) if m]
@@ -133,11 +137,16 @@ def _optimizer_step(run: _Run, step_batch: list[int]) -> float:
             loss, _ = loss_sum(run.wrapped, batch, task)
             # DDP averages gradients over processes: x world / global terms = global mean.
             weight = info.world_size / terms if ids else 0.0
-            (loss * weight).backward()
+            extra = run.hooks.extra_loss(run.prepared.model)
+            objective = loss * weight
+            if extra is not None:
+                objective = objective + extra / len(batches)
+            objective.backward()
             loss_total += float(loss.detach()) if ids else 0.0
     params = [p for p in run.prepared.model.parameters() if p.requires_grad]
     torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
     run.optimizer.step()
+    run.hooks.after_optimizer_step(step)  # gradients still present (AdaLoRA's allocator)
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     return dist_.sum_floats([loss_total], info)[0] / terms
@@ -166,7 +175,8 @@ def _save(run: _Run, position: ckpt.Position) -> None:
             optimizer=run.optimizer.state_dict(),
             scheduler=run.scheduler.state_dict(),
             keep=run.config.keep_checkpoints,
-            meta={"global_batch": _global_batch(run)},
+            meta={"global_batch": _global_batch(run), "base_digest": run.hooks.base_digest},
+            hooks=run.hooks.state_dict(),
         )
     dist_.barrier(run.info)
 
@@ -212,7 +222,7 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
             batches = length_grouped_batches(lengths, global_batch, generator=gen)
             for index in range(next_batch, len(batches)):
                 tick = time.perf_counter()
-                loss = _optimizer_step(run, batches[index])
+                loss = _optimizer_step(run, batches[index], step + 1)
                 step, seen = step + 1, seen + len(batches[index])
                 rate = len(batches[index]) / max(time.perf_counter() - tick, 1e-9)
                 lr = run.scheduler.get_last_lr()[0]
@@ -256,7 +266,15 @@ def _resume(run: _Run) -> ckpt.Position:
         raise ValueError(
             f"checkpoint {found.path}: its tensors do not match this run's trainable parameters (different --method, --r or --targets?)"
         )
+    digest = found.meta.get("base_digest")
+    if digest != run.hooks.base_digest:
+        raise ValueError(
+            f"--resume: {found.path} was trained on base weights with digest {digest}, this run "
+            f"rebuilt {run.hooks.base_digest} (LoRA-GA's initialization differs: other data, "
+            "seed, --ga-batches or hardware?)"
+        )
     model.load_state_dict(found.weights, strict=False)
+    run.hooks.load_state_dict(found.hooks)
     run.optimizer.load_state_dict(found.optimizer)
     run.scheduler.load_state_dict(found.scheduler)
     torch.set_rng_state(found.rng)
@@ -290,18 +308,23 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
     torch.manual_seed(config.seed)  # the head's and the adapters' initial values
     data = load_run_data(config)
     model = data.loaded.model
-    prepared = prepare(model, config, base_model=data.loaded.source, generator=config.seed)
-    out = prepare_output(config, info)
     tokenizer, length = data.loaded.tokenizer, config.max_length or 128
     train_enc = encode(data.split.train, tokenizer, task=config.task, max_length=length)
     eval_enc = encode(data.split.eval, tokenizer, task=config.task, max_length=length)
     total = total_steps(len(train_enc.input_ids), config, info.world_size)
-    optimizer, scheduler = _optimizer(model, config, total)
+    ga = None
+    if config.method == "lora-ga":
+        ga = gradient_batches(train_enc, config, pad_id=tokenizer.pad_token_id)
+    prepared = prepare(model, config, base_model=data.loaded.source, generator=config.seed,
+                       total_steps=total, gradient_batches=ga)  # fmt: skip
+    out = prepare_output(config, info)
+    hooks = make_hooks(config, model)
+    optimizer, scheduler = _optimizer(hooks.param_groups(model), config, total)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
     return _Run(
         config=config, info=info, out=out, prepared=prepared, wrapped=wrapped, data=data,
         train_enc=train_enc, eval_enc=eval_enc, optimizer=optimizer, scheduler=scheduler,
-        total_steps=total, log=MetricsLog(out, enabled=info.is_main), echo=echo,
+        total_steps=total, hooks=hooks, log=MetricsLog(out, enabled=info.is_main), echo=echo,
         pad_id=tokenizer.pad_token_id,
     )  # fmt: skip
 

@@ -114,8 +114,10 @@ def save_trained(prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[st
     from rankwise.io import save_adapter
 
     final = out / "adapter"
+    # LoRA-GA changed the base weight (W_res = W0 - s B0 A0): save the rank-2r plain LoRA
+    # relative to the original base, which rankwise and PEFT load on the unchanged model.
     with atomic_dir(final) as tmp:
-        save_adapter(prepared.model, tmp)
+        save_adapter(prepared.model, tmp, for_original_base=prepared.method == "lora-ga")
         tokenizer.save_pretrained(tmp)
         atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
     return final

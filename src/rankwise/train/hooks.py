@@ -1,0 +1,213 @@
+"""Per-method hooks of the training loop: parameter groups, an extra loss, a step hook, state.
+
+The loop (:mod:`rankwise.train.loop`) asks a :class:`MethodHooks` for
+
+* ``param_groups(model)`` — the optimizer's groups (AdamW, weight decay on matrices only);
+* ``extra_loss(model)`` — a term added to the *mean* task loss of every optimizer step
+  (``None``: nothing);
+* ``after_optimizer_step(step)`` — called with the 1-based optimizer step after
+  ``optimizer.step()`` and before ``zero_grad()`` (gradients still present);
+* ``state_dict()`` / ``load_state_dict()`` — tensors and plain containers kept in checkpoints;
+* ``base_digest`` — a SHA-256 of weights the method changed outside the trainable set
+  (LoRA-GA's residual base), stored in checkpoints and checked on ``--resume``.
+
+Methods: ``loraplus`` (Hayou et al. 2024: ``B`` at ``lr · ratio``, ``A`` and the classifier
+head at ``lr``, :func:`rankwise.lora.loraplus_param_groups`), ``adalora`` (Zhang et al. 2023:
+``+ orth_reg_weight · R(P, Q)`` and :class:`rankwise.lora.RankAllocator`), ``lora-ga`` (Wang
+et al. 2024: the initialization of :func:`lora_ga_prepare`); every other method: the plain
+hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rankwise.errors import ConfigError
+from rankwise.train.batching import (
+    Encoded,
+    collate,
+    count_targets,
+    epoch_generator,
+    length_grouped_batches,
+)
+from rankwise.train.config import TrainConfig
+from rankwise.train.evaluate import loss_sum
+
+
+def _decay_groups(
+    params: list[tuple[str, nn.Parameter]], lr: float, decay: float, tag: str
+) -> list[dict[str, Any]]:
+    """Matrices with ``decay``, vectors (biases, norms) without; empty groups dropped."""
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": decay, "lr": lr,
+         "name": tag},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr,
+         "name": f"{tag}_no_decay"},
+    ]  # fmt: skip
+    return [g for g in groups if g["params"]]
+
+
+class MethodHooks:
+    """The plain loop: one learning rate, no extra loss, nothing after a step, no state."""
+
+    base_digest: str | None = None
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        lr, decay = float(self.config.lr or 0.0), self.config.weight_decay
+        return _decay_groups(params, lr, decay, "params")
+
+    def extra_loss(self, model: nn.Module) -> Tensor | None:
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(
+                f"checkpoint: method {self.config.method!r} keeps no hook state, found "
+                f"{sorted(state)}"
+            )
+
+
+class LoraPlusHooks(MethodHooks):
+    """LoRA+ groups: adapters per :func:`rankwise.lora.loraplus_param_groups` (``lora_B`` at
+    ``lr · loraplus_ratio``, ``lora_A`` at ``lr``); the trained-in-full head at ``lr``."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        from rankwise.lora import loraplus_param_groups
+
+        lr, decay = float(self.config.lr or 0.0), self.config.weight_decay
+        adapter = {id(p) for n, p in model.named_parameters() if "lora_" in n}
+        groups = []
+        for g in loraplus_param_groups(
+            model, lr, ratio=self.config.loraplus_ratio, weight_decay=decay
+        ):
+            kept = [p for p in g["params"] if id(p) in adapter]
+            if kept:
+                groups.append({**g, "params": kept})
+        head = [
+            (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter
+        ]
+        return groups + _decay_groups(head, lr, decay, "head")
+
+
+class AdaLoraHooks(MethodHooks):
+    """``loss + orth_reg_weight · R(P, Q)`` (eq. 4) and the rank allocator after every step.
+
+    Under DDP the allocator reads gradients already all-reduced (and clipped) and identical
+    weights, so every process makes the same pruning decisions without communicating.
+    """
+
+    def __init__(self, config: TrainConfig, model: nn.Module) -> None:
+        from rankwise.lora import RankAllocator, get_config
+
+        super().__init__(config)
+        self.lora_config = get_config(model)  # the config object save_adapter will read
+        self.allocator = RankAllocator(model, self.lora_config)
+
+    def extra_loss(self, model: nn.Module) -> Tensor | None:
+        from rankwise.lora import orthogonal_regularization
+
+        weight = float(self.lora_config.orth_reg_weight)
+        return weight * orthogonal_regularization(model) if weight > 0 else None
+
+    def after_optimizer_step(self, step: int) -> None:
+        self.allocator.update_and_allocate(step)
+
+    def state_dict(self) -> dict[str, Any]:
+        a = self.allocator
+        return {
+            "exp_avg_ipt": {k: v.detach().clone() for k, v in a.exp_avg_ipt.items()},
+            "exp_avg_unc": {k: v.detach().clone() for k, v in a.exp_avg_unc.items()},
+            "rank_pattern": {k: list(v) for k, v in self.lora_config.rank_pattern.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {"exp_avg_ipt", "exp_avg_unc", "rank_pattern"} - set(state)
+        if missing:
+            raise ValueError(f"checkpoint: AdaLoRA allocator state lacks {sorted(missing)}")
+        a = self.allocator
+        a.exp_avg_ipt = {k: v.clone() for k, v in state["exp_avg_ipt"].items()}
+        a.exp_avg_unc = {k: v.clone() for k, v in state["exp_avg_unc"].items()}
+        self.lora_config.rank_pattern = {
+            k: [bool(b) for b in v] for k, v in state["rank_pattern"].items()
+        }
+
+
+class LoraGaHooks(MethodHooks):
+    """Plain hooks; remembers a digest of the residual base weights LoRA-GA wrote."""
+
+    def __init__(self, config: TrainConfig, model: nn.Module) -> None:
+        from rankwise.lora import lora_layers
+
+        super().__init__(config)
+        digest = hashlib.sha256()
+        for name, layer in lora_layers(model):
+            w = layer.base_layer.weight.detach().contiguous().cpu()
+            digest.update(name.encode())
+            digest.update(w.view(torch.uint8).numpy().tobytes() if w.numel() else b"")
+        self.base_digest = digest.hexdigest()
+
+
+def make_hooks(config: TrainConfig, model: nn.Module) -> MethodHooks:
+    """The hooks of ``config.method`` for ``model`` (already prepared)."""
+    if config.method == "loraplus":
+        return LoraPlusHooks(config)
+    if config.method == "adalora":
+        return AdaLoraHooks(config, model)
+    if config.method == "lora-ga":
+        return LoraGaHooks(config, model)
+    return MethodHooks(config)
+
+
+def gradient_batches(
+    encoded: Encoded, config: TrainConfig, *, pad_id: int
+) -> list[dict[str, Tensor]]:
+    """LoRA-GA's gradient batches: the first ``ga_batches`` batches of ``batch_size`` examples
+    of epoch 0's length-grouped order (:func:`epoch_generator` ``(seed, 0)``, cut at the
+    per-process batch size). The same on every process and on every resume."""
+    order = length_grouped_batches(
+        encoded.lengths(), config.batch_size, generator=epoch_generator(config.seed, 0)
+    )
+    return [collate(encoded, ids, pad_id=pad_id) for ids in order[: config.ga_batches]]
+
+
+def lora_ga_prepare(
+    model: nn.Module,
+    lora_config: Any,
+    batches: list[dict[str, Tensor]] | None,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator | int | None,
+) -> None:
+    """:func:`rankwise.lora.lora_ga_init` with the training loss (mean over each batch's terms:
+    examples, or predicted tokens), the model in eval mode (no dropout: deterministic), then
+    the mode restored."""
+    from rankwise.lora import lora_ga_init
+
+    if not batches:
+        raise ConfigError("method 'lora-ga': no training batch to estimate gradients on")
+    task = config.task
+
+    def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
+        total, _ = loss_sum(m, batch, task)
+        return total / max(1, count_targets(batch, task))
+
+    was_training = model.training
+    model.eval()
+    try:
+        lora_ga_init(model, lora_config, batches, loss_fn=loss_fn, generator=generator)
+    finally:
+        model.train(was_training)
