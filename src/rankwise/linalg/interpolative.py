@@ -111,6 +111,7 @@ def _pivoted_qr(
     torch.mul(norms2, sqrt_eps, out=recompute_below)
     stop = None if eps is None else (eps**2) * float(norms2.max())
     stale = torch.empty(n, dtype=torch.bool, device=A.device)
+    At = A.mT  # (n, m) view: R[j] = At @ q_j is a GEMV streaming A row by row
     pivots: list[int] = []
     for j in range(max_rank):
         p = int(norms2.argmax())
@@ -120,12 +121,13 @@ def _pivoted_qr(
         v = torch.addmv(A[:, p], Q.mT, R[:j, p], alpha=-1.0)  # (m,) residual of the pivot
         v.addmv_(Q.mT, Q @ v, alpha=-1.0)  # re-orthogonalize (CGS2)
         norm = float(torch.linalg.vector_norm(v))
+        q, r = Qt[j], R[j]  # (m,), (n,) views
         if norm > 0:
-            torch.div(v, norm, out=Qt[j])
+            torch.div(v, norm, out=q)
         else:
-            Qt[j] = _new_direction(Q, v)
-        torch.mv(A.mT, Qt[j], out=R[j])  # (n,) = q_jᵀ A: the one pass over A
-        norms2.addcmul_(R[j], R[j], value=-1.0)
+            q.copy_(_new_direction(Q, v))
+        torch.mv(At, q, out=r)  # (n,) = q_jᵀ A: the one pass over A
+        norms2.addcmul_(r, r, value=-1.0)
         state[:, p] = -math.inf
         pivots.append(p)
         if bool(torch.lt(norms2, recompute_below, out=stale).any()):
