@@ -218,3 +218,38 @@ def test_inputs_are_not_modified() -> None:
     truncated_svd(M, 5)
     randomized_svd(M, 5, generator=0)
     assert torch.equal(M, before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_range_finder_lu_basis_spans_the_block(dtype: torch.dtype) -> None:
+    # The power iteration's right-hand block W only has to span range(Z), well conditioned.
+    from rankwise.linalg.svd import _lu_basis_t
+
+    gen = torch.Generator().manual_seed(0)
+    full = torch.randn(300, 12, generator=gen, dtype=dtype)
+    deficient = full[:, :4] @ torch.randn(4, 12, generator=gen, dtype=dtype)  # rank 4
+    for Z in (full, deficient):
+        W = _lu_basis_t(Z.mT).mT
+        assert W.shape == Z.shape and W.dtype == dtype
+        assert float(W.abs().max()) == 1.0  # entries of L are bounded by 1, its diagonal is 1
+        assert float(torch.linalg.cond(W.double())) < 100  # full column rank, even for rank 4
+        Q, _ = torch.linalg.qr(W.double())
+        residual = Z.double() - Q @ (Q.mT @ Z.double())  # Z ⊆ span(W)
+        tol = 1e-5 if dtype == torch.float32 else 1e-13
+        assert float(residual.norm() / Z.double().norm()) < tol
+
+
+def test_range_finder_ritz_values_from_the_gram_match_svdvals() -> None:
+    from rankwise.linalg.svd import _singular_values_by_gram
+
+    sigma = geometric(20, 0.5)  # σ₁ = 1 down to 2e-6
+    for dtype in (torch.float64, torch.float32):
+        Z_t = with_spectrum(20, 500, sigma, seed=7, dtype=dtype)
+        ritz = _singular_values_by_gram(Z_t)
+        assert ritz.dtype == dtype and bool((ritz[:-1] >= ritz[1:]).all())
+        exact = torch.linalg.svdvals(Z_t.double())  # of the same (rounded) data
+        # Gram in float64: absolute error ~ε₆₄ σ₁² / σ_j, ~1e-10 at the bottom here.
+        assert float((ritz.double() - exact).abs().max()) < (
+            1e-9 if dtype == torch.float64 else 1e-6
+        )
+        assert float(((ritz.double() - exact).abs() / exact)[:10].max()) < 1e-6

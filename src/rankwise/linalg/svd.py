@@ -152,8 +152,8 @@ def _range_and_projection(
             if done == AUTO_MAX_POWER_ITERS:
                 return RangeSketch(Q, Z_t.mT, done)
             previous = ritz
-        W = _lu_basis(Z_t.mT)  # (n, l): spans range(Z); W.mT is as fast a BLAS operand
-        Q, _ = torch.linalg.qr((W.mT @ A.mT).mT)  # (m, l) = orth(A W): one more pass over A
+        W_t = _lu_basis_t(Z_t)  # (l, n) = Wᵀ, W spans range(Z)
+        Q, _ = torch.linalg.qr((W_t @ A.mT).mT)  # (m, l) = orth(A W): one more pass over A
         done += 1
 
 
@@ -165,22 +165,23 @@ def _singular_values_by_gram(Z_t: torch.Tensor) -> torch.Tensor:
     return eigenvalues.abs().sqrt().sort(descending=True).values.to(Z_t.dtype)
 
 
-def _lu_basis(Z: torch.Tensor) -> torch.Tensor:
-    """``P L`` (n, l) for ``Z = P L U`` (LU with partial pivoting), a basis of ``range(Z)``.
+def _lu_basis_t(Z_t: torch.Tensor) -> torch.Tensor:
+    """``(P L)ᵀ`` (l, n) for ``Z = Z_tᵀ = P L U`` (LU, partial pivoting): a basis of ``range(Z)``.
 
     ``L`` is unit lower trapezoidal with entries ``|L_ij| <= 1``: well conditioned in practice,
     which is all a power-iteration step needs (fbpca's intermediate normalization).
     """
-    LU, swaps = torch.linalg.lu_factor(Z)  # (n, l) packed L\U, (l,) 1-based row swaps
-    L = LU.tril(-1)  # (n, l), unit diagonal implied
-    L.diagonal().fill_(1.0)
-    # LAPACK: row i was swapped with row swaps[i], in order; Pᵀ Z = L U, (Pᵀ Z)[r] = Z[perm[r]].
-    perm = list(range(L.shape[0]))
+    LU, swaps = torch.linalg.lu_factor(Z_t.mT)  # (n, l) packed L\U (column-major), (l,) swaps
+    L_t = LU.mT.triu(1)  # (l, n) contiguous = Lᵀ without its unit diagonal
+    L_t.diagonal().fill_(1.0)
+    # LAPACK: row i was swapped with row swaps[i] (1-based), in order; Pᵀ Z = L U with
+    # (Pᵀ Z)[r] = Z[perm[r]], so (P L)[perm[r]] = L[r], i.e. (P L)[i] = L[inverse[i]].
+    perm = list(range(L_t.shape[1]))
     for i, s in enumerate(swaps.tolist()):
         perm[i], perm[s - 1] = perm[s - 1], perm[i]
-    inverse = torch.empty(L.shape[0], dtype=torch.long, device=L.device)
-    inverse[torch.tensor(perm, device=L.device)] = torch.arange(L.shape[0], device=L.device)
-    return L[inverse]  # (n, l): (P L)[perm[r]] = L[r]
+    inverse = torch.empty(L_t.shape[1], dtype=torch.long, device=L_t.device)
+    inverse[torch.tensor(perm, device=L_t.device)] = torch.arange(L_t.shape[1], device=L_t.device)
+    return L_t[:, inverse]  # (l, n), contiguous: the wide block layout of the next pass
 
 
 def _converged(previous: torch.Tensor, ritz: torch.Tensor, k: int) -> bool:
