@@ -39,7 +39,7 @@ from rankwise.train.evaluate import loss_sum
 
 
 def _decay_groups(
-    params: list[tuple[str, nn.Parameter]], lr: float, decay: float, tag: str
+    params: list[tuple[str, nn.Parameter]], *, lr: float, decay: float, tag: str
 ) -> list[dict[str, Any]]:
     """Matrices with ``decay``, vectors (biases, norms) without; empty groups dropped."""
     groups = [
@@ -56,13 +56,13 @@ class MethodHooks:
 
     base_digest: str | None = None
 
-    def __init__(self, config: TrainConfig) -> None:
+    def __init__(self, config: TrainConfig, model: nn.Module) -> None:
         self.config = config
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         lr, decay = float(self.config.lr or 0.0), self.config.weight_decay
-        return _decay_groups(params, lr, decay, "params")
+        return _decay_groups(params, lr=lr, decay=decay, tag="params")
 
     def extra_loss(self, model: nn.Module) -> Tensor | None:
         return None
@@ -100,7 +100,7 @@ class LoraPlusHooks(MethodHooks):
         head = [
             (n, p) for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter
         ]
-        return groups + _decay_groups(head, lr, decay, "head")
+        return groups + _decay_groups(head, lr=lr, decay=decay, tag="head")
 
 
 class AdaLoraHooks(MethodHooks):
@@ -113,7 +113,7 @@ class AdaLoraHooks(MethodHooks):
     def __init__(self, config: TrainConfig, model: nn.Module) -> None:
         from rankwise.lora import RankAllocator, get_config
 
-        super().__init__(config)
+        super().__init__(config, model)
         self.lora_config = get_config(model)  # the config object save_adapter will read
         self.allocator = RankAllocator(model, self.lora_config)
 
@@ -152,7 +152,7 @@ class LoraGaHooks(MethodHooks):
     def __init__(self, config: TrainConfig, model: nn.Module) -> None:
         from rankwise.lora import lora_layers
 
-        super().__init__(config)
+        super().__init__(config, model)
         digest = hashlib.sha256()
         for name, layer in lora_layers(model):
             w = layer.base_layer.weight.detach().contiguous().cpu()
@@ -161,15 +161,17 @@ class LoraGaHooks(MethodHooks):
         self.base_digest = digest.hexdigest()
 
 
+# method -> its hooks (every other method: the plain MethodHooks)
+HOOKS: dict[str, type[MethodHooks]] = {
+    "loraplus": LoraPlusHooks,
+    "adalora": AdaLoraHooks,
+    "lora-ga": LoraGaHooks,
+}
+
+
 def make_hooks(config: TrainConfig, model: nn.Module) -> MethodHooks:
     """The hooks of ``config.method`` for ``model`` (already prepared)."""
-    if config.method == "loraplus":
-        return LoraPlusHooks(config)
-    if config.method == "adalora":
-        return AdaLoraHooks(config, model)
-    if config.method == "lora-ga":
-        return LoraGaHooks(config, model)
-    return MethodHooks(config)
+    return HOOKS.get(config.method, MethodHooks)(config, model)
 
 
 def gradient_batches(
