@@ -232,6 +232,19 @@ def check_configs(args: argparse.Namespace, work: Path) -> None:
             raise SystemExit(f"--methods {name}: {err}") from None
 
 
+def check_kept(train_dir: Path, wanted: dict[str, Any]) -> None:
+    """A finished run kept in ``--keep`` is reused only if it ran with this sweep's options."""
+    import yaml
+
+    found = yaml.safe_load((train_dir / "config.yaml").read_text(encoding="utf-8"))
+    for key, value in wanted.items():
+        if key != "output" and found.get(key) != value:
+            raise SystemExit(
+                f"--keep: {train_dir} was run with {key} = {found.get(key)!r}, this sweep asks "
+                f"for {value!r}; choose another --keep directory"
+            )
+
+
 def launch(row: Row, seed: int, args: argparse.Namespace, work: Path) -> RunRecord | str:
     """Run one child (or reuse its finished result); the record, or the failure's log tail."""
     run_dir = work / f"{row.name}-s{seed}"
@@ -242,13 +255,8 @@ def launch(row: Row, seed: int, args: argparse.Namespace, work: Path) -> RunReco
         "config": run_config(row, seed, args, run_dir / "train"),
     }  # fmt: skip
     if result.is_file():
-        record = RunRecord(**json.loads(result.read_text(encoding="utf-8")))
-        if record.steps == args.max_steps:
-            return record
-        raise ValueError(
-            f"--keep {work}: {result} is a finished run of {record.steps} steps, this sweep asks "
-            f"for {args.max_steps}; choose another --keep directory"
-        )
+        check_kept(run_dir / "train", spec["config"])
+        return RunRecord(**json.loads(result.read_text(encoding="utf-8")))
     shutil.rmtree(run_dir, ignore_errors=True)  # a killed, unfinished run starts again
     run_dir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -421,13 +429,14 @@ def table(summaries: dict[str, Summary], loss_keys: Sequence[str]) -> list[str]:
     """The markdown table: one row per method, medians over seeds."""
     keys = [str(k) for k in loss_keys]
     head = ["method", "r", "lr", "trainable", "dev acc % median [min-max]"]
-    head += [f"loss@{k} median" for k in keys] + ["s/epoch", "peak MiB", "adapter size"]
+    head += [f"loss@{k} median" for k in keys]
+    head += ["s/epoch", "run wall s", "peak MiB", "adapter size"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summaries.values():
         losses = [f"{s.loss_at[k].median:.4f}" if s.loss_at.get(k) else "n/a" for k in keys]
         cells = [s.row, "-" if s.method == "full" else str(s.r), f"{s.lr:g}", f"{s.trainable:,}",
                  _fmt_spread(s.accuracy, 100, 2), *losses, f"{s.seconds_per_epoch:.0f}",
-                 f"{s.peak_rss_mib:.0f}", _size(s.adapter_bytes)]  # fmt: skip
+                 f"{s.wall_seconds:.0f}", f"{s.peak_rss_mib:.0f}", _size(s.adapter_bytes)]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -438,7 +447,9 @@ def budget_lines(summaries: dict[str, Summary]) -> list[str]:
         return []
     base = summaries["lora"].trainable
     parts = [f"{s.row} {s.trainable / base:.3f}" for s in summaries.values() if s.row != "lora"]
-    return [f"Trainable parameters / LoRA r=8 ({base:,}): " + ", ".join(parts) + "."]
+    note = (" AdaLoRA is counted at its initial rank (init_r; its allocator prunes to an "
+            "average of r by the end).") if "adalora" in summaries else ""  # fmt: skip
+    return [f"Trainable parameters / LoRA r=8 ({base:,}): " + ", ".join(parts) + "." + note]
 
 
 def markdown(report: dict[str, Any], summaries: dict[str, Summary], found: list[Claim]) -> str:
@@ -454,7 +465,9 @@ def markdown(report: dict[str, Any], summaries: dict[str, Summary], found: list[
         f"{', '.join(map(str, flags['seeds']))}. lr 5e-4 for every adapter method, 5e-5 for "
         "full fine-tuning (engine defaults, no per-method tuning). Loss@N = mean training loss "
         f"over steps N-{flags['window'] - 1}..N. s/epoch = 67,349 / training examples per "
-        "second (training only, extrapolated). Peak MiB = the run's process peak RSS. Adapter "
+        "second (training only, extrapolated); run wall s = the whole run (loading, "
+        "initialization such as PiSSA's SVD or LoRA-GA's gradient pass, training, evaluation, "
+        "saving). Peak MiB = the run's process peak RSS. Adapter "
         "size = weight + config files (tokenizer not counted). "
         f"{cond['machine']}, {flags['threads']} threads per run, load average "
         f"{cond['load_average_start'][0]:.2f} at start, {cond['load_average_end'][0]:.2f} at end.",
@@ -560,7 +573,7 @@ def write_outputs(
     flags = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {
         "conditions": conditions(load_start), "flags": flags, "command": args.command,
-        "dev_examples": sum(1 for _ in open(args.dev, encoding="utf-8")) - 1,
+        "dev_examples": len(args.dev.read_text(encoding="utf-8").splitlines()) - 1,
         "failed": failed, "summaries": {k: s._asdict() for k, s in summaries.items()},
         "claims": [c._asdict() for c in found], "runs": [r._asdict() for r in records],
     }  # fmt: skip

@@ -193,3 +193,25 @@ def test_moving_average_and_plot(bench, tmp_path):
 def test_record_json_round_trip(bench):
     run = synthetic(bench)[0]
     assert bench.RunRecord(**json.loads(json.dumps(run._asdict()))) == run
+
+
+def test_kept_finished_run_is_reused_only_with_the_same_options(bench, tmp_path):
+    """Resumable at the run level: a kept result.json is returned without launching a child;
+    a kept run made with other options is refused (no silent mixing of settings)."""
+    import yaml
+
+    args = bench.parse(["--methods", "lora", "--seeds", "0", "--keep", str(tmp_path)])
+    row = bench.ROWS["lora"]
+    run_dir = tmp_path / "lora-s0"
+    (run_dir / "train").mkdir(parents=True)
+    config = bench.run_config(row, 0, args, run_dir / "train")
+    (run_dir / "train" / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    kept = record(bench, "lora", 0, acc=0.9, early=0.5, late=0.3)
+    (run_dir / "result.json").write_text(json.dumps(kept._asdict()), encoding="utf-8")
+    assert bench.launch(row, 0, args, tmp_path) == kept
+    (run_dir / "train" / "config.yaml").write_text(
+        yaml.safe_dump({**config, "max_steps": 100}), encoding="utf-8"
+    )
+    with pytest.raises(SystemExit, match="max_steps"):
+        bench.launch(row, 0, args, tmp_path)
+    assert (run_dir / "result.json").is_file()  # the refusal deletes nothing
