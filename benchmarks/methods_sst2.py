@@ -54,6 +54,7 @@ TRAIN_EXAMPLES = 67_349  # SST-2 train.tsv: one epoch
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
 FULL_FILES = ("model.safetensors", "config.json")
 RESULT_FILE = "result.json"
+MIN_SEEDS = 3  # a claim is judged only when both sides have a seed range of >= 3 runs
 
 
 class Row(NamedTuple):
@@ -134,7 +135,7 @@ class Claim(NamedTuple):
     claim: str
     rule: str
     evidence: str
-    verdict: str  # "reproduces", "not reproduced", "contradicted" or "not run"
+    verdict: str  # "reproduces", "not reproduced", "contradicted", "not judged" or "not run"
 
 
 # ---------------------------------------------------------------- numbers from one run
@@ -342,6 +343,12 @@ def at_least(a: Spread, b: Spread) -> str:
     return "contradicted" if a.median < b.low else "not reproduced"
 
 
+def _too_few_seeds(summaries: dict[str, Summary], *rows: str) -> str:
+    """Why a claim cannot be judged (a seed range of fewer than MIN_SEEDS runs), or ''."""
+    few = [f"{r}: {summaries[r].seeds}" for r in rows if summaries[r].seeds < MIN_SEEDS]
+    return f"fewer than {MIN_SEEDS} seeds ({', '.join(few)})" if few else ""
+
+
 def _fmt_spread(s: Spread | None, scale: float = 1.0, digits: int = 3) -> str:
     if s is None:
         return "n/a"
@@ -355,6 +362,8 @@ def _loss_claim(
             f"above it = contradicted ({paper})")  # fmt: skip
     if a not in summaries or b not in summaries:
         return Claim(claim, rule, f"{a} or {b} not run", "not run")
+    if few := _too_few_seeds(summaries, a, b):
+        return Claim(claim, rule, few, "not judged")
     sa, sb = summaries[a].loss_at.get(key), summaries[b].loss_at.get(key)
     if sa is None or sb is None:
         return Claim(claim, rule, f"loss@{key} not reached", "not run")
@@ -372,6 +381,8 @@ def _acc_claim(
                 f"contradicted; otherwise not reproduced ({paper})")  # fmt: skip
     if a not in summaries or b not in summaries:
         return Claim(claim, rule, f"{a} or {b} not run", "not run")
+    if few := _too_few_seeds(summaries, a, b):
+        return Claim(claim, rule, few, "not judged")
     sa, sb = summaries[a].accuracy, summaries[b].accuracy
     evidence = f"{a} {_fmt_spread(sa, 100, 2)}% vs {b} {_fmt_spread(sb, 100, 2)}%"
     verdict = compare(sa, sb, higher_is_better=True) if strict else at_least(sa, sb)
@@ -384,6 +395,8 @@ def _full_gap_claim(summaries: dict[str, Summary], points: float = 1.0) -> Claim
             f"Table 2: LoRA matches full fine-tuning on GLUE)")  # fmt: skip
     if "lora" not in summaries or "full" not in summaries:
         return Claim(claim, rule, "lora or full not run", "not run")
+    if few := _too_few_seeds(summaries, "lora", "full"):
+        return Claim(claim, rule, few, "not judged")
     gap = 100 * (summaries["full"].accuracy.median - summaries["lora"].accuracy.median)
     verdict = "reproduces" if gap <= points else "not reproduced"
     return Claim(claim, rule, f"full - lora = {gap:+.2f} points (medians)", verdict)
@@ -484,8 +497,8 @@ def markdown(report: dict[str, Any], summaries: dict[str, Summary], found: list[
         "",
         "Verdicts: *reproduces* = the rule holds; *not reproduced* = the difference is within "
         "the seed spread (or the gap is too large); *contradicted* = outside the spread in the "
-        "opposite direction. One model, one task, one budget, untuned lr: a verdict here is "
-        "about this setting only.",
+        "opposite direction; *not judged* = fewer than 3 seeds. One model, one task, one "
+        "budget, untuned lr: a verdict here is about this setting only.",
     ]
     if report["failed"]:
         lines += ["", "Failed runs: " + "; ".join(f"{k}: {v}" for k, v in report["failed"].items())]

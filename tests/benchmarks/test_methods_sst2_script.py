@@ -215,3 +215,12 @@ def test_kept_finished_run_is_reused_only_with_the_same_options(bench, tmp_path)
     with pytest.raises(SystemExit, match="max_steps"):
         bench.launch(row, 0, args, tmp_path)
     assert (run_dir / "result.json").is_file()  # the refusal deletes nothing
+
+
+def test_claims_need_three_seeds_on_both_sides(bench):
+    """One seed's 'range' is a point, so any difference would pass the rule: not judged."""
+    runs = [r for r in synthetic(bench) if r.seed == 0 or r.row != "pissa"]
+    found = bench.claims(bench.aggregate(runs), ["20", "40"])
+    pissa = next(c for c in found if c.claim.startswith("PiSSA"))
+    assert pissa.verdict == "not judged" and "pissa: 1" in pissa.evidence
+    assert next(c for c in found if c.claim.startswith("LoRA-GA")).verdict == "not reproduced"
