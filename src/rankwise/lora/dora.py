@@ -40,7 +40,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankwise.errors import MergeError
-from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear
+from rankwise.lora.layers import (
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    LoraLinearFunction,
+    lora_linear,
+)
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -48,6 +54,11 @@ MAGNITUDE = "lora_magnitude_vector"
 def _key(*tensors: Tensor) -> tuple[Any, ...]:
     # identity + version counter: changes on every in-place write and on `.data =` swaps
     return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+
+
+def _norm_dtype(W: Tensor) -> torch.dtype:
+    # norms in float32 at least; float64 weights keep float64
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
 
 
 def dora_row_norm(
@@ -58,7 +69,7 @@ def dora_row_norm(
     ``W: (out, in)``, ``A: (r, in)``, ``B: (out, r)``; ``w_sq`` optionally the precomputed
     ``‖W‖²`` per row. Computed in float32 (float64 stays float64) under ``no_grad``.
     """
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dt = _norm_dtype(W)
     with torch.no_grad():
         W, A, B = W.to(dt), A.detach().to(dt), B.detach().to(dt)
         if w_sq is None:
@@ -67,6 +78,10 @@ def dora_row_norm(
         lora_sq = ((B @ (A @ A.T)) * B).sum(dim=1)  # (out,): ‖(BA)_i‖² via the (r, r) Gram
         sq = w_sq.to(dt) + (2.0 * scaling) * cross + (scaling * scaling) * lora_sq
         return sq.clamp_min(0.0).sqrt()
+
+
+def _lora_linear_y(*args: Any) -> Tensor:
+    return lora_linear(*args).y
 
 
 class DoraMixin:
@@ -114,7 +129,7 @@ class DoraMixin:
         wkey = _key(W)
         if self._w_sq is None or self._w_sq[0] != wkey:
             with torch.no_grad():
-                self._w_sq = (wkey, W.detach().float().square().sum(dim=1))
+                self._w_sq = (wkey, W.detach().to(_norm_dtype(W)).square().sum(dim=1))
         norm = dora_row_norm(W, A, B, self.scaling, self._w_sq[1])
         self._norm = (key, norm)
         return norm
@@ -199,15 +214,15 @@ class DoraLinear(DoraMixin, LoraLinear):
             extra = (c - 1) * F.linear(xd, W) + c * (lora * self.scaling).to(x.dtype)
             return self.base_layer(x) + extra
         shape = (*x.shape[:-1], W.shape[0])
-        x2 = x.reshape(-1, x.shape[-1])  # (N, in): 2-D so the add below is in place on y itself
-        y = F.linear(x2, W)  # (N, out), no bias yet
-        h = x2 if x2.dtype == self._dtype else x2.to(self._dtype)
-        h = F.linear(h, self.lora_A.weight)  # (N, r): project down first, never form B @ A
-        if h.dtype == y.dtype:
-            # W0 x + s·B A x, added in place: linear's backward does not need its output
-            y.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
-        else:
-            y = self._project_up(y, h, self.lora_B.weight)
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        A, B = self.lora_A.weight, self.lora_B.weight
+        if x2.dtype == self._dtype == W.dtype:
+            # (N, out) = W0 x + s·B A x: LoRA's fused node (three GEMMs, in-place backward)
+            fn = LoraLinearFunction.apply if torch.is_grad_enabled() else _lora_linear_y
+            y = fn(x2, self.weight_right(), None, A, B, self.scaling, None)
+        else:  # mixed precision: the adapter runs in its own dtype
+            h = F.linear(x2.to(self._dtype), A)  # (N, r): project down first
+            y = self._project_up(F.linear(x2, W), h, B)
         y = y.view(shape)
         if bias is None:
             return y * c

@@ -33,6 +33,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules import module as module_mod
 
 from rankwise.errors import MergeError, ShapeMismatchError
 
@@ -261,29 +262,130 @@ class LoraLinear(LoraLayer):
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_A.weight, self.lora_B.weight)
 
+    def weight_right(self) -> Tensor:
+        """The base weight as the right factor of ``x @ W^T``: ``(in, out)``, a view."""
+        W = self.base_weight
+        return W if self.fan_in_fan_out else W.t()
+
     def adapted_forward(self, x: Tensor) -> Tensor:
+        if not (_plain(self.base_layer) and x.dtype == self._dtype == self.base_weight.dtype):
+            return self._module_forward(x)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): a view for contiguous x, no copy
-        h = x2d if self.dropout is None else self.dropout(x2d)
+        # dropout on the adapter path only (the base GEMM sees x itself); None: same as x
+        xa = self.dropout(x2d) if self.dropout is not None and self.training else None
+        A, B, b = self.lora_A.weight, self.lora_B.weight, self.base_layer.bias
+        if torch.is_grad_enabled():
+            # one autograd node with a fused backward (dx = g W + ĝ A accumulated in place)
+            y = LoraLinearFunction.apply(x2d, self.weight_right(), b, A, B, self.scaling, xa)
+        else:
+            y = lora_linear(x2d, self.weight_right(), b, A, B, self.scaling, xa).y
+        return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def _module_forward(self, x: Tensor) -> Tensor:
+        """General path: the base layer run as a module (hooks, subclasses, mixed dtypes)."""
+        h = x if self.dropout is None else self.dropout(x)
         if h.dtype != self._dtype:
             h = h.to(self._dtype)
-        h = F.linear(h, self.lora_A.weight)  # (N, r): project down first, never form B @ A
-        if _plain(self.base_layer) and x.dtype == self._dtype:
-            # (N, out): the base GEMM computed here, so its output is ours to update in place
-            W, b = self.base_weight, self.base_layer.bias
-            Wt = W if self.fan_in_fan_out else W.t()  # (in, out)
-            result = torch.addmm(b, x2d, Wt) if b is not None else x2d @ Wt
-            # += s * (N, r) @ (r, out): scale inside the GEMM, no temporary of size (N, out)
-            result.addmm_(h, self.lora_B.weight.t(), alpha=self.scaling)
-            return result.view(*x.shape[:-1], self.out_features)
-        base = self.base_layer(x)  # hooks on the base layer: run it as a module
-        return self._project_up(base, h.view(*x.shape[:-1], self.r), self.lora_B.weight)
+        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
+        return self._project_up(self.base_layer(x), h, self.lora_B.weight)
+
+
+class LoraLinearOutput(NamedTuple):
+    """``y = x Wt + b + s·h Bᵀ: (N, out)`` and the down-projection, transposed:
+    ``h_t = A x_aᵀ: (r, N)``."""
+
+    y: Tensor
+    h_t: Tensor
+
+
+def lora_linear(
+    x: Tensor,
+    Wt: Tensor,
+    bias: Tensor | None,
+    A: Tensor,
+    B: Tensor,
+    scaling: float,
+    xa: Tensor | None = None,
+) -> LoraLinearOutput:
+    """``y = x Wt + b + s·(x_a Aᵀ) Bᵀ`` in three GEMMs, no elementwise pass (Hu et al. 2021, eq. 3).
+
+    ``x: (N, in)``; ``Wt: (in, out)``, the base weight as a right factor (``Wᵀ`` of an
+    ``nn.Linear``, ``Conv1D``'s own weight); ``A: (r, in)``, ``B: (out, r)``; ``xa: (N, in)``
+    the adapter's input (``x`` after dropout; None: ``x`` itself). All of one dtype. The base
+    GEMM writes the output buffer, the rank-r up-projection is accumulated into it in place
+    with ``s`` as the GEMM's alpha. The down-projection is computed as ``A x_aᵀ: (r, N)``: a
+    GEMM with ``r`` *rows* runs at the speed of reading ``x`` on CPU BLAS, while ``x Aᵀ`` with
+    ``r`` columns can be several times slower.
+    """
+    h_t = torch.mm(A, (x if xa is None else xa).t())  # (r, N): project down first, never B @ A
+    y = torch.addmm(bias, x, Wt) if bias is not None else torch.mm(x, Wt)  # (N, out)
+    y.addmm_(h_t.t(), B.t(), alpha=scaling)  # += s · (N, r) @ (r, out), no (N, out) temporary
+    return LoraLinearOutput(y, h_t)
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """:func:`lora_linear` as one autograd node with a hand-written backward.
+
+    With ``g = ∂L/∂y: (N, out)``, ``h = x_a Aᵀ: (N, r)`` and ``ĝ = s·g B: (N, r)``::
+
+        ∂L/∂B = s·gᵀ h: (out, r)      ∂L/∂A = ĝᵀ x_a: (r, in)
+        ∂L/∂x = g Wtᵀ (+ ĝ A when x_a is x, accumulated in place by the second GEMM): (N, in)
+        ∂L/∂x_a = ĝ A: (N, in)        ∂L/∂Wt = xᵀ g: (in, out)      ∂L/∂b = Σ_rows g: (out,)
+
+    The rank-r products are formed transposed, with ``r`` rows (``hᵀ g``, ``Bᵀ gᵀ``, ``ĝᵀ x_a``),
+    the fast layout for CPU BLAS (autograd on ``x Aᵀ`` and ``h Bᵀ`` picks ``gᵀ h`` and ``g B``,
+    up to ~8× slower at r = 8). Each term is computed only when its input requires a gradient
+    (the frozen base weight's ``xᵀ g``, the largest, is skipped in LoRA training), and the two
+    input gradients share one buffer. Saved: ``x``, ``x_a``, ``hᵀ``; the weights by reference.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        Wt: Tensor,
+        bias: Tensor | None,
+        A: Tensor,
+        B: Tensor,
+        scaling: float,
+        xa: Tensor | None,
+    ) -> Tensor:
+        y, h_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
+        ctx.save_for_backward(x, Wt, A, B, h_t, xa)
+        ctx.scaling = scaling  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, Wt, A, B, h_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
+        s: float = ctx.scaling  # type: ignore[attr-defined]
+        need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad  # type: ignore[attr-defined]
+        gx = gw = gbias = ga = gb = gxa = None
+        if need_b:
+            gb = torch.mm(h_t, g).mul_(s).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
+        if need_x or need_a or need_xa:
+            gh_t = torch.mm(B.t(), g.t()).mul_(s)  # (r, N): ĝᵀ = s·Bᵀ gᵀ
+            if need_a:
+                ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
+            if need_x:
+                gx = torch.mm(g, Wt.t())  # (N, in): the base layer's input gradient
+                if xa is None:
+                    gx.addmm_(gh_t.t(), A)  # += ĝ A in place: no second (N, in) buffer, no add
+            if need_xa:
+                gxa = torch.mm(gh_t.t(), A)  # (N, in), back through dropout by autograd
+        if need_w:
+            gw = torch.mm(x.t(), g)  # (in, out), Wt's layout
+        if need_bias:
+            gbias = g.sum(dim=0)  # (out,)
+        return gx, gw, gbias, ga, gb, None, gxa
 
 
 def _plain(module: nn.Module) -> bool:
     """An ``nn.Linear`` / ``Conv1D`` of the exact class with no forward hooks: its forward is
     exactly ``x W^T + b`` (``x W + b`` for Conv1D), so it may be computed inline."""
-    from torch.nn.modules import module as module_mod
-
     if type(module) is not nn.Linear and not is_hf_conv1d(module):
         return False
     hooks = (

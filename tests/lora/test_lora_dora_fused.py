@@ -1,0 +1,79 @@
+"""DoRA's training path through the fused LoRA node: the paper's formula with the norm detached."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.lora.dora import DoraLinear
+
+IN, OUT, R = 7, 6, 3
+
+
+def _hf_conv1d() -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(OUT, IN)  # weight (in, out)
+    nn.init.normal_(layer.weight, std=0.3)
+    nn.init.normal_(layer.bias, std=0.3)
+    return layer
+
+
+def _dora(base: nn.Module) -> DoraLinear:
+    base = base.double().requires_grad_(False)
+    layer = DoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=0.0)
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(R, IN, generator=g, dtype=torch.float64)
+    B = torch.randn(OUT, R, generator=g, dtype=torch.float64)
+    layer.set_factors(A, B)
+    with torch.no_grad():  # m away from its initial ‖W0 + sBA‖, so c ≠ 1
+        layer.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, OUT, dtype=torch.float64))
+    return layer
+
+
+BASES = {
+    "linear": lambda: nn.Linear(IN, OUT),
+    "linear_nobias": lambda: nn.Linear(IN, OUT, bias=False),
+    "conv1d_hf": _hf_conv1d,
+}
+
+
+@pytest.mark.parametrize("kind", list(BASES))
+@pytest.mark.parametrize("training", [True, False])
+def test_gradients_equal_the_dense_formula_with_detached_norm(kind: str, training: bool) -> None:
+    torch.manual_seed(0)
+    layer = _dora(BASES[kind]()).train(training)
+    x = torch.randn(2, 4, IN, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 4, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (layer(x) * g).sum().backward()
+
+    # reference: W' = m ⊙ V / ‖V‖ with V = W0 + s·B A formed in full and ‖V‖ a constant (§4.3)
+    A = layer.lora_A.weight.detach().clone().requires_grad_()
+    B = layer.lora_B.weight.detach().clone().requires_grad_()
+    m = layer.lora_magnitude_vector.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    W = layer.base_matrix().detach()  # (out, in) in either layout
+    V = W + layer.scaling * B @ A
+    out = xr @ (m / V.norm(dim=1).detach() * V.T)
+    bias = layer.base_layer.bias
+    out = out if bias is None else out + bias
+    (out * g).sum().backward()
+    pairs = [
+        (x.grad, xr.grad),
+        (layer.lora_A.weight.grad, A.grad),
+        (layer.lora_B.weight.grad, B.grad),
+        (layer.lora_magnitude_vector.grad, m.grad),
+    ]
+    for mine, ref in pairs:
+        torch.testing.assert_close(mine, ref, rtol=1e-10, atol=1e-10)
+    assert layer.base_layer.weight.grad is None
+
+
+def test_no_grad_training_forward_equals_the_autograd_one() -> None:
+    torch.manual_seed(0)
+    layer = _dora(nn.Linear(IN, OUT)).train()
+    x = torch.randn(5, IN, dtype=torch.float64)
+    with torch.no_grad():
+        plain = layer(x)
+    torch.testing.assert_close(plain, layer(x).detach(), rtol=1e-12, atol=1e-12)

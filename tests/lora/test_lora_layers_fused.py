@@ -1,0 +1,113 @@
+"""The fused LoRA linear node: its hand-written backward against autograd and finite differences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rankwise.lora import LoraConfig, inject
+from rankwise.lora.layers import LoraLinear, LoraLinearFunction, lora_linear
+
+N, IN, OUT, R, S = 5, 7, 6, 3, 0.7
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"x": (N, IN), "W": (OUT, IN), "b": (OUT,), "A": (R, IN), "B": (OUT, R), "xa": (N, IN)}
+    return {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_backward_passes_gradcheck(bias: bool, dropped: bool, fan_in_fan_out: bool) -> None:
+    t = {k: v.requires_grad_() for k, v in _tensors().items()}
+    # Conv1D keeps W as (in, out): the node's right factor is then the weight itself
+    Wt_leaf = t["W"].detach().t().contiguous().requires_grad_() if fan_in_fan_out else t["W"]
+
+    def fn(x, Wt_src, b, A, B, xa):  # noqa: ANN001, ANN202
+        Wt = Wt_src if fan_in_fan_out else Wt_src.t()
+        return LoraLinearFunction.apply(
+            x, Wt, b if bias else None, A, B, S, xa if dropped else None
+        )
+
+    inputs = (t["x"], Wt_leaf, t["b"], t["A"], t["B"], t["xa"])
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_gradients_equal_autograd_on_the_formula(frozen: bool) -> None:
+    t = _tensors(1)
+    leaves = {k: v.clone().requires_grad_(not (frozen and k in ("W", "b"))) for k, v in t.items()}
+    ref = {k: v.clone().requires_grad_(leaves[k].requires_grad) for k, v in t.items()}
+    g = torch.randn(N, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    y = LoraLinearFunction.apply(
+        leaves["x"], leaves["W"].t(), leaves["b"], leaves["A"], leaves["B"], S, None
+    )
+    y_ref = ref["x"] @ ref["W"].T + ref["b"] + S * (ref["x"] @ ref["A"].T) @ ref["B"].T
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    (y * g).sum().backward()
+    (y_ref * g).sum().backward()
+    for k in ("x", "W", "b", "A", "B"):
+        if frozen and k in ("W", "b"):
+            assert leaves[k].grad is None  # a frozen base weight gets no gradient at all
+        else:
+            torch.testing.assert_close(leaves[k].grad, ref[k].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_no_grad_path_is_the_same_function() -> None:
+    t = _tensors(3)
+    out = lora_linear(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, t["xa"])
+    h = t["xa"] @ t["A"].T
+    torch.testing.assert_close(out.h_t, h.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        out.y, t["x"] @ t["W"].T + t["b"] + S * h @ t["B"].T, rtol=1e-12, atol=1e-12
+    )
+
+
+def _layer(p: float) -> LoraLinear:
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT).requires_grad_(False)  # frozen, as inject leaves it
+    layer = LoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=p)
+    g = torch.Generator().manual_seed(4)
+    layer.set_factors(torch.randn(R, IN, generator=g), torch.randn(OUT, R, generator=g))
+    return layer.train()
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_fused_layer_equals_the_module_path(p: float) -> None:
+    fused, general = _layer(p), _layer(p)
+    general.base_layer.register_forward_hook(lambda m, i, o: None)  # forces the module path
+    x = torch.randn(2, N, IN, generator=torch.Generator().manual_seed(5))
+    g = torch.randn(2, N, OUT, generator=torch.Generator().manual_seed(6))
+    results = []
+    for layer in (fused, general):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(7)  # the same dropout mask: both drop an (…, in) tensor of x's size
+        out = layer(xi)
+        (out * g).sum().backward()
+        results.append((out, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    for mine, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    assert fused.base_layer.weight.grad is None
+
+
+def test_trainable_bias_gets_its_gradient_in_a_model() -> None:
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(IN, OUT)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    model = inject(Two(), LoraConfig(r=R, lora_alpha=R, target_modules=["lin"], bias="all"))
+    x = torch.randn(3, IN)
+    model(x).square().sum().backward()
+    bias = model.lin.base_layer.bias
+    assert bias.requires_grad and bias.grad is not None
+    W, b = model.lin.base_layer.weight.detach(), bias.detach().requires_grad_()
+    (x @ W.T + b).square().sum().backward()  # B = 0 at init: the adapter adds nothing
+    torch.testing.assert_close(bias.grad, b.grad)
