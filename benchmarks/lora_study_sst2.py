@@ -236,11 +236,11 @@ def _find(sims: Sequence[TypeSimilarity], comparison: str, factor: str) -> list[
 
 
 def similarity_claim(sims: Sequence[TypeSimilarity], *, factor: str) -> str:
-    """Rule: the top direction is "shared" for a type when φ(1, 1) > 0.5 in at least half its
+    """Rule: the top direction is "shared" for a type when φ(1, 1) > 0.5 in more than half its
     layers (the paper: one direction with φ > 0.5 between r = 8 and r = 64, Sec. 7.2)."""
     parts = []
     for s in _find(sims, "r8 vs r64", factor):
-        verdict = "shared" if 2 * s.shared >= s.modules else "not shared"
+        verdict = "shared" if 2 * s.shared > s.modules else "not shared"
         parts.append(
             f"{s.kind}: {verdict} (φ(1,1) > {SHARED} in {s.shared} of {s.modules} layers, "
             f"median {_median(s.top_phi):.2f})"
@@ -542,9 +542,10 @@ def write_figures(
                 final = results / f"lora_study_{stem}_layer{LAYER}_{kind}.png"
                 os.replace(path, final)
                 written.append(final.name)
-        if plans:
-            accuracies = [_Accuracy(r.get("accuracy")) for r in budget]
-            for path in plot_budget(plans, accuracies, tmp):
+        finished = [(p, r) for p, r in zip(plans, budget) if r.get("accuracy") is not None]
+        if finished:
+            accuracies = [_Accuracy(r["accuracy"]) for _, r in finished]
+            for path in plot_budget([p for p, _ in finished], accuracies, tmp):
                 final = results / "lora_study_budget.png"
                 os.replace(path, final)
                 written.append(final.name)
@@ -642,7 +643,10 @@ def init_note(check: Mapping[str, Any]) -> str:
             "A stays near its random initialization, so φ on the raw A mostly compares the "
             "initializations; ΔA = A − A_init is the learned part (the fair comparison)."
         )
-    return "A moved far from its initialization; ΔA and the raw A tell a similar story."
+    return (
+        "A moved well away from its random initialization; the ΔA rows compare the learned "
+        "part alone, with the shared initial rows (if any) cancelled."
+    )
 
 
 def markdown(report: Mapping[str, Any]) -> str:

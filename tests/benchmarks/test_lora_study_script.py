@@ -66,6 +66,8 @@ def test_identical_adapters_share_every_direction_and_the_claim_says_shared():
         assert s.grid_median == pytest.approx(1.0, abs=1e-5)
     claim = study.similarity_claim(sims, factor="A")
     assert "query: shared" in claim and "value: shared" in claim and "3 of 3" in claim
+    half = [s._replace(modules=2 * s.shared) for s in sims]  # exactly half: not a majority
+    assert "query: not shared" in study.similarity_claim(half, factor="A")
 
 
 def test_independent_random_adapters_are_near_the_random_expectation_and_not_shared():
