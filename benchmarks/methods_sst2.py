@@ -456,7 +456,7 @@ def table(summaries: dict[str, Summary], loss_keys: Sequence[str]) -> list[str]:
 
 def budget_lines(summaries: dict[str, Summary]) -> list[str]:
     """Trainable parameters of each method as a ratio to LoRA r=8 (the matched budget)."""
-    if "lora" not in summaries:
+    if "lora" not in summaries or len(summaries) < 2:
         return []
     base = summaries["lora"].trainable
     parts = [f"{s.row} {s.trainable / base:.3f}" for s in summaries.values() if s.row != "lora"]
