@@ -11,6 +11,8 @@ import importlib.util
 import json
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
@@ -18,7 +20,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "methods_sst2.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
+def bench() -> ModuleType:
     spec = importlib.util.spec_from_file_location("methods_sst2_bench", SCRIPT)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # NamedTuple classes need their module registered
@@ -26,7 +28,10 @@ def bench():
     return module
 
 
-def record(bench, row, seed, *, acc, early, late, trainable=1000, method=None, steps=40):
+def record(
+    bench: ModuleType, row: str, seed: int, *, acc: float, early: float, late: float,
+    trainable: int = 1000, method: str | None = None, steps: int = 40,
+) -> Any:  # fmt: skip
     curve = [early] * 20 + [late] * (steps - 20)
     return bench.RunRecord(
         row=row, method=method or row, seed=seed, r=8, lr=5e-4, steps=steps, dev_accuracy=acc,
@@ -37,7 +42,7 @@ def record(bench, row, seed, *, acc, early, late, trainable=1000, method=None, s
     )  # fmt: skip
 
 
-def synthetic(bench):
+def synthetic(bench: ModuleType) -> list[Any]:
     """Three seeds per row; the offsets make each claim's verdict known in advance."""
     rows = {
         # row: (accuracies, loss@20s, loss@40s, trainable)
@@ -60,7 +65,7 @@ def synthetic(bench):
     return out
 
 
-def test_loss_after_is_the_window_mean(bench):
+def test_loss_after_is_the_window_mean(bench: ModuleType) -> None:
     losses = [float(i) for i in range(1, 101)]  # step k has loss k
     assert bench.loss_after(losses, 100, 20) == pytest.approx(sum(range(81, 101)) / 20)
     assert bench.loss_after(losses, 10, 20) == pytest.approx(5.5)  # fewer steps than the window
@@ -69,7 +74,7 @@ def test_loss_after_is_the_window_mean(bench):
         bench.loss_after(losses, 10, 0)
 
 
-def test_aggregate_medians_and_spreads(bench):
+def test_aggregate_medians_and_spreads(bench: ModuleType) -> None:
     summaries = bench.aggregate(synthetic(bench))
     assert list(summaries)[:3] == ["lora", "full", "pissa"]
     lora = summaries["lora"]
@@ -81,14 +86,14 @@ def test_aggregate_medians_and_spreads(bench):
     assert lora.peak_rss_mib == pytest.approx(801.0)
 
 
-def test_aggregate_marks_unreached_loss_as_missing(bench):
+def test_aggregate_marks_unreached_loss_as_missing(bench: ModuleType) -> None:
     runs = [record(bench, "lora", s, acc=0.8, early=0.6, late=0.4) for s in range(2)]
     runs[1] = runs[1]._replace(loss_at={"20": 0.6, "40": None})
     summary = bench.aggregate(runs)["lora"]
     assert summary.loss_at["40"] is None and summary.loss_at["20"] is not None
 
 
-def test_claim_verdicts_follow_the_rules(bench):
+def test_claim_verdicts_follow_the_rules(bench: ModuleType) -> None:
     found = {c.claim: c for c in bench.claims(bench.aggregate(synthetic(bench)), ["20", "40"])}
     verdict = {k.split(" ")[0] + (" acc" if "accurate" in k else ""): c.verdict
                for k, c in found.items()}  # fmt: skip
@@ -104,14 +109,14 @@ def test_claim_verdicts_follow_the_rules(bench):
     assert full_claim.verdict == "not reproduced" and "+3.00 points" in full_claim.evidence
 
 
-def test_claims_with_missing_methods_say_not_run(bench):
+def test_claims_with_missing_methods_say_not_run(bench: ModuleType) -> None:
     runs = [r for r in synthetic(bench) if r.row in ("lora", "full")]
     found = bench.claims(bench.aggregate(runs), ["20", "40"])
     assert [c.verdict for c in found].count("not run") == len(found) - 1
     assert found[-1].verdict == "not reproduced"  # full is 3 points above lora
 
 
-def test_compare_and_at_least_edges(bench):
+def test_compare_and_at_least_edges(bench: ModuleType) -> None:
     b = bench.Spread(0.5, 0.4, 0.6, (0.4, 0.5, 0.6))
     same = bench.Spread(0.6, 0.6, 0.6, (0.6,))
     assert bench.compare(same, b, higher_is_better=True) == "not reproduced"  # on the edge
@@ -120,7 +125,7 @@ def test_compare_and_at_least_edges(bench):
     assert bench.at_least(same._replace(median=0.45), b) == "not reproduced"
 
 
-def test_markdown_table_budget_and_claims(bench):
+def test_markdown_table_budget_and_claims(bench: ModuleType) -> None:
     runs = synthetic(bench)
     summaries = bench.aggregate(runs)
     found = bench.claims(summaries, ["20", "40"])
@@ -146,14 +151,14 @@ def test_markdown_table_budget_and_claims(bench):
     assert "steps N-19..N" in text and "--max-steps 40" in text
 
 
-def test_plan_is_seed_outer(bench):
+def test_plan_is_seed_outer(bench: ModuleType) -> None:
     args = bench.parse(["--methods", "lora,full,pissa", "--seeds", "0,1"])
     order = [(row.name, seed) for row, seed in bench.plan(args)]
     assert order == [("lora", 0), ("full", 0), ("pissa", 0), ("lora", 1), ("full", 1),
                      ("pissa", 1)]  # fmt: skip
 
 
-def test_parse_quick_preset_and_errors(bench):
+def test_parse_quick_preset_and_errors(bench: ModuleType) -> None:
     args = bench.parse(["--quick", "--max-steps", "30"])
     assert args.max_steps == 30 and args.seeds == [0] and args.loss_at == [10, 20]
     assert bench.parse([]).methods == list(bench.ROWS)
@@ -163,7 +168,7 @@ def test_parse_quick_preset_and_errors(bench):
         bench.parse(["--max-steps", "50"])  # loss@100 and 500 would not be reached
 
 
-def test_run_config_matches_the_budget_table(bench):
+def test_run_config_matches_the_budget_table(bench: ModuleType) -> None:
     args = bench.parse([])
     configs = {name: bench.run_config(row, 1, args, Path("x")) for name, row in bench.ROWS.items()}
     assert configs["lora-fa"]["r"] == 16 and configs["rslora"]["r"] == 64
@@ -175,14 +180,14 @@ def test_run_config_matches_the_budget_table(bench):
         assert from_mapping(configs[name]).max_steps == 500
 
 
-def test_saved_bytes_counts_weights_and_config_only(bench, tmp_path):
+def test_saved_bytes_counts_weights_and_config_only(bench: ModuleType, tmp_path: Path) -> None:
     (tmp_path / "adapter_model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "adapter_config.json").write_bytes(b"{}")
     (tmp_path / "tokenizer.json").write_bytes(b"t" * 1000)
     assert bench.saved_bytes(tmp_path) == (102, 1102)
 
 
-def test_moving_average_and_plot(bench, tmp_path):
+def test_moving_average_and_plot(bench: ModuleType, tmp_path: Path) -> None:
     assert bench.moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     path = tmp_path / "curve.png"
     bench.plot(synthetic(bench), path, window=5)
@@ -190,12 +195,14 @@ def test_moving_average_and_plot(bench, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["curve.png"]  # no temp file left
 
 
-def test_record_json_round_trip(bench):
+def test_record_json_round_trip(bench: ModuleType) -> None:
     run = synthetic(bench)[0]
     assert bench.RunRecord(**json.loads(json.dumps(run._asdict()))) == run
 
 
-def test_kept_finished_run_is_reused_only_with_the_same_options(bench, tmp_path):
+def test_kept_finished_run_is_reused_only_with_the_same_options(
+    bench: ModuleType, tmp_path: Path
+) -> None:
     """Resumable at the run level: a kept result.json is returned without launching a child;
     a kept run made with other options is refused (no silent mixing of settings)."""
     import yaml
@@ -217,7 +224,7 @@ def test_kept_finished_run_is_reused_only_with_the_same_options(bench, tmp_path)
     assert (run_dir / "result.json").is_file()  # the refusal deletes nothing
 
 
-def test_claims_need_three_seeds_on_both_sides(bench):
+def test_claims_need_three_seeds_on_both_sides(bench: ModuleType) -> None:
     """One seed's 'range' is a point, so any difference would pass the rule: not judged."""
     runs = [r for r in synthetic(bench) if r.seed == 0 or r.row != "pissa"]
     found = bench.claims(bench.aggregate(runs), ["20", "40"])
