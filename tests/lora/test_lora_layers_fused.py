@@ -60,7 +60,7 @@ def test_no_grad_path_is_the_same_function() -> None:
     t = _tensors(3)
     out = lora_linear(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, t["xa"])
     h = t["xa"] @ t["A"].T
-    torch.testing.assert_close(out.h_t, h.T, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.h_s_t, S * h.T, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(
         out.y, t["x"] @ t["W"].T + t["b"] + S * h @ t["B"].T, rtol=1e-12, atol=1e-12
     )

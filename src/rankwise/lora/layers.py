@@ -291,11 +291,11 @@ class LoraLinear(LoraLayer):
 
 
 class LoraLinearOutput(NamedTuple):
-    """``y = x Wt + b + s·h Bᵀ: (N, out)`` and the down-projection, transposed:
-    ``h_t = A x_aᵀ: (r, N)``."""
+    """``y = x Wt + b + h_s Bᵀ: (N, out)`` and the scaled down-projection, transposed:
+    ``h_s_t = s·A x_aᵀ: (r, N)``."""
 
     y: Tensor
-    h_t: Tensor
+    h_s_t: Tensor
 
 
 def lora_linear(
@@ -311,16 +311,19 @@ def lora_linear(
 
     ``x: (N, in)``; ``Wt: (in, out)``, the base weight as a right factor (``Wᵀ`` of an
     ``nn.Linear``, ``Conv1D``'s own weight); ``A: (r, in)``, ``B: (out, r)``; ``xa: (N, in)``
-    the adapter's input (``x`` after dropout; None: ``x`` itself). All of one dtype. The base
-    GEMM writes the output buffer, the rank-r up-projection is accumulated into it in place
-    with ``s`` as the GEMM's alpha. The down-projection is computed as ``A x_aᵀ: (r, N)``: a
-    GEMM with ``r`` *rows* runs at the speed of reading ``x`` on CPU BLAS, while ``x Aᵀ`` with
-    ``r`` columns can be several times slower.
+    the adapter's input (``x`` after dropout; None: ``x`` itself). All of one dtype.
+
+    Order and layout, for CPU BLAS: ``s`` scales the small ``A``; the down-projection is
+    formed as ``(s·A) x_aᵀ: (r, N)`` (a GEMM with ``r`` *rows* runs at the speed of reading
+    ``x``; ``x Aᵀ`` with ``r`` columns can be several times slower); the rank-r term and the
+    bias write the output buffer first and the base GEMM accumulates onto it (``beta = 1``),
+    so no pass over the ``(N, out)`` output is spent on the adapter.
     """
-    h_t = torch.mm(A, (x if xa is None else xa).t())  # (r, N): project down first, never B @ A
-    y = torch.addmm(bias, x, Wt) if bias is not None else torch.mm(x, Wt)  # (N, out)
-    y.addmm_(h_t.t(), B.t(), alpha=scaling)  # += s · (N, r) @ (r, out), no (N, out) temporary
-    return LoraLinearOutput(y, h_t)
+    h_s_t = torch.mm(A * scaling, (x if xa is None else xa).t())  # (r, N): down first, never B A
+    # (N, out) = b + (N, r) @ (r, out): the adapter's term and the bias
+    y = torch.addmm(bias, h_s_t.t(), B.t()) if bias is not None else torch.mm(h_s_t.t(), B.t())
+    y.addmm_(x, Wt)  # += (N, in) @ (in, out): the base GEMM accumulates in place
+    return LoraLinearOutput(y, h_s_t)
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -329,14 +332,14 @@ class LoraLinearFunction(torch.autograd.Function):
     With ``g = ∂L/∂y: (N, out)``, ``h = x_a Aᵀ: (N, r)`` and ``ĝ = s·g B: (N, r)``::
 
         ∂L/∂B = s·gᵀ h: (out, r)      ∂L/∂A = ĝᵀ x_a: (r, in)
-        ∂L/∂x = g Wtᵀ (+ ĝ A when x_a is x, accumulated in place by the second GEMM): (N, in)
+        ∂L/∂x = g Wtᵀ (+ ĝ A when x_a is x: written first, the base GEMM accumulates): (N, in)
         ∂L/∂x_a = ĝ A: (N, in)        ∂L/∂Wt = xᵀ g: (in, out)      ∂L/∂b = Σ_rows g: (out,)
 
     The rank-r products are formed transposed, with ``r`` rows (``hᵀ g``, ``Bᵀ gᵀ``, ``ĝᵀ x_a``),
     the fast layout for CPU BLAS (autograd on ``x Aᵀ`` and ``h Bᵀ`` picks ``gᵀ h`` and ``g B``,
     up to ~8× slower at r = 8). Each term is computed only when its input requires a gradient
     (the frozen base weight's ``xᵀ g``, the largest, is skipped in LoRA training), and the two
-    input gradients share one buffer. Saved: ``x``, ``x_a``, ``hᵀ``; the weights by reference.
+    input gradients share one buffer. Saved: ``x``, ``x_a``, ``s·hᵀ``; the weights by reference.
     """
 
     @staticmethod
@@ -350,8 +353,8 @@ class LoraLinearFunction(torch.autograd.Function):
         scaling: float,
         xa: Tensor | None,
     ) -> Tensor:
-        y, h_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
-        ctx.save_for_backward(x, Wt, A, B, h_t, xa)
+        y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
+        ctx.save_for_backward(x, Wt, A, B, h_s_t, xa)
         ctx.scaling = scaling  # type: ignore[attr-defined]
         return y
 
@@ -360,22 +363,22 @@ class LoraLinearFunction(torch.autograd.Function):
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g: Tensor
     ) -> tuple[Tensor | None, ...]:
-        x, Wt, A, B, h_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
+        x, Wt, A, B, h_s_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad  # type: ignore[attr-defined]
         gx = gw = gbias = ga = gb = gxa = None
         if need_b:
-            gb = torch.mm(h_t, g).mul_(s).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
+            gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
         if need_x or need_a or need_xa:
-            gh_t = torch.mm(B.t(), g.t()).mul_(s)  # (r, N): ĝᵀ = s·Bᵀ gᵀ
+            gh_t = torch.mm(B.t() * s, g.t())  # (r, N): ĝᵀ = (s·B)ᵀ gᵀ
             if need_a:
                 ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
-            if need_x:
-                gx = torch.mm(g, Wt.t())  # (N, in): the base layer's input gradient
-                if xa is None:
-                    gx.addmm_(gh_t.t(), A)  # += ĝ A in place: no second (N, in) buffer, no add
-            if need_xa:
-                gxa = torch.mm(gh_t.t(), A)  # (N, in), back through dropout by autograd
+            if xa is None and need_x:
+                # one (N, in) buffer: ĝ A first, the base's g Wtᵀ accumulated onto it
+                gx = torch.mm(gh_t.t(), A).addmm_(g, Wt.t())
+            elif xa is not None:  # dropout: x_a's gradient goes back through it (autograd)
+                gx = torch.mm(g, Wt.t()) if need_x else None  # (N, in)
+                gxa = torch.mm(gh_t.t(), A) if need_xa else None  # (N, in)
         if need_w:
             gw = torch.mm(x.t(), g)  # (in, out), Wt's layout
         if need_bias:
