@@ -265,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     text = markdown(result)
-    (args.out / "lora.md").write_text(text, encoding="utf-8")
+    for name, data in (("lora.json", json.dumps(result, indent=2) + "\n"), ("lora.md", text)):
+        tmp = args.out / f".{name}.tmp"  # atomic: temp file in the same dir, then os.replace
+        tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, args.out / name)
     sys.stdout.write(text)
     return 0
 
