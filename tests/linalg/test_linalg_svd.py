@@ -253,3 +253,18 @@ def test_range_finder_ritz_values_from_the_gram_match_svdvals() -> None:
             1e-9 if dtype == torch.float64 else 1e-6
         )
         assert float(((ritz.double() - exact).abs() / exact)[:10].max()) < 1e-6
+
+
+@pytest.mark.parametrize("power_iters", [2, "auto"])
+def test_randomized_svd_of_exactly_rank_deficient_matrices(power_iters: int | str) -> None:
+    # Exact zero pivots in the range finder's LU basis (a zero matrix, an exact rank-1 outer
+    # product) once raised inside torch.linalg.lu_factor; the result must stay finite and exact.
+    rank_one = torch.outer(
+        torch.arange(30.0, dtype=torch.float64), torch.ones(20, dtype=torch.float64)
+    )
+    for M in (torch.zeros(30, 20, dtype=torch.float64), rank_one):
+        svd = randomized_svd(M, 4, power_iters=power_iters, generator=0)
+        assert svd.S.shape == (4,) and bool(
+            torch.isfinite(svd.U).all() and torch.isfinite(svd.Vh).all()
+        )
+        torch.testing.assert_close(_reconstruct(svd), M, atol=1e-9, rtol=0)

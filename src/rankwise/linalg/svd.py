@@ -171,7 +171,9 @@ def _lu_basis_t(Z_t: torch.Tensor) -> torch.Tensor:
     ``L`` is unit lower trapezoidal with entries ``|L_ij| <= 1``: well conditioned in practice,
     which is all a power-iteration step needs (fbpca's intermediate normalization).
     """
-    LU, swaps = torch.linalg.lu_factor(Z_t.mT)  # (n, l) packed L\U (column-major), (l,) swaps
+    # lu_factor_ex: an exactly rank-deficient Z (zero pivot in U) is fine here — LAPACK leaves
+    # that column of L unscaled (it is zero below the pivot), and only L is used.
+    LU, swaps, _ = torch.linalg.lu_factor_ex(Z_t.mT)  # (n, l) packed L\U, (l,) swaps
     L_t = LU.mT.triu(1)  # (l, n) contiguous = Lᵀ without its unit diagonal
     L_t.diagonal().fill_(1.0)
     # LAPACK: row i was swapped with row swaps[i] (1-based), in order; Pᵀ Z = L U with
