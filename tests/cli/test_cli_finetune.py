@@ -72,7 +72,7 @@ def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None
         (["--model", "{tmp}/no_model"], "does not exist"),
         (["--model", "nobody-xyz/no-such-model-xyz"], "could not be downloaded"),
         (["--batch-size", "0"], "batch_size"),
-        (["--method", "lora-ga"], "not available yet"),
+        (["--method", "lora-ga", "--ga-batches", "0"], "ga_batches"),
         (["--method", "magic"], "expected one of"),
         (["--targets", "nonexistent_module"], "nonexistent_module"),
         (["--output", "{tmp}/afile/sub"], "cannot be written"),
