@@ -94,3 +94,23 @@ def test_peft_reads_our_config(tmp_path: Path) -> None:
         True,
     )
     assert theirs.rank_pattern == {"v": 2}
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
+    # mkstemp creates 0600 files; an atomically written file must be as readable as open()'s.
+    from rankwise.io.files import atomic_write_bytes, default_file_mode
+    from rankwise.train.config import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        assert default_file_mode() == 0o644
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        atomic_write_text(tmp_path / "b.txt", "y")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "c.bin", b"z")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "c.bin").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "y"

@@ -22,6 +22,7 @@ from typing import Any
 from rankwise.analysis.adapters import ModuleSimilarity, ModuleSpectrum
 from rankwise.analysis.budget import BudgetPlan
 from rankwise.analysis.model import ModuleAmplification
+from rankwise.io.files import default_file_mode
 
 PathLike = str | os.PathLike[str]
 
@@ -41,6 +42,7 @@ def _save(fig: Any, path: Path) -> Path:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rankwise.cli import CliError
+from rankwise.io.files import default_file_mode
 
 DEFAULT_IMAGE = "china.jpg (scikit-learn sample image)"
 
@@ -131,12 +132,6 @@ def approximations(
     return rows, pictures, full.S
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _save(figure: Any, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
@@ -145,7 +140,7 @@ def _save(figure: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             figure.savefig(handle, format="png", dpi=110)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the usual mode
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

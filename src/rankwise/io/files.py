@@ -39,6 +39,17 @@ class TensorInfo(NamedTuple):
     shape: tuple[int, ...]
 
 
+def default_file_mode() -> int:
+    """The mode ``open(path, "w")`` gives a new file: ``0o666`` minus the process umask.
+
+    ``tempfile.mkstemp`` creates its files ``0o600``; an atomically written file gets this mode
+    before it is renamed into place, so adapters and results are as readable as any other file.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
     path = Path(path)
@@ -48,6 +59,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rankwise.io.files import default_file_mode
 from rankwise.train.config import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -99,6 +100,7 @@ def plot_training_curve(metrics: str | os.PathLike[str], out: str | os.PathLike[
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
         os.replace(tmp, target)
     finally:
         plt.close(fig)
