@@ -11,8 +11,9 @@ reported as medians and ratios of medians:
 * train step (forward + backward + AdamW step) of rankwise and PEFT, against the *floor*: the
   frozen base model's forward plus backward to its input embeddings (no weight gradients),
   in train mode;
-* eval forward (no_grad): base, rankwise unmerged / merged (``merge_and_unload``), PEFT
-  unmerged / merged;
+* eval forward (no_grad): base, rankwise unmerged (default: the eval-mode inference cache of
+  ``W0 + s·BA``; and with ``set_inference_cache(model, False)``: the three-GEMM path) / merged
+  (``merge_and_unload``), PEFT unmerged / merged;
 * peak memory of one train step: the torch profiler's memory timeline
   (``profile_memory=True``; ``MemoryProfileTimeline``), peak of the bytes allocated by torch
   on the CPU during the step, measured the same way for every model.
@@ -175,9 +176,11 @@ def run(args: argparse.Namespace) -> dict:
     train_t, train_c = interleaved(train, repeats=args.repeats, warmup=args.warmup)
     memory = {name: peak_memory(fn) for name, fn in train.items()} if not args.no_memory else {}
 
-    from rankwise.lora import merge_and_unload
+    from rankwise.lora import merge_and_unload, set_inference_cache
 
     evals = {k: copy.deepcopy(models[k]).eval() for k in ("base", "rankwise", "peft")}
+    # the three-GEMM path: no cached W0 + s·BA (no extra memory)
+    evals["rankwise_nocache"] = set_inference_cache(copy.deepcopy(evals["rankwise"]), False)
     evals["rankwise_merged"] = merge_and_unload(copy.deepcopy(evals["rankwise"]))
     evals["peft_merged"] = copy.deepcopy(evals["peft"]).merge_and_unload()
     eval_t, eval_c = interleaved(
@@ -224,6 +227,7 @@ def _ratios(med: dict[str, float]) -> dict[str, float]:
         "train peft / floor": med["train/peft"] / med["train/floor"],
         "train rankwise / peft": med["train/rankwise"] / med["train/peft"],
         "eval rankwise unmerged / base": med["eval/rankwise"] / med["eval/base"],
+        "eval rankwise unmerged, cache off / base": med["eval/rankwise_nocache"] / med["eval/base"],
         "eval peft unmerged / base": med["eval/peft"] / med["eval/base"],
         "eval rankwise merged / base": med["eval/rankwise_merged"] / med["eval/base"],
         "eval peft merged / base": med["eval/peft_merged"] / med["eval/base"],

@@ -23,6 +23,7 @@ _LAZY: dict[str, str] = {
             "merge_and_unload",
             "unload",
             "disable_adapters",
+            "set_inference_cache",
             "trainable_report",
             "lora_layers",
             "get_config",

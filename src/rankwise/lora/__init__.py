@@ -35,7 +35,14 @@ from rankwise.lora.layers import (
 )
 from rankwise.lora.lora_ga import lora_ga_init
 from rankwise.lora.loraplus import create_loraplus_optimizer, loraplus_param_groups
-from rankwise.lora.merge import disable_adapters, merge, merge_and_unload, unload, unmerge
+from rankwise.lora.merge import (
+    disable_adapters,
+    merge,
+    merge_and_unload,
+    set_inference_cache,
+    unload,
+    unmerge,
+)
 from rankwise.lora.report import TrainableReport, trainable_report
 
 # -- variants: one registry entry each (initializer axis, parametrization axis) ---------------
@@ -78,6 +85,7 @@ __all__ = [
     "disable_adapters",
     "get_config",
     "inject",
+    "set_inference_cache",
     "lora_layers",
     "merge",
     "merge_and_unload",

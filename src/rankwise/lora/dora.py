@@ -46,14 +46,10 @@ from rankwise.lora.layers import (
     LoraLinear,
     LoraLinearFunction,
     lora_linear,
+    weights_key,
 )
 
 MAGNITUDE = "lora_magnitude_vector"
-
-
-def _key(*tensors: Tensor) -> tuple[Any, ...]:
-    # identity + version counter: changes on every in-place write and on `.data =` swaps
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
 def _norm_dtype(W: Tensor) -> torch.dtype:
@@ -123,10 +119,10 @@ class DoraMixin:
         """``‖W0 + s·B A‖`` per output row (out,), detached; cached until a weight changes."""
         W = self.base_matrix()
         A, B = self.factors()
-        key = (*_key(W, A, B), self.scaling)
+        key = (*weights_key(W, A, B), self.scaling)
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
-        wkey = _key(W)
+        wkey = weights_key(W)
         if self._w_sq is None or self._w_sq[0] != wkey:
             with torch.no_grad():
                 self._w_sq = (wkey, W.detach().to(_norm_dtype(W)).square().sum(dim=1))
@@ -181,29 +177,22 @@ class DoraLinear(DoraMixin, LoraLinear):
         shapes = LoraLinear.factor_shapes(base, r)
         return {**shapes, MAGNITUDE: (shapes["lora_B.weight"][0],)}
 
-    def train(self, mode: bool = True) -> DoraLinear:
-        self._eval_weight = None  # the cached inference weight is for eval mode only
-        return super().train(mode)
-
     def inference_weight(self) -> Tensor:
         """``c ⊙ (W0 + s·BA)``, ``(out, in)``, cached until a weight changes (eval, no grad)."""
         W = self.base_matrix()
         A, B = self.factors()
         m = self.lora_magnitude_vector
-        key = (*_key(W, A, B, m), self.scaling)
-        cached = self.__dict__.get("_eval_weight")
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
+
+        def build() -> Tensor:
             V = W.float() + self.scaling * (B.float() @ A.float())  # (out, in), formed once
-            Wp = ((m.float() / V.norm(dim=1))[:, None] * V).to(W.dtype)
-        self._eval_weight = (key, Wp)
-        return Wp
+            return ((m.float() / V.norm(dim=1))[:, None] * V).to(W.dtype)
+
+        return self.cached_weight((*weights_key(W, A, B, m), self.scaling), build)
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         W = self.base_matrix()  # (out, in), a view
         bias = self.base_layer.bias
-        if not self.training and not torch.is_grad_enabled():
+        if self.use_inference_cache():
             # inference: one GEMM with the cached DoRA weight, the base layer's cost
             return F.linear(x, self.inference_weight(), bias)
         c = self._dora_scale(x.dtype)  # (out,)

@@ -21,6 +21,14 @@ base layer                  lora_A                        lora_B
 ``nn.Embedding(n, d)``      ``lora_embedding_A`` (r, n)   ``lora_embedding_B`` (d, r)
 ==========================  ============================  ===============================
 
+Inference cache: in eval mode with autograd off, a linear wrapper whose base weight and
+adapter share a dtype runs ``x (W0 + s·B A)ᵀ + b`` — one GEMM, the base layer's cost — with the
+merged weight formed once and kept until a weight changes (keyed on the identity and version
+counter of ``W0``, ``A``, ``B``, so an optimizer step, ``load_adapter`` or a merge rebuilds it)
+and dropped by ``train()``. It costs one extra ``(out, in)`` matrix per adapted layer while in
+eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
+extra memory). The weights themselves are never modified, so results stay reproducible.
+
 The *parametrization* axis (vanilla here; DoRA, AdaLoRA later) is the pair of methods
 :meth:`LoraLayer.adapted_forward` and :meth:`LoraLayer.merged_weight` /
 :meth:`LoraLayer.unmerged_weight`; a variant subclasses a wrapper and overrides them.
@@ -28,6 +36,7 @@ The *parametrization* axis (vanilla here; DoRA, AdaLoRA later) is the pair of me
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
 import torch
@@ -38,6 +47,12 @@ from torch.nn.modules import module as module_mod
 from rankwise.errors import MergeError, ShapeMismatchError
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def weights_key(*tensors: Tensor) -> tuple[object, ...]:
+    """Identity, version counter and dtype of each tensor: changes on every in-place write
+    (optimizer step, ``copy_``) and on ``.data =`` swaps, so a cache keyed on it stays valid."""
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
 
 class LoraFactors(NamedTuple):
@@ -82,6 +97,8 @@ class LoraLayer(nn.Module):
         self.dropout: nn.Module | None = nn.Dropout(lora_dropout) if lora_dropout > 0 else None
         self.merged = False
         self.disabled = False
+        # eval + no grad: forward with a cached merged weight (see the module docstring)
+        self.inference_cache = True
         self._dtype = adapter_dtype(self.base_weight.dtype)
 
     def __getattr__(self, name: str) -> object:
@@ -94,6 +111,24 @@ class LoraLayer(nn.Module):
             if name == "base_layer" or "base_layer" not in modules:
                 raise
             return getattr(modules["base_layer"], name)
+
+    def train(self, mode: bool = True) -> LoraLayer:
+        self.__dict__.pop("_eval_weight", None)  # the inference cache is for eval mode only
+        return super().train(mode)
+
+    def use_inference_cache(self) -> bool:
+        """True when forward may run on the cached inference weight: eval mode, autograd off."""
+        return self.inference_cache and not self.training and not torch.is_grad_enabled()
+
+    def cached_weight(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
+        """The inference weight for ``key`` (see :func:`weights_key`), built once per key."""
+        cached = self.__dict__.get("_eval_weight")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            weight = build()
+        self.__dict__["_eval_weight"] = (key, weight)
+        return weight
 
     def set_dropout(self, p: float) -> None:
         """Change the dropout probability of the adapter path (no module at all for p = 0)."""
@@ -270,6 +305,9 @@ class LoraLinear(LoraLayer):
     def adapted_forward(self, x: Tensor) -> Tensor:
         if not (_plain(self.base_layer) and x.dtype == self._dtype == self.base_weight.dtype):
             return self._module_forward(x)
+        if self.use_inference_cache():
+            # inference: one GEMM with W0 + s·B A, formed once per weight version
+            return F.linear(x, self.inference_weight(), self.base_layer.bias)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): a view for contiguous x, no copy
         # dropout on the adapter path only (the base GEMM sees x itself); None: same as x
         xa = self.dropout(x2d) if self.dropout is not None and self.training else None
@@ -280,6 +318,16 @@ class LoraLinear(LoraLayer):
         else:
             y = lora_linear(x2d, self.weight_right(), b, A, B, self.scaling, xa).y
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def inference_weight(self) -> Tensor:
+        """``W0 + s·B A`` as ``(out, in)`` in the base dtype, cached until a weight changes."""
+        W = self.base_matrix()  # (out, in), a view
+        A, B = self.factors()
+        # same dtype as the adapter here (float32/float64): the merge's own rounding
+        return self.cached_weight(
+            (*weights_key(W, A, B), self.scaling),
+            lambda: torch.addmm(W, B, A, alpha=self.scaling),
+        )
 
     def _module_forward(self, x: Tensor) -> Tensor:
         """General path: the base layer run as a module (hooks, subclasses, mixed dtypes)."""

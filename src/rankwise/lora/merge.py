@@ -130,6 +130,24 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             merge(model)
 
 
+def set_inference_cache(model: nn.Module, enabled: bool) -> nn.Module:
+    """Turn the eval-mode inference cache of every adapted layer on (the default) or off.
+
+    With it on, a LoRA/DoRA linear layer in eval mode with autograd off runs one GEMM with
+    ``W0 + s·B A`` (DoRA: its merged weight), formed once and rebuilt when a weight changes;
+    it holds one extra ``(out, in)`` matrix per adapted layer until ``train()``. Off, inference
+    runs the three-GEMM path with no extra memory (for a model whose weights fill the device).
+    Returns ``model``.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_inference_cache: 'enabled' must be a bool, found {enabled!r}")
+    get_state(model)
+    for _, layer in lora_layers(model):
+        layer.inference_cache = enabled
+        layer.__dict__.pop("_eval_weight", None)
+    return model
+
+
 def _swap_saved(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Copy ``values`` into the named tensors in place; returns the previous values."""
     previous = {}

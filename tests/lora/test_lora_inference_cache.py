@@ -1,0 +1,158 @@
+"""The eval-mode inference cache of linear LoRA layers: W0 + s·B A formed once per weight version."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import rankwise as rw
+from rankwise.lora import LoraLinear, lora_layers
+
+
+def _hf_conv1d(in_f: int, out_f: int) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(out_f, in_f)
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+def _model(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    first = nn.Linear(12, 20) if kind == "linear" else _hf_conv1d(12, 20)
+    model = nn.Sequential(first, nn.Tanh(), nn.Linear(20, 6)).to(dtype)
+    rw.inject(model, rw.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]), generator=0)
+    with torch.no_grad():  # a trained-looking adapter: B != 0
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(std=0.3)
+    return model
+
+
+def _reference(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The same model's output through the three-GEMM path (cache off), in float64."""
+    rw.set_inference_cache(model, False)
+    try:
+        with torch.no_grad():
+            return model(x).double()
+    finally:
+        rw.set_inference_cache(model, True)
+
+
+def _cached(model: nn.Module) -> list[object]:
+    return [layer.__dict__.get("_eval_weight") for _, layer in lora_layers(model)]
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d_hf"])
+def test_cached_eval_forward_matches_the_adapter_path(kind: str) -> None:
+    model = _model(kind).eval()
+    x = torch.randn(3, 5, 12)
+    want = _reference(model, x)
+    with torch.no_grad():
+        got = model(x)
+    assert all(c is not None for c in _cached(model)), "eval + no_grad must use the cache"
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    # the cached weight is the merge's weight, in (out, in) layout
+    layer = model[0]
+    assert isinstance(layer, LoraLinear)
+    A, B = layer.factors()
+    dense = layer.base_matrix() + layer.scaling * B @ A
+    torch.testing.assert_close(layer.inference_weight(), dense, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_follows_every_weight_change_and_is_dropped_by_train() -> None:
+    model = _model("linear").eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        model(x)
+        first = model[0].inference_weight()
+        assert model[0].inference_weight() is first  # built once
+        before = model(x)
+        model[0].lora_A.weight.add_(0.1)  # an in-place write bumps the version counter
+        after = model(x)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after.double(), _reference(model, x), atol=1e-5, rtol=1e-5)
+    model.train()
+    assert _cached(model) == [None, None]
+
+
+def test_cache_follows_an_optimizer_step() -> None:
+    model = _model("linear")
+    x = torch.randn(8, 12)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.eval()
+    with torch.no_grad():
+        model(x)  # cache built
+    model.train()
+    model(x).square().sum().backward()
+    opt.step()
+    model.eval()
+    with torch.no_grad():
+        got = model(x)
+    torch.testing.assert_close(got.double(), _reference(model, x), atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_not_used_with_grad_or_in_training() -> None:
+    model = _model("linear")
+    x = torch.randn(4, 12)
+    model.eval()
+    out = model(x)  # eval with autograd on: gradients must reach the adapter
+    out.sum().backward()
+    assert model[0].lora_A.weight.grad is not None
+    assert _cached(model) == [None, None]
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert _cached(model) == [None, None]
+
+
+def test_set_inference_cache_off_keeps_memory_flat_and_results_equal() -> None:
+    model = _model("linear").eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        on = model(x)
+    assert rw.set_inference_cache(model, False) is model
+    assert _cached(model) == [None, None]  # turning it off frees the cached weights
+    with torch.no_grad():
+        off = model(x)
+    assert _cached(model) == [None, None]
+    torch.testing.assert_close(on, off, atol=1e-5, rtol=1e-5)
+    with pytest.raises(TypeError, match="enabled"):
+        rw.set_inference_cache(model, "no")  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="adapter"):
+        rw.set_inference_cache(nn.Linear(2, 2), True)  # no adapters injected
+
+
+def test_float64_cache_keeps_float64() -> None:
+    model = _model("linear", torch.float64).eval()
+    x = torch.randn(4, 12, dtype=torch.float64)
+    with torch.no_grad():
+        got = model(x)
+    assert model[0].inference_weight().dtype == torch.float64
+    torch.testing.assert_close(got, _reference(model, x), atol=1e-12, rtol=1e-12)
+
+
+def test_low_precision_base_is_not_cached() -> None:
+    """bf16 weights with float32 adapters: a bf16 merged weight would round the update away
+    (see the numerics benchmark), so inference keeps the adapter path."""
+    model = _model("linear", torch.bfloat16).eval()
+    with torch.no_grad():
+        model(torch.randn(4, 12, dtype=torch.bfloat16))
+    assert _cached(model) == [None, None]
+
+
+def test_disabled_and_merged_layers_run_the_base() -> None:
+    model = _model("linear").eval()
+    x = torch.randn(4, 12)
+    with torch.no_grad():
+        adapted = model(x)
+        with rw.disable_adapters(model):
+            base = model(x)
+        rw.merge(model)
+        merged = model(x)
+        rw.unmerge(model)
+        again = model(x)
+    assert not torch.allclose(adapted, base)
+    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again, adapted, atol=1e-5, rtol=1e-5)
