@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rankwise.lora import set_inference_cache
 from rankwise.train import checkpoint as ckpt
 from rankwise.train import distributed as dist_
 from rankwise.train.batching import (
@@ -152,16 +153,26 @@ def _optimizer_step(run: _Run, step_batch: list[int], step: int) -> float:
     return dist_.sum_floats([loss_total], info)[0] / terms
 
 
-def _evaluate(run: _Run) -> EvalResult | None:
-    """Held-out evaluation on rank 0 (the other processes wait)."""
+def _evaluate(run: _Run, *, adapter_path: bool = False) -> EvalResult | None:
+    """Held-out evaluation on rank 0 (the other processes wait).
+
+    ``adapter_path``: evaluate through the adapters' own low-rank forward (the eval-mode cache
+    of ``W0 + s·BA`` off), so the final metrics — which the merge check compares with the
+    merged model — come from the unmerged computation itself.
+    """
     result = None
     if run.info.is_main:
-        result = evaluate(
-            run.prepared.model,
-            run.eval_enc,
-            batch_size=max(32, run.config.batch_size),
-            pad_id=run.pad_id,
-        )
+        model = run.prepared.model
+        uncached = adapter_path and run.prepared.lora_config is not None
+        if uncached:
+            set_inference_cache(model, False)
+        try:
+            result = evaluate(
+                model, run.eval_enc, batch_size=max(32, run.config.batch_size), pad_id=run.pad_id
+            )
+        finally:
+            if uncached:
+                set_inference_cache(model, True)
     dist_.barrier(run.info)
     return result
 
@@ -359,7 +370,7 @@ def _train(
     )  # fmt: skip
     if stop_after is not None and steps < run.total_steps:  # stopped as if killed: no outputs
         return result._replace(seconds=time.perf_counter() - started)
-    after = _evaluate(run)
+    after = _evaluate(run, adapter_path=True)
     if after is not None:
         run.log.log({"step": steps, **after.as_metrics()})
         echo(f"held-out after training:  {_fmt(after.as_metrics())}")
