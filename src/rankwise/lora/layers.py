@@ -1,10 +1,10 @@
 """LoRA layer wrappers: hold the original ``base_layer`` and add ``lora_A`` / ``lora_B``.
 
 ``h = W0 x + s · B (A x)`` with ``A: (r, in)``, ``B: (out, r)``, ``s`` the scaling rule
-(Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3). In forward the
-rank-r product ``B A`` is never formed: ``x`` is projected down to ``r`` features first, the
-scale is applied to that small tensor, and the projection up is fused with the addition to the
-base output (one ``addmm``). With ``lora_dropout = 0`` no dropout module exists at all.
+(Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3). In a forward
+with autograd (training) the rank-r product ``B A`` is never formed: ``x`` is projected down to
+``r`` features first, the scale is applied to that small tensor, and the projection up is fused
+with the addition to the base output (one ``addmm``). With ``lora_dropout = 0`` no dropout module exists at all.
 
 Attribute and parameter names equal PEFT's on-disk names (``lora_A.weight``,
 ``lora_B.weight``; embeddings ``lora_embedding_A`` / ``lora_embedding_B`` as bare
@@ -25,7 +25,8 @@ Inference cache: in eval mode with autograd off, a linear wrapper whose base wei
 adapter share a dtype runs ``x (W0 + s·B A)ᵀ + b`` — one GEMM, the base layer's cost — with the
 merged weight formed once and kept until a weight changes (keyed on the identity and version
 counter of ``W0``, ``A``, ``B``, so an optimizer step, ``load_adapter`` or a merge rebuilds it)
-and dropped by ``train()``. It costs one extra ``(out, in)`` matrix per adapted layer while in
+and dropped by ``train()`` (so ``model.eval()`` after a write through ``.data``, which no
+version counter sees, rebuilds it too). It costs one extra ``(out, in)`` matrix per adapted layer while in
 eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
 extra memory). The weights themselves are never modified, so results stay reproducible.
 
