@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from rankwise.io.files import atomic_write_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ((1024, 1024, 64, 16), (2048, 2048, 64, 16), (4096, 1024, 128, 32))
 
@@ -123,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, data in (("algebra.json", json.dumps(result, indent=2) + "\n"), ("algebra.md", text)):
-        tmp = args.out / f".{name}.tmp"  # atomic: temp file in the same dir, then os.replace
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, data.encode("utf-8"))  # temp file + rename
     sys.stdout.write(text)
     return 0
 

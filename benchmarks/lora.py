@@ -37,6 +37,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise.io.files import atomic_write_bytes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -271,9 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, data in (("lora.json", json.dumps(result, indent=2) + "\n"), ("lora.md", text)):
-        tmp = args.out / f".{name}.tmp"  # atomic: temp file in the same dir, then os.replace
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, data.encode("utf-8"))  # temp file + rename
     sys.stdout.write(text)
     return 0
 

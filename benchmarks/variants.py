@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rankwise.io.files import atomic_write_bytes
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -233,9 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
     for name, data in (("variants.json", text), ("variants.md", markdown(result))):
-        tmp = args.out / f".{name}.tmp"
-        tmp.write_text(data, encoding="utf-8")
-        os.replace(tmp, args.out / name)
+        atomic_write_bytes(args.out / name, data.encode("utf-8"))  # temp file + rename
     sys.stdout.write(markdown(result))
     return 0
 
