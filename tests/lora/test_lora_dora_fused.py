@@ -77,3 +77,42 @@ def test_no_grad_training_forward_equals_the_autograd_one() -> None:
     with torch.no_grad():
         plain = layer(x)
     torch.testing.assert_close(plain, layer(x).detach(), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_dora_node_gradcheck_every_input(with_bias: bool) -> None:
+    """Every input of the node, the frozen-by-default weight and bias included (float64)."""
+    from rankwise.lora.dora import DoraLinearFunction
+
+    g = torch.Generator().manual_seed(5)
+
+    def leaf(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
+
+    x, Wt, A, B = leaf(4, IN), leaf(IN, OUT), leaf(R, IN), leaf(OUT, R)
+    bias = leaf(OUT) if with_bias else None
+    c = (torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
+    fn = lambda x, Wt, A, B, c, *b: DoraLinearFunction.apply(
+        x, Wt, b[0] if b else None, A, B, 1.5, c
+    )  # noqa: E731
+    args = (x, Wt, A, B, c) + ((bias,) if with_bias else ())
+    assert torch.autograd.gradcheck(fn, args)
+
+
+def test_dora_node_magnitude_gradient_where_c_is_zero() -> None:
+    """c_j = 0 (a magnitude trained to zero): ∂L/∂c is recomputed, not divided by zero."""
+    torch.manual_seed(0)
+    layer = _dora(nn.Linear(IN, OUT)).train()
+    with torch.no_grad():
+        layer.lora_magnitude_vector[2] = 0.0
+    x = torch.randn(5, IN, dtype=torch.float64)
+    g = torch.randn(5, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (layer(x) * g).sum().backward()
+    A, B = layer.factors()
+    W = layer.base_matrix().detach()
+    V = W + layer.scaling * B.detach() @ A.detach()
+    y0 = x @ V.T  # the unscaled output
+    want = (g * y0).sum(0) / V.norm(dim=1)  # ∂L/∂m = ∂L/∂c / ‖V‖
+    got = layer.lora_magnitude_vector.grad
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -11,9 +11,11 @@ is unchanged at step 0; ``‖W0‖`` when ``B = 0``) and saved as PEFT's
 ``<module>.lora_magnitude_vector``. Following the paper's §4.3 the norm is treated as a
 constant in backward (detached), which is what makes DoRA cheap to train.
 
-Cost: the forward never forms ``W0 + s·B A``. With ``c = m / ‖·‖`` (out,),
-``h = c ⊙ (W0 x + s·B (A x)) + b`` — the base GEMM, the two rank-``r`` GEMMs of LoRA and one
-fused multiply-add. The row norms come from the identity
+Cost: the training forward never forms ``W0 + s·B A``. With ``c = m / ‖·‖`` (out,),
+``h = c ⊙ (W0 x + s·B (A x)) + b = x (W0ᵀ ⊙ c) + s·(x Aᵀ)(c ⊙ B)ᵀ + b`` — LoRA's three GEMMs
+with ``c`` folded into the weights (:class:`DoraLinearFunction`), so no pass over the
+activations is spent on ``c`` except the one its gradient needs. The row norms come from the
+identity
 
     ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
@@ -44,7 +46,7 @@ from rankwise.lora.layers import (
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
-    LoraLinearFunction,
+    LoraLinearOutput,
     lora_linear,
     weights_key,
 )
@@ -76,8 +78,84 @@ def dora_row_norm(
         return sq.clamp_min(0.0).sqrt()
 
 
-def _lora_linear_y(*args: Any) -> Tensor:
-    return lora_linear(*args).y
+def dora_linear(
+    x: Tensor, Wt: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float, c: Tensor
+) -> LoraLinearOutput:
+    """``y = c ⊙ (x Wt + s·(x Aᵀ) Bᵀ) + b`` with ``c`` folded into the weights, not the output.
+
+    ``x: (N, in)``, ``Wt: (in, out)`` (the base weight as a right factor), ``A: (r, in)``,
+    ``B: (out, r)``, ``c: (out,)``. Scaling the columns of ``Wt`` and the rows of ``B``
+    (``(in, out)`` and ``(out, r)`` temporaries) costs a pass over the weights instead of one
+    over the ``(N, out)`` output, and LoRA's three GEMMs then write the DoRA output directly.
+    """
+    return lora_linear(x, Wt * c, bias, A, B * c[:, None], scaling)
+
+
+class DoraLinearFunction(torch.autograd.Function):
+    """:func:`dora_linear` as one autograd node (Liu et al. 2024, §4.3: the norm in
+    ``c = m / ‖W0 + s·BA‖`` is detached before ``c`` gets here, so ``∂L/∂c`` flows to ``m``).
+
+    With ``g = ∂L/∂y: (N, out)`` and ``y₀ = (y − b) / c`` the unscaled output::
+
+        ∂L/∂c = Σ_n g ⊙ y₀ = (Σ_n g ⊙ y − b ⊙ Σ_n g) / c        (out,)
+        ∂L/∂x, ∂L/∂A: LoRA's (:class:`LoraLinearFunction`) with ``Wt ⊙ c`` and ``c ⊙ B``
+        ∂L/∂B = c ⊙ s·gᵀ h (rows)      ∂L/∂Wt = (xᵀ g) ⊙ c (columns)      ∂L/∂b = Σ_n g
+
+    so no ``(N, out)`` pass is spent on ``c`` but the one ``∂L/∂c`` reads (autograd through a
+    separate ``c ⊙ y + b`` spends four, with three ``(N, out)`` temporaries). Where some
+    ``c_j = 0`` the unscaled output is recomputed instead of divided out. Saved: ``x``,
+    ``s·hᵀ``, the output ``y``, ``Wt ⊙ c``; the weights and ``c`` by reference.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        Wt: Tensor,
+        bias: Tensor | None,
+        A: Tensor,
+        B: Tensor,
+        scaling: float,
+        c: Tensor,
+    ) -> Tensor:
+        Wc = Wt * c  # (in, out): kept for ∂L/∂x (a weight-sized tensor, not an activation)
+        y, h_s_t = lora_linear(x, Wc, bias, A, B * c[:, None], scaling)
+        ctx.save_for_backward(x, Wt, Wc, bias, A, B, c, h_s_t, y)
+        ctx.scaling = scaling  # type: ignore[attr-defined]
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, g: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        x, Wt, Wc, bias, A, B, c, h_s_t, y = ctx.saved_tensors  # type: ignore[attr-defined]
+        s: float = ctx.scaling  # type: ignore[attr-defined]
+        need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad  # type: ignore[attr-defined]
+        gx = gw = gbias = ga = gb = gc = None
+        if need_b:
+            gb = (torch.mm(h_s_t, g) * c).t().contiguous()  # (out, r): c ⊙ s·gᵀ h
+        if need_x or need_a:
+            # (r, N): ĝᵀ = (s·c⊙B)ᵀ gᵀ, the small left factor made contiguous (r-rows GEMM)
+            gh_t = torch.mm((B * c[:, None]).t().mul(s).contiguous(), g.t())
+            if need_a:
+                ga = torch.mm(gh_t, x)  # (r, in)
+            if need_x:
+                # one (N, in) buffer: ĝ A first, g (Wt ⊙ c)ᵀ accumulated onto it
+                gx = torch.mm(gh_t.t(), A).addmm_(g, Wc.t())
+        if need_w:
+            gw = torch.mm(x.t(), g).mul_(c)  # (in, out), Wt's layout
+        g_sum = g.sum(dim=0) if need_bias or (need_c and bias is not None) else None
+        if need_bias:
+            gbias = g_sum
+        if need_c:
+            if bool((c == 0).any()):  # y₀ cannot be divided out: recompute it
+                y0 = lora_linear(x, Wt, None, A, B, s).y
+                gc = torch.linalg.vecdot(g, y0, dim=0)
+            else:
+                gy = torch.linalg.vecdot(g, y, dim=0)  # (out,) = Σ_n g ⊙ y
+                gc = (gy if bias is None else gy - bias * g_sum) / c
+        return gx, gw, gbias, ga, gb, None, gc
 
 
 class DoraMixin:
@@ -206,13 +284,16 @@ class DoraLinear(DoraMixin, LoraLinear):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         A, B = self.lora_A.weight, self.lora_B.weight
         if x2.dtype == self._dtype == W.dtype:
-            # (N, out) = W0 x + s·B A x: LoRA's fused node (three GEMMs, in-place backward)
-            fn = LoraLinearFunction.apply if torch.is_grad_enabled() else _lora_linear_y
-            y = fn(x2, self.weight_right(), None, A, B, self.scaling, None)
-        else:  # mixed precision: the adapter runs in its own dtype
-            h = F.linear(x2.to(self._dtype), A)  # (N, r): project down first
-            y = self._project_up(F.linear(x2, W), h, B)
-        y = y.view(shape)
+            # (N, out) = c ⊙ (W0 x + s·B A x) + b: one node, c folded into the weights
+            Wt = self.weight_right()
+            if torch.is_grad_enabled():
+                y = DoraLinearFunction.apply(x2, Wt, bias, A, B, self.scaling, c)
+            else:
+                y = dora_linear(x2, Wt, bias, A, B, self.scaling, c).y
+            return y.view(shape)
+        # mixed precision: the adapter runs in its own dtype
+        h = F.linear(x2.to(self._dtype), A)  # (N, r): project down first
+        y = self._project_up(F.linear(x2, W), h, B).view(shape)
         if bias is None:
             return y * c
         return torch.addcmul(bias, y, c)  # c ⊙ (...) + b in one pass
