@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import BUILDERS, load_minilm, logits, tiny_bert_cls
+from lora_testkit import BUILDERS, load_minilm, logits, low_rank_path, tiny_bert_cls
 from safetensors.torch import load_file
 from torch import nn
 
@@ -136,7 +136,7 @@ def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
     ours = inject(load_minilm(minilm_path), LoraConfig(**kwargs))
     _perturb(ours, 11)
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
+    with torch.no_grad(), low_rank_path(ours):
         expected = ours(input_ids=ids).logits
     save_adapter(ours, tmp_path / "ours")
     theirs = PeftModel.from_pretrained(load_minilm(minilm_path), tmp_path / "ours").eval()
@@ -146,7 +146,7 @@ def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
     _perturb(peft_model, 12)
     peft_model.save_pretrained(tmp_path / "peft")
     back = load_adapter(load_minilm(minilm_path), tmp_path / "peft")
-    with torch.no_grad():
+    with torch.no_grad(), low_rank_path(back):
         torch.testing.assert_close(
             back(input_ids=ids).logits, peft_model(input_ids=ids).logits, rtol=0, atol=1e-5
         )

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,9 +108,29 @@ def token_batch(seed: int = 1, batch: int = 2, seq: int = 7, vocab: int = 99) ->
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
+@contextmanager
+def low_rank_path(model: nn.Module) -> Iterator[nn.Module]:
+    """Run rankwise's adapters through their low-rank forward (the eval-mode inference cache of
+    ``W0 + s·BA`` off) inside the block: the computation PEFT's unmerged layers do, so
+    comparisons with PEFT or with a merged model compare two different computations. The cache
+    itself is checked against this path in ``test_lora_inference_cache.py``."""
+    from rankwise.lora import LoraLayer
+
+    layers = [m for m in model.modules() if isinstance(m, LoraLayer)]
+    saved = [layer.inference_cache for layer in layers]
+    for layer in layers:
+        layer.inference_cache = False
+    try:
+        yield model
+    finally:
+        for layer, value in zip(layers, saved):
+            layer.inference_cache = value
+
+
 def logits(model: nn.Module, family: str, seed: int = 1) -> torch.Tensor:
-    """The model's output logits on a fixed input for its family."""
-    with torch.no_grad():
+    """The model's output logits on a fixed input for its family (rankwise adapters through
+    their low-rank path, see :func:`low_rank_path`)."""
+    with torch.no_grad(), low_rank_path(model):
         if family == "vit":
             g = torch.Generator().manual_seed(seed)
             return model(pixel_values=torch.randn(2, 3, 16, 16, generator=g)).logits

@@ -92,9 +92,10 @@ def test_dora_node_gradcheck_every_input(with_bias: bool) -> None:
     x, Wt, A, B = leaf(4, IN), leaf(IN, OUT), leaf(R, IN), leaf(OUT, R)
     bias = leaf(OUT) if with_bias else None
     c = (torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
-    fn = lambda x, Wt, A, B, c, *b: DoraLinearFunction.apply(
-        x, Wt, b[0] if b else None, A, B, 1.5, c
-    )  # noqa: E731
+
+    def fn(*t: torch.Tensor) -> torch.Tensor:
+        return DoraLinearFunction.apply(t[0], t[1], t[5] if with_bias else None, *t[2:4], 1.5, t[4])
+
     args = (x, Wt, A, B, c) + ((bias,) if with_bias else ())
     assert torch.autograd.gradcheck(fn, args)
 
