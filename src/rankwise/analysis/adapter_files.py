@@ -21,9 +21,9 @@ from torch import Tensor
 
 from rankwise.analysis.algebra import Factors
 from rankwise.errors import AdapterFormatError
+from rankwise.io import adapter_weights_file as weights_file  # also refuses a pickle-only dir
 from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
-from rankwise.io.adapter import _weights_file as weights_file  # also refuses a pickle-only dir
 from rankwise.io.files import read_header, read_tensors, write_safetensors
 from rankwise.lora.config import LoraConfig
 

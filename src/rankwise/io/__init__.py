@@ -8,7 +8,13 @@ them (from rankwise or PEFT), checking every key and shape before touching the m
 
 from __future__ import annotations
 
-from rankwise.io.adapter import load_adapter, save_adapter
+from rankwise.io.adapter import adapter_weights_file, load_adapter, save_adapter
 from rankwise.io.config_json import read_adapter_config, write_adapter_config
 
-__all__ = ["load_adapter", "read_adapter_config", "save_adapter", "write_adapter_config"]
+__all__ = [
+    "adapter_weights_file",
+    "load_adapter",
+    "read_adapter_config",
+    "save_adapter",
+    "write_adapter_config",
+]

@@ -94,7 +94,7 @@ def load_adapter(
     directory = Path(directory)
     _check_materialized(model)
     config = read_adapter_config(directory)
-    weights = _weights_file(directory)
+    weights = adapter_weights_file(directory)
     header = read_header(weights)
     renamed = _rename_keys(header, source=weights)
     if config.use_dora and not any(k.endswith(".lora_magnitude_vector") for k in renamed):
@@ -149,7 +149,9 @@ def _for_original_base(
     return out, original_base_config(config)
 
 
-def _weights_file(directory: Path) -> Path:
+def adapter_weights_file(directory: Path) -> Path:
+    """The adapter's ``adapter_model.safetensors`` in ``directory``; an AdapterFormatError when
+    it is missing, with an explanation when only a pickle ``adapter_model.bin`` is there."""
     path = directory / WEIGHTS_NAME
     if path.is_file():
         return path
