@@ -48,6 +48,7 @@ from rankwise.lora.layers import (
     LoraLinear,
     LoraLinearOutput,
     lora_linear,
+    lora_linear_backward,
     weights_key,
 )
 
@@ -132,17 +133,12 @@ class DoraLinearFunction(torch.autograd.Function):
         x, Wt, Wc, bias, A, B, c, h_s_t, y = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad  # type: ignore[attr-defined]
-        gx = gw = gbias = ga = gb = gc = None
-        if need_b:
-            gb = (torch.mm(h_s_t, g) * c).t().contiguous()  # (out, r): c ⊙ s·gᵀ h
-        if need_x or need_a:
-            # (r, N): ĝᵀ = (s·c⊙B)ᵀ gᵀ, the small left factor made contiguous (r-rows GEMM)
-            gh_t = torch.mm((B * c[:, None]).t().mul(s).contiguous(), g.t())
-            if need_a:
-                ga = torch.mm(gh_t, x)  # (r, in)
-            if need_x:
-                # one (N, in) buffer: ĝ A first, g (Wt ⊙ c)ᵀ accumulated onto it
-                gx = torch.mm(gh_t.t(), A).addmm_(g, Wc.t())
+        # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); ∂L/∂B = c ⊙ ∂L/∂(c ⊙ B)
+        gx, _, ga, gbc = lora_linear_backward(
+            g, x, Wc, A, B * c[:, None], h_s_t, s, None, need=(need_x, False, need_a, need_b)
+        )
+        gb = None if gbc is None else gbc.mul_(c[:, None])  # (out, r)
+        gw = gbias = gc = None
         if need_w:
             gw = torch.mm(x.t(), g).mul_(c)  # (in, out), Wt's layout
         g_sum = g.sum(dim=0) if need_bias or (need_c and bias is not None) else None

@@ -375,6 +375,49 @@ def lora_linear(
     return LoraLinearOutput(y, h_s_t)
 
 
+class LoraLinearGrads(NamedTuple):
+    """Gradients of :func:`lora_linear` with respect to ``x``, ``x_a``, ``A`` and ``B``
+    (None where not asked for)."""
+
+    x: Tensor | None
+    xa: Tensor | None
+    A: Tensor | None
+    B: Tensor | None
+
+
+def lora_linear_backward(
+    g: Tensor,
+    x: Tensor,
+    Wt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    h_s_t: Tensor,
+    scaling: float,
+    xa: Tensor | None,
+    *,
+    need: tuple[bool, bool, bool, bool],
+) -> LoraLinearGrads:
+    """The backward of :func:`lora_linear` (see :class:`LoraLinearFunction` for the maths and
+    the layout), for ``need = (x, x_a, A, B)``. DoRA's node calls it with its scaled weights."""
+    need_x, need_xa, need_a, need_b = need
+    s = scaling
+    gx = gxa = ga = gb = None
+    if need_b:
+        gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
+    if need_x or need_a or need_xa:
+        # (r, N): ĝᵀ = (s·B)ᵀ gᵀ, with (s·B)ᵀ made contiguous: ~2.5× faster with 2 threads
+        gh_t = torch.mm((B.t() * s).contiguous(), g.t())
+        if need_a:
+            ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
+        if xa is None and need_x:
+            # one (N, in) buffer: ĝ A first, the base's g Wtᵀ accumulated onto it
+            gx = torch.mm(gh_t.t(), A).addmm_(g, Wt.t())
+        elif xa is not None:  # dropout: x_a's gradient goes back through it (autograd)
+            gx = torch.mm(g, Wt.t()) if need_x else None  # (N, in)
+            gxa = torch.mm(gh_t.t(), A) if need_xa else None  # (N, in)
+    return LoraLinearGrads(gx, gxa, ga, gb)
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """:func:`lora_linear` as one autograd node with a hand-written backward.
 
@@ -415,20 +458,10 @@ class LoraLinearFunction(torch.autograd.Function):
         x, Wt, A, B, h_s_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad  # type: ignore[attr-defined]
-        gx = gw = gbias = ga = gb = gxa = None
-        if need_b:
-            gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
-        if need_x or need_a or need_xa:
-            # (r, N): ĝᵀ = (s·B)ᵀ gᵀ, with (s·B)ᵀ made contiguous: ~2.5× faster with 2 threads
-            gh_t = torch.mm((B.t() * s).contiguous(), g.t())
-            if need_a:
-                ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
-            if xa is None and need_x:
-                # one (N, in) buffer: ĝ A first, the base's g Wtᵀ accumulated onto it
-                gx = torch.mm(gh_t.t(), A).addmm_(g, Wt.t())
-            elif xa is not None:  # dropout: x_a's gradient goes back through it (autograd)
-                gx = torch.mm(g, Wt.t()) if need_x else None  # (N, in)
-                gxa = torch.mm(gh_t.t(), A) if need_xa else None  # (N, in)
+        gx, gxa, ga, gb = lora_linear_backward(
+            g, x, Wt, A, B, h_s_t, s, xa, need=(need_x, need_xa, need_a, need_b)
+        )
+        gw = gbias = None
         if need_w:
             gw = torch.mm(x.t(), g)  # (in, out), Wt's layout
         if need_bias:
