@@ -117,3 +117,13 @@ def test_dora_node_magnitude_gradient_where_c_is_zero() -> None:
     got = layer.lora_magnitude_vector.grad
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("n", [1, 5, 256, 700])
+def test_column_dots_equals_the_dense_sum(n: int) -> None:
+    from rankwise.lora.dora import column_dots
+
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, 9, generator=g, dtype=torch.float64)
+    b = torch.randn(n, 9, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(column_dots(a, b, rows=256), (a * b).sum(0), rtol=1e-12, atol=1e-12)

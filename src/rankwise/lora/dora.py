@@ -92,6 +92,23 @@ def dora_linear(
     return lora_linear(x, Wt * c, bias, A, B * c[:, None], scaling)
 
 
+def column_dots(g: Tensor, y: Tensor, *, rows: int = 256) -> Tensor:
+    """``Σ_n g[n, j] · y[n, j]``: ``(out,)`` for ``g, y: (N, out)``, in blocks of ``rows`` rows.
+
+    One small product buffer is reused across the blocks: a full ``(N, out)`` temporary (as
+    ``(g * y).sum(0)`` or ``vecdot`` make) is fresh memory every step, and its page faults cost
+    several times the arithmetic on CPU.
+    """
+    n, out_f = g.shape
+    acc = torch.zeros(out_f, dtype=g.dtype, device=g.device)
+    buf = torch.empty(min(rows, n), out_f, dtype=g.dtype, device=g.device)
+    for start in range(0, n, rows):
+        k = min(rows, n - start)
+        block = torch.mul(g[start : start + k], y[start : start + k], out=buf[:k])
+        acc += block.sum(dim=0)
+    return acc
+
+
 class DoraLinearFunction(torch.autograd.Function):
     """:func:`dora_linear` as one autograd node (Liu et al. 2024, §4.3: the norm in
     ``c = m / ‖W0 + s·BA‖`` is detached before ``c`` gets here, so ``∂L/∂c`` flows to ``m``).
@@ -147,9 +164,9 @@ class DoraLinearFunction(torch.autograd.Function):
         if need_c:
             if bool((c == 0).any()):  # y₀ cannot be divided out: recompute it
                 y0 = lora_linear(x, Wt, None, A, B, s).y
-                gc = torch.linalg.vecdot(g, y0, dim=0)
+                gc = column_dots(g, y0)
             else:
-                gy = torch.linalg.vecdot(g, y, dim=0)  # (out,) = Σ_n g ⊙ y
+                gy = column_dots(g, y)  # (out,) = Σ_n g ⊙ y
                 gc = (gy if bias is None else gy - bias * g_sum) / c
         return gx, gw, gbias, ga, gb, None, gc
 
