@@ -22,12 +22,11 @@ import os
 import platform
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lora import interleaved  # the timing harness of benchmarks/lora.py
 from rankwise.io.files import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +40,6 @@ def dense_resize(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor
     return U[:, :k] * root, root[:, None] * Vh[:k]
 
 
-def timed(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def one_shape(out_f: int, in_f: int, r: int, k: int, *, repeats: int) -> dict[str, object]:
     from rankwise.analysis import resize
 
@@ -54,13 +47,7 @@ def one_shape(out_f: int, in_f: int, r: int, k: int, *, repeats: int) -> dict[st
     B = torch.randn(out_f, r, generator=g) / r**0.5
     A = torch.randn(r, in_f, generator=g) * torch.logspace(0, -2, r)[:, None]
     fns = {"factored": lambda: resize(B, A, k), "dense": lambda: dense_resize(B, A, k)}
-    for fn in fns.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for rep in range(repeats):
-        order = list(fns) if rep % 2 == 0 else list(reversed(fns))
-        for name in order:
-            times[name].append(timed(fns[name]))
+    times, _ = interleaved(fns, repeats=repeats, warmup=1)  # wall seconds, round-robin
     # error of each result against the float64 optimum
     U, S, Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False)
     best = (U[:, :k] * S[:k]) @ Vh[:k]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from rankwise.lora import LoraConfig, inject
-from rankwise.lora.layers import LoraLinear, LoraLinearFunction, lora_linear
+from rankwise.lora.layers import LoraLinear
+from rankwise.lora.linear_ops import LoraLinearFunction, lora_linear
 
 N, IN, OUT, R, S = 5, 7, 6, 3, 0.7
 

@@ -42,15 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankwise.errors import MergeError
-from rankwise.lora.layers import (
-    LoraEmbedding,
-    LoraLayer,
-    LoraLinear,
-    LoraLinearOutput,
-    lora_linear,
-    lora_linear_backward,
-    weights_key,
-)
+from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, weights_key
+from rankwise.lora.linear_ops import LoraLinearOutput, lora_linear, lora_linear_backward
 
 MAGNITUDE = "lora_magnitude_vector"
 

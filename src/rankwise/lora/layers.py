@@ -4,7 +4,8 @@
 (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3). In a forward
 with autograd (training) the rank-r product ``B A`` is never formed: ``x`` is projected down to
 ``r`` features first, the scale is applied to that small tensor, and the projection up is fused
-with the addition to the base output (one ``addmm``). With ``lora_dropout = 0`` no dropout module exists at all.
+with the addition to the base output (one ``addmm``; :mod:`rankwise.lora.linear_ops`). With
+``lora_dropout = 0`` no dropout module exists at all.
 
 Attribute and parameter names equal PEFT's on-disk names (``lora_A.weight``,
 ``lora_B.weight``; embeddings ``lora_embedding_A`` / ``lora_embedding_B`` as bare
@@ -26,8 +27,8 @@ adapter share a dtype runs ``x (W0 + s·B A)ᵀ + b`` — one GEMM, the base lay
 merged weight formed once and kept until a weight changes (keyed on the identity and version
 counter of ``W0``, ``A``, ``B``, so an optimizer step, ``load_adapter`` or a merge rebuilds it)
 and dropped by ``train()`` (so ``model.eval()`` after a write through ``.data``, which no
-version counter sees, rebuilds it too). It costs one extra ``(out, in)`` matrix per adapted layer while in
-eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
+version counter sees, rebuilds it too). It costs one extra ``(out, in)`` matrix per adapted
+layer while in eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
 extra memory). The weights themselves are never modified, so results stay reproducible.
 
 The *parametrization* axis (vanilla here; DoRA, AdaLoRA later) is the pair of methods
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
 from rankwise.errors import MergeError, ShapeMismatchError
+from rankwise.lora.linear_ops import LoraLinearFunction, lora_linear
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -114,8 +116,12 @@ class LoraLayer(nn.Module):
             return getattr(modules["base_layer"], name)
 
     def train(self, mode: bool = True) -> LoraLayer:
-        self.__dict__.pop("_eval_weight", None)  # the inference cache is for eval mode only
+        self.drop_inference_cache()  # the inference cache is for eval mode only
         return super().train(mode)
+
+    def drop_inference_cache(self) -> None:
+        """Free the cached inference weight (it is rebuilt on the next eval forward)."""
+        self.__dict__.pop("_eval_weight", None)
 
     def use_inference_cache(self) -> bool:
         """True when forward may run on the cached inference weight: eval mode, autograd off."""
@@ -337,136 +343,6 @@ class LoraLinear(LoraLayer):
             h = h.to(self._dtype)
         h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
         return self._project_up(self.base_layer(x), h, self.lora_B.weight)
-
-
-class LoraLinearOutput(NamedTuple):
-    """``y = x Wt + b + h_s Bᵀ: (N, out)`` and the scaled down-projection, transposed:
-    ``h_s_t = s·A x_aᵀ: (r, N)``."""
-
-    y: Tensor
-    h_s_t: Tensor
-
-
-def lora_linear(
-    x: Tensor,
-    Wt: Tensor,
-    bias: Tensor | None,
-    A: Tensor,
-    B: Tensor,
-    scaling: float,
-    xa: Tensor | None = None,
-) -> LoraLinearOutput:
-    """``y = x Wt + b + s·(x_a Aᵀ) Bᵀ`` in three GEMMs, no elementwise pass (Hu et al. 2021, eq. 3).
-
-    ``x: (N, in)``; ``Wt: (in, out)``, the base weight as a right factor (``Wᵀ`` of an
-    ``nn.Linear``, ``Conv1D``'s own weight); ``A: (r, in)``, ``B: (out, r)``; ``xa: (N, in)``
-    the adapter's input (``x`` after dropout; None: ``x`` itself). All of one dtype.
-
-    Order and layout, for CPU BLAS: ``s`` scales the small ``A``; the down-projection is
-    formed as ``(s·A) x_aᵀ: (r, N)`` (a GEMM with ``r`` *rows* runs at the speed of reading
-    ``x``; ``x Aᵀ`` with ``r`` columns can be several times slower); the rank-r term and the
-    bias write the output buffer first and the base GEMM accumulates onto it (``beta = 1``),
-    so no pass over the ``(N, out)`` output is spent on the adapter.
-    """
-    h_s_t = torch.mm(A * scaling, (x if xa is None else xa).t())  # (r, N): down first, never B A
-    # (N, out) = b + (N, r) @ (r, out): the adapter's term and the bias
-    y = torch.addmm(bias, h_s_t.t(), B.t()) if bias is not None else torch.mm(h_s_t.t(), B.t())
-    y.addmm_(x, Wt)  # += (N, in) @ (in, out): the base GEMM accumulates in place
-    return LoraLinearOutput(y, h_s_t)
-
-
-class LoraLinearGrads(NamedTuple):
-    """Gradients of :func:`lora_linear` with respect to ``x``, ``x_a``, ``A`` and ``B``
-    (None where not asked for)."""
-
-    x: Tensor | None
-    xa: Tensor | None
-    A: Tensor | None
-    B: Tensor | None
-
-
-def lora_linear_backward(
-    g: Tensor,
-    x: Tensor,
-    Wt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    h_s_t: Tensor,
-    scaling: float,
-    xa: Tensor | None,
-    *,
-    need: tuple[bool, bool, bool, bool],
-) -> LoraLinearGrads:
-    """The backward of :func:`lora_linear` (see :class:`LoraLinearFunction` for the maths and
-    the layout), for ``need = (x, x_a, A, B)``. DoRA's node calls it with its scaled weights."""
-    need_x, need_xa, need_a, need_b = need
-    s = scaling
-    gx = gxa = ga = gb = None
-    if need_b:
-        gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
-    if need_x or need_a or need_xa:
-        # (r, N): ĝᵀ = (s·B)ᵀ gᵀ, with (s·B)ᵀ made contiguous: ~2.5× faster with 2 threads
-        gh_t = torch.mm((B.t() * s).contiguous(), g.t())
-        if need_a:
-            ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
-        if xa is None and need_x:
-            # one (N, in) buffer: ĝ A first, the base's g Wtᵀ accumulated onto it
-            gx = torch.mm(gh_t.t(), A).addmm_(g, Wt.t())
-        elif xa is not None:  # dropout: x_a's gradient goes back through it (autograd)
-            gx = torch.mm(g, Wt.t()) if need_x else None  # (N, in)
-            gxa = torch.mm(gh_t.t(), A) if need_xa else None  # (N, in)
-    return LoraLinearGrads(gx, gxa, ga, gb)
-
-
-class LoraLinearFunction(torch.autograd.Function):
-    """:func:`lora_linear` as one autograd node with a hand-written backward.
-
-    With ``g = ∂L/∂y: (N, out)``, ``h = x_a Aᵀ: (N, r)`` and ``ĝ = s·g B: (N, r)``::
-
-        ∂L/∂B = s·gᵀ h: (out, r)      ∂L/∂A = ĝᵀ x_a: (r, in)
-        ∂L/∂x = g Wtᵀ (+ ĝ A when x_a is x: written first, the base GEMM accumulates): (N, in)
-        ∂L/∂x_a = ĝ A: (N, in)        ∂L/∂Wt = xᵀ g: (in, out)      ∂L/∂b = Σ_rows g: (out,)
-
-    The rank-r products are formed transposed, with ``r`` rows (``hᵀ g``, ``Bᵀ gᵀ``, ``ĝᵀ x_a``),
-    the fast layout for CPU BLAS (autograd on ``x Aᵀ`` and ``h Bᵀ`` picks ``gᵀ h`` and ``g B``,
-    up to ~8× slower at r = 8). Each term is computed only when its input requires a gradient
-    (the frozen base weight's ``xᵀ g``, the largest, is skipped in LoRA training), and the two
-    input gradients share one buffer. Saved: ``x``, ``x_a``, ``s·hᵀ``; the weights by reference.
-    """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        Wt: Tensor,
-        bias: Tensor | None,
-        A: Tensor,
-        B: Tensor,
-        scaling: float,
-        xa: Tensor | None,
-    ) -> Tensor:
-        y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
-        ctx.save_for_backward(x, Wt, A, B, h_s_t, xa)
-        ctx.scaling = scaling  # type: ignore[attr-defined]
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, g: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x, Wt, A, B, h_s_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
-        s: float = ctx.scaling  # type: ignore[attr-defined]
-        need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad  # type: ignore[attr-defined]
-        gx, gxa, ga, gb = lora_linear_backward(
-            g, x, Wt, A, B, h_s_t, s, xa, need=(need_x, need_xa, need_a, need_b)
-        )
-        gw = gbias = None
-        if need_w:
-            gw = torch.mm(x.t(), g)  # (in, out), Wt's layout
-        if need_bias:
-            gbias = g.sum(dim=0)  # (out,)
-        return gx, gw, gbias, ga, gb, None, gxa
 
 
 def _plain(module: nn.Module) -> bool:

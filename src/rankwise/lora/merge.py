@@ -144,7 +144,7 @@ def set_inference_cache(model: nn.Module, enabled: bool) -> nn.Module:
     get_state(model)
     for _, layer in lora_layers(model):
         layer.inference_cache = enabled
-        layer.__dict__.pop("_eval_weight", None)
+        layer.drop_inference_cache()
     return model
 
 
