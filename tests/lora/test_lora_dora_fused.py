@@ -80,8 +80,12 @@ def test_no_grad_training_forward_equals_the_autograd_one() -> None:
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_dora_node_gradcheck_every_input(with_bias: bool) -> None:
-    """Every input of the node, the frozen-by-default weight and bias included (float64)."""
+@pytest.mark.parametrize("merge", [True, False])
+@pytest.mark.parametrize("linear_layout", [True, False])
+def test_dora_node_gradcheck_every_input(with_bias: bool, merge: bool, linear_layout: bool) -> None:
+    """Every input of the node, the frozen-by-default weight and bias included (float64), on
+    both routes, with the right factor as an ``nn.Linear`` (``Wᵀ``, a view) or a ``Conv1D``
+    (contiguous ``(in, out)``) lays it out."""
     from rankwise.lora.dora import DoraLinearFunction
 
     g = torch.Generator().manual_seed(5)
@@ -89,15 +93,52 @@ def test_dora_node_gradcheck_every_input(with_bias: bool) -> None:
     def leaf(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()
 
-    x, Wt, A, B = leaf(4, IN), leaf(IN, OUT), leaf(R, IN), leaf(OUT, R)
+    x, A, B = leaf(4, IN), leaf(R, IN), leaf(OUT, R)
+    W = leaf(OUT, IN) if linear_layout else leaf(IN, OUT)
     bias = leaf(OUT) if with_bias else None
     c = (torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5).requires_grad_()
 
     def fn(*t: torch.Tensor) -> torch.Tensor:
-        return DoraLinearFunction.apply(t[0], t[1], t[5] if with_bias else None, *t[2:4], 1.5, t[4])
+        Wt = t[1].t() if linear_layout else t[1]
+        return DoraLinearFunction.apply(
+            t[0], Wt, t[5] if with_bias else None, *t[2:4], 1.5, t[4], merge
+        )
 
-    args = (x, Wt, A, B, c) + ((bias,) if with_bias else ())
+    args = (x, W, A, B, c) + ((bias,) if with_bias else ())
     assert torch.autograd.gradcheck(fn, args)
+
+
+def test_dora_routes_agree_and_the_shape_rule_picks_merged_for_a_large_batch() -> None:
+    from rankwise.lora import linear_ops
+    from rankwise.lora.dora import DoraLinearFunction
+
+    g = torch.Generator().manual_seed(6)
+    n = 64  # 2·7·6 = 84 ≤ 64·13: the merged route pays
+    x = torch.randn(n, IN, generator=g, dtype=torch.float64)
+    W, b = (
+        torch.randn(OUT, IN, generator=g, dtype=torch.float64),
+        torch.randn(OUT, dtype=torch.float64),
+    )
+    A, B = (
+        torch.randn(R, IN, generator=g, dtype=torch.float64),
+        torch.randn(OUT, R, generator=g, dtype=torch.float64),
+    )
+    c = torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5
+    gy = torch.randn(n, OUT, generator=g, dtype=torch.float64)
+    grads = {}
+    for merge in (None, True, False):
+        leaves = [t.clone().requires_grad_() for t in (x, A, B, c)]
+        y = DoraLinearFunction.apply(
+            leaves[0], W.t(), b, leaves[1], leaves[2], 0.7, leaves[3], merge
+        )
+        (y * gy).sum().backward()
+        grads[merge] = [y.detach()] + [t.grad for t in leaves]
+    for got, want in zip(grads[True], grads[False], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # None picked the merged route: bit-for-bit its result
+    assert linear_ops.merge_pays(n, IN, OUT, torch.float64)
+    for got, want in zip(grads[None], grads[True], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_dora_node_magnitude_gradient_where_c_is_zero() -> None:

@@ -8,7 +8,13 @@ from torch import nn
 
 from rankwise.lora import LoraConfig, inject
 from rankwise.lora.layers import LoraLinear
-from rankwise.lora.linear_ops import LoraLinearFunction, lora_linear
+from rankwise.lora.linear_ops import (
+    LoraLinearFunction,
+    lora_linear,
+    lora_linear_backward,
+    merge_pays,
+    merged_right,
+)
 
 N, IN, OUT, R, S = 5, 7, 6, 3, 0.7
 
@@ -112,3 +118,41 @@ def test_trainable_bias_gets_its_gradient_in_a_model() -> None:
     W, b = model.lin.base_layer.weight.detach(), bias.detach().requires_grad_()
     (x @ W.T + b).square().sum().backward()  # B = 0 at init: the adapter adds nothing
     torch.testing.assert_close(bias.grad, b.grad)
+
+
+def test_merge_pays_rule_and_half_precision_stays_factored() -> None:
+    # 2·in·out ≤ N·(in + out)
+    assert merge_pays(2048, 384, 384, torch.float32)  # a MiniLM batch: merged moves 5× less
+    assert not merge_pays(256, 4096, 4096, torch.float32)  # a big layer, a few tokens
+    assert merge_pays(4096, 4096, 4096, torch.float64)  # the break-even point counts as paying
+    for dt in (torch.bfloat16, torch.float16):
+        assert not merge_pays(2048, 384, 384, dt)  # W + s·BA would round the update away
+
+
+@pytest.mark.parametrize("linear_layout", [True, False])
+def test_merged_right_value_and_layout(linear_layout: bool) -> None:
+    t = _tensors(8)
+    Wt = t["W"].t() if linear_layout else t["W"].t().contiguous()  # nn.Linear's view / Conv1D's
+    M = merged_right(Wt, t["A"], t["B"], S)
+    torch.testing.assert_close(M, Wt + S * t["A"].T @ t["B"].T, rtol=1e-12, atol=1e-12)
+    assert M.stride() == Wt.stride()  # the base layer's own GEMM layout
+    zero = merged_right(Wt, t["A"], torch.zeros_like(t["B"]), S)
+    assert torch.equal(zero, Wt)  # B = 0: exactly the base weight
+
+
+def test_backward_merged_input_gradient_equals_factored() -> None:
+    t = _tensors(9)
+    g = torch.randn(N, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    Wt = t["W"].t()
+    h_s_t = S * t["A"] @ t["x"].T
+    need = (True, False, True, True)
+    fact = lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=need)
+    M = merged_right(Wt, t["A"], t["B"], S)
+    mrg = lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=need, merged=M)
+    for a, b in zip(fact, mrg, strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="merged route"):
+        lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, t["xa"], need=need, merged=M)

@@ -11,11 +11,12 @@ is unchanged at step 0; ``‖W0‖`` when ``B = 0``) and saved as PEFT's
 ``<module>.lora_magnitude_vector``. Following the paper's §4.3 the norm is treated as a
 constant in backward (detached), which is what makes DoRA cheap to train.
 
-Cost: the training forward never forms ``W0 + s·B A``. With ``c = m / ‖·‖`` (out,),
-``h = c ⊙ (W0 x + s·B (A x)) + b = x (W0ᵀ ⊙ c) + s·(x Aᵀ)(c ⊙ B)ᵀ + b`` — LoRA's three GEMMs
-with ``c`` folded into the weights (:class:`DoraLinearFunction`), so no pass over the
-activations is spent on ``c`` except the one its gradient needs. The row norms come from the
-identity
+Cost: with ``c = m / ‖·‖`` (out,), ``h = c ⊙ (W0 x + s·B (A x)) + b`` is computed with ``c``
+folded into the weights (:class:`DoraLinearFunction`), so no pass over the activations is
+spent on ``c`` except the one its gradient needs: ``x ((W0ᵀ + s·AᵀBᵀ) ⊙ c) + b``, one GEMM on a
+weight-sized temporary, when the batch is large against the layer (LoRA's merged route,
+:mod:`rankwise.lora.linear_ops`), else LoRA's three GEMMs ``x (W0ᵀ ⊙ c) + s·(x Aᵀ)(c ⊙ B)ᵀ + b``.
+The row norms never form ``W0 + s·BA``; they come from the identity
 
     ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
@@ -43,7 +44,13 @@ from torch import Tensor, nn
 
 from rankwise.errors import MergeError
 from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, weights_key
-from rankwise.lora.linear_ops import LoraLinearOutput, lora_linear, lora_linear_backward
+from rankwise.lora.linear_ops import (
+    LoraLinearOutput,
+    lora_linear,
+    lora_linear_backward,
+    merge_pays,
+    merged_right,
+)
 
 MAGNITUDE = "lora_magnitude_vector"
 
@@ -116,6 +123,11 @@ class DoraLinearFunction(torch.autograd.Function):
     separate ``c ⊙ y + b`` spends four, with three ``(N, out)`` temporaries). Where some
     ``c_j = 0`` the unscaled output is recomputed instead of divided out. Saved: ``x``,
     ``s·hᵀ``, the output ``y``, ``Wt ⊙ c``; the weights and ``c`` by reference.
+
+    ``merge`` (None: by :func:`~rankwise.lora.linear_ops.merge_pays`): the merged route of
+    :mod:`~rankwise.lora.linear_ops` — ``Wc = (Wt + s·Aᵀ Bᵀ) ⊙ c`` replaces ``Wt ⊙ c`` (the
+    same weight-sized tensor, kept for backward as before), ``y = x Wc + b`` and
+    ``∂L/∂x = g Wcᵀ``: the base layer's own GEMMs.
     """
 
     @staticmethod
@@ -128,11 +140,22 @@ class DoraLinearFunction(torch.autograd.Function):
         B: Tensor,
         scaling: float,
         c: Tensor,
+        merge: bool | None = None,
     ) -> Tensor:
-        Wc = Wt * c  # (in, out): kept for ∂L/∂x (a weight-sized tensor, not an activation)
-        y, h_s_t = lora_linear(x, Wc, bias, A, B * c[:, None], scaling)
+        if merge is None:
+            merge = merge_pays(x.shape[0], x.shape[1], Wt.shape[1], Wt.dtype)
+        if merge:
+            # merged route: c ⊙ (W0 + s·BA) as one (in, out) right factor, the base's GEMMs
+            Wc = merged_right(Wt, A, B, scaling).mul_(c)
+            y = torch.addmm(bias, x, Wc) if bias is not None else torch.mm(x, Wc)
+            h_s_t = torch.mm(A * scaling, x.t())  # (r, N), for ∂L/∂B
+        else:
+            Wc = Wt * c  # (in, out)
+            y, h_s_t = lora_linear(x, Wc, bias, A, B * c[:, None], scaling)
+        # Wc is kept for ∂L/∂x either way (a weight-sized tensor, not an activation)
         ctx.save_for_backward(x, Wt, Wc, bias, A, B, c, h_s_t, y)
         ctx.scaling = scaling  # type: ignore[attr-defined]
+        ctx.merge = merge  # type: ignore[attr-defined]
         return y
 
     @staticmethod
@@ -142,10 +165,21 @@ class DoraLinearFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, Wt, Wc, bias, A, B, c, h_s_t, y = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
-        need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad  # type: ignore[attr-defined]
-        # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); ∂L/∂B = c ⊙ ∂L/∂(c ⊙ B)
+        need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
+        # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); ∂L/∂B = c ⊙ ∂L/∂(c ⊙ B);
+        # merged route: ∂L/∂x = g (c ⊙ (W0 + s·BA))ᵀ, the saved right factor
+        merged = Wc if ctx.merge else None  # type: ignore[attr-defined]
         gx, _, ga, gbc = lora_linear_backward(
-            g, x, Wc, A, B * c[:, None], h_s_t, s, None, need=(need_x, False, need_a, need_b)
+            g,
+            x,
+            Wc,
+            A,
+            B * c[:, None],
+            h_s_t,
+            s,
+            None,
+            need=(need_x, False, need_a, need_b),
+            merged=merged,
         )
         gb = None if gbc is None else gbc.mul_(c[:, None])  # (out, r)
         gw = gbias = gc = None
@@ -161,7 +195,7 @@ class DoraLinearFunction(torch.autograd.Function):
             else:
                 gy = column_dots(g, y)  # (out,) = Σ_n g ⊙ y
                 gc = (gy if bias is None else gy - bias * g_sum) / c
-        return gx, gw, gbias, ga, gb, None, gc
+        return gx, gw, gbias, ga, gb, None, gc, None
 
 
 class DoraMixin:
