@@ -79,6 +79,18 @@ def test_no_grad_training_forward_equals_the_autograd_one() -> None:
     torch.testing.assert_close(plain, layer(x).detach(), rtol=1e-12, atol=1e-12)
 
 
+def _wc(
+    Wt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, c: torch.Tensor, s: float, merge: bool
+) -> torch.Tensor | None:
+    """The merged route's right factor ``(Wt + s·Aᵀ Bᵀ) ⊙ c``, formed as the layer does."""
+    from rankwise.lora.linear_ops import merged_right
+
+    if not merge:
+        return None
+    with torch.no_grad():
+        return merged_right(Wt, A, B, s).mul_(c)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("merge", [True, False])
 @pytest.mark.parametrize("linear_layout", [True, False])
@@ -100,8 +112,9 @@ def test_dora_node_gradcheck_every_input(with_bias: bool, merge: bool, linear_la
 
     def fn(*t: torch.Tensor) -> torch.Tensor:
         Wt = t[1].t() if linear_layout else t[1]
+        Wc = _wc(Wt, *t[2:5], 1.5, merge)
         return DoraLinearFunction.apply(
-            t[0], Wt, t[5] if with_bias else None, *t[2:4], 1.5, t[4], merge
+            t[0], Wt, t[5] if with_bias else None, *t[2:4], 1.5, t[4], Wc
         )
 
     args = (x, W, A, B, c) + ((bias,) if with_bias else ())
@@ -126,29 +139,55 @@ def test_dora_routes_agree_and_the_shape_rule_picks_merged_for_a_large_batch() -
     c = torch.rand(OUT, generator=g, dtype=torch.float64) + 0.5
     gy = torch.randn(n, OUT, generator=g, dtype=torch.float64)
     grads = {}
-    for merge in (None, True, False):
+    for merge in (True, False):
         leaves = [t.clone().requires_grad_() for t in (x, A, B, c)]
-        y = DoraLinearFunction.apply(
-            leaves[0], W.t(), b, leaves[1], leaves[2], 0.7, leaves[3], merge
-        )
+        Wc = _wc(W.t(), *leaves[1:], 0.7, merge)
+        y = DoraLinearFunction.apply(leaves[0], W.t(), b, leaves[1], leaves[2], 0.7, leaves[3], Wc)
         (y * gy).sum().backward()
         grads[merge] = [y.detach()] + [t.grad for t in leaves]
     for got, want in zip(grads[True], grads[False], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    # None picked the merged route: bit-for-bit its result
     assert linear_ops.merge_pays(n, IN, OUT, torch.float64)
-    for got, want in zip(grads[None], grads[True], strict=True):
-        assert torch.equal(got, want)
 
 
-def test_dora_node_magnitude_gradient_where_c_is_zero() -> None:
+@pytest.mark.parametrize("n_tokens", [2, 64])
+def test_dora_layer_on_either_route_equals_the_formula_and_caches_the_norm(n_tokens: int) -> None:
+    """2 tokens: the factored route; 64: the merged one (c and the norm from the merged matrix)."""
+    from rankwise.lora import linear_ops
+
+    torch.manual_seed(0)
+    layer = _dora(nn.Linear(IN, OUT)).train()
+    assert linear_ops.merge_pays(n_tokens, IN, OUT, torch.float64) == (n_tokens == 64)
+    x = torch.randn(n_tokens, IN, dtype=torch.float64)
+    g = torch.randn(n_tokens, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    (layer(x) * g).sum().backward()
+    A = layer.lora_A.weight.detach().clone().requires_grad_()
+    B = layer.lora_B.weight.detach().clone().requires_grad_()
+    m = layer.lora_magnitude_vector.detach().clone().requires_grad_()
+    W = layer.base_matrix().detach()
+    V = W + layer.scaling * B @ A
+    norm = V.norm(dim=1).detach()
+    ((x @ (m / norm * V.T) + layer.base_layer.bias) * g).sum().backward()
+    for mine, ref in ((layer.lora_A.weight, A), (layer.lora_B.weight, B)):
+        torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.lora_magnitude_vector.grad, m.grad, rtol=1e-10, atol=1e-10)
+    # the norm the forward used is weight_norm()'s for these weights, without recomputing
+    torch.testing.assert_close(layer.weight_norm(), norm, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        layer.lora_B.weight.add_(1.0)  # a new version: the cached norm is not reused
+    V2 = W + layer.scaling * layer.lora_B.weight.detach() @ layer.lora_A.weight.detach()
+    torch.testing.assert_close(layer.weight_norm(), V2.norm(dim=1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_tokens", [5, 64])  # the factored and the merged route
+def test_dora_node_magnitude_gradient_where_c_is_zero(n_tokens: int) -> None:
     """c_j = 0 (a magnitude trained to zero): ∂L/∂c is recomputed, not divided by zero."""
     torch.manual_seed(0)
     layer = _dora(nn.Linear(IN, OUT)).train()
     with torch.no_grad():
         layer.lora_magnitude_vector[2] = 0.0
-    x = torch.randn(5, IN, dtype=torch.float64)
-    g = torch.randn(5, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(n_tokens, IN, dtype=torch.float64)
+    g = torch.randn(n_tokens, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     (layer(x) * g).sum().backward()
     A, B = layer.factors()
     W = layer.base_matrix().detach()

@@ -124,10 +124,12 @@ class DoraLinearFunction(torch.autograd.Function):
     ``c_j = 0`` the unscaled output is recomputed instead of divided out. Saved: ``x``,
     ``s·hᵀ``, the output ``y``, ``Wt ⊙ c``; the weights and ``c`` by reference.
 
-    ``merge`` (None: by :func:`~rankwise.lora.linear_ops.merge_pays`): the merged route of
-    :mod:`~rankwise.lora.linear_ops` — ``Wc = (Wt + s·Aᵀ Bᵀ) ⊙ c`` replaces ``Wt ⊙ c`` (the
-    same weight-sized tensor, kept for backward as before), ``y = x Wc + b`` and
-    ``∂L/∂x = g Wcᵀ``: the base layer's own GEMMs.
+    ``Wc``: None for the factored route (the node forms ``Wt ⊙ c`` and runs LoRA's three
+    GEMMs), or the merged route's right factor ``(Wt + s·Aᵀ Bᵀ) ⊙ c`` formed by the caller
+    (:meth:`DoraLinear.adapted_forward` takes the column norms from the same matrix): then
+    ``y = x Wc + b`` and ``∂L/∂x = g Wcᵀ``, the base layer's own GEMMs. On the merged route
+    with a bias, ``s·hᵀ`` carries an extra row of ones, so the GEMM that forms ``∂L/∂B`` also
+    yields ``Σ_n g`` (no separate pass over ``g`` for the bias term of ``∂L/∂c``).
     """
 
     @staticmethod
@@ -140,22 +142,25 @@ class DoraLinearFunction(torch.autograd.Function):
         B: Tensor,
         scaling: float,
         c: Tensor,
-        merge: bool | None = None,
+        Wc: Tensor | None = None,
     ) -> Tensor:
-        if merge is None:
-            merge = merge_pays(x.shape[0], x.shape[1], Wt.shape[1], Wt.dtype)
-        if merge:
-            # merged route: c ⊙ (W0 + s·BA) as one (in, out) right factor, the base's GEMMs
-            Wc = merged_right(Wt, A, B, scaling).mul_(c)
+        ones_row, merged = False, Wc is not None
+        if Wc is not None:  # merged route
             y = torch.addmm(bias, x, Wc) if bias is not None else torch.mm(x, Wc)
-            h_s_t = torch.mm(A * scaling, x.t())  # (r, N), for ∂L/∂B
+            r = A.shape[0]
+            ones_row = bias is not None
+            h_s_t = torch.empty(r + ones_row, x.shape[0], dtype=x.dtype, device=x.device)
+            torch.mm(A * scaling, x.t(), out=h_s_t[:r])  # (r, N), for ∂L/∂B
+            if ones_row:
+                h_s_t[r].fill_(1.0)  # its row of ∂L/∂B's GEMM is Σ_n g
         else:
             Wc = Wt * c  # (in, out)
             y, h_s_t = lora_linear(x, Wc, bias, A, B * c[:, None], scaling)
         # Wc is kept for ∂L/∂x either way (a weight-sized tensor, not an activation)
         ctx.save_for_backward(x, Wt, Wc, bias, A, B, c, h_s_t, y)
         ctx.scaling = scaling  # type: ignore[attr-defined]
-        ctx.merge = merge  # type: ignore[attr-defined]
+        ctx.merged = merged  # type: ignore[attr-defined]
+        ctx.ones_row = ones_row  # type: ignore[attr-defined]
         return y
 
     @staticmethod
@@ -166,26 +171,35 @@ class DoraLinearFunction(torch.autograd.Function):
         x, Wt, Wc, bias, A, B, c, h_s_t, y = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
-        # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); ∂L/∂B = c ⊙ ∂L/∂(c ⊙ B);
-        # merged route: ∂L/∂x = g (c ⊙ (W0 + s·BA))ᵀ, the saved right factor
-        merged = Wc if ctx.merge else None  # type: ignore[attr-defined]
-        gx, _, ga, gbc = lora_linear_backward(
+        r = A.shape[0]
+        need_g_sum = need_bias or (need_c and bias is not None)
+        g_sum = gb = None
+        if ctx.ones_row and (need_b or need_g_sum):  # type: ignore[attr-defined]
+            prod = torch.mm(h_s_t, g)  # (r + 1, out): s·hᵀ g and, last, Σ_n g
+            g_sum = prod[r]
+            if need_b:
+                gb = prod[:r].t().contiguous().mul_(c[:, None])  # (out, r): c ⊙ s·gᵀ h
+        elif need_b:
+            gb = torch.mm(h_s_t, g).t().contiguous().mul_(c[:, None])
+        if need_g_sum and g_sum is None:
+            g_sum = g.sum(dim=0)  # (out,)
+        # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); the merged route's ∂L/∂x is
+        # g Wcᵀ with Wc = (Wt + s·Aᵀ Bᵀ) ⊙ c
+        gx, _, ga, _ = lora_linear_backward(
             g,
             x,
             Wc,
             A,
             B * c[:, None],
-            h_s_t,
+            h_s_t[:r],
             s,
             None,
-            need=(need_x, False, need_a, need_b),
-            merged=merged,
+            need=(need_x, False, need_a, False),
+            merged=Wc if ctx.merged else None,  # type: ignore[attr-defined]
         )
-        gb = None if gbc is None else gbc.mul_(c[:, None])  # (out, r)
         gw = gbias = gc = None
         if need_w:
             gw = torch.mm(x.t(), g).mul_(c)  # (in, out), Wt's layout
-        g_sum = g.sum(dim=0) if need_bias or (need_c and bias is not None) else None
         if need_bias:
             gbias = g_sum
         if need_c:
@@ -307,15 +321,30 @@ class DoraLinear(DoraMixin, LoraLinear):
 
         return self.cached_weight((*weights_key(W, A, B, m), self.scaling), build)
 
+    def _merged_factor(self, Wt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """The merged route's ``(Wc, c)``: ``M = Wt + s·Aᵀ Bᵀ: (in, out)`` formed once, the
+        norms ``‖W0 + s·BA‖`` read off its columns (one pass over a weight-sized matrix, where
+        the identity of :func:`dora_row_norm` costs a GEMM with ``W0``), ``c = m / norm``
+        (the gradient flows to ``m`` only) and ``Wc = M ⊙ c`` in place. The norm is cached as
+        :meth:`weight_norm`'s for these weights."""
+        with torch.no_grad():
+            M = merged_right(Wt, A, B, self.scaling)  # (in, out), a temporary
+            norm = torch.linalg.vector_norm(M, dim=0)  # (out,)
+        self._norm = ((*weights_key(self.base_matrix(), A, B), self.scaling), norm)
+        c = self.lora_magnitude_vector / norm
+        with torch.no_grad():
+            M.mul_(c)
+        return M, c
+
     def adapted_forward(self, x: Tensor) -> Tensor:
         W = self.base_matrix()  # (out, in), a view
         bias = self.base_layer.bias
         if self.use_inference_cache():
             # inference: one GEMM with the cached DoRA weight, the base layer's cost
             return F.linear(x, self.inference_weight(), bias)
-        c = self._dora_scale(x.dtype)  # (out,)
         if self.dropout is not None and self.training:
             # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x)
+            c = self._dora_scale(x.dtype)  # (out,)
             xd = self.dropout(x)
             lora = F.linear(F.linear(xd.to(self._dtype), self.lora_A.weight), self.lora_B.weight)
             extra = (c - 1) * F.linear(xd, W) + c * (lora * self.scaling).to(x.dtype)
@@ -326,11 +355,19 @@ class DoraLinear(DoraMixin, LoraLinear):
         if x2.dtype == self._dtype == W.dtype:
             # (N, out) = c ⊙ (W0 x + s·B A x) + b: one node, c folded into the weights
             Wt = self.weight_right()
+            Wc: Tensor | None = None
+            if merge_pays(x2.shape[0], x2.shape[1], W.shape[0], W.dtype):
+                Wc, c = self._merged_factor(Wt, A, B)  # merged route
+            else:
+                c = self._dora_scale(x.dtype)  # (out,)
             if torch.is_grad_enabled():
-                y = DoraLinearFunction.apply(x2, Wt, bias, A, B, self.scaling, c)
+                y = DoraLinearFunction.apply(x2, Wt, bias, A, B, self.scaling, c, Wc)
+            elif Wc is not None:
+                y = torch.addmm(bias, x2, Wc) if bias is not None else torch.mm(x2, Wc)
             else:
                 y = dora_linear(x2, Wt, bias, A, B, self.scaling, c).y
             return y.view(shape)
+        c = self._dora_scale(x.dtype)  # (out,)
         # mixed precision: the adapter runs in its own dtype
         h = F.linear(x2.to(self._dtype), A)  # (N, r): project down first
         y = self._project_up(F.linear(x2, W), h, B).view(shape)
