@@ -16,7 +16,9 @@ folded into the weights (:class:`DoraLinearFunction`), so no pass over the activ
 spent on ``c`` except the one its gradient needs: ``x ((W0ᵀ + s·AᵀBᵀ) ⊙ c) + b``, one GEMM on a
 weight-sized temporary, when the batch is large against the layer (LoRA's merged route,
 :mod:`rankwise.lora.linear_ops`), else LoRA's three GEMMs ``x (W0ᵀ ⊙ c) + s·(x Aᵀ)(c ⊙ B)ᵀ + b``.
-The row norms never form ``W0 + s·BA``; they come from the identity
+On a linear layer the row norms are read off ``W0 + s·BA`` formed as a weight-sized
+temporary (the merged route's own matrix, so ``m`` set from it gives ``c = 1`` exactly at
+step 0); an embedding's ``(d, n)`` map is vocabulary-sized, so there they come from the identity
 
     ‖W0 + s·BA‖²_row = ‖W0‖²_row + 2s·rowsum((W0 Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
@@ -254,13 +256,17 @@ class DoraMixin:
         key = (*weights_key(W, A, B), self.scaling)
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
+        norm = self._row_norm(W, A, B)
+        self._norm = (key, norm)
+        return norm
+
+    def _row_norm(self, W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """By the identity of :func:`dora_row_norm`, ``‖W0‖²`` per row cached (embeddings)."""
         wkey = weights_key(W)
         if self._w_sq is None or self._w_sq[0] != wkey:
             with torch.no_grad():
                 self._w_sq = (wkey, W.detach().to(_norm_dtype(W)).square().sum(dim=1))
-        norm = dora_row_norm(W, A, B, self.scaling, self._w_sq[1])
-        self._norm = (key, norm)
-        return norm
+        return dora_row_norm(W, A, B, self.scaling, self._w_sq[1])
 
     def _dora_scale(self, dtype: torch.dtype) -> Tensor:
         # c = m / ‖W0 + sBA‖ (out,): gradient flows to m only (norm detached, §4.3)
@@ -316,19 +322,36 @@ class DoraLinear(DoraMixin, LoraLinear):
         m = self.lora_magnitude_vector
 
         def build() -> Tensor:
-            V = W.float() + self.scaling * (B.float() @ A.float())  # (out, in), formed once
-            return ((m.float() / V.norm(dim=1))[:, None] * V).to(W.dtype)
+            M = self._merged_t(_norm_dtype(W))  # (in, out), formed once
+            c = m.detach().to(M.dtype) / torch.linalg.vector_norm(M, dim=0)
+            return (M * c).t().to(W.dtype)  # (out, in)
 
         return self.cached_weight((*weights_key(W, A, B, m), self.scaling), build)
 
-    def _merged_factor(self, Wt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
-        """The merged route's ``(Wc, c)``: ``M = Wt + s·Aᵀ Bᵀ: (in, out)`` formed once, the
-        norms ``‖W0 + s·BA‖`` read off its columns (one pass over a weight-sized matrix, where
-        the identity of :func:`dora_row_norm` costs a GEMM with ``W0``), ``c = m / norm``
-        (the gradient flows to ``m`` only) and ``Wc = M ⊙ c`` in place. The norm is cached as
-        :meth:`weight_norm`'s for these weights."""
+    def _merged_t(self, dtype: torch.dtype) -> Tensor:
+        """``Wt + s·Aᵀ Bᵀ: (in, out)`` in ``dtype``, detached, in the base weight's layout."""
+        A, B = self.factors()
         with torch.no_grad():
-            M = merged_right(Wt, A, B, self.scaling)  # (in, out), a temporary
+            return merged_right(
+                self.weight_right().detach().to(dtype),
+                A.detach().to(dtype),
+                B.detach().to(dtype),
+                self.scaling,
+            )
+
+    def _row_norm(self, W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """Read off the columns of the merged ``(in, out)`` matrix (a weight-sized temporary:
+        one pass, where the identity costs a GEMM with ``W0``), as the merged route does."""
+        with torch.no_grad():
+            return torch.linalg.vector_norm(self._merged_t(_norm_dtype(W)), dim=0)
+
+    def _merged_factor(self, Wt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+        """The merged route's ``(Wc, c)``: ``M = Wt + s·Aᵀ Bᵀ: (in, out)`` formed once (the
+        same computation as :meth:`_row_norm`'s, so ``c = 1`` exactly where ``m`` was set from
+        it), the norms read off its columns, ``c = m / norm`` (the gradient flows to ``m``
+        only) and ``Wc = M ⊙ c`` in place. The norm is cached as :meth:`weight_norm`'s."""
+        M = self._merged_t(Wt.dtype)  # (in, out), a temporary
+        with torch.no_grad():
             norm = torch.linalg.vector_norm(M, dim=0)  # (out,)
         self._norm = ((*weights_key(self.base_matrix(), A, B), self.scaling), norm)
         c = self.lora_magnitude_vector / norm
