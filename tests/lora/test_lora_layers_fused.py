@@ -26,9 +26,10 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("dropped", [False, True])
+@pytest.mark.parametrize("route", ["factored", "dropped", "merged"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_backward_passes_gradcheck(bias: bool, dropped: bool, fan_in_fan_out: bool) -> None:
+def test_backward_passes_gradcheck(bias: bool, route: str, fan_in_fan_out: bool) -> None:
+    dropped, merge = route == "dropped", route == "merged"
     t = {k: v.requires_grad_() for k, v in _tensors().items()}
     # Conv1D keeps W as (in, out): the node's right factor is then the weight itself
     Wt_leaf = t["W"].detach().t().contiguous().requires_grad_() if fan_in_fan_out else t["W"]
@@ -36,7 +37,7 @@ def test_backward_passes_gradcheck(bias: bool, dropped: bool, fan_in_fan_out: bo
     def fn(x, Wt_src, b, A, B, xa):  # noqa: ANN001, ANN202
         Wt = Wt_src if fan_in_fan_out else Wt_src.t()
         return LoraLinearFunction.apply(
-            x, Wt, b if bias else None, A, B, S, xa if dropped else None
+            x, Wt, b if bias else None, A, B, S, xa if dropped else None, merge
         )
 
     inputs = (t["x"], Wt_leaf, t["b"], t["A"], t["B"], t["xa"])
@@ -156,3 +157,48 @@ def test_backward_merged_input_gradient_equals_factored() -> None:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     with pytest.raises(ValueError, match="merged route"):
         lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, t["xa"], need=need, merged=M)
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_lora_node_routes_agree_and_the_rule_picks_merged_for_a_large_batch(frozen: bool) -> None:
+    g = torch.Generator().manual_seed(11)
+    n = 64  # 2·7·6 = 84 ≤ 64·13: merged pays; N = 5 (the other tests): factored
+    assert merge_pays(n, IN, OUT, torch.float64) and not merge_pays(N, IN, OUT, torch.float64)
+    t = {
+        k: torch.randn(*s, generator=g, dtype=torch.float64)
+        for k, s in {"x": (n, IN), "W": (OUT, IN), "b": (OUT,), "A": (R, IN), "B": (OUT, R)}.items()
+    }
+    gy = torch.randn(n, OUT, generator=g, dtype=torch.float64)
+    results = {}
+    for merge in (None, True, False):
+        leaves = {
+            k: v.clone().requires_grad_(not (frozen and k in ("W", "b"))) for k, v in t.items()
+        }
+        y = LoraLinearFunction.apply(
+            leaves["x"], leaves["W"].t(), leaves["b"], leaves["A"], leaves["B"], S, None, merge
+        )
+        (y * gy).sum().backward()
+        results[merge] = [y.detach()] + [leaves[k].grad for k in ("x", "W", "b", "A", "B")]
+    for a, b in zip(results[True], results[False], strict=True):
+        if a is None:
+            assert b is None
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    for a, b in zip(results[None], results[True], strict=True):  # None chose merged
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_merged_route_at_init_is_the_base_layer_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    base = nn.Linear(IN, OUT).requires_grad_(False)
+    layer = LoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=0.0).train()
+    layer.set_factors(torch.randn(R, IN), torch.zeros(OUT, R))  # LoRA's start: B = 0
+    x = torch.randn(64, IN)  # merged route (float32, N large)
+    assert merge_pays(64, IN, OUT, torch.float32)
+    assert torch.equal(layer(x), base(x))  # B = 0: M = W exactly
+
+
+def test_merge_true_with_dropout_is_refused() -> None:
+    t = _tensors(12)
+    with pytest.raises(ValueError, match="merge=True"):
+        LoraLinearFunction.apply(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, t["xa"], True)

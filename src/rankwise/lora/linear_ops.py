@@ -6,17 +6,19 @@ with its live weights, and DoRA's node (:mod:`rankwise.lora.dora`) calls them wi
 ones. Layouts are chosen for CPU BLAS: every rank-``r`` product is formed with ``r`` as its row
 dimension.
 
-Two routes to the same map. *Factored* (:func:`lora_linear`, LoRA's node): ``y = x Wt +
-(x_a Aᵀ)(s·B)ᵀ``, the rank-r term written first and the base GEMM accumulated onto it, never
-forming ``B A``. *Merged* (:func:`merged_right`): ``y = x (Wt + s·Aᵀ Bᵀ)`` and
-``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``, the frozen layer's own GEMMs on a weight-sized ``(in, out)``
-temporary. The merged route moves ``~4·in·out`` numbers where the factored one moves
-``~2·N·(in + out)`` more than the frozen layer (:func:`merge_pays`); DoRA, which forms a
-weight-sized ``Wt ⊙ c`` anyway, takes it when it pays (measured: 4% off a DoRA step on
-MiniLM, 2048 tokens). LoRA's node stays factored: there the two routes measured the same
-(paired A/B, ratio 1.00) and the merged one would round a small update into ``W`` in forward.
-Only float32/float64 take the merged route: in bfloat16/float16 ``W + s·BA`` rounds a small
-update away.
+Two routes to the same map. *Factored* (:func:`lora_linear`): ``y = x Wt + (x_a Aᵀ)(s·B)ᵀ``,
+the rank-r term written first and the base GEMM accumulated onto it, never forming ``B A``.
+*Merged* (:func:`merged_right`): ``y = x (Wt + s·Aᵀ Bᵀ)`` and ``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``,
+the frozen layer's own GEMMs on a weight-sized ``(in, out)`` temporary (formed in forward and
+again in backward, never kept). The merged route moves ``~4·in·out`` numbers where the
+factored one moves ``~2·N·(in + out)`` more than the frozen layer; :func:`merge_pays` picks
+it when that is fewer (MiniLM, 2048 tokens on 384-wide layers: ~5× fewer), and the training
+nodes of LoRA and DoRA take it then. Measured (paired A/B on the MiniLM train step): DoRA,
+which forms a weight-sized ``Wt ⊙ c`` anyway, 4% faster; LoRA ~1% (0.987–1.002 over five
+runs), the rank-r GEMMs being most of what LoRA adds to the frozen step. Dropout (a separate
+adapter input) and the no-grad path stay factored, and so does half precision: in bfloat16 or
+float16 ``W + s·BA`` would round a small update away. The rank-r gradients are the same
+products on both routes; the output and ``∂L/∂x`` agree to the rounding of regrouped sums.
 """
 
 from __future__ import annotations
@@ -144,6 +146,11 @@ class LoraLinearFunction(torch.autograd.Function):
     up to ~8× slower at r = 8). Each term is computed only when its input requires a gradient
     (the frozen base weight's ``xᵀ g``, the largest, is skipped in LoRA training), and the two
     input gradients share one buffer. Saved: ``x``, ``x_a``, ``s·hᵀ``; the weights by reference.
+
+    ``merge``: the route (module docstring); None picks it by :func:`merge_pays` (always
+    factored with dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with
+    ``M = Wt + s·Aᵀ Bᵀ`` formed again in backward rather than kept; ``B = 0`` gives ``M = Wt``
+    exactly, so the output at initialization is the base layer's bit for bit.
     """
 
     @staticmethod
@@ -156,10 +163,21 @@ class LoraLinearFunction(torch.autograd.Function):
         B: Tensor,
         scaling: float,
         xa: Tensor | None,
+        merge: bool | None = None,
     ) -> Tensor:
-        y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
+        if merge is None:
+            merge = xa is None and merge_pays(x.shape[0], x.shape[1], Wt.shape[1], Wt.dtype)
+        elif merge and xa is not None:
+            raise ValueError("LoraLinearFunction: merge=True needs x_a None (no dropout)")
+        if merge:
+            M = merged_right(Wt, A, B, scaling)  # (in, out), freed after the GEMM
+            y = torch.addmm(bias, x, M) if bias is not None else torch.mm(x, M)
+            h_s_t = torch.mm(A * scaling, x.t())  # (r, N), for ∂L/∂B
+        else:
+            y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
         ctx.save_for_backward(x, Wt, A, B, h_s_t, xa)
         ctx.scaling = scaling  # type: ignore[attr-defined]
+        ctx.merge = merge  # type: ignore[attr-defined]
         return y
 
     @staticmethod
@@ -169,13 +187,15 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         x, Wt, A, B, h_s_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
-        need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad  # type: ignore[attr-defined]
+        need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
+        # merged route: M formed again (a weight-sized temporary) rather than kept from forward
+        M = merged_right(Wt, A, B, s) if ctx.merge and need_x else None  # type: ignore[attr-defined]
         gx, gxa, ga, gb = lora_linear_backward(
-            g, x, Wt, A, B, h_s_t, s, xa, need=(need_x, need_xa, need_a, need_b)
+            g, x, Wt, A, B, h_s_t, s, xa, need=(need_x, need_xa, need_a, need_b), merged=M
         )
         gw = gbias = None
         if need_w:
             gw = torch.mm(x.t(), g)  # (in, out), Wt's layout
         if need_bias:
             gbias = g.sum(dim=0)  # (out,)
-        return gx, gw, gbias, ga, gb, None, gxa
+        return gx, gw, gbias, ga, gb, None, gxa, None
