@@ -320,7 +320,7 @@ class LoraLinear(LoraLayer):
         xa = self.dropout(x2d) if self.dropout is not None and self.training else None
         A, B, b = self.lora_A.weight, self.lora_B.weight, self.base_layer.bias
         if torch.is_grad_enabled():
-            # one autograd node with a fused backward (dx = g W + ĝ A accumulated in place)
+            # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
             y = LoraLinearFunction.apply(x2d, self.weight_right(), b, A, B, self.scaling, xa)
         else:
             y = lora_linear(x2d, self.weight_right(), b, A, B, self.scaling, xa).y
