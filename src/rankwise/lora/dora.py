@@ -146,11 +146,11 @@ class DoraLinearFunction(torch.autograd.Function):
         c: Tensor,
         Wc: Tensor | None = None,
     ) -> Tensor:
-        ones_row, merged = False, Wc is not None
+        merged = Wc is not None
         if Wc is not None:  # merged route
             y = torch.addmm(bias, x, Wc) if bias is not None else torch.mm(x, Wc)
             r = A.shape[0]
-            ones_row = bias is not None
+            ones_row = bias is not None  # backward reads it off h_s_t's row count
             h_s_t = torch.empty(r + ones_row, x.shape[0], dtype=x.dtype, device=x.device)
             torch.mm(A * scaling, x.t(), out=h_s_t[:r])  # (r, N), for ∂L/∂B
             if ones_row:
@@ -162,7 +162,6 @@ class DoraLinearFunction(torch.autograd.Function):
         ctx.save_for_backward(x, Wt, Wc, bias, A, B, c, h_s_t, y)
         ctx.scaling = scaling  # type: ignore[attr-defined]
         ctx.merged = merged  # type: ignore[attr-defined]
-        ctx.ones_row = ones_row  # type: ignore[attr-defined]
         return y
 
     @staticmethod
@@ -174,17 +173,16 @@ class DoraLinearFunction(torch.autograd.Function):
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
         r = A.shape[0]
+        ones_row = h_s_t.shape[0] > r  # merged route with a bias: the last row is ones
         need_g_sum = need_bias or (need_c and bias is not None)
-        g_sum = gb = None
-        if ctx.ones_row and (need_b or need_g_sum):  # type: ignore[attr-defined]
-            prod = torch.mm(h_s_t, g)  # (r + 1, out): s·hᵀ g and, last, Σ_n g
-            g_sum = prod[r]
-            if need_b:
-                gb = prod[:r].t().contiguous().mul_(c[:, None])  # (out, r): c ⊙ s·gᵀ h
-        elif need_b:
-            gb = torch.mm(h_s_t, g).t().contiguous().mul_(c[:, None])
-        if need_g_sum and g_sum is None:
-            g_sum = g.sum(dim=0)  # (out,)
+        # (r[+1], out): s·hᵀ g and, with the ones row, Σ_n g as its last row
+        prod = torch.mm(h_s_t, g) if need_b or (ones_row and need_g_sum) else None
+        gb = None
+        if need_b:
+            gb = prod[:r].t().contiguous().mul_(c[:, None])  # (out, r): c ⊙ s·gᵀ h
+        g_sum = None
+        if need_g_sum:
+            g_sum = prod[r] if ones_row else g.sum(dim=0)  # (out,)
         # LoRA's backward on the scaled weights (Wt ⊙ c, c ⊙ B); the merged route's ∂L/∂x is
         # g Wcᵀ with Wc = (Wt + s·Aᵀ Bᵀ) ⊙ c
         gx, _, ga, _ = lora_linear_backward(
@@ -253,12 +251,16 @@ class DoraMixin:
         """``‖W0 + s·B A‖`` per output row (out,), detached; cached until a weight changes."""
         W = self.base_matrix()
         A, B = self.factors()
-        key = (*weights_key(W, A, B), self.scaling)
+        key = self._norm_key()
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
         norm = self._row_norm(W, A, B)
         self._norm = (key, norm)
         return norm
+
+    def _norm_key(self) -> tuple[Any, ...]:
+        """What the cached norm depends on: ``W0``, ``A``, ``B`` (identity, version) and ``s``."""
+        return (*weights_key(self.base_matrix(), *self.factors()), self.scaling)
 
     def _row_norm(self, W: Tensor, A: Tensor, B: Tensor) -> Tensor:
         """By the identity of :func:`dora_row_norm`, ``‖W0‖²`` per row cached (embeddings)."""
@@ -345,15 +347,15 @@ class DoraLinear(DoraMixin, LoraLinear):
         with torch.no_grad():
             return torch.linalg.vector_norm(self._merged_t(_norm_dtype(W)), dim=0)
 
-    def _merged_factor(self, Wt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:
+    def _merged_factor(self, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """The merged route's ``(Wc, c)``: ``M = Wt + s·Aᵀ Bᵀ: (in, out)`` formed once (the
         same computation as :meth:`_row_norm`'s, so ``c = 1`` exactly where ``m`` was set from
         it), the norms read off its columns, ``c = m / norm`` (the gradient flows to ``m``
         only) and ``Wc = M ⊙ c`` in place. The norm is cached as :meth:`weight_norm`'s."""
-        M = self._merged_t(Wt.dtype)  # (in, out), a temporary
+        M = self._merged_t(dtype)  # (in, out), a temporary
         with torch.no_grad():
             norm = torch.linalg.vector_norm(M, dim=0)  # (out,)
-        self._norm = ((*weights_key(self.base_matrix(), A, B), self.scaling), norm)
+        self._norm = (self._norm_key(), norm)
         c = self.lora_magnitude_vector / norm
         with torch.no_grad():
             M.mul_(c)
@@ -380,7 +382,7 @@ class DoraLinear(DoraMixin, LoraLinear):
             Wt = self.weight_right()
             Wc: Tensor | None = None
             if merge_pays(x2.shape[0], x2.shape[1], W.shape[0], W.dtype):
-                Wc, c = self._merged_factor(Wt, A, B)  # merged route
+                Wc, c = self._merged_factor(W.dtype)  # merged route
             else:
                 c = self._dora_scale(x.dtype)  # (out,)
             if torch.is_grad_enabled():
