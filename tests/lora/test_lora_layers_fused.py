@@ -14,7 +14,9 @@ from rankwise.lora.linear_ops import (
     lora_linear_backward,
     merge_pays,
     merged_right,
+    rank_product_t,
 )
+from rankwise.lora import linear_ops
 
 N, IN, OUT, R, S = 5, 7, 6, 3, 0.7
 
@@ -25,10 +27,21 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
     return {k: torch.randn(s, generator=g, dtype=torch.float64) for k, s in shapes.items()}
 
 
+@pytest.fixture(params=["r-rows", "r-columns"])
+def rank_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both memory layouts of the rank-r products (:func:`rank_product_t`): the rule picks
+    r rows for these tiny shapes; a zero byte limit forces the r-column layout."""
+    if request.param == "r-columns":
+        monkeypatch.setattr(linear_ops, "ROWS_MAX_BYTES", -1)
+    return request.param
+
+
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("route", ["factored", "dropped", "merged"])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-def test_backward_passes_gradcheck(bias: bool, route: str, fan_in_fan_out: bool) -> None:
+def test_backward_passes_gradcheck(
+    bias: bool, route: str, fan_in_fan_out: bool, rank_layout: str
+) -> None:
     dropped, merge = route == "dropped", route == "merged"
     t = {k: v.requires_grad_() for k, v in _tensors().items()}
     # Conv1D keeps W as (in, out): the node's right factor is then the weight itself
@@ -62,6 +75,24 @@ def test_gradients_equal_autograd_on_the_formula(frozen: bool) -> None:
             assert leaves[k].grad is None  # a frozen base weight gets no gradient at all
         else:
             torch.testing.assert_close(leaves[k].grad, ref[k].grad, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "r", "rows"),
+    [(5, 7, 3, True), (64, 40, 9, False), (20_000, 64, 8, False), (512, 16, 8, True)],
+)
+def test_rank_product_layout_rule(n: int, k: int, r: int, rows: bool) -> None:
+    """``(big @ small_t)ᵀ`` in either layout: r rows (contiguous) only for r ≤ 8 and a big
+    operand within ROWS_MAX_BYTES (20000·64 float64 = 10 MB is over it), else a transposed
+    (N, r) product; same values."""
+    gen = torch.Generator().manual_seed(n)
+    big = torch.randn(n, k, dtype=torch.float64, generator=gen)
+    small_t = torch.randn(r, k, dtype=torch.float64, generator=gen).t()  # (k, r), a view
+    out = rank_product_t(big, small_t)
+    assert out.shape == (r, n)
+    assert out.is_contiguous() is rows
+    assert out.t().is_contiguous() is not rows
+    torch.testing.assert_close(out, (big @ small_t).T, rtol=1e-12, atol=1e-12)
 
 
 def test_no_grad_path_is_the_same_function() -> None:
@@ -141,7 +172,7 @@ def test_merged_right_value_and_layout(linear_layout: bool) -> None:
     assert torch.equal(zero, Wt)  # B = 0: exactly the base weight
 
 
-def test_backward_merged_input_gradient_equals_factored() -> None:
+def test_backward_merged_input_gradient_equals_factored(rank_layout: str) -> None:
     t = _tensors(9)
     g = torch.randn(N, OUT, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     Wt = t["W"].t()
@@ -150,11 +181,26 @@ def test_backward_merged_input_gradient_equals_factored() -> None:
     fact = lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=need)
     M = merged_right(Wt, t["A"], t["B"], S)
     mrg = lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=need, merged=M)
-    for a, b in zip(fact, mrg, strict=True):
+    calls = []
+
+    def form() -> torch.Tensor:  # the node passes a function: M is formed only when needed
+        calls.append(1)
+        return merged_right(Wt, t["A"], t["B"], S)
+
+    lazy = lora_linear_backward(
+        g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=need, merged=form
+    )
+    assert len(calls) == 1
+    for a, b, c in zip(fact, mrg, lazy, strict=True):
         if a is None:
-            assert b is None
+            assert b is None and c is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(c, b, rtol=0, atol=0)
+    no_x = lora_linear_backward(
+        g, t["x"], Wt, t["A"], t["B"], h_s_t, S, None, need=(False, False, True, True), merged=form
+    )
+    assert no_x.x is None and len(calls) == 1  # no ∂L/∂x asked: M never formed
     with pytest.raises(ValueError, match="merged route"):
         lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, t["xa"], need=need, merged=M)
 
