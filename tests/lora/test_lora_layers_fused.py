@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rankwise.lora import LoraConfig, inject
+from rankwise.lora import LoraConfig, inject, linear_ops
 from rankwise.lora.layers import LoraLinear
 from rankwise.lora.linear_ops import (
     LoraLinearFunction,
@@ -16,7 +16,6 @@ from rankwise.lora.linear_ops import (
     merged_right,
     rank_product_t,
 )
-from rankwise.lora import linear_ops
 
 N, IN, OUT, R, S = 5, 7, 6, 3, 0.7
 
