@@ -10,6 +10,7 @@ from rankwise.lora import LoraConfig, inject, linear_ops
 from rankwise.lora.layers import LoraLinear
 from rankwise.lora.linear_ops import (
     LoraLinearFunction,
+    gemm_merge_pays,
     lora_linear,
     lora_linear_backward,
     merge_pays,
@@ -94,14 +95,19 @@ def test_rank_product_layout_rule(n: int, k: int, r: int, rows: bool) -> None:
     torch.testing.assert_close(out, (big @ small_t).T, rtol=1e-12, atol=1e-12)
 
 
-def test_no_grad_path_is_the_same_function() -> None:
+@pytest.mark.parametrize("bias", [True, False])
+def test_no_grad_path_is_the_same_function(bias: bool, rank_layout: str) -> None:
     t = _tensors(3)
-    out = lora_linear(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, t["xa"])
+    b = t["b"] if bias else None
+    out = lora_linear(t["x"], t["W"].t(), b, t["A"], t["B"], S, t["xa"])
     h = t["xa"] @ t["A"].T
-    torch.testing.assert_close(out.h_s_t, S * h.T, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(
-        out.y, t["x"] @ t["W"].T + t["b"] + S * h @ t["B"].T, rtol=1e-12, atol=1e-12
-    )
+    # with a bias, h_s_t carries a last row of ones: the bias rides in the rank-r GEMM
+    assert out.h_s_t.shape == (R + bias, N)
+    torch.testing.assert_close(out.h_s_t[:R], S * h.T, rtol=1e-12, atol=1e-12)
+    if bias:
+        assert torch.equal(out.h_s_t[R], torch.ones(N, dtype=torch.float64))
+    ref = t["x"] @ t["W"].T + S * h @ t["B"].T + (t["b"] if bias else 0.0)
+    torch.testing.assert_close(out.y, ref, rtol=1e-12, atol=1e-12)
 
 
 def _layer(p: float) -> LoraLinear:
@@ -152,7 +158,13 @@ def test_trainable_bias_gets_its_gradient_in_a_model() -> None:
 
 
 def test_merge_pays_rule_and_half_precision_stays_factored() -> None:
-    # 2·in·out ≤ N·(in + out)
+    # LoRA, per GEMM: merged when 3·k < N (k the contraction: in forward, out backward)
+    assert gemm_merge_pays(2048, 384, torch.float32)  # MiniLM's square layers
+    assert not gemm_merge_pays(2048, 1536, torch.float32)  # intermediate.dense's backward
+    assert not gemm_merge_pays(1152, 384, torch.float64)  # 3·k = N: the factored route
+    for dt in (torch.bfloat16, torch.float16):
+        assert not gemm_merge_pays(2048, 384, dt)
+    # DoRA: 2·in·out ≤ N·(in + out)
     assert merge_pays(2048, 384, 384, torch.float32)  # a MiniLM batch: merged moves 5× less
     assert not merge_pays(256, 4096, 4096, torch.float32)  # a big layer, a few tokens
     assert merge_pays(4096, 4096, 4096, torch.float64)  # the break-even point counts as paying
@@ -204,11 +216,13 @@ def test_backward_merged_input_gradient_equals_factored(rank_layout: str) -> Non
         lora_linear_backward(g, t["x"], Wt, t["A"], t["B"], h_s_t, S, t["xa"], need=need, merged=M)
 
 
+@pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("frozen", [True, False])
-def test_lora_node_routes_agree_and_the_rule_picks_merged_for_a_large_batch(frozen: bool) -> None:
+def test_lora_node_routes_agree_and_the_rule_picks_per_direction(frozen: bool, bias: bool) -> None:
     g = torch.Generator().manual_seed(11)
-    n = 64  # 2·7·6 = 84 ≤ 64·13: merged pays; N = 5 (the other tests): factored
-    assert merge_pays(n, IN, OUT, torch.float64) and not merge_pays(N, IN, OUT, torch.float64)
+    n = 64  # 3·7 and 3·6 < 64: merged pays both ways; N = 5 (the other tests): factored
+    assert gemm_merge_pays(n, IN, torch.float64) and gemm_merge_pays(n, OUT, torch.float64)
+    assert not gemm_merge_pays(N, IN, torch.float64)
     t = {
         k: torch.randn(*s, generator=g, dtype=torch.float64)
         for k, s in {"x": (n, IN), "W": (OUT, IN), "b": (OUT,), "A": (R, IN), "B": (OUT, R)}.items()
@@ -220,7 +234,14 @@ def test_lora_node_routes_agree_and_the_rule_picks_merged_for_a_large_batch(froz
             k: v.clone().requires_grad_(not (frozen and k in ("W", "b"))) for k, v in t.items()
         }
         y = LoraLinearFunction.apply(
-            leaves["x"], leaves["W"].t(), leaves["b"], leaves["A"], leaves["B"], S, None, merge
+            leaves["x"],
+            leaves["W"].t(),
+            leaves["b"] if bias else None,
+            leaves["A"],
+            leaves["B"],
+            S,
+            None,
+            merge,
         )
         (y * gy).sum().backward()
         results[merge] = [y.detach()] + [leaves[k].grad for k in ("x", "W", "b", "A", "B")]
@@ -229,18 +250,24 @@ def test_lora_node_routes_agree_and_the_rule_picks_merged_for_a_large_batch(froz
             assert b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    for a, b in zip(results[None], results[True], strict=True):  # None chose merged
-        assert (a is None and b is None) or torch.equal(a, b)
+    # None: forward factored with a bias (the bias rides in the rank-r GEMM), merged without;
+    # backward merged (3·out < N); the same numbers, bit for bit, as the forced route
+    y_route = results[False] if bias else results[True]
+    assert torch.equal(results[None][0], y_route[0])
+    assert torch.equal(results[None][1], results[True][1])  # ∂L/∂x from M
 
 
-def test_merged_route_at_init_is_the_base_layer_bit_for_bit() -> None:
+@pytest.mark.parametrize("bias", [True, False])
+def test_output_at_init_is_the_base_layer_bit_for_bit(bias: bool) -> None:
+    """B = 0: the factored route (taken with a bias) adds a rank-r term of exact zeros under
+    the bias; the merged one (without) forms M = W exactly."""
     torch.manual_seed(0)
-    base = nn.Linear(IN, OUT).requires_grad_(False)
+    base = nn.Linear(IN, OUT, bias=bias).requires_grad_(False)
     layer = LoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=0.0).train()
     layer.set_factors(torch.randn(R, IN), torch.zeros(OUT, R))  # LoRA's start: B = 0
-    x = torch.randn(64, IN)  # merged route (float32, N large)
-    assert merge_pays(64, IN, OUT, torch.float32)
-    assert torch.equal(layer(x), base(x))  # B = 0: M = W exactly
+    x = torch.randn(64, IN)  # float32, N large: merged pays (3·7 < 64)
+    assert gemm_merge_pays(64, IN, torch.float32)
+    assert torch.equal(layer(x), base(x))
 
 
 def test_merge_true_with_dropout_is_refused() -> None:

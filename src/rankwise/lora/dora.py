@@ -52,6 +52,7 @@ from rankwise.lora.linear_ops import (
     lora_linear_backward,
     merge_pays,
     merged_right,
+    rank_product_t,
 )
 
 MAGNITUDE = "lora_magnitude_vector"
@@ -149,12 +150,8 @@ class DoraLinearFunction(torch.autograd.Function):
         merged = Wc is not None
         if Wc is not None:  # merged route
             y = torch.addmm(bias, x, Wc) if bias is not None else torch.mm(x, Wc)
-            r = A.shape[0]
-            ones_row = bias is not None  # backward reads it off h_s_t's row count
-            h_s_t = torch.empty(r + ones_row, x.shape[0], dtype=x.dtype, device=x.device)
-            torch.mm(A * scaling, x.t(), out=h_s_t[:r])  # (r, N), for ∂L/∂B
-            if ones_row:
-                h_s_t[r].fill_(1.0)  # its row of ∂L/∂B's GEMM is Σ_n g
+            # (r, N) for ∂L/∂B, with a bias a last row of ones: its row of ∂L/∂B's GEMM is Σ_n g
+            h_s_t = rank_product_t(x, (A * scaling).t(), ones_row=bias is not None)
         else:
             Wc = Wt * c  # (in, out)
             y, h_s_t = lora_linear(x, Wc, bias, A, B * c[:, None], scaling)
@@ -173,7 +170,7 @@ class DoraLinearFunction(torch.autograd.Function):
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
         r = A.shape[0]
-        ones_row = h_s_t.shape[0] > r  # merged route with a bias: the last row is ones
+        ones_row = h_s_t.shape[0] > r  # a bias (either route): the last row is ones
         need_g_sum = need_bias or (need_c and bias is not None)
         # (r[+1], out): s·hᵀ g and, with the ones row, Σ_n g as its last row
         prod = torch.mm(h_s_t, g) if need_b or (ones_row and need_g_sum) else None

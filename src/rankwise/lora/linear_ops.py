@@ -3,22 +3,26 @@ backward, and the autograd node that joins them (Hu et al. 2021, eq. 3).
 
 Pure functions of tensors, no module: :class:`~rankwise.lora.layers.LoraLinear` calls them
 with its live weights, and DoRA's node (:mod:`rankwise.lora.dora`) calls them with its scaled
-ones. Layouts are chosen for CPU BLAS: every rank-``r`` product is formed with ``r`` as its row
-dimension.
+ones. Each rank-``r`` product is formed in the memory layout that is faster for its size
+(:func:`rank_product_t`).
 
-Two routes to the same map. *Factored* (:func:`lora_linear`): ``y = x Wt + (x_a Aᵀ)(s·B)ᵀ``,
-the rank-r term written first and the base GEMM accumulated onto it, never forming ``B A``.
-*Merged* (:func:`merged_right`): ``y = x (Wt + s·Aᵀ Bᵀ)`` and ``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``,
-the frozen layer's own GEMMs on a weight-sized ``(in, out)`` temporary (formed in forward and
-again in backward, never kept). The merged route moves ``~4·in·out`` numbers where the
-factored one moves ``~2·N·(in + out)`` more than the frozen layer; :func:`merge_pays` picks
-it when that is fewer (MiniLM, 2048 tokens on 384-wide layers: ~5× fewer), and the training
-nodes of LoRA and DoRA take it then. Measured (paired A/B on the MiniLM train step): DoRA,
-which forms a weight-sized ``Wt ⊙ c`` anyway, 4% faster; LoRA ~1% (0.987–1.002 over five
-runs), the rank-r GEMMs being most of what LoRA adds to the frozen step. Dropout (a separate
-adapter input) and the no-grad path stay factored, and so does half precision: in bfloat16 or
-float16 ``W + s·BA`` would round a small update away. The rank-r gradients are the same
-products on both routes; the output and ``∂L/∂x`` agree to the rounding of regrouped sums.
+Two routes to each of the frozen layer's GEMMs, chosen per direction. *Factored*
+(:func:`lora_linear`): the rank-r term writes the output buffer and the base GEMM accumulates
+onto it (``beta = 1``), never forming ``B A``. With a bias, the bias rides in the rank-r GEMM
+as one more row (``[h | 1] [s·Bᵀ; bᵀ]``): the frozen ``addmm(b, x, Wt)`` writes the bias into
+its output before the same accumulating GEMM, so this forward moves no more memory than the
+frozen layer's. Without a bias the factored route costs one more pass over the output, and
+the backward's ``∂L/∂x = ĝ A + g Wtᵀ`` always does. *Merged* (:func:`merged_right`):
+``y = x (Wt + s·Aᵀ Bᵀ)`` and ``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``, the frozen layer's own GEMMs on a
+weight-sized temporary (read W, write M, update M: ~3 weight-sized passes), formed in forward
+and again in backward, never kept. :func:`gemm_merge_pays` takes the merged route for a GEMM
+with contraction ``k`` over ``N`` rows when ``3·k < N``: forward ``k = in`` (only without a
+bias), backward ``k = out``. Measured with cold caches at N = 2048 (µs over the frozen GEMM;
+forward without bias, then backward): 384→384 factored 82/75, merged 60/40; 384→1536 274/82
+against 136/243; 1536→384 73/281 against 252/199 — the rule's choice in each case. Dropout (a
+separate adapter input) stays factored, and so does half precision: in bfloat16 or float16
+``W + s·BA`` would round a small update away. The rank-r gradients are the same products on
+both routes; the output and ``∂L/∂x`` agree to the rounding of regrouped sums.
 """
 
 from __future__ import annotations
@@ -31,11 +35,18 @@ from torch import Tensor
 
 
 def merge_pays(n: int, in_features: int, out_features: int, dtype: torch.dtype) -> bool:
-    """Whether the merged route moves less memory than the factored one (module docstring):
-    ``2·in·out ≤ N·(in + out)``, for float32/float64 only."""
+    """DoRA's route rule (:mod:`rankwise.lora.dora`, which forms a weight-sized ``Wt ⊙ c``
+    either way): merged when ``2·in·out ≤ N·(in + out)``, for float32/float64 only."""
     if dtype not in (torch.float32, torch.float64):
         return False
     return 2 * in_features * out_features <= n * (in_features + out_features)
+
+
+def gemm_merge_pays(n: int, k: int, dtype: torch.dtype) -> bool:
+    """Whether one of LoRA's GEMMs (``N`` rows, contraction ``k``) takes the merged route: its
+    temporary (~3 weight-sized passes, ``3·k·m``) costs less than the factored route's extra
+    pass over the ``(N, m)`` result: ``3·k < N``. Float32/float64 only (module docstring)."""
+    return dtype in (torch.float32, torch.float64) and 3 * k < n
 
 
 # Largest "big" operand (bytes) for which a rank-r product is formed with r as its row
@@ -47,15 +58,27 @@ ROWS_MAX_BYTES = 4 << 20
 ROWS_MAX_RANK = 8
 
 
-def rank_product_t(big: Tensor, small_t: Tensor) -> Tensor:
+def rank_product_t(big: Tensor, small_t: Tensor, *, ones_row: bool = False) -> Tensor:
     """``(big @ small_t)ᵀ: (r, N)`` for ``big: (N, K)`` and ``small_t: (K, r)``, in the faster
     memory layout: contiguous ``small_tᵀ @ bigᵀ`` while ``big`` stays cache-sized and ``r`` is
     small (:data:`ROWS_MAX_BYTES`), else the transpose of a contiguous ``(N, r)`` product.
-    Every consumer takes either layout (a GEMM reads a transposed operand at no cost)."""
-    r = small_t.shape[1]
-    if r <= ROWS_MAX_RANK and big.numel() * big.element_size() <= ROWS_MAX_BYTES:
-        return torch.mm(small_t.t().contiguous(), big.t())  # (r, N), r rows
-    return torch.mm(big, small_t).t()  # (N, r) computed, viewed as (r, N)
+    Every consumer takes either layout (a GEMM reads a transposed operand at no cost).
+
+    ``ones_row``: ``(r + 1, N)`` with a last row of ones, written into one buffer (for the bias
+    carried in a rank-r GEMM, and ``Σ_n g`` read off ``∂L/∂B``'s)."""
+    r, n = small_t.shape[1], big.shape[0]
+    rows = r <= ROWS_MAX_RANK and big.numel() * big.element_size() <= ROWS_MAX_BYTES
+    if not ones_row:
+        return torch.mm(small_t.t().contiguous(), big.t()) if rows else torch.mm(big, small_t).t()
+    if rows:  # (r + 1, N), r rows
+        out = torch.empty(r + 1, n, dtype=big.dtype, device=big.device)
+        torch.mm(small_t.t().contiguous(), big.t(), out=out[:r])
+        out[r].fill_(1.0)
+        return out
+    out = torch.empty(n, r + 1, dtype=big.dtype, device=big.device)  # (N, r + 1), viewed
+    torch.mm(big, small_t, out=out[:, :r])  # a column block: BLAS writes it in place
+    out[:, r].fill_(1.0)
+    return out.t()
 
 
 def merged_right(Wt: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
@@ -68,7 +91,8 @@ def merged_right(Wt: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
 
 class LoraLinearOutput(NamedTuple):
     """``y = x Wt + b + h_s Bᵀ: (N, out)`` and the scaled down-projection, transposed:
-    ``h_s_t = s·A x_aᵀ: (r, N)``."""
+    ``h_s_t = s·A x_aᵀ: (r, N)``, with a last row of ones (``(r + 1, N)``) when there is a
+    bias."""
 
     y: Tensor
     h_s_t: Tensor
@@ -90,14 +114,16 @@ def lora_linear(
     the adapter's input (``x`` after dropout; None: ``x`` itself). All of one dtype.
 
     Order and layout, for CPU BLAS: ``s`` scales the small ``A``; the down-projection is
-    formed as ``(s·A) x_aᵀ: (r, N)`` (a GEMM with ``r`` *rows* runs at the speed of reading
-    ``x``; ``x Aᵀ`` with ``r`` columns can be several times slower); the rank-r term and the
-    bias write the output buffer first and the base GEMM accumulates onto it (``beta = 1``),
-    so no pass over the ``(N, out)`` output is spent on the adapter.
+    formed in the faster layout for its size (:func:`rank_product_t`); the rank-r term writes
+    the output buffer (with a bias: ``[h_s | 1] [Bᵀ; bᵀ]``, the bias as one more rank) and the
+    base GEMM accumulates onto it (``beta = 1``), so the adapter adds no pass over the
+    ``(N, out)`` output when there is a bias (module docstring).
     """
-    h_s_t = rank_product_t(x if xa is None else xa, (A * scaling).t())  # (r, N): never B A
-    # (N, out) = b + (N, r) @ (r, out): the adapter's term and the bias
-    y = torch.addmm(bias, h_s_t.t(), B.t()) if bias is not None else torch.mm(h_s_t.t(), B.t())
+    ones = bias is not None
+    h_s_t = rank_product_t(x if xa is None else xa, (A * scaling).t(), ones_row=ones)  # never B A
+    # (N, out) = (N, r[+1]) @ (r[+1], out): the adapter's term, and the bias as a last rank
+    Bt = torch.cat((B.t(), bias[None])) if bias is not None else B.t()
+    y = torch.mm(h_s_t.t(), Bt)
     y.addmm_(x, Wt)  # += (N, in) @ (in, out): the base GEMM accumulates in place
     return LoraLinearOutput(y, h_s_t)
 
@@ -140,8 +166,8 @@ def lora_linear_backward(
         raise ValueError("lora_linear_backward: the merged route has no separate adapter input")
     s = scaling
     gx = gxa = ga = gb = gh_t = None
-    if need_b:
-        gb = torch.mm(h_s_t, g).t().contiguous()  # (out, r) from (r, out) = s·hᵀ g
+    if need_b:  # (out, r) from (r, out) = s·hᵀ g (h_s_t's ones row, if any, left out)
+        gb = torch.mm(h_s_t[: A.shape[0]], g).t().contiguous()
     if need_a or (merged is None and (need_x or need_xa)):
         gh_t = rank_product_t(g, B * s)  # (r, N): ĝᵀ = (g · s·B)ᵀ
     if merged is not None:
@@ -168,15 +194,19 @@ class LoraLinearFunction(torch.autograd.Function):
         ∂L/∂x = g Wtᵀ (+ ĝ A when x_a is x: written first, the base GEMM accumulates): (N, in)
         ∂L/∂x_a = ĝ A: (N, in)        ∂L/∂Wt = xᵀ g: (in, out)      ∂L/∂b = Σ_rows g: (out,)
 
-    The rank-r products are formed transposed, with ``r`` rows (``hᵀ g``, ``Bᵀ gᵀ``, ``ĝᵀ x_a``),
-    the fast layout for CPU BLAS (autograd on ``x Aᵀ`` and ``h Bᵀ`` picks ``gᵀ h`` and ``g B``,
-    up to ~8× slower at r = 8). Each term is computed only when its input requires a gradient
-    (the frozen base weight's ``xᵀ g``, the largest, is skipped in LoRA training), and the two
-    input gradients share one buffer. Saved: ``x``, ``x_a``, ``s·hᵀ``; the weights by reference.
+    The rank-r products are formed with ``r`` on the outside (``hᵀ g``, ``Bᵀ gᵀ``, ``ĝᵀ x_a``),
+    each in the faster memory layout for its size (:func:`rank_product_t`; autograd on
+    ``x Aᵀ`` and ``h Bᵀ`` picks ``gᵀ h``, up to ~3× slower at r = 8). Each term is computed only
+    when its input requires a gradient (the frozen base weight's ``xᵀ g``, the largest, is
+    skipped in LoRA training), and the two input gradients share one buffer. Saved: ``x``,
+    ``x_a``, ``s·hᵀ``; the weights by reference.
 
-    ``merge``: the route (module docstring); None picks it by :func:`merge_pays` (always
-    factored with dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with
-    ``M = Wt + s·Aᵀ Bᵀ`` formed again in backward rather than kept; ``B = 0`` gives ``M = Wt``
+    ``merge``: the route of both directions (module docstring); None picks each by
+    :func:`gemm_merge_pays` (forward: factored whenever there is a bias; always factored with
+    dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with ``M = Wt + s·Aᵀ Bᵀ`` formed
+    again in backward rather than kept. ``B = 0`` gives ``M = Wt`` exactly, and on the factored
+    route a rank-r term of exact zeros under the bias, so the output at initialization is the
+    base layer's bit for bit either way.
     exactly, so the output at initialization is the base layer's bit for bit.
     """
 
@@ -192,11 +222,15 @@ class LoraLinearFunction(torch.autograd.Function):
         xa: Tensor | None,
         merge: bool | None = None,
     ) -> Tensor:
-        if merge is None:
-            merge = xa is None and merge_pays(x.shape[0], x.shape[1], Wt.shape[1], Wt.dtype)
+        n, dtype = x.shape[0], Wt.dtype
+        if merge is None:  # per direction (module docstring); a bias makes forward's factored free
+            merge_fwd = xa is None and bias is None and gemm_merge_pays(n, x.shape[1], dtype)
+            merge_bwd = xa is None and gemm_merge_pays(n, Wt.shape[1], dtype)
         elif merge and xa is not None:
             raise ValueError("LoraLinearFunction: merge=True needs x_a None (no dropout)")
-        if merge:
+        else:
+            merge_fwd = merge_bwd = merge
+        if merge_fwd:
             h_s_t = rank_product_t(x, (A * scaling).t())  # (r, N), for ∂L/∂B; x still warm
             M = merged_right(Wt, A, B, scaling)  # (in, out), freed after the GEMM
             y = torch.addmm(bias, x, M) if bias is not None else torch.mm(x, M)
@@ -204,7 +238,7 @@ class LoraLinearFunction(torch.autograd.Function):
             y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
         ctx.save_for_backward(x, Wt, A, B, h_s_t, xa)
         ctx.scaling = scaling  # type: ignore[attr-defined]
-        ctx.merge = merge  # type: ignore[attr-defined]
+        ctx.merge = merge_bwd  # type: ignore[attr-defined]
         return y
 
     @staticmethod
