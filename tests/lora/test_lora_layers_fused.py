@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -81,10 +84,13 @@ def test_gradients_equal_autograd_on_the_formula(frozen: bool) -> None:
     ("n", "k", "r", "rows"),
     [(5, 7, 3, True), (64, 40, 9, False), (20_000, 64, 8, False), (512, 16, 8, True)],
 )
-def test_rank_product_layout_rule(n: int, k: int, r: int, rows: bool) -> None:
+def test_rank_product_layout_rule(
+    n: int, k: int, r: int, rows: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``(big @ small_t)ᵀ`` in either layout: r rows (contiguous) only for r ≤ 8 and a big
-    operand within ROWS_MAX_BYTES (20000·64 float64 = 10 MB is over it), else a transposed
-    (N, r) product; same values."""
+    operand within ROWS_MAX_BYTES (Intel's 4 MiB here: 20000·64 float64 = 10 MB is over it),
+    else a transposed (N, r) product; same values."""
+    monkeypatch.setattr(linear_ops, "ROWS_MAX_BYTES", linear_ops.rows_max_bytes("GenuineIntel"))
     gen = torch.Generator().manual_seed(n)
     big = torch.randn(n, k, dtype=torch.float64, generator=gen)
     small_t = torch.randn(r, k, dtype=torch.float64, generator=gen).t()  # (k, r), a view
@@ -93,6 +99,24 @@ def test_rank_product_layout_rule(n: int, k: int, r: int, rows: bool) -> None:
     assert out.is_contiguous() is rows
     assert out.t().is_contiguous() is not rows
     torch.testing.assert_close(out, (big @ small_t).T, rtol=1e-12, atol=1e-12)
+
+
+def test_rows_limit_by_cpu_vendor(tmp_path: Path) -> None:
+    """The layout limit is read off /proc/cpuinfo's vendor_id: none on AMD (rows win at every
+    size measured there), 4 MiB on Intel and anything else; a missing file is no vendor."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n")
+    assert linear_ops.cpu_vendor(str(info)) == "AuthenticAMD"
+    assert linear_ops.rows_max_bytes("AuthenticAMD") == math.inf
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert linear_ops.cpu_vendor(str(info)) == "GenuineIntel"
+    assert linear_ops.rows_max_bytes("GenuineIntel") == 4 << 20
+    assert linear_ops.cpu_vendor(str(tmp_path / "absent")) == ""
+    assert linear_ops.rows_max_bytes("") == 4 << 20
+    assert linear_ops.ROWS_MAX_BYTES == linear_ops.rows_max_bytes(linear_ops.cpu_vendor())
+    big = torch.zeros(20_000, 64, dtype=torch.float64)  # 10 MB: rows only without a limit
+    small_t = torch.zeros(64, 8, dtype=torch.float64)
+    assert rank_product_t(big, small_t).is_contiguous() is (linear_ops.ROWS_MAX_BYTES > 10e6)
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -27,6 +27,7 @@ both routes; the output and ``∂L/∂x`` agree to the rounding of regrouped sum
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -49,19 +50,44 @@ def gemm_merge_pays(n: int, k: int, dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) and 3 * k < n
 
 
-# Largest "big" operand (bytes) for which a rank-r product is formed with r as its row
-# dimension (``small @ bigᵀ``); above it, and for r > 8, as ``big @ small_t`` with r columns.
-# Measured with MKL on 2 AVX-512 cores (2 MiB L2 each), float32, r = 8: (8, 384) @ (384, 2048)ᵀ
-# 64 µs against 92 µs for (2048, 384) @ (384, 8); at K = 1536, 666 µs against 421 µs; at
-# r = 16 the r-column layout wins at every size tried.
-ROWS_MAX_BYTES = 4 << 20
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""`` where
+    ``cpuinfo`` is absent or names none (not Linux, not x86)."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def rows_max_bytes(vendor: str) -> float:
+    """Largest "big" operand (bytes) for which a rank-r product (r ≤ 8) is formed with r as
+    its row dimension (``small @ bigᵀ``); above it, as ``big @ small_t`` with r columns.
+
+    MKL picks its kernels by CPU vendor, and the two layouts rank the other way round on
+    the two machines measured (float32, r = 8, N = 2048, 2 threads, caches flushed):
+    Intel (AVX-512, 2 MiB L2 per core): K = 384, 64 µs (rows) against 92 µs; K = 1536,
+    666 µs against 421 µs, hence a 4 MiB limit. AMD EPYC (AVX-512, 1 MiB L2 per core):
+    K = 384, 368 against 459 µs; K = 1536, 1332 against 1710 µs, hence no limit (rows at
+    every size; paired train step on MiniLM 0.985-0.989 of the 4 MiB rule's). At r = 16 the
+    r-column layout wins everywhere (:data:`ROWS_MAX_RANK`). Other vendors keep Intel's rule.
+    """
+    return math.inf if vendor == "AuthenticAMD" else float(4 << 20)
+
+
+ROWS_MAX_BYTES = rows_max_bytes(cpu_vendor())
 ROWS_MAX_RANK = 8
 
 
 def rank_product_t(big: Tensor, small_t: Tensor, *, ones_row: bool = False) -> Tensor:
     """``(big @ small_t)ᵀ: (r, N)`` for ``big: (N, K)`` and ``small_t: (K, r)``, in the faster
-    memory layout: contiguous ``small_tᵀ @ bigᵀ`` while ``big`` stays cache-sized and ``r`` is
-    small (:data:`ROWS_MAX_BYTES`), else the transpose of a contiguous ``(N, r)`` product.
+    memory layout: contiguous ``small_tᵀ @ bigᵀ`` while ``r`` is small and ``big`` within
+    :data:`ROWS_MAX_BYTES` (set by CPU vendor, :func:`rows_max_bytes`), else the transpose of
+    a contiguous ``(N, r)`` product.
     Every consumer takes either layout (a GEMM reads a transposed operand at no cost).
 
     ``ones_row``: ``(r + 1, N)`` with a last row of ones, written into one buffer (for the bias
