@@ -274,23 +274,36 @@ def test_lora_node_routes_agree_and_the_rule_picks_per_direction(frozen: bool, b
             assert b is None
         else:
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    # None: forward factored with a bias (the bias rides in the rank-r GEMM), merged without;
-    # backward merged (3·out < N); the same numbers, bit for bit, as the forced route
-    y_route = results[False] if bias else results[True]
-    assert torch.equal(results[None][0], y_route[0])
+    # None: forward merged (3·in < N, with or without a bias), backward merged (3·out < N):
+    # the same numbers, bit for bit, as the forced route
+    assert torch.equal(results[None][0], results[True][0])
     assert torch.equal(results[None][1], results[True][1])  # ∂L/∂x from M
 
 
+def test_lora_node_rule_keeps_the_bias_in_the_rank_r_gemm_when_merging_does_not_pay() -> None:
+    """N = 5: 3·in ≥ N, so forward stays factored with the bias as one more rank; it equals
+    the forced factored route bit for bit and the forced merged one to rounding."""
+    t = _tensors(13)
+    assert not gemm_merge_pays(N, IN, torch.float64)
+    ys = {
+        m: LoraLinearFunction.apply(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, None, m)
+        for m in (None, False, True)
+    }
+    assert torch.equal(ys[None], ys[False])
+    torch.testing.assert_close(ys[None], ys[True], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [5, 64])
 @pytest.mark.parametrize("bias", [True, False])
-def test_output_at_init_is_the_base_layer_bit_for_bit(bias: bool) -> None:
-    """B = 0: the factored route (taken with a bias) adds a rank-r term of exact zeros under
-    the bias; the merged one (without) forms M = W exactly."""
+def test_output_at_init_is_the_base_layer_bit_for_bit(bias: bool, n: int) -> None:
+    """B = 0: the merged route (N = 64: 3·7 < 64) forms M = W exactly; the factored one
+    (N = 5) adds a rank-r term of exact zeros (under the bias, if any)."""
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, bias=bias).requires_grad_(False)
     layer = LoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=0.0).train()
     layer.set_factors(torch.randn(R, IN), torch.zeros(OUT, R))  # LoRA's start: B = 0
-    x = torch.randn(64, IN)  # float32, N large: merged pays (3·7 < 64)
-    assert gemm_merge_pays(64, IN, torch.float32)
+    x = torch.randn(n, IN)  # float32
+    assert gemm_merge_pays(n, IN, torch.float32) is (n == 64)
     assert torch.equal(layer(x), base(x))
 
 

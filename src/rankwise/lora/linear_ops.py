@@ -9,17 +9,21 @@ ones. Each rank-``r`` product is formed in the memory layout that is faster for 
 Two routes to each of the frozen layer's GEMMs, chosen per direction. *Factored*
 (:func:`lora_linear`): the rank-r term writes the output buffer and the base GEMM accumulates
 onto it (``beta = 1``), never forming ``B A``. With a bias, the bias rides in the rank-r GEMM
-as one more row (``[h | 1] [s·Bᵀ; bᵀ]``): the frozen ``addmm(b, x, Wt)`` writes the bias into
-its output before the same accumulating GEMM, so this forward moves no more memory than the
-frozen layer's. Without a bias the factored route costs one more pass over the output, and
-the backward's ``∂L/∂x = ĝ A + g Wtᵀ`` always does. *Merged* (:func:`merged_right`):
-``y = x (Wt + s·Aᵀ Bᵀ)`` and ``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``, the frozen layer's own GEMMs on a
-weight-sized temporary (read W, write M, update M: ~3 weight-sized passes), formed in forward
-and again in backward, never kept. :func:`gemm_merge_pays` takes the merged route for a GEMM
-with contraction ``k`` over ``N`` rows when ``3·k < N``: forward ``k = in`` (only without a
-bias), backward ``k = out``. Measured with cold caches at N = 2048 (µs over the frozen GEMM;
-forward without bias, then backward): 384→384 factored 82/75, merged 60/40; 384→1536 274/82
-against 136/243; 1536→384 73/281 against 252/199 — the rule's choice in each case. Dropout (a
+as one more row (``[h | 1] [s·Bᵀ; bᵀ]``), as the frozen ``addmm(b, x, Wt)`` writes the bias
+into its output before the same accumulating GEMM. The backward's factored
+``∂L/∂x = ĝ A + g Wtᵀ`` likewise writes its buffer with a rank-r GEMM first. *Merged*
+(:func:`merged_right`): ``y = x (Wt + s·Aᵀ Bᵀ) + b`` and ``∂L/∂x = g (Wt + s·Aᵀ Bᵀ)ᵀ``, the
+frozen layer's own GEMMs on a weight-sized temporary (read W, write M, update M: ~3
+weight-sized passes), formed in forward and again in backward, never kept.
+:func:`gemm_merge_pays` takes the merged route for a GEMM with contraction ``k`` over ``N``
+rows when ``3·k < N``: forward ``k = in``, backward ``k = out``, with or without a bias.
+Measured with cold caches at N = 2048 (µs over the frozen GEMM; forward without bias, then
+backward; the AVX-512 machine with 2 MiB L2 per core of :func:`rows_max_bytes`): 384→384 factored 82/75, merged 60/40; 384→1536 274/82 against
+136/243; 1536→384 73/281 against 252/199 — the rule's choice in each case. With a bias the
+factored forward costs little there, but on AMD EPYC MKL's rank-r GEMM that writes the
+``(N, out)`` output runs far below memory speed (2048×1536: 1505 µs against 227 µs for the
+bias copy it replaces), so the rule applies with a bias too: paired train step on MiniLM 0.977
+and 0.986 of the factored-with-bias forward (``benchmarks/lora.py``'s setup). Dropout (a
 separate adapter input) stays factored, and so does half precision: in bfloat16 or float16
 ``W + s·BA`` would round a small update away. The rank-r gradients are the same products on
 both routes; the output and ``∂L/∂x`` agree to the rounding of regrouped sums.
@@ -70,11 +74,12 @@ def rows_max_bytes(vendor: str) -> float:
 
     MKL picks its kernels by CPU vendor, and the two layouts rank the other way round on
     the two machines measured (float32, r = 8, N = 2048, 2 threads, caches flushed):
-    Intel (AVX-512, 2 MiB L2 per core): K = 384, 64 µs (rows) against 92 µs; K = 1536,
-    666 µs against 421 µs, hence a 4 MiB limit. AMD EPYC (AVX-512, 1 MiB L2 per core):
+    AVX-512 with 2 MiB L2 per core (vendor not recorded; that L2 is Intel's server cores',
+    not AMD's): K = 384, 64 µs (rows) against 92 µs; K = 1536, 666 µs against 421 µs, hence a
+    4 MiB limit. AMD EPYC (AVX-512, 1 MiB L2 per core):
     K = 384, 368 against 459 µs; K = 1536, 1332 against 1710 µs, hence no limit (rows at
     every size; paired train step on MiniLM 0.985-0.989 of the 4 MiB rule's). At r = 16 the
-    r-column layout wins everywhere (:data:`ROWS_MAX_RANK`). Other vendors keep Intel's rule.
+    r-column layout wins everywhere (:data:`ROWS_MAX_RANK`). Other vendors keep the 4 MiB rule.
     """
     return math.inf if vendor == "AuthenticAMD" else float(4 << 20)
 
@@ -229,12 +234,10 @@ class LoraLinearFunction(torch.autograd.Function):
     ``x_a``, ``s·hᵀ``; the weights by reference.
 
     ``merge``: the route of both directions (module docstring); None picks each by
-    :func:`gemm_merge_pays` (forward: factored whenever there is a bias; always factored with
-    dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with ``M = Wt + s·Aᵀ Bᵀ`` formed
+    :func:`gemm_merge_pays` (always factored with dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with ``M = Wt + s·Aᵀ Bᵀ`` formed
     again in backward rather than kept. ``B = 0`` gives ``M = Wt`` exactly, and on the factored
     route a rank-r term of exact zeros under the bias, so the output at initialization is the
     base layer's bit for bit either way.
-    exactly, so the output at initialization is the base layer's bit for bit.
     """
 
     @staticmethod
@@ -250,8 +253,8 @@ class LoraLinearFunction(torch.autograd.Function):
         merge: bool | None = None,
     ) -> Tensor:
         n, dtype = x.shape[0], Wt.dtype
-        if merge is None:  # per direction (module docstring); a bias makes forward's factored free
-            merge_fwd = xa is None and bias is None and gemm_merge_pays(n, x.shape[1], dtype)
+        if merge is None:  # per direction (module docstring)
+            merge_fwd = xa is None and gemm_merge_pays(n, x.shape[1], dtype)
             merge_bwd = xa is None and gemm_merge_pays(n, Wt.shape[1], dtype)
         elif merge and xa is not None:
             raise ValueError("LoraLinearFunction: merge=True needs x_a None (no dropout)")
