@@ -163,17 +163,10 @@ def peak_memory(fn: Callable[[], None]) -> int:
 
 def _cpu_model() -> str:
     """The CPU's model name and vendor (the rank-r layout rule depends on the vendor)."""
-    from rankwise.lora.linear_ops import cpu_vendor
+    from rankwise.lora.linear_ops import cpu_vendor, cpuinfo_field
 
-    model = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
-    return f"{model or platform.processor() or 'unknown'} ({cpu_vendor() or 'vendor unknown'})"
+    model = cpuinfo_field("model name") or platform.processor() or "unknown"
+    return f"{model} ({cpu_vendor() or 'vendor unknown'})"
 
 
 def run(args: argparse.Namespace) -> dict:

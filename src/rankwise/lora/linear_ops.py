@@ -18,8 +18,9 @@ weight-sized passes), formed in forward and again in backward, never kept.
 :func:`gemm_merge_pays` takes the merged route for a GEMM with contraction ``k`` over ``N``
 rows when ``3·k < N``: forward ``k = in``, backward ``k = out``, with or without a bias.
 Measured with cold caches at N = 2048 (µs over the frozen GEMM; forward without bias, then
-backward; the AVX-512 machine with 2 MiB L2 per core of :func:`rows_max_bytes`): 384→384 factored 82/75, merged 60/40; 384→1536 274/82 against
-136/243; 1536→384 73/281 against 252/199 — the rule's choice in each case. With a bias the
+backward; the AVX-512 machine with 2 MiB L2 per core of :func:`rows_max_bytes`): 384→384
+factored 82/75, merged 60/40; 384→1536 274/82 against 136/243; 1536→384 73/281 against
+252/199 — the rule's choice in each case. With a bias the
 factored forward costs little there, but on AMD EPYC MKL's rank-r GEMM that writes the
 ``(N, out)`` output runs far below memory speed (2048×1536: 1505 µs against 227 µs for the
 bias copy it replaces), so the rule applies with a bias too: paired train step on MiniLM 0.977
@@ -54,18 +55,23 @@ def gemm_merge_pays(n: int, k: int, dtype: torch.dtype) -> bool:
     return dtype in (torch.float32, torch.float64) and 3 * k < n
 
 
-def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
-    """The CPU's ``vendor_id`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""`` where
-    ``cpuinfo`` is absent or names none (not Linux, not x86)."""
+def cpuinfo_field(name: str, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The first ``name`` field of ``cpuinfo`` (e.g. ``"model name"``), or ``""`` where the
+    file is absent or has no such field (not Linux, not x86)."""
     try:
         with open(cpuinfo, encoding="utf-8", errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "vendor_id":
+                if key.strip() == name:
                     return value.strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU's ``vendor_id`` (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``."""
+    return cpuinfo_field("vendor_id", cpuinfo)
 
 
 def rows_max_bytes(vendor: str) -> float:
@@ -76,9 +82,9 @@ def rows_max_bytes(vendor: str) -> float:
     the two machines measured (float32, r = 8, N = 2048, 2 threads, caches flushed):
     AVX-512 with 2 MiB L2 per core (vendor not recorded; that L2 is Intel's server cores',
     not AMD's): K = 384, 64 µs (rows) against 92 µs; K = 1536, 666 µs against 421 µs, hence a
-    4 MiB limit. AMD EPYC (AVX-512, 1 MiB L2 per core):
-    K = 384, 368 against 459 µs; K = 1536, 1332 against 1710 µs, hence no limit (rows at
-    every size; paired train step on MiniLM 0.985-0.989 of the 4 MiB rule's). At r = 16 the
+    4 MiB limit. AMD EPYC (AVX-512, 1 MiB L2 per core): K = 384, 368 against 459 µs;
+    K = 1536, 1332 against 1710 µs, hence no limit (rows at every size; paired train step on
+    MiniLM 0.985-0.989 of the 4 MiB rule's). At r = 16 the
     r-column layout wins everywhere (:data:`ROWS_MAX_RANK`). Other vendors keep the 4 MiB rule.
     """
     return math.inf if vendor == "AuthenticAMD" else float(4 << 20)
@@ -234,10 +240,11 @@ class LoraLinearFunction(torch.autograd.Function):
     ``x_a``, ``s·hᵀ``; the weights by reference.
 
     ``merge``: the route of both directions (module docstring); None picks each by
-    :func:`gemm_merge_pays` (always factored with dropout). Merged: ``y = x M + b`` and ``∂L/∂x = g Mᵀ`` with ``M = Wt + s·Aᵀ Bᵀ`` formed
-    again in backward rather than kept. ``B = 0`` gives ``M = Wt`` exactly, and on the factored
-    route a rank-r term of exact zeros under the bias, so the output at initialization is the
-    base layer's bit for bit either way.
+    :func:`gemm_merge_pays` (always factored with dropout). Merged: ``y = x M + b`` and
+    ``∂L/∂x = g Mᵀ`` with ``M = Wt + s·Aᵀ Bᵀ`` formed again in backward rather than kept.
+    ``B = 0`` gives ``M = Wt`` exactly, and on the factored route a rank-r term of exact zeros
+    (under the bias, if any), so the output at initialization is the base layer's bit for bit
+    either way.
     """
 
     @staticmethod
