@@ -18,7 +18,13 @@ reported as medians and ratios of medians:
   (``profile_memory=True``; ``MemoryProfileTimeline``), peak of the bytes allocated by torch
   on the CPU during the step, measured the same way for every model.
 
-Run: ``python benchmarks/lora.py`` (writes benchmarks/results/lora.json and lora.md).
+Ratios are given two ways: ratios of medians, and *paired*, the median over rounds of the
+per-round ratio (the calls of one round run seconds apart, so a change in the shared machine's
+load between rounds cancels). ``--runs K`` repeats the whole run in K fresh processes and
+reports each ratio's median, min and max over them.
+
+Run: ``python benchmarks/lora.py`` (writes benchmarks/results/lora.json and lora.md);
+``python benchmarks/lora.py --runs 5`` for the figures in the README.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -202,6 +210,10 @@ def run(args: argparse.Namespace) -> dict:
     cpu |= {f"eval/{k}": statistics.median(v) for k, v in eval_c.items()}
     ratios = {f"{name} (wall)": value for name, value in _ratios(med).items()}
     ratios |= {f"{name} (cpu)": value for name, value in _ratios(cpu).items()}
+    samples = {f"train/{k}": v for k, v in train_t.items()} | {
+        f"eval/{k}": v for k, v in eval_t.items()
+    }
+    ratios |= {f"{name} (wall, paired)": value for name, value in paired_ratios(samples).items()}
     if memory:
         ratios["peak train memory rankwise / peft"] = memory["rankwise"] / memory["peft"]
     return {
@@ -225,23 +237,34 @@ def run(args: argparse.Namespace) -> dict:
         "median_cpu_seconds": cpu,
         "ratios": ratios,
         "peak_memory_bytes": memory,
-        "samples_seconds": {
-            **{f"train/{k}": v for k, v in train_t.items()},
-            **{f"eval/{k}": v for k, v in eval_t.items()},
-        },
+        "samples_seconds": samples,
     }
 
 
+RATIOS = {  # name: (numerator, denominator)
+    "train rankwise / floor": ("train/rankwise", "train/floor"),
+    "train peft / floor": ("train/peft", "train/floor"),
+    "train rankwise / peft": ("train/rankwise", "train/peft"),
+    "eval rankwise unmerged / base": ("eval/rankwise", "eval/base"),
+    "eval rankwise unmerged, cache off / base": ("eval/rankwise_nocache", "eval/base"),
+    "eval peft unmerged / base": ("eval/peft", "eval/base"),
+    "eval rankwise merged / base": ("eval/rankwise_merged", "eval/base"),
+    "eval peft merged / base": ("eval/peft_merged", "eval/base"),
+}
+
+
 def _ratios(med: dict[str, float]) -> dict[str, float]:
+    """Ratios of medians."""
+    return {name: med[a] / med[b] for name, (a, b) in RATIOS.items()}
+
+
+def paired_ratios(samples: dict[str, list[float]]) -> dict[str, float]:
+    """Median over rounds of the per-round ratio ``a_i / b_i``: the two calls of a round ran
+    seconds apart, so a load change on the shared machine between rounds (seen here: the floor
+    alone 650-960 ms within one run) cancels, where a ratio of medians keeps it."""
     return {
-        "train rankwise / floor": med["train/rankwise"] / med["train/floor"],
-        "train peft / floor": med["train/peft"] / med["train/floor"],
-        "train rankwise / peft": med["train/rankwise"] / med["train/peft"],
-        "eval rankwise unmerged / base": med["eval/rankwise"] / med["eval/base"],
-        "eval rankwise unmerged, cache off / base": med["eval/rankwise_nocache"] / med["eval/base"],
-        "eval peft unmerged / base": med["eval/peft"] / med["eval/base"],
-        "eval rankwise merged / base": med["eval/rankwise_merged"] / med["eval/base"],
-        "eval peft merged / base": med["eval/peft_merged"] / med["eval/base"],
+        name: statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+        for name, (a, b) in RATIOS.items()
     }
 
 
@@ -266,7 +289,47 @@ def markdown(result: dict) -> str:
     if result["peak_memory_bytes"]:
         lines += ["", f"Peak memory ({s['memory_method']}):", "", "| model | MB |", "|---|---:|"]
         lines += [f"| {k} | {v / 1e6:.1f} |" for k, v in result["peak_memory_bytes"].items()]
+    runs = result.get("runs")
+    if runs:
+        lines += [
+            "",
+            f"{len(runs)} runs, each in a fresh process (the tables above: the last run):",
+            "",
+            "| ratio | median of runs | min | max |",
+            "|---|---:|---:|---:|",
+        ]
+        for k, v in result["ratios_over_runs"].items():
+            lines.append(f"| {k} | {v['median']:.3f} | {v['min']:.3f} | {v['max']:.3f} |")
     return "\n".join(lines) + "\n"
+
+
+def run_in_processes(args: argparse.Namespace) -> dict:
+    """``args.runs`` runs of :func:`run`, each in a fresh process (no allocator or cache state
+    carried between runs; the profiler memory pass only in the last): the last run's result
+    plus every run's ratios and, per ratio, the median, min and max over runs."""
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            out = Path(tmp) / str(i)
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--runs", "1", "--out", str(out)]
+            for flag in ("repeats", "warmup", "batch", "seq", "threads"):
+                cmd += [f"--{flag}", str(getattr(args, flag))]
+            if args.no_memory or i < args.runs - 1:
+                cmd.append("--no-memory")
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            results.append(json.loads((out / "lora.json").read_text(encoding="utf-8")))
+    result = results[-1]
+    result["runs"] = [r["ratios"] for r in results]
+    result["ratios_over_runs"] = {
+        k: {
+            "median": statistics.median(r[k] for r in result["runs"]),
+            "min": min(r[k] for r in result["runs"]),
+            "max": max(r[k] for r in result["runs"]),
+        }
+        for k in result["ratios"]
+        if all(k in r for r in result["runs"])  # the memory ratio: last run only
+    }
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -277,9 +340,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
+    parser.add_argument(
+        "--runs", type=int, default=1, help="runs, each in a fresh process; ratios over runs"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
-    result = run(args)
+    if args.runs < 1:
+        parser.error(f"--runs must be at least 1, got {args.runs}")
+    result = run(args) if args.runs == 1 else run_in_processes(args)
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, data in (("lora.json", json.dumps(result, indent=2) + "\n"), ("lora.md", text)):
