@@ -320,15 +320,16 @@ def run_in_processes(args: argparse.Namespace) -> dict:
             results.append(json.loads((out / "lora.json").read_text(encoding="utf-8")))
     result = results[-1]
     result["runs"] = [r["ratios"] for r in results]
-    result["ratios_over_runs"] = {
-        k: {
-            "median": statistics.median(r[k] for r in result["runs"]),
-            "min": min(r[k] for r in result["runs"]),
-            "max": max(r[k] for r in result["runs"]),
-        }
-        for k in result["ratios"]
-        if all(k in r for r in result["runs"])  # the memory ratio: last run only
-    }
+    over_runs = {}
+    for k in result["ratios"]:
+        values = [r[k] for r in result["runs"] if k in r]
+        if len(values) == len(result["runs"]):  # the memory ratio: last run only
+            over_runs[k] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+            }
+    result["ratios_over_runs"] = over_runs
     return result
 
 
