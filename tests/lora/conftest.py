@@ -181,3 +181,14 @@ def load_minilm(path: Path) -> nn.Module:
 
     torch.manual_seed(0)  # the classifier head is new: fix its initial weights
     return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=2).eval()
+
+
+@pytest.fixture(params=["node", "few-rows"])
+def linear_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both training routes of ``LoraLinear``: the custom autograd node (forced with a row
+    limit of 0) and torch's own GEMM nodes for few rows (forced at any row count)."""
+    from rankwise.lora import layers
+
+    limit = 0 if request.param == "node" else 1 << 62
+    monkeypatch.setattr(layers, "SMALL_ROWS_MAX", limit)
+    return request.param

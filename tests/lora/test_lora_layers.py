@@ -187,6 +187,7 @@ def test_conv_wrapper_kind() -> None:
 
 @pytest.mark.parametrize("kind", ["linear", "conv1d_hf", "embedding", "conv2d"])
 @pytest.mark.parametrize("hooked", [False, True])
+@pytest.mark.usefixtures("linear_route")
 def test_gradients_equal_peft(kind: str, hooked: bool) -> None:
     ours, theirs, x = _pair(kind)
     ours.train()

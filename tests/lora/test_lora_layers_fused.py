@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from rankwise.lora import LoraConfig, inject, linear_ops
+from rankwise.lora import layers as layers_mod
 from rankwise.lora.layers import LoraLinear
 from rankwise.lora.linear_ops import (
     LoraLinearFunction,
@@ -143,6 +144,7 @@ def _layer(p: float) -> LoraLinear:
     return layer.train()
 
 
+@pytest.mark.usefixtures("linear_route")
 @pytest.mark.parametrize("p", [0.0, 0.4])
 def test_fused_layer_equals_the_module_path(p: float) -> None:
     fused, general = _layer(p), _layer(p)
@@ -161,6 +163,7 @@ def test_fused_layer_equals_the_module_path(p: float) -> None:
     assert fused.base_layer.weight.grad is None
 
 
+@pytest.mark.usefixtures("linear_route")
 def test_trainable_bias_gets_its_gradient_in_a_model() -> None:
     class Two(nn.Module):
         def __init__(self) -> None:
@@ -293,11 +296,13 @@ def test_lora_node_rule_keeps_the_bias_in_the_rank_r_gemm_when_merging_does_not_
     torch.testing.assert_close(ys[None], ys[True], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.usefixtures("linear_route")
 @pytest.mark.parametrize("n", [5, 64])
 @pytest.mark.parametrize("bias", [True, False])
 def test_output_at_init_is_the_base_layer_bit_for_bit(bias: bool, n: int) -> None:
-    """B = 0: the merged route (N = 64: 3·7 < 64) forms M = W exactly; the factored one
-    (N = 5) adds a rank-r term of exact zeros (under the bias, if any)."""
+    """B = 0: the node's merged route (N = 64: 3·7 < 64) forms M = W exactly; its factored one
+    (N = 5) adds a rank-r term of exact zeros (under the bias, if any); the few-rows route
+    runs the frozen layer's own GEMM and adds exact zeros."""
     torch.manual_seed(0)
     base = nn.Linear(IN, OUT, bias=bias).requires_grad_(False)
     layer = LoraLinear(base, r=R, lora_alpha=2.0 * R, scaling=2.0, lora_dropout=0.0).train()
@@ -311,3 +316,31 @@ def test_merge_true_with_dropout_is_refused() -> None:
     t = _tensors(12)
     with pytest.raises(ValueError, match="merge=True"):
         LoraLinearFunction.apply(t["x"], t["W"].t(), t["b"], t["A"], t["B"], S, t["xa"], True)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_the_row_count_picks_the_training_route(p: float) -> None:
+    """Up to SMALL_ROWS_MAX rows torch's own GEMM nodes, above it the custom node; both give
+    the same output and gradients (the same dropout mask)."""
+    n = linear_ops.SMALL_ROWS_MAX + 1
+    layer = _layer(p)
+    x = torch.randn(n, IN, generator=torch.Generator().manual_seed(13))
+    g = torch.randn(n, OUT, generator=torch.Generator().manual_seed(14))
+
+    def node(y: torch.Tensor) -> str:  # the op under the output's (…, out) view
+        return type(y.grad_fn.next_functions[0][0]).__name__
+
+    assert node(layer(x)) == "LoraLinearFunctionBackward"
+    assert node(layer(x[:-1])) == "AddmmBackward0"
+    results = []
+    for limit in (0, n):  # node, then few rows, on all n rows
+        xi = x.clone().requires_grad_()
+        layer.zero_grad(set_to_none=True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(layers_mod, "SMALL_ROWS_MAX", limit)
+            torch.manual_seed(15)
+            out = layer(xi)
+        (out * g).sum().backward()
+        results.append((out, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
+    for mine, theirs in zip(*results, strict=True):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,12 @@ from torch import Tensor, nn
 from torch.nn.modules import module as module_mod
 
 from rankwise.errors import MergeError, ShapeMismatchError
-from rankwise.lora.linear_ops import LoraLinearFunction, lora_linear
+from rankwise.lora.linear_ops import (
+    SMALL_ROWS_MAX,
+    LoraLinearFunction,
+    lora_linear,
+    lora_linear_autograd,
+)
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -319,7 +324,10 @@ class LoraLinear(LoraLayer):
         # dropout on the adapter path only (the base GEMM sees x itself); None: same as x
         xa = self.dropout(x2d) if self.dropout is not None and self.training else None
         A, B, b = self.lora_A.weight, self.lora_B.weight, self.base_layer.bias
-        if torch.is_grad_enabled():
+        if x2d.shape[0] <= SMALL_ROWS_MAX:
+            # a few rows: three plain GEMMs (torch's own nodes), less per-op overhead
+            y = lora_linear_autograd(x2d, self.weight_right(), b, A, B, self.scaling, xa)
+        elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
             y = LoraLinearFunction.apply(x2d, self.weight_right(), b, A, B, self.scaling, xa)
         else:
