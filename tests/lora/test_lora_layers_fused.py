@@ -322,7 +322,7 @@ def test_merge_true_with_dropout_is_refused() -> None:
 def test_the_row_count_picks_the_training_route(p: float) -> None:
     """Up to SMALL_ROWS_MAX rows torch's own GEMM nodes, above it the custom node; both give
     the same output and gradients (the same dropout mask)."""
-    n = linear_ops.SMALL_ROWS_MAX + 1
+    n = layers_mod.SMALL_ROWS_MAX + 1  # the limit the layer reads (and the fixture patches)
     layer = _layer(p)
     x = torch.randn(n, IN, generator=torch.Generator().manual_seed(13))
     g = torch.randn(n, OUT, generator=torch.Generator().manual_seed(14))
