@@ -60,7 +60,10 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def weights_key(*tensors: Tensor) -> tuple[object, ...]:
     """Identity, version counter and dtype of each tensor: changes on every in-place write
     (optimizer step, ``copy_``) and on ``.data =`` swaps, so a cache keyed on it stays valid."""
-    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    key: list[object] = []
+    for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
+        key += (t.data_ptr(), t._version, t.dtype)
+    return tuple(key)
 
 
 class LoraFactors(NamedTuple):
@@ -315,34 +318,43 @@ class LoraLinear(LoraLayer):
         return W if self.fan_in_fan_out else W.t()
 
     def adapted_forward(self, x: Tensor) -> Tensor:
-        if not (_plain(self.base_layer) and x.dtype == self._dtype == self.base_weight.dtype):
+        # submodules read from _modules once: each attribute lookup through nn.Module's
+        # __getattr__ (and the wrapper's own) costs ~0.5 µs, which shows at a few tokens
+        modules = self._modules
+        base = modules["base_layer"]
+        W = base.weight
+        if not (_plain(base) and x.dtype == self._dtype == W.dtype):
             return self._module_forward(x)
-        if self.use_inference_cache():
+        A, B, b = modules["lora_A"].weight, modules["lora_B"].weight, base.bias
+        if self.inference_cache and not self.training and not torch.is_grad_enabled():
             # inference: one GEMM with W0 + s·B A, formed once per weight version
-            return F.linear(x, self.inference_weight(), self.base_layer.bias)
+            return F.linear(x, self._merged_matrix(W, A, B), b)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): a view for contiguous x, no copy
         # dropout on the adapter path only (the base GEMM sees x itself); None: same as x
         xa = self.dropout(x2d) if self.dropout is not None and self.training else None
-        A, B, b = self.lora_A.weight, self.lora_B.weight, self.base_layer.bias
+        Wt = W if self.fan_in_fan_out else W.t()  # (in, out), a view
         if x2d.shape[0] <= SMALL_ROWS_MAX:
             # a few rows: three plain GEMMs (torch's own nodes), less per-op overhead
-            y = lora_linear_autograd(x2d, self.weight_right(), b, A, B, self.scaling, xa)
+            y = lora_linear_autograd(x2d, Wt, b, A, B, self.scaling, xa)
         elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
-            y = LoraLinearFunction.apply(x2d, self.weight_right(), b, A, B, self.scaling, xa)
+            y = LoraLinearFunction.apply(x2d, Wt, b, A, B, self.scaling, xa)
         else:
-            y = lora_linear(x2d, self.weight_right(), b, A, B, self.scaling, xa).y
+            y = lora_linear(x2d, Wt, b, A, B, self.scaling, xa).y
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
 
     def inference_weight(self) -> Tensor:
         """``W0 + s·B A`` as ``(out, in)`` in the base dtype, cached until a weight changes."""
-        W = self.base_matrix()  # (out, in), a view
         A, B = self.factors()
+        return self._merged_matrix(self.base_weight, A, B)
+
+    def _merged_matrix(self, W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+        """:meth:`inference_weight` from the base weight as stored and the factors."""
+        # a Conv1D's (in, out) weight and its (out, in) view share data_ptr and version
+        key = (*weights_key(W, A, B), self.scaling)
+        Wm = W.t() if self.fan_in_fan_out else W  # (out, in), a view
         # same dtype as the adapter here (float32/float64): the merge's own rounding
-        return self.cached_weight(
-            (*weights_key(W, A, B), self.scaling),
-            lambda: torch.addmm(W, B, A, alpha=self.scaling),
-        )
+        return self.cached_weight(key, lambda: torch.addmm(Wm, B, A, alpha=self.scaling))
 
     def _module_forward(self, x: Tensor) -> Tensor:
         """General path: the base layer run as a module (hooks, subclasses, mixed dtypes)."""
