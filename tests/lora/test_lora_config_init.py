@@ -74,12 +74,36 @@ def test_replace_validates_and_copies() -> None:
         ({"layers_pattern": "h"}, "requires layers_to_transform"),
         ({"task_type": "CLS"}, "task_type"),
         ({"alpha_pattern": {"[": 2}}, "not a valid regex"),
+        ({"rank_pattern": {"q(": 2}}, "rank_pattern: 'q\\(' is not a valid regex"),
+        ({"exclude_modules": "(("}, "exclude_modules: .* is not a valid regex"),
+        (
+            {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "(("},
+            "layers_pattern: .* is not a valid regex",
+        ),
+        (
+            {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": 5},
+            "layers_pattern: expected a string or a list",
+        ),
         ({"use_rslora": 1}, "use_rslora"),
     ],
 )
 def test_errors_name_the_field(kwargs: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LoraConfig(**kwargs)
+
+
+@pytest.mark.parametrize(("field", "value"), [("r", 0), ("lora_dropout", 1.0), ("bias", "some")])
+def test_inject_checks_a_field_assigned_after_construction(field: str, value: object) -> None:
+    from rankwise.lora import inject
+
+    cfg = LoraConfig(target_modules=["0"])
+    setattr(cfg, field, value)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigError, match=f"{field}: expected"):
+        inject(model, cfg)
+    assert type(model[0]) is torch.nn.Linear and not hasattr(model, "_rankwise_lora")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 W = torch.zeros(40, 300)

@@ -102,6 +102,11 @@ class LoraConfig:
             self.layers_to_transform = list(self.layers_to_transform)
         _validate(self)
 
+    def validate(self) -> None:
+        """Check every field again, e.g. after one was assigned (``inject`` calls this):
+        ConfigError naming the field."""
+        self.__post_init__()
+
     @property
     def scaling_rule(self) -> str:
         """Name of the scaling rule in :data:`SCALING_RULES`."""
@@ -243,6 +248,13 @@ def _check_layers(cfg: LoraConfig) -> None:
         )
     if cfg.layers_pattern and idx is None:
         raise ConfigError("layers_pattern: requires layers_to_transform to be set as well")
+    patterns = cfg.layers_pattern
+    if patterns is not None and not isinstance(patterns, (str, list)):
+        raise ConfigError(f"layers_pattern: expected a string or a list, found {patterns!r}")
+    for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
+        if not isinstance(pattern, str) or not pattern:
+            raise ConfigError(f"layers_pattern: expected non-empty strings, found {pattern!r}")
+        _check_regex("layers_pattern", pattern)  # PEFT reads it as a regex fragment
 
 
 def _check_init(init: Any) -> None:

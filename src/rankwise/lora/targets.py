@@ -63,6 +63,7 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
             "model: adapters are already injected; call rankwise.lora.unload(model) or "
             "merge_and_unload(model) first, or load_adapter() to swap weights in place"
         )
+    config.validate()  # a field assigned after construction is checked too
     if config.target_modules is None:
         raise InjectionError(
             "target_modules: expected a list of names, a regex or 'all-linear', found None"
