@@ -10,9 +10,9 @@ import torch
 from lora_testkit import assert_unchanged, snapshot, tiny_bert_cls, tiny_gpt2
 from safetensors.torch import load_file, save_file
 
-from rankwise.errors import AdapterFormatError, ShapeMismatchError
+from rankwise.errors import AdapterFormatError, InjectionError, ShapeMismatchError
 from rankwise.io import load_adapter, read_adapter_config, save_adapter
-from rankwise.lora import LoraConfig, inject, lora_layers
+from rankwise.lora import LoraConfig, get_config, inject, lora_layers
 
 CFG = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
 
@@ -134,24 +134,92 @@ def test_bad_adapter_raises_and_leaves_plain_model_unchanged(case: str, adapter_
     assert_unchanged(model, snap)
 
 
-@pytest.mark.parametrize("case", ["wrong shape", "missing key", "nan", "truncated"])
+def _injected_state(model: torch.nn.Module) -> tuple[object, ...]:
+    """Everything a failed swap must leave as it was, besides the tensors."""
+    layers = [
+        (n, type(m).__name__, m.r, m.lora_alpha, m.scaling, m.lora_dropout, m.training)
+        for n, m in lora_layers(model)
+    ]
+    grads = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    return layers, grads, get_config(model), model.training
+
+
+INJECTED_CASES = {
+    **{c: CASES[c] for c in ("wrong shape", "missing key", "nan", "truncated", "int dtype")},
+    "other targets": (
+        lambda d: _edit_config(d, target_modules=["query", "key"]),
+        AdapterFormatError,
+        r"config adapts other modules than the model's adapters: also \[.*self.key'.*"
+        r"not \[.*self.value'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INJECTED_CASES))
 def test_bad_adapter_leaves_injected_model_unchanged(case: str, adapter_dir: Path) -> None:
-    edit, error, message = CASES[case]
+    edit, error, message = INJECTED_CASES[case]
+    # the file also changes alpha and dropout: neither may land on a failure
+    _edit_config(adapter_dir, lora_alpha=32, lora_dropout=0.25)
     edit(adapter_dir)
-    model = inject(tiny_bert_cls(), CFG, generator=3)
+    model = inject(tiny_bert_cls(), CFG, generator=3).train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _injected_state(model)
     with pytest.raises(error, match=message):
-        load_adapter(model, adapter_dir)
+        load_adapter(model, adapter_dir, is_trainable=False)
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    assert _injected_state(model) == state
 
 
-def test_adapter_for_another_model_names_module_and_shapes(tmp_path: Path) -> None:
+def test_swap_checks_layers_to_transform_against_the_model(adapter_dir: Path) -> None:
+    _edit_config(adapter_dir, layers_to_transform=[1])
+    model = inject(tiny_bert_cls(), CFG, generator=3)
+    with pytest.raises(AdapterFormatError, match=r"not \[.*layer.0.attention.self.query'"):
+        load_adapter(model, adapter_dir)
+    assert get_config(model).layers_to_transform is None
+
+
+def test_swap_checks_modules_to_save_against_the_model(tmp_path: Path) -> None:
+    src = inject(tiny_bert_cls(), CFG.replace(modules_to_save=["pooler"]), generator=0)
+    save_adapter(src, tmp_path)
+    model = inject(tiny_bert_cls(), CFG, generator=3)
+    with pytest.raises(AdapterFormatError, match=r"keeps in full .* also \['bert.pooler'\]"):
+        load_adapter(model, tmp_path)
+
+
+def test_adapter_for_a_model_of_other_shapes_names_module_and_shapes(tmp_path: Path) -> None:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    wide = BertForSequenceClassification(
+        BertConfig(
+            hidden_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            vocab_size=99,
+            num_labels=2,
+        )
+    )
+    save_adapter(inject(wide, CFG, generator=0), tmp_path)
+    for model in (tiny_bert_cls(), inject(tiny_bert_cls(), CFG, generator=3)):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(
+            ShapeMismatchError,
+            match=r"module 'bert.encoder.layer.0.attention.self.query'.*"
+            r"expected shape \(4, 32\), found \(4, 48\)",
+        ):
+            load_adapter(model, tmp_path)
+        after = model.state_dict()
+        assert after.keys() == before.keys()
+        assert all(torch.equal(after[k], before[k]) for k in after)
+
+
+def test_adapter_for_another_architecture_names_the_module(tmp_path: Path) -> None:
     gpt2 = inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"]))
     save_adapter(gpt2, tmp_path)
     model = tiny_bert_cls()
     snap = snapshot(model)
-    with pytest.raises(Exception, match="c_attn"):
+    with pytest.raises(InjectionError, match="target_modules: 'c_attn' matches no module"):
         load_adapter(model, tmp_path)
     assert_unchanged(model, snap)
 

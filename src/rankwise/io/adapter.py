@@ -31,13 +31,14 @@ from rankwise.lora.inject import (
     apply_plan,
     check_wrappers,
     get_config,
+    get_state,
     lora_layers,
     replace_state_config,
     set_trainable,
 )
 from rankwise.lora.layers import adapter_dtype
 from rankwise.lora.state import adapter_state_dict, planned_shapes
-from rankwise.lora.targets import Plan, resolve
+from rankwise.lora.targets import Plan, resolve, selected_names, unwrapped_modules
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
@@ -181,6 +182,7 @@ def _rename_keys(header: dict, *, source: Path) -> dict[str, str]:
 def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     if any(layer.merged for _, layer in lora_layers(model)):
         raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
+    _check_same_modules(model, config)
     for name, layer in lora_layers(model):
         r, _ = config.rank_and_alpha(name)
         if r != layer.r:
@@ -188,6 +190,26 @@ def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[
                 f"{name}: the adapter config gives r={r}, the model's layer has r={layer.r}"
             )
     return {k: tuple(v.shape) for k, v in adapter_state_dict(model, bias=config.bias).items()}
+
+
+def _check_same_modules(model: nn.Module, config: LoraConfig) -> None:
+    """A swap in place needs the file's config to select the modules the model has adapters
+    on (and keeps in full): otherwise the attached config would describe other modules than
+    the weights, and a later save would write an adapter no loader reads back the same."""
+    names, save_names, _ = selected_names(model, config, unwrapped_modules(model))
+    state = get_state(model)
+    for what, want, have in (
+        ("adapts", set(names), {n for n, _ in lora_layers(model)}),
+        ("keeps in full (modules_to_save)", set(save_names), set(state.modules_to_save)),
+    ):
+        if want != have:
+            diff = [f"also {_few(sorted(want - have))}"] if want - have else []
+            diff += [f"not {_few(sorted(have - want))}"] if have - want else []
+            raise AdapterFormatError(
+                f"load_adapter: the adapter's config {what} other modules than the model's "
+                f"adapters: {', '.join(diff)}; load it into the base model "
+                "(rankwise.lora.unload(model) first)"
+            )
 
 
 def _check_keys(

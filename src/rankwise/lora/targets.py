@@ -69,12 +69,7 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
             "target_modules: expected a list of names, a regex or 'all-linear', found None"
         )
     modules = dict(model.named_modules())
-    cfg = _with_task_heads(config)
-    save_names = _modules_to_save(modules, cfg)
-    if cfg.target_modules == ALL_LINEAR:
-        cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
-    names = [n for n in modules if n and _is_target(cfg, n, save_names)]
-    _check_every_entry_matched(cfg, list(modules), names)
+    names, save_names, cfg = selected_names(model, config, modules)
     targets = []
     for name in names:
         kind = wrapper_kind(modules[name])
@@ -89,6 +84,36 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
     if cfg.fan_in_fan_out != conv1d:
         cfg = cfg.replace(fan_in_fan_out=conv1d)
     return Plan(tuple(targets), save_names, cfg)
+
+
+def selected_names(
+    model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module]
+) -> tuple[list[str], tuple[str, ...], LoraConfig]:
+    """The module names ``config`` adapts and keeps in full among ``modules`` (qualified name
+    -> module; :func:`unwrapped_modules` for a model that has adapters), and the effective
+    config; InjectionError for an entry that matches nothing."""
+    cfg = _with_task_heads(config)
+    save_names = _modules_to_save(modules, cfg)
+    if cfg.target_modules == ALL_LINEAR:
+        cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
+    names = [n for n in modules if n and _is_target(cfg, n, save_names)]
+    _check_every_entry_matched(cfg, list(modules), names)
+    return names, save_names, cfg
+
+
+def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """``named_modules()`` as the model was before injection: each LoRA wrapper stands for its
+    base layer under its own name, and the modules inside wrappers are left out."""
+    out: dict[str, nn.Module] = {}
+    wrapped: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(w + ".") for w in wrapped):
+            continue
+        if isinstance(module, LoraLayer):
+            wrapped.append(name)
+            module = module.base_layer
+        out[name] = module
+    return out
 
 
 def _with_task_heads(config: LoraConfig) -> LoraConfig:
@@ -165,6 +190,8 @@ def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig
         head = get_out()
     if head is None and cfg.task_type == "SEQ_CLS":
         head = next((getattr(model, h) for h in SEQ_CLS_HEAD_NAMES if hasattr(model, h)), None)
+    if isinstance(head, LoraLayer):  # an adapted head: its base layer stands in modules
+        head = head.base_layer
     if head is not None:
         names = [n for n in names if modules[n] is not head]
     return names
