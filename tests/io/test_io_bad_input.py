@@ -38,6 +38,13 @@ def _edit_config(directory: Path, **changes) -> None:
 
 
 KEY = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"
+EMB = "base_model.model.bert.embeddings.word_embeddings.weight"
+
+
+def _nan_embedding() -> torch.Tensor:
+    weight = tiny_bert_cls().bert.embeddings.word_embeddings.weight.detach().clone()
+    weight[3, 5] = float("nan")
+    return weight
 
 
 def _truncate(d: Path) -> None:
@@ -119,6 +126,17 @@ CASES = {
         lambda d: _edit_config(d, target_modules=["query", "key"]),
         AdapterFormatError,
         "missing \\[.*key.lora_A",
+    ),
+    # PEFT's save_embedding_layers keys are optional, but shape- and value-checked
+    "embedding of other vocab": (
+        lambda d: _edit_weights(d, lambda t: t.update({EMB: torch.zeros(120, 32)})),
+        ShapeMismatchError,
+        r"'bert.embeddings.word_embeddings'.*expected shape \(\d+, 32\), found \(120, 32\)",
+    ),
+    "embedding nan": (
+        lambda d: _edit_weights(d, lambda t: t.update({EMB: _nan_embedding()})),
+        AdapterFormatError,
+        "word_embeddings.weight' holds inf or nan",
     ),
 }
 
@@ -241,3 +259,35 @@ def test_non_finite_json_is_refused(adapter_dir: Path) -> None:
     path.write_text(path.read_text().replace('"lora_alpha": 8', '"lora_alpha": NaN'))
     with pytest.raises(AdapterFormatError, match="NaN"):
         read_adapter_config(adapter_dir)
+
+
+def _with_head(tmp_path: Path, **kwargs) -> Path:
+    cfg = CFG.replace(modules_to_save=["classifier"], **kwargs)
+    return save_adapter(inject(tiny_bert_cls(), cfg, generator=0), tmp_path / "head")
+
+
+def test_integer_value_for_a_float_modules_to_save_weight_is_refused(tmp_path: Path) -> None:
+    d = _with_head(tmp_path)
+    key = "base_model.model.classifier.weight"
+    _edit_weights(d, lambda t: t.update({key: t[key].round().to(torch.int64)}))
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(AdapterFormatError, match=r"'classifier.weight' has dtype torch.int64"):
+        load_adapter(model, d)
+    assert_unchanged(model, snap)
+
+
+def test_two_keys_for_one_tensor_must_agree(tmp_path: Path) -> None:
+    # PEFT's bias="all" with modules_to_save writes the head's bias twice (m.bias and
+    # m.modules_to_save.bias); equal copies load, differing ones are refused
+    d = _with_head(tmp_path, bias="all")
+    key = "base_model.model.classifier.bias"
+    alias = "base_model.model.classifier.modules_to_save.bias"
+    _edit_weights(d, lambda t: t.update({alias: t[key].clone() + 1.0}))
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(AdapterFormatError, match="both hold 'classifier.bias'.*differ"):
+        load_adapter(model, d)
+    assert_unchanged(model, snap)
+    _edit_weights(d, lambda t: t.update({alias: t[key].clone()}))
+    load_adapter(model, d)

@@ -11,6 +11,7 @@ from lora_testkit import BUILDERS, load_minilm, logits, low_rank_path, tiny_bert
 from safetensors.torch import load_file
 from torch import nn
 
+from rankwise.errors import ShapeMismatchError
 from rankwise.io import load_adapter, read_adapter_config, save_adapter
 from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers
 
@@ -30,7 +31,11 @@ CASES = {
         task_type="SEQ_CLS",
     ),
     "vit": dict(target_modules=["q_proj", "v_proj", "projection"], modules_to_save=["classifier"]),
+    # PEFT's default save also writes the adapted embed_tokens' full base weight
+    "llama-embed": dict(target_modules=["q_proj", "v_proj", "embed_tokens"], task_type="CAUSAL_LM"),
 }
+
+WEIGHTS = "adapter_model.safetensors"
 
 
 def _perturb(model: nn.Module, seed: int) -> None:
@@ -157,3 +162,81 @@ def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
             "base_model_name_or_path"
         ]
     )
+
+
+def _changed_embeddings(model: nn.Module, seed: int, *, output: bool) -> None:
+    """Change the base input (and output) embedding, as a retrained vocabulary would."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [model.get_input_embeddings()] + ([model.get_output_embeddings()] if output else [])
+    with torch.no_grad():
+        for layer in layers:
+            weight = getattr(layer, "base_layer", layer).weight
+            weight.add_(torch.randn(weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("targets", [["q_proj", "embed_tokens"], ["q_proj"]])
+def test_embedding_weights_saved_by_peft_are_loaded(targets: list[str], tmp_path: Path) -> None:
+    """Targeted embed_tokens: PEFT writes ``<m>.base_layer.weight``; with
+    save_embedding_layers=True and no adapted embedding, ``<m>.weight`` and ``lm_head.weight``.
+    rankwise loads both into the base layers (plain model and swap in place), as PEFT does."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    theirs = get_peft_model(BUILDERS["llama"](), PeftConfig(r=4, target_modules=targets)).eval()
+    _perturb(theirs, 4)
+    # targeted: PEFT writes the adapted embed_tokens only (lm_head is not adapted, not written)
+    _changed_embeddings(theirs.get_base_model(), 5, output=len(targets) == 1)
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
+    keys = {k.removeprefix("base_model.model.") for k in load_file(tmp_path / "peft" / WEIGHTS)}
+    expected = logits(theirs, "llama")
+    embeds = (
+        {"model.embed_tokens.base_layer.weight"}
+        if len(targets) == 2
+        else {"model.embed_tokens.weight", "lm_head.weight"}
+    )
+    assert embeds <= keys
+    ours = load_adapter(BUILDERS["llama"](), tmp_path / "peft")
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+    swapped = inject(BUILDERS["llama"](), LoraConfig(r=4, target_modules=targets))
+    load_adapter(swapped, tmp_path / "peft")
+    torch.testing.assert_close(logits(swapped, "llama"), expected, rtol=0, atol=1e-5)
+    # and back: rankwise writes the same keys, PEFT loads them to the same logits
+    save_adapter(ours, tmp_path / "ours", save_embedding_layers=True)
+    assert {
+        k.removeprefix("base_model.model.") for k in load_file(tmp_path / "ours" / WEIGHTS)
+    } == keys
+    from peft import PeftModel
+
+    back = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, "llama"), expected, rtol=0, atol=1e-5)
+
+
+def test_auto_saves_embeddings_of_a_resized_vocabulary_as_peft(tmp_path: Path) -> None:
+    """save_embedding_layers="auto" against a local base_model_name_or_path: a resized
+    vocabulary writes both embeddings (PEFT's rule and keys); an unchanged one writes none."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    BUILDERS["llama"]().config.save_pretrained(tmp_path / "base")
+    kwargs = dict(r=4, target_modules=["q_proj"])
+    for resize, embeds in ((None, set()), (120, {"model.embed_tokens.weight", "lm_head.weight"})):
+        files = []
+        for who in ("peft", "ours"):
+            model = BUILDERS["llama"]()
+            model.name_or_path = str(tmp_path / "base")  # as from_pretrained(local dir) sets it
+            if resize:
+                model.resize_token_embeddings(resize)
+            if who == "peft":
+                get_peft_model(model, PeftConfig(**kwargs)).save_pretrained(tmp_path / who)
+            else:
+                save_adapter(inject(model, LoraConfig(**kwargs)), tmp_path / who)
+            files.append(
+                {k.removeprefix("base_model.model.") for k in load_file(tmp_path / who / WEIGHTS)}
+            )
+        assert files[0] == files[1]
+        assert {k for k in files[1] if ".lora_" not in k} == embeds
+    # the resized adapter does not fit the original vocabulary: the error names the module
+    with pytest.raises(
+        ShapeMismatchError, match=r"'model.embed_tokens'.*\(99, 32\), found \(120, 32\)"
+    ):
+        load_adapter(BUILDERS["llama"](), tmp_path / "ours")

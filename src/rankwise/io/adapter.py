@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from rankwise.errors import AdapterFormatError, ConfigError, MergeError, ShapeMismatchError
 from rankwise.io.config_json import read_adapter_config, write_adapter_config
+from rankwise.io.embeddings import embedding_state, optional_embedding_shapes
 from rankwise.io.files import read_header, read_tensors, replaced_dir, write_safetensors
 from rankwise.lora.adalora import AdaLoraConfig, truncate_to_rank_pattern
 from rankwise.lora.config import LoraConfig
@@ -46,7 +47,11 @@ PREFIX = "base_model.model."
 
 
 def save_adapter(
-    model: nn.Module, directory: str | Path, *, for_original_base: bool = False
+    model: nn.Module,
+    directory: str | Path,
+    *,
+    for_original_base: bool = False,
+    save_embedding_layers: bool | str = "auto",
 ) -> Path:
     """Write ``model``'s adapter to ``directory`` (created if needed) in PEFT's format.
 
@@ -61,6 +66,11 @@ def save_adapter(
     base weight) writes a plain LoRA of rank ``2r`` relative to the *unmodified* base:
     ``ΔW = s (B A - B0 A0) = s [B | -B0] [A ; A0]``, ``r`` and ``lora_alpha`` doubled (PEFT's
     ``path_initial_model_for_weight_conversion``), which PEFT loads on the original model.
+
+    ``save_embedding_layers`` (PEFT's argument and rule): also write the full input/output
+    embedding weights — ``"auto"`` does when the config targets a module named
+    ``embed_tokens``/``lm_head`` (the adapted layer's base weight) or when the vocabulary
+    differs from the one of a local ``base_model_name_or_path``.
     """
     config = get_config(model)
     if config.base_model_name_or_path is None:  # as PEFT: the model's own name_or_path, if any
@@ -70,7 +80,7 @@ def save_adapter(
         cls = type(model)
         auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     out = Path(directory)
-    state = adapter_state_dict(model)
+    state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
     if isinstance(config, AdaLoraConfig) and config.rank_pattern:
         state = truncate_to_rank_pattern(state, config.rank_pattern)
     if for_original_base:
@@ -97,7 +107,7 @@ def load_adapter(
     config = read_adapter_config(directory)
     weights = adapter_weights_file(directory)
     header = read_header(weights)
-    renamed = _rename_keys(header, source=weights)
+    renamed, aliases = _rename_keys(header, source=weights)
     if config.use_dora and not any(k.endswith(".lora_magnitude_vector") for k in renamed):
         raise AdapterFormatError(
             f"{weights}: the config sets use_dora=True but the file holds no "
@@ -111,9 +121,15 @@ def load_adapter(
         plan = resolve(model, config.replace(inference_mode=not is_trainable))
         check_wrappers(plan)  # e.g. DoRA on a convolution: InjectionError naming it
         expected = planned_shapes(model, plan)
-    _check_keys(expected, {k: header[f].shape for k, f in renamed.items()}, source=weights)
-    tensors = read_tensors(weights, renamed.values())
+    found = {k: header[f].shape for k, f in renamed.items()}
+    # PEFT also writes whole input/output embeddings (save_embedding_layers): optional keys
+    targets = None if plan is None else {t.name for t in plan.targets}
+    optional = optional_embedding_shapes(model, targets)
+    expected.update({k: v for k, v in optional.items() if k in found and k not in expected})
+    _check_keys(expected, found, source=weights)
+    tensors = read_tensors(weights, [*renamed.values(), *(k for v in aliases.values() for k in v)])
     values = {k: tensors[f] for k, f in renamed.items()}
+    _check_aliases(values, aliases, tensors, source=weights)
     _check_values(values, _target_dtypes(model, plan, values), source=weights)
     if plan is not None:
         apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
@@ -165,9 +181,12 @@ def adapter_weights_file(directory: Path) -> Path:
     raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}")
 
 
-def _rename_keys(header: dict, *, source: Path) -> dict[str, str]:
-    """In-memory name -> file key; PEFT's ``modules_to_save``/``original_module`` copies mapped."""
+def _rename_keys(header: dict, *, source: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """In-memory name -> file key; PEFT's ``modules_to_save``/``original_module`` copies mapped.
+
+    Also returns name -> further keys holding the same name (checked equal once read)."""
     out: dict[str, str] = {}
+    aliases: dict[str, list[str]] = {}
     for key in header:
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{source}: key {key!r} does not start with {PREFIX!r}")
@@ -175,8 +194,29 @@ def _rename_keys(header: dict, *, source: Path) -> dict[str, str]:
         if ".original_module." in name:
             continue  # PEFT's copy of the untrained module (bias="all"); the base holds it
         name = name.replace(".modules_to_save.", ".")
-        out.setdefault(name, key)
-    return out
+        if name in out:
+            aliases.setdefault(name, []).append(key)
+        else:
+            out[name] = key
+    return out, aliases
+
+
+def _check_aliases(
+    values: dict[str, Tensor],
+    aliases: dict[str, list[str]],
+    tensors: dict[str, Tensor],
+    *,
+    source: Path,
+) -> None:
+    """Two keys for one tensor (PEFT's bias="all" with modules_to_save writes ``m.bias`` and
+    ``m.modules_to_save.bias``) must hold the same value."""
+    for name, keys in aliases.items():
+        for key in keys:
+            if not torch.equal(tensors[key], values[name]):
+                raise AdapterFormatError(
+                    f"{source}: keys {PREFIX + name!r} and {key!r} both hold {name!r} but "
+                    "their values differ; expected one value"
+                )
 
 
 def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
@@ -223,7 +263,8 @@ def _check_keys(
         )
     for key, shape in expected.items():
         if tuple(found[key]) != tuple(shape):
-            module = key.rsplit(".", 2)[0] if key.endswith(".weight") else key.rsplit(".", 1)[0]
+            module = key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
+            module = module.removesuffix(".base_layer")
             raise ShapeMismatchError(
                 f"{source}: module {module!r}, key {key!r}: expected shape {tuple(shape)}, "
                 f"found {tuple(found[key])}"
@@ -275,10 +316,12 @@ def _target_dtypes(
 def _check_values(
     values: dict[str, Tensor], dtypes: dict[str, torch.dtype], *, source: Path
 ) -> None:
-    """Float LoRA tensors only, and every value finite *after* the cast to its live dtype
-    (float64 values beyond float32's range would otherwise load as inf)."""
+    """Float tensors where the model holds floats (LoRA factors, a float modules_to_save
+    weight: an integer value would be silently cast), and every value finite *after* the cast
+    to its live dtype (float64 values beyond float32's range would otherwise load as inf)."""
     for key, value in values.items():
-        if ".lora_" in key and not value.is_floating_point():
+        wants_float = ".lora_" in key or (key in dtypes and dtypes[key].is_floating_point)
+        if wants_float and not value.is_floating_point():
             raise AdapterFormatError(
                 f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float"
             )
