@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import BUILDERS, load_minilm, logits, low_rank_path, tiny_bert_cls
+from lora_testkit import BUILDERS, load_minilm, logits, low_rank_path, tiny_bert_cls, token_batch
 from safetensors.torch import load_file
 from torch import nn
 
 from rankwise.errors import ShapeMismatchError
 from rankwise.io import load_adapter, read_adapter_config, save_adapter
-from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers
+from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers, unload
 
 CASES = {
     "bert": dict(
@@ -240,3 +240,36 @@ def test_auto_saves_embeddings_of_a_resized_vocabulary_as_peft(tmp_path: Path) -
         ShapeMismatchError, match=r"'model.embed_tokens'.*\(99, 32\), found \(120, 32\)"
     ):
         load_adapter(BUILDERS["llama"](), tmp_path / "ours")
+
+
+def test_tied_modules_to_save_trains_a_copy_as_peft(tmp_path: Path) -> None:
+    """GPT-2 ties lm_head to wte. modules_to_save=["lm_head"] trains and loads lm_head's own
+    copy (PEFT's ModulesToSaveWrapper does), so wte never changes; logits agree both ways."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["lm_head"])
+    ours = inject(BUILDERS["gpt2"]().train(), LoraConfig(**kwargs), generator=0)
+    wte = ours.transformer.wte.weight.detach().clone()
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    ids = token_batch(0)
+    ours(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert torch.equal(ours.transformer.wte.weight, wte)
+    assert not torch.equal(ours.lm_head.weight, wte)
+    ours.eval()
+    save_adapter(ours, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(BUILDERS["gpt2"](), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(theirs, "gpt2"), logits(ours, "gpt2"), rtol=0, atol=1e-5)
+
+    peft_model = get_peft_model(BUILDERS["gpt2"](), PeftConfig(**kwargs))
+    _perturb(peft_model, 6)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    back = load_adapter(BUILDERS["gpt2"](), tmp_path / "peft", is_trainable=True)
+    torch.testing.assert_close(logits(back, "gpt2"), logits(peft_model, "gpt2"), rtol=0, atol=1e-5)
+    assert torch.equal(back.transformer.wte.weight, wte)
+    # unload keeps the trained, untied head (as PEFT's) and the flags from before injection
+    unload(back)
+    assert back.lm_head.weight.requires_grad and back.transformer.wte.weight.requires_grad
+    assert not torch.equal(back.lm_head.weight, wte)

@@ -98,10 +98,11 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     check_wrappers(plan)
     # every wrapper built and initialized first; residual base weights are written only after
     built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
+    untied = _untie_modules_to_save(model, plan.modules_to_save)
     state = LoraState(
         config=cfg,
         modules_to_save=plan.modules_to_save,
-        requires_grad=[(p, p.requires_grad) for p in model.parameters()],
+        requires_grad=[(p, p.requires_grad) for p in model.parameters()] + untied,
         originals={
             f"{m}.{k}": v.detach().clone()
             for m in plan.modules_to_save
@@ -114,6 +115,28 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
         _set_submodule(model, name, wrapper)
     object.__setattr__(model, STATE_ATTR, state)
     set_trainable(model, trainable=not cfg.inference_mode)
+
+
+def _untie_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[nn.Parameter, bool]]:
+    """Give each ``modules_to_save`` parameter that is shared with a module outside it (GPT-2's
+    ``lm_head`` tied to ``wte``) its own copy, so training or loading the saved module leaves
+    the other one as it was — PEFT trains a copy of the module. Returns the new parameters with
+    their flags (restored by ``unload``; the module keeps its trained, untied copy, as PEFT's)."""
+    owners: dict[int, list[str]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(full)
+    clones: dict[int, nn.Parameter] = {}
+    out: list[tuple[nn.Parameter, bool]] = []
+    for name in names:
+        for sub in model.get_submodule(name).modules():
+            for key, p in list(sub._parameters.items()):
+                if p is None or all(o.startswith(name + ".") for o in owners[id(p)]):
+                    continue
+                if id(p) not in clones:
+                    clones[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                    out.append((clones[id(p)], p.requires_grad))
+                setattr(sub, key, clones[id(p)])
+    return out
 
 
 def check_wrappers(plan: Plan) -> None:
