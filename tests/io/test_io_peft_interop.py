@@ -273,3 +273,73 @@ def test_tied_modules_to_save_trains_a_copy_as_peft(tmp_path: Path) -> None:
     unload(back)
     assert back.lm_head.weight.requires_grad and back.transformer.wte.weight.requires_grad
     assert not torch.equal(back.lm_head.weight, wte)
+
+
+@pytest.mark.parametrize(
+    ("family", "bias"), [(f, b) for f in ("bert", "gpt2", "llama") for b in ("all", "lora_only")]
+)
+def test_peft_save_with_trained_biases_loads_in_rankwise(
+    family: str, bias: str, tmp_path: Path
+) -> None:
+    """PEFT files of bias="all" (with a SEQ_CLS head: its ModulesToSaveWrapper copies
+    ``.modules_to_save.``/``.original_module.`` too) and "lora_only", biases perturbed."""
+    theirs = _peft_adapted(family, {**CASES[family], "bias": bias}, seed=7)
+    expected = logits(theirs, family)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(BUILDERS[family](), tmp_path)
+    torch.testing.assert_close(logits(ours, family), expected, rtol=0, atol=1e-5)
+    # exactly the non-LoRA tensors the file holds changed in the base model
+    base = dict(BUILDERS[family]().named_parameters())
+    live = {n.replace(".base_layer.", "."): p for n, p in ours.named_parameters()}
+    changed = {n for n, p in base.items() if not torch.equal(live[n], p)}
+    in_file = {
+        k.removeprefix("base_model.model.").replace(".modules_to_save.", ".")
+        for k in load_file(tmp_path / WEIGHTS)
+        if ".lora_" not in k and ".original_module." not in k
+    }
+    assert changed == {k.replace(".base_layer.", ".") for k in in_file}
+
+
+def test_second_peft_adapter_swaps_in_place(tmp_path: Path) -> None:
+    first = _peft_adapted("bert", CASES["bert"], seed=8)
+    first.save_pretrained(tmp_path / "a")
+    second = _peft_adapted("bert", {**CASES["bert"], "lora_dropout": 0.1}, seed=9)
+    second.save_pretrained(tmp_path / "b")
+    model = load_adapter(BUILDERS["bert"](), tmp_path / "a")
+    torch.testing.assert_close(logits(model, "bert"), logits(first, "bert"), rtol=0, atol=1e-5)
+    layers = [id(m) for _, m in lora_layers(model)]
+    load_adapter(model, tmp_path / "b")
+    assert [id(m) for _, m in lora_layers(model)] == layers
+    torch.testing.assert_close(logits(model, "bert"), logits(second, "bert"), rtol=0, atol=1e-5)
+    assert all(m.lora_dropout == 0.1 for _, m in lora_layers(model) if m.kind != "embedding")
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(4 * 6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).unsqueeze(-1)  # (b, 8, 6, 1)
+        return self.head(self.conv2(h).flatten(1))
+
+
+def test_peft_adapter_on_convolutions_both_ways(tmp_path: Path) -> None:
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(r=2, lora_alpha=4, target_modules=["conv", "conv2"], modules_to_save=["head"])
+    theirs = get_peft_model(_ConvNet(), PeftConfig(**kwargs))
+    _perturb(theirs, 10)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    ours = load_adapter(_ConvNet(), tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-5)
+    save_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(_ConvNet(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=1e-5)

@@ -91,6 +91,24 @@ def test_disable_adapters_runs_the_base_model_including_heads() -> None:
     torch.testing.assert_close(logits(model, "bert"), out, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("merged", [False, True])
+def test_disable_adapters_restores_everything_when_the_block_raises(merged: bool) -> None:
+    model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                               init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    if merged:
+        merge(model)
+    out = logits(model, "bert")
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match="inside the block"), disable_adapters(model):
+        raise RuntimeError("inside the block")
+    assert all(layer.merged == merged for _, layer in lora_layers(model))
+    after = model.state_dict()
+    assert all(torch.allclose(after[k], v, rtol=1e-6, atol=1e-6) for k, v in state.items())
+    torch.testing.assert_close(logits(model, "bert"), out, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_is_all_or_nothing() -> None:
     model = _adapted("bert")
     layers = [layer for _, layer in lora_layers(model)]
