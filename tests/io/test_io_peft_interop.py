@@ -343,3 +343,12 @@ def test_peft_adapter_on_convolutions_both_ways(tmp_path: Path) -> None:
     back = PeftModel.from_pretrained(_ConvNet(), tmp_path / "ours").eval()
     with torch.no_grad():
         torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=1e-5)
+
+
+def test_save_embedding_layers_argument_is_checked(tmp_path: Path) -> None:
+    model = inject(_ConvNet(), LoraConfig(r=2, target_modules=["conv"]))
+    with pytest.warns(UserWarning, match="no get_input_embeddings"):
+        save_adapter(model, tmp_path / "a", save_embedding_layers=True)
+    with pytest.raises(ValueError, match="save_embedding_layers: expected True, False or 'auto'"):
+        save_adapter(model, tmp_path / "b", save_embedding_layers="yes")
+    assert not (tmp_path / "b").exists()

@@ -11,6 +11,7 @@ same keys; only the model's input/output embeddings may carry them.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 from torch import Tensor, nn
@@ -82,9 +83,16 @@ def embedding_state(
         save_embedding_layers = targeted or _vocab_resized(model, config)
     if not save_embedding_layers:
         return {}
+    layers = _io_embeddings(model)
+    if not layers:
+        warnings.warn(
+            "save_embedding_layers: the model has no get_input_embeddings/get_output_embeddings "
+            "(not a transformers model); no embedding weights written",
+            stacklevel=3,
+        )
     full = model.state_dict(keep_vars=True)
     out: dict[str, Tensor] = {}
-    for layer in _io_embeddings(model):
+    for layer in layers:
         if targeted and not isinstance(layer, LoraLayer):
             continue  # as PEFT: only an adapted embedding's base layer, when targeted
         name = _module_name(model, layer, targeted)
