@@ -109,6 +109,19 @@ def test_disable_adapters_restores_everything_when_the_block_raises(merged: bool
     torch.testing.assert_close(logits(model, "bert"), out, rtol=1e-5, atol=1e-5)
 
 
+def test_nested_disable_adapters_keeps_the_outer_block_disabled() -> None:
+    model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                               init_lora_weights=False))  # fmt: skip
+    with torch.no_grad():
+        model.classifier.weight.add_(1.0)
+    out, base = logits(model, "bert"), logits(tiny_bert_cls(), "bert")
+    with disable_adapters(model):
+        with disable_adapters(model):
+            torch.testing.assert_close(logits(model, "bert"), base, rtol=0, atol=1e-6)
+        torch.testing.assert_close(logits(model, "bert"), base, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model, "bert"), out, rtol=0, atol=0)
+
+
 def test_merge_is_all_or_nothing() -> None:
     model = _adapted("bert")
     layers = [layer for _, layer in lora_layers(model)]

@@ -111,6 +111,7 @@ def _strip(model: nn.Module) -> nn.Module:
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: adapters bypassed, ``modules_to_save`` showing
     their values from injection time. A merged model is unmerged for the block and merged again.
+    Blocks nest: leaving an inner one leaves the adapters disabled for the outer one.
     """
     state = get_state(model)
     layers = [layer for _, layer in lora_layers(model)]
@@ -118,13 +119,14 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if was_merged:
         unmerge(model)
     current = _swap_saved(model, state.originals)
+    before = [layer.disabled for layer in layers]  # nested blocks: the outer one stays disabled
     for layer in layers:
         layer.disabled = True
     try:
         yield model
     finally:
-        for layer in layers:
-            layer.disabled = False
+        for layer, flag in zip(layers, before, strict=True):
+            layer.disabled = flag
         _swap_saved(model, current)
         if was_merged:
             merge(model)
