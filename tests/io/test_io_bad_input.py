@@ -90,6 +90,12 @@ CASES = {
     "not lora": (lambda d: _edit_config(d, peft_type="IA3"), AdapterFormatError, "'IA3'"),
     "dora": (lambda d: _edit_config(d, use_dora=True), AdapterFormatError, "use_dora"),
     "bad r": (lambda d: _edit_config(d, r=0), AdapterFormatError, "r: expected a positive int"),
+    # PEFT re-ties saved/adapted embeddings with it; rankwise does not implement that
+    "ensure_weight_tying": (
+        lambda d: _edit_config(d, ensure_weight_tying=True),
+        AdapterFormatError,
+        "ensure_weight_tying=True is a PEFT feature rankwise does not implement",
+    ),
     "missing key": (
         lambda d: _edit_weights(d, lambda t: t.pop(KEY)),
         AdapterFormatError,

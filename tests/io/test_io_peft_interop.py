@@ -352,3 +352,64 @@ def test_save_embedding_layers_argument_is_checked(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="save_embedding_layers: expected True, False or 'auto'"):
         save_adapter(model, tmp_path / "b", save_embedding_layers="yes")
     assert not (tmp_path / "b").exists()
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = BUILDERS["llama"]().config
+    cfg = LlamaConfig(**{**cfg.to_dict(), "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize(
+    ("builder", "targets", "select"),
+    [
+        (BUILDERS["gpt2"], ["c_attn"], True),  # wte and lm_head tied, neither adapted
+        (_tied_llama, ["q_proj", "embed_tokens", "lm_head"], "auto"),  # both adapted, tied
+    ],
+)
+def test_tied_embeddings_are_written_as_separate_copies(
+    builder, targets: list[str], select: bool | str, tmp_path: Path
+) -> None:
+    """safetensors refuses tensors sharing memory; PEFT's save clones them: so does ours."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=targets)
+    theirs = get_peft_model(builder(), PeftConfig(**kwargs))
+    theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=select)
+    ours = inject(builder(), LoraConfig(**kwargs), generator=0)
+    _perturb(ours, 12)
+    ours.eval()
+    save_adapter(ours, tmp_path / "ours", save_embedding_layers=select)
+    ours_file = load_file(tmp_path / "ours" / WEIGHTS)
+    assert set(ours_file) == set(load_file(tmp_path / "peft" / WEIGHTS))
+    assert sum(".lora_" not in k for k in ours_file) == 2  # both embeddings, each its own copy
+    back = PeftModel.from_pretrained(builder(), tmp_path / "ours").eval()
+    fam = "gpt2" if builder is BUILDERS["gpt2"] else "llama"
+    torch.testing.assert_close(logits(back, fam), logits(ours, fam), rtol=0, atol=1e-5)
+    again = load_adapter(builder(), tmp_path / "ours")
+    torch.testing.assert_close(logits(again, fam), logits(ours, fam), rtol=0, atol=1e-5)
+
+
+def test_two_tied_modules_to_save_train_apart(tmp_path: Path) -> None:
+    """modules_to_save=["wte", "lm_head"] on GPT-2 (tied): each saved module gets its own copy,
+    as each of PEFT's ModulesToSaveWrappers does; files agree both ways."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte", "lm_head"])
+    ours = inject(BUILDERS["gpt2"](), LoraConfig(**kwargs), generator=0)
+    assert ours.lm_head.weight is not ours.transformer.wte.weight
+    _perturb(ours, 13)
+    ours.eval()
+    save_adapter(ours, tmp_path / "ours")
+    back = PeftModel.from_pretrained(BUILDERS["gpt2"](), tmp_path / "ours").eval()
+    torch.testing.assert_close(logits(back, "gpt2"), logits(ours, "gpt2"), rtol=0, atol=1e-5)
+    theirs = get_peft_model(BUILDERS["gpt2"](), PeftConfig(**kwargs))
+    _perturb(theirs, 14)
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    loaded = load_adapter(BUILDERS["gpt2"](), tmp_path / "peft")
+    torch.testing.assert_close(logits(loaded, "gpt2"), logits(theirs, "gpt2"), rtol=0, atol=1e-5)

@@ -60,7 +60,6 @@ _INERT = {
     "revision",
     "megatron_core",
     "qalora_group_size",
-    "ensure_weight_tying",
     "lora_ga_config",
 }
 

@@ -139,8 +139,20 @@ def _fsync_dir(path: Path) -> None:
 def write_safetensors(
     path: Path, tensors: dict[str, torch.Tensor], *, metadata: dict[str, str]
 ) -> None:
-    """Save ``tensors`` (contiguous CPU copies) to ``path`` atomically with ``metadata``."""
-    plain = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    """Save ``tensors`` (contiguous CPU copies) to ``path`` atomically with ``metadata``.
+
+    Tensors sharing storage (tied input/output embeddings) are written as separate copies
+    under every key, as PEFT's ``save_pretrained`` does (safetensors refuses shared memory).
+    """
+    plain: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in tensors.items():
+        t = value.detach().to("cpu").contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            t = t.clone()
+        seen.add(ptr)
+        plain[key] = t
     atomic_write_bytes(path, st_save(plain, metadata=metadata))
 
 

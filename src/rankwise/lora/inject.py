@@ -125,9 +125,9 @@ def _untie_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[nn.
     owners: dict[int, list[str]] = {}
     for full, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(full)
-    clones: dict[int, nn.Parameter] = {}
     out: list[tuple[nn.Parameter, bool]] = []
-    for name in names:
+    for name in names:  # each saved module its own copy (two tied saved modules train apart)
+        clones: dict[int, nn.Parameter] = {}
         for sub in model.get_submodule(name).modules():
             for key, p in list(sub._parameters.items()):
                 if p is None or all(o.startswith(name + ".") for o in owners[id(p)]):
