@@ -374,7 +374,7 @@ class DoraLinear(DoraMixin, LoraLinear):
         shape = (*x.shape[:-1], W.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         A, B = self.lora_A.weight, self.lora_B.weight
-        if x2.dtype == self._dtype == W.dtype:
+        if x2.dtype == A.dtype == W.dtype and not torch.is_autocast_enabled(x.device.type):
             # (N, out) = c ⊙ (W0 x + s·B A x) + b: one node, c folded into the weights
             Wt = self.weight_right()
             Wc: Tensor | None = None

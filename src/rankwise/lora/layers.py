@@ -110,7 +110,15 @@ class LoraLayer(nn.Module):
         self.disabled = False
         # eval + no grad: forward with a cached merged weight (see the module docstring)
         self.inference_cache = True
-        self._dtype = adapter_dtype(self.base_weight.dtype)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        """The adapter's dtype: its factors' own, so it follows ``model.to(dtype)`` (PEFT casts
+        the input to ``lora_A``'s dtype); before the factors exist, the dtype they are made in."""
+        try:
+            return self.factors()[0].dtype
+        except AttributeError:  # during __init__
+            return adapter_dtype(self.base_weight.dtype)
 
     def __getattr__(self, name: str) -> object:
         """Attributes the wrapper lacks come from ``base_layer`` (``weight``, ``bias``,
@@ -261,8 +269,8 @@ class LoraLayer(nn.Module):
 
         ``h: (..., r)``, ``B: (out, r)``, ``result: (..., out)``.
         """
-        if result.dtype != h.dtype:
-            return result + (F.linear(h, B) * self.scaling).to(result.dtype)
+        if result.dtype != h.dtype:  # add in the adapter's (wider) dtype, round once (as PEFT)
+            return (result.to(h.dtype) + F.linear(h, B) * self.scaling).to(result.dtype)
         out_f = result.shape[-1]
         # (N, out) = (N, out) + s * (N, r) @ (r, out): scale applied inside the GEMM
         fused = torch.addmm(
@@ -322,10 +330,14 @@ class LoraLinear(LoraLayer):
         # __getattr__ (and the wrapper's own) costs ~0.5 µs, which shows at a few tokens
         modules = self._modules
         base = modules["base_layer"]
-        W = base.weight
-        if not (_plain(base) and x.dtype == self._dtype == W.dtype):
+        W, A = base.weight, modules["lora_A"].weight
+        # mixed dtypes (a float32 adapter on a bf16 base) and autocast (the custom node's
+        # backward runs outside it): plain ops, which autocast and type promotion handle
+        if not (_plain(base) and x.dtype == A.dtype == W.dtype) or torch.is_autocast_enabled(
+            x.device.type
+        ):
             return self._module_forward(x)
-        A, B, b = modules["lora_A"].weight, modules["lora_B"].weight, base.bias
+        B, b = modules["lora_B"].weight, base.bias
         if self.inference_cache and not self.training and not torch.is_grad_enabled():
             # inference: one GEMM with W0 + s·B A, formed once per weight version
             return F.linear(x, self._merged_matrix(W, A, B), b)
@@ -495,7 +507,10 @@ class LoraConv(LoraLayer):
         if h.dtype != self._dtype:
             h = h.to(self._dtype)
         h = self.lora_A(h) * self.scaling  # (N, r, *spatial): the scale on the r-channel map
-        return result + self.lora_B(h).to(result.dtype)
+        up = self.lora_B(h)
+        if up.dtype != result.dtype:  # add in the adapter's dtype, round once (as PEFT)
+            return (result.to(up.dtype) + up).to(result.dtype)
+        return result + up
 
 
 def linear_dims(base_layer: nn.Module) -> tuple[bool, int, int]:
