@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankwise.errors import MergeError
-from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, weights_key
+from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, plain_adapter, weights_key
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,
     lora_linear,
@@ -361,16 +361,23 @@ class DoraLinear(DoraMixin, LoraLinear):
     def adapted_forward(self, x: Tensor) -> Tensor:
         W = self.base_matrix()  # (out, in), a view
         bias = self.base_layer.bias
-        if self.use_inference_cache():
+        plain = plain_adapter(self.base_layer, self.lora_A, self.lora_B)
+        if plain and self.use_inference_cache():
             # inference: one GEMM with the cached DoRA weight, the base layer's cost
             return F.linear(x, self.inference_weight(), bias)
-        if self.dropout is not None and self.training:
-            # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x)
+        dropout = self.dropout is not None and self.training
+        if dropout or not plain:
+            # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x); without dropout
+            # W0 x̃ is base(x) less its bias (hooks, subclasses: the modules are called)
             c = self._dora_scale(x.dtype)  # (out,)
-            xd = self.dropout(x)
-            lora = F.linear(F.linear(xd.to(self._dtype), self.lora_A.weight), self.lora_B.weight)
-            extra = (c - 1) * F.linear(xd, W) + c * (lora * self.scaling).to(x.dtype)
-            return self.base_layer(x) + extra
+            result = self.base_layer(x)
+            if dropout:
+                xd = self.dropout(x)
+                base_part = F.linear(xd, W)
+            else:
+                xd, base_part = x, (result - bias if bias is not None else result)
+            lora = self.lora_B(self.lora_A(xd.to(self._dtype)))
+            return result + (c - 1) * base_part + c * (lora * self.scaling).to(x.dtype)
         shape = (*x.shape[:-1], W.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         A, B = self.lora_A.weight, self.lora_B.weight

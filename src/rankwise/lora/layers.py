@@ -44,6 +44,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.compiler import is_compiling
 from torch.nn.modules import module as module_mod
 
 from rankwise.errors import MergeError, ShapeMismatchError
@@ -140,8 +141,15 @@ class LoraLayer(nn.Module):
         self.__dict__.pop("_eval_weight", None)
 
     def use_inference_cache(self) -> bool:
-        """True when forward may run on the cached inference weight: eval mode, autograd off."""
-        return self.inference_cache and not self.training and not torch.is_grad_enabled()
+        """True when forward may run on the cached inference weight: eval mode, autograd off,
+        not being traced by ``torch.compile`` (its key compares data pointers, which a graph
+        cannot hold: compiled code forms the product in the graph instead)."""
+        return (
+            self.inference_cache
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not is_compiling()
+        )
 
     def cached_weight(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
         """The inference weight for ``key`` (see :func:`weights_key`), built once per key."""
@@ -330,15 +338,24 @@ class LoraLinear(LoraLayer):
         # __getattr__ (and the wrapper's own) costs ~0.5 µs, which shows at a few tokens
         modules = self._modules
         base = modules["base_layer"]
-        W, A = base.weight, modules["lora_A"].weight
-        # mixed dtypes (a float32 adapter on a bf16 base) and autocast (the custom node's
-        # backward runs outside it): plain ops, which autocast and type promotion handle
-        if not (_plain(base) and x.dtype == A.dtype == W.dtype) or torch.is_autocast_enabled(
-            x.device.type
+        lora_A, lora_B = modules["lora_A"], modules["lora_B"]
+        W, A = base.weight, lora_A.weight
+        # hooks or a replaced forward on any of the three modules: called as modules; mixed
+        # dtypes (a float32 adapter on a bf16 base) and autocast (the custom node's backward
+        # runs outside it): plain ops, which autocast and type promotion handle
+        if (
+            not plain_adapter(base, lora_A, lora_B)
+            or not x.dtype == A.dtype == W.dtype
+            or torch.is_autocast_enabled(x.device.type)
         ):
             return self._module_forward(x)
-        B, b = modules["lora_B"].weight, base.bias
-        if self.inference_cache and not self.training and not torch.is_grad_enabled():
+        B, b = lora_B.weight, base.bias
+        if (  # use_inference_cache(), inline: this runs per call at a few tokens
+            self.inference_cache
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not is_compiling()
+        ):
             # inference: one GEMM with W0 + s·B A, formed once per weight version
             return F.linear(x, self._merged_matrix(W, A, B), b)
         x2d = x.reshape(-1, x.shape[-1])  # (N, in): a view for contiguous x, no copy
@@ -369,26 +386,56 @@ class LoraLinear(LoraLayer):
         return self.cached_weight(key, lambda: torch.addmm(Wm, B, A, alpha=self.scaling))
 
     def _module_forward(self, x: Tensor) -> Tensor:
-        """General path: the base layer run as a module (hooks, subclasses, mixed dtypes)."""
+        """General path: the base layer run as a module (hooks, subclasses, mixed dtypes), the
+        factors too when they are not plain (hooks, accelerate's offloading)."""
+        lora_A, lora_B = self.lora_A, self.lora_B
         h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != self._dtype:
-            h = h.to(self._dtype)
-        h = F.linear(h, self.lora_A.weight)  # (..., r): project down first, never form B @ A
-        return self._project_up(self.base_layer(x), h, self.lora_B.weight)
+        if h.dtype != lora_A.weight.dtype:
+            h = h.to(lora_A.weight.dtype)
+        result = self.base_layer(x)
+        if _plain(lora_A) and _plain(lora_B):
+            # (..., r): project down first, never form B @ A; s folded into the up-projection
+            return self._project_up(result, F.linear(h, lora_A.weight), lora_B.weight)
+        up = lora_B(lora_A(h)) * self.scaling
+        if up.dtype != result.dtype:  # add in the adapter's dtype, round once (as PEFT)
+            return (result.to(up.dtype) + up).to(result.dtype)
+        return result + up
 
 
 def _plain(module: nn.Module) -> bool:
-    """An ``nn.Linear`` / ``Conv1D`` of the exact class with no forward hooks: its forward is
-    exactly ``x W^T + b`` (``x W + b`` for Conv1D), so it may be computed inline."""
+    """An ``nn.Linear`` / ``Conv1D`` of the exact class, its ``forward`` not replaced on the
+    instance (accelerate's offload hooks do that, filling meta weights in) and no forward or
+    backward hooks, its own or global: its forward is exactly ``x W^T + b`` (``x W + b`` for
+    Conv1D) on the weights it holds, so it may be computed inline. Otherwise it is called as a
+    module, as PEFT does."""
+    return not _global_hooks() and _own_plain(module)
+
+
+def plain_adapter(base: nn.Module, lora_A: nn.Module, lora_B: nn.Module) -> bool:
+    """The base layer and both factor modules may be computed inline (:func:`_plain`)."""
+    return not _global_hooks() and _own_plain(base) and _own_plain(lora_A) and _own_plain(lora_B)
+
+
+def _global_hooks() -> bool:
+    return bool(
+        module_mod._global_forward_hooks
+        or module_mod._global_forward_pre_hooks
+        or module_mod._global_backward_hooks
+        or module_mod._global_backward_pre_hooks
+    )
+
+
+def _own_plain(module: nn.Module) -> bool:
+    d = module.__dict__  # (per call at a few tokens: plain dict reads, no attribute lookups)
     if type(module) is not nn.Linear and not is_hf_conv1d(module):
         return False
-    hooks = (
-        module._forward_hooks,
-        module._forward_pre_hooks,
-        module_mod._global_forward_hooks,
-        module_mod._global_forward_pre_hooks,
+    return not (
+        "forward" in d
+        or d["_forward_hooks"]
+        or d["_forward_pre_hooks"]
+        or d["_backward_hooks"]
+        or d["_backward_pre_hooks"]
     )
-    return not any(hooks)
 
 
 class LoraEmbedding(LoraLayer):
