@@ -23,6 +23,7 @@ from rankwise.analysis import (  # noqa: E402
     read_factors,
     resize_adapter,
 )
+from rankwise.analysis.adapter_files import read_config, read_extras  # noqa: E402
 from rankwise.errors import AdapterFormatError  # noqa: E402
 
 QV = ("query", "value")
@@ -200,3 +201,80 @@ def test_directory_errors_name_the_culprit(tmp_path: Path) -> None:
             base, _finetune(base, {"query": 1}, 0), tmp_path / "x", rank=1, targets=["nosuch"]
         )
     assert isinstance(Factors(torch.ones(2, 1), torch.ones(1, 2)), tuple)
+
+
+def _peft_with_head(base: torch.nn.Module, directory: Path, *, seed: int, **kw: object):
+    """A PEFT SEQ_CLS adapter (trained classifier head saved with it), random factors."""
+    torch.manual_seed(seed)
+    config = peft.LoraConfig(
+        r=4, target_modules=list(QV), init_lora_weights=False, task_type="SEQ_CLS", **kw
+    )
+    model = peft.get_peft_model(copy.deepcopy(base), config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "classifier" in name and p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+    model.eval().save_pretrained(str(directory))
+    return model
+
+
+@pytest.mark.parametrize("bias", ["none", "all"])
+def test_resize_keeps_the_trained_head_and_biases(tmp_path: Path, bias: str) -> None:
+    """resize at full rank changes nothing: the trained classifier (and bias="all" biases)
+    are carried, so PEFT's logits of source and result agree (they were dropped before)."""
+    base = _bert()
+    source = _peft_with_head(base, tmp_path / "src", seed=7, bias=bias)
+    resize_adapter(tmp_path / "src", tmp_path / "same", 4)
+    assert read_config(tmp_path / "same").bias == bias
+    torch.testing.assert_close(
+        _peft_logits(base, tmp_path / "same"), _logits(source), atol=1e-5, rtol=0
+    )
+
+
+def test_combine_carries_a_shared_head_and_refuses_differing_ones(tmp_path: Path) -> None:
+    base = _bert()
+    _peft_with_head(base, tmp_path / "a", seed=8)
+    # a second adapter with the same head: only the factors differ
+    b = _peft_with_head(base, tmp_path / "b", seed=8)
+    with torch.no_grad():
+        for name, p in b.named_parameters():
+            if ".lora_B." in name:
+                p.mul_(2)
+    b.save_pretrained(str(tmp_path / "b"))
+    combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "ab", [0.5, 0.5])
+    head = {k: v for k, v in read_extras(tmp_path / "a").items() if "classifier" in k}
+    assert head and all(torch.equal(read_extras(tmp_path / "ab")[k], v) for k, v in head.items())
+    _peft_with_head(base, tmp_path / "c", seed=9)  # another head
+    with pytest.raises(ValueError, match="non-LoRA tensors .* differ"):
+        combine_adapters([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
+    assert not (tmp_path / "ac").exists()
+
+
+def test_derived_adapters_refuse_dora_adalora_mixed_models_and_existing_output(
+    tmp_path: Path,
+) -> None:
+    base = _bert()
+    _peft_adapter(base, tmp_path / "dora", r=4, seed=1, use_dora=True)
+    with pytest.raises(AdapterFormatError, match="DoRA adapter .* cannot be resized"):
+        resize_adapter(tmp_path / "dora", tmp_path / "out", 2)
+    torch.manual_seed(0)
+    ada = peft.get_peft_model(
+        copy.deepcopy(base), peft.AdaLoraConfig(r=4, target_modules=list(QV), total_step=10)
+    )
+    ada.save_pretrained(str(tmp_path / "ada"))
+    with pytest.raises(AdapterFormatError, match="a ADALORA adapter; .* plain LoRA"):
+        resize_adapter(tmp_path / "ada", tmp_path / "out", 2)
+    _peft_adapter(base, tmp_path / "a", r=4, seed=2)
+    _peft_adapter(base, tmp_path / "b", r=4, seed=3)
+    for name, model_id in (("a", "org/bert-a"), ("b", "org/gpt-b")):
+        path = tmp_path / name / "adapter_config.json"
+        path.write_text(
+            json.dumps({**json.loads(path.read_text()), "base_model_name_or_path": model_id})
+        )
+    with pytest.raises(ValueError, match="base_model_name_or_path differs"):
+        combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    before = (tmp_path / "b" / "adapter_model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not an empty directory"):
+        resize_adapter(tmp_path / "a", tmp_path / "b", 2)  # another adapter is never overwritten
+    assert (tmp_path / "b" / "adapter_model.safetensors").read_bytes() == before
+    assert not (tmp_path / "out").exists()

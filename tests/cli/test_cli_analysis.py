@@ -103,8 +103,13 @@ def test_extract_resize_combine(setup: dict[str, Path], capsys: pytest.CaptureFi
     argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"])]
     out = _run([*argv, "--out", str(root / "ex"), "--rank", "2"], capsys)
     assert "rel_error" in out and len(read_factors(root / "ex")) == 4
+    (setup["r8"] / "rankwise_task.json").write_text('{"task": "classification"}')  # a sidecar
     out = _run(["resize", str(setup["r8"]), "--out", str(root / "small"), "--rank", "3"], capsys)
     assert all(f.A.shape[0] == 3 for f in read_factors(root / "small").values())
+    # files beside the adapter (task file, tokenizer) come along: predict/evaluate work on it
+    assert (root / "small" / "rankwise_task.json").read_text() == '{"task": "classification"}'
+    code = main(["resize", str(setup["r2"]), "--out", str(root / "small"), "--rank", "1"])
+    assert code == 2 and "not an empty directory" in capsys.readouterr().err
     argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out", str(root / "both")]
     out = _run([*argv, "--weights", "0.5,0.5", "--method", "ties", "--rank", "4"], capsys)
     assert all(f.A.shape[0] == 4 for f in read_factors(root / "both").values())

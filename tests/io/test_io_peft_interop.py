@@ -252,6 +252,7 @@ def test_tied_modules_to_save_trains_a_copy_as_peft(tmp_path: Path) -> None:
     ours = inject(BUILDERS["gpt2"]().train(), LoraConfig(**kwargs), generator=0)
     wte = ours.transformer.wte.weight.detach().clone()
     assert ours.lm_head.weight is not ours.transformer.wte.weight
+    assert ours.config.tie_word_embeddings is False  # so a merged save is not re-tied
     opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
     ids = token_batch(0)
     ours(input_ids=ids, labels=ids).loss.backward()

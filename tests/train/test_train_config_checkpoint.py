@@ -100,3 +100,14 @@ def test_partial_temporary_checkpoint_is_ignored(tmp_path: Path) -> None:
     found = ckpt.load_latest(tmp_path)
     assert found is not None and found.position.step == 2
     assert ckpt.load_latest(tmp_path / "nothing") is None
+
+
+def test_a_relative_model_directory_is_recorded_absolute(tmp_path, monkeypatch) -> None:
+    """Adapters record their base model: a relative directory must work from anywhere (and
+    never be mistaken for a hub id)."""
+    from rankwise.train.models import resolve_model_source
+
+    (tmp_path / "gpt2dir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model_source("gpt2dir") == str(tmp_path / "gpt2dir")
+    assert resolve_model_source("./gpt2dir") == str(tmp_path / "gpt2dir")

@@ -28,13 +28,46 @@ from rankwise.io.files import read_header, read_tensors, write_safetensors
 from rankwise.lora.config import LoraConfig
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
-# Fields of a source adapter's config carried over into an adapter derived from it.
-_CARRIED = ("task_type", "base_model_name_or_path", "fan_in_fan_out")
+# Fields of a source adapter's config carried over into an adapter derived from it (with the
+# tensors they name: modules_to_save, biases, full embedding weights; see read_extras).
+_CARRIED = ("task_type", "base_model_name_or_path", "fan_in_fan_out", "modules_to_save", "bias")
 
 
 def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
-    """The :class:`LoraConfig` of an adapter directory (:func:`rankwise.io.read_adapter_config`)."""
-    return read_adapter_config(directory)
+    """The :class:`LoraConfig` of an adapter directory (:func:`rankwise.io.read_adapter_config`).
+
+    Refuses AdaLoRA adapters (``lora_E`` between the factors): these functions read plain
+    LoRA pairs.
+    """
+    config = read_adapter_config(directory)
+    if config.peft_type != "LORA":
+        raise AdapterFormatError(
+            f"{directory}: a {config.peft_type} adapter; these operations read plain LoRA "
+            "adapters (peft_type LORA)"
+        )
+    return config
+
+
+def check_rewritable(directory: str | os.PathLike[str], config: LoraConfig) -> None:
+    """Refuse to derive a new adapter (resize, combine) from a DoRA one: its magnitude
+    vectors depend on the whole product ``W0 + s·B A``, so they cannot follow new factors."""
+    if config.use_dora:
+        raise AdapterFormatError(
+            f"{directory}: a DoRA adapter (use_dora=true); its magnitude vectors depend on the "
+            "whole product, so it cannot be resized or combined factor by factor"
+        )
+
+
+def read_extras(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The tensors of an adapter file besides its LoRA factors — ``modules_to_save`` (e.g. a
+    trained classifier), biases of ``bias="all"/"lora_only"``, full embedding weights — under
+    their file keys, to be carried unchanged into a derived adapter (PEFT's copies of the
+    untrained module, ``.original_module.``, left out)."""
+    path = weights_file(Path(directory))
+    keys = [
+        k for k in read_header(path) if not k.endswith((_A, _B)) and ".original_module." not in k
+    ]
+    return read_tensors(path, keys) if keys else {}
 
 
 def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -113,17 +146,22 @@ def write_factors(
     factors: Mapping[str, Factors],
     *,
     carried: LoraConfig | None = None,
+    extras: Mapping[str, Tensor] | None = None,
 ) -> Path:
     """Write ``{module: Factors(B, A)}`` as a PEFT LoRA adapter whose update is ``B A``.
 
-    ``carried`` (a source adapter's config) supplies ``task_type``, ``base_model_name_or_path``
-    and ``fan_in_fan_out``. Files are written atomically by :mod:`rankwise.io`.
+    ``carried`` (a source adapter's config) supplies ``task_type``, ``base_model_name_or_path``,
+    ``fan_in_fan_out``, ``modules_to_save`` and ``bias``; ``extras`` (:func:`read_extras`) the
+    tensors those name, written under their keys. ``directory`` must be new or empty (another
+    adapter there is never overwritten). Files are written atomically by :mod:`rankwise.io`.
     """
     if not factors:
         raise ValueError("factors is empty: nothing to write")
     target = Path(directory)
+    if target.is_file() or (target.is_dir() and any(target.iterdir())):
+        raise FileExistsError(f"{target}: exists and is not an empty directory; choose a new one")
     target.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, Tensor] = {}
+    tensors: dict[str, Tensor] = {k: v.detach() for k, v in (extras or {}).items()}
     for module, (B, A) in factors.items():
         tensors[f"{PREFIX}{module}{_A}"] = A.detach()
         tensors[f"{PREFIX}{module}{_B}"] = B.detach()

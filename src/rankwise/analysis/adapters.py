@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from rankwise.analysis._common import as_generator
-from rankwise.analysis.adapter_files import read_config, read_factors, write_factors
+from rankwise.analysis.adapter_files import (
+    check_rewritable,
+    read_config,
+    read_extras,
+    read_factors,
+    write_factors,
+)
 from rankwise.analysis.algebra import (
     CombineMethod,
     Factors,
@@ -28,6 +34,7 @@ from rankwise.analysis.algebra import (
 from rankwise.analysis.similarity import Factor, subspace_similarity
 from rankwise.analysis.spectrum import Spectrum, spectrum
 from rankwise.errors import AdapterFormatError
+from rankwise.lora.config import LoraConfig
 
 PathLike = str | os.PathLike[str]
 
@@ -92,6 +99,8 @@ def resize_adapter(
     Each module's update becomes its best rank-``k`` approximation (:func:`resize`, never
     forming ``B A``); per-module ranks that differ go to ``rank_pattern``.
     """
+    config = read_config(source)
+    check_rewritable(source, config)
     factors = read_factors(source)
     new: dict[str, Factors] = {}
     report = []
@@ -103,7 +112,8 @@ def resize_adapter(
         new[module] = split_svd(svd, k, dtype=f.A.dtype)
         error = factored_relative_error(f, new[module])
         report.append(LayerReport(module, _shape(f), r, k, error))
-    write_factors(destination, new, carried=read_config(source))
+    # a trained head, biases, embedding weights: carried unchanged
+    write_factors(destination, new, carried=config, extras=read_extras(source))
     return tuple(report)
 
 
@@ -128,6 +138,10 @@ def combine_adapters(
     if len(w) != len(sources):
         raise ValueError(f"weights has {len(w)} entries; sources has {len(sources)}")
     adapters = [read_factors(s) for s in sources]
+    configs = [read_config(s) for s in sources]
+    for source, config in zip(sources, configs, strict=True):
+        check_rewritable(source, config)
+    extras = _common_extras(sources, configs)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
     new: dict[str, Factors] = {}
     report = []
@@ -142,8 +156,39 @@ def combine_adapters(
         new[module] = out
         error = factored_relative_error(exact, out)
         report.append(LayerReport(module, _shape(out), exact.A.shape[0], out.A.shape[0], error))
-    write_factors(destination, new, carried=read_config(sources[0]))
+    write_factors(destination, new, carried=configs[0], extras=extras)
     return tuple(report)
+
+
+def _common_extras(sources: Sequence[PathLike], configs: list[LoraConfig]) -> dict[str, Tensor]:
+    """The non-factor tensors all ``sources`` share (a head, biases, embeddings), which the
+    combination carries; adapters of different base models, layer layouts, heads or bias
+    modes are refused, naming the field and the two directories."""
+    first = configs[0]
+    for source, config in zip(sources[1:], configs[1:], strict=True):
+        for field in ("base_model_name_or_path", "fan_in_fan_out", "task_type", "bias"):
+            a, b = getattr(first, field), getattr(config, field)
+            if a != b and not (field == "base_model_name_or_path" and (a is None or b is None)):
+                raise ValueError(
+                    f"{sources[0]} and {source}: {field} differs ({a!r} vs {b!r}); combine "
+                    "adapters of one base model with the same settings"
+                )
+        if sorted(first.modules_to_save or []) != sorted(config.modules_to_save or []):
+            raise ValueError(
+                f"{sources[0]} and {source}: modules_to_save differs ({first.modules_to_save!r} "
+                f"vs {config.modules_to_save!r})"
+            )
+    extras = [read_extras(s) for s in sources]
+    for source, other in zip(sources[1:], extras[1:], strict=True):
+        if other.keys() != extras[0].keys() or any(
+            not torch.equal(other[k], extras[0][k]) for k in other
+        ):
+            raise ValueError(
+                f"{sources[0]} and {source}: their trained non-LoRA tensors (modules_to_save, "
+                "biases or embeddings) differ; a combination has one of each, so combine "
+                "adapters whose heads agree"
+            )
+    return extras[0]
 
 
 def adapter_similarity(

@@ -25,6 +25,23 @@ class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
 
 
+def copy_sidecars(source: str, destination: str) -> list[str]:
+    """Copy the files beside an adapter (``rankwise_task.json``, tokenizer files) from
+    ``source`` into the derived adapter ``destination`` (resize, combine), so predict/evaluate
+    work on it as on the source; the adapter's own files and anything already there are kept."""
+    import shutil
+    from pathlib import Path
+
+    own = {"adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"}
+    copied = []
+    for path in sorted(Path(source).iterdir()):
+        target = Path(destination) / path.name
+        if path.is_file() and path.name not in own and not target.exists():
+            shutil.copy2(path, target)
+            copied.append(path.name)
+    return copied
+
+
 class Command(NamedTuple):
     module: str
     help: str

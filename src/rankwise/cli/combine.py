@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rankwise.analysis.algebra import COMBINE_METHODS
-from rankwise.cli import CliError
+from rankwise.cli import CliError, copy_sidecars
 
 
 def _floats(text: str) -> list[float]:
@@ -50,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         generator=args.seed,
     )
     print(format_table(*layer_table(rows)))
+    copy_sidecars(args.adapters[0], args.out)  # task file, tokenizer: predict/evaluate work on it
     print(f"wrote {args.out}")
     if args.plot:
         from rankwise.analysis import adapter_spectrum

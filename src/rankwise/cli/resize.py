@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rankwise.cli import CliError
+from rankwise.cli import CliError, copy_sidecars
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +26,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
     rows = resize_adapter(args.adapter, args.out, args.rank, energy=args.energy)
     print(format_table(*layer_table(rows)))
+    copy_sidecars(args.adapter, args.out)  # task file, tokenizer: predict/evaluate work on it
     print(f"wrote {args.out}")
     if args.plot:
         from rankwise.analysis import adapter_spectrum

@@ -99,6 +99,8 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     # every wrapper built and initialized first; residual base weights are written only after
     built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
     untied = _untie_modules_to_save(model, plan.modules_to_save)
+    if untied:
+        _record_untied_embeddings(model)
     state = LoraState(
         config=cfg,
         modules_to_save=plan.modules_to_save,
@@ -137,6 +139,22 @@ def _untie_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[nn.
                     out.append((clones[id(p)], p.requires_grad))
                 setattr(sub, key, clones[id(p)])
     return out
+
+
+def _record_untied_embeddings(model: nn.Module) -> None:
+    """After untying a saved input/output embedding, say so in a transformers config
+    (``tie_word_embeddings=False``): otherwise a merged model saved with ``save_pretrained`` is
+    re-tied on loading by transformers versions that honour the flag, losing the trained one."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return
+    try:
+        inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return
+    weights = [getattr(m, "weight", None) for m in (inputs, outputs)]
+    if all(isinstance(w, torch.Tensor) for w in weights) and weights[0] is not weights[1]:
+        config.tie_word_embeddings = False
 
 
 def check_wrappers(plan: Plan) -> None:

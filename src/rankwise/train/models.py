@@ -43,7 +43,7 @@ def resolve_model_source(name: str | None) -> str:
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"model {name!r} is a file; expected a model directory")
-        return str(path)
+        return str(path.resolve())  # recorded in adapter files: valid from any directory
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or name.endswith("/"):
         raise FileNotFoundError(f"model path {name!r} does not exist")
     return name
