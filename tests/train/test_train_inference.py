@@ -59,3 +59,51 @@ def test_cli_evaluate_predict_merge(run_dir: Path, toy_tsv: Path, tmp_path: Path
     assert "not an empty directory" in capsys.readouterr().err
     assert main(["evaluate", "--adapter", str(tmp_path / "none"), "--data", str(toy_tsv)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def _peft_adapter(base: Path, out: Path, task_type: str, targets: list[str]) -> torch.nn.Module:
+    """An adapter PEFT wrote (no rankwise_task.json), random factors and head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForCausalLM if task_type == "CAUSAL_LM" else AutoModelForSequenceClassification
+    model = get_peft_model(
+        cls.from_pretrained(base),
+        LoraConfig(r=4, target_modules=targets, task_type=task_type, init_lora_weights=False),
+    )
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad and "classifier" in name:
+                p.normal_(generator=torch.Generator().manual_seed(len(name)))
+    model.eval().save_pretrained(out)
+    return model
+
+
+def test_peft_adapters_without_a_task_file_evaluate_predict_and_merge(
+    tiny_gpt2: Path, tiny_bert: Path, toy_tsv: Path, tmp_path: Path, capsys
+) -> None:
+    """The task comes from PEFT's task_type, the labels from the base model and the head: a
+    PEFT adapter from elsewhere works (it was refused: "label names are not recorded")."""
+    from transformers import AutoModelForCausalLM
+
+    causal = _peft_adapter(tiny_gpt2, tmp_path / "lm", "CAUSAL_LM", ["c_attn"])
+    trained = load_trained(tmp_path / "lm")
+    assert trained.task == "causal-lm"
+    assert main(["merge", "--adapter", str(tmp_path / "lm"), "--out", str(tmp_path / "m")]) == 0
+    ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = causal(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(tmp_path / "m")(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert load_trained(tmp_path / "m").task == "causal-lm"  # the merged dir records it
+
+    classifier = _peft_adapter(tiny_bert, tmp_path / "cls", "SEQ_CLS", ["query", "value"])
+    trained = load_trained(tmp_path / "cls")
+    assert trained.task == "classification" and trained.label_names == ("LABEL_0", "LABEL_1")
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(tmp_path / "cls"), "a good film"]) == 0
+    label = capsys.readouterr().out.split("\t")[0]
+    tok = trained.tokenizer("a good film", return_tensors="pt")
+    with torch.no_grad():
+        best = int(classifier(**tok).logits.argmax())
+    assert label == f"LABEL_{best}"

@@ -57,13 +57,61 @@ def _label_names_of_model_dir(directory: Path) -> tuple[str, ...]:
     return tuple(id2label[k] for k in sorted(id2label, key=int))
 
 
+# PEFT task_type -> rankwise task (an adapter from elsewhere has no rankwise_task.json)
+_PEFT_TASKS = {"CAUSAL_LM": "causal-lm", "SEQ_CLS": "classification"}
+
+
+def _model_config(base: str) -> dict[str, Any]:
+    """The base model's config.json (a local directory; {} when it is a hub id not at hand)."""
+    path = Path(base) / "config.json"
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return data if isinstance(data, dict) else {}
+    try:
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(base).to_dict()
+    except (OSError, ValueError):
+        return {}
+
+
+def _task_of(config: dict[str, Any], task_type: str | None) -> str:
+    """The task of an adapter or model without a task file: PEFT's ``task_type``, else the
+    model class in ``architectures``; classification by default."""
+    if task_type in _PEFT_TASKS:
+        return _PEFT_TASKS[task_type]
+    names = config.get("architectures") or []
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return "causal-lm"
+    return "classification"
+
+
+def _head_size(root: Path) -> int | None:
+    """Rows of the classifier head an adapter file carries (modules_to_save), if any."""
+    from rankwise.io import adapter_weights_file
+    from rankwise.io.files import read_header
+
+    for key, info in read_header(adapter_weights_file(root)).items():
+        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+            return int(info.shape[0])
+    return None
+
+
+def _label_names(config: dict[str, Any], size: int | None) -> tuple[str, ...]:
+    """The base model's ``id2label`` (when it has ``size`` labels), else ``LABEL_i``."""
+    id2label = config.get("id2label") or {}
+    names = tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+    if size is None or len(names) == size:
+        return names
+    return tuple(f"LABEL_{i}" for i in range(size))
+
+
 def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
     """An adapter directory (with its base model) or a full model directory, ready to run."""
     root = Path(directory)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
     info = _task_info(root)
-    task = str(info.get("task", "classification"))
     has_adapter = (root / ADAPTER_CONFIG).is_file()
     if not has_adapter and not (root / "config.json").is_file():
         raise AdapterFormatError(
@@ -73,11 +121,21 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
     if has_adapter:
         from rankwise.io import load_adapter, read_adapter_config
 
-        base = model or info.get("base_model") or read_adapter_config(root).base_model_name_or_path
+        adapter_config = read_adapter_config(root)
+        base = model or info.get("base_model") or adapter_config.base_model_name_or_path
         if base is None:
             raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
+        # a PEFT adapter from elsewhere (no task file): task from its task_type or the base
+        # model's class, label names from the base model's config and the head's size
+        task = str(info.get("task") or "")
+        if not task or (task == "classification" and not names):
+            config = _model_config(str(base))
+            task = task or _task_of(config, adapter_config.task_type)
+            if task == "classification" and not names:
+                names = _label_names(config, _head_size(root))
     else:
         base, names = str(root), names or _label_names_of_model_dir(root)
+        task = str(info.get("task") or _task_of(_model_config(str(root)), None))
     if task == "classification" and not names:
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
@@ -157,4 +215,9 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         trained.tokenizer.save_pretrained(tmp)
+        # the task, labels and max length travel with the model (evaluate/predict read them)
+        task = {"task": trained.task, "label_names": list(trained.label_names)}
+        (tmp / TASK_FILE).write_text(
+            json.dumps({**task, "max_length": trained.max_length}, indent=2), encoding="utf-8"
+        )
     return final

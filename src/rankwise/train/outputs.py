@@ -142,8 +142,11 @@ def check_merge(
     return MergeCheck(after.examples, diff <= 1e-4 * max(1.0, abs(after.loss)), 0, diff)
 
 
-def save_merged(prepared: Prepared, out: Path, *, tokenizer: Any) -> Path:
-    """``merge_and_unload`` and ``save_pretrained``: loadable by transformers alone."""
+def save_merged(
+    prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[str, Any] | None = None
+) -> Path:
+    """``merge_and_unload`` and ``save_pretrained``: loadable by transformers alone; ``info``
+    (the run's task file) written beside it, so evaluate/predict use the run's settings."""
     from rankwise.lora import merge_and_unload
 
     model = merge_and_unload(prepared.model) if prepared.lora_config is not None else prepared.model
@@ -151,6 +154,8 @@ def save_merged(prepared: Prepared, out: Path, *, tokenizer: Any) -> Path:
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        if info is not None:
+            atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
     return final
 
 
@@ -184,7 +189,7 @@ def finish_outputs(
             )
         if config.merge:
             with torch.no_grad():
-                merged = save_merged(prepared, out, tokenizer=tokenizer)
+                merged = save_merged(prepared, out, tokenizer=tokenizer, info=task)
             echo(f"merged model (transformers from_pretrained): {merged}")
         if (out / METRICS_FILE).exists():
             curve = plot_training_curve(out / METRICS_FILE, out / CURVE_FILE)
