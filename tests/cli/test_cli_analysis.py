@@ -125,3 +125,20 @@ def test_cli_errors_are_one_line(
     assert code == 2 and err.startswith("rankwise resize: error:") and "missing" in err
     code = main(["combine", str(setup["r2"]), "--out", str(setup["root"] / "y"), "--rank", "0"])
     assert code == 2 and "--rank" in capsys.readouterr().err
+
+
+def test_extract_refuses_a_base_of_another_model(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Checked on the configs before any weight loads (a GPT-2 base read as the tuned BERT's
+    class would be built from that class's defaults)."""
+    import transformers
+
+    other = setup["root"] / "gpt2"
+    config = transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=99)
+    transformers.GPT2LMHeadModel(config).save_pretrained(other)
+    argv = ["extract", "--base", str(other), "--finetuned", str(setup["tuned"]), "--rank", "2"]
+    code = main([*argv, "--out", str(setup["root"] / "never")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is not the fine-tuned model's base: model_type is 'gpt2'" in err
+    assert not (setup["root"] / "never").exists()

@@ -27,14 +27,34 @@ def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any]:
     """Both models with the fine-tuned one's architecture class (so module paths agree)."""
     import transformers
 
-    from rankwise.train.models import resolve_model_source
+    from rankwise.train.models import quiet_transformers, resolve_model_source
 
-    source = resolve_model_source(finetuned)
+    quiet_transformers()
+    source, base_source = resolve_model_source(finetuned), resolve_model_source(base)
     config = transformers.AutoConfig.from_pretrained(source)
+    _check_same_model(base_source, transformers.AutoConfig.from_pretrained(base_source), config)
     names = getattr(config, "architectures", None) or ["AutoModel"]
     cls = getattr(transformers, names[0], transformers.AutoModel)
     tuned = cls.from_pretrained(source).eval()
-    return cls.from_pretrained(resolve_model_source(base)).eval(), tuned
+    return cls.from_pretrained(base_source).eval(), tuned
+
+
+# config fields that must agree for two checkpoints to be one model before and after tuning
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "n_embd",
+                 "n_layer", "d_model", "num_layers")  # fmt: skip
+
+
+def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
+    """Refuse, before any weight is loaded, a base of another architecture or size (loading it
+    with the fine-tuned model's class would build that class's defaults, possibly billions of
+    parameters)."""
+    for field in _SHAPE_FIELDS:
+        a, b = getattr(base_config, field, None), getattr(tuned_config, field, None)
+        if a != b:
+            raise CliError(
+                f"--base {base!r} is not the fine-tuned model's base: {field} is {a!r} there and "
+                f"{b!r} in --finetuned (pass the model it was fine-tuned from)"
+            )
 
 
 def run(args: argparse.Namespace) -> int:
