@@ -192,3 +192,21 @@ def test_resume_refuses_a_different_global_batch(
     changed = _config(tiny_bert, toy_tsv, out, max_steps=4, save_every=1, batch_size=4, resume=True)
     with pytest.raises(ValueError, match="examples per step"):
         train(changed, echo=_quiet)
+
+
+def test_tied_target_merge_is_refused_before_training(tiny_gpt2: Path, tmp_path: Path) -> None:
+    """lm_head is tied to wte in GPT-2: --merge is refused before any step or file, and
+    without --merge the run finishes, its merge check skipped with the reason."""
+    from rankwise.errors import ConfigError
+
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"q {i} :", "response": "yes"} for i in range(24)]
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    kwargs = dict(task="causal-lm", max_steps=2, targets=("c_attn", "lm_head"), eval_split=8.0)
+    with pytest.raises(ConfigError, match="--merge: the weight of 'lm_head' is tied"):
+        train(_config(tiny_gpt2, data, tmp_path / "merged", merge=True, **kwargs), echo=_quiet)
+    assert not (tmp_path / "merged").exists()
+    said: list[str] = []
+    result = train(_config(tiny_gpt2, data, tmp_path / "run", **kwargs), echo=said.append)
+    assert result.merge_check is None and any("merge check skipped" in s for s in said)
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()

@@ -49,16 +49,25 @@ def _apply(layers: list[tuple[str, LoraLayer]], what: str) -> None:
 def _check_untied(model: nn.Module) -> None:
     """Refuse to merge into a weight shared with another module (e.g. GPT-2's ``wte`` tied to
     ``lm_head``): the merged product would also change the other module's output."""
+    reason = merge_blocker(model)
+    if reason is not None:
+        raise MergeError(f"merge: {reason}")
+
+
+def merge_blocker(model: nn.Module) -> str | None:
+    """Why ``merge(model)`` would be refused (an adapted weight tied to another module), or
+    None: lets a training run find out before it trains rather than after."""
     owners: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(name)
     for name, layer in lora_layers(model):
         others = [n for n in owners.get(id(layer.base_weight), []) if not n.startswith(name + ".")]
         if others:
-            raise MergeError(
-                f"merge: the weight of {name!r} is tied to {others}; merging would change those "
+            return (
+                f"the weight of {name!r} is tied to {others}; merging would change those "
                 "modules too. Untie the weights first or keep this adapter unmerged"
             )
+    return None
 
 
 def unmerge(model: nn.Module) -> nn.Module:

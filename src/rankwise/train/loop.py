@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rankwise.errors import ConfigError
 from rankwise.lora import set_inference_cache
 from rankwise.train import checkpoint as ckpt
 from rankwise.train import distributed as dist_
@@ -328,6 +329,12 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
         ga = gradient_batches(train_enc, config, pad_id=tokenizer.pad_token_id)
     prepared = prepare(model, config, base_model=data.loaded.source, generator=config.seed,
                        total_steps=total, gradient_batches=ga)  # fmt: skip
+    if config.merge and prepared.lora_config is not None:
+        from rankwise.lora.merge import merge_blocker
+
+        reason = merge_blocker(model)  # found now, not after training
+        if reason is not None:
+            raise ConfigError(f"--merge: {reason} (drop --merge or that target)")
     out = prepare_output(config, info)
     hooks = make_hooks(config, model)
     optimizer, scheduler = _optimizer(hooks.param_groups(model), config, total)

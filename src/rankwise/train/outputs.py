@@ -177,7 +177,12 @@ def finish_outputs(
     if info.is_main:
         saved = save_trained(prepared, out, tokenizer=tokenizer, info=task)
         echo(f"saved {'adapter' if prepared.lora_config is not None else 'model'}: {saved}")
-        if prepared.lora_config is not None and after is not None:
+        from rankwise.lora.merge import merge_blocker
+
+        blocker = merge_blocker(prepared.model) if prepared.lora_config is not None else None
+        if blocker is not None and after is not None:
+            echo(f"merge check skipped: {blocker}")
+        elif prepared.lora_config is not None and after is not None:
             check = check_merge(prepared, eval_enc, after, pad_id=pad_id)
             verdict = (
                 "identical predictions"
