@@ -116,3 +116,25 @@ def test_bad_input_leaves_the_model_unchanged() -> None:
     assert not hasattr(model, "_rankwise_lora")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_plain_lora_ga_file_is_refused_both_ways(tmp_path) -> None:
+    """Its base lost s·B0 A0 (from gradients), which no loader can rebuild from a file
+    (PEFT loads such a file silently wrong): only for_original_base saves are written/read."""
+    import json
+
+    from rankwise.errors import AdapterFormatError, ConfigError
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import inject
+
+    model = inject(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"],
+                                               init_lora_weights="lora_ga"))  # fmt: skip
+    with pytest.raises(ConfigError, match="for_original_base=True"):
+        save_adapter(model, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+    save_adapter(model, tmp_path / "ok", for_original_base=True)
+    load_adapter(tiny_bert_cls(), tmp_path / "ok")
+    path = tmp_path / "ok" / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "lora_ga"}))
+    with pytest.raises(AdapterFormatError, match="init_lora_weights='lora_ga'"):
+        load_adapter(tiny_bert_cls(), tmp_path / "ok")

@@ -22,12 +22,13 @@ def _summary(groups: list[dict]) -> Counter:
     )
 
 
-def test_groups_match_peft() -> None:
+@pytest.mark.parametrize("use_dora", [False, True])  # DoRA: an embedding's magnitude is group B
+def test_groups_match_peft(use_dora: bool) -> None:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
     from peft.optimizers import create_loraplus_optimizer as peft_create
 
-    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, task_type="SEQ_CLS")
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, task_type="SEQ_CLS", use_dora=use_dora)
     theirs = peft_create(
         get_peft_model(tiny_bert_cls(), PeftConfig(**cfg)),
         torch.optim.AdamW,

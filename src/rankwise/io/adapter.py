@@ -79,6 +79,12 @@ def save_adapter(
     if config.task_type is None:  # as PEFT: how to rebuild the base model class
         cls = type(model)
         auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    if not for_original_base and config.initializer == "lora_ga":
+        raise ConfigError(
+            "save_adapter: a LoRA-GA adapter moved s·B0 A0 (from gradients) out of the base "
+            "weight, which no loader can rebuild from the file; save it with "
+            "for_original_base=True (a plain LoRA on the unmodified base)"
+        )
     out = Path(directory)
     state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
     if isinstance(config, AdaLoraConfig) and config.rank_pattern:
@@ -105,6 +111,12 @@ def load_adapter(
     directory = Path(directory)
     _check_materialized(model)
     config = read_adapter_config(directory)
+    if config.initializer == "lora_ga":
+        raise AdapterFormatError(
+            f"{directory}: init_lora_weights='lora_ga': the base weight it was trained on had "
+            "s·B0 A0 (from gradients) taken out, which cannot be rebuilt from the file; save "
+            "LoRA-GA adapters for the original base (save_adapter(..., for_original_base=True))"
+        )
     weights = adapter_weights_file(directory)
     header = read_header(weights)
     renamed, aliases = _rename_keys(header, source=weights)

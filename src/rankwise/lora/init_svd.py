@@ -93,6 +93,9 @@ def top_singular_triplets(
     return svd.U, svd.S, svd.Vh
 
 
+PISSA_SEED = 0  # the randomized PiSSA SVD's seed (see pissa_init)
+
+
 def pissa_init(
     weight: Tensor,
     *,
@@ -111,8 +114,11 @@ def pissa_init(
         return kaiming_init(weight, r=r, scaling=scaling, embedding=True, generator=g)
     _check(weight, r, scaling, "pissa_init")
     W = _work(weight)
+    # the randomized SVD draws from its own fixed seed, per layer, not from ``generator``:
+    # the file records only the method, and load_adapter must rebuild the same residual base
+    svd_gen = torch.Generator(device=W.device).manual_seed(PISSA_SEED)
     U, S, Vh = top_singular_triplets(
-        W, r, method=method, oversample=oversample, power_iters=power_iters, generator=generator
+        W, r, method=method, oversample=oversample, power_iters=power_iters, generator=svd_gen
     )
     root = torch.sqrt(S / scaling)  # (r,): √(S/s) split between the two factors
     A = root[:, None] * Vh  # (r, in)

@@ -57,7 +57,8 @@ def _embedding_adapter_names(model: nn.Module) -> set[str]:
     for mname, module in model.named_modules():
         if isinstance(module, LoraEmbedding):
             for pname, _ in module.named_parameters():
-                if not pname.startswith("base_layer."):
+                # the embedding factors only (PEFT: a DoRA magnitude is a group-B tensor)
+                if pname.startswith(("lora_embedding_A", "lora_embedding_B")):
                     out.add(f"{mname}.{pname}" if mname else pname)
     return out
 
