@@ -90,6 +90,17 @@ def _column_norms2(A: torch.Tensor, block: int = 256) -> torch.Tensor:
     return norms2
 
 
+def _unit_scaled(A: torch.Tensor) -> torch.Tensor:
+    """``A`` times a power of two that brings its largest entry near 1, when it is far from 1
+    (float32 squared column norms overflow above ~1e19 and vanish below ~1e-23, and the pivots
+    then come out in index order). Exact, and pivots and coefficients do not depend on scale;
+    ``A`` itself is returned (no copy) at ordinary scales."""
+    peak = float(A.abs().max()) if A.numel() else 0.0
+    if peak == 0 or not math.isfinite(peak) or 2.0**-60 <= peak <= 2.0**60:
+        return A
+    return A * 2.0 ** -math.frexp(peak)[1]
+
+
 def _pivoted_qr(
     A: torch.Tensor, max_rank: int, eps: float | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,7 +195,7 @@ def _column_id(
     if randomized:
         pivots, R = _sketched_pivots(A, rank, eps, gen)
     else:
-        pivots, R = _pivoted_qr(A, rank or min(A.shape), eps)
+        pivots, R = _pivoted_qr(_unit_scaled(A), rank or min(A.shape), eps)
     Z = _coefficients(R, pivots).to(A.dtype)
     return ID(pivots, Z)
 

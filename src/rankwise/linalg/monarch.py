@@ -83,7 +83,10 @@ def monarch_slices(M: ArrayLike, nblocks: int) -> ArrayLike:
     """The ``nblocks²`` slices (b, b, p, q) whose rank-1 parts :func:`monarch_project` keeps."""
     matrix, was_numpy = as_matrix(M, "M")
     _check_nblocks(matrix.shape, nblocks)
-    return to_output(_slices(matrix, nblocks).contiguous(), was_numpy)
+    # always a copy (a contiguous view, nblocks = 1 or p = 1, would alias the caller's M)
+    return to_output(
+        _slices(matrix, nblocks).clone(memory_format=torch.contiguous_format), was_numpy
+    )
 
 
 def _check_nblocks(shape: torch.Size, nblocks: int) -> None:

@@ -36,11 +36,13 @@ def energy(S: ArrayLike) -> ArrayLike:
     all-zero spectrum has energy 1 at every rank (nothing is lost by truncating it).
     """
     sigma, was_numpy = _spectrum(S)
-    squares = sigma.square()
-    total = squares.sum()
-    if total == 0:
+    peak = sigma.max()
+    if peak == 0:
         return to_output(torch.ones_like(sigma), was_numpy)
-    return to_output(torch.cumsum(squares, 0) / total, was_numpy)
+    squares = (
+        sigma / peak
+    ).square()  # scale-free: σ² of 1e160 or 1e-170 neither over- nor underflows
+    return to_output(torch.cumsum(squares, 0) / squares.sum(), was_numpy)
 
 
 def rank_for_energy(S: ArrayLike, fraction: float) -> int:
@@ -63,7 +65,7 @@ def stable_rank(M: ArrayLike) -> float:
     sigma = torch.linalg.svdvals(matrix)
     if sigma[0] == 0:
         return 0.0
-    return float(sigma.square().sum() / sigma[0].square())
+    return float((sigma / sigma[0]).square().sum())  # scale-free (no σ² overflow/underflow)
 
 
 def effective_rank(M: ArrayLike) -> float:
@@ -94,7 +96,12 @@ def relative_error(
     if norm not in ("fro", "spectral"):
         raise ValueError(f"norm: expected 'fro' or 'spectral', found {norm!r}")
     matrix = matrix.to(torch.float64)
-    diff = matrix - other.to(device=matrix.device, dtype=torch.float64)
+    other = other.to(device=matrix.device, dtype=torch.float64)
+    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if peak > 0 and math.isfinite(peak):  # an exact power-of-two rescale: norms of 1e160 or
+        unit = 2.0 ** -math.frexp(peak)[1]  # 1e-170 entries neither overflow nor underflow
+        matrix, other = matrix * unit, other * unit
+    diff = matrix - other
     ord_ = "fro" if norm == "fro" else 2
     scale = float(torch.linalg.matrix_norm(matrix, ord=ord_))
     if scale == 0:

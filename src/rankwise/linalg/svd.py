@@ -8,6 +8,7 @@ makes results reproducible across LAPACK drivers and between the two routines.
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -162,8 +163,12 @@ def _singular_values_by_gram(Z_t: torch.Tensor) -> torch.Tensor:
     # (l, n) -> (l,): sqrt of the eigenvalues of Z_t Z_tᵀ (l, l) in float64, descending;
     # |λ| keeps rounding-level negative eigenvalues of a rank-deficient Z at their ~ε scale.
     wide = Z_t.to(torch.float64)
+    peak = float(wide.abs().max()) if wide.numel() else 0.0
+    exponent = math.frexp(peak)[1] if peak > 0 and math.isfinite(peak) else 0
+    wide = wide * 2.0**-exponent  # exact rescale: the Gram of 1e160 entries would overflow
     eigenvalues = torch.linalg.eigvalsh(wide @ wide.mT)  # ascending
-    return eigenvalues.abs().sqrt().sort(descending=True).values.to(Z_t.dtype)
+    values = eigenvalues.abs().sqrt().sort(descending=True).values * 2.0**exponent
+    return values.to(Z_t.dtype)
 
 
 def _lu_basis_t(Z_t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,54 @@
+"""Results that must not depend on the scale of the input: entries near float32's or float64's
+range edges (squared norms and Gram matrices would overflow or underflow)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rankwise.linalg as rl
+
+
+def _near_rank8(dtype: torch.dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    B = torch.randn(60, 8, generator=g, dtype=torch.float64) @ torch.randn(
+        8, 40, generator=g, dtype=torch.float64
+    )
+    return (B + 1e-3 * torch.randn(60, 40, generator=g, dtype=torch.float64)).to(dtype)
+
+
+@pytest.mark.parametrize("scale", [1e-24, 1e20])
+def test_float32_interpolative_pivots_do_not_depend_on_scale(scale: float) -> None:
+    A = _near_rank8(torch.float32)
+    ref = rl.interpolative(A, 8)
+    got = rl.interpolative(A * scale, 8)  # squared norms: 0 or inf in float32
+    assert sorted(got.idx.tolist()) == sorted(ref.idx.tolist())
+    torch.testing.assert_close(got.Z, ref.Z, rtol=1e-4, atol=1e-5)
+
+
+def test_randomized_routines_on_huge_float64_entries() -> None:
+    A = _near_rank8(torch.float64) * 1e160  # finite; its Gram matrix is not
+    S = torch.linalg.svdvals(A)[:5]
+    got = rl.randomized_svd(A, 5, generator=0).S
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got / S[0], S / S[0], rtol=1e-3, atol=1e-3)
+    assert len(rl.interpolative(A, 8, randomized=True, generator=0).idx) == 8
+
+
+@pytest.mark.parametrize("scale", [1e-170, 1e160])
+def test_rank_helpers_are_scale_free(scale: float) -> None:
+    np.testing.assert_allclose(rl.energy(np.full(3, scale)), [1 / 3, 2 / 3, 1.0])
+    eye = torch.eye(3, dtype=torch.float64) * scale
+    assert rl.stable_rank(eye) == pytest.approx(3.0)
+    assert rl.relative_error(eye, eye / 2) == pytest.approx(0.5)
+    A = torch.diag(torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)) * scale
+    assert rl.truncated_svd(A, energy=0.9).S.numel() == 3
+
+
+def test_monarch_slices_never_alias_the_input() -> None:
+    M = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))
+    before = M.clone()
+    slices = rl.monarch_slices(M, 1)  # a contiguous permutation: it used to be a view
+    slices.zero_()
+    assert torch.equal(M, before)
