@@ -52,3 +52,12 @@ def test_monarch_slices_never_alias_the_input() -> None:
     slices = rl.monarch_slices(M, 1)  # a contiguous permutation: it used to be a view
     slices.zero_()
     assert torch.equal(M, before)
+
+
+def test_numpy_scalars_accepted_and_strings_or_bools_refused() -> None:
+    A = _near_rank8(torch.float64)
+    torch.testing.assert_close(rl.pinv(A, rtol=np.float32(0.1)), rl.pinv(A, rtol=0.1))
+    rl.randomized_svd(A, 4, oversample=np.int64(3), generator=0)
+    for bad in ("0.5", True):
+        with pytest.raises(ValueError, match="energy: expected a number"):
+            rl.truncated_svd(A, energy=bad)

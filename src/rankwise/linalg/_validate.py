@@ -82,6 +82,8 @@ def check_rank(rank: Any, shape: tuple[int, ...], name: str = "rank") -> int:
 
 def check_fraction(value: Any, name: str, *, closed_right: bool) -> float:
     """``value`` must be a real number in (0, 1] (``closed_right``) or (0, 1)."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):  # float() would take "0.5" and True
+        raise ValueError(f"{name}: expected a number, found {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):

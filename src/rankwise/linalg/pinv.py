@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from rankwise.errors import ShapeMismatchError
@@ -20,7 +21,11 @@ def _cutoff(S: torch.Tensor, shape: tuple[int, ...], rtol: float | None) -> torc
     # Default as numpy/torch: max(m, n) · eps(dtype), relative to σ_max.
     if rtol is None:
         rtol = max(shape) * torch.finfo(S.dtype).eps
-    elif not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol >= 0):
+    elif isinstance(rtol, (bool, np.bool_)) or not (
+        isinstance(rtol, (int, float, np.integer, np.floating))
+        and math.isfinite(rtol)
+        and rtol >= 0
+    ):
         raise ValueError(f"rtol: expected a finite number >= 0, found {rtol!r}")
     return rtol * S.max() if S.numel() else S.new_zeros(())
 

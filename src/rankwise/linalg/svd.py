@@ -235,8 +235,13 @@ def randomized_svd(
     """
     matrix, was_numpy = as_matrix(M, "M")
     k = check_rank(rank, tuple(matrix.shape))
-    if isinstance(oversample, bool) or not isinstance(oversample, int) or oversample < 0:
+    if (
+        isinstance(oversample, (bool, np.bool_))
+        or not isinstance(oversample, (int, np.integer))
+        or oversample < 0
+    ):
         raise ValueError(f"oversample: expected an int >= 0, found {oversample!r}")
+    oversample = int(oversample)
     iters = _check_power_iters(power_iters)
     gen = make_generator(generator)
     width = min(k + oversample, min(matrix.shape))  # l
