@@ -26,8 +26,10 @@ from rankwise.analysis.adapter_files import (
 from rankwise.analysis.algebra import (
     CombineMethod,
     Factors,
+    _check_weights,
     choose_rank,
     combine,
+    combine_rank_cap,
     factored_svd,
     split_svd,
 )
@@ -72,13 +74,19 @@ class ModuleSpectrum(NamedTuple):
 
 
 def factored_norm(B: Tensor, A: Tensor) -> float:
-    """``‖B A‖_F = sqrt(tr((BᵀB)(AAᵀ)))`` in ``O((out + in)·r²)``, never forming ``B A``."""
-    gram = (B.mT @ B) * (A @ A.mT).mT  # (r, r): elementwise, its sum is the trace of the product
-    return math.sqrt(max(float(gram.sum()), 0.0))
+    """``‖B A‖_F`` in ``O((out + in)·r²)``, never forming ``B A``.
+
+    With ``B = Q_B R_B`` and ``Aᵀ = Q_A R_A``, ``‖B A‖_F = ‖R_B R_Aᵀ‖_F`` (orthonormal ``Q``s
+    keep norms). Unlike ``sqrt(tr((BᵀB)(AAᵀ)))`` this does not cancel: a difference ``[B | −B']
+    · [A; A']`` of relative size 1e-12 is measured as such, not as rounding noise of 1e-8.
+    """
+    _, r_b = torch.linalg.qr(B)  # (p, r)
+    _, r_a = torch.linalg.qr(A.mT)  # (q, r)
+    return float(torch.linalg.norm(r_b @ r_a.mT))
 
 
 def factored_relative_error(reference: Factors, approx: Factors) -> float:
-    """``‖B A − B' A'‖_F / ‖B A‖_F`` via the factors ``[B | −B'] · [A; A']``."""
+    """``‖B A − B' A'‖_F / ‖B A‖_F`` via the factors ``[B | −B'] · [A; A']`` (float64)."""
     dtype = torch.float64
     B = torch.cat([reference.B.to(dtype), -approx.B.to(dtype)], dim=1)  # (out, r + r')
     A = torch.cat([reference.A.to(dtype), approx.A.to(dtype)], dim=0)  # (r + r', in)
@@ -130,13 +138,12 @@ def combine_adapters(
     """Write the combination of several adapters (:func:`combine`, module by module).
 
     A module missing from some adapters is combined from those that have it (a zero update
-    elsewhere). ``generator`` (DARE) is shared across modules in sorted module order.
+    elsewhere). ``rank`` is capped per module at what it can hold (``min(out, in)``, and
+    ``Σ rᵢ`` for ``"svd"``), as :func:`resize_adapter` caps it at ``r``. ``generator`` (DARE) is shared across modules in sorted module order.
     """
     if len(sources) == 0:
         raise ValueError("sources must name at least one adapter directory")
-    w = [1.0] * len(sources) if weights is None else [float(x) for x in weights]
-    if len(w) != len(sources):
-        raise ValueError(f"weights has {len(w)} entries; sources has {len(sources)}")
+    w = _check_weights(weights, len(sources), "sources")
     adapters = [read_factors(s) for s in sources]
     configs = [read_config(s) for s in sources]
     for source, config in zip(sources, configs, strict=True):
@@ -148,8 +155,10 @@ def combine_adapters(
     for module in sorted(set().union(*adapters)):
         present = [(a[module], wi) for a, wi in zip(adapters, w) if module in a]
         pairs, ws = [p for p, _ in present], [wi for _, wi in present]
+        # as resize: a rank above what this module can hold is capped (rank_pattern, r > dims)
+        keep = None if rank is None else min(rank, combine_rank_cap(pairs, method))
         try:
-            out = combine(pairs, ws, method=method, rank=rank, density=density, generator=gen)
+            out = combine(pairs, ws, method=method, rank=keep, density=density, generator=gen)
         except ValueError as err:
             raise type(err)(f"module {module!r}: {err}") from None
         exact = combine(pairs, ws, method="linear")
@@ -210,7 +219,17 @@ def adapter_similarity(
 
 
 def adapter_spectrum(directory: PathLike) -> tuple[ModuleSpectrum, ...]:
-    """The :class:`Spectrum` of every module's effective update ``s·B A`` (factored)."""
+    """The :class:`Spectrum` of every module's effective update ``s·B A`` (factored).
+
+    DoRA adapters are refused: their update ``m ⊙ (W + s·B A)/‖W + s·B A‖ − W`` depends on
+    the base weights and is not ``s·B A`` (:func:`~rankwise.analysis.adapter_amplification`
+    measures it against a base model).
+    """
+    if read_config(directory).use_dora:
+        raise AdapterFormatError(
+            f"{directory}: a DoRA adapter (use_dora=true); its update depends on the base "
+            "weights through the magnitude vectors, so the spectrum of s·B A is not the update's"
+        )
     rows = []
     for module, f in read_factors(directory).items():
         rows.append(ModuleSpectrum(module, _shape(f), int(f.A.shape[0]), spectrum(f)))

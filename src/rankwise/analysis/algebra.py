@@ -20,7 +20,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from rankwise.analysis._common import as_generator, check_factors, work_dtype
+from rankwise.analysis._common import as_generator, check_factors, check_matrix, work_dtype
 from rankwise.linalg import SVD, randomized_svd, rank_for_energy, truncated_svd
 
 CombineMethod = Literal["linear", "svd", "ties", "dare"]
@@ -117,7 +117,9 @@ def extract(
     randomized SVD (needs ``rank``; reproducible with ``generator``). An update of exact rank
     ``≤ k`` is recovered to rounding error. Factors are balanced, ``B = U_k √S_k``.
     """
-    if W_base.shape != W_finetuned.shape or W_base.ndim != 2:
+    check_matrix(W_base, name="W_base")
+    check_matrix(W_finetuned, name="W_finetuned")
+    if W_base.shape != W_finetuned.shape:
         raise ValueError(
             "W_base and W_finetuned must be matrices of the same shape; "
             f"found {tuple(W_base.shape)} and {tuple(W_finetuned.shape)}"
@@ -148,17 +150,54 @@ def _check_inputs(
                 f"factors[{i}] is a ({B.shape[0]}, {A.shape[1]}) update; "
                 f"factors[0] is ({B0.shape[0]}, {A0.shape[1]}): all must have the same shape"
             )
+        for label, t in (("B", B), ("A", A)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"factors[{i}] {label}: expected finite entries; found NaN or inf")
+    return _check_weights(weights, len(factors), "factors")
+
+
+def _check_weights(weights: Sequence[float] | None, n: int, what: str) -> list[float]:
+    """``weights`` as ``n`` finite floats (all 1 when ``None``), else a ValueError."""
     if weights is None:
-        return [1.0] * len(factors)
-    if len(weights) != len(factors):
-        raise ValueError(f"weights has {len(weights)} entries; factors has {len(factors)}")
-    return [float(w) for w in weights]
+        return [1.0] * n
+    if len(weights) != n:
+        raise ValueError(f"weights has {len(weights)} entries; {what} has {n}")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, (str, bytes, bool)):
+            raise ValueError(f"weights[{i}]: expected a finite number; found {w!r}")
+        try:
+            value = float(w)
+        except (TypeError, ValueError):
+            raise ValueError(f"weights[{i}]: expected a finite number; found {w!r}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"weights[{i}]: expected a finite number; found {w!r}")
+        out.append(value)
+    return out
+
+
+def _check_deltas(deltas: Sequence[Tensor], weights: Sequence[float]) -> list[float]:
+    """Dense updates for TIES/DARE: at least one, same shape, finite; weights one each."""
+    if len(deltas) == 0:
+        raise ValueError("deltas must hold at least one update; found none")
+    for i, d in enumerate(deltas):
+        check_matrix(d, name=f"deltas[{i}]")
+        if d.shape != deltas[0].shape:
+            raise ValueError(
+                f"deltas[{i}] has shape {tuple(d.shape)}; deltas[0] has "
+                f"{tuple(deltas[0].shape)}: all must have the same shape"
+            )
+        if not bool(torch.isfinite(d).all()):
+            raise ValueError(f"deltas[{i}]: expected finite entries; found NaN or inf")
+    return _check_weights(weights, len(deltas), "deltas")
 
 
 def _concatenate(factors: Sequence[tuple[Tensor, Tensor]], weights: list[float]) -> Factors:
     """``Σ wᵢ Bᵢ Aᵢ = [w₁B₁ | … | w_nB_n] · [A₁; …; A_n]`` exactly, rank ``Σ rᵢ``."""
     dtype = work_dtype(*(t for pair in factors for t in pair))
-    B = torch.cat([w * Bi.to(dtype) for w, (Bi, _) in zip(weights, factors)], dim=1)  # (out, Σr)
+    B = torch.cat(
+        [w * Bi.to(dtype) for w, (Bi, _) in zip(weights, factors, strict=True)], dim=1
+    )  # (out, Σr)
     A = torch.cat([Ai.to(dtype) for _, Ai in factors], dim=0)  # (Σr, in)
     return Factors(B, A)
 
@@ -174,7 +213,10 @@ def ties_merge(deltas: Sequence[Tensor], weights: Sequence[float], *, density: f
     vector at once). Returns the dense merged update.
     """
     _check_density(density)
-    trimmed = torch.stack([_keep_top(w * d, density) for w, d in zip(weights, deltas)])  # (n, o, i)
+    weights = _check_deltas(deltas, weights)
+    trimmed = torch.stack(
+        [_keep_top(w * d, density) for w, d in zip(weights, deltas, strict=True)]
+    )  # (n, o, i)
     elected = torch.sign(trimmed.sum(dim=0))  # (out, in)
     agree = (torch.sign(trimmed) == elected) & (trimmed != 0)  # (n, out, in)
     count = agree.sum(dim=0).clamp_min(1)  # (out, in)
@@ -196,9 +238,10 @@ def dare_merge(
     ``Σᵢ wᵢ ΔŴᵢ``. Reproducible with ``generator``.
     """
     _check_density(density)
+    weights = _check_deltas(deltas, weights)
     gen = as_generator(generator)
     out = torch.zeros_like(deltas[0])
-    for w, d in zip(weights, deltas):
+    for w, d in zip(weights, deltas, strict=True):
         # Bernoulli(density) mask, drawn on the CPU where the generator lives
         keep = (torch.rand(d.shape, generator=gen, dtype=d.dtype) < density).to(d.device)
         out += (w / density) * d * keep
@@ -217,6 +260,19 @@ def _keep_top(t: Tensor, density: float) -> Tensor:
     mask = torch.zeros(t.numel(), dtype=torch.bool, device=t.device)
     mask[idx] = True
     return t * mask.view_as(t)
+
+
+def _update_shape(factors: Sequence[tuple[Tensor, Tensor]]) -> tuple[int, int]:
+    return int(factors[0][0].shape[0]), int(factors[0][1].shape[1])  # (out, in)
+
+
+def combine_rank_cap(factors: Sequence[tuple[Tensor, Tensor]], method: CombineMethod) -> int:
+    """The largest ``rank`` :func:`combine` can return for these factors: ``min(out, in)``,
+    and at most ``Σ rᵢ`` for ``"svd"`` (a sum of rank-``rᵢ`` updates has no more)."""
+    cap = min(_update_shape(factors))
+    if method in ("svd", "linear"):
+        cap = min(cap, sum(int(Ai.shape[0]) for _, Ai in factors))
+    return cap
 
 
 def combine(
@@ -242,7 +298,8 @@ def combine(
       those are not TIES/DARE on ``ΔW`` (PEFT's ``"ties_svd"``/``"dare_linear_svd"`` are the
       dense versions, with sign election before weighting).
 
-    For the truncating methods ``rank=None`` means ``max rᵢ`` (PEFT's default new rank).
+    For the truncating methods ``rank=None`` means ``max rᵢ`` (PEFT's default new rank),
+    capped at ``min(out, in)``; :func:`combine_rank_cap` is the largest ``rank`` accepted.
     ``density`` is the fraction kept by TIES (by magnitude) and DARE (at random).
     """
     w = _check_inputs(factors, weights)
@@ -254,8 +311,8 @@ def combine(
             raise ValueError("method='linear' is exact and takes no rank; use method='svd'")
         B, A = _concatenate(factors, w)
         return Factors(B.to(out_dtype), A.to(out_dtype))
-    if rank is None:
-        rank = max(Ai.shape[0] for _, Ai in factors)
+    if rank is None:  # at most min(out, in): PEFT allows r above it
+        rank = min(max(Ai.shape[0] for _, Ai in factors), *_update_shape(factors))
     if method == "svd":
         B, A = _concatenate(factors, w)
         svd = factored_svd(B, A)

@@ -32,11 +32,16 @@ class Amplification(NamedTuple):
     factor: float  # delta_norm / delta_directions
 
 
-def numerical_rank(S: Tensor, shape: tuple[int, int]) -> int:
-    """Singular values above ``max(shape)·eps·σ₁`` (NumPy's ``matrix_rank`` rule)."""
+def numerical_rank(S: Tensor, shape: tuple[int, int], *, eps: float | None = None) -> int:
+    """Singular values above ``max(shape)·eps·σ₁`` (NumPy's ``matrix_rank`` rule).
+
+    ``eps`` defaults to the machine epsilon of ``S``'s dtype; pass the input's when ``S`` was
+    computed in a wider working precision (a float16 matrix has float16 rounding noise).
+    """
     if S.numel() == 0 or float(S[0]) == 0.0:
         return 0
-    tol = max(shape) * torch.finfo(S.dtype).eps * float(S[0])
+    eps = torch.finfo(S.dtype).eps if eps is None else eps
+    tol = max(shape) * eps * float(S[0])
     return int((S > tol).sum())
 
 
@@ -65,10 +70,11 @@ def amplification(
         raise ShapeMismatchError(
             f"W and delta must have the same shape; found {tuple(W.shape)} and {tuple(delta.shape)}"
         )
+    eps = torch.finfo(delta.dtype).eps  # the input's rounding level, not the working copy's
     dtype = work_dtype(W, delta)
     W, delta = W.to(dtype), delta.to(dtype)
     d = truncated_svd(delta)  # U (out, k), S (k,), Vh (k, in)
-    r = numerical_rank(d.S, tuple(W.shape)) if rank is None else rank
+    r = numerical_rank(d.S, tuple(W.shape), eps=eps) if rank is None else rank
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d.S.numel():
         raise ValueError(
             f"rank must be an integer in [1, {d.S.numel()}]; found {rank!r} (delta may be zero)"

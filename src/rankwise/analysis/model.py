@@ -17,13 +17,15 @@ import torch
 from torch import Tensor, nn
 
 from rankwise.analysis._common import as_generator
-from rankwise.analysis.adapter_files import read_factors, write_factors
+from rankwise.analysis.adapter_files import read_config, read_extras, read_factors, write_factors
 from rankwise.analysis.adapters import LayerReport
 from rankwise.analysis.algebra import Factors, extract
-from rankwise.analysis.amplification import Amplification, amplification
-from rankwise.errors import ShapeMismatchError
+from rankwise.analysis.amplification import Amplification, amplification, numerical_rank
+from rankwise.errors import AdapterFormatError, ShapeMismatchError
+from rankwise.io.adapter import PREFIX
 from rankwise.linalg import relative_error
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.dora import MAGNITUDE
 
 PathLike = str | os.PathLike[str]
 
@@ -161,6 +163,16 @@ def find_module(model: nn.Module, name: str) -> nn.Module:
     return modules[hits[0]]
 
 
+def _dora_magnitudes(directory: PathLike) -> dict[str, Tensor]:
+    """``{module: m (out,)}``: a DoRA adapter's magnitude vectors under their module paths."""
+    suffix = "." + MAGNITUDE
+    return {
+        k[len(PREFIX) : -len(suffix)]: v
+        for k, v in read_extras(directory).items()
+        if k.startswith(PREFIX) and k.endswith(suffix)
+    }
+
+
 def adapter_amplification(
     model: nn.Module,
     directory: PathLike,
@@ -168,12 +180,17 @@ def adapter_amplification(
     rank: int | None = None,
     generator: torch.Generator | int | None = None,
 ) -> tuple[ModuleAmplification, ...]:
-    """:func:`amplification` of each module's ``ΔW = s·B A`` against the model's ``W``.
+    """:func:`amplification` of each module's update ``ΔW`` against the model's ``W``.
 
-    ``rank`` defaults to each module's adapter rank (the paper's Table 7 uses ``r``); it is
-    capped at that rank. ``model`` is the base model the adapter was trained on.
+    ``ΔW = s·B A`` for LoRA; for DoRA it is the whole change ``m ⊙ (W + s·B A)/‖W + s·B A‖ − W``
+    (norms per output row), which is not of rank ``r``. ``rank`` defaults to each module's
+    adapter rank (the paper's Table 7 uses ``r``); it is capped at that rank, at ``min(out,
+    in)`` and at the numerical rank of the update (directions beyond it are arbitrary). A
+    module whose update is zero (an untrained adapter, ``B = 0``) is refused by name.
+    ``model`` is the base model the adapter was trained on.
     """
     gen = as_generator(generator)
+    magnitudes = _dora_magnitudes(directory) if read_config(directory).use_dora else None
     rows = []
     for module, f in read_factors(directory).items():
         W = linear_weight(find_module(model, module)).double()  # (out, in)
@@ -182,6 +199,24 @@ def adapter_amplification(
             raise ShapeMismatchError(
                 f"module {module!r}: model weight {tuple(W.shape)}, adapter update {tuple(delta.shape)}"
             )
-        r = f.A.shape[0] if rank is None else min(rank, f.A.shape[0])
+        eps = torch.finfo(f.A.dtype).eps  # the adapter's rounding level
+        if magnitudes is not None:
+            if module not in magnitudes or magnitudes[module].shape != (W.shape[0],):
+                found = tuple(magnitudes[module].shape) if module in magnitudes else "none"
+                raise AdapterFormatError(
+                    f"{directory}: module {module!r}: expected a DoRA magnitude vector of shape "
+                    f"({W.shape[0]},); found {found}"
+                )
+            adapted = W + delta
+            norm = torch.linalg.vector_norm(adapted, dim=1, keepdim=True)  # (out, 1)
+            delta = magnitudes[module].double()[:, None] / norm * adapted - W
+            eps = max(eps, torch.finfo(magnitudes[module].dtype).eps)
+        available = numerical_rank(torch.linalg.svdvals(delta), tuple(W.shape), eps=eps)
+        if available == 0:
+            raise ValueError(
+                f"module {module!r}: the adapter's update is zero (untrained, B = 0?); "
+                "amplification is defined for a non-zero update"
+            )
+        r = min(f.A.shape[0] if rank is None else rank, f.A.shape[0], available)
         rows.append(ModuleAmplification(module, amplification(W, delta, rank=r, generator=gen)))
     return tuple(rows)

@@ -1,0 +1,190 @@
+"""Analysis on legal but unusual adapters (r above the layer's dims, rank_pattern, DoRA, zero or
+rank-deficient updates, half precision) and bad input to the tensor-level algebra."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from rankwise.analysis import (  # noqa: E402
+    Factors,
+    adapter_amplification,
+    adapter_spectrum,
+    amplification,
+    combine,
+    combine_adapters,
+    dare_merge,
+    extract,
+    resize_adapter,
+    ties_merge,
+)
+from rankwise.analysis.adapters import factored_relative_error  # noqa: E402
+from rankwise.errors import AdapterFormatError  # noqa: E402
+
+QUERY = "encoder.layer.0.attention.self.query"
+
+
+def _bert() -> torch.nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=100,
+    )
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def _row(rows):  # the first layer's query
+    return next(row for row in rows if row.module == QUERY)
+
+
+def _peft_save(path: Path, **kwargs) -> None:
+    kwargs.setdefault("target_modules", ["query", "value"])
+    peft.get_peft_model(_bert(), peft.LoraConfig(**kwargs)).save_pretrained(path)
+
+
+def test_combine_caps_the_rank_per_module_as_resize(tmp_path: Path) -> None:
+    _peft_save(tmp_path / "big", r=40, lora_alpha=8, init_lora_weights=False)  # r > 32 = dims
+    for method in ("svd", "ties"):
+        rows = combine_adapters([tmp_path / "big"], tmp_path / f"out_{method}", method=method)
+        assert {row.rank for row in rows} == {32}
+        assert all(row.relative_error < 1e-5 for row in rows) or method == "ties"
+    _peft_save(
+        tmp_path / "pat",
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        rank_pattern={"layer.0.attention.self.query": 2},
+    )
+    rows = combine_adapters([tmp_path / "pat"], tmp_path / "out_pat", method="svd", rank=3)
+    assert {row.module: row.rank for row in rows}[QUERY] == 2
+    assert sorted(row.rank for row in rows) == [2, 3, 3, 3]
+    resized = resize_adapter(tmp_path / "pat", tmp_path / "resized", 3)
+    assert sorted(row.rank for row in resized) == [2, 3, 3, 3]
+
+
+def test_amplification_of_an_adapter_with_r_above_the_dims(tmp_path: Path) -> None:
+    _peft_save(
+        tmp_path / "ad", r=40, lora_alpha=8, target_modules=["query"], init_lora_weights=False
+    )
+    rows = adapter_amplification(_bert(), tmp_path / "ad", generator=0)
+    assert [row.amplification.rank for row in rows] == [32, 32]
+
+
+def test_amplification_refuses_a_zero_adapter_and_caps_at_the_numerical_rank(
+    tmp_path: Path,
+) -> None:
+    _peft_save(tmp_path / "zero", r=4, lora_alpha=8, target_modules=["query"])  # B = 0
+    with pytest.raises(ValueError, match="'encoder.layer.0.attention.self.query'.*zero"):
+        adapter_amplification(_bert(), tmp_path / "zero", generator=0)
+    # a trained adapter whose update has rank 1 at r = 4: measured on its one direction
+    model = peft.get_peft_model(
+        _bert(),
+        peft.LoraConfig(r=4, lora_alpha=4, target_modules=["query"], layers_to_transform=[0]),
+    )
+    layer = model.base_model.model.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()
+        layer.lora_B["default"].weight[:, 0] = torch.linspace(-1, 1, 32)
+    model.save_pretrained(tmp_path / "rank1")
+    row = _row(adapter_amplification(_bert(), tmp_path / "rank1", generator=0))
+    W = _bert().get_submodule(QUERY).weight.detach().double()
+    delta = (
+        layer.lora_B["default"].weight.detach().double()
+        @ layer.lora_A["default"].weight.detach().double()
+    )
+    expected = amplification(W, delta, rank=1, generator=0)
+    assert row.amplification.rank == 1
+    assert row.amplification.factor == pytest.approx(expected.factor, rel=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_amplification_default_rank_uses_the_input_precision(dtype: torch.dtype) -> None:
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 32, generator=gen, dtype=torch.float64)
+    delta = torch.randn(32, 4, generator=gen, dtype=torch.float64) @ torch.randn(
+        4, 32, generator=gen, dtype=torch.float64
+    )
+    reference = amplification(W, delta, generator=0)
+    low = amplification(W.to(dtype), delta.to(dtype), generator=0)
+    assert reference.rank == low.rank == 4  # was 30: float32 eps on float16 rounding noise
+    assert low.factor == pytest.approx(reference.factor, rel=0.05)
+
+
+def test_dora_adapters_analysed_by_their_whole_update_or_refused(tmp_path: Path) -> None:
+    base = _bert()
+    W0 = base.get_submodule(QUERY).weight.detach().double().clone()
+    model = peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["query"], use_dora=True, init_lora_weights=False
+        ),
+    )
+    with torch.no_grad():  # a trained magnitude vector
+        for name, p in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.2 * torch.rand(p.shape, generator=torch.Generator().manual_seed(1)))
+    model.save_pretrained(tmp_path / "dora")
+    true_delta = model.merge_and_unload().get_submodule(QUERY).weight.detach().double() - W0
+    with pytest.raises(AdapterFormatError, match="DoRA"):
+        adapter_spectrum(tmp_path / "dora")
+    row = _row(adapter_amplification(_bert(), tmp_path / "dora", generator=0))
+    expected = amplification(W0, true_delta, rank=4, generator=0)
+    assert row.amplification.delta_norm == pytest.approx(expected.delta_norm, rel=1e-6)
+    assert row.amplification.factor == pytest.approx(expected.factor, rel=1e-6)
+
+
+def _factors(seed: int, r: int = 3) -> Factors:
+    gen = torch.Generator().manual_seed(seed)
+    return Factors(torch.randn(10, r, generator=gen), torch.randn(r, 12, generator=gen))
+
+
+def test_combine_ties_dare_refuse_non_finite_and_mismatched_input() -> None:
+    good, bad = _factors(0), _factors(1)
+    bad.B[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"factors\[1\] B: expected finite"):
+        combine([good, bad])
+    for weights in ([1.0, math.nan], [math.inf, 1.0], ["1", 1.0]):
+        with pytest.raises(ValueError, match="weights"):
+            combine([good, _factors(2)], weights)
+    d1, d2 = (f.B @ f.A for f in (_factors(3), _factors(4)))
+    for merge in (ties_merge, dare_merge):
+        with pytest.raises(ValueError, match="weights has 1 entries; deltas has 2"):
+            merge([d1, d2], [1.0], density=0.5)
+        with pytest.raises(ValueError, match="at least one"):
+            merge([], [], density=0.5)
+        with pytest.raises(ValueError, match=r"deltas\[1\] has shape"):
+            merge([d1, d2[:, :5]], [1.0, 1.0], density=0.5)
+
+
+def test_combine_adapters_refuses_non_finite_weights(tmp_path: Path) -> None:
+    _peft_save(tmp_path / "a", r=2, lora_alpha=4, init_lora_weights=False)
+    with pytest.raises(ValueError, match=r"weights\[0\]"):
+        combine_adapters([tmp_path / "a"], tmp_path / "out", [math.nan])
+    assert not (tmp_path / "out").exists()
+
+
+def test_extract_refuses_integer_matrices() -> None:
+    W = torch.arange(12).reshape(3, 4)
+    with pytest.raises(TypeError, match="W_base must be a floating-point tensor"):
+        extract(W, W + 1, 1)
+
+
+@pytest.mark.parametrize("tail", [1e-7, 1e-10, 1e-12])
+def test_factored_relative_error_is_accurate_for_tiny_errors(tail: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    U, _ = torch.linalg.qr(torch.randn(40, 5, generator=gen, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(30, 5, generator=gen, dtype=torch.float64))
+    S = torch.tensor([3.0, 2.0, 1.0, 0.5, tail], dtype=torch.float64)
+    reference = Factors(U * S, V.mT)
+    approx = Factors(U[:, :4] * S[:4], V[:, :4].mT)
+    expected = tail / float(torch.linalg.norm(S))
+    assert factored_relative_error(reference, approx) == pytest.approx(expected, rel=1e-3)
