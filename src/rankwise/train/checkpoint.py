@@ -48,11 +48,18 @@ class Checkpoint(NamedTuple):
     weights: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
-    rng: torch.Tensor  # torch's CPU generator state
+    rng: torch.Tensor  # torch's CPU generator state (of rank 0)
     cuda_rng: list[torch.Tensor]  # one state per CUDA device (empty on CPU)
     meta: dict[str, Any]
     skipped: tuple[str, ...]  # later checkpoints that were unreadable (one message each)
     hooks: dict[str, Any]  # the method hooks' state (tensors and plain containers)
+    rank_rngs: list[torch.Tensor]  # every process's CPU generator state, in rank order
+
+    def rng_for(self, rank: int, world_size: int) -> torch.Tensor:
+        """Process ``rank``'s generator state (rank 0's for a checkpoint without them)."""
+        if len(self.rank_rngs) == world_size:
+            return self.rank_rngs[rank]
+        return self.rng
 
 
 def _sha256(path: Path) -> str:
@@ -81,11 +88,13 @@ def save_checkpoint(
     keep: int = 2,
     meta: Mapping[str, Any] | None = None,
     hooks: Mapping[str, Any] | None = None,
+    rank_rngs: list[torch.Tensor] | None = None,
 ) -> Path:
     """Write a checkpoint atomically and keep only the ``keep`` most recent ones.
 
     ``meta``: JSON-able facts the resumed run must match (e.g. the global batch size);
-    ``hooks``: the method hooks' state (tensors, lists, dicts, numbers, strings, bools).
+    ``hooks``: the method hooks' state (tensors, lists, dicts, numbers, strings, bools);
+    ``rank_rngs``: every process's generator state under torchrun (default: this one's).
     """
     from safetensors.torch import save_file
 
@@ -102,6 +111,7 @@ def save_checkpoint(
         "scheduler": dict(scheduler),
         "hooks": dict(hooks or {}),
         "rng": torch.get_rng_state(),
+        "rank_rngs": list(rank_rngs) if rank_rngs is not None else [torch.get_rng_state()],
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
     }
     torch.save(state, tmp / STATE_FILE)
@@ -173,6 +183,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         dict(index.get("meta", {})),
         (),
         dict(state.get("hooks", {})),
+        list(state.get("rank_rngs", [])),
     )
 
 

@@ -77,3 +77,14 @@ def broadcast_flag(flag: bool, info: DistInfo) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.long)
     dist.broadcast(value, src=0)
     return bool(value.item())
+
+
+def gather_rng_states(info: DistInfo) -> list[torch.Tensor]:
+    """Every process's CPU generator state, in rank order (dropout draws differ per process,
+    so a resumed run must give each process back its own)."""
+    own = torch.get_rng_state()
+    if info.world_size == 1:
+        return [own]
+    states = [torch.empty_like(own) for _ in range(info.world_size)]
+    dist.all_gather(states, own)
+    return states

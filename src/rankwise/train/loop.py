@@ -179,6 +179,7 @@ def _evaluate(run: _Run, *, adapter_path: bool = False) -> EvalResult | None:
 
 
 def _save(run: _Run, position: ckpt.Position) -> None:
+    rngs = dist_.gather_rng_states(run.info)  # collective: every process takes part
     if run.info.is_main:
         ckpt.save_checkpoint(
             run.out,
@@ -189,6 +190,7 @@ def _save(run: _Run, position: ckpt.Position) -> None:
             keep=run.config.keep_checkpoints,
             meta={"global_batch": _global_batch(run), "base_digest": run.hooks.base_digest},
             hooks=run.hooks.state_dict(),
+            rank_rngs=rngs,
         )
     dist_.barrier(run.info)
 
@@ -289,7 +291,7 @@ def _resume(run: _Run) -> ckpt.Position:
     run.hooks.load_state_dict(found.hooks)
     run.optimizer.load_state_dict(found.optimizer)
     run.scheduler.load_state_dict(found.scheduler)
-    torch.set_rng_state(found.rng)
+    torch.set_rng_state(found.rng_for(run.info.rank, run.info.world_size))
     if found.cuda_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(found.cuda_rng)
     run.log.truncate_after(found.position.step)
