@@ -49,6 +49,7 @@ def test_two_processes_match_one_with_the_global_batch(
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
     # Only rank 0 wrote: one summary, one metrics line per step (+ before/after), no stray files.
     assert two.stdout.count("held-out after training") == 1
+    assert two.stdout.count("done:") == 1
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(

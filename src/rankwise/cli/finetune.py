@@ -8,6 +8,7 @@ from ``--config FILE.yaml``; flags given on the command line override the file.
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 from rankwise.train.config import FIELDS, METHODS, TASKS, TrainConfig, from_mapping, read_yaml
@@ -96,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.train import train
 
     result = train(config_from_args(args))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
+        return 0
     print(
         f"done: {result.steps} steps, {result.examples_per_s:.1f} examples/s, {result.seconds:.0f} s; output {result.output}"
     )

@@ -114,6 +114,11 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind is int and isinstance(value, int) and not isinstance(value, bool):
         return value
     if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
@@ -217,6 +222,16 @@ def validate(config: TrainConfig) -> None:
         )
     if config.eval_split is not None and not config.eval_split > 0:
         raise ConfigError(f"option 'eval_split': expected a number > 0, found {config.eval_split}")
+    for name in ("alpha", "loraplus_ratio", "lr", "warmup", "weight_decay", "epochs", "eval_split"):
+        value = getattr(config, name)
+        if value is not None and not math.isfinite(value):
+            raise ConfigError(f"option {name!r}: expected a finite number, found {value}")
+    for name in ("warmup", "eval_split"):  # a fraction below 1, else a whole count
+        value = getattr(config, name)
+        if value is not None and value >= 1 and value != int(value):
+            raise ConfigError(
+                f"option {name!r}: expected a fraction < 1 or a whole count >= 1, found {value}"
+            )
     if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
         raise ConfigError(
             f"option 'targets': expected a tuple of module names, found {config.targets!r}"

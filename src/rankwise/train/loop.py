@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -236,10 +237,10 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
             batches = length_grouped_batches(lengths, global_batch, generator=gen)
             for index in range(next_batch, len(batches)):
                 tick = time.perf_counter()
+                lr = run.scheduler.get_last_lr()[0]  # the rate this step trains at
                 loss = _optimizer_step(run, batches[index], step + 1)
                 step, seen = step + 1, seen + len(batches[index])
                 rate = len(batches[index]) / max(time.perf_counter() - tick, 1e-9)
-                lr = run.scheduler.get_last_lr()[0]
                 progress = round(epoch + (index + 1) / len(batches), 4)
                 record = {
                     "step": step,
@@ -262,9 +263,12 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
 
 
 def _resume(run: _Run) -> ckpt.Position:
-    found = ckpt.load_latest(run.out)
+    with warnings.catch_warnings():  # each skipped checkpoint is echoed below (rank 0 only)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        found = ckpt.load_latest(run.out)
     if found is None:
         run.echo(f"no checkpoint in {run.out}; starting from step 0")
+        run.log.truncate_after(-1)  # records of the attempt that never checkpointed
         return ckpt.Position(0, 0, 0)
     for message in found.skipped:
         run.echo(f"warning: {message}")

@@ -7,6 +7,7 @@ path; without network the error says so and how to pass a local directory instea
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,6 +59,24 @@ def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
     return out
 
 
+# Files one of which every saved transformers tokenizer has (fast JSON, WordPiece, BPE,
+# SentencePiece, or the config that names them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
+                   "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def _check_tokenizer_files(source: str) -> None:
+    """A local model directory without tokenizer files is refused: transformers would build an
+    empty tokenizer from the config and every word would become the unknown token."""
+    path = Path(source)
+    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ConfigError(
+            f"model directory {source!r} has no tokenizer files (expected one of "
+            f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there too "
+            "(tokenizer.save_pretrained(directory))"
+        )
+
+
 def load_pretrained(
     name: str | None,
     *,
@@ -85,6 +104,7 @@ def load_pretrained(
             f"model {source!r} could not be downloaded from the Hugging Face hub (no network, "
             f"or no such model); download it elsewhere and pass its local directory: --model /path/to/model"
         ) from None
+    _check_tokenizer_files(source)
     if model_dropout is not None:
         for key, value in _dropout_overrides(config, model_dropout).items():
             setattr(config, key, value)
@@ -93,7 +113,19 @@ def load_pretrained(
         if fallback is None:
             raise ConfigError(f"tokenizer of {source!r} has no pad, eos or unk token to pad with")
         tokenizer.pad_token = fallback
+    mismatched = False
     if task == "classification":
+        trained_head = any(
+            a.endswith("ForSequenceClassification") for a in config.architectures or ()
+        )
+        if trained_head and config.num_labels != len(label_names):
+            mismatched = True  # the checkpoint's head cannot be used: a new one is initialized
+            warnings.warn(
+                f"model {source!r} has a classification head for {config.num_labels} labels, "
+                f"the data has {len(label_names)}: the head is re-initialized",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -104,7 +136,8 @@ def load_pretrained(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
-        model = auto.from_pretrained(source, config=config)
+        extra = {"ignore_mismatched_sizes": True} if mismatched else {}
+        model = auto.from_pretrained(source, config=config, **extra)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model_dropout is not None:

@@ -56,6 +56,13 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
     if config.resume:
         if not out.is_dir():
             raise FileNotFoundError(f"--resume: output directory {str(out)!r} does not exist")
+        if (out / CONFIG_FILE).is_file():
+            check_resumable(config, out / CONFIG_FILE)
+        elif any(out.iterdir()):
+            raise ConfigError(
+                f"--resume: {str(out)!r} holds no {CONFIG_FILE}, so it is not a rankwise "
+                "finetune run: nothing to resume (its files are left alone); choose another --output"
+            )
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(
             f"output directory {str(out)!r} is not empty; pass --resume to continue the run in it, or choose another --output"
@@ -73,6 +80,44 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
             ) from None
     dist_.barrier(info)
     return out
+
+
+# Options a resumed run may change: where and how often it reports and saves, and how the
+# global batch is split (the checkpoint checks batch size x grad accum x processes itself).
+RESUMABLE = frozenset(
+    {"output", "resume", "merge", "eval_every", "save_every", "keep_checkpoints", "batch_size",
+     "grad_accum"}
+)  # fmt: skip
+
+
+def _same(name: str, saved: Any, given: Any) -> bool:
+    if saved == given:
+        return True
+    if name in ("model", "data", "eval_data") and isinstance(saved, str) and isinstance(given, str):
+        a, b = Path(saved).expanduser(), Path(given).expanduser()
+        return a.exists() and b.exists() and a.resolve() == b.resolve()
+    return False
+
+
+def check_resumable(config: TrainConfig, saved_file: Path) -> None:
+    """Refuse a resume whose options differ from the run's own ``config.yaml`` (other than
+    :data:`RESUMABLE`): the checkpoint's optimizer, schedule and data order belong to those."""
+    from rankwise.train.config import from_mapping, read_yaml
+
+    saved = from_mapping(read_yaml(saved_file))
+    changed = [
+        (name, getattr(saved, name), getattr(config, name))
+        for name in TrainConfig.__dataclass_fields__
+        if name not in RESUMABLE and not _same(name, getattr(saved, name), getattr(config, name))
+    ]
+    if changed:
+        listed = "; ".join(
+            f"{n.replace('_', '-')}: {a!r} in the run, {b!r} now" for n, a, b in changed
+        )
+        raise ConfigError(
+            f"--resume: options differ from {str(saved_file)!r} ({listed}); a resumed run "
+            "continues with its own settings; start a new --output to change them"
+        )
 
 
 @contextlib.contextmanager

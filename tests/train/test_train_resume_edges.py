@@ -1,0 +1,116 @@
+"""Resume and loading edge cases: changed options, directories that are not runs, runs killed
+before their first checkpoint, models with another head or no tokenizer, the logged rate."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from rankwise.errors import ConfigError
+from rankwise.train import TrainConfig, train
+from rankwise.train.config import from_mapping
+from rankwise.train.metrics import read_metrics
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
+    base = {"model": str(model), "data": str(data), "output": str(out), "batch_size": 8,
+            "lr": 5e-3, "save_every": 2, "max_steps": 4, "eval_split": 8}  # fmt: skip
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def test_resume_refuses_changed_options_and_keeps_the_run(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    saved = (out / "config.yaml").read_text()
+    for change in ({"lr": 0.1}, {"seed": 7}, {"weight_decay": 0.5}, {"max_steps": 8}):
+        with pytest.raises(
+            ConfigError, match=f"{next(iter(change)).replace('_', '-')}: .* in the run"
+        ):
+            train(_config(tiny_bert, toy_tsv, out, resume=True, **change), echo=_quiet)
+        assert (out / "config.yaml").read_text() == saved
+    # how often it saves or evaluates may change; the run then completes
+    done = train(_config(tiny_bert, toy_tsv, out, resume=True, eval_every=1), echo=_quiet)
+    assert done.resumed_from == 2 and done.steps == 4
+
+
+def test_resume_refuses_a_directory_that_is_not_a_run(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "mine"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="not a rankwise finetune run"):
+        train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
+    assert (out / "adapter" / "notes.txt").read_text() == "keep me"
+    assert sorted(p.name for p in out.iterdir()) == ["adapter"]
+
+
+def test_resume_without_a_checkpoint_logs_each_step_once(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out, save_every=0), echo=_quiet, stop_after=3)
+    train(_config(tiny_bert, toy_tsv, out, save_every=0, resume=True), echo=_quiet)
+    steps = [r["step"] for r in read_metrics(out / "metrics.jsonl")]
+    assert steps == [0, 1, 2, 3, 4, 4]  # before, 4 steps, after (was 0..3 then 0..4, 4)
+
+
+def test_logged_lr_is_the_rate_the_step_trained_at(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out, warmup=0.0, lr=1e-3), echo=_quiet)
+    logged = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+    assert logged == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # linear decay to 0 after 4
+
+
+def test_a_trained_head_of_another_size_is_reinitialized(tiny_bert: Path, tmp_path: Path) -> None:
+    data = tmp_path / "three.tsv"
+    rows = [f"{i % 3}\tthe film was number {i}" for i in range(30)]
+    data.write_text("label\tsentence\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert json.loads((tiny_bert / "config.json").read_text())["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    with pytest.warns(RuntimeWarning, match="head for 2 labels, the data has 3"):
+        result = train(_config(tiny_bert, data, tmp_path / "run", max_steps=1), echo=_quiet)
+    assert result.after is not None and result.after.logits.shape[1] == 3
+
+
+def test_a_model_directory_without_tokenizer_files_is_refused(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    model = tmp_path / "no_tokenizer"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert / name, model / name)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        train(_config(model, toy_tsv, out), echo=_quiet)
+    assert not out.exists()
+
+
+def test_yaml_numbers_without_a_dot_and_fractional_counts(tmp_path: Path) -> None:
+    values = yaml.safe_load("lr: 1e-3\nweight_decay: 1e-2\n")
+    assert isinstance(values["lr"], str)  # PyYAML's YAML 1.1 reading
+    config = from_mapping(values)
+    assert config.lr == 1e-3 and config.weight_decay == 1e-2
+    with pytest.raises(ConfigError, match="'lr'"):
+        from_mapping({"lr": "fast"})
+    from rankwise.train.config import validate
+
+    for name in ("eval_split", "warmup"):
+        with pytest.raises(ConfigError, match=f"'{name}': expected a fraction < 1 or a whole"):
+            validate(from_mapping({name: 1.5}))
+    with pytest.raises(ConfigError, match="'lr': expected a finite number"):
+        validate(from_mapping({"lr": "inf"}))
