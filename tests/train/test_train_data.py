@@ -109,3 +109,28 @@ def test_hf_datasets_through_the_datasets_library(tmp_path: Path) -> None:
     assert ds.texts == ("fine film", "dull film") and ds.labels == (1, 0)
     with pytest.raises(ConfigError, match="could not load hf:"):
         load_dataset(f"hf:{folder}:no_such_split")
+
+
+def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network here: the datasets library's loader is replaced by one that knows two hub
+    datasets, to check how ``hf:`` names are read (the owner was taken for the name)."""
+    datasets = pytest.importorskip("datasets")
+    known = {("stanfordnlp/imdb", None): "imdb", ("glue", "sst2"): "sst2",
+             ("nyu-mll/glue", "sst2"): "nyu sst2"}  # fmt: skip
+    calls = []
+
+    def fake(path, name=None, *, split):
+        calls.append((path, name, split))
+        if (path, name) not in known:
+            raise FileNotFoundError(f"no dataset {path}")
+        return [{"text": known[(path, name)], "label": 0}]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    from rankwise.train.data import _read_hf
+
+    assert _read_hf("stanfordnlp/imdb:test") == [{"text": "imdb", "label": 0}]
+    assert calls[-1] == ("stanfordnlp/imdb", None, "test")
+    assert _read_hf("glue/sst2")[0]["text"] == "sst2"  # owner/name tried first, then name/config
+    assert _read_hf("nyu-mll/glue/sst2:validation")[0]["text"] == "nyu sst2"
+    with pytest.raises(ConfigError, match="no_owner/none.*no_owner \\(config none\\)"):
+        _read_hf("no_owner/none")

@@ -124,18 +124,27 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
             "hf: datasets need the 'datasets' package (pip install datasets)"
         ) from None
     # hf:<name>[/<config>][:<split>]; a hub name with an owner is <owner>/<name>[/<config>].
+    # Two parts are ambiguous: <owner>/<name> (most hub datasets now) is tried first, then
+    # <name>/<config> (e.g. glue/sst2).
     name, _, split = spec.partition(":")
     parts = name.split("/")
-    cut = 1 if len(parts) == 2 else 2
     if Path(name).exists():  # a local dataset directory (or script) is one name
-        cut = len(parts)
-    name, config = "/".join(parts[:cut]), "/".join(parts[cut:])
-    try:
-        loaded = datasets.load_dataset(name, config or None, split=split or "train")
-    except Exception as err:  # the datasets library raises many types for "not available"
-        raise ConfigError(
-            f"could not load hf:{spec} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
-        ) from None
+        readings = [(name, None)]
+    elif len(parts) == 2:
+        readings = [(name, None), (parts[0], parts[1])]
+    else:
+        readings = [("/".join(parts[:2]), "/".join(parts[2:]) or None)]
+    errors = []
+    for path, config in readings:
+        try:
+            loaded = datasets.load_dataset(path, config, split=split or "train")
+            break
+        except Exception as err:  # the datasets library raises many types for "not available"
+            first = str(err).splitlines()[0] if str(err) else ""
+            shown = path if config is None else f"{path} (config {config})"
+            errors.append(f"{shown}: {type(err).__name__}: {first}")
+    else:
+        raise ConfigError(f"could not load hf:{spec} ({'; '.join(errors)})") from None
     return [dict(row) for row in loaded]
 
 
