@@ -100,6 +100,11 @@ def test_partial_temporary_checkpoint_is_ignored(tmp_path: Path) -> None:
     found = ckpt.load_latest(tmp_path)
     assert found is not None and found.position.step == 2
     assert ckpt.load_latest(tmp_path / "nothing") is None
+    # the next save clears what killed runs left behind (they used to pile up)
+    (tmp_path / ckpt.CHECKPOINTS_DIR / ".stale-step-000002-77").mkdir()
+    ckpt.save_checkpoint(tmp_path, ckpt.Position(6, 0, 6), **_state(6))
+    names = sorted(p.name for p in (tmp_path / ckpt.CHECKPOINTS_DIR).iterdir())
+    assert names == ["step-000002", "step-000006"]
 
 
 def test_a_relative_model_directory_is_recorded_absolute(tmp_path, monkeypatch) -> None:

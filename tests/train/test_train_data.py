@@ -134,3 +134,15 @@ def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> 
     assert _read_hf("nyu-mll/glue/sst2:validation")[0]["text"] == "nyu sst2"
     with pytest.raises(ConfigError, match="no_owner/none.*no_owner \\(config none\\)"):
         _read_hf("no_owner/none")
+
+
+def test_a_text_that_is_not_a_string_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    rows = [{"text": "good film", "label": 1}, {"text": 5, "label": 0}]
+    path = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(ConfigError, match="row 2: column 'text' holds int 5; expected text"):
+        load_dataset(str(path))
+    with pytest.raises(ConfigError, match="row 2"):
+        load_dataset(str(path), task="causal-lm")
+    rows[1]["text"] = None  # an empty text is skipped, as documented
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_dataset(str(path)).texts == ("good film",)

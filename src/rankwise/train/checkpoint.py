@@ -102,7 +102,9 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{position.step:06d}"
     tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for leftover in root.iterdir():  # half-built or half-deleted ones of killed earlier runs
+        if leftover.is_dir() and leftover.name.startswith((".tmp-", ".stale-")):
+            shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}
     save_file(tensors, str(tmp / WEIGHTS_FILE))

@@ -236,8 +236,8 @@ def load_dataset(
     )
     texts, keys = [], []
     for number, row in enumerate(rows, start=1):
-        text = row.get(text_col)
-        if not isinstance(text, str) or not text.strip():
+        text = _text(row.get(text_col), source=name, row=number, column=text_col)
+        if not text.strip():
             continue
         texts.append(text)
         keys.append(_label_key(row.get(label_col), source=name, row=number))
@@ -246,6 +246,19 @@ def load_dataset(
     names = tuple(label_names) if label_names is not None else label_names_of(keys, source=name)
     ids = _label_ids(keys, names, source=name)
     return TextDataset(tuple(texts), ids, names, None, name)
+
+
+def _text(value: Any, *, source: str, row: int, column: str) -> str:
+    """A row's text: a string (``None`` reads as empty, skipped); anything else is an error
+    naming the row (a JSON number or list is not silently dropped)."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ConfigError(
+            f"{source!r} row {row}: column {column!r} holds {type(value).__name__} {value!r}; "
+            "expected text"
+        )
+    return value
 
 
 def _label_ids(
@@ -273,7 +286,11 @@ def _causal_dataset(
             raise ConfigError(f"dataset {name!r} has no non-empty response")
         return TextDataset(tuple(p[1] for p in pairs), None, (), tuple(p[0] for p in pairs), name)
     col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
-    texts = tuple(str(r[col]) for r in rows if isinstance(r.get(col), str) and r[col].strip())
+    texts = tuple(
+        text
+        for number, r in enumerate(rows, start=1)
+        if (text := _text(r.get(col), source=name, row=number, column=col)).strip()
+    )
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {col!r}")
     return TextDataset(texts, None, (), None, name)
