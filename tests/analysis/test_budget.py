@@ -48,3 +48,33 @@ def test_budget_errors_name_the_culprit() -> None:
         budget_plan(model, rank=2, sets=[("x",)])
     with pytest.raises(ValueError, match="exactly one"):
         budget_plan(model)
+
+
+def test_plan_refuses_a_type_that_matches_nothing_inside_a_set_and_bad_values() -> None:
+    model = _bert()
+    types = {"q": "attention.self.query", "o": "out_proj"}  # a typo for this model
+    with pytest.raises(KeyError, match="weight type 'o' \\(out_proj\\) in \\['q', 'o'\\]"):
+        budget_plan(model, rank=1, sets=[("q",), ("q", "o")], types=types)
+    for bad in (100.0, True, 0):
+        with pytest.raises(ValueError, match="budget must be a positive integer"):
+            budget_plan(model, budget=bad)
+    with pytest.raises(ValueError, match="at least one set"):
+        budget_plan(model, rank=2, sets=[])
+    # 32x32 matrices: rank 41 would train more than the matrices themselves
+    with pytest.raises(ValueError, match="rank 41, above min\\(out, in\\) = 32"):
+        budget_plan(model, budget=8000, sets=[("q", "k", "v", "o"), ("q",)])
+
+
+def test_plan_counts_what_inject_adapts_on_a_classification_model() -> None:
+    from rankwise.lora import LoraConfig, inject
+
+    config = transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+        vocab_size=100,
+    )  # fmt: skip
+    model = transformers.RobertaForSequenceClassification(config)
+    (plan,) = budget_plan(model, rank=2, sets=[("d",)], types={"d": "dense"}, task_type="SEQ_CLS")
+    assert plan.layers == 6  # classifier.dense is the trained head, not adapted
+    inject(model, LoraConfig(r=plan.rank, target_modules=["dense"], task_type="SEQ_CLS"))
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    assert lora == plan.params

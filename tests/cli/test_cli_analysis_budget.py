@@ -62,3 +62,40 @@ def test_budget_runs_each_set_at_its_equal_budget_rank(
     assert all(0.0 <= float(row[4]) <= 100.0 for row in table.values())
     assert (tmp_path / "runs" / "qv" / "adapter" / "adapter_config.json").is_file()
     assert (tmp_path / "plots" / "budget.png").is_file()
+    import json
+
+    summary = json.loads((tmp_path / "runs" / "budget.json").read_text())
+    assert [(r["types"], r["rank"], r["params"]) for r in summary] == [
+        (["q"], 2, 256),
+        (["q", "v"], 1, 256),
+    ]
+    from safetensors import safe_open
+
+    with safe_open(
+        str(tmp_path / "runs" / "qv" / "adapter" / "adapter_model.safetensors"), "pt"
+    ) as f:
+        lora = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1]
+                   for k in f.keys() if "lora_" in k)  # fmt: skip
+    assert lora == 256
+
+
+def test_budget_checks_every_run_directory_before_training(tmp_path: Path) -> None:
+    model = _tiny_model_dir(tmp_path)
+    data = tmp_path / "train.tsv"
+    data.write_text("label\tsentence\n" + "\n".join(f"{i % 2}\tgood film" for i in range(12)))
+    (tmp_path / "runs" / "v").mkdir(parents=True)
+    (tmp_path / "runs" / "v" / "keep.txt").write_text("mine")
+    argv = ["analyze", "budget", "--model", str(model), "--data", str(data), "--rank", "1",
+            "--max-steps", "1", "--output", str(tmp_path / "runs")]  # fmt: skip
+    assert main([*argv, "--sets", "q,v"]) == 2  # v's directory is taken: nothing runs
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["v"]
+    assert main([*argv, "--sets", "q,q"]) == 2  # a set given twice
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["v"]
+
+
+def test_budget_zero_is_refused_as_a_budget(tmp_path: Path, capsys) -> None:
+    model = _tiny_model_dir(tmp_path)
+    argv = ["analyze", "budget", "--model", str(model), "--data", "x.tsv", "--budget", "0",
+            "--output", str(tmp_path / "runs")]  # fmt: skip
+    assert main(argv) == 2
+    assert "budget must be a positive integer; found 0" in capsys.readouterr().err

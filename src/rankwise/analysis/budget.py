@@ -16,7 +16,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from rankwise.analysis.model import is_linear, linear_weight, matches_name
+from rankwise.analysis.model import is_linear, linear_weight
 
 # Short weight-type names -> module-name suffixes (BERT-style attention, as in MiniLM).
 BERT_TYPES: dict[str, str] = {
@@ -47,14 +47,36 @@ class BudgetPlan(NamedTuple):
     params: int  # trainable LoRA parameters: rank · Σ (in + out)
 
 
-def cost_per_rank(model: nn.Module, targets: Sequence[str]) -> tuple[int, int]:
-    """``(layers, Σ (in + out))`` over the linear layers whose names match ``targets``."""
+def _adapted(model: nn.Module, targets: Sequence[str], task_type: str | None) -> list[str]:
+    """The modules a LoRA with these targets adapts (``inject``'s own resolution, dry run:
+    a classification head under ``task_type="SEQ_CLS"`` is trained in full, not adapted)."""
+    from rankwise.lora import LoraConfig, inject
+
+    config = LoraConfig(r=1, target_modules=list(targets), task_type=task_type)
+    return list(inject(model, config, dry_run=True))
+
+
+def cost_per_rank(
+    model: nn.Module, targets: Sequence[str], *, task_type: str | None = None
+) -> tuple[int, int]:
+    """``(layers, Σ (in + out))`` over the layers LoRA adapts for ``targets``; they must all be
+    linear (``nn.Linear`` or ``Conv1D``)."""
+    modules = dict(model.named_modules())
     layers, cost = 0, 0
-    for name, module in model.named_modules():
-        if is_linear(module) and any(matches_name(name, t) for t in targets):
-            out_features, in_features = linear_weight(module).shape
-            layers, cost = layers + 1, cost + out_features + in_features
+    for name in _adapted(model, targets, task_type):
+        if not is_linear(modules[name]):
+            raise KeyError(
+                f"module {name!r} is a {type(modules[name]).__name__}; the budget plan covers "
+                "linear layers (nn.Linear, Conv1D)"
+            )
+        out_features, in_features = linear_weight(modules[name]).shape
+        layers, cost = layers + 1, cost + out_features + in_features
     return layers, cost
+
+
+def _smallest_side(model: nn.Module, targets: Sequence[str], task_type: str | None) -> int:
+    modules = dict(model.named_modules())
+    return min(min(linear_weight(modules[n]).shape) for n in _adapted(model, targets, task_type))
 
 
 def budget_plan(
@@ -64,37 +86,54 @@ def budget_plan(
     rank: int | None = None,
     sets: Sequence[Sequence[str]] = PAPER_SETS,
     types: Mapping[str, str] = BERT_TYPES,
+    task_type: str | None = None,
 ) -> tuple[BudgetPlan, ...]:
     """The rank of each set of weight types that spends ``budget`` trainable parameters.
 
     Give ``budget`` directly, or ``rank``: the budget of rank ``rank`` on the first set (the
-    paper's 18M = r 8 on one type of GPT-3's matrices). A set that cannot afford rank 1 is an
-    error naming it.
+    paper's 18M = r 8 on one type of GPT-3's matrices). Layers are those ``inject`` adapts on
+    ``model`` (with ``task_type``, as the training run will). Refused by name: a type that
+    matches no layer (also inside a set), a set that cannot afford rank 1, and a rank above
+    ``min(out, in)`` of one of the set's layers.
     """
     if (budget is None) == (rank is None):
         raise ValueError(f"give exactly one of budget and rank; found budget={budget}, rank={rank}")
+    for name, value in (("budget", budget), ("rank", rank)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive integer; found {value!r}")
+    if len(sets) == 0:
+        raise ValueError("sets must hold at least one set of weight types; found none")
     resolved = []
     for group in sets:
         unknown = [t for t in group if t not in types]
         if unknown or not group:
             raise KeyError(f"weight types {list(group)}: unknown {unknown}; known {sorted(types)}")
+        for t in group:  # each type on its own: a typo must not vanish inside a set
+            try:
+                _adapted(model, [types[t]], task_type)
+            except ValueError as err:
+                raise KeyError(
+                    f"weight type {t!r} ({types[t]}) in {list(group)} matches no layer: {err}"
+                ) from None
         targets = tuple(types[t] for t in group)
-        layers, cost = cost_per_rank(model, targets)
-        if layers == 0:
-            raise KeyError(
-                f"weight types {list(group)} ({', '.join(targets)}) match no linear layer"
-            )
+        layers, cost = cost_per_rank(model, targets, task_type=task_type)
         resolved.append((tuple(group), targets, layers, cost))
     if budget is None:
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive integer; found {rank!r}")
-        budget = rank * resolved[0][3]
+        budget = rank * resolved[0][3]  # type: ignore[operator]
     plans = []
     for group, targets, layers, cost in resolved:
         r = budget // cost
         if r < 1:
             raise ValueError(
                 f"budget {budget} cannot give {list(group)} rank 1 (needs {cost} parameters)"
+            )
+        side = _smallest_side(model, targets, task_type)
+        if r > side:
+            raise ValueError(
+                f"budget {budget} gives {list(group)} rank {r}, above min(out, in) = {side} of "
+                "one of its layers; choose a smaller budget"
             )
         plans.append(BudgetPlan(group, targets, layers, r, r * cost))
     return tuple(plans)

@@ -138,7 +138,11 @@ def plot_budget(
     low = min(values) if values else 0.0
     ax.set_ylim(max(0.0, low - 5), min(100.0, max(values, default=100.0) + 2))
     ax.set_ylabel("held-out accuracy (%)")
-    ax.set_title(f"equal budget: {plans[0].params if plans else 0} LoRA parameters per run")
+    counts = sorted({p.params for p in plans}) or [0]
+    if len(counts) == 1:
+        ax.set_title(f"equal budget: {counts[0]} LoRA parameters per run")
+    else:  # rounding down to whole ranks spends a little less on some sets
+        ax.set_title(f"budget: {counts[0]}–{counts[-1]} LoRA parameters per run")
     path = _save(fig, Path(directory) / "budget.png")
     plt.close(fig)
     return [path]

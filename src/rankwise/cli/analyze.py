@@ -159,21 +159,43 @@ def _amplification(args: argparse.Namespace) -> int:
 
 def _budget(args: argparse.Namespace) -> int:
     """Plan equal-budget ranks (:func:`budget_plan`), then fine-tune once per set."""
+    import json
+
+    import transformers
+
     from rankwise.analysis.budget import BERT_TYPES, PAPER_SETS, budget_plan
     from rankwise.analysis.report import budget_table
+    from rankwise.io.files import atomic_write_bytes
     from rankwise.train import train
     from rankwise.train.config import from_mapping
+    from rankwise.train.models import resolve_model_source
 
-    model = load_base_model(args.model)
+    # planned on the model the runs train (a classification model: its head is trained in
+    # full, never adapted), so the table's counts are the adapters' own
+    source = resolve_model_source(args.model)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(source)
     sets = args.sets or PAPER_SETS
     budget = args.budget
     types = args.types or BERT_TYPES
-    rank = None if budget else args.rank
-    plans = budget_plan(model, budget=budget, rank=rank, sets=sets, types=types)
+    rank = None if budget is not None else args.rank
+    plans = budget_plan(
+        model, budget=budget, rank=rank, sets=sets, types=types, task_type="SEQ_CLS"
+    )
     del model
+    names = ["".join(plan.types) for plan in plans]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--sets: {', '.join(repeated)} given more than once")
+    out = Path(args.output)
+    for name in names:  # every run's directory checked before the first run starts
+        target = out / name
+        if target.is_file() or (target.is_dir() and any(target.iterdir())):
+            raise FileExistsError(
+                f"--output: {str(target)!r} exists and is not empty; choose another --output"
+            )
+    summary = out / "budget.json"
     results = []
-    for plan in plans:
-        name = "".join(plan.types)
+    for plan, name in zip(plans, names, strict=True):
         print(
             f"[budget] {name}: rank {plan.rank} on {plan.layers} layers, {plan.params} parameters"
         )
@@ -191,10 +213,16 @@ def _budget(args: argparse.Namespace) -> int:
                 "lr": args.lr,
                 "seed": args.seed,
                 "save_every": 0,
-                "output": str(Path(args.output) / name),
+                "output": str(out / name),
             }
         )
         results.append(train(config, echo=lambda _line: None).after)
+        rows = [  # written after every run: finished runs survive a later failure
+            {**plan._asdict(), "accuracy": getattr(r, "accuracy", None),
+             "loss": getattr(r, "loss", None)}
+            for plan, r in zip(plans, results)
+        ]  # fmt: skip
+        atomic_write_bytes(summary, json.dumps(rows, indent=2).encode("utf-8"))
     _print(budget_table(plans, results))
     if args.plot:
         from rankwise.analysis.plots import plot_budget
