@@ -11,9 +11,14 @@ Times are process-CPU medians (wall-time ratios reported beside them); the machi
   PEFT LoRA;
 * DoRA eval forward (no_grad, unmerged, norm cached): rankwise DoRA / base, PEFT DoRA / base;
 * PiSSA initialization of the 36 query/key/value/dense layers: ``inject(init "pissa")``
-  (randomized SVD) against PEFT's ``get_peft_model(init_lora_weights="pissa")`` (full SVD),
-  with the worst residual error relative to the optimal rank-r truncation error;
-* LoRA-GA initialization (one batch) time and peak memory against one LoRA training step.
+  (randomized SVD) and ``"pissa_exact"`` (full SVD) against PEFT's ``get_peft_model`` with
+  ``init_lora_weights="pissa"`` (full SVD) and ``"pissa_niter_4"`` (``torch.svd_lowrank``,
+  q = r, 4 iterations), interleaved after a warm-up round (wall time; the deepcopy of the
+  base is not timed), each with its worst layer's residual ``‖W − sBA‖_F`` relative to the
+  optimal rank-r truncation error;
+* LoRA-GA initialization (one batch, a fresh copy of the base each time) against one LoRA
+  training step, interleaved after a warm-up round (``--init-repeats`` rounds, the median of
+  the per-round ratios), and their peak memories.
 
 Run: ``python benchmarks/variants.py`` (writes benchmarks/results/variants.json and .md).
 """
@@ -68,62 +73,117 @@ def dora_models(base: nn.Module) -> dict[str, nn.Module]:
     }
 
 
+PISSA_PEERS = {
+    "rankwise pissa (randomized SVD)": ("rankwise", "pissa"),
+    "rankwise pissa_exact (full SVD)": ("rankwise", "pissa_exact"),
+    'peft "pissa" (full SVD)': ("peft", "pissa"),
+    'peft "pissa_niter_4" (torch.svd_lowrank, q = r, 4 iterations)': ("peft", "pissa_niter_4"),
+}
+
+
+def _round_robin(
+    calls: dict[str, object], repeats: int, *, prepare: object = None
+) -> dict[str, list[float]]:
+    """Wall seconds per call: one untimed warm-up round, then ``repeats`` rounds in alternating
+    order; ``prepare(name)`` (untimed) returns the argument of each call."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for rep in range(-1, repeats):  # -1: warm-up
+        order = list(calls) if rep % 2 == 0 else list(reversed(calls))
+        for name in order:
+            arg = prepare(name) if callable(prepare) else None
+            t0 = time.perf_counter()
+            calls[name](arg)  # type: ignore[operator]
+            if rep >= 0:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def pissa_times(base: nn.Module, repeats: int) -> dict[str, object]:
+    """Every PiSSA initializer on the 36 query/key/value/dense layers, interleaved; the worst
+    layer's residual ``‖W − sBA‖_F`` ÷ the optimal rank-r truncation error, for each."""
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
     from rankwise.lora import LoraConfig, inject, lora_layers
 
-    ours_t, peft_t, worst = [], [], 0.0
-    for rep in range(repeats):
-        a, b = copy.deepcopy(base), copy.deepcopy(base)
-        originals = {
-            n: m.weight.detach().clone() for n, m in a.named_modules() if isinstance(m, nn.Linear)
-        }
-        t0 = time.perf_counter()
-        inject(a, LoraConfig(**KW, init_lora_weights="pissa"), generator=rep)
-        ours_t.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        get_peft_model(b, PeftConfig(**KW, init_lora_weights="pissa"))
-        peft_t.append(time.perf_counter() - t0)
-        if rep == 0:
-            for name, layer in lora_layers(a):
-                if layer.kind != "linear" or name not in originals:
-                    continue
-                S = torch.linalg.svdvals(originals[name].double())
-                opt = float(S[layer.r :].square().sum().sqrt())
-                worst = max(worst, float(layer.base_matrix().double().norm()) / opt)
+    optimal = {
+        n: float(torch.linalg.svdvals(m.weight.detach().double())[KW["r"] :].square().sum().sqrt())
+        for n, m in base.named_modules()
+        if isinstance(m, nn.Linear) and n.split(".")[-1] in bench.TARGETS
+    }
+
+    def init(name: str) -> object:
+        side, how = PISSA_PEERS[name]
+        if side == "rankwise":
+            return lambda model: inject(model, LoraConfig(**KW, init_lora_weights=how), generator=0)
+        return lambda model: get_peft_model(model, PeftConfig(**KW, init_lora_weights=how))
+
+    calls = {name: init(name) for name in PISSA_PEERS}
+    last: dict[str, nn.Module] = {}
+
+    def prepare(name: str) -> nn.Module:
+        last[name] = copy.deepcopy(base)
+        return last[name]
+
+    times = _round_robin(calls, repeats, prepare=prepare)  # type: ignore[arg-type]
+
+    def worst(name: str, model: nn.Module) -> float:
+        ratios = []
+        if PISSA_PEERS[name][0] == "rankwise":
+            for layer_name, layer in lora_layers(model):
+                if layer.kind == "linear" and layer_name in optimal:
+                    residual = float(layer.base_matrix().double().norm())
+                    ratios.append(residual / optimal[layer_name])
+        else:
+            for module_name, module in model.named_modules():
+                key = module_name.removeprefix("base_model.model.")
+                if hasattr(module, "base_layer") and key in optimal:
+                    residual = float(module.base_layer.weight.detach().double().norm())
+                    ratios.append(residual / optimal[key])
+        assert len(ratios) == len(optimal), (name, len(ratios), len(optimal))
+        return max(ratios)
+
+    ours = "rankwise pissa (randomized SVD)"
     return {
-        "rankwise_pissa_s": statistics.median(ours_t),
-        "peft_pissa_s": statistics.median(peft_t),
-        "worst_error_over_optimal": worst,
+        "median_s": {n: statistics.median(t) for n, t in times.items()},
+        "round_s": times,
+        "paired_ratio_to_rankwise_pissa": {
+            n: statistics.median(a / b for a, b in zip(t, times[ours])) for n, t in times.items()
+        },
+        "worst_error_over_optimal": {n: worst(n, last[n]) for n in PISSA_PEERS},
+        "layers": len(optimal),
     }
 
 
-def lora_ga_cost(base: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+def lora_ga_cost(base: nn.Module, batch: dict[str, torch.Tensor], repeats: int) -> dict:
+    """LoRA-GA initialization (one batch, a fresh copy each time) interleaved with plain LoRA
+    training steps, after a warm-up round; the ratio is the median of per-round ratios."""
     from rankwise.lora import LoraConfig, inject
     from rankwise.lora.lora_ga import lora_ga_init
 
-    model = copy.deepcopy(base).train()
-    t0 = time.perf_counter()
-    lora_ga_init(model, LoraConfig(**KW), [batch], generator=0)
-    init_s = time.perf_counter() - t0
     plain = inject(copy.deepcopy(base), LoraConfig(**KW), generator=0).train()
     step = bench.train_step_fn(plain, batch)
-    step()
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    step()  # optimizer state exists before any timed step
+    calls = {
+        "lora_ga_init": lambda model: lora_ga_init(model, LoraConfig(**KW), [batch], generator=0),
+        "lora_train_step": lambda _: step(),
+    }
+
+    def prepare(name: str) -> nn.Module | None:
+        return copy.deepcopy(base).train() if name == "lora_ga_init" else None
+
+    times = _round_robin(calls, repeats, prepare=prepare)  # type: ignore[arg-type]
     fresh = copy.deepcopy(base).train()
     mem_init = bench.peak_memory(
         lambda: lora_ga_init(copy.deepcopy(fresh), LoraConfig(**KW), [batch])
     )
     mem_step = bench.peak_memory(step)
+    pairs = [a / b for a, b in zip(times["lora_ga_init"], times["lora_train_step"])]
     return {
-        "lora_ga_init_s": init_s,
-        "lora_train_step_s": statistics.median(times),
+        "lora_ga_init_s": statistics.median(times["lora_ga_init"]),
+        "lora_train_step_s": statistics.median(times["lora_train_step"]),
+        "round_s": times,
+        "paired_time_ratio": statistics.median(pairs),
         "lora_ga_init_peak_bytes": mem_init,
         "lora_train_step_peak_bytes": mem_step,
     }
@@ -157,16 +217,23 @@ def run(args: argparse.Namespace) -> dict:
     wall = {f"train/{k}": statistics.median(v) for k, v in train_wall.items()}
     wall |= {f"eval/{k}": statistics.median(v) for k, v in eval_wall.items()}
     pissa = pissa_times(base, args.init_repeats)
-    ga = lora_ga_cost(base, batch)
+    ga = lora_ga_cost(base, batch, args.init_repeats)
     ratios = {
         "DoRA train step / LoRA step (rankwise)": med["train/rankwise_dora"]
         / med["train/rankwise_lora"],
         "DoRA train step / LoRA step (peft)": med["train/peft_dora"] / med["train/peft_lora"],
         "DoRA eval forward / base (rankwise)": med["eval/rankwise_dora"] / med["eval/base"],
         "DoRA eval forward / base (peft)": med["eval/peft_dora"] / med["eval/base"],
-        "PiSSA init peft / rankwise (speed-up)": pissa["peft_pissa_s"] / pissa["rankwise_pissa_s"],
-        "PiSSA worst residual / optimal": pissa["worst_error_over_optimal"],
-        "LoRA-GA init / LoRA train step (time)": ga["lora_ga_init_s"] / ga["lora_train_step_s"],
+        **{
+            f"PiSSA init {name} / rankwise pissa (paired)": value
+            for name, value in pissa["paired_ratio_to_rankwise_pissa"].items()
+            if not name.startswith("rankwise pissa ")
+        },
+        **{
+            f"PiSSA worst residual / optimal: {name}": value
+            for name, value in pissa["worst_error_over_optimal"].items()
+        },
+        "LoRA-GA init / LoRA train step (time, paired)": ga["paired_time_ratio"],
         "LoRA-GA init / LoRA train step (peak memory)": ga["lora_ga_init_peak_bytes"]
         / ga["lora_train_step_peak_bytes"],
         "(wall) DoRA train step / LoRA step (rankwise)": wall["train/rankwise_dora"]
@@ -213,12 +280,49 @@ def markdown(result: dict) -> str:
         "|---|---:|",
     ]
     lines += [f"| {k} | {v * 1e3:.1f} |" for k, v in result["median_cpu_seconds"].items()]
-    lines += [f"| init/rankwise pissa | {result['pissa']['rankwise_pissa_s'] * 1e3:.1f} |"]
-    lines += [f"| init/peft pissa | {result['pissa']['peft_pissa_s'] * 1e3:.1f} |"]
+    lines += [f"| init/{n} | {v * 1e3:.1f} |" for n, v in result["pissa"]["median_s"].items()]
     lines += [f"| init/lora_ga (1 batch) | {result['lora_ga']['lora_ga_init_s'] * 1e3:.1f} |"]
+    lines += [
+        f"| lora train step (wall, beside LoRA-GA) | {result['lora_ga']['lora_train_step_s'] * 1e3:.1f} |"
+    ]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", *summary(result)]) + "\n"
+
+
+def summary(result: dict) -> list[str]:
+    """The README's table: each measurement beside its target, from this run only."""
+    r, p, ga = result["ratios"], result["pissa"], result["lora_ga"]
+    ms, err, rel = p["median_s"], p["worst_error_over_optimal"], p["paired_ratio_to_rankwise_pissa"]
+    ours, exact, full, niter = PISSA_PEERS
+    return [
+        "## Summary (the README's table)",
+        "",
+        "| measurement | target | rankwise | PEFT |",
+        "|---|---|---:|---:|",
+        f"| DoRA train step ÷ own LoRA step (CPU time) | ≤ 1.08 | "
+        f"{r['DoRA train step / LoRA step (rankwise)']:.3f} | "
+        f"{r['DoRA train step / LoRA step (peft)']:.3f} |",
+        f"| DoRA eval forward ÷ base forward (CPU time) | ≤ 1.05 | "
+        f"{r['DoRA eval forward / base (rankwise)']:.3f} | "
+        f"{r['DoRA eval forward / base (peft)']:.3f} |",
+        f"| PiSSA initialization, 36 layers (wall ms) | — | `pissa` {ms[ours] * 1e3:.0f}; "
+        f"`pissa_exact` {ms[exact] * 1e3:.0f} | `pissa` {ms[full] * 1e3:.0f}; "
+        f"`pissa_niter_4` {ms[niter] * 1e3:.0f} |",
+        f'| PiSSA: PEFT "pissa" time ÷ rankwise "pissa" (paired) | ≥ 5× | {rel[full]:.2f}× | 1× |',
+        f'| PiSSA: PEFT "pissa_niter_4" time ÷ rankwise "pissa" (paired) | — | '
+        f"{rel[niter]:.2f}× | 1× |",
+        f"| PiSSA residual ÷ optimal truncation error (worst layer) | ≤ 1.01 | `pissa` "
+        f"{err[ours]:.4f}; `pissa_exact` {err[exact]:.4f} | `pissa` {err[full]:.4f}; "
+        f"`pissa_niter_4` {err[niter]:.4f} |",
+        f"| LoRA-GA initialization ÷ one training step (time paired, peak memory) | — | "
+        f"{ga['paired_time_ratio']:.2f}, "
+        f"{ga['lora_ga_init_peak_bytes'] / ga['lora_train_step_peak_bytes']:.2f} | — |",
+        "",
+        f"Medians of {result['setup']['repeats']} interleaved repeats for the steps and forwards, "
+        f"{result['setup']['init_repeats']} for the initializations (after a warm-up round); "
+        "ratios > 1 in the PiSSA rows mean rankwise's randomized PiSSA is faster.",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
