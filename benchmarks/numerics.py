@@ -29,10 +29,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from rankwise.io.files import atomic_write_bytes
 from rankwise.lora import LoraConfig, inject, lora_layers, merge, unmerge
 
 RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def alpha_for(r: int) -> float:
+    """The LoRA alpha used at rank ``r`` (``2r``: scaling ``alpha / r = 2``, not 1, so a
+    reference that forgot the scaling would show)."""
+    return 2.0 * r
 
 
 def _setup(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> nn.Module:
@@ -40,14 +47,14 @@ def _setup(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> nn.Modu
     base = nn.Linear(d, d, bias=False)
     with torch.no_grad():
         base.weight.copy_(torch.randn(d, d, generator=g) / d**0.5)
-    model = inject(
-        nn.Sequential(base.to(dtype)), LoraConfig(r=r, lora_alpha=r, target_modules=["0"])
-    )
+    config = LoraConfig(r=r, lora_alpha=alpha_for(r), target_modules=["0"])
+    model = inject(nn.Sequential(base.to(dtype)), config)
     _, layer = next(lora_layers(model))
     with torch.no_grad():
         layer.lora_A.weight.copy_(torch.randn(r, d, generator=g))
         layer.lora_B.weight.copy_(torch.randn(d, r, generator=g))
-        delta = layer.delta_weight().double()
+        scaling = alpha_for(r) / r
+        delta = scaling * layer.lora_B.weight.double() @ layer.lora_A.weight.double()
         factor = (rho * base.weight.double().norm() / delta.norm()).sqrt()
         layer.lora_A.weight.mul_(float(factor))
         layer.lora_B.weight.mul_(float(factor))
@@ -58,10 +65,13 @@ def measure(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> dict[s
     model = _setup(d, r, rho, dtype, seed)
     _, layer = next(lora_layers(model))
     W0 = layer.base_weight.detach().clone()
-    delta = layer.delta_weight().double()  # s · B A, float64 reference of the update
-    exact = W0.double() + delta
     A, B = layer.lora_A.weight.detach(), layer.lora_B.weight.detach()
-    naive = W0 + (B * layer.scaling).to(dtype) @ A.to(dtype)  # the peer: all in `dtype`
+    # The float64 reference of the update, independent of rankwise's own delta_weight():
+    # s = alpha / r from the configuration, the factors' product in float64.
+    scaling = alpha_for(r) / r
+    delta = scaling * (B.double() @ A.double())
+    exact = W0.double() + delta
+    naive = W0 + (B * scaling).to(dtype) @ A.to(dtype)  # the peer: all in `dtype`
     x = torch.randn(64, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     with torch.no_grad():
         y = model(x).double()
@@ -103,7 +113,8 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "",
         f"`{command}` — medians over seeds. `merge err` = ‖W_merged − (W0 + sBA)_f64‖ / ‖sBA‖ "
         "(rankwise merges through float32); `naive` = the same merge computed in the weight's "
-        "dtype; `ratio` = naive / rankwise; drift = ‖W_k − W0‖ / ‖W0‖ after k merge+unmerge cycles.",
+        "dtype; the reference is computed independently of rankwise as s·B.double() @ A.double() "
+        "with s = alpha / r = 2 from the configuration; `ratio` = naive / rankwise; drift = ‖W_k − W0‖ / ‖W0‖ after k merge+unmerge cycles.",
         "",
         "| dtype | d | r | ‖sBA‖/‖W0‖ | merge err | naive merge err | ratio | drift k=1 | drift k=10 | forward rel |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -133,8 +144,9 @@ def main() -> int:
     )
     result = {"rows": rows, "python": platform.python_version(), "torch": torch.__version__}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "numerics.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "numerics.md").write_text(markdown(rows, command))
+    text = json.dumps(result, indent=2) + "\n"
+    for name, data in (("numerics.json", text), ("numerics.md", markdown(rows, command))):
+        atomic_write_bytes(args.out / name, data.encode("utf-8"))  # temp file + rename
     print(markdown(rows, command))
     return 0
 
