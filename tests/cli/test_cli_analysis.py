@@ -142,3 +142,36 @@ def test_extract_refuses_a_base_of_another_model(
     err = capsys.readouterr().err
     assert code == 2 and "is not the fine-tuned model's base: model_type is 'gpt2'" in err
     assert not (setup["root"] / "never").exists()
+
+
+def test_extract_stores_a_head_the_base_lacks_whole(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A base without a classifier (as the bundled MiniLM): the head used to be extracted as
+    a low-rank delta against a randomly initialized one — different on every run, and the
+    adapter's logits were off by 0.1 in PEFT."""
+    tuned = _bert()
+    tuned.bert.save_pretrained(str(tmp_path / "base"))  # the encoder alone, no head
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, module in tuned.named_modules():
+            if name.endswith(("query", "value")):
+                module.weight += torch.randn(32, 2, generator=g) @ torch.randn(2, 32, generator=g)
+        tuned.classifier.weight += torch.randn(2, 32, generator=g)
+        tuned.classifier.bias += 1.0
+    tuned.save_pretrained(str(tmp_path / "tuned"))
+    (tmp_path / "tuned" / "rankwise_task.json").write_text('{"task": "classification"}')
+    argv = ["extract", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned")]
+    for out in ("ex1", "ex2"):
+        printed = _run([*argv, "--out", str(tmp_path / out), "--rank", "2"], capsys)
+        assert "stored whole (modules_to_save): classifier" in printed
+        assert "not captured" not in printed
+    files = [(tmp_path / o / "adapter_model.safetensors").read_bytes() for o in ("ex1", "ex2")]
+    assert files[0] == files[1]  # deterministic
+    assert (tmp_path / "ex1" / "rankwise_task.json").is_file()
+    ids = torch.randint(0, 99, (3, 7), generator=g)
+    with torch.no_grad():
+        expected = tuned(input_ids=ids).logits
+        fresh = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"))
+        got = peft.PeftModel.from_pretrained(fresh.eval(), str(tmp_path / "ex1"))(input_ids=ids)
+    torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=1e-5)

@@ -83,14 +83,18 @@ def _targets(
     return chosen
 
 
+def _inside(name: str, modules: Sequence[str]) -> bool:
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def _uncaptured(
-    base_model: nn.Module, tuned_model: nn.Module, layers: list[str]
+    base_model: nn.Module, tuned_model: nn.Module, layers: list[str], saved: Sequence[str]
 ) -> tuple[str, ...]:
     captured = {f"{n}.weight" for n in layers}
     base = dict(base_model.named_parameters())
     out = []
     for name, p in tuned_model.named_parameters():
-        if name in captured:
+        if name in captured or _inside(name, saved):
             continue
         q = base.get(name)
         if q is None or q.shape != p.shape or not torch.equal(q.detach(), p.detach()):
@@ -109,6 +113,7 @@ def extract_adapter(
     randomized: bool = False,
     generator: torch.Generator | int | None = None,
     task_type: str | None = None,
+    modules_to_save: Sequence[str] = (),
 ) -> ExtractReport:
     """Write a LoRA adapter with ``B A ≈ W_finetuned − W_base`` for each target layer.
 
@@ -117,12 +122,17 @@ def extract_adapter(
     ``energy`` (the fraction of ``‖ΔW‖_F²`` to keep, per layer) sets each layer's rank; layers
     whose rank differs from the most common one go to ``rank_pattern``. The adapter is PEFT's
     format with ``lora_alpha = r`` (scaling 1): ``peft.PeftModel.from_pretrained(base, dir)``
-    loads it. Parameters that changed but are not extracted (biases, norms, heads) are listed
-    in ``uncaptured``; neither model is modified.
+    loads it. ``modules_to_save`` (e.g. a classification head the base does not have) are
+    stored whole, with the fine-tuned values, as PEFT's ``modules_to_save``; they are never
+    approximated. Parameters that changed but are not extracted or saved (biases, norms) are
+    listed in ``uncaptured``; neither model is modified.
     """
     base = dict(base_model.named_modules())
     tuned = dict(finetuned_model.named_modules())
-    layers = _targets(base, tuned, targets)
+    for module in modules_to_save:
+        if module not in tuned:
+            raise KeyError(f"modules_to_save: {module!r} is not a module of finetuned_model")
+    layers = [n for n in _targets(base, tuned, targets) if not _inside(n, modules_to_save)]
     if not layers:
         raise ValueError("no linear layer differs between base_model and finetuned_model")
     gen = as_generator(generator)
@@ -139,9 +149,16 @@ def extract_adapter(
         factors[name] = f
         report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
     conv1d = any(type(base[n]).__name__ == "Conv1D" for n in layers)  # PEFT's fan_in_fan_out
-    carried = LoraConfig(task_type=task_type, fan_in_fan_out=conv1d)
-    write_factors(directory, factors, carried=carried)
-    return ExtractReport(tuple(report), _uncaptured(base_model, finetuned_model, layers))
+    saved = sorted(modules_to_save)
+    carried = LoraConfig(task_type=task_type, fan_in_fan_out=conv1d, modules_to_save=saved or None)
+    extras = {
+        f"{PREFIX}{name}": p.detach()
+        for name, p in finetuned_model.named_parameters()
+        if _inside(name, saved)
+    }
+    write_factors(directory, factors, carried=carried, extras=extras)
+    uncaptured = _uncaptured(base_model, finetuned_model, layers, saved)
+    return ExtractReport(tuple(report), uncaptured)
 
 
 def find_module(model: nn.Module, name: str) -> nn.Module:

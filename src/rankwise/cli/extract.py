@@ -23,8 +23,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", metavar="DIR", help="also write the adapter's spectrum PNG")
 
 
-def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any]:
-    """Both models with the fine-tuned one's architecture class (so module paths agree)."""
+# Tokenizer files and the run's task file: copied from --finetuned so predict/evaluate work
+SIDECARS = ("rankwise_task.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+            "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+            "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+# PEFT's modules_to_save for sequence classification: the head, trained in full
+HEADS = ("classifier", "score")
+
+
+def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
+    """Both models with the fine-tuned one's architecture class (so module paths agree), and
+    the head modules to store whole: those the base checkpoint lacks (initialized at random
+    on load, so a delta against them would be noise) and, for sequence classification, a
+    changed ``classifier``/``score``."""
+    import torch
     import transformers
 
     from rankwise.train.models import quiet_transformers, resolve_model_source
@@ -36,7 +48,20 @@ def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any]:
     names = getattr(config, "architectures", None) or ["AutoModel"]
     cls = getattr(transformers, names[0], transformers.AutoModel)
     tuned = cls.from_pretrained(source).eval()
-    return cls.from_pretrained(base_source).eval(), tuned
+    base_model, info = cls.from_pretrained(base_source, output_loading_info=True)
+    modules = dict(tuned.named_modules())
+    heads = {
+        key.split(".")[0] for key in info.get("missing_keys", ()) if key.split(".")[0] in modules
+    }
+    if names[0].endswith("ForSequenceClassification"):
+        base_params = dict(base_model.named_parameters())
+        for head in HEADS:
+            if head in modules and any(
+                not torch.equal(p, base_params[f"{head}.{n}"])
+                for n, p in modules[head].named_parameters()
+            ):
+                heads.add(head)
+    return base_model.eval(), tuned, sorted(heads)
 
 
 # config fields that must agree for two checkpoints to be one model before and after tuning
@@ -57,13 +82,26 @@ def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
             )
 
 
+def _copy_sidecars(source: str, destination: str) -> list[str]:
+    import shutil
+    from pathlib import Path
+
+    copied = []
+    for name in SIDECARS:
+        if (Path(source) / name).is_file():
+            shutil.copy2(Path(source) / name, Path(destination) / name)
+            copied.append(name)
+    return copied
+
+
 def run(args: argparse.Namespace) -> int:
     from rankwise.analysis import extract_adapter
     from rankwise.analysis.report import format_table, layer_table
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
-    base, tuned = load_pair(args.base, args.finetuned)
+    base, tuned, heads = load_pair(args.base, args.finetuned)
+    seq_cls = type(tuned).__name__.endswith("ForSequenceClassification")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
     report = extract_adapter(
         base,
@@ -74,13 +112,18 @@ def run(args: argparse.Namespace) -> int:
         targets=targets,
         randomized=args.randomized,
         generator=args.seed,
+        task_type="SEQ_CLS" if seq_cls else None,
+        modules_to_save=heads,
     )
+    if heads:
+        print(f"stored whole (modules_to_save): {', '.join(heads)}")
+    copied = _copy_sidecars(args.finetuned, args.out)
     print(format_table(*layer_table(report.layers)))
     if report.uncaptured:
         print(
             f"not captured (changed outside the extracted weights): {', '.join(report.uncaptured)}"
         )
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" + (f" (with {', '.join(copied)})" if copied else ""))
     if args.plot:
         from rankwise.analysis import adapter_spectrum
         from rankwise.analysis.plots import plot_spectra
