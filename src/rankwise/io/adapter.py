@@ -15,6 +15,7 @@ was. A model that already has adapters of the same shapes gets its weights swapp
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -84,6 +85,15 @@ def save_adapter(
             "save_adapter: a LoRA-GA adapter moved s·B0 A0 (from gradients) out of the base "
             "weight, which no loader can rebuild from the file; save it with "
             "for_original_base=True (a plain LoRA on the unmodified base)"
+        )
+    if not for_original_base and config.initializer == "pissa":
+        warnings.warn(
+            "save_adapter: a randomized-PiSSA adapter (init_lora_weights='pissa') is written "
+            "for a base whose residual comes from a randomized SVD: rankwise.load_adapter "
+            "rebuilds it exactly (fixed seed), PEFT draws its own and predicts differently; "
+            "for PEFT save with for_original_base=True, or use init 'pissa_exact'",
+            RuntimeWarning,
+            stacklevel=2,
         )
     out = Path(directory)
     state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
