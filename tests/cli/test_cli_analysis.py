@@ -175,3 +175,33 @@ def test_extract_stores_a_head_the_base_lacks_whole(
         fresh = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "base"))
         got = peft.PeftModel.from_pretrained(fresh.eval(), str(tmp_path / "ex1"))(input_ids=ids)
     torch.testing.assert_close(got.logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_missing_optional_package_is_a_one_line_error(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    argv = ["analyze", "spectrum", str(setup["r8"]), "--plot", str(setup["root"] / "noplot")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rankwise analyze: error: needs the package 'matplotlib'")
+    assert "rankwise[plot]" in err and "Traceback" not in err
+
+
+def test_amplification_defaults_to_the_adapter_s_recorded_base(
+    setup: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    config = json.loads((setup["r2"] / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(setup["base"])
+    recorded = setup["root"] / "recorded"
+    recorded.mkdir()
+    (recorded / "adapter_config.json").write_text(json.dumps(config))
+    (recorded / "adapter_model.safetensors").write_bytes(
+        (setup["r2"] / "adapter_model.safetensors").read_bytes()
+    )
+    out = _run(["analyze", "amplification", str(recorded)], capsys)  # no --model
+    assert "attention.self.query" in out  # was the bundled MiniLM: 384-wide, no such shapes

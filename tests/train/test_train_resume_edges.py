@@ -54,6 +54,11 @@ def test_resume_refuses_a_directory_that_is_not_a_run(
         train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
     assert (out / "adapter" / "notes.txt").read_text() == "keep me"
     assert sorted(p.name for p in out.iterdir()) == ["adapter"]
+    empty = tmp_path / "empty"  # a typo'd --output: would have trained a fresh run
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="not a rankwise finetune run"):
+        train(_config(tiny_bert, toy_tsv, empty, resume=True), echo=_quiet)
+    assert list(empty.iterdir()) == []
 
 
 def test_resume_without_a_checkpoint_logs_each_step_once(

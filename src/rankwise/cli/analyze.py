@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _plot_option(p)
     p = sub.add_parser("amplification", help="how each update amplifies directions of W")
     p.add_argument("adapter", help="adapter directory (PEFT format)")
-    p.add_argument("--model", help="base model directory (default: the bundled MiniLM)")
+    p.add_argument(
+        "--model",
+        help="base model directory (default: the one recorded with the adapter, else the "
+        "bundled MiniLM)",
+    )
     p.add_argument("--rank", type=int, help="directions to project on (default: each adapter's r)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random-subspace baseline")
     _plot_option(p)
@@ -147,7 +151,12 @@ def _amplification(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
-    model = load_base_model(args.model)
+    name = args.model
+    if name is None:  # the adapter's own base, as evaluate/predict/merge
+        from rankwise.io import read_adapter_config
+
+        name = read_adapter_config(args.adapter).base_model_name_or_path
+    model = load_base_model(name)
     rows = adapter_amplification(model, args.adapter, rank=args.rank, generator=args.seed)
     _print(amplification_table(rows))
     if args.plot:
@@ -168,10 +177,11 @@ def _budget(args: argparse.Namespace) -> int:
     from rankwise.io.files import atomic_write_bytes
     from rankwise.train import train
     from rankwise.train.config import from_mapping
-    from rankwise.train.models import resolve_model_source
+    from rankwise.train.models import quiet_transformers, resolve_model_source
 
     # planned on the model the runs train (a classification model: its head is trained in
     # full, never adapted), so the table's counts are the adapters' own
+    quiet_transformers()  # no per-run load reports and progress bars (as finetune)
     source = resolve_model_source(args.model)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(source)
     sets = args.sets or PAPER_SETS

@@ -58,10 +58,11 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
             raise FileNotFoundError(f"--resume: output directory {str(out)!r} does not exist")
         if (out / CONFIG_FILE).is_file():
             check_resumable(config, out / CONFIG_FILE)
-        elif any(out.iterdir()):
+        else:
             raise ConfigError(
                 f"--resume: {str(out)!r} holds no {CONFIG_FILE}, so it is not a rankwise "
-                "finetune run: nothing to resume (its files are left alone); choose another --output"
+                "finetune run: nothing to resume (its files are left alone); drop --resume to "
+                "start a run there, or choose another --output"
             )
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(
