@@ -119,3 +119,13 @@ def test_yaml_numbers_without_a_dot_and_fractional_counts(tmp_path: Path) -> Non
             validate(from_mapping({name: 1.5}))
     with pytest.raises(ConfigError, match="'lr': expected a finite number"):
         validate(from_mapping({"lr": "inf"}))
+
+
+def test_default_targets_on_a_gpt2_name_the_flag(
+    tiny_gpt2: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    config = _config(tiny_gpt2, toy_tsv, tmp_path / "run", task="causal-lm")
+    with pytest.raises(
+        ValueError, match="'query' matches no module.*pass this model's, e.g. c_attn"
+    ):
+        train(config, echo=_quiet)

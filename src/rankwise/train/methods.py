@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
-from rankwise.train.config import TrainConfig
+from rankwise.train.config import DEFAULT_TARGETS, TrainConfig
 
 # Method -> the LoraConfig fields that make it (every other field as for plain LoRA).
 VARIANT_FIELDS: dict[str, dict[str, Any]] = {
@@ -142,7 +142,15 @@ def prepare(
 
             lora_ga_prepare(model, lora_config, gradient_batches, config, generator=generator)
         else:
-            inject(model, lora_config, generator=generator)
+            try:
+                inject(model, lora_config, generator=generator)
+            except ValueError as err:
+                if tuple(config.targets) != DEFAULT_TARGETS or "matches no module" not in str(err):
+                    raise
+                raise type(err)(
+                    f"{err}; the default --targets are BERT's (query,key,value,dense): pass this "
+                    "model's, e.g. c_attn,c_proj for GPT-2 or q_proj,k_proj,v_proj,o_proj for Llama"
+                ) from None
     params = {id(p): p for p in model.parameters()}.values()  # tied weights counted once
     trainable = sum(p.numel() for p in params if p.requires_grad)
     total = sum(p.numel() for p in params)
