@@ -248,6 +248,13 @@ def test_combine_carries_a_shared_head_and_refuses_differing_ones(tmp_path: Path
     with pytest.raises(ValueError, match="non-LoRA tensors .* differ"):
         combine_adapters([tmp_path / "a", tmp_path / "c"], tmp_path / "ac")
     assert not (tmp_path / "ac").exists()
+    # or the head of one of them, by choice
+    combine_adapters([tmp_path / "a", tmp_path / "c"], tmp_path / "ac", extras_from=1)
+    theirs = read_extras(tmp_path / "c")
+    assert theirs.keys() == read_extras(tmp_path / "ac").keys()
+    assert all(torch.equal(read_extras(tmp_path / "ac")[k], v) for k, v in theirs.items())
+    with pytest.raises(ValueError, match="extras_from: expected an index in \\[0, 1\\]"):
+        combine_adapters([tmp_path / "a", tmp_path / "c"], tmp_path / "ac2", extras_from=2)
 
 
 def test_derived_adapters_refuse_dora_adalora_mixed_models_and_existing_output(

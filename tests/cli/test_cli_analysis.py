@@ -205,3 +205,11 @@ def test_amplification_defaults_to_the_adapter_s_recorded_base(
     )
     out = _run(["analyze", "amplification", str(recorded)], capsys)  # no --model
     assert "attention.self.query" in out  # was the bundled MiniLM: 384-wide, no such shapes
+
+
+def test_combine_head_from(setup: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out"]
+    assert main([*argv, str(setup["root"] / "h3"), "--head-from", "3"]) == 2
+    assert "--head-from: expected 1..2, found 3" in capsys.readouterr().err
+    _run([*argv, str(setup["root"] / "h2"), "--head-from", "2"], capsys)
+    assert len(read_factors(setup["root"] / "h2")) == 4

@@ -134,8 +134,13 @@ def combine_adapters(
     rank: int | None = None,
     density: float = 0.5,
     generator: torch.Generator | int | None = None,
+    extras_from: int | None = None,
 ) -> tuple[LayerReport, ...]:
     """Write the combination of several adapters (:func:`combine`, module by module).
+
+    Their other tensors (a trained head in ``modules_to_save``, biases, embedding weights) are
+    carried when all adapters agree on them; ``extras_from=i`` takes them from ``sources[i]``
+    instead (e.g. two classification runs, each with its own head).
 
     A module missing from some adapters is combined from those that have it (a zero update
     elsewhere). ``rank`` is capped per module at what it can hold (``min(out, in)``, and
@@ -148,7 +153,15 @@ def combine_adapters(
     configs = [read_config(s) for s in sources]
     for source, config in zip(sources, configs, strict=True):
         check_rewritable(source, config)
-    extras = _common_extras(sources, configs)
+    if extras_from is not None and (
+        isinstance(extras_from, bool)
+        or not isinstance(extras_from, int)
+        or not 0 <= extras_from < len(sources)
+    ):
+        raise ValueError(
+            f"extras_from: expected an index in [0, {len(sources) - 1}], found {extras_from!r}"
+        )
+    extras = _common_extras(sources, configs, extras_from)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
     new: dict[str, Factors] = {}
     report = []
@@ -169,7 +182,9 @@ def combine_adapters(
     return tuple(report)
 
 
-def _common_extras(sources: Sequence[PathLike], configs: list[LoraConfig]) -> dict[str, Tensor]:
+def _common_extras(
+    sources: Sequence[PathLike], configs: list[LoraConfig], extras_from: int | None = None
+) -> dict[str, Tensor]:
     """The non-factor tensors all ``sources`` share (a head, biases, embeddings), which the
     combination carries; adapters of different base models, layer layouts, heads or bias
     modes are refused, naming the field and the two directories."""
@@ -187,6 +202,8 @@ def _common_extras(sources: Sequence[PathLike], configs: list[LoraConfig]) -> di
                 f"{sources[0]} and {source}: modules_to_save differs ({first.modules_to_save!r} "
                 f"vs {config.modules_to_save!r})"
             )
+    if extras_from is not None:
+        return read_extras(sources[extras_from])
     extras = [read_extras(s) for s in sources]
     for source, other in zip(sources[1:], extras[1:], strict=True):
         if other.keys() != extras[0].keys() or any(
@@ -195,7 +212,7 @@ def _common_extras(sources: Sequence[PathLike], configs: list[LoraConfig]) -> di
             raise ValueError(
                 f"{sources[0]} and {source}: their trained non-LoRA tensors (modules_to_save, "
                 "biases or embeddings) differ; a combination has one of each, so combine "
-                "adapters whose heads agree"
+                "adapters whose heads agree, or take them from one (extras_from / --head-from)"
             )
     return extras[0]
 

@@ -31,6 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank", type=int, help="rank k for svd/ties/dare (default: largest r)")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (0.5)")
     parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    parser.add_argument(
+        "--head-from",
+        type=int,
+        metavar="N",
+        help="take the trained head, biases and embeddings of the N-th adapter (1-based) when "
+        "they differ (default: they must agree)",
+    )
     parser.add_argument("--plot", metavar="DIR", help="also write the new adapter's spectrum PNG")
 
 
@@ -40,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    head = args.head_from
+    if head is not None and not 1 <= head <= len(args.adapters):
+        raise CliError(f"--head-from: expected 1..{len(args.adapters)}, found {head}")
     rows = combine_adapters(
         args.adapters,
         args.out,
@@ -48,9 +58,12 @@ def run(args: argparse.Namespace) -> int:
         rank=args.rank,
         density=args.density,
         generator=args.seed,
+        extras_from=None if head is None else head - 1,
     )
     print(format_table(*layer_table(rows)))
-    copy_sidecars(args.adapters[0], args.out)  # task file, tokenizer: predict/evaluate work on it
+    copy_sidecars(
+        args.adapters[0 if head is None else head - 1], args.out
+    )  # task file, tokenizer: predict/evaluate work on it
     print(f"wrote {args.out}")
     if args.plot:
         from rankwise.analysis import adapter_spectrum
