@@ -188,3 +188,12 @@ def test_factored_relative_error_is_accurate_for_tiny_errors(tail: float) -> Non
     approx = Factors(U[:, :4] * S[:4], V[:, :4].mT)
     expected = tail / float(torch.linalg.norm(S))
     assert factored_relative_error(reference, approx) == pytest.approx(expected, rel=1e-3)
+
+
+def test_an_untrained_dora_adapter_is_refused(tmp_path: Path) -> None:
+    model = peft.get_peft_model(
+        _bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query"], use_dora=True)
+    )  # B = 0: the update is float32 rounding noise of the magnitudes
+    model.save_pretrained(tmp_path / "dora0")
+    with pytest.raises(ValueError, match="update is zero"):
+        adapter_amplification(_bert(), tmp_path / "dora0", generator=0)

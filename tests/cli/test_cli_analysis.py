@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -144,14 +145,20 @@ def test_extract_refuses_a_base_of_another_model(
     assert not (setup["root"] / "never").exists()
 
 
+@pytest.mark.parametrize("pooler", [True, False])
 def test_extract_stores_a_head_the_base_lacks_whole(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], pooler: bool
 ) -> None:
     """A base without a classifier (as the bundled MiniLM): the head used to be extracted as
     a low-rank delta against a randomly initialized one — different on every run, and the
     adapter's logits were off by 0.1 in PEFT."""
     tuned = _bert()
-    tuned.bert.save_pretrained(str(tmp_path / "base"))  # the encoder alone, no head
+    if pooler:
+        tuned.bert.save_pretrained(str(tmp_path / "base"))  # the encoder alone, no head
+    else:  # nor a pooler (e.g. a base saved from a masked-LM model)
+        encoder = transformers.BertModel(tuned.config, add_pooling_layer=False)
+        encoder.load_state_dict(tuned.bert.state_dict(), strict=False)
+        encoder.save_pretrained(str(tmp_path / "base"))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, module in tuned.named_modules():
@@ -164,11 +171,15 @@ def test_extract_stores_a_head_the_base_lacks_whole(
     argv = ["extract", "--base", str(tmp_path / "base"), "--finetuned", str(tmp_path / "tuned")]
     for out in ("ex1", "ex2"):
         printed = _run([*argv, "--out", str(tmp_path / out), "--rank", "2"], capsys)
-        assert "stored whole (modules_to_save): classifier" in printed
+        heads = "classifier" if pooler else "bert.pooler, classifier"
+        assert f"stored whole (modules_to_save): {heads}" in printed
         assert "not captured" not in printed
     files = [(tmp_path / o / "adapter_model.safetensors").read_bytes() for o in ("ex1", "ex2")]
     assert files[0] == files[1]  # deterministic
-    assert (tmp_path / "ex1" / "rankwise_task.json").is_file()
+    task = json.loads((tmp_path / "ex1" / "rankwise_task.json").read_text())
+    assert task["base_model"] == str((tmp_path / "base").resolve())  # the base given, recorded
+    config = json.loads((tmp_path / "ex1" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == task["base_model"]
     ids = torch.randint(0, 99, (3, 7), generator=g)
     with torch.no_grad():
         expected = tuned(input_ids=ids).logits
@@ -213,3 +224,23 @@ def test_combine_head_from(setup: dict[str, Path], capsys: pytest.CaptureFixture
     assert "--head-from: expected 1..2, found 3" in capsys.readouterr().err
     _run([*argv, str(setup["root"] / "h2"), "--head-from", "2"], capsys)
     assert len(read_factors(setup["root"] / "h2")) == 4
+
+
+@pytest.mark.parametrize(
+    ("module", "hint"), [("sentencepiece", "pip install sentencepiece"), ("rankwise.x", None)]
+)
+def test_missing_module_hints(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], module: str, hint
+) -> None:
+    import rankwise.cli.version as version
+
+    def boom(_args):
+        raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+    monkeypatch.setattr(version, "run", boom)
+    if hint is None:  # an internal import error is a bug: not hidden as an installation matter
+        with pytest.raises(ModuleNotFoundError):
+            main(["version"])
+    else:
+        assert main(["version"]) == 2
+        assert hint in capsys.readouterr().err

@@ -129,3 +129,39 @@ def test_default_targets_on_a_gpt2_name_the_flag(
         ValueError, match="'query' matches no module.*pass this model's, e.g. c_attn"
     ):
         train(config, echo=_quiet)
+
+
+def test_resume_from_another_directory_and_with_every_checkpoint_unusable(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    shutil.copy(toy_tsv, project / "d.tsv")
+    monkeypatch.chdir(project)
+    train(_config(tiny_bert, Path("d.tsv"), Path("runs/a")), echo=_quiet, stop_after=3)
+    saved = yaml.safe_load((project / "runs/a/config.yaml").read_text())
+    assert saved["data"] == str(project / "d.tsv")  # recorded absolute
+    monkeypatch.chdir(elsewhere)  # same file by absolute path: not a changed option
+    config = _config(tiny_bert, project / "d.tsv", project / "runs/a", resume=True)
+    # every checkpoint damaged: refused, and the killed run's metrics are kept
+    for weights in (project / "runs/a/checkpoints").glob("step-*/trainable.safetensors"):
+        weights.write_bytes(b"broken")
+    before = (project / "runs/a/metrics.jsonl").read_text()
+    messages: list[str] = []
+    with pytest.raises(ValueError, match="no checkpoint in .* is usable"):
+        train(config, echo=messages.append)
+    assert any("unusable" in m for m in messages)
+    assert (project / "runs/a/metrics.jsonl").read_text() == before
+
+
+def test_a_new_head_does_not_hide_other_mismatched_weights(tiny_bert: Path, tmp_path: Path) -> None:
+    model = tmp_path / "inconsistent"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config["max_position_embeddings"] = 64  # the weights hold 128 positions
+    (model / "config.json").write_text(json.dumps(config))
+    data = tmp_path / "three.tsv"
+    data.write_text("label\tsentence\n" + "\n".join(f"{i % 3}\tfilm {i}" for i in range(30)) + "\n")
+    with pytest.raises(ConfigError, match="position_embeddings.weight do not match"):
+        with pytest.warns(RuntimeWarning, match="head is re-initialized"):
+            train(_config(model, data, tmp_path / "run", max_steps=1), echo=_quiet)

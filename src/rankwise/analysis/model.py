@@ -114,6 +114,7 @@ def extract_adapter(
     generator: torch.Generator | int | None = None,
     task_type: str | None = None,
     modules_to_save: Sequence[str] = (),
+    base_model_name_or_path: str | None = None,
 ) -> ExtractReport:
     """Write a LoRA adapter with ``B A ≈ W_finetuned − W_base`` for each target layer.
 
@@ -150,7 +151,12 @@ def extract_adapter(
         report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
     conv1d = any(type(base[n]).__name__ == "Conv1D" for n in layers)  # PEFT's fan_in_fan_out
     saved = sorted(modules_to_save)
-    carried = LoraConfig(task_type=task_type, fan_in_fan_out=conv1d, modules_to_save=saved or None)
+    carried = LoraConfig(
+        task_type=task_type,
+        fan_in_fan_out=conv1d,
+        modules_to_save=saved or None,
+        base_model_name_or_path=base_model_name_or_path,
+    )
     extras = {
         f"{PREFIX}{name}": p.detach()
         for name, p in finetuned_model.named_parameters()
@@ -228,7 +234,12 @@ def adapter_amplification(
             norm = torch.linalg.vector_norm(adapted, dim=1, keepdim=True)  # (out, 1)
             delta = magnitudes[module].double()[:, None] / norm * adapted - W
             eps = max(eps, torch.finfo(magnitudes[module].dtype).eps)
-        available = numerical_rank(torch.linalg.svdvals(delta), tuple(W.shape), eps=eps)
+        S = torch.linalg.svdvals(delta)
+        if magnitudes is not None:  # DoRA's update is rounding noise of ‖W‖ when untrained
+            noise = max(W.shape) * eps * float(torch.linalg.matrix_norm(W, ord=2))
+            available = int((S > noise).sum())
+        else:
+            available = numerical_rank(S, tuple(W.shape), eps=eps)
         if available == 0:
             raise ValueError(
                 f"module {module!r}: the adapter's update is zero (untrained, B = 0?); "

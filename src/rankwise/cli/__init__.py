@@ -117,10 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rankwise {name}: error: {message}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as err:  # an optional dependency of this command
-        extra = _EXTRAS.get((err.name or "").split(".")[0], "demo")
+        top = (err.name or "").split(".")[0]
+        if not top or top == "rankwise":
+            raise  # a bug, not an installation matter
+        hint = f"pip install 'rankwise[{_EXTRAS[top]}]'" if top in _EXTRAS else f"pip install {top}"
         print(
-            f"rankwise {name}: error: needs the package {err.name!r}, which is not installed "
-            f"(pip install 'rankwise[{extra}]')",
+            f"rankwise {name}: error: needs the package {top!r}, which is not installed ({hint})",
             file=sys.stderr,
         )
         return 2

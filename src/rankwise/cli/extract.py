@@ -50,9 +50,16 @@ def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
     tuned = cls.from_pretrained(source).eval()
     base_model, info = cls.from_pretrained(base_source, output_loading_info=True)
     modules = dict(tuned.named_modules())
-    heads = {
-        key.split(".")[0] for key in info.get("missing_keys", ()) if key.split(".")[0] in modules
+    missing = set(info.get("missing_keys", ()))
+    absent = {  # modules whose every parameter the base checkpoint lacks (initialized at random)
+        name
+        for name, module in modules.items()
+        if name
+        and any(True for _ in module.parameters())
+        and all(f"{name}.{n}" in missing for n, _ in module.named_parameters())
     }
+    # the outermost of them: a new head, or a pooler a base saved without one lacks
+    heads = {n for n in absent if not any(n.startswith(a + ".") for a in absent)}
     if names[0].endswith("ForSequenceClassification"):
         base_params = dict(base_model.named_parameters())
         for head in HEADS:
@@ -82,21 +89,34 @@ def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
             )
 
 
-def _copy_sidecars(source: str, destination: str) -> list[str]:
+def _copy_sidecars(source: str, destination: str, *, base: str) -> list[str]:
+    """Tokenizer files as they are; the task file with ``base_model`` set to ``base`` (the
+    extracted adapter applies to that model, not to the fine-tuned one's own base)."""
+    import json
     import shutil
     from pathlib import Path
 
+    from rankwise.train.config import atomic_write_text
+
     copied = []
     for name in SIDECARS:
-        if (Path(source) / name).is_file():
-            shutil.copy2(Path(source) / name, Path(destination) / name)
-            copied.append(name)
+        path = Path(source) / name
+        if not path.is_file():
+            continue
+        if name == "rankwise_task.json":
+            info = json.loads(path.read_text(encoding="utf-8"))
+            info["base_model"] = base
+            atomic_write_text(Path(destination) / name, json.dumps(info, indent=2))
+        else:
+            shutil.copy2(path, Path(destination) / name)
+        copied.append(name)
     return copied
 
 
 def run(args: argparse.Namespace) -> int:
     from rankwise.analysis import extract_adapter
     from rankwise.analysis.report import format_table, layer_table
+    from rankwise.train.models import resolve_model_source
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
@@ -114,10 +134,11 @@ def run(args: argparse.Namespace) -> int:
         generator=args.seed,
         task_type="SEQ_CLS" if seq_cls else None,
         modules_to_save=heads,
+        base_model_name_or_path=resolve_model_source(args.base),
     )
     if heads:
         print(f"stored whole (modules_to_save): {', '.join(heads)}")
-    copied = _copy_sidecars(args.finetuned, args.out)
+    copied = _copy_sidecars(args.finetuned, args.out, base=resolve_model_source(args.base))
     print(format_table(*layer_table(report.layers)))
     if report.uncaptured:
         print(

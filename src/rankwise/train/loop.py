@@ -263,15 +263,20 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
 
 
 def _resume(run: _Run) -> ckpt.Position:
-    with warnings.catch_warnings():  # each skipped checkpoint is echoed below (rank 0 only)
-        warnings.simplefilter("ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:  # echoed below (rank 0 only)
+        warnings.simplefilter("always", RuntimeWarning)
         found = ckpt.load_latest(run.out)
+    for warning in caught:
+        run.echo(f"warning: {warning.message}")
+    if found is None and ckpt.list_checkpoints(run.out):
+        raise ValueError(
+            f"--resume: no checkpoint in {run.out / ckpt.CHECKPOINTS_DIR} is usable (see the "
+            "warnings); nothing was changed — move that directory away to start over"
+        )
     if found is None:
         run.echo(f"no checkpoint in {run.out}; starting from step 0")
         run.log.truncate_after(-1)  # records of the attempt that never checkpointed
         return ckpt.Position(0, 0, 0)
-    for message in found.skipped:
-        run.echo(f"warning: {message}")
     saved_batch = found.meta.get("global_batch", _global_batch(run))
     if saved_batch != _global_batch(run):
         raise ValueError(

@@ -59,6 +59,8 @@ def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
     return out
 
 
+# Top-level head modules of transformers' sequence-classification models
+HEADS = ("classifier", "score")
 # Files one of which every saved transformers tokenizer has (fast JSON, WordPiece, BPE,
 # SentencePiece, or the config that names them).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
@@ -136,8 +138,21 @@ def load_pretrained(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
-        extra = {"ignore_mismatched_sizes": True} if mismatched else {}
-        model = auto.from_pretrained(source, config=config, **extra)
+        if mismatched:
+            model, info = auto.from_pretrained(
+                source, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+            )
+            # only the head may differ; any other mismatch is the checkpoint's own problem
+            others = sorted(
+                k[0] for k in info["mismatched_keys"] if k[0].split(".")[0] not in HEADS
+            )
+            if others:
+                raise ConfigError(
+                    f"model {source!r}: weights {', '.join(others[:5])} do not match the shapes "
+                    "its config gives"
+                )
+        else:
+            model = auto.from_pretrained(source, config=config)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model_dropout is not None:

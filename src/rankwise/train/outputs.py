@@ -74,7 +74,7 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
     if info.is_main:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_yaml(config, out / CONFIG_FILE)
+            write_yaml(_absolute_paths(config), out / CONFIG_FILE)
         except OSError as err:
             raise PermissionError(
                 f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
@@ -98,6 +98,18 @@ def _same(name: str, saved: Any, given: Any) -> bool:
         a, b = Path(saved).expanduser(), Path(given).expanduser()
         return a.exists() and b.exists() and a.resolve() == b.resolve()
     return False
+
+
+def _absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local model/data paths recorded absolute, so the run resumes from any directory."""
+    import dataclasses
+
+    changes = {
+        name: str(Path(value).expanduser().resolve())
+        for name in ("model", "data", "eval_data")
+        if isinstance(value := getattr(config, name), str) and Path(value).expanduser().exists()
+    }
+    return dataclasses.replace(config, **changes)
 
 
 def check_resumable(config: TrainConfig, saved_file: Path) -> None:
