@@ -146,3 +146,15 @@ def test_a_text_that_is_not_a_string_is_an_error_naming_the_row(tmp_path: Path) 
     rows[1]["text"] = None  # an empty text is skipped, as documented
     path.write_text("\n".join(json.dumps(r) for r in rows))
     assert load_dataset(str(path)).texts == ("good film",)
+
+
+def test_integer_labels_against_named_labels_warn(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.tsv", "label\tsentence\n1\tgood film\n0\tbad film\n")
+    with pytest.warns(RuntimeWarning, match="taken as positions .*0 = 'negative'"):
+        data = load_dataset(str(path), label_names=["negative", "neutral", "positive"])
+    assert data.labels == (1, 0)
+    import warnings
+
+    with warnings.catch_warnings():  # numeric names (a model trained on 0/1): no warning
+        warnings.simplefilter("error")
+        load_dataset(str(path), label_names=["0", "1"])

@@ -18,6 +18,7 @@ import csv
 import importlib.util
 import json
 import sys
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -244,6 +245,14 @@ def load_dataset(
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
     names = tuple(label_names) if label_names is not None else label_names_of(keys, source=name)
+    numeric = tuple(str(i) for i in range(len(names)))
+    if label_names is not None and names != numeric and any(isinstance(k, int) for k in keys):
+        warnings.warn(
+            f"{name!r}: integer labels are taken as positions in the label names {list(names)} "
+            f"(0 = {names[0]!r}); if they mean something else, give the labels by name",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     ids = _label_ids(keys, names, source=name)
     return TextDataset(tuple(texts), ids, names, None, name)
 
