@@ -4,34 +4,17 @@ counts, conditions text) from synthetic runs, and the token counter."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple classes need their module registered
-    sys.path.insert(0, str(BENCH))  # algebra/variants import their sibling lora.py
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
 
 @pytest.fixture(scope="module")
-def finetune() -> ModuleType:
-    return load("finetune")
+def finetune(bench) -> ModuleType:
+    return bench("finetune")
 
 
 def test_finetune_report_is_generated_with_paired_ratios_and_tokens(

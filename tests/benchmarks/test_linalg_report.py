@@ -3,29 +3,9 @@ floor per power-iteration count."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple classes need their module registered
-    sys.path.insert(0, str(BENCH))  # algebra/variants import their sibling lora.py
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
-def test_linalg_markdown_matched_row_and_floor_per_q() -> None:
-    linalg = load("linalg")
+def test_linalg_markdown_matched_row_and_floor_per_q(bench) -> None:
+    linalg = bench("linalg")
     base = {"spectrum": "1/j", "auto_power_iters": 3, "sklearn_default_n_iter": 7}
     rows = [
         {**base, "method": linalg.AUTO, "seconds": 0.3, "error_over_sigma_k1": 1.003,

@@ -2,29 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-from types import ModuleType
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
-
-
-def load(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # NamedTuple classes need their module registered
-    sys.path.insert(0, str(BENCH))  # algebra/variants import their sibling lora.py
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
-
-
-def test_variants_summary_reports_both_peft_pissa_paths() -> None:
-    variants = load("variants")
+def test_variants_summary_reports_both_peft_pissa_paths(bench) -> None:
+    variants = bench("variants")
     ours, exact, full, niter = variants.PISSA_PEERS
     names = list(variants.PISSA_PEERS)
     result = {
