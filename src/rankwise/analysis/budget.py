@@ -56,13 +56,13 @@ def _adapted(model: nn.Module, targets: Sequence[str], task_type: str | None) ->
     return list(inject(model, config, dry_run=True))
 
 
-def cost_per_rank(
-    model: nn.Module, targets: Sequence[str], *, task_type: str | None = None
-) -> tuple[int, int]:
-    """``(layers, Σ (in + out))`` over the layers LoRA adapts for ``targets``; they must all be
-    linear (``nn.Linear`` or ``Conv1D``)."""
+def _linear_shapes(
+    model: nn.Module, targets: Sequence[str], task_type: str | None
+) -> list[tuple[int, int]]:
+    """``(out, in)`` of each layer LoRA adapts for ``targets``; they must all be linear
+    (``nn.Linear`` or ``Conv1D``)."""
     modules = dict(model.named_modules())
-    layers, cost = 0, 0
+    shapes = []
     for name in _adapted(model, targets, task_type):
         if not is_linear(modules[name]):
             raise KeyError(
@@ -70,13 +70,16 @@ def cost_per_rank(
                 "linear layers (nn.Linear, Conv1D)"
             )
         out_features, in_features = linear_weight(modules[name]).shape
-        layers, cost = layers + 1, cost + out_features + in_features
-    return layers, cost
+        shapes.append((int(out_features), int(in_features)))
+    return shapes
 
 
-def _smallest_side(model: nn.Module, targets: Sequence[str], task_type: str | None) -> int:
-    modules = dict(model.named_modules())
-    return min(min(linear_weight(modules[n]).shape) for n in _adapted(model, targets, task_type))
+def cost_per_rank(
+    model: nn.Module, targets: Sequence[str], *, task_type: str | None = None
+) -> tuple[int, int]:
+    """``(layers, Σ (in + out))`` over the layers LoRA adapts for ``targets`` (all linear)."""
+    shapes = _linear_shapes(model, targets, task_type)
+    return len(shapes), sum(o + i for o, i in shapes)
 
 
 def budget_plan(
@@ -118,18 +121,18 @@ def budget_plan(
                     f"weight type {t!r} ({types[t]}) in {list(group)} matches no layer: {err}"
                 ) from None
         targets = tuple(types[t] for t in group)
-        layers, cost = cost_per_rank(model, targets, task_type=task_type)
-        resolved.append((tuple(group), targets, layers, cost))
+        shapes = _linear_shapes(model, targets, task_type)
+        cost, side = sum(o + i for o, i in shapes), min(min(shape) for shape in shapes)
+        resolved.append((tuple(group), targets, len(shapes), cost, side))
     if budget is None:
         budget = rank * resolved[0][3]  # type: ignore[operator]
     plans = []
-    for group, targets, layers, cost in resolved:
+    for group, targets, layers, cost, side in resolved:
         r = budget // cost
         if r < 1:
             raise ValueError(
                 f"budget {budget} cannot give {list(group)} rank 1 (needs {cost} parameters)"
             )
-        side = _smallest_side(model, targets, task_type)
         if r > side:
             raise ValueError(
                 f"budget {budget} gives {list(group)} rank {r}, above min(out, in) = {side} of "

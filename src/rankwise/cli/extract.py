@@ -27,8 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 SIDECARS = ("rankwise_task.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
             "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
-# PEFT's modules_to_save for sequence classification: the head, trained in full
-HEADS = ("classifier", "score")
 
 
 def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
@@ -39,7 +37,7 @@ def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
     import torch
     import transformers
 
-    from rankwise.train.models import quiet_transformers, resolve_model_source
+    from rankwise.train.models import HEADS, quiet_transformers, resolve_model_source
 
     quiet_transformers()
     source, base_source = resolve_model_source(finetuned), resolve_model_source(base)
