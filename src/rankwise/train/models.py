@@ -138,21 +138,7 @@ def load_pretrained(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
-        if mismatched:
-            model, info = auto.from_pretrained(
-                source, config=config, ignore_mismatched_sizes=True, output_loading_info=True
-            )
-            # only the head may differ; any other mismatch is the checkpoint's own problem
-            others = sorted(
-                k[0] for k in info["mismatched_keys"] if k[0].split(".")[0] not in HEADS
-            )
-            if others:
-                raise ConfigError(
-                    f"model {source!r}: weights {', '.join(others[:5])} do not match the shapes "
-                    "its config gives"
-                )
-        else:
-            model = auto.from_pretrained(source, config=config)
+        model = _from_pretrained(auto, source, config, new_head=mismatched)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model_dropout is not None:
@@ -160,6 +146,23 @@ def load_pretrained(
             if isinstance(module, torch.nn.Dropout):
                 module.p = model_dropout
     return Loaded(model, tokenizer, source)
+
+
+def _from_pretrained(auto: Any, source: str, config: Any, *, new_head: bool) -> Any:
+    """``auto.from_pretrained``; with ``new_head`` the head may differ in size (it is
+    re-initialized), but any other mismatched weight is the checkpoint's own problem."""
+    if not new_head:
+        return auto.from_pretrained(source, config=config)
+    model, info = auto.from_pretrained(
+        source, config=config, ignore_mismatched_sizes=True, output_loading_info=True
+    )
+    others = sorted(k[0] for k in info["mismatched_keys"] if k[0].split(".")[0] not in HEADS)
+    if others:
+        raise ConfigError(
+            f"model {source!r}: weights {', '.join(others[:5])} do not match the shapes its "
+            "config gives"
+        )
+    return model
 
 
 def quiet_transformers() -> None:
