@@ -138,7 +138,10 @@ def load_pretrained(
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
-        model = _from_pretrained(auto, source, config, new_head=mismatched)
+        if task == "classification":
+            model = _from_pretrained(auto, source, config, new_head=mismatched)
+        else:
+            model = _causal_lm(auto, source, config)
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model_dropout is not None:
@@ -163,6 +166,62 @@ def _from_pretrained(auto: Any, source: str, config: Any, *, new_head: bool) -> 
             "config gives"
         )
     return model
+
+
+def _causal_lm(auto: Any, source: str, config: Any) -> Any:
+    """``AutoModelForCausalLM`` of ``source`` that predicts each token from the ones before it.
+
+    A checkpoint without the weights of its language-model head is refused: the head would be
+    random, frozen, not saved with the adapter and different at every load. An encoder (BERT,
+    RoBERTa: bidirectional attention, so position t sees token t + 1 and training learns to
+    copy it) is loaded as a decoder (``is_decoder=True``, causal mask) with a warning."""
+    model, info = auto.from_pretrained(source, config=config, output_loading_info=True)
+    # Tied weights (an output layer sharing the input embedding) are not loaded themselves.
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(p) for name, p in params.items() if name not in info["missing_keys"]}
+    missing = sorted(k for k in info["missing_keys"] if k in params and id(params[k]) not in loaded)
+    if missing:
+        raise ConfigError(
+            f"model {source!r} has no causal language-model head in its checkpoint "
+            f"(weights {', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''} are "
+            "missing and would be random); --task causal-lm needs a model trained for it "
+            "(GPT-2, Llama, ...)"
+        )
+    if _sees_next_token(model):
+        if getattr(config, "is_decoder", None) is not False:
+            raise ConfigError(
+                f"model {source!r}: its causal-LM class lets each position see later tokens; "
+                "--task causal-lm needs a decoder model"
+            )
+        warnings.warn(
+            f"model {source!r} is an encoder (each position sees the whole text); for "
+            "--task causal-lm it is loaded as a decoder (is_decoder=True: each position sees "
+            "only the tokens before it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        config.is_decoder = True
+        model = auto.from_pretrained(source, config=config)
+        if _sees_next_token(model):
+            raise ConfigError(f"model {source!r} stays bidirectional with is_decoder=True")
+    return model
+
+
+def _sees_next_token(model: Any) -> bool:
+    """Whether the logits at a position change with a later token (no causal mask)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.arange(1, 5).remainder(vocab).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            a = model(input_ids=ids).logits[0, :-1]
+            b = model(input_ids=changed).logits[0, :-1]
+    finally:
+        model.train(was_training)
+    return not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(a.abs().max()) + 1e-6)
 
 
 def quiet_transformers() -> None:

