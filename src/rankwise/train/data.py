@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 import json
 import sys
 import warnings
@@ -77,7 +78,12 @@ def _read_text(path: Path, encoding: str | None) -> str:
 
 
 def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a ``.tsv`` / ``.csv`` / ``.jsonl`` file or an ``hf:<name>[/<config>][:<split>]``."""
+    """Rows of a ``.tsv`` / ``.csv`` / ``.jsonl`` file or an ``hf:<name>[/<config>][:<split>]``.
+
+    Records end at line breaks only: ``\\n``, ``\\r\\n`` or ``\\r`` for TSV/CSV (the csv module,
+    which also keeps a line break inside a quoted CSV field) and ``\\n`` for JSONL (a trailing
+    ``\\r`` is dropped). U+2028, U+0085 and the like are text, not line breaks.
+    """
     if source.startswith("hf:"):
         return _read_hf(source[3:])
     path = Path(source)
@@ -88,15 +94,11 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     suffix = path.suffix.lower()
     text = _read_text(path, encoding)
     if suffix in (".tsv", ".csv"):
-        # GLUE TSVs are unquoted: a quote character is part of the phrase.
-        quoting = csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL
-        csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-        delimiter = "\t" if suffix == ".tsv" else ","
-        reader = csv.DictReader(text.splitlines(), delimiter=delimiter, quoting=quoting)
-        return [dict(row) for row in reader]
+        return _read_delimited(text, source=source, tsv=suffix == ".tsv")
     if suffix in (".jsonl", ".json"):
         rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(text.split("\n"), start=1):
+            line = line.removesuffix("\r")
             if not line.strip():
                 continue
             try:
@@ -114,6 +116,33 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     raise ConfigError(
         f"data file {source!r}: expected a .tsv, .csv or .jsonl file or hf:<name>, found {suffix!r}"
     )
+
+
+def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]]:
+    """Header + rows of a TSV (unquoted) or CSV (quoted) text; a row with more fields than the
+    header is an error naming it (the extra field would be dropped, or keyed ``None``); a row
+    with fewer reads the missing fields as ``None``. Blank lines are skipped."""
+    # GLUE TSVs are unquoted: a quote character is part of the phrase.
+    quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    # newline="": no translation, so the csv module sees (and keeps) breaks in quoted fields
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
+                        quoting=quoting)  # fmt: skip
+    header = next((fields for fields in reader if fields), None)
+    if header is None:
+        return []
+    rows = []
+    for fields in reader:
+        if not fields:
+            continue
+        if len(fields) > len(header):
+            hint = "a tab inside the text?" if tsv else "a comma inside the text? quote it"
+            raise ConfigError(
+                f"data file {source!r} row {len(rows) + 1} (line {reader.line_num}) has "
+                f"{len(fields)} fields, the header has {len(header)} ({hint})"
+            )
+        rows.append(dict(zip(header, fields + [None] * (len(header) - len(fields)))))
+    return rows
 
 
 def _read_hf(spec: str) -> list[dict[str, Any]]:
@@ -228,7 +257,7 @@ def load_dataset(
         rows, name = read_rows(source), source
     if not rows:
         raise ConfigError(f"dataset {name!r} is empty (no rows)")
-    columns = list(rows[0])
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # a row may lack some
     if task == "causal-lm":
         return _causal_dataset(rows, columns, name, text_column)
     text_col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
@@ -289,7 +318,7 @@ def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
     if text_column is None and all(c in columns for c in PROMPT_COLUMNS):
-        pairs = [(str(r["prompt"] or ""), str(r["response"] or "")) for r in rows]
+        pairs = [(str(r.get("prompt") or ""), str(r.get("response") or "")) for r in rows]
         pairs = [p for p in pairs if p[1].strip()]
         if not pairs:
             raise ConfigError(f"dataset {name!r} has no non-empty response")
