@@ -341,7 +341,7 @@ CASES: list[Case] = [
         "adapter for another architecture",
         _load_other(mlp, tiny, MLP_CFG),
         InjectionError,
-        "target_modules: '0' matches no module",
+        r"target_modules: \['0', '2'\] matched no module",
     ),  # fmt: skip
     Case(
         "adapter for another width",

@@ -116,7 +116,8 @@ def load_adapter(
     A plain model gets adapters injected as the config says; a model that already has
     adapters of the same names and shapes gets its weights (and alpha/scaling) swapped in
     place. ``is_trainable=False`` (as PEFT) freezes every parameter and puts the model in eval
-    mode. Raises AdapterFormatError / ShapeMismatchError with the model unchanged.
+    mode. Raises AdapterFormatError / ShapeMismatchError (InjectionError when the config
+    selects no module of ``model``) with the model unchanged.
     """
     directory = Path(directory)
     _check_materialized(model)
@@ -140,7 +141,7 @@ def load_adapter(
         expected = _expected_for_swap(model, config)
         plan = None
     else:
-        plan = resolve(model, config.replace(inference_mode=not is_trainable))
+        plan = resolve(model, config.replace(inference_mode=not is_trainable), strict=False)
         check_wrappers(plan)  # e.g. DoRA on a convolution: InjectionError naming it
         expected = planned_shapes(model, plan)
     found = {k: header[f].shape for k, f in renamed.items()}
@@ -153,12 +154,15 @@ def load_adapter(
     values = {k: tensors[f] for k, f in renamed.items()}
     _check_aliases(values, aliases, tensors, source=weights)
     _check_values(values, _target_dtypes(model, plan, values), source=weights)
+    if plan is None:
+        _check_base_kept(model, values, source=weights)
     if plan is not None:
         apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
     else:
         _set_layer_scales(model, config)
         replace_state_config(model, config.replace(inference_mode=not is_trainable))
     _copy_in(model, values)
+    get_state(model).base_written = _base_keys(model, values)
     set_trainable(model, trainable=is_trainable)
     if not is_trainable:
         model.eval()
@@ -258,7 +262,7 @@ def _check_same_modules(model: nn.Module, config: LoraConfig) -> None:
     """A swap in place needs the file's config to select the modules the model has adapters
     on (and keeps in full): otherwise the attached config would describe other modules than
     the weights, and a later save would write an adapter no loader reads back the same."""
-    names, save_names, _ = selected_names(model, config, unwrapped_modules(model))
+    names, save_names, _ = selected_names(model, config, unwrapped_modules(model), strict=False)
     state = get_state(model)
     for what, want, have in (
         ("adapts", set(names), {n for n, _ in lora_layers(model)}),
@@ -272,6 +276,27 @@ def _check_same_modules(model: nn.Module, config: LoraConfig) -> None:
                 f"adapters: {', '.join(diff)}; load it into the base model "
                 "(rankwise.lora.unload(model) first)"
             )
+
+
+def _base_keys(model: nn.Module, keys: object) -> frozenset[str]:
+    """The keys among ``keys`` that are base-model tensors: not LoRA factors, not
+    modules_to_save (biases of ``bias="all"``/``"lora_only"``, whole embedding weights)."""
+    kept = tuple(m + "." for m in get_state(model).modules_to_save)
+    return frozenset(k for k in keys if ".lora_" not in k and not k.startswith(kept))  # type: ignore[attr-defined]
+
+
+def _check_base_kept(model: nn.Module, values: dict[str, Tensor], *, source: Path) -> None:
+    """A swap must overwrite every base tensor the current adapter changed (trained or loaded
+    biases, whole embeddings): otherwise the old adapter's values would stay in the model."""
+    state = get_state(model)
+    changed = state.base_written | _base_keys(model, adapter_state_dict(model))
+    left = sorted(changed - _base_keys(model, values))
+    if left:
+        raise AdapterFormatError(
+            f"load_adapter: the model's adapter (bias={state.config.bias!r}) changed base "
+            f"tensors {_few(left)} that {source} does not set; swapping in place would keep the "
+            "old values. Load it into a fresh copy of the base model"
+        )
 
 
 def _check_keys(

@@ -98,6 +98,10 @@ def embedding_state(
         name = _module_name(model, layer, targeted)
         if name:
             out.update({k: v for k, v in full.items() if k.startswith(name + ".")})
+            if isinstance(layer, LoraLayer) and layer.merged:
+                # the live weight holds W0 + s·B A; the file's base must be W0 (the factors
+                # are saved too: a loader adds them again)
+                out[f"{name}.weight"] = layer.planned_weight("unmerge")
     return out
 
 

@@ -171,14 +171,22 @@ def _finish(A: Tensor, B: Tensor, W: Tensor, delta: Tensor, weight: Tensor) -> L
     return LoraInit(A.contiguous().to(weight.device), B.contiguous().to(weight.device), residual)
 
 
+# PEFT initializers with B A = 0 at start that do not change the base weight
+_PEFT_BASE_KEEPING = frozenset({"orthogonal", "mica", "eva"})
+
+
 def from_peft_init(value: bool | str) -> bool | str:
     """PEFT's ``init_lora_weights`` -> the rankwise registry name (file-format edge only).
 
     ``"pissa"`` (PEFT: full SVD) -> ``"pissa_exact"``; ``"pissa_niter_N"`` -> ``"pissa"`` (our
-    randomized SVD); ``"olora"``, ``"lora_ga"``, booleans and other names unchanged.
+    randomized SVD); PEFT's initializers that leave the base weight alone (``"orthogonal"``,
+    ``"mica"``, ``"eva"``: ``B A = 0`` at start) -> ``True``, since a loaded file sets every
+    factor; ``"olora"``, ``"lora_ga"``, booleans and other names unchanged.
     """
     if value == "pissa":
         return "pissa_exact"
+    if isinstance(value, str) and value.lower() in _PEFT_BASE_KEEPING:
+        return True
     if isinstance(value, str) and _PEFT_NITER.fullmatch(value):
         return "pissa"
     return value

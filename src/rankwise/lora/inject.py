@@ -34,13 +34,15 @@ class LoraState:
 
     ``config``: the effective config; ``modules_to_save``: qualified names trained in full;
     ``requires_grad``: every parameter's flag before injection (restored by unload);
-    ``originals``: copies of the modules_to_save tensors at injection (for disable_adapters).
+    ``originals``: copies of the modules_to_save tensors at injection (for disable_adapters);
+    ``base_written``: base-model tensors (biases, whole embeddings) the loaded file set.
     """
 
     config: LoraConfig
     modules_to_save: tuple[str, ...]
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     originals: dict[str, Tensor] = field(default_factory=dict)
+    base_written: frozenset[str] = frozenset()
 
 
 def parametrization_name(config: LoraConfig) -> str:

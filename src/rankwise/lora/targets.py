@@ -52,8 +52,12 @@ class Plan(NamedTuple):
     config: LoraConfig
 
 
-def resolve(model: nn.Module, config: LoraConfig) -> Plan:
+def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Plan:
     """The :class:`Plan` for injecting ``config`` into ``model``; raises InjectionError.
+
+    ``strict``: every ``target_modules`` / ``modules_to_save`` entry must match a module (a
+    typo is an error). ``load_adapter`` passes ``False``, as PEFT loads a file whose generic
+    list (``["q_proj", "v_proj", "query", "value"]``) matches in part.
 
     Every target's weight must be non-empty (a zero-size layer has nothing to adapt and would
     divide by zero in the initializers); checked here, before anything is allocated.
@@ -69,7 +73,7 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
             "target_modules: expected a list of names, a regex or 'all-linear', found None"
         )
     modules = dict(model.named_modules())
-    names, save_names, cfg = selected_names(model, config, modules)
+    names, save_names, cfg = selected_names(model, config, modules, strict=strict)
     targets = []
     for name in names:
         kind = wrapper_kind(modules[name])
@@ -78,7 +82,9 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
         _check_nonempty(name, modules[name])
         targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
     if not targets:
-        raise InjectionError(f"target_modules: {cfg.target_modules!r} matched no module")
+        entries = cfg.target_modules
+        hint = "" if isinstance(entries, str) or not entries else _candidates(entries[0], modules)
+        raise InjectionError(f"target_modules: {entries!r} matched no module{hint}")
     # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag
     conv1d = any(is_hf_conv1d(modules[t.name]) for t in targets)
     if cfg.fan_in_fan_out != conv1d:
@@ -87,17 +93,18 @@ def resolve(model: nn.Module, config: LoraConfig) -> Plan:
 
 
 def selected_names(
-    model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module]
+    model: nn.Module, config: LoraConfig, modules: dict[str, nn.Module], *, strict: bool = True
 ) -> tuple[list[str], tuple[str, ...], LoraConfig]:
     """The module names ``config`` adapts and keeps in full among ``modules`` (qualified name
     -> module; :func:`unwrapped_modules` for a model that has adapters), and the effective
-    config; InjectionError for an entry that matches nothing."""
+    config; with ``strict``, InjectionError for an entry that matches nothing."""
     cfg = _with_task_heads(config)
-    save_names = _modules_to_save(modules, cfg)
+    save_names = _modules_to_save(modules, cfg, strict=strict)
     if cfg.target_modules == ALL_LINEAR:
         cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
     names = [n for n in modules if n and _is_target(cfg, n, save_names)]
-    _check_every_entry_matched(cfg, list(modules), names)
+    if strict:
+        _check_every_entry_matched(cfg, list(modules), names)
     return names, save_names, cfg
 
 
@@ -127,13 +134,18 @@ def _suffix_match(name: str, entries: Iterable[str]) -> bool:
     return any(name == e or name.endswith("." + e) for e in entries)
 
 
-def _modules_to_save(modules: dict[str, nn.Module], cfg: LoraConfig) -> tuple[str, ...]:
+def _modules_to_save(
+    modules: dict[str, nn.Module], cfg: LoraConfig, *, strict: bool = True
+) -> tuple[str, ...]:
     wanted = cfg.modules_to_save or []
     found: list[str] = []
     for entry in wanted:
-        hits = [n for n in modules if n and _suffix_match(n, [entry])]
+        # PEFT's _set_trainable: a plain ``endswith`` (no dot boundary), so "classifier" also
+        # keeps DistilBERT's pre_classifier and "norm" every *_layernorm; files depend on it.
+        hits = [n for n in modules if n and n.endswith(entry)]
         hits = [n for n in hits if not any(n.startswith(f + ".") for f in found)]
-        if not hits and not (cfg.task_type == "SEQ_CLS" and entry in SEQ_CLS_HEAD_NAMES):
+        seq_cls_head = cfg.task_type == "SEQ_CLS" and entry in SEQ_CLS_HEAD_NAMES
+        if not hits and strict and not seq_cls_head:
             raise InjectionError(
                 f"modules_to_save: {entry!r} matches no module{_candidates(entry, modules)}"
             )
@@ -149,6 +161,8 @@ def _is_target(cfg: LoraConfig, name: str, save_names: tuple[str, ...]) -> bool:
         return False
     if isinstance(cfg.target_modules, str):
         return re.fullmatch(cfg.target_modules, name) is not None
+    if name in (cfg.target_modules or []):
+        return True  # as PEFT: a full name is adapted whatever layers_to_transform says
     if not _suffix_match(name, cfg.target_modules or []):
         return False
     return _in_layers(cfg, name)

@@ -1,0 +1,133 @@
+"""Files PEFT writes for configs whose module matching has PEFT's own quirks; swaps that
+would keep another adapter's base tensors; saving a merged model with embedding weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from lora_testkit import BUILDERS, logits
+from safetensors.torch import load_file
+from torch import nn
+
+from rankwise.errors import AdapterFormatError
+from rankwise.io import load_adapter, save_adapter
+from rankwise.lora import LoraConfig, inject, lora_layers, merge
+
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def _peft_saved(family: str, tmp_path: Path, seed: int = 3, **kwargs) -> torch.Tensor:
+    """Save a perturbed PEFT adapter of ``kwargs`` to ``tmp_path``; its logits."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    theirs = get_peft_model(BUILDERS[family](), PeftConfig(r=4, lora_alpha=8, **kwargs)).eval()
+    _perturb(theirs, seed)
+    theirs.save_pretrained(tmp_path)
+    return logits(theirs, family)
+
+
+def _adapted(model: nn.Module) -> set[str]:
+    return {n for n, _ in lora_layers(model)}
+
+
+def test_modules_to_save_matches_by_plain_suffix_as_peft(tmp_path: Path) -> None:
+    # PEFT keeps every module whose name ends with the entry, dot or not: "norm" also keeps
+    # each layer's input_layernorm / post_attention_layernorm (the file holds them all).
+    expected = _peft_saved("llama", tmp_path, target_modules=["q_proj"], modules_to_save=["norm"])
+    saved = set(load_file(tmp_path / WEIGHTS))
+    assert "base_model.model.model.layers.0.input_layernorm.weight" in saved
+    ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+    # inject selects the same modules PEFT does, so a rankwise save has the same keys
+    mine = inject(BUILDERS["llama"](), LoraConfig(r=4, target_modules=["q_proj"],
+                                                  modules_to_save=["norm"]))  # fmt: skip
+    save_adapter(mine, tmp_path / "ours")
+    assert set(load_file(tmp_path / "ours" / WEIGHTS)) == saved
+
+
+def test_a_full_name_is_adapted_outside_layers_to_transform_as_peft(tmp_path: Path) -> None:
+    targets = ["model.layers.0.self_attn.q_proj", "v_proj"]
+    expected = _peft_saved("llama", tmp_path, target_modules=targets, layers_to_transform=[1])
+    ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    assert _adapted(ours) == {"model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"}
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+
+
+def test_load_accepts_target_entries_that_match_nothing_here(tmp_path: Path) -> None:
+    # A generic list for several architectures: PEFT loads it when some entry matches.
+    targets = ["q_proj", "v_proj", "query", "value"]
+    with pytest.raises(Exception, match="'query' matches no module"):
+        inject(BUILDERS["llama"](), LoraConfig(r=4, target_modules=targets))  # a typo guard
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    theirs = get_peft_model(BUILDERS["llama"](), PeftConfig(r=4, target_modules=targets[:2]))
+    _perturb(theirs, 5)
+    theirs.peft_config["default"].target_modules = set(targets)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    assert {n.rsplit(".", 1)[-1] for n in _adapted(ours)} == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("init", ["orthogonal", "mica"])
+def test_peft_inits_that_keep_the_base_load(init: str, tmp_path: Path) -> None:
+    expected = _peft_saved("llama", tmp_path, target_modules=["q_proj"], init_lora_weights=init)
+    ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["all", "lora_only"])
+def test_swap_refuses_to_keep_another_adapters_biases(mode: str, tmp_path: Path) -> None:
+    config = dict(target_modules=["query", "value"], task_type="SEQ_CLS")
+    _peft_saved("bert", tmp_path / "plain", seed=1, **config)
+    _peft_saved("bert", tmp_path / "biased", seed=2, bias=mode, **config)
+    model = load_adapter(BUILDERS["bert"](), tmp_path / "plain")
+    load_adapter(model, tmp_path / "biased")  # sets every bias it trained: fine
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFormatError, match=rf"bias='{mode}'.*changed base tensors"):
+        load_adapter(model, tmp_path / "plain")  # would keep the other adapter's biases
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    load_adapter(model, tmp_path / "biased")  # the same mode sets them all again
+
+
+def test_swap_refuses_after_training_biases(tmp_path: Path) -> None:
+    config = dict(target_modules=["query", "value"], task_type="SEQ_CLS")
+    _peft_saved("bert", tmp_path, **config)
+    model = inject(BUILDERS["bert"](), LoraConfig(r=4, lora_alpha=8, bias="all", **config))
+    with pytest.raises(AdapterFormatError, match="changed base tensors"):
+        load_adapter(model, tmp_path)
+
+
+def test_save_after_merge_writes_the_unmerged_embedding(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    model = inject(
+        BUILDERS["llama"](),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], init_lora_weights=False
+        ),  # fmt: skip
+        generator=0,
+    ).eval()
+    expected = logits(model, "llama")
+    save_adapter(model, tmp_path / "before")
+    merge(model)
+    save_adapter(model, tmp_path / "after")
+    a, b = load_file(tmp_path / "before" / WEIGHTS), load_file(tmp_path / "after" / WEIGHTS)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6)
+    ours = load_adapter(BUILDERS["llama"](), tmp_path / "after")
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+    theirs = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "after").eval()
+    torch.testing.assert_close(logits(theirs, "llama"), expected, rtol=0, atol=1e-5)
