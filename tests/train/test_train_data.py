@@ -223,3 +223,16 @@ def test_columns_are_those_of_every_row(tmp_path: Path) -> None:
     path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
     ds = load_dataset(str(path), task="causal-lm")
     assert ds.texts == ("a2",) and ds.prompts == ("q2",)
+
+
+def test_invalid_unicode_is_an_error_naming_the_row(tmp_path: Path) -> None:
+    """A JSON "\\udce9" escape is valid JSON but no valid text: the tokenizer crashed on it."""
+    rows = [{"text": "ok", "label": 1}, {"text": "caf\udce9", "label": 0}]
+    path = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    match = "row 2: column 'text': the text is not valid UTF-8/Unicode .*U\\+DCE9 at character 4"
+    with pytest.raises(ConfigError, match=match):
+        load_dataset(str(path))
+    pairs = [{"prompt": "q", "response": "a"}, {"prompt": "\ud800?", "response": "a"}]
+    path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
+    with pytest.raises(ConfigError, match="row 2: column 'prompt': .*U\\+D800 at character 1\\)"):
+        load_dataset(str(path), task="causal-lm")

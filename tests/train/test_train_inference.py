@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -107,3 +110,83 @@ def test_peft_adapters_without_a_task_file_evaluate_predict_and_merge(
     with torch.no_grad():
         best = int(classifier(**tok).logits.argmax())
     assert label == f"LABEL_{best}"
+
+
+def test_a_binary_classifier_saved_by_transformers_loads(tiny_bert: Path, tmp_path: Path) -> None:
+    """transformers 5 leaves the default two-label id2label out of config.json; such a model
+    (here PEFT's merge_and_unload + save_pretrained) was refused: "label names are not
+    recorded". Its labels are read as transformers reads them."""
+    from transformers import AutoTokenizer
+
+    peft_model = _peft_adapter(tiny_bert, tmp_path / "cls", "SEQ_CLS", ["query", "value"])
+    peft_model.merge_and_unload().save_pretrained(tmp_path / "merged")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "merged")
+    assert "id2label" not in (tmp_path / "merged" / "config.json").read_text()
+    merged = load_trained(tmp_path / "merged")
+    assert merged.task == "classification" and merged.label_names == ("LABEL_0", "LABEL_1")
+    texts = ["a good film", "a bad film"]
+    want = predict(load_trained(tmp_path / "cls"), texts)
+    got = predict(merged, texts)
+    assert [p.label for p in got] == [p.label for p in want]
+    assert [p.probability for p in got] == pytest.approx([p.probability for p in want], abs=1e-5)
+
+
+def test_an_adapter_file_is_named_as_a_file(run_dir: Path, capsys) -> None:
+    adapter = run_dir / "adapter"
+    assert main(["predict", "--adapter", str(adapter / "adapter_config.json"), "good"]) == 2
+    err = capsys.readouterr().err
+    assert "is a file; expected a directory" in err and f"{str(adapter)!r}?" in err
+
+
+@pytest.mark.parametrize("value", [-5, 0, "abc", "128", 64.5, True, [128]])
+def test_a_bad_max_length_in_the_task_file_is_an_error(
+    run_dir: Path, tmp_path: Path, value: object
+) -> None:
+    import shutil
+
+    from rankwise.errors import AdapterFormatError
+
+    adapter = shutil.copytree(run_dir / "adapter", tmp_path / "adapter")
+    task_file = adapter / "rankwise_task.json"
+    info = json.loads(task_file.read_text())
+    task_file.write_text(json.dumps({**info, "max_length": value}))
+    message = f"rankwise_task.json: 'max_length' must be a positive integer, found {value!r}"
+    with pytest.raises(AdapterFormatError, match=re.escape(message)):
+        load_trained(adapter)
+    del info["max_length"]
+    task_file.write_text(json.dumps(info))
+    assert load_trained(adapter).max_length == 128  # not recorded: the default
+
+
+def _stdin(data: bytes) -> io.TextIOWrapper:
+    """A stand-in for sys.stdin on POSIX: UTF-8, strict, no newline translation."""
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="\n")
+
+
+def test_predict_stdin_lines_lose_their_crlf(run_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", _stdin(b"great film\r\n\r\nawful\r\n"))
+    assert main(["predict", "--adapter", str(run_dir / "adapter"), "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["text"] for line in out] == ["great film", "awful"]
+
+
+def test_invalid_unicode_is_an_error_naming_the_text(
+    run_dir: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """A lone surrogate (a non-UTF-8 byte in an argument or on stdin, or a JSON escape)
+    crashed in the tokenizer with a traceback."""
+    from rankwise.errors import ConfigError
+
+    adapter = str(run_dir / "adapter")
+    expected = "not valid UTF-8/Unicode (lone surrogate U+DCE9 at character 4; an undecodable byte 0xe9?)"  # fmt: skip
+    assert main(["predict", "--adapter", adapter, "ok", "caf\udce9 great"]) == 2
+    assert f"TEXT argument 2: the text is {expected}" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", _stdin(b"ok\n\ncaf\xe9 great\n"))
+    assert main(["predict", "--adapter", adapter]) == 2
+    assert f"stdin line 3: the text is {expected}" in capsys.readouterr().err
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "ok", "label": 1}\n{"text": "caf\\udce9 great", "label": 0}\n')
+    assert main(["evaluate", "--adapter", adapter, "--data", str(data)]) == 2
+    assert "d.jsonl' row 2: column 'text': the text is not valid" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="predict: text 2: .*lone surrogate U\\+D800"):
+        predict(load_trained(adapter), ["ok", "\ud800"])

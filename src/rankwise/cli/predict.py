@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     from rankwise.train.inference import load_trained, predict
 
-    texts = list(args.texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    texts = _checked_texts(args.texts) if args.texts else _stdin_texts()
     trained = load_trained(args.adapter, model=args.model)
     for p in predict(trained, texts):
         if args.json:
@@ -40,3 +40,31 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"{p.label}\t{p.probability:.3f}\t{p.text}")
     return 0
+
+
+def _checked_texts(texts: list[str]) -> list[str]:
+    """The TEXT arguments, each valid Unicode (Python decodes a non-UTF-8 byte in an argument
+    to a lone surrogate, which the tokenizer cannot take)."""
+    from rankwise.train.data import valid_text
+
+    return [valid_text(t, where=f"TEXT argument {i}") for i, t in enumerate(texts, start=1)]
+
+
+def _stdin_texts() -> list[str]:
+    """The non-blank lines of stdin, without their line ending (``\\n`` or ``\\r\\n``).
+
+    The bytes are decoded here, with surrogateescape, so that a line that is not valid in the
+    stdin encoding is named by its number whatever the locale (a strict decoder would fail
+    somewhere in a chunk; the C locale's decoder would pass surrogates to the tokenizer)."""
+    from rankwise.train.data import valid_text
+
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream put in place of stdin (tests, embedding)
+        text = sys.stdin.read()
+    else:
+        text = raw.read().decode(sys.stdin.encoding or "utf-8", errors="surrogateescape")
+    return [
+        valid_text(line.rstrip("\r\n"), where=f"stdin line {number}")
+        for number, line in enumerate(text.split("\n"), start=1)
+        if line.strip()
+    ]

@@ -288,7 +288,7 @@ def load_dataset(
 
 def _text(value: Any, *, source: str, row: int, column: str) -> str:
     """A row's text: a string (``None`` reads as empty, skipped); anything else is an error
-    naming the row (a JSON number or list is not silently dropped)."""
+    naming the row (a JSON number or list is not silently dropped), as is invalid Unicode."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -296,7 +296,23 @@ def _text(value: Any, *, source: str, row: int, column: str) -> str:
             f"{source!r} row {row}: column {column!r} holds {type(value).__name__} {value!r}; "
             "expected text"
         )
-    return value
+    return valid_text(value, where=f"{source!r} row {row}: column {column!r}")
+
+
+def valid_text(text: str, *, where: str) -> str:
+    """``text`` when it is valid Unicode (encodes to UTF-8); a lone surrogate is an error
+    naming ``where``. Python makes one from an undecodable byte in a command-line argument or
+    stdin (surrogateescape: byte 0xe9 -> U+DCE9); a JSON ``"\\udce9"`` escape is another."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        code = ord(text[err.start])
+        byte = f"; an undecodable byte 0x{code - 0xDC00:02x}?" if 0xDC80 <= code <= 0xDCFF else ""
+        raise ConfigError(
+            f"{where}: the text is not valid UTF-8/Unicode (lone surrogate U+{code:04X} "
+            f"at character {err.start + 1}{byte})"
+        ) from None
+    return text
 
 
 def _label_ids(
@@ -318,7 +334,13 @@ def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
     if text_column is None and all(c in columns for c in PROMPT_COLUMNS):
-        pairs = [(str(r.get("prompt") or ""), str(r.get("response") or "")) for r in rows]
+        pairs = [
+            tuple(
+                valid_text(str(r.get(c) or ""), where=f"{name!r} row {number}: column {c!r}")
+                for c in PROMPT_COLUMNS
+            )
+            for number, r in enumerate(rows, start=1)
+        ]
         pairs = [p for p in pairs if p[1].strip()]
         if not pairs:
             raise ConfigError(f"dataset {name!r} has no non-empty response")

@@ -17,7 +17,7 @@ import torch
 
 from rankwise.errors import AdapterFormatError, ConfigError
 from rankwise.train.batching import encode
-from rankwise.train.data import TextDataset, load_dataset
+from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.models import load_pretrained
 
@@ -52,9 +52,25 @@ def _task_info(directory: Path) -> dict[str, Any]:
 
 
 def _label_names_of_model_dir(directory: Path) -> tuple[str, ...]:
-    config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-    id2label = config.get("id2label") or {}
-    return tuple(id2label[k] for k in sorted(id2label, key=int))
+    """The model's label names as transformers reads them: its ``id2label``, else
+    ``LABEL_0..LABEL_{num_labels-1}`` (transformers 5 leaves the default two-label id2label
+    out of config.json, so the raw file of a binary classifier has none)."""
+    from transformers import AutoConfig
+
+    id2label = AutoConfig.from_pretrained(directory).id2label or {}
+    return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
+
+
+def _max_length(info: dict[str, Any], directory: Path) -> int:
+    """``max_length`` from the task file: a positive integer (128 when it is not recorded)."""
+    value = info.get("max_length")
+    if value is None:
+        return 128
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise AdapterFormatError(
+            f"{directory / TASK_FILE}: 'max_length' must be a positive integer, found {value!r}"
+        )
+    return value
 
 
 # PEFT task_type -> rankwise task (an adapter from elsewhere has no rankwise_task.json)
@@ -109,9 +125,15 @@ def _label_names(config: dict[str, Any], size: int | None) -> tuple[str, ...]:
 def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
     """An adapter directory (with its base model) or a full model directory, ready to run."""
     root = Path(directory)
+    if root.is_file():
+        raise NotADirectoryError(
+            f"adapter/model directory {str(root)!r} is a file; expected a directory "
+            f"(its directory {str(root.parent)!r}?)"
+        )
     if not root.is_dir():
         raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
     info = _task_info(root)
+    max_length = _max_length(info, root)
     has_adapter = (root / ADAPTER_CONFIG).is_file()
     if not has_adapter and not (root / "config.json").is_file():
         raise AdapterFormatError(
@@ -134,8 +156,10 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
             if task == "classification" and not names:
                 names = _label_names(config, _head_size(root))
     else:
-        base, names = str(root), names or _label_names_of_model_dir(root)
-        task = str(info.get("task") or _task_of(_model_config(str(root)), None))
+        base = str(root)
+        task = str(info.get("task") or _task_of(_model_config(base), None))
+        if task == "classification" and not names:
+            names = _label_names_of_model_dir(root)
     if task == "classification" and not names:
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
@@ -149,7 +173,6 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
 
             tokenizer = AutoTokenizer.from_pretrained(root)
     loaded.model.eval()
-    max_length = int(info.get("max_length") or 128)
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
 
 
@@ -185,6 +208,8 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
         )
     if not texts:
         raise ValueError("predict: expected at least one text, found none")
+    for number, text in enumerate(texts, start=1):
+        valid_text(text, where=f"predict: text {number}")
     dataset = TextDataset(tuple(texts), tuple(0 for _ in texts), trained.label_names, None, "argv")
     encoded = encode(
         dataset, trained.tokenizer, task="classification", max_length=trained.max_length
