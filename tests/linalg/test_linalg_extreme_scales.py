@@ -61,3 +61,39 @@ def test_numpy_scalars_accepted_and_strings_or_bools_refused() -> None:
     for bad in ("0.5", True):
         with pytest.raises(ValueError, match="energy: expected a number"):
             rl.truncated_svd(A, energy=bad)
+
+
+def test_float32_interpolative_with_many_rows_near_2_to_60() -> None:
+    # the peak is ordinary for one entry, but 1000 squared entries overflow float32
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(1000, 3, generator=g) @ torch.randn(3, 30, generator=g)
+    A = A / A.abs().max()
+    ref = rl.interpolative(A, 3)
+    got = rl.interpolative(A * 2.0**59, 3)  # largest entry 2^59: not rescaled before
+    assert got.idx.tolist() == ref.idx.tolist()
+    torch.testing.assert_close(got.Z, ref.Z, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.float32, 1e20), (torch.float32, 1e30),
+                                         (torch.float64, 1e160)])  # fmt: skip
+def test_cr_weights_do_not_depend_on_opposite_scales(dtype: torch.dtype, scale: float) -> None:
+    # X·s and Y/s have the product XY, and the same optimal sampling weights
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(20, 30, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 30)
+    Y = torch.randn(30, 15, generator=g, dtype=torch.float64)
+    Xs, Ys = (X * scale).to(dtype), (Y / scale).to(dtype)
+    X, Y = X.to(dtype), Y.to(dtype)
+    ref = rl.cr_approx(X, Y, 10, method="top")
+    assert rl.cr_approx(Xs, Ys, 10, method="top").idx.tolist() == ref.idx.tolist()
+    ref = rl.cr_approx(X, Y, 10, generator=3)
+    got = rl.cr_approx(Xs, Ys, 10, generator=3)
+    assert got.idx.tolist() == ref.idx.tolist()
+    torch.testing.assert_close(got.C @ got.R, ref.C @ ref.R, rtol=1e-4, atol=1e-4)
+
+
+def test_cr_expected_error_is_not_negative_when_exact() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # inner dimension 1: one outer product, sampled exactly
+        assert (
+            rl.cr_expected_error(rng.standard_normal((7, 1)), rng.standard_normal((1, 9)), 1) >= 0
+        )

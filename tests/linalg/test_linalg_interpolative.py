@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from linalg_spectra import geometric, with_spectrum
 
+import rankwise.linalg as rl
 from rankwise.linalg import (
     cur,
     id_reconstruct,
@@ -183,3 +184,13 @@ def test_full_rank_id_and_cur_are_exact_on_any_shape(
     assert relative_error(M, id_reconstruct(M, d)) < tol
     c = cur(M, k, randomized=randomized, generator=seed)
     assert relative_error(M, c.C @ c.U @ c.R) < tol
+
+
+def test_interpolative_and_cur_take_a_weight_that_requires_grad() -> None:
+    layer = torch.nn.Linear(12, 9)  # its weight requires grad, as every trainable weight
+    for randomized in (False, True):
+        d = rl.interpolative(layer.weight, 4, randomized=randomized, generator=0)
+        ref = rl.interpolative(layer.weight.detach(), 4, randomized=randomized, generator=0)
+        assert d.idx.tolist() == ref.idx.tolist()
+        assert rl.interpolative(layer.weight, eps=0.5).idx.numel() >= 1
+    assert rl.cur(layer.weight, 3).cols.numel() == 3

@@ -9,6 +9,8 @@ import pytest
 import torch
 from linalg_spectra import with_spectrum
 
+import rankwise.linalg as rl
+from rankwise.errors import ShapeMismatchError
 from rankwise.linalg import (
     effective_rank,
     energy,
@@ -70,3 +72,20 @@ def test_relative_error_norms() -> None:
 def test_bad_input(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+def test_spectrum_checks_name_what_they_found() -> None:
+    with pytest.raises(ValueError, match=r"found 1 others \(first: S\[1\] = nan\)"):
+        rl.energy(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="expected real singular values, found dtype"):
+        rl.energy(torch.tensor([3 + 4j, 1 + 0j]))  # the imaginary part was dropped
+
+
+def test_numpy_integers_and_long_doubles() -> None:
+    A = np.random.default_rng(0).standard_normal((8, 8))
+    assert rl.randomized_svd(A, 2, power_iters=np.int64(2), generator=0).S.shape == (2,)
+    assert rl.monarch_project(A, np.int64(2)).to_dense().shape == (8, 8)
+    with pytest.raises(ValueError, match="A: expected a real numeric array, found dtype float128"):
+        rl.pinv(A.astype(np.longdouble))
+    with pytest.raises(ShapeMismatchError, match=r"x: expected shape \(8,\)"):
+        rl.monarch_project(torch.randn(8, 8), 2).matmul(torch.tensor(1.0))

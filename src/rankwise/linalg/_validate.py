@@ -36,7 +36,8 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
     """
     was_numpy = isinstance(value, np.ndarray)
     if was_numpy:
-        if value.dtype.kind == "c" or value.dtype.kind not in "biuf":
+        # float128/longdouble: torch has no such dtype (from_numpy would raise a TypeError)
+        if value.dtype.kind not in "biuf" or value.dtype.itemsize > 8:
             raise ValueError(f"{name}: expected a real numeric array, found dtype {value.dtype}")
         with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)

@@ -40,9 +40,17 @@ def _pair(X: ArrayLike, Y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, bool]
     return x.to(dtype), y.to(device=x.device, dtype=dtype), was_numpy
 
 
-def _weights(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    # (n,): ‖x_i‖·‖y_i‖, the norm of the i-th outer product x_i y_iᵀ.
-    return torch.linalg.vector_norm(x, dim=0) * torch.linalg.vector_norm(y, dim=1)
+def _weights(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(w, f)`` with ``f·w_i = ‖x_i‖·‖y_i‖`` (n,), the norm of the i-th outer product
+    ``x_i y_iᵀ``. ``w`` is formed from ``x, y`` divided by their largest entries, so it neither
+    overflows nor underflows when ``X`` and ``Y`` have very different scales (1e20 and 1e-20:
+    their product is ordinary, the squared norms are not)."""
+    sx = float(x.abs().max()) if x.numel() else 0.0
+    sy = float(y.abs().max()) if y.numel() else 0.0
+    if sx == 0 or sy == 0:
+        return torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), 0.0
+    w = torch.linalg.vector_norm(x / sx, dim=0) * torch.linalg.vector_norm(y / sy, dim=1)
+    return w, sx * sy
 
 
 def cr_approx(
@@ -65,7 +73,7 @@ def cr_approx(
     """
     x, y, was_numpy = _pair(X, Y)
     c = check_rank(rank, (x.shape[1],), "rank")
-    weights = _weights(x, y)
+    weights, _ = _weights(x, y)  # up to a constant factor: only ratios matter below
     if method == "top":
         idx = torch.topk(weights, c).indices.sort().values  # (c,)
         result = CR(x[:, idx], y[idx, :], idx)
@@ -89,5 +97,7 @@ def cr_expected_error(X: ArrayLike, Y: ArrayLike, rank: int) -> float:
     x, y, _ = _pair(X, Y)
     c = check_rank(rank, (x.shape[1],), "rank")
     x, y = x.to(torch.float64), y.to(torch.float64)
-    spread = float(_weights(x, y).sum()) ** 2
-    return (spread - float(torch.linalg.matrix_norm(x @ y).square())) / c
+    w, factor = _weights(x, y)
+    spread = (float(w.sum()) * factor) ** 2
+    # >= 0 exactly (Cauchy–Schwarz); rounding may cancel to -1e-14 when the answer is 0
+    return max(spread - float(torch.linalg.matrix_norm(x @ y).square()), 0.0) / c

@@ -91,12 +91,18 @@ def _column_norms2(A: torch.Tensor, block: int = 256) -> torch.Tensor:
 
 
 def _unit_scaled(A: torch.Tensor) -> torch.Tensor:
-    """``A`` times a power of two that brings its largest entry near 1, when it is far from 1
-    (float32 squared column norms overflow above ~1e19 and vanish below ~1e-23, and the pivots
-    then come out in index order). Exact, and pivots and coefficients do not depend on scale;
-    ``A`` itself is returned (no copy) at ordinary scales."""
+    """``A`` times a power of two that brings its largest entry near 1, when a squared column
+    norm could overflow (``m · peak² `` near the dtype's max: float32 at a peak of ~2^58 for
+    1000 rows) or the largest one vanish (``peak²`` below the smallest normal number); the
+    pivots would then come out in index order. Exact, and pivots and coefficients do not depend
+    on scale; ``A`` itself is returned (no copy) at ordinary scales."""
     peak = float(A.abs().max()) if A.numel() else 0.0
-    if peak == 0 or not math.isfinite(peak) or 2.0**-60 <= peak <= 2.0**60:
+    if peak == 0 or not math.isfinite(peak):
+        return A
+    info = torch.finfo(A.dtype)
+    high = math.sqrt(info.max / (4 * max(A.shape[0], 1)))
+    low = math.sqrt(info.tiny) * 2.0**12  # the squared peak keeps 24 bits above underflow
+    if low <= peak <= high:
         return A
     return A * 2.0 ** -math.frexp(peak)[1]
 
@@ -192,6 +198,7 @@ def _column_id(
     randomized: bool,
     gen: torch.Generator | None,
 ) -> ID:
+    A = A.detach()  # pivots and coefficients are not differentiable (nn.Linear weights)
     if randomized:
         pivots, R = _sketched_pivots(A, rank, eps, gen)
     else:

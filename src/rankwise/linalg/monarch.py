@@ -59,7 +59,7 @@ class Monarch(NamedTuple):
         b, p, _ = L.shape
         q = R.shape[2]
         m, n = self.shape
-        if x.shape[0] != n or x.ndim not in (1, 2):
+        if x.ndim not in (1, 2) or x.shape[0] != n:
             raise ShapeMismatchError(
                 f"x: expected shape ({n},) or ({n}, c) for a Monarch matrix of shape {(m, n)}, "
                 f"found {tuple(x.shape)}"
@@ -82,22 +82,23 @@ def _slices(M: torch.Tensor, nblocks: int) -> torch.Tensor:
 def monarch_slices(M: ArrayLike, nblocks: int) -> ArrayLike:
     """The ``nblocks²`` slices (b, b, p, q) whose rank-1 parts :func:`monarch_project` keeps."""
     matrix, was_numpy = as_matrix(M, "M")
-    _check_nblocks(matrix.shape, nblocks)
+    nblocks = _check_nblocks(matrix.shape, nblocks)
     # always a copy (a contiguous view, nblocks = 1 or p = 1, would alias the caller's M)
     return to_output(
         _slices(matrix, nblocks).clone(memory_format=torch.contiguous_format), was_numpy
     )
 
 
-def _check_nblocks(shape: torch.Size, nblocks: int) -> None:
+def _check_nblocks(shape: torch.Size, nblocks: int) -> int:
     m, n = shape
-    if isinstance(nblocks, bool) or not isinstance(nblocks, int) or nblocks < 1:
+    if isinstance(nblocks, bool) or not isinstance(nblocks, (int, np.integer)) or nblocks < 1:
         raise ValueError(f"nblocks: expected a positive int, found {nblocks!r}")
     if m % nblocks or n % nblocks:
         raise ValueError(
             f"nblocks: expected a common divisor of both sides of M {(m, n)}, found {nblocks} "
             "(crop or pad M so that nblocks divides m and n)"
         )
+    return int(nblocks)
 
 
 def monarch_project(M: ArrayLike, nblocks: int) -> Monarch:
@@ -109,7 +110,7 @@ def monarch_project(M: ArrayLike, nblocks: int) -> Monarch:
     the discarded squared slice singular values. ``nblocks`` must divide both ``m`` and ``n``.
     """
     matrix, was_numpy = as_matrix(M, "M")
-    _check_nblocks(matrix.shape, nblocks)
+    nblocks = _check_nblocks(matrix.shape, nblocks)
     slices = _slices(matrix, nblocks)  # (b, b, p, q)
     U, S, Vh = torch.linalg.svd(slices, full_matrices=False)  # batched over the b² slices
     L = (U[..., 0] * S[..., :1]).permute(0, 2, 1)  # (b_s, b_j, p) -> (b_s, p, b_j)

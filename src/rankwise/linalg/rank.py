@@ -23,9 +23,16 @@ def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(S)}")
     if tensor.ndim != 1 or tensor.numel() == 0:
         raise ValueError(f"{name}: expected a non-empty 1-D vector, found shape {tuple(S.shape)}")
+    if tensor.is_complex():
+        raise ValueError(f"{name}: expected real singular values, found dtype {tensor.dtype}")
     tensor = tensor.to(torch.float64)
-    if not bool(torch.isfinite(tensor).all()) or bool((tensor < 0).any()):
-        raise ValueError(f"{name}: expected finite non-negative singular values")
+    bad = ~torch.isfinite(tensor) | (tensor < 0)
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}: expected finite non-negative singular values, found {int(bad.sum())} "
+            f"others (first: {name}[{first}] = {float(tensor[first])})"
+        )
     return tensor, was_numpy
 
 

@@ -103,9 +103,10 @@ def truncated_svd(
 def _check_power_iters(power_iters: int | Literal["auto"]) -> int | None:
     if power_iters == "auto":
         return None
-    if isinstance(power_iters, bool) or not isinstance(power_iters, int) or power_iters < 0:
+    bad = isinstance(power_iters, bool) or not isinstance(power_iters, (int, np.integer))
+    if bad or power_iters < 0:
         raise ValueError(f"power_iters: expected 'auto' or an int >= 0, found {power_iters!r}")
-    return power_iters
+    return int(power_iters)
 
 
 class RangeSketch(NamedTuple):
