@@ -197,3 +197,36 @@ def test_an_untrained_dora_adapter_is_refused(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "dora0")
     with pytest.raises(ValueError, match="update is zero"):
         adapter_amplification(_bert(), tmp_path / "dora0", generator=0)
+
+
+@pytest.mark.parametrize("init", ["pissa_exact", "olora"])
+def test_residual_adapters_are_refused_until_saved_for_the_original_base(
+    init: str, tmp_path: Path
+) -> None:
+    # s·B A of a PiSSA/OLoRA adapter is not its update: s·B0 A0 left the base at init
+    from rankwise.io import save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    model = inject(_bert(), LoraConfig(r=2, target_modules=["query"], init_lora_weights=init))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.01)  # trained
+    save_adapter(model, tmp_path / "residual")
+    for call in (
+        lambda: adapter_spectrum(tmp_path / "residual"),
+        lambda: combine_adapters([tmp_path / "residual"], tmp_path / "out"),
+    ):
+        with pytest.raises(
+            AdapterFormatError, match=f"init_lora_weights='{init}'.*for_original_base"
+        ):
+            call()
+    assert not (tmp_path / "out").exists()
+    save_adapter(model, tmp_path / "plain", for_original_base=True)
+    rows = adapter_spectrum(tmp_path / "plain")
+    merged = model.base_model if hasattr(model, "base_model") else model
+    layer = dict(merged.named_modules())["encoder.layer.0.attention.self.query"]
+    W = layer.base_layer.weight.detach() + layer.delta_weight()  # what the model computes
+    update = W - dict(_bert().named_modules())["encoder.layer.0.attention.self.query"].weight
+    top = torch.linalg.svdvals(update.detach().double())[0]
+    assert math.isclose(float(_row(rows).spectrum.singular_values[0]), float(top), rel_tol=1e-4)

@@ -48,6 +48,10 @@ def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
     return config
 
 
+# Initializers that leave the base weight alone (B A = 0 or random factors on top of W0)
+BASE_KEEPING_INITS = frozenset({"kaiming", "gaussian", "random", "adalora"})
+
+
 def check_rewritable(directory: str | os.PathLike[str], config: LoraConfig) -> None:
     """Refuse to derive a new adapter (resize, combine) from a DoRA one: its magnitude
     vectors depend on the whole product ``W0 + s·B A``, so they cannot follow new factors."""
@@ -89,6 +93,13 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
     the module's scaling after ``rank_pattern``/``alpha_pattern`` and ``use_rslora``.
     """
     config = read_config(directory)
+    if config.initializer not in BASE_KEEPING_INITS:
+        raise AdapterFormatError(
+            f"{directory}: init_lora_weights={config.init_lora_weights!r} moved s·B0 A0 out of "
+            "the base weight, so s·B A is not this adapter's update of the base; save it for "
+            "the original base first (rankwise.load_adapter, then save_adapter(model, dir, "
+            "for_original_base=True): a plain rank-2r LoRA) and pass that directory"
+        )
     tensors = _read_tensors(directory)
     modules = sorted(
         k[len(PREFIX) : -len(_A)] for k in tensors if k.startswith(PREFIX) and k.endswith(_A)
