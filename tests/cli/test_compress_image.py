@@ -116,3 +116,20 @@ def test_missing_image_and_too_large_rank(
     assert main(["compress-image", str(path), "--ranks", "40", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "--ranks: expected ranks <= 32" in err or "too small to crop" in err
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I", "F"])
+def test_high_bit_depth_grayscale_keeps_its_values(mode: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from rankwise.cli.compress_image import load_gray
+
+    dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
+    ramp = np.tile(np.linspace(0, 60000, 64), (32, 1)).astype(dtype).astype(np.float64)
+    path = tmp_path / "ramp.tif"
+    Image.fromarray(ramp.astype(dtype), mode=mode if mode != "I;16" else None).save(path)
+    gray = load_gray(str(path))
+    assert gray.shape == (32, 64)
+    # proportional to the stored values (RGB conversion clipped everything above 255 to white)
+    np.testing.assert_allclose(gray / gray.max(), ramp / ramp.max(), atol=1e-6)
+    assert gray.max() <= 1.0

@@ -151,6 +151,9 @@ def _amplification(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    from rankwise.train.models import quiet_transformers
+
+    quiet_transformers()  # one-line errors, no load reports or progress bars (as merge)
     name = args.model
     if name is None:  # the adapter's own base, as evaluate/predict/merge
         from rankwise.io import read_adapter_config

@@ -79,6 +79,11 @@ def load_gray(path: str | None) -> np.ndarray:
         if not Path(path).is_file():
             raise FileNotFoundError(f"image: no such file {path!r}")
         with Image.open(path) as image:
+            if image.mode.startswith(("I", "F")):  # 16/32-bit grayscale: RGB would clip at 255
+                gray = np.asarray(image, dtype=np.float64)
+                top = float(gray.max()) if gray.size else 0.0
+                full = 1.0 if image.mode == "F" else 65535.0  # 16-bit range for integer modes
+                return gray / max(full, top) if top > 0 else gray
             pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
     return pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
 
