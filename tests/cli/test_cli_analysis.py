@@ -244,3 +244,19 @@ def test_missing_module_hints(
     else:
         assert main(["version"]) == 2
         assert hint in capsys.readouterr().err
+
+
+def test_extract_refuses_a_broken_task_file_before_writing(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    tuned = tmp_path / "tuned"
+    shutil.copytree(setup["tuned"], tuned)
+    (tuned / "rankwise_task.json").write_text("{broken", encoding="utf-8")
+    out = tmp_path / "never"
+    argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(tuned), "--rank", "2"]
+    code = main([*argv, "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "--finetuned:" in err and "rankwise_task.json is not valid JSON" in err
+    assert not out.exists()  # nothing half-written: the same --out works once it is fixed

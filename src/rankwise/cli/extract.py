@@ -87,7 +87,25 @@ def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
             )
 
 
-def _copy_sidecars(source: str, destination: str, *, base: str) -> list[str]:
+def _read_task(source: str) -> dict | None:
+    """The fine-tuned model's ``rankwise_task.json`` (None without one); read before anything
+    is written, so a broken one leaves no half-made adapter behind."""
+    import json
+    from pathlib import Path
+
+    path = Path(source) / "rankwise_task.json"
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CliError(f"--finetuned: {path} is not valid JSON ({err})") from None
+    if not isinstance(info, dict):
+        raise CliError(f"--finetuned: {path}: expected a JSON object, found {type(info).__name__}")
+    return info
+
+
+def _copy_sidecars(source: str, destination: str, *, task: dict | None, base: str) -> list[str]:
     """Tokenizer files as they are; the task file with ``base_model`` set to ``base`` (the
     extracted adapter applies to that model, not to the fine-tuned one's own base)."""
     import json
@@ -102,8 +120,7 @@ def _copy_sidecars(source: str, destination: str, *, base: str) -> list[str]:
         if not path.is_file():
             continue
         if name == "rankwise_task.json":
-            info = json.loads(path.read_text(encoding="utf-8"))
-            info["base_model"] = base
+            info = {**(task or {}), "base_model": base}
             atomic_write_text(Path(destination) / name, json.dumps(info, indent=2))
         else:
             shutil.copy2(path, Path(destination) / name)
@@ -118,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    task = _read_task(args.finetuned)
     base, tuned, heads = load_pair(args.base, args.finetuned)
     seq_cls = type(tuned).__name__.endswith("ForSequenceClassification")
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -136,7 +154,9 @@ def run(args: argparse.Namespace) -> int:
     )
     if heads:
         print(f"stored whole (modules_to_save): {', '.join(heads)}")
-    copied = _copy_sidecars(args.finetuned, args.out, base=resolve_model_source(args.base))
+    copied = _copy_sidecars(
+        args.finetuned, args.out, task=task, base=resolve_model_source(args.base)
+    )
     print(format_table(*layer_table(report.layers)))
     if report.uncaptured:
         print(
