@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import BUILDERS, load_minilm, logits, low_rank_path, tiny_bert_cls, token_batch
+from lora_testkit import (
+    BUILDERS,
+    load_minilm,
+    logits,
+    low_rank_path,
+    perturb,
+    tiny_bert_cls,
+    token_batch,
+)
 from safetensors.torch import load_file
 from torch import nn
 
@@ -38,15 +46,6 @@ CASES = {
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _perturb(model: nn.Module, seed: int) -> None:
-    """Random non-zero adapters (and head) so the comparison is not trivially B = 0."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _peft_adapted(family: str, kwargs: dict, seed: int) -> nn.Module:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
@@ -54,7 +53,7 @@ def _peft_adapted(family: str, kwargs: dict, seed: int) -> nn.Module:
     fam = family.split("-")[0]  # "bert-patterns" -> "bert"
 
     model = get_peft_model(BUILDERS[fam](), PeftConfig(r=4, lora_alpha=8, **kwargs))
-    _perturb(model, seed)
+    perturb(model, seed)
     return model.eval()
 
 
@@ -65,7 +64,7 @@ def test_rankwise_save_loads_in_peft(family: str, tmp_path: Path) -> None:
     fam = family.split("-")[0]  # "bert-patterns" -> "bert"
 
     ours = inject(BUILDERS[fam](), LoraConfig(r=4, lora_alpha=8, **CASES[family]))
-    _perturb(ours, 3)
+    perturb(ours, 3)
     expected = logits(ours, fam)
     save_adapter(ours, tmp_path)
     theirs = PeftModel.from_pretrained(BUILDERS[fam](), tmp_path).eval()
@@ -114,10 +113,10 @@ def test_keys_and_config_equal_peft_own_save(family: str, bias: str, tmp_path: P
 def test_round_trip_keeps_values_and_swaps_in_place(tmp_path: Path) -> None:
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     a = inject(tiny_bert_cls(), cfg, generator=1)
-    _perturb(a, 1)
+    perturb(a, 1)
     save_adapter(a, tmp_path / "a")
     b = inject(tiny_bert_cls(), cfg.replace(lora_alpha=4, lora_dropout=0.1), generator=2)
-    _perturb(b, 2)
+    perturb(b, 2)
     save_adapter(b, tmp_path / "b")
     expected_b = logits(b, "bert")
     model = load_adapter(tiny_bert_cls(), tmp_path / "a", is_trainable=True)
@@ -139,7 +138,7 @@ def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
         r=8, lora_alpha=16, target_modules=["query", "key", "value", "dense"], task_type="SEQ_CLS"
     )
     ours = inject(load_minilm(minilm_path), LoraConfig(**kwargs))
-    _perturb(ours, 11)
+    perturb(ours, 11)
     ids = torch.randint(0, 1000, (3, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), low_rank_path(ours):
         expected = ours(input_ids=ids).logits
@@ -148,7 +147,7 @@ def test_minilm_interop_both_ways(minilm_path: Path, tmp_path: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     peft_model = get_peft_model(load_minilm(minilm_path), PeftConfig(**kwargs)).eval()
-    _perturb(peft_model, 12)
+    perturb(peft_model, 12)
     peft_model.save_pretrained(tmp_path / "peft")
     back = load_adapter(load_minilm(minilm_path), tmp_path / "peft")
     with torch.no_grad(), low_rank_path(back):
@@ -183,7 +182,7 @@ def test_embedding_weights_saved_by_peft_are_loaded(targets: list[str], tmp_path
     from peft import get_peft_model
 
     theirs = get_peft_model(BUILDERS["llama"](), PeftConfig(r=4, target_modules=targets)).eval()
-    _perturb(theirs, 4)
+    perturb(theirs, 4)
     # targeted: PEFT writes the adapted embed_tokens only (lm_head is not adapted, not written)
     _changed_embeddings(theirs.get_base_model(), 5, output=len(targets) == 1)
     theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=True)
@@ -265,7 +264,7 @@ def test_tied_modules_to_save_trains_a_copy_as_peft(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(theirs, "gpt2"), logits(ours, "gpt2"), rtol=0, atol=1e-5)
 
     peft_model = get_peft_model(BUILDERS["gpt2"](), PeftConfig(**kwargs))
-    _perturb(peft_model, 6)
+    perturb(peft_model, 6)
     peft_model.eval().save_pretrained(tmp_path / "peft")
     back = load_adapter(BUILDERS["gpt2"](), tmp_path / "peft", is_trainable=True)
     torch.testing.assert_close(logits(back, "gpt2"), logits(peft_model, "gpt2"), rtol=0, atol=1e-5)
@@ -335,7 +334,7 @@ def test_peft_adapter_on_convolutions_both_ways(tmp_path: Path) -> None:
     x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
     kwargs = dict(r=2, lora_alpha=4, target_modules=["conv", "conv2"], modules_to_save=["head"])
     theirs = get_peft_model(_ConvNet(), PeftConfig(**kwargs))
-    _perturb(theirs, 10)
+    perturb(theirs, 10)
     theirs.eval().save_pretrained(tmp_path / "peft")
     ours = load_adapter(_ConvNet(), tmp_path / "peft")
     with torch.no_grad():
@@ -382,7 +381,7 @@ def test_tied_embeddings_are_written_as_separate_copies(
     theirs = get_peft_model(builder(), PeftConfig(**kwargs))
     theirs.save_pretrained(tmp_path / "peft", save_embedding_layers=select)
     ours = inject(builder(), LoraConfig(**kwargs), generator=0)
-    _perturb(ours, 12)
+    perturb(ours, 12)
     ours.eval()
     save_adapter(ours, tmp_path / "ours", save_embedding_layers=select)
     ours_file = load_file(tmp_path / "ours" / WEIGHTS)
@@ -404,13 +403,13 @@ def test_two_tied_modules_to_save_train_apart(tmp_path: Path) -> None:
     kwargs = dict(r=4, lora_alpha=8, target_modules=["c_attn"], modules_to_save=["wte", "lm_head"])
     ours = inject(BUILDERS["gpt2"](), LoraConfig(**kwargs), generator=0)
     assert ours.lm_head.weight is not ours.transformer.wte.weight
-    _perturb(ours, 13)
+    perturb(ours, 13)
     ours.eval()
     save_adapter(ours, tmp_path / "ours")
     back = PeftModel.from_pretrained(BUILDERS["gpt2"](), tmp_path / "ours").eval()
     torch.testing.assert_close(logits(back, "gpt2"), logits(ours, "gpt2"), rtol=0, atol=1e-5)
     theirs = get_peft_model(BUILDERS["gpt2"](), PeftConfig(**kwargs))
-    _perturb(theirs, 14)
+    perturb(theirs, 14)
     theirs.eval().save_pretrained(tmp_path / "peft")
     loaded = load_adapter(BUILDERS["gpt2"](), tmp_path / "peft")
     torch.testing.assert_close(logits(loaded, "gpt2"), logits(theirs, "gpt2"), rtol=0, atol=1e-5)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import BUILDERS, logits
+from lora_testkit import BUILDERS, logits, perturb
 from safetensors.torch import load_file
 from torch import nn
 
@@ -18,21 +18,13 @@ from rankwise.lora import LoraConfig, inject, lora_layers, merge
 WEIGHTS = "adapter_model.safetensors"
 
 
-def _perturb(model: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
-
 def _peft_saved(family: str, tmp_path: Path, seed: int = 3, **kwargs) -> torch.Tensor:
     """Save a perturbed PEFT adapter of ``kwargs`` to ``tmp_path``; its logits."""
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
     theirs = get_peft_model(BUILDERS[family](), PeftConfig(r=4, lora_alpha=8, **kwargs)).eval()
-    _perturb(theirs, seed)
+    perturb(theirs, seed)
     theirs.save_pretrained(tmp_path)
     return logits(theirs, family)
 
@@ -73,7 +65,7 @@ def test_load_accepts_target_entries_that_match_nothing_here(tmp_path: Path) -> 
     from peft import get_peft_model
 
     theirs = get_peft_model(BUILDERS["llama"](), PeftConfig(r=4, target_modules=targets[:2]))
-    _perturb(theirs, 5)
+    perturb(theirs, 5)
     theirs.peft_config["default"].target_modules = set(targets)
     theirs.save_pretrained(tmp_path)
     ours = load_adapter(BUILDERS["llama"](), tmp_path)

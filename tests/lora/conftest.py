@@ -149,6 +149,15 @@ BUILDERS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
+def perturb(model: nn.Module, seed: int) -> None:
+    """Random non-zero adapters (and head) so a comparison is not trivially B = 0."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+
+
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A copy of the state dict and the type of every module (to check a model is untouched)."""
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
