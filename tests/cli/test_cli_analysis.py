@@ -260,3 +260,35 @@ def test_extract_refuses_a_broken_task_file_before_writing(
     err = capsys.readouterr().err
     assert code == 2 and "--finetuned:" in err and "rankwise_task.json is not valid JSON" in err
     assert not out.exists()  # nothing half-written: the same --out works once it is fixed
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["analyze", "spectrum", "{r8}"],
+        ["combine", "{r2}", "{r8}", "--out", "{new}"],
+        ["resize", "{r8}", "--out", "{new}", "--rank", "2"],
+        ["extract", "--finetuned", "{tuned}", "--base", "{base}", "--out", "{new}", "--rank", "2"],
+    ],
+    ids=["analyze", "combine", "resize", "extract"],
+)
+@pytest.mark.parametrize("blocked", ["file", "parent"])
+def test_plot_at_an_existing_file_is_a_usage_error_before_any_work(
+    command: list[str],
+    blocked: str,
+    setup: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    stray = tmp_path / "figures.png"
+    stray.write_bytes(b"keep me")
+    plot = stray if blocked == "file" else stray / "figs"
+    names = {k: str(v) for k, v in setup.items()} | {"new": str(tmp_path / "new")}
+    argv = [part.format(**names) for part in command] + ["--plot", str(plot)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --plot:" in err and str(stray) in err and "not a directory" in err
+    assert not (tmp_path / "new").exists()  # no adapter written before the error
+    assert stray.read_bytes() == b"keep me"

@@ -133,3 +133,16 @@ def test_high_bit_depth_grayscale_keeps_its_values(mode: str, tmp_path: Path) ->
     # proportional to the stored values (RGB conversion clipped everything above 255 to white)
     np.testing.assert_allclose(gray / gray.max(), ramp / ramp.max(), atol=1e-6)
     assert gray.max() <= 1.0
+
+
+def test_out_at_an_existing_file_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stray = tmp_path / "grid.png"
+    stray.write_bytes(b"keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress-image", "--ranks", "5", "--out", str(stray)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out:" in err and str(stray) in err and "not a directory" in err
+    assert stray.read_bytes() == b"keep me"

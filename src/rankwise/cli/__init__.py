@@ -42,6 +42,28 @@ def copy_sidecars(source: str, destination: str) -> list[str]:
     return copied
 
 
+def figure_directory(value: str) -> str:
+    """argparse ``type`` of an option naming a directory to write figures into (``--plot``,
+    ``compress-image --out``): checked at parse time, before any work is done or written, that
+    no existing file stands where the directory or one of its parents should be. A bad value is
+    a usage error naming the option (``argument --plot: ...``)."""
+    from pathlib import Path
+
+    if not value:
+        raise argparse.ArgumentTypeError("expected a directory, found an empty string")
+    path = Path(value)
+    for part in (path, *path.parents):
+        if part.exists() or part.is_symlink():
+            if not part.is_dir():
+                where = "" if part == path else f" (in {value!r})"
+                raise argparse.ArgumentTypeError(
+                    f"{str(part)!r}{where} exists and is not a directory; expected a directory "
+                    "for the figures"
+                )
+            break
+    return value
+
+
 class Command(NamedTuple):
     module: str
     help: str

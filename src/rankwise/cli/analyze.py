@@ -14,11 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError
+from rankwise.cli import CliError, figure_directory
 
 
 def _plot_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--plot", metavar="DIR", help="also write PNG figures to DIR")
+    parser.add_argument(
+        "--plot", type=figure_directory, metavar="DIR", help="also write PNG figures to DIR"
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

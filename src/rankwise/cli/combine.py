@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from rankwise.analysis.algebra import COMBINE_METHODS
-from rankwise.cli import CliError, copy_sidecars
+from rankwise.cli import CliError, copy_sidecars, figure_directory
 
 
 def _floats(text: str) -> list[float]:
@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="take the trained head, biases and embeddings of the N-th adapter (1-based) when "
         "they differ (default: they must agree)",
     )
-    parser.add_argument("--plot", metavar="DIR", help="also write the new adapter's spectrum PNG")
+    parser.add_argument(
+        "--plot",
+        type=figure_directory,
+        metavar="DIR",
+        help="also write the new adapter's spectrum PNG",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

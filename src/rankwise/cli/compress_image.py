@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rankwise.cli import CliError
+from rankwise.cli import CliError, figure_directory
 from rankwise.io.files import default_file_mode
 
 DEFAULT_IMAGE = "china.jpg (scikit-learn sample image)"
@@ -48,7 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ranks", type=_ranks, default=(5, 20, 50), help="comma-separated ranks (default 5,20,50)"
     )
-    parser.add_argument("--out", type=Path, required=True, help="directory for the PNG figures")
+    parser.add_argument(
+        "--out",
+        type=lambda value: Path(figure_directory(value)),
+        required=True,
+        help="directory for the PNG figures",
+    )
     parser.add_argument(
         "--randomized", action="store_true", help="randomized ID (default: pivoted QR)"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from rankwise.cli import CliError
+from rankwise.cli import CliError, figure_directory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--randomized", action="store_true", help="randomized SVD (needs --rank)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
-    parser.add_argument("--plot", metavar="DIR", help="also write the adapter's spectrum PNG")
+    parser.add_argument(
+        "--plot", type=figure_directory, metavar="DIR", help="also write the adapter's spectrum PNG"
+    )
 
 
 # Tokenizer files and the run's task file: copied from --finetuned so predict/evaluate work

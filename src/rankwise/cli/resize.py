@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from rankwise.cli import CliError, copy_sidecars
+from rankwise.cli import CliError, copy_sidecars, figure_directory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,7 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--energy", type=float, help="keep this fraction of each |dW|_F^2, per module"
     )
-    parser.add_argument("--plot", metavar="DIR", help="also write the new adapter's spectrum PNG")
+    parser.add_argument(
+        "--plot",
+        type=figure_directory,
+        metavar="DIR",
+        help="also write the new adapter's spectrum PNG",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
