@@ -253,13 +253,17 @@ def test_extract_refuses_a_broken_task_file_before_writing(
 
     tuned = tmp_path / "tuned"
     shutil.copytree(setup["tuned"], tuned)
-    (tuned / "rankwise_task.json").write_text("{broken", encoding="utf-8")
     out = tmp_path / "never"
     argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(tuned), "--rank", "2"]
-    code = main([*argv, "--out", str(out)])
-    err = capsys.readouterr().err
-    assert code == 2 and "--finetuned:" in err and "rankwise_task.json is not valid JSON" in err
-    assert not out.exists()  # nothing half-written: the same --out works once it is fixed
+    for text, found in [
+        ("{broken", "rankwise_task.json: invalid JSON"),
+        ('{"label_names": "negative,positive"}', "'label_names' must be a list of strings"),
+    ]:
+        (tuned / "rankwise_task.json").write_text(text, encoding="utf-8")
+        code = main([*argv, "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2 and "--finetuned:" in err and found in err
+        assert not out.exists()  # nothing half-written: the same --out works once it is fixed
 
 
 @pytest.mark.parametrize(

@@ -158,6 +158,42 @@ def test_a_bad_max_length_in_the_task_file_is_an_error(
     assert load_trained(adapter).max_length == 128  # not recorded: the default
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[1, 2]", "expected a JSON object, found list"),
+        ('"classification"', "expected a JSON object, found str"),
+        (
+            '{"task": "regression"}',
+            "'task' must be one of classification, causal-lm, found 'regression'",
+        ),
+        ('{"label_names": "negative,positive"}', "'label_names' must be a list of strings"),
+        ('{"label_names": ["negative", 1]}', "'label_names' must be a list of strings"),
+        ('{"label_names": ["pos", "neg", "pos"]}', "'label_names' repeats 'pos'"),
+        ('{"base_model": 7}', "'base_model' must be a string, found 7"),
+        (b'{"task": "classification\xff"}', "not UTF-8 text"),
+    ],
+)
+def test_a_broken_task_file_is_an_error_naming_file_and_field(
+    run_dir: Path, tmp_path: Path, text: str | bytes, message: str
+) -> None:
+    """A task file that is not an object, or whose fields have the wrong type, was read as
+    if absent or half-used (label names split into characters, a list taken as missing)."""
+    import shutil
+
+    from rankwise.errors import AdapterFormatError
+
+    adapter = shutil.copytree(run_dir / "adapter", tmp_path / "adapter")
+    task_file = adapter / "rankwise_task.json"
+    if isinstance(text, bytes):
+        task_file.write_bytes(text)
+    else:
+        task_file.write_text(text)
+    with pytest.raises(AdapterFormatError, match=re.escape(message)) as info:
+        load_trained(adapter)
+    assert "rankwise_task.json" in str(info.value)
+
+
 def _stdin(data: bytes) -> io.TextIOWrapper:
     """A stand-in for sys.stdin on POSIX: UTF-8, strict, no newline translation."""
     return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="\n")

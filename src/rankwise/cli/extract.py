@@ -90,21 +90,18 @@ def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
 
 
 def _read_task(source: str) -> dict | None:
-    """The fine-tuned model's ``rankwise_task.json`` (None without one); read before anything
-    is written, so a broken one leaves no half-made adapter behind."""
-    import json
+    """The fine-tuned model's ``rankwise_task.json`` (None without one); read and checked
+    before anything is written, so a broken one leaves no half-made adapter behind."""
     from pathlib import Path
 
-    path = Path(source) / "rankwise_task.json"
-    if not path.is_file():
+    from rankwise.train.inference import TASK_FILE, read_task_info
+
+    if not (Path(source) / TASK_FILE).is_file():
         return None
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CliError(f"--finetuned: {path} is not valid JSON ({err})") from None
-    if not isinstance(info, dict):
-        raise CliError(f"--finetuned: {path}: expected a JSON object, found {type(info).__name__}")
-    return info
+        return read_task_info(source)
+    except ValueError as err:
+        raise CliError(f"--finetuned: {err}") from None
 
 
 def _copy_sidecars(source: str, destination: str, *, task: dict | None, base: str) -> list[str]:

@@ -17,6 +17,7 @@ import torch
 
 from rankwise.errors import AdapterFormatError, ConfigError
 from rankwise.train.batching import encode
+from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.models import load_pretrained
@@ -40,15 +41,42 @@ class Prediction(NamedTuple):
     probability: float
 
 
-def _task_info(directory: Path) -> dict[str, Any]:
-    path = directory / TASK_FILE
+def read_task_info(directory: str | Path) -> dict[str, Any]:
+    """``rankwise_task.json`` of a run's output directory, checked ({} when there is none).
+
+    ``task`` must be one of the engine's tasks, ``label_names`` a list of distinct strings,
+    ``base_model`` a string; any of them may be absent. A broken file is an
+    :class:`AdapterFormatError` naming the file and the field, never a silent default.
+    """
+    path = Path(directory) / TASK_FILE
     if not path.is_file():
         return {}
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise AdapterFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{path}: invalid JSON ({err.msg})") from None
-    return info if isinstance(info, dict) else {}
+    if not isinstance(info, dict):
+        raise AdapterFormatError(f"{path}: expected a JSON object, found {type(info).__name__}")
+    task = info.get("task")
+    if task is not None and task not in TASKS:
+        raise AdapterFormatError(
+            f"{path}: 'task' must be one of {', '.join(TASKS)}, found {task!r}"
+        )
+    names = info.get("label_names")
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise AdapterFormatError(
+                f"{path}: 'label_names' must be a list of strings, found {names!r}"
+            )
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise AdapterFormatError(f"{path}: 'label_names' repeats {', '.join(map(repr, twice))}")
+    base = info.get("base_model")
+    if base is not None and not isinstance(base, str):
+        raise AdapterFormatError(f"{path}: 'base_model' must be a string, found {base!r}")
+    return info
 
 
 def _label_names_of_model_dir(directory: Path) -> tuple[str, ...]:
@@ -132,7 +160,7 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
         )
     if not root.is_dir():
         raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
-    info = _task_info(root)
+    info = read_task_info(root)
     max_length = _max_length(info, root)
     has_adapter = (root / ADAPTER_CONFIG).is_file()
     if not has_adapter and not (root / "config.json").is_file():
