@@ -413,3 +413,50 @@ def test_two_tied_modules_to_save_train_apart(tmp_path: Path) -> None:
     theirs.eval().save_pretrained(tmp_path / "peft")
     loaded = load_adapter(BUILDERS["gpt2"](), tmp_path / "peft")
     torch.testing.assert_close(logits(loaded, "gpt2"), logits(theirs, "gpt2"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("family", "targets"),
+    [
+        ("bert", ["query", "dense", "word_embeddings"]),  # Linear, Embedding (hidden 32)
+        ("gpt2", ["c_attn", "c_proj"]),  # Conv1D
+        ("conv", ["conv", "conv2"]),  # Conv1d (3·3 = 9 inputs), Conv2d
+    ],
+)
+def test_r_above_the_weight_dims_works_as_in_peft(
+    family: str, targets: list[str], tmp_path: Path
+) -> None:
+    """PEFT accepts r > min(out, in) (the update's rank stays capped); rankwise refused it.
+    Now it warns, and both libraries give the same model and read each other's file."""
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    build = _ConvNet if family == "conv" else BUILDERS[family]
+    if family == "conv":
+        x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+
+        def run(model: nn.Module) -> torch.Tensor:
+            with torch.no_grad():
+                return model(x)
+    else:
+
+        def run(model: nn.Module) -> torch.Tensor:
+            return logits(model, family)
+
+    kwargs = dict(r=40, lora_alpha=16, target_modules=targets)
+    base = run(build())
+    with pytest.warns(UserWarning, match=r"r=40 > min\(out, in\)"):
+        ours = inject(build(), LoraConfig(**kwargs))
+    torch.testing.assert_close(run(ours), base, rtol=0, atol=0)  # B = 0 at the start
+    perturb(ours, 4)
+    save_adapter(ours, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(theirs), run(ours), rtol=0, atol=1e-5)
+    peft_model = get_peft_model(build(), PeftConfig(**kwargs))
+    perturb(peft_model, 6)
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    back = load_adapter(build(), tmp_path / "peft")
+    torch.testing.assert_close(run(back), run(peft_model), rtol=0, atol=1e-5)
+    ours_keys = load_file(tmp_path / "ours" / WEIGHTS)
+    peft_keys = load_file(tmp_path / "peft" / WEIGHTS)
+    assert {k: v.shape for k, v in ours_keys.items()} == {k: v.shape for k, v in peft_keys.items()}

@@ -20,6 +20,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -243,21 +244,32 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
 
 
 def check_ranks(model: nn.Module, plan: Plan) -> None:
-    """Refuse a rank above what a target can hold, before anything is allocated.
+    """Warn (once per call) when ``r`` exceeds what a target's update can hold.
 
     ``B A`` has rank at most ``min(out, in)`` (a convolution's ``in`` counts ``in · ∏kernel``,
     an embedding's ``min(num_embeddings, dim)``), so a larger ``r`` only adds parameters that
-    cannot change ΔW — and a mistyped huge ``r`` would otherwise reach the allocator.
+    cannot raise the rank of ΔW. PEFT accepts such an ``r`` (and writes files with it), so
+    rankwise does too — a small layer in a list of targets, or a tiny test model, is common —
+    but says so, naming the first such module and the limit.
     (``load_adapter`` does not call this: a file's shapes are checked against the model instead.)
     """
     modules = dict(model.named_modules())
+    over = []
     for t in plan.targets:
         shape = tuple(modules[t.name].weight.shape)  # type: ignore[union-attr]
         limit = min(shape[0], math.prod(shape[1:]))
         if t.r > limit:
-            raise InjectionError(
-                f"r: module {t.name!r} (weight shape {shape}): r must be <= {limit}, found r={t.r}"
-            )
+            over.append((t.name, shape, limit, t.r))
+    if over:
+        name, shape, limit, r = over[0]
+        more = f" and {len(over) - 1} more module(s)" if len(over) > 1 else ""
+        warnings.warn(
+            f"r: module {name!r} (weight shape {shape}) has r={r} > min(out, in) = {limit}"
+            f"{more}; the update B A cannot have rank above {limit}, so the extra ranks only "
+            "add parameters",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def _check_nonempty(name: str, module: nn.Module) -> None:
