@@ -460,3 +460,26 @@ def test_r_above_the_weight_dims_works_as_in_peft(
     ours_keys = load_file(tmp_path / "ours" / WEIGHTS)
     peft_keys = load_file(tmp_path / "peft" / WEIGHTS)
     assert {k: v.shape for k, v in ours_keys.items()} == {k: v.shape for k, v in peft_keys.items()}
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "mine"])
+def test_peft_bias_all_with_a_nested_module_to_save_loads(
+    adapter_name: str, tmp_path: Path
+) -> None:
+    """bias="all" with a module to save that has children (BERT's pooler): PEFT writes
+    ``pooler.modules_to_save.<adapter>.dense.bias`` (the adapter name kept, not being just
+    before the last part); rankwise read it as ``pooler.<adapter>.dense.bias`` and refused."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    kwargs = dict(r=4, target_modules=["query", "value"], modules_to_save=["pooler"], bias="all")
+    theirs = get_peft_model(
+        BUILDERS["bert"](), PeftConfig(task_type="SEQ_CLS", **kwargs), adapter_name=adapter_name
+    )
+    perturb(theirs, 12)
+    theirs.eval().save_pretrained(tmp_path)
+    where = tmp_path if adapter_name == "default" else tmp_path / adapter_name
+    keys = load_file(where / WEIGHTS)
+    assert f"base_model.model.bert.pooler.modules_to_save.{adapter_name}.dense.bias" in keys
+    ours = load_adapter(BUILDERS["bert"](), where)
+    torch.testing.assert_close(logits(ours, "bert"), logits(theirs, "bert"), rtol=0, atol=1e-5)

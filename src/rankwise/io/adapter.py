@@ -219,7 +219,13 @@ def _rename_keys(header: dict, *, source: Path) -> tuple[dict[str, str], dict[st
         name = key[len(PREFIX) :]
         if ".original_module." in name:
             continue  # PEFT's copy of the untrained module (bias="all"); the base holds it
-        name = name.replace(".modules_to_save.", ".")
+        owner, sep, rest = name.partition(".modules_to_save.")
+        if sep:
+            # PEFT strips the adapter name only just before the last part: a leaf module's
+            # copy is ``m.modules_to_save.bias``, a module with children keeps it,
+            # ``m.modules_to_save.<adapter>.dense.bias`` (bias="all" writes such keys)
+            parts = rest.split(".")
+            name = ".".join([owner, *(parts[1:] if len(parts) > 1 else parts)])
         if name in out:
             aliases.setdefault(name, []).append(key)
         else:
