@@ -483,3 +483,35 @@ def test_peft_bias_all_with_a_nested_module_to_save_loads(
     assert f"base_model.model.bert.pooler.modules_to_save.{adapter_name}.dense.bias" in keys
     ours = load_adapter(BUILDERS["bert"](), where)
     torch.testing.assert_close(logits(ours, "bert"), logits(theirs, "bert"), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa_exact", "olora"])
+def test_svd_inits_on_a_convolution_warn_that_peft_cannot_load_the_plain_save(
+    init: str, tmp_path: Path
+) -> None:
+    """PEFT refuses PiSSA/OLoRA on convolutions, so a plain save of such an adapter is a file
+    PEFT cannot open: save_adapter says so; for_original_base=True gives one it loads."""
+    import warnings
+
+    from peft import PeftModel
+
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    ours = inject(
+        _ConvNet(), LoraConfig(r=2, target_modules=["conv", "head"], init_lora_weights=init)
+    )
+    perturb(ours, 13)
+    with pytest.warns(RuntimeWarning, match=r"convolution layers \('conv'\).*for_original_base"):
+        save_adapter(ours, tmp_path / "plain")
+    with pytest.raises(ValueError, match="init"):  # the refusal the warning speaks of
+        PeftModel.from_pretrained(_ConvNet(), tmp_path / "plain")
+    assert torch.equal(load_adapter(_ConvNet(), tmp_path / "plain")(x), ours(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        save_adapter(ours, tmp_path / "original", for_original_base=True)
+        linear_only = inject(
+            _ConvNet(), LoraConfig(r=2, target_modules=["head"], init_lora_weights=init)
+        )
+        save_adapter(linear_only, tmp_path / "linear")  # no convolution: no warning
+    theirs = PeftModel.from_pretrained(_ConvNet(), tmp_path / "original").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)

@@ -95,6 +95,17 @@ def save_adapter(
             RuntimeWarning,
             stacklevel=2,
         )
+    if not for_original_base and config.initializer in ("pissa", "pissa_exact", "olora"):
+        convs = [name for name, layer in lora_layers(model) if layer.kind == "conv"]
+        if convs:
+            warnings.warn(
+                f"save_adapter: init_lora_weights={config.init_lora_weights!r} on convolution "
+                f"layers ({convs[0]!r}{' and more' if len(convs) > 1 else ''}): PEFT refuses "
+                "that init on convolutions and cannot load this file (rankwise.load_adapter "
+                "can); for PEFT save with for_original_base=True (a plain LoRA)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     out = Path(directory)
     state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
     if isinstance(config, AdaLoraConfig) and config.rank_pattern:
