@@ -24,10 +24,12 @@ class ConvNet(nn.Module):
         return self.proj(self.conv(x).mean(dim=(2, 3)))
 
 
-def test_dora_on_a_convolution_names_the_module() -> None:
+def test_dora_on_a_grouped_convolution_names_the_module() -> None:
     model = ConvNet()
+    model.conv = nn.Conv2d(4, 4, 3, groups=2)  # groups > 1: no LoRA wrapper for it
+    model.forward = lambda x: model.proj(model.conv(x).mean(dim=(2, 3)))  # type: ignore[method-assign]
     snap = snapshot(model)
-    with pytest.raises(InjectionError, match="conv.*'conv'"):
+    with pytest.raises(InjectionError, match="'conv'.*groups=2"):
         inject(model, LoraConfig(r=2, target_modules=["conv", "proj"], use_dora=True))
     assert_unchanged(model, snap)
 

@@ -227,3 +227,83 @@ def test_inference_weight_cache_follows_every_change() -> None:
     out = layer(x)
     out.sum().backward()
     assert layer.lora_magnitude_vector.grad is not None
+
+
+class _ConvNet(nn.Module):
+    """Conv1d (with bias) into Conv2d (no bias, non-square kernel) into a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 4, (1, 2), bias=False)
+        self.head = nn.Linear(4 * 5, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x)).unsqueeze(-1).expand(-1, -1, -1, 2)
+        return self.head(self.conv2(h).flatten(1))
+
+
+def _peft_grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            name = name.removeprefix("base_model.model.").replace(".default", "")
+            out[name.replace("lora_magnitude_vector.weight", "lora_magnitude_vector")] = p.grad
+    return out
+
+
+def test_convolutions_match_peft_forward_gradients_files_and_merge(tmp_path) -> None:
+    """DoRA on Conv1d/Conv2d (it was refused): PEFT's per-filter norm and its magnitude
+    shape (1, out, 1[, 1]); same outputs and gradients (dropout too), files both ways."""
+    from lora_testkit import perturb
+    from peft import LoraConfig as PeftConfig
+    from peft import PeftModel, get_peft_model
+
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import LoraConfig, inject, lora_layers, merge, unmerge
+
+    x = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(r=2, lora_alpha=4, target_modules=["conv", "conv2"], use_dora=True)
+    base = _ConvNet().eval()
+    ours = inject(_ConvNet(), LoraConfig(**kwargs)).eval()
+    torch.testing.assert_close(ours(x), base(x), rtol=0, atol=1e-6)
+    shapes = {n: tuple(p.shape) for n, p in ours.named_parameters() if "magnitude" in n}
+    assert shapes == {
+        "conv.lora_magnitude_vector": (1, 8, 1),
+        "conv2.lora_magnitude_vector": (1, 4, 1, 1),
+    }
+    theirs = get_peft_model(_ConvNet(), PeftConfig(**kwargs))
+    perturb(theirs, 3)  # factors and magnitudes
+    theirs.eval().save_pretrained(tmp_path / "peft")
+    loaded = load_adapter(_ConvNet(), tmp_path / "peft")
+    torch.testing.assert_close(loaded(x), theirs(x), rtol=0, atol=1e-5)
+    assert (loaded(x) - base(x)).abs().max() > 1e-2  # the adapter does act
+    save_adapter(loaded, tmp_path / "ours")
+    back = PeftModel.from_pretrained(_ConvNet(), tmp_path / "ours").eval()
+    torch.testing.assert_close(back(x), theirs(x), rtol=0, atol=1e-5)
+    y = loaded(x)
+    merge(loaded)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=1e-5)
+    unmerge(loaded)
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=1e-5)
+    # training with dropout: PEFT's base(x) + (c - 1) conv(x~) + c s B A x~
+    mine = load_adapter(_ConvNet(), tmp_path / "peft", is_trainable=True).train()
+    for _, layer in lora_layers(mine):
+        layer.set_dropout(0.3)
+    ref = PeftModel.from_pretrained(_ConvNet(), tmp_path / "peft", is_trainable=True).train()
+    for module in ref.modules():
+        if isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            module.lora_dropout["default"] = nn.Dropout(0.3)
+    torch.manual_seed(5)
+    out_mine = mine(x)
+    torch.manual_seed(5)
+    out_ref = ref(x)
+    torch.testing.assert_close(out_mine, out_ref, rtol=0, atol=1e-5)
+    out_mine.square().sum().backward()
+    out_ref.square().sum().backward()
+    got = {n: p.grad for n, p in mine.named_parameters() if p.grad is not None}
+    want = _peft_grads(ref)
+    assert set(got) == set(want) and any("magnitude" in n for n in got)
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)

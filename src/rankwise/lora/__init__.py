@@ -21,7 +21,7 @@ from rankwise.lora.adalora import (
 )
 from rankwise.lora.adalora_alloc import RankAllocator
 from rankwise.lora.config import SCALING_RULES, LoraConfig
-from rankwise.lora.dora import DORA_WRAPPERS, DoraEmbedding, DoraLinear
+from rankwise.lora.dora import DORA_WRAPPERS, DoraConv, DoraEmbedding, DoraLinear
 from rankwise.lora.init_svd import olora_init, pissa_exact_init, pissa_init
 from rankwise.lora.initializers import INITIALIZERS, LoraInit, kaiming_init
 from rankwise.lora.inject import get_config, inject, lora_layers
@@ -62,6 +62,7 @@ WRAPPERS.update({"dora": DORA_WRAPPERS, "adalora": {"linear": AdaLoraLinear}})
 __all__ = [
     "AdaLoraConfig",
     "AdaLoraLinear",
+    "DoraConv",
     "DoraEmbedding",
     "DoraLinear",
     "RankAllocator",

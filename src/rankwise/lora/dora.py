@@ -33,7 +33,8 @@ and rebuilt when a weight changes — so inference costs one GEMM, as the base l
 With dropout active in training the result is PEFT's
 ``base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃`` (``x̃`` the dropped-out input). Merging writes
 ``c ⊙ (W0 + s·BA)`` (``c`` from the unmerged weight, remembered for the exact unmerge).
-Supported on ``nn.Linear``, transformers' ``Conv1D`` and ``nn.Embedding``.
+Supported on ``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding`` and ``nn.Conv1d`` /
+``nn.Conv2d`` (the norm per output channel, over each filter).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankwise.errors import MergeError
-from rankwise.lora.layers import LoraEmbedding, LoraLayer, LoraLinear, plain_adapter, weights_key
+from rankwise.lora.layers import (
+    LoraConv,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    plain_adapter,
+    weights_key,
+)
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,
     lora_linear,
@@ -218,11 +226,19 @@ class DoraMixin:
 
     parametrization: ClassVar[str] = "dora"
 
+    def _magnitude_shape(self, out_f: int) -> tuple[int, ...]:
+        """Shape of the magnitude parameter as PEFT stores it (a convolution's is 4-D)."""
+        return (out_f,)
+
+    def _magnitude(self) -> Tensor:
+        """The magnitude ``m`` as a vector ``(out,)`` (a view of the parameter)."""
+        return self.lora_magnitude_vector.view(-1)
+
     def _dora_setup(self) -> None:
         out_f = self.base_matrix().shape[0]
         w = self.base_weight
         self.lora_magnitude_vector = nn.Parameter(
-            torch.ones(out_f, device=w.device, dtype=self._dtype)
+            torch.ones(self._magnitude_shape(out_f), device=w.device, dtype=self._dtype)
         )
         self._w_sq: tuple[tuple[Any, ...], Tensor] | None = None
         self._norm: tuple[tuple[Any, ...], Tensor] | None = None
@@ -233,7 +249,7 @@ class DoraMixin:
     def reset_magnitude(self) -> None:
         """``m ← ‖W0 + s·B A‖`` per row: the adapted output equals the current one."""
         with torch.no_grad():
-            self.lora_magnitude_vector.copy_(self.weight_norm())
+            self._magnitude().copy_(self.weight_norm())
 
     def set_factors(self, A: Tensor, B: Tensor) -> None:
         super().set_factors(A, B)  # type: ignore[misc]
@@ -269,7 +285,7 @@ class DoraMixin:
 
     def _dora_scale(self, dtype: torch.dtype) -> Tensor:
         # c = m / ‖W0 + sBA‖ (out,): gradient flows to m only (norm detached, §4.3)
-        return (self.lora_magnitude_vector / self.weight_norm().to(self._dtype)).to(dtype)
+        return (self._magnitude() / self.weight_norm().to(self._dtype)).to(dtype)
 
     # -- merge: W' = c ⊙ (W0 + s BA), in the base weight's layout ----------------------------
     def _rows(self, t: Tensor, c: Tensor) -> Tensor:
@@ -280,13 +296,13 @@ class DoraMixin:
     def merged_weight(self, weight: Tensor) -> Tensor:
         norm = self.weight_norm().float()
         self._merged_norm = norm.clone()
-        c = self.lora_magnitude_vector.detach().float() / norm
+        c = self._magnitude().detach().float() / norm
         return self._rows(weight + self.delta_weight(), c)
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         if self._merged_norm is None:
             raise MergeError(f"{type(self).__name__}: no weight norm recorded at merge time")
-        c = self.lora_magnitude_vector.detach().float() / self._merged_norm
+        c = self._magnitude().detach().float() / self._merged_norm
         out = self._rows(weight, 1.0 / c) - self.delta_weight()
         self._merged_norm = None
         return out
@@ -432,5 +448,59 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         return y * self._dora_scale(y.dtype)
 
 
+class DoraConv(DoraMixin, LoraConv):
+    """DoRA on ``nn.Conv1d`` / ``nn.Conv2d``: ``h = c ⊙ (conv(x; W0) + s·conv_B(conv_A(x))) + b``
+    with ``c = m / ‖W0 + s·BA‖`` per output channel (the norm over each filter, as PEFT's
+    ``_DoraConvNdLayer``); ``m`` is stored as PEFT stores it, ``(1, out, 1[, 1])``."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self._dora_setup()
+
+    def _magnitude_shape(self, out_f: int) -> tuple[int, ...]:
+        return (1, out_f, *(1,) * len(self.base_layer.kernel_size))
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        shapes = LoraConv.factor_shapes(base, r)
+        ones = (1,) * len(base.kernel_size)
+        return {**shapes, MAGNITUDE: (1, int(base.out_channels), *ones)}
+
+    def _rows(self, t: Tensor, c: Tensor) -> Tensor:
+        """Scale the output channels (dim 0) of a weight-shaped ``t`` by ``c``."""
+        return t * c.view(-1, *(1,) * (t.dim() - 1))
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        # PEFT: base(x) + (c - 1) ⊙ conv(x̃; W0) + c ⊙ s·conv_B(conv_A(x̃)), x̃ = dropout(x);
+        # without dropout conv(x̃; W0) is base(x) less its bias
+        base = self.base_layer
+        result = base(x)  # (N, out, *spatial)
+        channels = (1, -1, *(1,) * (result.dim() - 2))
+        c = self._dora_scale(result.dtype).view(channels)
+        if self.dropout is not None and self.training:
+            xd = self.dropout(x)
+            base_part = base._conv_forward(xd, base.weight, None)
+        else:
+            xd = x
+            base_part = result if base.bias is None else result - base.bias.view(channels)
+        h = xd if xd.dtype == self._dtype else xd.to(self._dtype)
+        lora = (self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
+        return result + (c - 1) * base_part + c * lora
+
+
 # layer kind -> DoRA wrapper (the "dora" row of rankwise.lora.layers.WRAPPERS)
-DORA_WRAPPERS: dict[str, type[LoraLayer]] = {"linear": DoraLinear, "embedding": DoraEmbedding}
+DORA_WRAPPERS: dict[str, type[LoraLayer]] = {
+    "linear": DoraLinear,
+    "embedding": DoraEmbedding,
+    "conv": DoraConv,
+}
