@@ -165,10 +165,10 @@ CASES: list[Case] = [
         "generator",
     ),  # fmt: skip
     Case(
-        "inject rank larger than the layer",
-        _inject(mlp, CFG.replace(r=64)),
+        "inject rank far beyond both dims of the layer",
+        _inject(mlp, CFG.replace(r=2**23)),
         InjectionError,
-        "r=64",
+        "r=8388608 exceeds both dims",
     ),  # fmt: skip
     Case(
         "inject huge r refused before allocating",

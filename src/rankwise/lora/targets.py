@@ -243,21 +243,36 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
             )
 
 
+# A rank beyond both dims whose factors would hold more than this many numbers is a typo
+# (r=2**40 would otherwise reach the allocator), refused before anything is allocated.
+MAX_OVERSIZED_FACTOR_ELEMENTS = 2**26
+
+
 def check_ranks(model: nn.Module, plan: Plan) -> None:
-    """Warn (once per call) when ``r`` exceeds what a target's update can hold.
+    """Warn (once per call) when ``r`` exceeds what a target's update can hold; refuse an
+    absurd one.
 
     ``B A`` has rank at most ``min(out, in)`` (a convolution's ``in`` counts ``in · ∏kernel``,
     an embedding's ``min(num_embeddings, dim)``), so a larger ``r`` only adds parameters that
     cannot raise the rank of ΔW. PEFT accepts such an ``r`` (and writes files with it), so
     rankwise does too — a small layer in a list of targets, or a tiny test model, is common —
-    but says so, naming the first such module and the limit.
+    but says so, naming the first such module and the limit. An ``r`` above ``max(out, in)``
+    whose factors would hold more than :data:`MAX_OVERSIZED_FACTOR_ELEMENTS` numbers is
+    refused (InjectionError naming the module), as a mistyped value.
     (``load_adapter`` does not call this: a file's shapes are checked against the model instead.)
     """
     modules = dict(model.named_modules())
     over = []
     for t in plan.targets:
         shape = tuple(modules[t.name].weight.shape)  # type: ignore[union-attr]
-        limit = min(shape[0], math.prod(shape[1:]))
+        dims = (shape[0], math.prod(shape[1:]))
+        limit = min(dims)
+        if t.r > max(dims) and t.r * sum(dims) > MAX_OVERSIZED_FACTOR_ELEMENTS:
+            raise InjectionError(
+                f"r: module {t.name!r} (weight shape {shape}): r={t.r} exceeds both dims and its "
+                f"factors would hold {t.r * sum(dims):,} numbers; expected r <= {limit} "
+                "(a larger r cannot raise the rank of the update)"
+            )
         if t.r > limit:
             over.append((t.name, shape, limit, t.r))
     if over:
