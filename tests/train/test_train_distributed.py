@@ -102,3 +102,25 @@ def test_two_process_resume_with_dropout_is_exact(
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_setup_joins_with_gloo_even_where_cuda_is_available(monkeypatch) -> None:
+    """The engine keeps model, batches and reduction tensors on the CPU, so the process group
+    must be gloo: with CUDA present it chose nccl, which fails at the first CPU collective.
+    (No GPU here: CUDA's presence and the group's creation are stood in for.)"""
+    import torch.distributed as dist
+
+    from rankwise.train import distributed
+
+    calls: list[dict] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda *a: calls.append({"set_device": a}))
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = distributed.setup()
+    assert calls == [{"backend": "gloo"}]
+    assert info == distributed.DistInfo(1, 2, 1, True)

@@ -1,7 +1,10 @@
 """torch.distributed under ``torchrun``: process group setup, rank facts, small reductions.
 
 ``torchrun --nproc_per_node N -m rankwise finetune ...`` sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``; :func:`setup` then joins the process group (gloo on CPU, nccl with CUDA).
+``LOCAL_RANK``; :func:`setup` then joins the process group with the gloo backend: the engine
+trains on the CPU (model, batches and the tensors of the small reductions here all stay
+there), so gloo is the backend that can carry them even on a machine with CUDA (nccl takes
+GPU tensors only and would fail at the first collective).
 Data parallelism follows torch's ``DistributedDataParallel``: every process holds the model,
 takes its share of each global batch, and gradients are averaged across processes in
 backward. Only rank 0 writes files.
@@ -35,10 +38,7 @@ def setup() -> DistInfo:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     if dist.is_initialized():
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local)
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend="gloo")  # CPU tensors throughout (see module docstring)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
 
 
