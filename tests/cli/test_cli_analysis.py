@@ -296,3 +296,93 @@ def test_plot_at_an_existing_file_is_a_usage_error_before_any_work(
     assert "argument --plot:" in err and str(stray) in err and "not a directory" in err
     assert not (tmp_path / "new").exists()  # no adapter written before the error
     assert stray.read_bytes() == b"keep me"
+
+
+def test_extract_names_the_labels_of_a_model_tuned_elsewhere(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A classifier fine-tuned outside rankwise has no rankwise_task.json: the extracted
+    adapter's task file now comes from its config (label names from id2label); before, none was
+    written and predict/merge fell back to the base's names (LABEL_0..2)."""
+    base = transformers.BertForSequenceClassification.from_pretrained(str(setup["base"])).bert
+    base.save_pretrained(str(tmp_path / "plain"))  # a base without any head
+    config = transformers.BertConfig.from_pretrained(str(setup["base"]))
+    config.num_labels = 3
+    config.id2label = {0: "neg", 1: "neu", 2: "pos"}
+    config.label2id = {v: k for k, v in config.id2label.items()}
+    torch.manual_seed(4)
+    tuned = transformers.BertForSequenceClassification(config)
+    tuned.bert.load_state_dict(base.state_dict())
+    with torch.no_grad():
+        tuned.bert.encoder.layer[0].attention.self.query.weight.add_(0.1)
+    tuned.save_pretrained(str(tmp_path / "tuned3"))
+    out = tmp_path / "ex"
+    argv = ["extract", "--base", str(tmp_path / "plain"), "--finetuned", str(tmp_path / "tuned3")]
+    assert main([*argv, "--out", str(out), "--rank", "2"]) == 0
+    assert "rankwise_task.json" in capsys.readouterr().out
+    from rankwise.train.inference import read_task_info
+
+    info = read_task_info(out)
+    assert info["task"] == "classification" and info["label_names"] == ["neg", "neu", "pos"]
+    assert info["base_model"] == str((tmp_path / "plain").resolve())
+
+
+def test_derived_adapters_leave_nothing_when_a_late_step_fails(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    """resize/combine/extract wrote --out, then failed on the figure (matplotlib missing, or
+    the plot itself): exit 2 with the adapter left behind, and the rerun refused (--out taken).
+    Now a missing matplotlib is reported before any work, a failing figure removes the
+    half-made output, and the same --out works next time."""
+    import sys
+
+    import rankwise.analysis.plots as plots
+
+    plot = str(tmp_path / "figs")
+    commands = {
+        "resize": ["resize", str(setup["r8"]), "--rank", "2"],
+        "combine": ["combine", str(setup["r2"]), str(setup["r8"])],
+        "extract": ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"]),
+                    "--rank", "2"],
+    }  # fmt: skip
+    for name, argv in commands.items():
+        out = tmp_path / name
+        with monkeypatch.context() as patch:
+            patch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+            assert main([*argv, "--out", str(out), "--plot", plot]) == 2
+        assert "rankwise[plot]" in capsys.readouterr().err and not out.exists()
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise OSError("disk full")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(plots, "plot_spectra", broken)
+            assert main([*argv, "--out", str(out), "--plot", plot]) == 2
+        assert "disk full" in capsys.readouterr().err
+        assert not out.exists() and not list(tmp_path.glob(".tmp-*"))
+        assert main([*argv, "--out", str(out), "--plot", plot]) == 0  # the same --out works
+        assert (out / "adapter_model.safetensors").is_file()
+        capsys.readouterr()
+
+
+@pytest.mark.parametrize("command", ["resize", "extract"])
+def test_empty_out_and_a_missing_model_are_errors_naming_the_option(
+    command: str, setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    argv = {
+        "resize": ["resize", str(setup["r8"]), "--rank", "2"],
+        "extract": ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"]),
+                    "--rank", "2"],
+    }[command]  # fmt: skip
+    assert main([*argv, "--out", ""]) == 2
+    assert "--out: expected a directory, found an empty string" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
+    if command == "extract":
+        for option in ("--base", "--finetuned"):
+            bad = [*argv]
+            bad[bad.index(option) + 1] = "no-such-model"
+            assert main([*bad, "--out", "x"]) == 2
+            err = capsys.readouterr().err
+            assert "'no-such-model' could not be downloaded" in err and f"{option} /path" in err

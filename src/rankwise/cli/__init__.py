@@ -13,9 +13,11 @@ library) is printed as one line ``rankwise <command>: error: ...`` with exit cod
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 from rankwise import __version__
@@ -62,6 +64,42 @@ def figure_directory(value: str) -> str:
                 )
             break
     return value
+
+
+@contextlib.contextmanager
+def new_output_dir(value: str, option: str = "--out") -> Iterator[Path]:
+    """A temporary directory beside the new output directory ``value``, renamed to it when the
+    block succeeds (adapter, sidecars and figures all written) and removed when it fails, so a
+    failed command leaves no half-made output and the same ``value`` works on the next try.
+    ``value`` must be new or an empty directory (never overwritten); checked first."""
+    import os
+    import shutil
+
+    if not value:
+        raise CliError(f"{option}: expected a directory, found an empty string")
+    final = Path(value)
+    if final.is_file() or (final.is_dir() and any(final.iterdir())):
+        raise CliError(
+            f"{option}: {value!r} exists and is not an empty directory; choose a new one"
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.is_dir():
+        final.rmdir()  # empty (checked above); fails rather than lose anything put there since
+    os.replace(tmp, final)
+
+
+def require_plotting(plot: str | None) -> None:
+    """Import matplotlib before any work when ``--plot`` is given, so a missing optional
+    package is reported before anything is computed or written."""
+    if plot:
+        import matplotlib  # noqa: F401
 
 
 class Command(NamedTuple):

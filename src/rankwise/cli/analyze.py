@@ -142,9 +142,11 @@ def load_base_model(name: str | None) -> Any:
     """A transformers ``AutoModel`` from a local directory (default: the bundled MiniLM)."""
     import transformers
 
-    from rankwise.train.models import resolve_model_source
+    from rankwise.train.models import load_config, resolve_model_source
 
-    return transformers.AutoModel.from_pretrained(resolve_model_source(name)).eval()
+    source = resolve_model_source(name)
+    load_config(source)  # a one-line error naming --model when it is not at hand
+    return transformers.AutoModel.from_pretrained(source).eval()
 
 
 def _amplification(args: argparse.Namespace) -> int:
@@ -182,12 +184,13 @@ def _budget(args: argparse.Namespace) -> int:
     from rankwise.io.files import atomic_write_bytes
     from rankwise.train import train
     from rankwise.train.config import from_mapping
-    from rankwise.train.models import quiet_transformers, resolve_model_source
+    from rankwise.train.models import load_config, quiet_transformers, resolve_model_source
 
     # planned on the model the runs train (a classification model: its head is trained in
     # full, never adapted), so the table's counts are the adapters' own
     quiet_transformers()  # no per-run load reports and progress bars (as finetune)
     source = resolve_model_source(args.model)
+    load_config(source)  # a one-line error naming --model when it is not at hand
     model = transformers.AutoModelForSequenceClassification.from_pretrained(source)
     sets = args.sets or PAPER_SETS
     budget = args.budget

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 
 from rankwise.analysis.algebra import COMBINE_METHODS
-from rankwise.cli import CliError, copy_sidecars, figure_directory
+from rankwise.cli import (
+    CliError,
+    copy_sidecars,
+    figure_directory,
+    new_output_dir,
+    require_plotting,
+)
+from rankwise.cli.resize import spectrum_figures
 
 
 def _floats(text: str) -> list[float]:
@@ -55,25 +62,23 @@ def run(args: argparse.Namespace) -> int:
     head = args.head_from
     if head is not None and not 1 <= head <= len(args.adapters):
         raise CliError(f"--head-from: expected 1..{len(args.adapters)}, found {head}")
-    rows = combine_adapters(
-        args.adapters,
-        args.out,
-        args.weights,
-        method=args.method,
-        rank=args.rank,
-        density=args.density,
-        generator=args.seed,
-        extras_from=None if head is None else head - 1,
-    )
-    print(format_table(*layer_table(rows)))
-    copy_sidecars(
-        args.adapters[0 if head is None else head - 1], args.out
-    )  # task file, tokenizer: predict/evaluate work on it
+    require_plotting(args.plot)
+    with new_output_dir(args.out) as tmp:
+        rows = combine_adapters(
+            args.adapters,
+            tmp,
+            args.weights,
+            method=args.method,
+            rank=args.rank,
+            density=args.density,
+            generator=args.seed,
+            extras_from=None if head is None else head - 1,
+        )
+        print(format_table(*layer_table(rows)))
+        # task file, tokenizer: predict/evaluate work on it
+        copy_sidecars(args.adapters[0 if head is None else head - 1], str(tmp))
+        plotted = spectrum_figures(tmp, args.plot)
     print(f"wrote {args.out}")
-    if args.plot:
-        from rankwise.analysis import adapter_spectrum
-        from rankwise.analysis.plots import plot_spectra
-
-        for path in plot_spectra(adapter_spectrum(args.out), args.plot):
-            print(f"wrote {path}")
+    for path in plotted:
+        print(f"wrote {path}")
     return 0

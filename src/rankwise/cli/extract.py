@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError, figure_directory
+from rankwise.cli import CliError, figure_directory, new_output_dir, require_plotting
+from rankwise.cli.resize import spectrum_figures
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,12 +41,12 @@ def load_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
     import torch
     import transformers
 
-    from rankwise.train.models import HEADS, quiet_transformers, resolve_model_source
+    from rankwise.train.models import HEADS, load_config, quiet_transformers, resolve_model_source
 
     quiet_transformers()
     source, base_source = resolve_model_source(finetuned), resolve_model_source(base)
-    config = transformers.AutoConfig.from_pretrained(source)
-    _check_same_model(base_source, transformers.AutoConfig.from_pretrained(base_source), config)
+    config = load_config(source, option="--finetuned")
+    _check_same_model(base_source, load_config(base_source, option="--base"), config)
     names = getattr(config, "architectures", None) or ["AutoModel"]
     cls = getattr(transformers, names[0], transformers.AutoModel)
     tuned = cls.from_pretrained(source).eval()
@@ -92,7 +94,6 @@ def _check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
 def _read_task(source: str) -> dict | None:
     """The fine-tuned model's ``rankwise_task.json`` (None without one); read and checked
     before anything is written, so a broken one leaves no half-made adapter behind."""
-    from pathlib import Path
 
     from rankwise.train.inference import TASK_FILE, read_task_info
 
@@ -104,27 +105,47 @@ def _read_task(source: str) -> dict | None:
         raise CliError(f"--finetuned: {err}") from None
 
 
-def _copy_sidecars(source: str, destination: str, *, task: dict | None, base: str) -> list[str]:
+def _copy_sidecars(
+    source: str, destination: str, *, task: dict | None, base: str, tuned_config: Any
+) -> list[str]:
     """Tokenizer files as they are; the task file with ``base_model`` set to ``base`` (the
-    extracted adapter applies to that model, not to the fine-tuned one's own base)."""
+    extracted adapter applies to that model, not to the fine-tuned one's own base). A model
+    fine-tuned elsewhere has no task file: one is written from its config (the task from its
+    class, the label names from its ``id2label``), so predict/evaluate/merge name the labels as
+    the fine-tuned model does instead of the base's (often ``LABEL_i``)."""
     import json
     import shutil
-    from pathlib import Path
 
     from rankwise.train.config import atomic_write_text
 
     copied = []
     for name in SIDECARS:
         path = Path(source) / name
-        if not path.is_file():
-            continue
         if name == "rankwise_task.json":
-            info = {**(task or {}), "base_model": base}
+            info = task if path.is_file() else _task_from_config(tuned_config)
+            if info is None:
+                continue
+            info = {**info, "base_model": base}
             atomic_write_text(Path(destination) / name, json.dumps(info, indent=2))
-        else:
+        elif path.is_file():
             shutil.copy2(path, Path(destination) / name)
+        else:
+            continue
         copied.append(name)
     return copied
+
+
+def _task_from_config(config: Any) -> dict | None:
+    """``rankwise_task.json`` fields of a transformers model without one (None if its class
+    is neither a sequence classifier nor a causal LM)."""
+    names = getattr(config, "architectures", None) or []
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        id2label = config.id2label or {}
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        return {"task": "classification", "label_names": labels}
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return {"task": "causal-lm", "label_names": []}
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,37 +156,43 @@ def run(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
     task = _read_task(args.finetuned)
-    base, tuned, heads = load_pair(args.base, args.finetuned)
-    seq_cls = type(tuned).__name__.endswith("ForSequenceClassification")
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    report = extract_adapter(
-        base,
-        tuned,
-        args.out,
-        rank=args.rank,
-        energy=args.energy,
-        targets=targets,
-        randomized=args.randomized,
-        generator=args.seed,
-        task_type="SEQ_CLS" if seq_cls else None,
-        modules_to_save=heads,
-        base_model_name_or_path=resolve_model_source(args.base),
-    )
-    if heads:
-        print(f"stored whole (modules_to_save): {', '.join(heads)}")
-    copied = _copy_sidecars(
-        args.finetuned, args.out, task=task, base=resolve_model_source(args.base)
-    )
-    print(format_table(*layer_table(report.layers)))
-    if report.uncaptured:
-        print(
-            f"not captured (changed outside the extracted weights): {', '.join(report.uncaptured)}"
+    require_plotting(args.plot)
+    with new_output_dir(args.out) as tmp:
+        base, tuned, heads = load_pair(args.base, args.finetuned)
+        seq_cls = type(tuned).__name__.endswith("ForSequenceClassification")
+        targets = (
+            [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
         )
+        report = extract_adapter(
+            base,
+            tuned,
+            tmp,
+            rank=args.rank,
+            energy=args.energy,
+            targets=targets,
+            randomized=args.randomized,
+            generator=args.seed,
+            task_type="SEQ_CLS" if seq_cls else None,
+            modules_to_save=heads,
+            base_model_name_or_path=resolve_model_source(args.base),
+        )
+        if heads:
+            print(f"stored whole (modules_to_save): {', '.join(heads)}")
+        copied = _copy_sidecars(
+            args.finetuned,
+            str(tmp),
+            task=task,
+            base=resolve_model_source(args.base),
+            tuned_config=tuned.config,
+        )
+        print(format_table(*layer_table(report.layers)))
+        if report.uncaptured:
+            print(
+                "not captured (changed outside the extracted weights): "
+                + ", ".join(report.uncaptured)
+            )
+        plotted = spectrum_figures(tmp, args.plot)
     print(f"wrote {args.out}" + (f" (with {', '.join(copied)})" if copied else ""))
-    if args.plot:
-        from rankwise.analysis import adapter_spectrum
-        from rankwise.analysis.plots import plot_spectra
-
-        for path in plot_spectra(adapter_spectrum(args.out), args.plot):
-            print(f"wrote {path}")
+    for path in plotted:
+        print(f"wrote {path}")
     return 0

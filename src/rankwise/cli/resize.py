@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from rankwise.cli import CliError, copy_sidecars, figure_directory
+from rankwise.cli import (
+    CliError,
+    copy_sidecars,
+    figure_directory,
+    new_output_dir,
+    require_plotting,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,14 +35,23 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
-    rows = resize_adapter(args.adapter, args.out, args.rank, energy=args.energy)
-    print(format_table(*layer_table(rows)))
-    copy_sidecars(args.adapter, args.out)  # task file, tokenizer: predict/evaluate work on it
+    require_plotting(args.plot)
+    with new_output_dir(args.out) as tmp:
+        rows = resize_adapter(args.adapter, tmp, args.rank, energy=args.energy)
+        print(format_table(*layer_table(rows)))
+        copy_sidecars(args.adapter, str(tmp))  # task file, tokenizer: predict/evaluate work
+        plotted = spectrum_figures(tmp, args.plot)
     print(f"wrote {args.out}")
-    if args.plot:
-        from rankwise.analysis import adapter_spectrum
-        from rankwise.analysis.plots import plot_spectra
-
-        for path in plot_spectra(adapter_spectrum(args.out), args.plot):
-            print(f"wrote {path}")
+    for path in plotted:
+        print(f"wrote {path}")
     return 0
+
+
+def spectrum_figures(adapter: object, directory: str | None) -> list:
+    """The spectrum PNGs of the new ``adapter`` in ``directory`` (none without --plot)."""
+    if not directory:
+        return []
+    from rankwise.analysis import adapter_spectrum
+    from rankwise.analysis.plots import plot_spectra
+
+    return plot_spectra(adapter_spectrum(adapter), directory)

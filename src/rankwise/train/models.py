@@ -79,6 +79,32 @@ def _check_tokenizer_files(source: str) -> None:
         )
 
 
+def model_load_error(source: str, err: OSError, option: str = "--model") -> ConfigError:
+    """The one-line error for a model that transformers could not open: a local directory that
+    is not a model, or a hub id that cannot be downloaded (no network here), naming ``option``
+    (the command-line option that gave ``source``)."""
+    if Path(source).is_dir():
+        return ConfigError(
+            f"{option}: model directory {source!r} is not a transformers model "
+            f"({str(err).splitlines()[0]})"
+        )
+    return ConfigError(
+        f"model {source!r} could not be downloaded from the Hugging Face hub (no network, "
+        f"or no such model); download it elsewhere and pass its local directory: "
+        f"{option} /path/to/model"
+    )
+
+
+def load_config(source: str, *, option: str = "--model") -> Any:
+    """``AutoConfig.from_pretrained(source)`` with :func:`model_load_error`'s message."""
+    import transformers
+
+    try:
+        return transformers.AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise model_load_error(source, err, option) from None
+
+
 def load_pretrained(
     name: str | None,
     *,
@@ -98,14 +124,7 @@ def load_pretrained(
         config = transformers.AutoConfig.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
     except OSError as err:
-        if Path(source).is_dir():
-            raise ConfigError(
-                f"model directory {source!r} is not a transformers model ({str(err).splitlines()[0]})"
-            ) from None
-        raise ConfigError(
-            f"model {source!r} could not be downloaded from the Hugging Face hub (no network, "
-            f"or no such model); download it elsewhere and pass its local directory: --model /path/to/model"
-        ) from None
+        raise model_load_error(source, err) from None
     _check_tokenizer_files(source)
     if model_dropout is not None:
         for key, value in _dropout_overrides(config, model_dropout).items():
