@@ -26,7 +26,14 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT format)")
-    parser.add_argument("--out", required=True, metavar="DIR", help="directory of the new adapter")
+    parser.add_argument(
+        "--out",
+        "--output",
+        dest="out",
+        required=True,
+        metavar="DIR",
+        help="directory of the new adapter",
+    )
     parser.add_argument("--weights", type=_floats, help="comma-separated weights (default all 1)")
     parser.add_argument(
         "--method",

@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--out",
+        "--output",
+        dest="out",
         type=lambda value: Path(figure_directory(value)),
         required=True,
         help="directory for the PNG figures",

@@ -11,9 +11,21 @@ from rankwise.cli.resize import spectrum_figures
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--base", help="base model directory (default: the bundled MiniLM)")
+    parser.add_argument(
+        "--base",
+        "--model",
+        dest="base",
+        help="base model directory (default: the bundled MiniLM)",
+    )
     parser.add_argument("--finetuned", required=True, help="fine-tuned model directory")
-    parser.add_argument("--out", required=True, metavar="DIR", help="adapter directory to write")
+    parser.add_argument(
+        "--out",
+        "--output",
+        dest="out",
+        required=True,
+        metavar="DIR",
+        help="adapter directory to write",
+    )
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of every layer (capped at min(out, in))")
     size.add_argument("--energy", type=float, help="keep this fraction of each |dW|_F^2, per layer")

@@ -13,7 +13,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="adapter directory from rankwise finetune (PEFT format)",
     )
     parser.add_argument(
-        "--out", required=True, metavar="DIR", help="new directory for the merged model"
+        "--out",
+        "--output",
+        dest="out",
+        required=True,
+        metavar="DIR",
+        help="new directory for the merged model",
     )
     parser.add_argument(
         "--model", metavar="PATH", help="base model (default: the one recorded with the adapter)"

@@ -1,0 +1,34 @@
+"""The output and base-model options answer to one spelling across commands (aliases)."""
+
+from __future__ import annotations
+
+import pytest
+
+from rankwise.cli import COMMANDS, _command_parser
+
+
+@pytest.mark.parametrize(
+    ("argv", "dest", "spellings"),
+    [
+        (["merge", "--adapter", "a"], "out", ["--out", "--output"]),
+        (["resize", "a", "--rank", "2"], "out", ["--out", "--output"]),
+        (["combine", "a", "b"], "out", ["--out", "--output"]),
+        (["extract", "--finetuned", "t", "--rank", "2"], "out", ["--out", "--output"]),
+        (["compress-image"], "out", ["--out", "--output"]),
+        (["finetune"], "output", ["--out", "--output"]),
+        (
+            ["extract", "--finetuned", "t", "--rank", "2", "--out", "o"],
+            "base",
+            ["--base", "--model"],
+        ),
+    ],
+)
+def test_each_spelling_sets_the_same_option(
+    argv: list[str], dest: str, spellings: list[str]
+) -> None:
+    """merge/resize/combine/extract/compress-image said --out, finetune and analyze budget
+    --output, extract --base where every other command says --model: both spellings work."""
+    parser, _ = _command_parser(argv[0], COMMANDS[argv[0]])
+    for flag in spellings:
+        args = parser.parse_args([*argv[1:], flag, "somewhere"])
+        assert str(getattr(args, dest)) == "somewhere", flag
