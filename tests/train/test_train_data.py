@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,3 +237,19 @@ def test_invalid_unicode_is_an_error_naming_the_row(tmp_path: Path) -> None:
     path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
     with pytest.raises(ConfigError, match="row 2: column 'prompt': .*U\\+D800 at character 1\\)"):
         load_dataset(str(path), task="causal-lm")
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("", "expected a .tsv, .csv or .jsonl file or hf:<name>, found ''"),
+        ("hf:", "'hf:': expected hf:<name>[/<config>][:<split>], found no dataset name"),
+        ("hf::train", "found no dataset name"),
+        ("hf:/:train", "found no dataset name"),
+    ],
+)
+def test_an_empty_source_or_dataset_name_is_named(source: str, message: str) -> None:
+    """``--data ''`` was called a directory (Path('') is '.'), ``hf:`` / ``hf::train`` reached
+    the datasets library and came back as 'IndexError: list index out of range'."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_rows(source)

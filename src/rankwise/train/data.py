@@ -84,7 +84,13 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     which also keeps a line break inside a quoted CSV field) and ``\\n`` for JSONL (a trailing
     ``\\r`` is dropped). U+2028, U+0085 and the like are text, not line breaks.
     """
+    if not source:
+        raise ConfigError("data file: expected a .tsv, .csv or .jsonl file or hf:<name>, found ''")
     if source.startswith("hf:"):
+        if not source[3:].partition(":")[0].strip("/"):
+            raise ConfigError(
+                f"data {source!r}: expected hf:<name>[/<config>][:<split>], found no dataset name"
+            )
         return _read_hf(source[3:])
     path = Path(source)
     if not path.exists():
