@@ -144,5 +144,5 @@ def test_out_at_an_existing_file_is_a_usage_error(
         main(["compress-image", "--ranks", "5", "--out", str(stray)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "argument --out:" in err and str(stray) in err and "not a directory" in err
+    assert "argument --out/--output:" in err and str(stray) in err and "not a directory" in err
     assert stray.read_bytes() == b"keep me"
