@@ -34,13 +34,20 @@ def test_dora_on_a_grouped_convolution_names_the_module() -> None:
     assert_unchanged(model, snap)
 
 
-def test_pissa_rank_too_large_leaves_the_model_unchanged() -> None:
+@pytest.mark.parametrize("init", ["pissa", "pissa_exact", "olora"])
+@pytest.mark.parametrize("dry_run", [False, True])
+def test_svd_init_rank_too_large_is_one_error_model_unchanged(init: str, dry_run: bool) -> None:
+    """PiSSA/OLoRA need r <= min(out, in): one InjectionError before anything is touched
+    (dry_run too), not the 'r above min(out, in)' warning plain LoRA gets, then an error."""
+    import warnings
+
     model = tiny_bert_cls()
     snap = snapshot(model)
-    with pytest.raises(ValueError, match="r must be"):
-        inject(
-            model, LoraConfig(r=33, target_modules=["query", "value"], init_lora_weights="pissa")
-        )
+    config = LoraConfig(r=33, target_modules=["query", "value"], init_lora_weights=init)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(InjectionError, match=r"needs r <= min\(out, in\) = 32, found r=33"):
+            inject(model, config, dry_run=dry_run)
     assert_unchanged(model, snap)
 
 

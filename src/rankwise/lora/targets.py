@@ -246,6 +246,8 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
 # A rank beyond both dims whose factors would hold more than this many numbers is a typo
 # (r=2**40 would otherwise reach the allocator), refused before anything is allocated.
 MAX_OVERSIZED_FACTOR_ELEMENTS = 2**26
+# initializers that take r singular triplets (or QR columns) of the weight: r <= min(out, in)
+_SVD_INITS = frozenset({"pissa", "pissa_exact", "olora"})
 
 
 def check_ranks(model: nn.Module, plan: Plan) -> None:
@@ -274,6 +276,13 @@ def check_ranks(model: nn.Module, plan: Plan) -> None:
                 "(a larger r cannot raise the rank of the update)"
             )
         if t.r > limit:
+            if plan.config.initializer in _SVD_INITS and t.kind != "embedding":
+                # the top-r singular triplets must exist (embeddings use the default init)
+                raise InjectionError(
+                    f"r: module {t.name!r} (weight shape {shape}): "
+                    f"init_lora_weights={plan.config.init_lora_weights!r} needs "
+                    f"r <= min(out, in) = {limit}, found r={t.r}"
+                )
             over.append((t.name, shape, limit, t.r))
     if over:
         name, shape, limit, r = over[0]
