@@ -116,10 +116,10 @@ CASES = [
         "not a valid safetensors file",
         None,
     ),  # fmt: skip
-    ("finetune --r 0", "finetune --r 0", None, "'r'", None),
-    ("finetune --alpha 0", "finetune --alpha 0", None, "lora_alpha", None),
-    ("finetune --lr -1", "finetune --lr -1 --output {t}/o", None, "'lr'", None),
-    ("finetune --batch-size 0", "finetune --batch-size 0", None, "batch_size", None),
+    ("finetune --r 0", "finetune --r 0", None, r"option --r \(r in a config file\)", None),
+    ("finetune --alpha 0", "finetune --alpha 0", None, "option --alpha", None),
+    ("finetune --lr -1", "finetune --lr -1 --output {t}/o", None, "option --lr", None),
+    ("finetune --batch-size 0", "finetune --batch-size 0", None, "option --batch-size", None),
     (
         "finetune --resume without a run",
         "finetune --resume --output {t}/none",

@@ -90,6 +90,12 @@ class TrainConfig:
 FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+def option(name: str) -> str:
+    """How an error names a field: by its command-line flag and its config-file key, e.g.
+    ``option --batch-size (batch_size in a config file)``; either spelling is accepted."""
+    return f"option --{name.replace('_', '-')} ({name} in a config file)"
+
+
 def _coerce(name: str, value: Any) -> Any:
     """Check one YAML/flag value against the field's type; return it in the field's type."""
     if value is None:
@@ -98,7 +104,9 @@ def _coerce(name: str, value: Any) -> Any:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"option 'targets': expected a list of module names, found {value!r}")
+            raise ConfigError(
+                f"{option('targets')}: expected a list of module names, found {value!r}"
+            )
         return tuple(value)
     default = FIELDS[name].default
     kind = type(default) if default is not None else None
@@ -110,7 +118,7 @@ def _coerce(name: str, value: Any) -> Any:
         kind = str
     if kind is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"option {name!r}: expected true or false, found {value!r}")
+            raise ConfigError(f"{option(name)}: expected true or false, found {value!r}")
         return value
     if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -124,7 +132,7 @@ def _coerce(name: str, value: Any) -> Any:
     if kind is str and isinstance(value, str | int | float) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(
-        f"option {name!r}: expected {kind.__name__}, found {type(value).__name__} {value!r}"
+        f"{option(name)}: expected {kind.__name__}, found {type(value).__name__} {value!r}"
     )
 
 
@@ -179,65 +187,69 @@ def validate(config: TrainConfig) -> None:
     """Reject impossible values before any model or data is loaded."""
     if config.task not in TASKS:
         raise ConfigError(
-            f"option 'task': expected one of {', '.join(TASKS)}, found {config.task!r}"
+            f"{option('task')}: expected one of {', '.join(TASKS)}, found {config.task!r}"
         )
     if config.method not in METHODS:
         raise ConfigError(
-            f"option 'method': expected one of {', '.join(METHODS)}, found {config.method!r}"
+            f"{option('method')}: expected one of {', '.join(METHODS)}, found {config.method!r}"
         )
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r,
                 "ga_batches": config.ga_batches}  # fmt: skip
     for name, value in positive.items():
         if value < 1:
-            raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
+            raise ConfigError(f"{option(name)}: expected an integer >= 1, found {value}")
     for name in ("max_steps", "max_length"):
         value = getattr(config, name)
         if value is not None and value < 1:
-            raise ConfigError(f"option {name!r}: expected an integer >= 1, found {value}")
+            raise ConfigError(f"{option(name)}: expected an integer >= 1, found {value}")
+    if not config.alpha > 0:
+        raise ConfigError(f"{option('alpha')}: expected a number > 0, found {config.alpha}")
     if not config.loraplus_ratio > 0:
         raise ConfigError(
-            f"option 'loraplus_ratio': expected a number > 0, found {config.loraplus_ratio}"
+            f"{option('loraplus_ratio')}: expected a number > 0, found {config.loraplus_ratio}"
         )
     if config.init_r is not None and config.init_r < config.r:
         raise ConfigError(
-            f"option 'init_r': expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
+            f"{option('init_r')}: expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
             f"down to r), found {config.init_r}"
         )
     if config.epochs <= 0:
-        raise ConfigError(f"option 'epochs': expected a number > 0, found {config.epochs}")
+        raise ConfigError(f"{option('epochs')}: expected a number > 0, found {config.epochs}")
     for name in ("dropout", "model_dropout"):
         value = getattr(config, name)
         if value is not None and not 0.0 <= value < 1.0:
-            raise ConfigError(f"option {name!r}: expected a probability in [0, 1), found {value}")
+            raise ConfigError(f"{option(name)}: expected a probability in [0, 1), found {value}")
     if config.lr is not None and not config.lr > 0:
-        raise ConfigError(f"option 'lr': expected a number > 0, found {config.lr}")
+        raise ConfigError(f"{option('lr')}: expected a number > 0, found {config.lr}")
     for name in ("warmup", "weight_decay", "eval_every", "save_every"):
         if getattr(config, name) < 0:
             raise ConfigError(
-                f"option {name!r}: expected a number >= 0, found {getattr(config, name)}"
+                f"{option(name)}: expected a number >= 0, found {getattr(config, name)}"
             )
     if config.keep_checkpoints < 1:
         raise ConfigError(
-            f"option 'keep_checkpoints': expected >= 1, found {config.keep_checkpoints}"
+            f"{option('keep_checkpoints')}: expected >= 1, found {config.keep_checkpoints}"
         )
     if config.eval_split is not None and not config.eval_split > 0:
-        raise ConfigError(f"option 'eval_split': expected a number > 0, found {config.eval_split}")
+        raise ConfigError(
+            f"{option('eval_split')}: expected a number > 0, found {config.eval_split}"
+        )
     for name in ("alpha", "loraplus_ratio", "lr", "warmup", "weight_decay", "epochs", "eval_split"):
         value = getattr(config, name)
         if value is not None and not math.isfinite(value):
-            raise ConfigError(f"option {name!r}: expected a finite number, found {value}")
+            raise ConfigError(f"{option(name)}: expected a finite number, found {value}")
     for name in ("warmup", "eval_split"):  # a fraction below 1, else a whole count
         value = getattr(config, name)
         if value is not None and value >= 1 and value != int(value):
             raise ConfigError(
-                f"option {name!r}: expected a fraction < 1 or a whole count >= 1, found {value}"
+                f"{option(name)}: expected a fraction < 1 or a whole count >= 1, found {value}"
             )
     if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
         raise ConfigError(
-            f"option 'targets': expected a tuple of module names, found {config.targets!r}"
+            f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
         )
     if not config.targets and config.method != "full":
-        raise ConfigError("option 'targets': expected at least one module name, found none")
+        raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:

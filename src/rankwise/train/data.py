@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
+from rankwise.train.config import option
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
 LABEL_CANDIDATES = ("label", "labels", "sentiment", "class", "category", "target")
@@ -379,7 +380,7 @@ def held_out_split(
     count = round(size * n) if size < 1 else int(size)
     if not 1 <= count < n:
         raise ConfigError(
-            f"option 'eval_split': {size} leaves no training or no held-out examples out of {n}"
+            f"{option('eval_split')}: {size} leaves no training or no held-out examples out of {n}"
         )
     gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
     if not isinstance(generator, torch.Generator):

@@ -23,7 +23,7 @@ import torch
 from rankwise.errors import ConfigError
 from rankwise.train import distributed as dist_
 from rankwise.train.batching import Encoded
-from rankwise.train.config import TrainConfig, atomic_write_text, write_yaml
+from rankwise.train.config import TrainConfig, atomic_write_text, option, write_yaml
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.methods import MergeCheck, Prepared
 from rankwise.train.metrics import CURVE_FILE, METRICS_FILE, plot_training_curve
@@ -51,7 +51,7 @@ def default_output() -> Path:
 def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
     """Check, create and (rank 0) start the output directory; write the resolved config."""
     if config.output is None and info.world_size > 1:
-        raise ConfigError("option 'output': pass --output DIR when running under torchrun")
+        raise ConfigError(f"{option('output')}: pass --output DIR when running under torchrun")
     out = Path(config.output) if config.output else default_output()
     if config.resume:
         if not out.is_dir():
@@ -255,7 +255,17 @@ def finish_outputs(
                 merged = save_merged(prepared, out, tokenizer=tokenizer, info=task)
             echo(f"merged model (transformers from_pretrained): {merged}")
         if (out / METRICS_FILE).exists():
-            curve = plot_training_curve(out / METRICS_FILE, out / CURVE_FILE)
-            echo(f"metrics: {out / METRICS_FILE}; curve: {curve}")
+            echo(f"metrics: {out / METRICS_FILE}; curve: {training_curve(out)}")
     dist_.barrier(info)
     return Finished(saved, merged, check)
+
+
+def training_curve(out: Path) -> str:
+    """Plot ``training_curve.png`` from the run's metrics, or say why not: the curve is the one
+    output that needs matplotlib (the ``plot`` extra), and a run that trained and saved its
+    adapter does not fail at the end for want of it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return "not plotted (matplotlib is not installed: pip install 'rankwise[plot]')"
+    return str(plot_training_curve(out / METRICS_FILE, out / CURVE_FILE))
