@@ -96,14 +96,21 @@ CASES = [
         "combine wrong number of weights",
         "combine {a} {a} --weights 1 --out {t}/o",
         None,
-        "weights has 1",
+        r"--weights: expected 2 numbers \(one per adapter\), found 1",
+        None,
+    ),  # fmt: skip
+    (
+        "combine a weight that is not finite",
+        "combine {a} {a} --weights 1,nan --out {t}/o",
+        None,
+        "--weights: expected finite numbers",
         None,
     ),  # fmt: skip
     (
         "combine ties density 2",
         "combine {a} {a} --method ties --density 2 --out {t}/o",
         None,
-        "density",
+        r"--density: expected a fraction in \(0, 1\], found 2.0",
         None,
     ),  # fmt: skip
     ("combine adapters of other widths", "combine {a} {w} --out {t}/o", None, "'0'", None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from rankwise.analysis.algebra import COMBINE_METHODS
 from rankwise.cli import (
@@ -66,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    if args.weights is not None and len(args.weights) != len(args.adapters):
+        raise CliError(
+            f"--weights: expected {len(args.adapters)} numbers (one per adapter), "
+            f"found {len(args.weights)}"
+        )
+    if args.weights is not None and not all(math.isfinite(w) for w in args.weights):
+        raise CliError(f"--weights: expected finite numbers, found {args.weights}")
+    if args.method in ("ties", "dare") and not 0.0 < args.density <= 1.0:
+        raise CliError(f"--density: expected a fraction in (0, 1], found {args.density}")
     head = args.head_from
     if head is not None and not 1 <= head <= len(args.adapters):
         raise CliError(f"--head-from: expected 1..{len(args.adapters)}, found {head}")
