@@ -226,3 +226,15 @@ def test_invalid_unicode_is_an_error_naming_the_text(
     assert "d.jsonl' row 2: column 'text': the text is not valid" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="predict: text 2: .*lone surrogate U\\+D800"):
         predict(load_trained(adapter), ["ok", "\ud800"])
+
+
+def test_predict_needs_a_text(run_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    """An empty TEXT argument was classified (blank stdin lines are skipped), and stdin with
+    no text printed nothing and exited 0."""
+    adapter = str(run_dir / "adapter")
+    assert main(["predict", "--adapter", adapter, "ok", " "]) == 2
+    assert "TEXT argument 2: expected a text to classify, found ' '" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", _stdin(b"\n \r\n"))
+    assert main(["predict", "--adapter", adapter]) == 2
+    err = capsys.readouterr().err
+    assert "stdin: expected texts to classify, one per line; found none" in err

@@ -45,8 +45,12 @@ def run(args: argparse.Namespace) -> int:
 def _checked_texts(texts: list[str]) -> list[str]:
     """The TEXT arguments, each valid Unicode (Python decodes a non-UTF-8 byte in an argument
     to a lone surrogate, which the tokenizer cannot take)."""
+    from rankwise.cli import CliError
     from rankwise.train.data import valid_text
 
+    for i, t in enumerate(texts, start=1):
+        if not t.strip():  # as a blank stdin line, which is skipped
+            raise CliError(f"TEXT argument {i}: expected a text to classify, found {t!r}")
     return [valid_text(t, where=f"TEXT argument {i}") for i, t in enumerate(texts, start=1)]
 
 
@@ -63,8 +67,13 @@ def _stdin_texts() -> list[str]:
         text = sys.stdin.read()
     else:
         text = raw.read().decode(sys.stdin.encoding or "utf-8", errors="surrogateescape")
-    return [
+    texts = [
         valid_text(line.rstrip("\r\n"), where=f"stdin line {number}")
         for number, line in enumerate(text.split("\n"), start=1)
         if line.strip()
     ]
+    if not texts:
+        from rankwise.cli import CliError
+
+        raise CliError("stdin: expected texts to classify, one per line; found none")
+    return texts
