@@ -199,8 +199,8 @@ def _stdin(data: bytes) -> io.TextIOWrapper:
     return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", newline="\n")
 
 
-def test_predict_stdin_lines_lose_their_crlf(run_dir: Path, monkeypatch, capsys) -> None:
-    monkeypatch.setattr("sys.stdin", _stdin(b"great film\r\n\r\nawful\r\n"))
+def test_predict_stdin_lines_lose_their_crlf_and_bom(run_dir: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr("sys.stdin", _stdin(b"\xef\xbb\xbfgreat film\r\n\r\nawful\r\n"))
     assert main(["predict", "--adapter", str(run_dir / "adapter"), "--json"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [json.loads(line)["text"] for line in out] == ["great film", "awful"]

@@ -67,6 +67,7 @@ def _stdin_texts() -> list[str]:
         text = sys.stdin.read()
     else:
         text = raw.read().decode(sys.stdin.encoding or "utf-8", errors="surrogateescape")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors), as data files
     texts = [
         valid_text(line.rstrip("\r\n"), where=f"stdin line {number}")
         for number, line in enumerate(text.split("\n"), start=1)
