@@ -156,3 +156,28 @@ def test_disabled_and_merged_layers_run_the_base() -> None:
     assert not torch.allclose(adapted, base)
     torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, adapted, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_cache_follows_a_fused_optimizer_step_in_eval_mode(use_dora: bool) -> None:
+    """torch's fused optimizers (transformers.Trainer's default "adamw_torch_fused") update
+    parameters without bumping their version counters: the cache built before a step taken
+    in eval mode was reused after it (|Δ| 0.64 against PEFT)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 6))
+    config = rw.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=use_dora)
+    rw.inject(model, config, generator=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=0.1, fused=True)
+    x = torch.randn(8, 12)
+    model.eval()
+    for _ in range(2):
+        with torch.no_grad():
+            model(x)  # builds (or reuses) the cache
+        model(x).square().mean().backward()  # still in eval mode
+        opt.step()
+        opt.zero_grad()
+        with torch.no_grad():
+            got = model(x)
+        want = model(x).detach()  # autograd on: no cache
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

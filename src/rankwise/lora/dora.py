@@ -259,6 +259,13 @@ class DoraMixin:
         super().set_base_matrix(W)  # type: ignore[misc]
         self.reset_magnitude()
 
+    def drop_inference_cache(self) -> None:
+        """Also drop the cached norms: ``train()``/``eval()`` rebuild them, the remedy for a
+        write through ``.data`` (which no version counter sees)."""
+        super().drop_inference_cache()  # type: ignore[misc]
+        self._norm = None
+        self._w_sq = None
+
     # -- norms (cached, version-keyed) --------------------------------------------------------
     def weight_norm(self) -> Tensor:
         """``‖W0 + s·B A‖`` per output row (out,), detached; cached until a weight changes."""

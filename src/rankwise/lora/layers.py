@@ -25,7 +25,9 @@ base layer                  lora_A                        lora_B
 Inference cache: in eval mode with autograd off, a linear wrapper whose base weight and
 adapter share a dtype runs ``x (W0 + s·B A)ᵀ + b`` — one GEMM, the base layer's cost — with the
 merged weight formed once and kept until a weight changes (keyed on the identity and version
-counter of ``W0``, ``A``, ``B``, so an optimizer step, ``load_adapter`` or a merge rebuilds it)
+counter of ``W0``, ``A``, ``B`` and on a count of ``torch.optim`` steps, which also catches fused
+optimizers that bypass the version counters, so an optimizer step, ``load_adapter`` or a merge
+rebuilds it)
 and dropped by ``train()`` (so ``model.eval()`` after a write through ``.data``, which no
 version counter sees, rebuilds it too). It costs one extra ``(out, in)`` matrix per adapted
 layer while in eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling
 from torch.nn.modules import module as module_mod
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rankwise.errors import MergeError, ShapeMismatchError
 from rankwise.lora.linear_ops import (
@@ -58,10 +61,23 @@ from rankwise.lora.linear_ops import (
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
+_OPTIMIZER_STEPS = [0]  # steps taken by any torch.optim optimizer in this process
+
+
+def _count_optimizer_step(optimizer: object, args: object, kwargs: object) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+# torch's fused optimizers (``fused=True``; transformers.Trainer's default "adamw_torch_fused")
+# update parameters in place without bumping their version counters, so every step counts
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
 def weights_key(*tensors: Tensor) -> tuple[object, ...]:
-    """Identity, version counter and dtype of each tensor: changes on every in-place write
-    (optimizer step, ``copy_``) and on ``.data =`` swaps, so a cache keyed on it stays valid."""
-    key: list[object] = []
+    """Identity, version counter and dtype of each tensor, and the number of optimizer steps
+    taken so far: changes on every in-place write (``copy_``, an optimizer step, fused or not)
+    and on ``.data =`` swaps, so a cache keyed on it stays valid."""
+    key: list[object] = [_OPTIMIZER_STEPS[0]]
     for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
         key += (t.data_ptr(), t._version, t.dtype)
     return tuple(key)
