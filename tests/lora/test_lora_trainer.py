@@ -56,3 +56,49 @@ def test_trainer_trains_only_adapters_and_round_trips(tmp_path: Path) -> None:
     save_adapter(model, tmp_path / "adapter")
     again = load_adapter(tiny_bert_cls(), tmp_path / "adapter")
     torch.testing.assert_close(logits(again, "bert"), logits(model, "bert"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_save_adapter_callback_writes_peft_adapters_into_checkpoints(tmp_path: Path) -> None:
+    """Trainer saves a model that is not a PeftModel whole (wrapped keys in model.safetensors),
+    which neither load_adapter nor PeftModel.from_pretrained reads: the callback adds the
+    adapter files to every checkpoint folder and to output_dir."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from peft import PeftModel
+
+    from rankwise.train import SaveAdapterCallback
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = inject(tiny_bert_cls(), config, generator=0)
+    out = tmp_path / "run"
+    args = transformers.TrainingArguments(
+        output_dir=str(out),
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=8,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        logging_strategy="no",
+        dataloader_num_workers=0,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Data(32), callbacks=[SaveAdapterCallback()]
+    )
+    trainer.train()
+    model.eval()
+    for folder in (out / "checkpoint-2", out / "checkpoint-4", out):
+        assert (folder / "adapter_model.safetensors").is_file(), folder
+        assert (folder / "adapter_config.json").is_file(), folder
+    assert (out / "checkpoint-4" / "optimizer.pt").is_file()  # Trainer's own files are kept
+    want = logits(model, "bert")
+    for folder in (out / "checkpoint-4", out):
+        again = load_adapter(tiny_bert_cls(), folder)
+        torch.testing.assert_close(logits(again, "bert"), want, rtol=0, atol=1e-6)
+    peft_model = PeftModel.from_pretrained(tiny_bert_cls(), str(out)).eval()
+    torch.testing.assert_close(logits(peft_model, "bert"), want, rtol=0, atol=1e-5)
+    early = load_adapter(tiny_bert_cls(), out / "checkpoint-2")
+    assert not torch.allclose(logits(early, "bert"), want)  # the step-2 adapter, not the last
