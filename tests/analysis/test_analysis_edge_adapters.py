@@ -3,6 +3,7 @@ rank-deficient updates, half precision) and bad input to the tensor-level algebr
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -213,12 +214,17 @@ def test_residual_adapters_are_refused_until_saved_for_the_original_base(
             if "lora_B" in name:
                 p.add_(0.01)  # trained
     save_adapter(model, tmp_path / "residual")
+    on_disk = {"pissa_exact": "pissa", "olora": "olora"}[init]  # the file's value, PEFT's name
+    assert (
+        json.loads((tmp_path / "residual" / "adapter_config.json").read_text())["init_lora_weights"]
+        == on_disk
+    )
     for call in (
         lambda: adapter_spectrum(tmp_path / "residual"),
         lambda: combine_adapters([tmp_path / "residual"], tmp_path / "out"),
     ):
         with pytest.raises(
-            AdapterFormatError, match=f"init_lora_weights='{init}'.*for_original_base"
+            AdapterFormatError, match=f"init_lora_weights='{on_disk}'.*for_original_base"
         ):
             call()
     assert not (tmp_path / "out").exists()

@@ -78,3 +78,16 @@ def test_plan_counts_what_inject_adapts_on_a_classification_model() -> None:
     inject(model, LoraConfig(r=plan.rank, target_modules=["dense"], task_type="SEQ_CLS"))
     lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     assert lora == plan.params
+
+
+def test_plan_refuses_a_set_repeated_in_another_order_or_with_a_type_twice() -> None:
+    """Only a literally repeated set was refused (by the CLI): ``qv,vq`` and ``qq,q`` trained
+    and reported the same runs twice."""
+    model = _bert()
+    for sets, message in (
+        ([("q", "v"), ("v", "q")], "set 'vq' is the set 'qv' again"),
+        ([("q", "q"), ("q",)], "set 'qq' names q more than once"),
+        ([("q",), ("q",)], "set 'q' given twice"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            budget_plan(model, rank=1, sets=sets)

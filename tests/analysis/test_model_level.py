@@ -269,7 +269,7 @@ def test_derived_adapters_refuse_dora_adalora_mixed_models_and_existing_output(
         copy.deepcopy(base), peft.AdaLoraConfig(r=4, target_modules=list(QV), total_step=10)
     )
     ada.save_pretrained(str(tmp_path / "ada"))
-    with pytest.raises(AdapterFormatError, match="a ADALORA adapter; .* plain LoRA"):
+    with pytest.raises(AdapterFormatError, match="peft_type ADALORA; .* plain LoRA"):
         resize_adapter(tmp_path / "ada", tmp_path / "out", 2)
     _peft_adapter(base, tmp_path / "a", r=4, seed=2)
     _peft_adapter(base, tmp_path / "b", r=4, seed=3)

@@ -26,6 +26,7 @@ from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
 from rankwise.io.files import read_header, read_tensors, write_safetensors
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.init_svd import to_peft_init
 
 _A, _B = ".lora_A.weight", ".lora_B.weight"
 # Fields of a source adapter's config carried over into an adapter derived from it (with the
@@ -42,7 +43,7 @@ def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
     config = read_adapter_config(directory)
     if config.peft_type != "LORA":
         raise AdapterFormatError(
-            f"{directory}: a {config.peft_type} adapter; these operations read plain LoRA "
+            f"{directory}: peft_type {config.peft_type}; these operations read plain LoRA "
             "adapters (peft_type LORA)"
         )
     return config
@@ -95,7 +96,8 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
     config = read_config(directory)
     if config.initializer not in BASE_KEEPING_INITS:
         raise AdapterFormatError(
-            f"{directory}: init_lora_weights={config.init_lora_weights!r} moved s·B0 A0 out of "
+            f"{directory}: init_lora_weights={to_peft_init(config.init_lora_weights)!r} moved "
+            "s·B0 A0 out of "
             "the base weight, so s·B A is not this adapter's update of the base; save it for "
             "the original base first (rankwise.load_adapter, then save_adapter(model, dir, "
             "for_original_base=True): a plain rank-2r LoRA) and pass that directory"

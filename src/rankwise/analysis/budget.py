@@ -82,6 +82,22 @@ def cost_per_rank(
     return len(shapes), sum(o + i for o, i in shapes)
 
 
+def check_sets(sets: Sequence[Sequence[str]]) -> None:
+    """A ValueError for a type named twice in one set (``qq``) or a set given twice, in any
+    order (``qv`` and ``vq``): each would train and report the same runs again."""
+    seen: dict[frozenset[str], str] = {}
+    for group in sets:
+        name = "".join(group)
+        twice = sorted({t for t in group if list(group).count(t) > 1})
+        if twice:
+            raise ValueError(f"set {name!r} names {', '.join(twice)} more than once")
+        key = frozenset(group)
+        if key in seen:
+            same = "given twice" if seen[key] == name else f"is the set {seen[key]!r} again"
+            raise ValueError(f"set {name!r} {same}")
+        seen[key] = name
+
+
 def budget_plan(
     model: nn.Module,
     *,
@@ -108,6 +124,7 @@ def budget_plan(
             raise ValueError(f"{name} must be a positive integer; found {value!r}")
     if len(sets) == 0:
         raise ValueError("sets must hold at least one set of weight types; found none")
+    check_sets(sets)
     resolved = []
     for group in sets:
         unknown = [t for t in group if t not in types]

@@ -58,6 +58,12 @@ def _sets(text: str) -> list[tuple[str, ...]]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated sets such as q,v,qv; found {text!r}"
         )
+    from rankwise.analysis.budget import check_sets
+
+    try:
+        check_sets(groups)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return groups
 
 
@@ -200,10 +206,7 @@ def _budget(args: argparse.Namespace) -> int:
         model, budget=budget, rank=rank, sets=sets, types=types, task_type="SEQ_CLS"
     )
     del model
-    names = ["".join(plan.types) for plan in plans]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(f"--sets: {', '.join(repeated)} given more than once")
+    names = ["".join(plan.types) for plan in plans]  # distinct: check_sets
     out = Path(args.output)
     for name in names:  # every run's directory checked before the first run starts
         target = out / name
