@@ -99,3 +99,45 @@ def test_amplification_errors() -> None:
         amplification(torch.randn(4, 5), torch.randn(4, 5), rank=9)
     with pytest.raises(ValueError, match="rank"):
         amplification(torch.randn(4, 5), torch.zeros(4, 5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_default_rank_of_a_half_precision_update_is_its_rank(dtype: torch.dtype) -> None:
+    """NumPy's rule (max(shape)·eps·σ₁) with bfloat16's eps exceeds σ₁ from 128 columns on:
+    a rank-4 update counted as rank 1, a rank-8 384×384 one as zero (refused)."""
+    g = _gen(3)
+    for (m, n), r in (((120, 90), 4), ((384, 384), 8)):
+        delta = (torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)) * 0.05
+        W = torch.randn(m, n, generator=g)
+        assert amplification(W.to(dtype), delta.to(dtype)).rank == r
+    # a decaying rank-8 spectrum, 256 wide: float16's NumPy tolerance (0.25·σ₁) kept 4
+    S = torch.tensor([1.0, 0.6, 0.4, 0.3, 0.2, 0.15, 0.1, 0.08], dtype=torch.float64)
+    delta = _with_spectrum(S, 256, 256, seed=5).float()
+    W = torch.randn(256, 256, generator=g)
+    assert amplification(W.to(dtype), delta.to(dtype)).rank == 8
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_adapter_amplification_of_a_half_precision_adapter(dtype: torch.dtype, tmp_path) -> None:
+    """A bfloat16 adapter on a 160-wide layer was refused as zero, a float16 one cut to a
+    lower rank: B A is formed in float64 from the stored factors, with no rounding to count."""
+    import copy
+
+    from torch import nn
+
+    import rankwise as rw
+    from rankwise.analysis import adapter_amplification
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(160, 160))
+    model = rw.inject(copy.deepcopy(base), rw.LoraConfig(r=4, target_modules=["0"]))
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_(std=0.1)
+    model[0].lora_A.to(dtype)
+    model[0].lora_B.to(dtype)
+    rw.save_adapter(model, tmp_path / "a")
+    (row,) = adapter_amplification(base, tmp_path / "a", generator=0)
+    A, B = model[0].lora_A.weight.double(), model[0].lora_B.weight.double()
+    direct = amplification(base[0].weight.detach().double(), model[0].scaling * B @ A, rank=4)
+    assert row.amplification.rank == 4
+    assert row.amplification.factor == pytest.approx(direct.factor, rel=1e-6)

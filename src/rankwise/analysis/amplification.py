@@ -45,6 +45,27 @@ def numerical_rank(S: Tensor, shape: tuple[int, int], *, eps: float | None = Non
     return int((S > tol).sum())
 
 
+def rounded_rank(S: Tensor, shape: tuple[int, int], input_dtype: torch.dtype) -> int:
+    """The numerical rank of a matrix given in ``input_dtype`` whose singular values ``S``
+    were computed in a wider working copy.
+
+    float32/float64: :func:`numerical_rank` with the input's epsilon (NumPy's rule). float16 and
+    bfloat16: NumPy's ``max(shape)·eps·σ₁`` models rounding *during* an SVD in that precision
+    and exceeds σ₁ for bfloat16 from 128 columns on, calling every such update zero. The
+    working copy is float32, so only the input's own rounding ``E`` is noise, with
+    ``‖E‖₂ ≤ ‖E‖_F ≤ u·‖ΔW‖_F`` (``u = eps/2``, ``‖ΔW‖_F = ‖S‖₂``): values above that bound,
+    and above the working precision's NumPy tolerance, count.
+    """
+    if input_dtype not in (torch.float16, torch.bfloat16):
+        return numerical_rank(S, shape, eps=torch.finfo(input_dtype).eps)
+    if S.numel() == 0 or float(S[0]) == 0.0:
+        return 0
+    unit = torch.finfo(input_dtype).eps / 2
+    working = max(shape) * torch.finfo(S.dtype).eps * float(S[0])
+    tol = max(unit * float(torch.linalg.vector_norm(S)), working)
+    return int((S > tol).sum())
+
+
 def _random_basis(n: int, r: int, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
     """Orthonormal ``(n, r)`` basis of a uniformly random ``r``-subspace (QR of a Gaussian)."""
     G = torch.randn(n, r, generator=gen, dtype=dtype)
@@ -61,7 +82,7 @@ def amplification(
 ) -> Amplification:
     """Measure how ``delta`` (``ΔW``) amplifies directions of ``W`` (both ``(out, in)``).
 
-    ``rank`` defaults to the numerical rank of ``delta`` (an adapter's ``r``). The random
+    ``rank`` defaults to the numerical rank of ``delta`` (an adapter's ``r``; :func:`rounded_rank`). The random
     baseline draws one pair of random subspaces from ``generator``.
     """
     check_matrix(W, name="W")
@@ -70,11 +91,11 @@ def amplification(
         raise ShapeMismatchError(
             f"W and delta must have the same shape; found {tuple(W.shape)} and {tuple(delta.shape)}"
         )
-    eps = torch.finfo(delta.dtype).eps  # the input's rounding level, not the working copy's
+    input_dtype = delta.dtype  # its rounding level, not the working copy's, is the noise
     dtype = work_dtype(W, delta)
     W, delta = W.to(dtype), delta.to(dtype)
     d = truncated_svd(delta)  # U (out, k), S (k,), Vh (k, in)
-    r = numerical_rank(d.S, tuple(W.shape), eps=eps) if rank is None else rank
+    r = rounded_rank(d.S, tuple(W.shape), input_dtype) if rank is None else rank
     if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= d.S.numel():
         raise ValueError(
             f"rank must be an integer in [1, {d.S.numel()}]; found {rank!r} (delta may be zero)"

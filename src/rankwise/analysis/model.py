@@ -238,8 +238,8 @@ def adapter_amplification(
         if magnitudes is not None:  # DoRA's update is rounding noise of ‖W‖ when untrained
             noise = max(W.shape) * eps * float(torch.linalg.matrix_norm(W, ord=2))
             available = int((S > noise).sum())
-        else:
-            available = numerical_rank(S, tuple(W.shape), eps=eps)
+        else:  # B A formed in float64 from the stored factors: no rounding of the adapter's
+            available = numerical_rank(S, tuple(W.shape))  # dtype in it, only float64's
         if available == 0:
             raise ValueError(
                 f"module {module!r}: the adapter's update is zero (untrained, B = 0?); "

@@ -50,7 +50,8 @@ def subspace_similarity(X1: Tensor, X2: Tensor, *, factor: Factor = "A") -> Tens
 
     ``factor="A"`` compares ``A`` factors ``(r, in)`` through their right singular vectors;
     ``factor="B"`` compares ``B`` factors ``(out, r)`` through their left singular vectors.
-    ``φ(X, X)`` is all ones; for independent random subspaces ``E φ(i, j) ≈ max(i, j) / d``
+    A factor with ``r`` above that dimension ``d`` has only ``d`` singular directions, so its
+    side of the matrix is ``min(r, d)`` (φ(i, ·) is undefined for ``i > d``). ``φ(X, X)`` is all ones; for independent random subspaces ``E φ(i, j) ≈ max(i, j) / d``
     (``E‖U^{i⊤}V^{j}‖_F² = i·j/d`` in dimension ``d``). Computed in ``O(r₁ r₂ d)`` from the
     overlap matrix ``G = U₁ᵀU₂`` by 2-D cumulative sums of ``G²``.
     """
