@@ -141,3 +141,46 @@ def test_adapter_amplification_of_a_half_precision_adapter(dtype: torch.dtype, t
     direct = amplification(base[0].weight.detach().double(), model[0].scaling * B @ A, rank=4)
     assert row.amplification.rank == 4
     assert row.amplification.factor == pytest.approx(direct.factor, rel=1e-6)
+
+
+def test_adapter_amplification_of_a_bfloat16_dora_adapter(tmp_path) -> None:
+    """The DoRA noise floor max(shape)·eps·‖W‖₂ is 2.5·‖W‖₂ for bfloat16 at 160 columns: a
+    trained bfloat16 DoRA adapter was refused as untrained. An untrained one still is."""
+    import copy
+
+    from safetensors.torch import load_file, save_file
+    from torch import nn
+
+    import rankwise as rw
+    from rankwise.analysis import adapter_amplification
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(160, 160))
+    config = rw.LoraConfig(r=4, target_modules=["0"], use_dora=True)
+    for trained in (False, True):
+        model = rw.inject(copy.deepcopy(base), config)
+        if trained:
+            with torch.no_grad():
+                model[0].lora_B.weight.normal_(std=0.05)
+                model[0].lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(160))
+        directory = tmp_path / f"dora_{trained}"
+        rw.save_adapter(model, directory)
+        file = directory / "adapter_model.safetensors"
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(file).items()}, file)
+        if not trained:
+            with pytest.raises(ValueError, match="update is zero"):
+                adapter_amplification(base, directory, generator=0)
+            continue
+        stored = {
+            name: v.double()
+            for k, v in load_file(file).items()
+            for name in ("lora_A", "lora_B", "lora_magnitude_vector")
+            if f".{name}" in k
+        }
+        W = base[0].weight.detach().double()
+        V = W + model[0].scaling * stored["lora_B"] @ stored["lora_A"]
+        m = stored["lora_magnitude_vector"]
+        delta = m[:, None] * V / V.norm(dim=1, keepdim=True) - W
+        (row,) = adapter_amplification(base, directory, generator=0)
+        assert row.amplification.rank == 4
+        assert row.amplification.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)

@@ -196,6 +196,20 @@ def _dora_magnitudes(directory: PathLike) -> dict[str, Tensor]:
     }
 
 
+def dora_noise(W: Tensor, eps: float) -> float:
+    """The spectral norm below which a DoRA update ``m ⊙ V/‖V‖_row − W`` is rounding noise.
+
+    Untrained, ``m`` is ``‖W‖_row`` rounded to the adapter's dtype, so the update scales each
+    row of ``W`` by ``δ_i`` with ``|δ_i|`` about the unit roundoff ``eps/2``: its norm is at most
+    ``~eps/2 · ‖W‖₂``. float32/float64: NumPy's ``max(shape)·eps·‖W‖₂`` (room for the norm's
+    own summation error). float16/bfloat16: ``2·eps·‖W‖₂`` (NumPy's rule exceeds ‖W‖₂ for
+    bfloat16 from 128 columns on and would call every update zero), and at least float32's."""
+    norm = float(torch.linalg.matrix_norm(W, ord=2))
+    if eps <= torch.finfo(torch.float32).eps:
+        return max(W.shape) * eps * norm
+    return max(2 * eps, max(W.shape) * torch.finfo(torch.float32).eps) * norm
+
+
 def adapter_amplification(
     model: nn.Module,
     directory: PathLike,
@@ -236,8 +250,7 @@ def adapter_amplification(
             eps = max(eps, torch.finfo(magnitudes[module].dtype).eps)
         S = torch.linalg.svdvals(delta)
         if magnitudes is not None:  # DoRA's update is rounding noise of ‖W‖ when untrained
-            noise = max(W.shape) * eps * float(torch.linalg.matrix_norm(W, ord=2))
-            available = int((S > noise).sum())
+            available = int((S > dora_noise(W, eps)).sum())
         else:  # B A formed in float64 from the stored factors: no rounding of the adapter's
             available = numerical_rank(S, tuple(W.shape))  # dtype in it, only float64's
         if available == 0:
