@@ -385,14 +385,18 @@ class DoraLinear(DoraMixin, LoraLinear):
         W = self.base_matrix()  # (out, in), a view
         bias = self.base_layer.bias
         plain = plain_adapter(self.base_layer, self.lora_A, self.lora_B)
-        if plain and self.use_inference_cache():
-            # inference: one GEMM with the cached DoRA weight, the base layer's cost
+        A, B = self.lora_A.weight, self.lora_B.weight
+        one_dtype = x.dtype == A.dtype == W.dtype and not torch.is_autocast_enabled(x.device.type)
+        if plain and one_dtype and self.use_inference_cache():
+            # inference: one GEMM with the cached DoRA weight, the base layer's cost (not for a
+            # float32 adapter on a half-precision base: the merged weight would round c ⊙ ...)
             return F.linear(x, self.inference_weight(), bias)
         dropout = self.dropout is not None and self.training
-        if dropout or not plain:
+        if dropout or not plain or not one_dtype:
             # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x); without dropout
-            # W0 x̃ is base(x) less its bias (hooks, subclasses: the modules are called)
-            c = self._dora_scale(x.dtype)  # (out,)
+            # W0 x̃ is base(x) less its bias (hooks, subclasses: the modules are called). Mixed
+            # precision or autocast: in the adapter's dtype, rounded to the base's once
+            c = self._dora_scale(self._dtype)  # (out,)
             result = self.base_layer(x)
             if dropout:
                 xd = self.dropout(x)
@@ -400,32 +404,24 @@ class DoraLinear(DoraMixin, LoraLinear):
             else:
                 xd, base_part = x, (result - bias if bias is not None else result)
             lora = self.lora_B(self.lora_A(xd.to(self._dtype)))
-            return result + (c - 1) * base_part + c * (lora * self.scaling).to(x.dtype)
+            dora = (c - 1) * base_part + c * lora * self.scaling
+            return (result + dora).to(result.dtype)
         shape = (*x.shape[:-1], W.shape[0])
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        A, B = self.lora_A.weight, self.lora_B.weight
-        if x2.dtype == A.dtype == W.dtype and not torch.is_autocast_enabled(x.device.type):
-            # (N, out) = c ⊙ (W0 x + s·B A x) + b: one node, c folded into the weights
-            Wt = self.weight_right()
-            Wc: Tensor | None = None
-            if merge_pays(x2.shape[0], x2.shape[1], W.shape[0], W.dtype):
-                Wc, c = self._merged_factor(W.dtype)  # merged route
-            else:
-                c = self._dora_scale(x.dtype)  # (out,)
-            if torch.is_grad_enabled():
-                y = DoraLinearFunction.apply(x2, Wt, bias, A, B, self.scaling, c, Wc)
-            elif Wc is not None:
-                y = torch.addmm(bias, x2, Wc) if bias is not None else torch.mm(x2, Wc)
-            else:
-                y = dora_linear(x2, Wt, bias, A, B, self.scaling, c).y
-            return y.view(shape)
-        c = self._dora_scale(x.dtype)  # (out,)
-        # mixed precision: the adapter runs in its own dtype
-        h = F.linear(x2.to(self._dtype), A)  # (N, r): project down first
-        y = self._project_up(F.linear(x2, W), h, B).view(shape)
-        if bias is None:
-            return y * c
-        return torch.addcmul(bias, y, c)  # c ⊙ (...) + b in one pass
+        # one dtype, no autocast: (N, out) = c ⊙ (W0 x + s·B A x) + b, one node, c folded in
+        Wt = self.weight_right()
+        Wc: Tensor | None = None
+        if merge_pays(x2.shape[0], x2.shape[1], W.shape[0], W.dtype):
+            Wc, c = self._merged_factor(W.dtype)  # merged route
+        else:
+            c = self._dora_scale(x.dtype)  # (out,)
+        if torch.is_grad_enabled():
+            y = DoraLinearFunction.apply(x2, Wt, bias, A, B, self.scaling, c, Wc)
+        elif Wc is not None:
+            y = torch.addmm(bias, x2, Wc) if bias is not None else torch.mm(x2, Wc)
+        else:
+            y = dora_linear(x2, Wt, bias, A, B, self.scaling, c).y
+        return y.view(shape)
 
 
 class DoraEmbedding(DoraMixin, LoraEmbedding):
@@ -451,8 +447,16 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         return {**shapes, MAGNITUDE: (shapes["lora_embedding_B"][0],)}
 
     def adapted_forward(self, x: Tensor) -> Tensor:
-        y = LoraEmbedding.adapted_forward(self, x)  # (..., d): E[x] + s·Aᵀ[x] Bᵀ
-        return y * self._dora_scale(y.dtype)
+        # PEFT's order and precision: the base lookup first (max_norm renormalizes W's rows),
+        # then c from ‖W0 + s·BA‖, then A's lookup (which renormalizes A's rows); c ⊙ E[x] +
+        # c ⊙ s·Aᵀ[x] Bᵀ formed in the adapter's dtype and rounded to the base's once
+        result = self.base_layer(x)  # (..., d)
+        c = self._dora_scale(self._dtype)  # (d,)
+        dora = c * (self.lookup_a(x) @ self.lora_embedding_B.t()) * self.scaling  # (..., d)
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # Gemma: after the norm
+        if embed_scale is not None:
+            dora = dora * embed_scale.to(dora.dtype)
+        return (c * result + dora).to(result.dtype)
 
 
 class DoraConv(DoraMixin, LoraConv):
@@ -490,10 +494,11 @@ class DoraConv(DoraMixin, LoraConv):
     def adapted_forward(self, x: Tensor) -> Tensor:
         # PEFT: base(x) + (c - 1) ⊙ conv(x̃; W0) + c ⊙ s·conv_B(conv_A(x̃)), x̃ = dropout(x);
         # without dropout conv(x̃; W0) is base(x) less its bias
+        # in the adapter's dtype, rounded to the base's once (as PEFT)
         base = self.base_layer
         result = base(x)  # (N, out, *spatial)
         channels = (1, -1, *(1,) * (result.dim() - 2))
-        c = self._dora_scale(result.dtype).view(channels)
+        c = self._dora_scale(self._dtype).view(channels)
         if self.dropout is not None and self.training:
             xd = self.dropout(x)
             base_part = base._conv_forward(xd, base.weight, None)
@@ -501,8 +506,8 @@ class DoraConv(DoraMixin, LoraConv):
             xd = x
             base_part = result if base.bias is None else result - base.bias.view(channels)
         h = xd if xd.dtype == self._dtype else xd.to(self._dtype)
-        lora = (self.lora_B(self.lora_A(h)) * self.scaling).to(result.dtype)
-        return result + (c - 1) * base_part + c * lora
+        lora = self.lora_B(self.lora_A(h))
+        return (result + ((c - 1) * base_part + c * lora * self.scaling)).to(result.dtype)
 
 
 # layer kind -> DoRA wrapper (the "dora" row of rankwise.lora.layers.WRAPPERS)

@@ -498,11 +498,12 @@ class LoraEmbedding(LoraLayer):
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_embedding_A, self.lora_embedding_B)
 
-    def adapted_forward(self, x: Tensor) -> Tensor:
+    def lookup_a(self, x: Tensor) -> Tensor:
+        """``(..., r)``: the rows of ``Aᵀ`` (n, r) for the ids ``x``, looked up with the base
+        layer's own options (``max_norm`` renormalizes those rows of ``A`` in place, as the
+        base lookup does ``W``'s)."""
         base = self.base_layer
-        result = base(x)  # (..., d)
-        # (..., r): rows of A^T (n, r) looked up with the base layer's own options
-        h = F.embedding(
+        return F.embedding(
             x,
             self.lora_embedding_A.t(),
             padding_idx=base.padding_idx,
@@ -511,6 +512,11 @@ class LoraEmbedding(LoraLayer):
             scale_grad_by_freq=base.scale_grad_by_freq,
             sparse=base.sparse,
         )
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        result = base(x)  # (..., d)
+        h = self.lookup_a(x)  # (..., r)
         embed_scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
         if embed_scale is not None:
             h = h * embed_scale
