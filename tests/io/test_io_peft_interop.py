@@ -515,3 +515,28 @@ def test_svd_inits_on_a_convolution_warn_that_peft_cannot_load_the_plain_save(
     theirs = PeftModel.from_pretrained(_ConvNet(), tmp_path / "original").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
+
+
+def test_peft_dora_embedding_saved_with_its_embedding_layers_loads(tmp_path: Path) -> None:
+    """PEFT's save_embedding_layers=True writes a DoRA embedding's magnitude twice
+    (``….lora_magnitude_vector`` and ``….lora_magnitude_vector.weight``); rankwise refused the
+    second as an unexpected key. A copy that differs is still refused."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from safetensors.torch import save_file
+
+    from rankwise.errors import AdapterFormatError
+
+    config = PeftConfig(r=4, lora_alpha=8, target_modules=["word_embeddings"], use_dora=True,
+                        init_lora_weights=False)  # fmt: skip
+    theirs = get_peft_model(BUILDERS["bert"](), config)
+    theirs.eval().save_pretrained(tmp_path, save_embedding_layers=True)
+    keys = load_file(tmp_path / WEIGHTS)
+    twice = "base_model.model.bert.embeddings.word_embeddings.lora_magnitude_vector"
+    assert twice in keys and twice + ".weight" in keys
+    ours = load_adapter(BUILDERS["bert"](), tmp_path)
+    torch.testing.assert_close(logits(ours, "bert"), logits(theirs, "bert"), rtol=0, atol=1e-5)
+    keys[twice + ".weight"] = keys[twice + ".weight"] + 1.0
+    save_file(keys, tmp_path / WEIGHTS)
+    with pytest.raises(AdapterFormatError, match="their values differ"):
+        load_adapter(BUILDERS["bert"](), tmp_path)

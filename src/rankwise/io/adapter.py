@@ -237,6 +237,10 @@ def _rename_keys(header: dict, *, source: Path) -> tuple[dict[str, str], dict[st
             # ``m.modules_to_save.<adapter>.dense.bias`` (bias="all" writes such keys)
             parts = rest.split(".")
             name = ".".join([owner, *(parts[1:] if len(parts) > 1 else parts)])
+        if name.endswith(".lora_magnitude_vector.weight"):
+            # PEFT's save_embedding_layers also writes a DoRA embedding's magnitude under its
+            # module key (``….lora_magnitude_vector.weight``) beside the usual one
+            name = name.removesuffix(".weight")
         if name in out:
             aliases.setdefault(name, []).append(key)
         else:
@@ -252,7 +256,8 @@ def _check_aliases(
     source: Path,
 ) -> None:
     """Two keys for one tensor (PEFT's bias="all" with modules_to_save writes ``m.bias`` and
-    ``m.modules_to_save.bias``) must hold the same value."""
+    ``m.modules_to_save.bias``; its save_embedding_layers a DoRA embedding's magnitude twice)
+    must hold the same value."""
     for name, keys in aliases.items():
         for key in keys:
             if not torch.equal(tensors[key], values[name]):
