@@ -95,6 +95,11 @@ def new_output_dir(value: str, option: str = "--out") -> Iterator[Path]:
     os.replace(tmp, final)
 
 
+def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:
+    """The required output directory option, ``--out`` (alias ``--output``), into ``args.out``."""
+    parser.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", help=help)
+
+
 def require_plotting(plot: str | None) -> None:
     """Import matplotlib before any work when ``--plot`` is given, so a missing optional
     package is reported before anything is computed or written."""

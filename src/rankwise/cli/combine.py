@@ -8,6 +8,7 @@ import math
 from rankwise.analysis.algebra import COMBINE_METHODS
 from rankwise.cli import (
     CliError,
+    add_out_option,
     copy_sidecars,
     figure_directory,
     new_output_dir,
@@ -27,14 +28,7 @@ def _floats(text: str) -> list[float]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapters", nargs="+", help="adapter directories (PEFT format)")
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        required=True,
-        metavar="DIR",
-        help="directory of the new adapter",
-    )
+    add_out_option(parser, "directory of the new adapter")
     parser.add_argument("--weights", type=_floats, help="comma-separated weights (default all 1)")
     parser.add_argument(
         "--method",

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError, figure_directory, new_output_dir, require_plotting
+from rankwise.cli import (
+    CliError,
+    add_out_option,
+    figure_directory,
+    new_output_dir,
+    require_plotting,
+)
 from rankwise.cli.resize import spectrum_figures
 
 
@@ -18,14 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="base model directory (default: the bundled MiniLM)",
     )
     parser.add_argument("--finetuned", required=True, help="fine-tuned model directory")
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        required=True,
-        metavar="DIR",
-        help="adapter directory to write",
-    )
+    add_out_option(parser, "adapter directory to write")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of every layer (capped at min(out, in))")
     size.add_argument("--energy", type=float, help="keep this fraction of each |dW|_F^2, per layer")

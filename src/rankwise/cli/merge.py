@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rankwise.cli import add_out_option
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -12,14 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="adapter directory from rankwise finetune (PEFT format)",
     )
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        required=True,
-        metavar="DIR",
-        help="new directory for the merged model",
-    )
+    add_out_option(parser, "new directory for the merged model")
     parser.add_argument(
         "--model", metavar="PATH", help="base model (default: the one recorded with the adapter)"
     )

@@ -6,6 +6,7 @@ import argparse
 
 from rankwise.cli import (
     CliError,
+    add_out_option,
     copy_sidecars,
     figure_directory,
     new_output_dir,
@@ -15,14 +16,7 @@ from rankwise.cli import (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="source adapter directory (PEFT format)")
-    parser.add_argument(
-        "--out",
-        "--output",
-        dest="out",
-        required=True,
-        metavar="DIR",
-        help="directory of the new adapter",
-    )
+    add_out_option(parser, "directory of the new adapter")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="new rank (capped at each module's r)")
     size.add_argument(

@@ -46,13 +46,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rankwise.errors import MergeError
+from rankwise.lora.cache_key import weights_key
 from rankwise.lora.layers import (
     LoraConv,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
     plain_adapter,
-    weights_key,
 )
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,

@@ -48,9 +48,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling
 from torch.nn.modules import module as module_mod
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from rankwise.errors import MergeError, ShapeMismatchError
+from rankwise.lora.cache_key import weights_key
 from rankwise.lora.linear_ops import (
     SMALL_ROWS_MAX,
     LoraLinearFunction,
@@ -59,28 +59,6 @@ from rankwise.lora.linear_ops import (
 )
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-_OPTIMIZER_STEPS = [0]  # steps taken by any torch.optim optimizer in this process
-
-
-def _count_optimizer_step(optimizer: object, args: object, kwargs: object) -> None:
-    _OPTIMIZER_STEPS[0] += 1
-
-
-# torch's fused optimizers (``fused=True``; transformers.Trainer's default "adamw_torch_fused")
-# update parameters in place without bumping their version counters, so every step counts
-register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def weights_key(*tensors: Tensor) -> tuple[object, ...]:
-    """Identity, version counter and dtype of each tensor, and the number of optimizer steps
-    taken so far: changes on every in-place write (``copy_``, an optimizer step, fused or not)
-    and on ``.data =`` swaps, so a cache keyed on it stays valid."""
-    key: list[object] = [_OPTIMIZER_STEPS[0]]
-    for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
-        key += (t.data_ptr(), t._version, t.dtype)
-    return tuple(key)
 
 
 class LoraFactors(NamedTuple):
