@@ -3,6 +3,8 @@ range edges (squared norms and Gram matrices would overflow or underflow)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,55 @@ def test_cr_expected_error_is_not_negative_when_exact() -> None:
         assert (
             rl.cr_expected_error(rng.standard_normal((7, 1)), rng.standard_normal((1, 9)), 1) >= 0
         )
+
+
+@pytest.mark.parametrize("scale", [1e-200, 1e200])
+def test_randomized_interpolative_and_cur_pivots_do_not_depend_on_scale(scale: float) -> None:
+    A = _near_rank8(torch.float64)
+    ref = rl.interpolative(A, 8, randomized=True, generator=0)
+    got = rl.interpolative(A * scale, 8, randomized=True, generator=0)  # sketch norms² overflow
+    assert got.idx.tolist() == ref.idx.tolist()
+    torch.testing.assert_close(got.Z, ref.Z, rtol=1e-9, atol=1e-12)
+    by_eps = rl.interpolative(A * scale, eps=1e-3, randomized=True, generator=0)
+    assert len(by_eps.idx) == len(rl.interpolative(A, eps=1e-3, randomized=True, generator=0).idx)
+    assert len(by_eps.idx) >= 8  # rank 8 plus 1e-3 noise (index order stopped at 1 column)
+    c_ref = rl.cur(A, 8, randomized=True, generator=0)
+    c_got = rl.cur(A * scale, 8, randomized=True, generator=0)
+    assert c_got.cols.tolist() == c_ref.cols.tolist()
+    assert c_got.rows.tolist() == c_ref.rows.tolist()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float64, 1e-310), (torch.float32, 1e-42), (torch.float32, 1e-39)]
+)
+def test_subnormal_entries(dtype: torch.dtype, scale: float) -> None:
+    # the largest entry is subnormal: bringing it to 1 needs 2^1030 (float64) or 2^140
+    # (float32), beyond the dtype's range as one factor (an OverflowError, or inf)
+    A = torch.randn(20, 10, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    tiny = (A * scale).to(dtype)
+    assert float(tiny.abs().max()) < torch.finfo(dtype).tiny
+    assert rl.relative_error(tiny, tiny * 0.5) == pytest.approx(0.5, rel=1e-2)
+    S = rl.randomized_svd(tiny, 3, generator=0).S
+    torch.testing.assert_close(
+        S, torch.linalg.svdvals(tiny.double())[:3].to(dtype), rtol=2e-2, atol=0
+    )
+    exact = rl.interpolative(tiny.double() / scale, 3).idx.tolist()
+    assert rl.interpolative(tiny, 3).idx.tolist() == exact
+    assert len(rl.interpolative(tiny, 3, randomized=True, generator=0).idx) == 3
+
+
+def test_cr_expected_error_beyond_float64_is_inf_not_an_overflow_error() -> None:
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    Y = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    ref = rl.cr_expected_error(X, Y, 2)
+    assert rl.cr_expected_error(X * 1e150, Y * 1e150, 2) == math.inf  # ~1e600
+    assert rl.cr_expected_error(X * 1e100, Y * 1e50, 2) == pytest.approx(ref * 1e300, rel=1e-12)
+    assert rl.cr_expected_error(X * 1e-100, Y * 1e-60, 2) == pytest.approx(ref * 1e-320, rel=1e-2)
+
+
+def test_big_endian_numpy_input() -> None:
+    M = np.random.default_rng(0).standard_normal((6, 4))
+    got = rl.truncated_svd(M.astype(">f8"), 2)
+    np.testing.assert_allclose(got.S, rl.truncated_svd(M, 2).S, rtol=1e-12)
+    assert isinstance(got.S, np.ndarray)

@@ -194,3 +194,18 @@ def test_interpolative_and_cur_take_a_weight_that_requires_grad() -> None:
         assert d.idx.tolist() == ref.idx.tolist()
         assert rl.interpolative(layer.weight, eps=0.5).idx.numel() >= 1
     assert rl.cur(layer.weight, 3).cols.numel() == 3
+
+
+@pytest.mark.parametrize(
+    "idx",
+    [[2.9, 4.9], [True, False, True], [[0], [1]], np.array([0.0, 1.0])],
+    ids=["floats", "mask", "2-D", "numpy-floats"],
+)
+def test_id_with_non_integer_indices_is_refused(idx: object) -> None:
+    # floats were truncated and a boolean mask read as indices 1, 0, 1: a wrong reconstruction
+    M = np.eye(5)
+    k = np.asarray(idx).reshape(-1).shape[0]
+    bad = rl.ID(idx, np.ones((k, 5)))
+    for routine in (id_reconstruct, id_to_svd):
+        with pytest.raises(ValueError, match="decomposition.idx: expected a 1-D array of integer"):
+            routine(M, bad)

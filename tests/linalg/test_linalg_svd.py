@@ -268,3 +268,28 @@ def test_randomized_svd_of_exactly_rank_deficient_matrices(power_iters: int | st
             torch.isfinite(svd.U).all() and torch.isfinite(svd.Vh).all()
         )
         torch.testing.assert_close(_reconstruct(svd), M, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "rank"), [(torch.float32, 16), (torch.float32, 32), (torch.float64, 16)]
+)
+def test_auto_power_iterations_stop_early_on_an_exactly_low_rank_matrix(
+    dtype: torch.dtype, rank: int
+) -> None:
+    # σ_{k+1} is rounding noise: the 5%-of-σ_{k+1} rule alone never held and ran all 8
+    # iterations (18 passes over M) for the accuracy one iteration already has
+    from rankwise.linalg.svd import _range_and_projection
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(300, 16, generator=g, dtype=dtype) @ torch.randn(
+        16, 200, generator=g, dtype=dtype
+    )
+    sketch = _range_and_projection(
+        M, min(rank + 10, 200), rank, None, torch.Generator().manual_seed(1)
+    )
+    assert sketch.power_iters <= 2
+    svd = randomized_svd(M, rank, generator=1)
+    err = torch.linalg.matrix_norm(M - (svd.U * svd.S) @ svd.Vh, ord=2) / torch.linalg.matrix_norm(
+        M, ord=2
+    )
+    assert float(err) < 100 * torch.finfo(dtype).eps

@@ -41,7 +41,8 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
             raise ValueError(f"{name}: expected a real numeric array, found dtype {value.dtype}")
         with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.from_numpy(np.ascontiguousarray(value))
+            native = value.dtype.newbyteorder("=")  # torch reads native byte order only
+            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=native))
     elif isinstance(value, torch.Tensor):
         tensor = value
     else:
@@ -103,6 +104,44 @@ def check_one_of(**options: Any) -> str:
         names = ", ".join(options)
         raise ValueError(f"expected exactly one of {names}; found {given or 'none'}")
     return given[0]
+
+
+def times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
+    """``tensor · 2^exponent``, exact unless an entry over- or underflows.
+
+    Taken in steps whose factors are normal numbers of ``tensor``'s dtype: bringing subnormal
+    entries up to 1 needs up to 2^1074 (float64) or 2^149 (float32), beyond either range.
+    """
+    limit = math.frexp(torch.finfo(tensor.dtype).max)[1] - 2  # float32: 126, float64: 1022
+    while exponent:
+        step = max(-limit, min(limit, exponent))
+        tensor = tensor * 2.0**step
+        exponent -= step
+    return tensor
+
+
+def peak_exponent(tensor: torch.Tensor) -> int:
+    """``e`` with ``max |tensor| = f · 2^e``, ``0.5 <= f < 1`` (0 for a zero or non-finite peak)."""
+    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    return math.frexp(peak)[1] if peak > 0 and math.isfinite(peak) else 0
+
+
+def unit_scaled(A: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(A · 2^-e, e)`` bringing ``A``'s largest entry near 1 when its squares could overflow
+    (``m · peak²`` near the dtype's max: float32 at a peak of ~2^58 for 1000 rows) or the largest
+    one vanish (``peak²`` below the smallest normal number, subnormal entries included); ``(A,
+    0)`` itself (no copy) at ordinary scales. Exact: pivots, subspaces and singular values
+    scaled back do not depend on scale, and products of a rescaled matrix stay in range."""
+    peak = float(A.abs().max()) if A.numel() else 0.0
+    if peak == 0 or not math.isfinite(peak):
+        return A, 0
+    info = torch.finfo(A.dtype)
+    high = math.sqrt(info.max / (4 * max(A.shape[0], 1)))
+    low = math.sqrt(info.tiny) * 2.0**12  # the squared peak keeps 24 bits above underflow
+    if low <= peak <= high:
+        return A, 0
+    e = math.frexp(peak)[1]
+    return times_power_of_two(A, -e), e
 
 
 def to_output(result: T, was_numpy: bool) -> T:

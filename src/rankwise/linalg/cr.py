@@ -98,6 +98,12 @@ def cr_expected_error(X: ArrayLike, Y: ArrayLike, rank: int) -> float:
     c = check_rank(rank, (x.shape[1],), "rank")
     x, y = x.to(torch.float64), y.to(torch.float64)
     w, factor = _weights(x, y)
-    spread = (float(w.sum()) * factor) ** 2
+    if factor == 0:
+        return 0.0
+    # In units of ``factor`` = max|X|·max|Y| (X, Y divided by their largest entries), scaled
+    # back by products of floats at the end: inf beyond float64's range, never an OverflowError.
+    product = (x / float(x.abs().max())) @ (y / float(y.abs().max()))
+    spread = float(w.sum()) ** 2
     # >= 0 exactly (Cauchy–Schwarz); rounding may cancel to -1e-14 when the answer is 0
-    return max(spread - float(torch.linalg.matrix_norm(x @ y).square()), 0.0) / c
+    unit = max(spread - float(torch.linalg.matrix_norm(product).square()), 0.0) / c
+    return unit * factor * factor

@@ -43,6 +43,7 @@ from rankwise.linalg._validate import (
     check_one_of,
     check_rank,
     to_output,
+    unit_scaled,
 )
 from rankwise.linalg.pinv import _pinv_tensor
 from rankwise.linalg.svd import SVD, _fix_signs, _range_and_projection
@@ -88,23 +89,6 @@ def _column_norms2(A: torch.Tensor, block: int = 256) -> torch.Tensor:
     for start in range(0, A.shape[0], block):
         norms2 += A[start : start + block].square().sum(dim=0)  # (n,) from a (block, n) tile
     return norms2
-
-
-def _unit_scaled(A: torch.Tensor) -> torch.Tensor:
-    """``A`` times a power of two that brings its largest entry near 1, when a squared column
-    norm could overflow (``m · peak² `` near the dtype's max: float32 at a peak of ~2^58 for
-    1000 rows) or the largest one vanish (``peak²`` below the smallest normal number); the
-    pivots would then come out in index order. Exact, and pivots and coefficients do not depend
-    on scale; ``A`` itself is returned (no copy) at ordinary scales."""
-    peak = float(A.abs().max()) if A.numel() else 0.0
-    if peak == 0 or not math.isfinite(peak):
-        return A
-    info = torch.finfo(A.dtype)
-    high = math.sqrt(info.max / (4 * max(A.shape[0], 1)))
-    low = math.sqrt(info.tiny) * 2.0**12  # the squared peak keeps 24 bits above underflow
-    if low <= peak <= high:
-        return A
-    return A * 2.0 ** -math.frexp(peak)[1]
 
 
 def _pivoted_qr(
@@ -199,10 +183,11 @@ def _column_id(
     gen: torch.Generator | None,
 ) -> ID:
     A = A.detach()  # pivots and coefficients are not differentiable (nn.Linear weights)
+    A_unit, _ = unit_scaled(A)  # pivots and coefficients do not depend on scale
     if randomized:
-        pivots, R = _sketched_pivots(A, rank, eps, gen)
+        pivots, R = _sketched_pivots(A_unit, rank, eps, gen)
     else:
-        pivots, R = _pivoted_qr(_unit_scaled(A), rank or min(A.shape), eps)
+        pivots, R = _pivoted_qr(A_unit, rank or min(A.shape), eps)
     Z = _coefficients(R, pivots).to(A.dtype)
     return ID(pivots, Z)
 
@@ -233,7 +218,17 @@ def interpolative(
 
 
 def _check_id(matrix: torch.Tensor, decomposition: ID) -> tuple[torch.Tensor, torch.Tensor]:
-    idx = torch.as_tensor(decomposition.idx, device=matrix.device).long()
+    try:
+        idx = torch.as_tensor(decomposition.idx, device=matrix.device)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"decomposition.idx: expected integer column indices ({exc})") from None
+    if idx.dtype == torch.bool or idx.is_floating_point() or idx.is_complex() or idx.ndim != 1:
+        # a boolean mask or rounded floats would pick other columns than the ID's, silently
+        raise ValueError(
+            "decomposition.idx: expected a 1-D array of integer column indices, found "
+            f"dtype {idx.dtype} with shape {tuple(idx.shape)}"
+        )
+    idx = idx.long()
     Z = as_matrix(decomposition.Z, "decomposition.Z").tensor.to(matrix.device, matrix.dtype)
     if Z.shape != (idx.numel(), matrix.shape[1]):
         raise ShapeMismatchError(

@@ -13,7 +13,14 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from rankwise.linalg._validate import ArrayLike, as_matrix, check_fraction, to_output
+from rankwise.linalg._validate import (
+    ArrayLike,
+    as_matrix,
+    check_fraction,
+    peak_exponent,
+    times_power_of_two,
+    to_output,
+)
 
 
 def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
@@ -104,10 +111,10 @@ def relative_error(
         raise ValueError(f"norm: expected 'fro' or 'spectral', found {norm!r}")
     matrix = matrix.to(torch.float64)
     other = other.to(device=matrix.device, dtype=torch.float64)
-    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
-    if peak > 0 and math.isfinite(peak):  # an exact power-of-two rescale: norms of 1e160 or
-        unit = 2.0 ** -math.frexp(peak)[1]  # 1e-170 entries neither overflow nor underflow
-        matrix, other = matrix * unit, other * unit
+    # An exact power-of-two rescale: norms of 1e160 or 1e-170 entries neither overflow nor
+    # underflow.
+    exponent = peak_exponent(matrix)
+    matrix, other = times_power_of_two(matrix, -exponent), times_power_of_two(other, -exponent)
     diff = matrix - other
     ord_ = "fro" if norm == "fro" else 2
     scale = float(torch.linalg.matrix_norm(matrix, ord=ord_))

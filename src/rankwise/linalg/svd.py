@@ -8,7 +8,6 @@ makes results reproducible across LAPACK drivers and between the two routines.
 
 from __future__ import annotations
 
-import math
 from typing import Literal, NamedTuple
 
 import numpy as np
@@ -20,7 +19,10 @@ from rankwise.linalg._validate import (
     as_matrix,
     check_fraction,
     check_rank,
+    peak_exponent,
+    times_power_of_two,
     to_output,
+    unit_scaled,
 )
 from rankwise.linalg.rank import rank_for_energy
 
@@ -143,6 +145,7 @@ def _range_and_projection(
     omega_t = gaussian(width, A.shape[1], like=single, generator=generator).to(A.dtype)  # (l, n)
     Q, _ = torch.linalg.qr((omega_t @ A.mT).mT)  # (m, l) = orth(A Ω)
     previous: torch.Tensor | None = None
+    rounding = max(A.shape) * torch.finfo(A.dtype).eps  # relative to σ₁: numpy's rank tolerance
     done = 0
     while True:
         Z_t = Q.mT @ A  # (l, n) = Qᵀ A = Zᵀ: one pass over A, and the projected matrix B
@@ -150,7 +153,7 @@ def _range_and_projection(
             return RangeSketch(Q, Z_t.mT, done)
         if iters is None:
             ritz = _singular_values_by_gram(Z_t)  # (l,) descending: Ritz values of A
-            if previous is not None and _converged(previous, ritz, k):
+            if previous is not None and _converged(previous, ritz, k, rounding):
                 return RangeSketch(Q, Z_t.mT, done)
             if done == AUTO_MAX_POWER_ITERS:
                 return RangeSketch(Q, Z_t.mT, done)
@@ -164,12 +167,11 @@ def _singular_values_by_gram(Z_t: torch.Tensor) -> torch.Tensor:
     # (l, n) -> (l,): sqrt of the eigenvalues of Z_t Z_tᵀ (l, l) in float64, descending;
     # |λ| keeps rounding-level negative eigenvalues of a rank-deficient Z at their ~ε scale.
     wide = Z_t.to(torch.float64)
-    peak = float(wide.abs().max()) if wide.numel() else 0.0
-    exponent = math.frexp(peak)[1] if peak > 0 and math.isfinite(peak) else 0
-    wide = wide * 2.0**-exponent  # exact rescale: the Gram of 1e160 entries would overflow
+    exponent = peak_exponent(wide)
+    wide = times_power_of_two(wide, -exponent)  # exact: the Gram of 1e160 entries overflows
     eigenvalues = torch.linalg.eigvalsh(wide @ wide.mT)  # ascending
-    values = eigenvalues.abs().sqrt().sort(descending=True).values * 2.0**exponent
-    return values.to(Z_t.dtype)
+    values = eigenvalues.abs().sqrt().sort(descending=True).values
+    return times_power_of_two(values, exponent).to(Z_t.dtype)
 
 
 def _lu_basis_t(Z_t: torch.Tensor) -> torch.Tensor:
@@ -198,10 +200,12 @@ def _lu_basis_t(Z_t: torch.Tensor) -> torch.Tensor:
     ]  # (l, n), contiguous: the wide block layout of the next pass
 
 
-def _converged(previous: torch.Tensor, ritz: torch.Tensor, k: int) -> bool:
+def _converged(previous: torch.Tensor, ritz: torch.Tensor, k: int, rounding: float) -> bool:
     # Ritz values grow monotonically towards σ_j; a step of at most 5% of σ_{k+1} on the
-    # leading k means the subspace has stopped moving at the scale of the optimal error.
-    floor = ritz[min(k, ritz.numel() - 1)]
+    # leading k means the subspace has stopped moving at the scale of the optimal error. A
+    # σ_{k+1} below rounding (``rounding · σ₁``: a matrix of rank <= k) counts as that level,
+    # where the Ritz values only jitter: the first pass has already found the range.
+    floor = torch.clamp(ritz[min(k, ritz.numel() - 1)], min=rounding * float(ritz[0]))
     step = (ritz[:k] - previous[:k]).abs().max()
     return bool(step <= AUTO_RITZ_TOLERANCE * floor)
 
@@ -246,10 +250,14 @@ def randomized_svd(
     iters = _check_power_iters(power_iters)
     gen = make_generator(generator)
     width = min(k + oversample, min(matrix.shape))  # l
+    # Entries near the dtype's range limits (1e±300 in float64, subnormals) are brought to
+    # unit scale first: the sketches, their QR and the Ritz values stay in range.
+    matrix, exponent = unit_scaled(matrix)
     Q, Z, _ = _range_and_projection(matrix, width, k, iters, gen)  # (m, l), (n, l)
     # Z = Bᵀ = W Σ Xᵀ  =>  A ≈ Q B = (Q X) Σ Wᵀ.
     W, S, Xh = torch.linalg.svd(Z, full_matrices=False)  # (n, l), (l,), (l, l)
     U = Q @ Xh[:k].mT  # (m, k)
     Vh = W[:, :k].mT  # (k, n)
     U, Vh = _fix_signs(U.contiguous(), Vh.contiguous())
-    return to_output(SVD(U, S[:k].clone(), Vh), was_numpy)
+    S = times_power_of_two(S[:k].clone(), exponent)
+    return to_output(SVD(U, S, Vh), was_numpy)
