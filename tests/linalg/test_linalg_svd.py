@@ -271,7 +271,8 @@ def test_randomized_svd_of_exactly_rank_deficient_matrices(power_iters: int | st
 
 
 @pytest.mark.parametrize(
-    ("dtype", "rank"), [(torch.float32, 16), (torch.float32, 32), (torch.float64, 16)]
+    ("dtype", "rank"),
+    [(torch.float32, 16), (torch.float32, 32), (torch.float64, 16), (torch.float64, 32)],
 )
 def test_auto_power_iterations_stop_early_on_an_exactly_low_rank_matrix(
     dtype: torch.dtype, rank: int
