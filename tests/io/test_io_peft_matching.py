@@ -23,7 +23,9 @@ def _peft_saved(family: str, tmp_path: Path, seed: int = 3, **kwargs) -> torch.T
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
-    theirs = get_peft_model(BUILDERS[family](), PeftConfig(r=4, lora_alpha=8, **kwargs)).eval()
+    theirs = get_peft_model(
+        BUILDERS[family](), PeftConfig(**{"r": 4, "lora_alpha": 8, **kwargs})
+    ).eval()
     perturb(theirs, seed)
     theirs.save_pretrained(tmp_path)
     return logits(theirs, family)
@@ -123,3 +125,25 @@ def test_save_after_merge_writes_the_unmerged_embedding(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
     theirs = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path / "after").eval()
     torch.testing.assert_close(logits(theirs, "llama"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [(False, "pissa"), ("pissa", False), ("olora", True), ("olora", "olora")],
+    ids=["plain-to-pissa", "pissa-to-plain", "olora-to-plain", "olora-to-olora"],
+)
+def test_swap_refuses_residual_initializers(first, second, tmp_path: Path) -> None:
+    # PiSSA/OLoRA keep W - s·B0 A0 in the base layer: swapping only the factors paired them
+    # with the other adapter's base (logits 4e-2 to 2.8e-1 off a fresh load, silently)
+    config = dict(target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    _peft_saved("llama", tmp_path / "one", seed=1, init_lora_weights=first, **config)
+    alpha = {"lora_alpha": 32} if first == second else {}
+    expected = _peft_saved("llama", tmp_path / "two", seed=2, init_lora_weights=second,
+                           **config, **alpha)  # fmt: skip
+    model = load_adapter(BUILDERS["llama"](), tmp_path / "one")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFormatError, match="cannot swap adapters in place.*residual"):
+        load_adapter(model, tmp_path / "two")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    fresh = load_adapter(BUILDERS["llama"](), tmp_path / "two")
+    torch.testing.assert_close(logits(fresh, "llama"), expected, rtol=0, atol=1e-5)

@@ -42,6 +42,9 @@ from rankwise.lora.layers import adapter_dtype
 from rankwise.lora.state import adapter_state_dict, planned_shapes
 from rankwise.lora.targets import Plan, resolve, selected_names, unwrapped_modules
 
+# initializers that move s·B0 A0 out of the base weight (W_res = W - s·B0 A0)
+RESIDUAL_INITIALIZERS = ("pissa", "pissa_exact", "olora")
+
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
@@ -95,7 +98,7 @@ def save_adapter(
             RuntimeWarning,
             stacklevel=2,
         )
-    if not for_original_base and config.initializer in ("pissa", "pissa_exact", "olora"):
+    if not for_original_base and config.initializer in RESIDUAL_INITIALIZERS:
         convs = [name for name, layer in lora_layers(model) if layer.kind == "conv"]
         if convs:
             warnings.warn(
@@ -270,6 +273,21 @@ def _check_aliases(
 def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     if any(layer.merged for _, layer in lora_layers(model)):
         raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
+    residual = [name for name, layer in lora_layers(model) if initial_factors(layer) is not None]
+    if residual or config.initializer in RESIDUAL_INITIALIZERS:
+        # the base weights hold W - s·B0 A0 of the current adapter's init (or must hold the
+        # new one's): swapping only the factors would pair them with the wrong base
+        which = (
+            f"the model's adapter changed the base weights ({residual[0]!r}"
+            f"{' and more' if len(residual) > 1 else ''}: a residual initializer)"
+            if residual
+            else f"the file's init_lora_weights={config.init_lora_weights!r} needs its own "
+            "residual base weights"
+        )
+        raise AdapterFormatError(
+            f"load_adapter: cannot swap adapters in place: {which}. Load it into a fresh copy "
+            "of the base model"
+        )
     _check_same_modules(model, config)
     for name, layer in lora_layers(model):
         r, _ = config.rank_and_alpha(name)
