@@ -540,3 +540,35 @@ def test_peft_dora_embedding_saved_with_its_embedding_layers_loads(tmp_path: Pat
     save_file(keys, tmp_path / WEIGHTS)
     with pytest.raises(AdapterFormatError, match="their values differ"):
         load_adapter(BUILDERS["bert"](), tmp_path)
+
+
+def test_overlapping_patterns_keep_their_order_in_the_file(tmp_path: Path) -> None:
+    # The first matching key wins (PEFT's get_pattern_key). The file used to be written with
+    # sorted keys: layer 0's query then reloaded with α = 30 instead of 3 (logits 1e-2 off,
+    # silently), and an overlapping rank_pattern gave a file neither loader could read.
+    from peft import PeftModel
+
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["query", "value"],
+        rank_pattern={"query": 2, r"layer\.0\.attention\.self\.query": 6},
+        alpha_pattern={"value": 3, r"layer\.0\.attention\.self\.value": 30},
+        task_type="SEQ_CLS",
+    )
+    ours = inject(BUILDERS["bert"](), config)
+    assert {n: layer.r for n, layer in lora_layers(ours) if "query" in n} == {
+        "bert.encoder.layer.0.attention.self.query": 2,
+        "bert.encoder.layer.1.attention.self.query": 2,
+    }
+    perturb(ours, 3)
+    expected = logits(ours, "bert")
+    save_adapter(ours, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert list(written["rank_pattern"]) == list(config.rank_pattern)
+    assert list(written["alpha_pattern"]) == list(config.alpha_pattern)
+    assert list(written) == sorted(written)  # the rest stays sorted
+    mine = load_adapter(BUILDERS["bert"](), tmp_path)
+    torch.testing.assert_close(logits(mine, "bert"), expected, rtol=0, atol=1e-6)
+    theirs = PeftModel.from_pretrained(BUILDERS["bert"](), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, "bert"), expected, rtol=0, atol=1e-5)

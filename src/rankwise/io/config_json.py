@@ -122,8 +122,21 @@ def write_adapter_config(
 ) -> None:
     """Write ``directory/adapter_config.json`` atomically."""
     data = config_to_json(config, auto_mapping=auto_mapping)
-    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    text = json.dumps(_sorted_keys(data), indent=2, allow_nan=False) + "\n"
     atomic_write_bytes(Path(directory) / CONFIG_NAME, text.encode("utf-8"))
+
+
+# The first matching key of a pattern wins (PEFT's get_pattern_key): their order is meaning.
+_ORDERED = ("rank_pattern", "alpha_pattern")
+
+
+def _sorted_keys(value: Any, key: str | None = None) -> Any:
+    """``value`` with its mappings' keys sorted (a stable file), except the patterns': sorting
+    ``{"query": 3, "layer\\.0\\..*query": 30}`` would hand layer 0 the other value on reading."""
+    if not isinstance(value, dict):
+        return value
+    items = value.items() if key in _ORDERED else sorted(value.items())
+    return {k: _sorted_keys(v, k) for k, v in items}
 
 
 def read_adapter_config(directory: str | Path) -> LoraConfig:
