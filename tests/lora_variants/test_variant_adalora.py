@@ -192,3 +192,111 @@ def test_rank_zero_layer_is_the_base_layer() -> None:
     x = torch.randn(2, 3, 5)
     torch.testing.assert_close(layer(x), layer.base_layer(x), atol=0, rtol=0)
     assert layer.lora_A.shape == (0, 5) and layer.lora_B.shape == (4, 0)
+
+
+class WithHead(nn.Module):
+    """A classifier model: task_type="SEQ_CLS" makes inject attach its own copy of the config
+    (the head added to modules_to_save)."""
+
+    def __init__(self, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin1 = nn.Linear(10, 16, dtype=dtype)
+        self.lin2 = nn.Linear(16, 16, dtype=dtype)
+        self.classifier = nn.Linear(16, 3, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.tanh(self.lin2(torch.tanh(self.lin1(x)))))
+
+
+def _train(model: nn.Module, cfg: AdaLoraConfig, alloc: RankAllocator, steps: int) -> None:
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    g = torch.Generator().manual_seed(0)
+    dtype = next(model.parameters()).dtype
+    for step in range(steps):
+        x = torch.randn(8, 10, generator=g, dtype=torch.float64).to(dtype)
+        y = torch.randint(0, 3, (8,), generator=g)
+        loss = nn.functional.cross_entropy(model(x), y)
+        (loss + cfg.orth_reg_weight * orthogonal_regularization(model)).backward()
+        opt.step()
+        alloc.update_and_allocate(step)
+        opt.zero_grad()
+
+
+def test_readme_recipe_saves_the_rank_pattern_when_inject_copied_the_config(tmp_path) -> None:
+    # README: inject(model, cfg); RankAllocator(model, cfg). With task_type="SEQ_CLS" inject
+    # keeps its own copy of cfg, which save_adapter reads: the allocator wrote rank_pattern
+    # only into the caller's cfg, and the file kept every triplet with rank_pattern null.
+    import json
+
+    from safetensors.torch import load_file
+
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import get_config, inject, lora_layers
+
+    cfg = AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2, tfinal=3, deltaT=1,
+        target_modules=["lin1", "lin2"], task_type="SEQ_CLS",
+    )  # fmt: skip
+    model = inject(WithHead(), cfg, generator=0)
+    assert get_config(model) is not cfg and get_config(model).modules_to_save
+    alloc = RankAllocator(model, cfg)
+    _train(model, cfg, alloc, cfg.total_step)
+    assert get_config(model).rank_pattern == cfg.rank_pattern
+    save_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"]
+    assert written == cfg.rank_pattern
+    rows = {k: v.shape[0] for k, v in load_file(tmp_path / "adapter_model.safetensors").items()
+            if k.endswith("lora_E")}  # fmt: skip
+    assert sum(rows.values()) == alloc.target_budget == 4
+    expected = model.eval()(torch.ones(2, 10))
+    again = load_adapter(WithHead(), tmp_path)
+    assert [layer.r for _, layer in lora_layers(again)] == list(rows.values())
+    torch.testing.assert_close(again(torch.ones(2, 10)), expected, rtol=0, atol=1e-6)
+
+
+def test_update_and_allocate_after_zero_grad_is_refused() -> None:
+    # No gradient made every score 0: the next mask pruned every triplet, silently (PEFT
+    # fails with a TypeError there).
+    from rankwise.lora import inject, lora_layers
+
+    cfg = AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2, tfinal=3, deltaT=1,
+        target_modules=["lin1", "lin2"],
+    )  # fmt: skip
+    model = inject(WithHead(), cfg, generator=0)
+    alloc = RankAllocator(model, cfg)
+    _train(model, cfg, alloc, 3)  # tinit passed: masks from now on
+    before = [layer.lora_E.detach().clone() for _, layer in lora_layers(model)]
+    with pytest.raises(ConfigError, match=r"lin1\.lora_A has no gradient.*before zero_grad"):
+        alloc.update_and_allocate(3)
+    assert all(torch.equal(layer.lora_E, b) for (_, layer), b in zip(lora_layers(model), before))
+
+
+def test_float64_scores_keep_exactly_the_budget() -> None:
+    # The threshold used to be taken in float32: rounded below the k-th float64 score, it
+    # kept that triplet too (one over budget in about half of these draws).
+    from rankwise.lora import inject, lora_layers
+
+    cfg = AdaLoraConfig(init_r=6, target_r=3, total_step=30, target_modules=["lin1", "lin2"])
+    model = inject(WithHead(torch.float64), cfg, generator=0)
+    alloc = RankAllocator(model, cfg)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        for key, p in alloc._params():
+            alloc.exp_avg_ipt[key] = torch.rand(p.shape, generator=g, dtype=torch.float64)
+            alloc.exp_avg_unc[key] = torch.rand(p.shape, generator=g, dtype=torch.float64)
+        for _, layer in lora_layers(model):
+            with torch.no_grad():
+                layer.lora_E.fill_(1.0)
+        pattern = alloc.mask_to_budget(7)
+        assert sum(map(sum, pattern.values())) == 7
+
+
+def test_orthogonal_regularization_counts_pruned_layers_as_peft() -> None:
+    # PEFT averages over every lora_A/lora_B, a layer pruned to r = 0 adding two zero terms
+    pruned = AdaLoraLinear(nn.Linear(8, 6), r=0, lora_alpha=1, scaling=1.0, lora_dropout=0.0)
+    kept = AdaLoraLinear(nn.Linear(8, 6), r=3, lora_alpha=1, scaling=1.0, lora_dropout=0.0)
+    alone = float(orthogonal_regularization(kept).detach())
+    both = float(orthogonal_regularization(nn.ModuleList([kept, pruned])).detach())
+    assert both == pytest.approx(alone * 2 / 4, rel=1e-6)

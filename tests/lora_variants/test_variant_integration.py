@@ -216,3 +216,18 @@ def test_lora_fa_trains_only_b() -> None:
         opt.zero_grad()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("lora_B" in n or n.startswith("classifier") for n in changed)
+
+
+def test_lora_fa_stays_frozen_when_a_file_is_swapped_in(tmp_path: Path) -> None:
+    # Files do not record LoRA-FA; a swap in place took the file's config whole and made
+    # every lora_A trainable again.
+    from rankwise.lora import get_config
+
+    config = LoraConfig(r=4, use_lora_fa=True, **LINEAR_ONLY["bert"])
+    model = inject(BUILDERS["bert"](), config, generator=0)
+    save_adapter(model, tmp_path)
+    load_adapter(model, tmp_path, is_trainable=True)
+    assert get_config(model).use_lora_fa
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any("lora_A" in n for n in trainable)
+    assert any("lora_B" in n for n in trainable)

@@ -174,7 +174,11 @@ def load_adapter(
         apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
     else:
         _set_layer_scales(model, config)
-        replace_state_config(model, config.replace(inference_mode=not is_trainable))
+        # files do not record LoRA-FA (PEFT has no such field): A stays frozen as it was
+        lora_fa = get_state(model).config.use_lora_fa
+        replace_state_config(
+            model, config.replace(inference_mode=not is_trainable, use_lora_fa=lora_fa)
+        )
     _copy_in(model, values)
     get_state(model).base_written = _base_keys(model, values)
     set_trainable(model, trainable=is_trainable)

@@ -223,7 +223,7 @@ def orthogonal_regularization(model: nn.Module) -> Tensor:
     """
     terms = []
     for module in model.modules():
-        if isinstance(module, AdaLoraLinear) and module.r > 0:
+        if isinstance(module, AdaLoraLinear):  # a layer pruned to r = 0 adds two zero terms
             for cov in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):
                 eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
                 terms.append(torch.linalg.matrix_norm(cov - eye))  # Frobenius, (r, r)

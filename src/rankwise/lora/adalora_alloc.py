@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from rankwise.errors import ConfigError
 from rankwise.lora.adalora import AdaLoraConfig, AdaLoraLinear
+from rankwise.lora.inject import STATE_ATTR, LoraState
 
 PARAMS = ("lora_A", "lora_E", "lora_B")
 
@@ -62,6 +63,10 @@ class RankAllocator:
         if not isinstance(config, AdaLoraConfig):
             raise ConfigError(f"config: expected an AdaLoraConfig, found {type(config).__name__}")
         self.config = config
+        # inject() attaches its own copy of the config (with task heads, fan_in_fan_out
+        # resolved): save_adapter reads that one, so the kept triplets go there too
+        attached = getattr(model, STATE_ATTR, None)
+        self._attached = attached.config if isinstance(attached, LoraState) else None
         self.layers: dict[str, AdaLoraLinear] = {
             name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLinear)
         }
@@ -81,11 +86,22 @@ class RankAllocator:
 
     @torch.no_grad()
     def update_importance(self) -> None:
-        """Eq. (8)–(10) for every entry of every ``P``, ``λ``, ``Q`` that has a gradient."""
+        """Eq. (8)–(10) for every entry of every trainable ``P``, ``λ``, ``Q``.
+
+        ConfigError if one has no gradient: called after ``zero_grad()`` (or before the first
+        ``backward()``), every score would be 0 and the next mask would prune every triplet.
+        """
         b1, b2 = self.config.beta1, self.config.beta2
-        for key, p in self._params():
-            if p.grad is None:
-                continue
+        params = [(key, p) for key, p in self._params() if p.requires_grad]
+        missing = [key for key, p in params if p.grad is None]
+        if missing:
+            raise ConfigError(
+                f"update_and_allocate: {missing[0]} has no gradient"
+                f"{f' (nor {len(missing) - 1} more)' if len(missing) > 1 else ''}; call it "
+                "after backward() and before zero_grad() (with transformers.Trainer: in a "
+                "callback's on_optimizer_step, not on_step_end)"
+            )
+        for key, p in params:
             ipt = (p * p.grad).abs()
             avg = self.exp_avg_ipt.get(key, torch.zeros_like(p))
             unc = self.exp_avg_unc.get(key, torch.zeros_like(p))
@@ -116,7 +132,9 @@ class RankAllocator:
         k = self.init_budget - budget
         if k <= 0:
             return {key: [True] * s.numel() for key, s in scores.items()}
-        threshold = torch.kthvalue(torch.cat([s.float() for s in scores.values()]), k).values
+        # in the scores' own dtype (PEFT's): a float32 threshold rounded below the k-th float64
+        # score kept that triplet, one over budget about half the time
+        threshold = torch.kthvalue(torch.cat(list(scores.values())), k).values
         pattern = {}
         for name, layer in self.layers.items():
             keep = scores[f"{name}.lora_E"] > threshold  # (r,)
@@ -143,11 +161,16 @@ class RankAllocator:
         if step < final:
             self.update_importance()
             if sched.masked:
-                cfg.rank_pattern = self.mask_to_budget(sched.budget)
+                self._record(self.mask_to_budget(sched.budget))
             return sched
         if step == final:
-            cfg.rank_pattern = self.mask_to_budget(sched.budget)
+            self._record(self.mask_to_budget(sched.budget))
             self.reset_importance()
             return Allocation(sched.budget, True)
         self.apply_rank_pattern(cfg.rank_pattern)
         return Allocation(sched.budget, bool(cfg.rank_pattern))
+
+    def _record(self, pattern: dict[str, list[bool]]) -> None:
+        self.config.rank_pattern = pattern
+        if self._attached is not None and self._attached is not self.config:
+            self._attached.rank_pattern = pattern
