@@ -84,3 +84,55 @@ def test_causal_lm_decoder_loads_without_warnings(tiny_gpt2: Path) -> None:
         warnings.simplefilter("error")
         loaded = load_pretrained(str(tiny_gpt2), task="causal-lm")
     assert not _sees_next_token(loaded.model)
+
+
+def test_a_trained_head_keeps_its_label_order(tiny_bert: Path, tmp_path: Path) -> None:
+    # A checkpoint whose id2label is not alphabetical (ProsusAI/finbert: 0 positive,
+    # 1 negative, 2 neutral) fine-tuned on data with the same names: rankwise renamed the
+    # head's rows alphabetically, so the head's "positive" row became "negative" (held-out
+    # accuracy before training 0.0 on texts the checkpoint calls positive), silently.
+    import json
+
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rankwise.train import TrainConfig, train
+
+    names = {0: "positive", 1: "negative", 2: "neutral"}
+    config = BertConfig.from_pretrained(
+        tiny_bert, num_labels=3, id2label=names, label2id={v: k for k, v in names.items()}
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a head that always says row 0, "positive"
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([3.0, 0.0, -3.0]))
+    model.save_pretrained(tmp_path / "cls")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "cls")
+    rows = [("good news", "positive"), ("bad news", "negative"), ("no news", "neutral")] * 3
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    held = tmp_path / "dev.jsonl"
+    held.write_text("".join(json.dumps({"text": t, "label": "positive"}) + "\n" for t in "abc"))
+    result = train(
+        TrainConfig(
+            model=str(tmp_path / "cls"),
+            data=str(data),
+            eval_data=str(held),
+            output=str(tmp_path / "run"),
+            max_steps=1,
+            batch_size=3,
+            lr=1e-9,
+            save_every=0,
+        ),  # fmt: skip
+        echo=lambda _: None,
+    )
+    assert result.before.accuracy == 1.0
+    task = json.loads((tmp_path / "run" / "adapter" / "rankwise_task.json").read_text())
+    assert task["label_names"] == ["positive", "negative", "neutral"]
+    # data with other names than the head's: the data's (sorted) order, as before
+    loaded = load_pretrained(
+        str(tmp_path / "cls"), task="classification", label_names=("a", "b", "c"),
+        adopt_label_order=True,
+    )  # fmt: skip
+    assert loaded.label_names == ("a", "b", "c")
+    assert loaded.model.config.id2label == {0: "a", 1: "b", 2: "c"}

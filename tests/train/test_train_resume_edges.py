@@ -80,6 +80,21 @@ def test_logged_lr_is_the_rate_the_step_trained_at(
     assert logged == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])  # linear decay to 0 after 4
 
 
+@pytest.mark.parametrize(
+    ("warmup", "expected"),
+    [(0.06, [0.5, 1.0, 2 / 3, 1 / 3]), (0.5, [1 / 3, 2 / 3, 1.0, 0.5]), (3, [0.25, 0.5, 0.75, 1.0])],
+)
+def test_a_warmup_fraction_counts_steps_up(
+    warmup: float, expected: list[float], tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # Trainer's ceil(warmup · steps): 0.06 of 4 steps warms up for 1 step (int() gave 0: runs
+    # under 17 steps had no warmup at the default 0.06)
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out, warmup=warmup, lr=1.0), echo=_quiet)
+    logged = [r["lr"] for r in read_metrics(out / "metrics.jsonl") if "lr" in r]
+    assert logged == pytest.approx(expected)
+
+
 def test_a_trained_head_of_another_size_is_reinitialized(tiny_bert: Path, tmp_path: Path) -> None:
     data = tmp_path / "three.tsv"
     rows = [f"{i % 3}\tthe film was number {i}" for i in range(30)]

@@ -322,6 +322,15 @@ def valid_text(text: str, *, where: str) -> str:
     return text
 
 
+def relabeled(dataset: TextDataset, names: Sequence[str]) -> TextDataset:
+    """``dataset`` with its labels numbered by ``names``, a reordering of its label names."""
+    if sorted(names) != sorted(dataset.label_names) or dataset.labels is None:
+        raise ValueError(f"names: expected a reordering of {list(dataset.label_names)}")
+    index = {n: i for i, n in enumerate(names)}
+    ids = tuple(index[dataset.label_names[i]] for i in dataset.labels)
+    return dataset._replace(labels=ids, label_names=tuple(names))
+
+
 def _label_ids(
     keys: Sequence[int | str], names: tuple[str, ...], *, source: str
 ) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from rankwise.train.config import TrainConfig
-from rankwise.train.data import Split, held_out_split, load_dataset
+from rankwise.train.data import Split, held_out_split, load_dataset, relabeled
 from rankwise.train.models import Loaded, load_pretrained
 
 
@@ -40,5 +40,9 @@ def load_run_data(config: TrainConfig) -> RunData:
         task=config.task,
         label_names=split.train.label_names,
         model_dropout=config.model_dropout,
+        adopt_label_order=True,
     )
+    if config.task == "classification" and loaded.label_names != split.train.label_names:
+        # the checkpoint's trained head orders the same names otherwise: number the data so
+        split = Split(*(relabeled(part, loaded.label_names) for part in split))
     return RunData(split, loaded)

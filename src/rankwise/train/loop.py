@@ -7,8 +7,10 @@ summed loss is divided by the step's global count of terms and multiplied by the
 1 process × batch 16, and grad-accum 2 × batch 8 the same as batch 16.
 
 Schedule: AdamW (Loshchilov & Hutter 2019) with weight decay on matrices only, linear warmup
-to ``lr`` then linear decay to 0 (the transformers default; every parameter group's own lr is
-scaled alike), gradient norm clipped at 1.0. Method-specific parts (parameter groups, an extra
+to ``lr`` then linear decay to 0 (every parameter group's own lr scaled alike), gradient norm
+clipped at 1.0. The warmup takes ``ceil(warmup · steps)`` steps, as transformers.Trainer
+counts them, at ``lr·(t+1)/(w+1)``: transformers' ``get_linear_schedule_with_warmup`` ramps
+``lr·t/w`` instead and spends its first step at lr 0; the decay is the same. Method-specific parts (parameter groups, an extra
 loss term such as AdaLoRA's orthogonality penalty, a hook after each optimizer step, hook state
 in checkpoints) come from :mod:`rankwise.train.hooks`.
 """
@@ -98,7 +100,8 @@ def _optimizer(
     groups: list[dict[str, Any]], config: TrainConfig, total: int
 ) -> tuple[torch.optim.Optimizer, Any]:
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    warm = int(config.warmup * total) if config.warmup < 1 else int(config.warmup)
+    # a fraction counts up (Trainer's ceil): 10 steps at 0.06 warm up for 1, not 0
+    warm = math.ceil(config.warmup * total) if config.warmup < 1 else int(config.warmup)
 
     def factor(step: int) -> float:  # linear warmup to 1, then linear decay to 0
         if step < warm:

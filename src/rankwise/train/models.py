@@ -22,6 +22,7 @@ class Loaded(NamedTuple):
     model: Any  # a transformers PreTrainedModel
     tokenizer: Any
     source: str
+    label_names: tuple[str, ...] = ()  # classification: the names of the head's rows, in order
 
 
 def default_model_path() -> str:
@@ -111,11 +112,16 @@ def load_pretrained(
     task: str,
     label_names: tuple[str, ...] = (),
     model_dropout: float | None = None,
+    adopt_label_order: bool = False,
 ) -> Loaded:
     """Model (``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``) + tokenizer.
 
     ``model_dropout`` overrides every dropout probability of the model's config (and every
     ``nn.Dropout`` module), so ``0`` makes the forward pass deterministic.
+    ``adopt_label_order``: a trained classification head whose ``id2label`` holds the same
+    names as ``label_names`` in another order keeps its order (``Loaded.label_names``; the
+    caller renumbers its data), as transformers' ``run_glue.py`` does: renaming its rows
+    alphabetically would swap what the head predicts.
     """
     import transformers
 
@@ -147,6 +153,9 @@ def load_pretrained(
                 RuntimeWarning,
                 stacklevel=2,
             )
+        own = tuple(str((config.id2label or {}).get(i, "")) for i in range(config.num_labels))
+        if adopt_label_order and trained_head and sorted(own) == sorted(label_names):
+            label_names = own
         config.num_labels = len(label_names)
         config.id2label = dict(enumerate(label_names))
         config.label2id = {n: i for i, n in enumerate(label_names)}
@@ -167,7 +176,7 @@ def load_pretrained(
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = model_dropout
-    return Loaded(model, tokenizer, source)
+    return Loaded(model, tokenizer, source, tuple(label_names) if task == "classification" else ())
 
 
 def _from_pretrained(auto: Any, source: str, config: Any, *, new_head: bool) -> Any:
