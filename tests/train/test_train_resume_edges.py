@@ -82,7 +82,11 @@ def test_logged_lr_is_the_rate_the_step_trained_at(
 
 @pytest.mark.parametrize(
     ("warmup", "expected"),
-    [(0.06, [0.5, 1.0, 2 / 3, 1 / 3]), (0.5, [1 / 3, 2 / 3, 1.0, 0.5]), (3, [0.25, 0.5, 0.75, 1.0])],
+    [
+        (0.06, [0.5, 1.0, 2 / 3, 1 / 3]),
+        (0.5, [1 / 3, 2 / 3, 1.0, 0.5]),
+        (3, [0.25, 0.5, 0.75, 1.0]),
+    ],
 )
 def test_a_warmup_fraction_counts_steps_up(
     warmup: float, expected: list[float], tiny_bert: Path, toy_tsv: Path, tmp_path: Path
