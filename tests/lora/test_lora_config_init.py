@@ -153,3 +153,44 @@ def test_initializer_names() -> None:
     ]
     with pytest.raises(TypeError, match="generator"):
         as_generator("seed")  # type: ignore[arg-type]
+
+
+def _global_draw_after(fn, *args, **kwargs) -> float:
+    """torch's next global draw after ``fn(*args, **kwargs)`` from seed 0."""
+    torch.manual_seed(0)
+    fn(*args, **kwargs)
+    return float(torch.rand(()))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{}, {"init_lora_weights": "gaussian"}, {"init_lora_weights": "olora"}, {"use_dora": True}],
+    ids=["kaiming", "gaussian", "olora", "dora"],
+)
+def test_seeded_inject_and_load_leave_the_global_rng_alone(settings: dict, tmp_path) -> None:
+    # The factor modules' own default init drew from the global RNG (then overwritten), so
+    # the next draw after inject(generator=0) depended on r and the targets.
+    import numpy as np
+    from torch import nn
+
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import inject
+
+    def model() -> nn.Module:
+        torch.manual_seed(5)
+        return nn.Sequential(nn.Linear(12, 16), nn.Conv2d(3, 8, 3), nn.Linear(16, 8))
+
+    untouched = _global_draw_after(lambda: None)
+    for r in (2, 4):
+        config = LoraConfig(r=r, target_modules=["0", "1", "2"], **settings)
+        assert _global_draw_after(inject, model(), config, generator=0) == untouched
+        gen = torch.Generator().manual_seed(0)
+        assert _global_draw_after(inject, model(), config, generator=gen) == untouched
+    adapted = inject(model(), LoraConfig(r=4, target_modules=["0", "2"], **settings), generator=1)
+    save_adapter(adapted, tmp_path)
+    assert _global_draw_after(load_adapter, model(), tmp_path) == untouched
+    # a numpy integer seed is a seed, as in rankwise.linalg (it was a TypeError here)
+    config = LoraConfig(r=2, target_modules=["0"], **settings)
+    a = inject(model(), config, generator=np.int64(3))[0].lora_A.weight
+    b = inject(model(), config, generator=3)[0].lora_A.weight
+    assert torch.equal(a, b)

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from rankwise.errors import ShapeMismatchError
+from rankwise.linalg._random import make_generator
 
 
 def check_matrix(M: Tensor, *, name: str) -> None:
@@ -36,14 +37,6 @@ def work_dtype(*tensors: Tensor) -> torch.dtype:
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
     """A CPU generator from a generator or an int seed; ``None`` stays ``None`` (torch's global
-    generator, reproducible under ``torch.manual_seed``) — the same rule as ``rankwise.linalg``.
+    generator, reproducible under ``torch.manual_seed``): ``rankwise.linalg``'s rule itself.
     """
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(
-            f"generator must be a torch.Generator, an int seed or None; found {generator!r}"
-        )
-    gen = torch.Generator()
-    gen.manual_seed(generator)
-    return gen
+    return make_generator(generator)

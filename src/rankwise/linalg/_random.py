@@ -18,8 +18,8 @@ def make_generator(generator: GeneratorLike) -> torch.Generator | None:
     """
     if generator is None or isinstance(generator, torch.Generator):
         return generator
-    if isinstance(generator, bool) or not isinstance(generator, (int, np.integer)):
-        raise ValueError(
+    if isinstance(generator, (bool, np.bool_)) or not isinstance(generator, (int, np.integer)):
+        raise TypeError(
             "generator: expected a torch.Generator, an int seed or None, "
             f"found {type(generator).__name__}"
         )

@@ -30,6 +30,8 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from rankwise.linalg._random import make_generator
+
 
 class LoraInit(NamedTuple):
     """Initial factors ``A: (r, in)``, ``B: (out, r)`` and the residual base weight (or None)."""
@@ -52,12 +54,9 @@ class Initializer(Protocol):
 
 
 def as_generator(generator: torch.Generator | int | None) -> torch.Generator | None:
-    """``torch.Generator`` from a seed (CPU), passed through, or None (torch's global RNG)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise TypeError(f"generator: expected torch.Generator, int or None, found {generator!r}")
-    return torch.Generator().manual_seed(generator)
+    """``torch.Generator`` from a seed (CPU), passed through, or None (torch's global RNG):
+    :func:`rankwise.linalg._random.make_generator` (numpy integer seeds too)."""
+    return make_generator(generator)
 
 
 def _uniform(shape: tuple[int, int], bound: float, g: torch.Generator | None) -> Tensor:

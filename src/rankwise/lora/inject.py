@@ -175,13 +175,17 @@ def _build(
 ) -> tuple[LoraLayer, Tensor | None]:
     """The initialized wrapper and the residual base weight to write (or None)."""
     cls = WRAPPERS[parametrization_name(cfg)][target.kind]
-    layer = cls(
-        base,
-        r=target.r,
-        lora_alpha=target.lora_alpha,
-        scaling=cfg.scaling(r=target.r, alpha=target.lora_alpha),
-        lora_dropout=cfg.lora_dropout,
-    )
+    # The factor modules (nn.Linear / conv) draw their default init from torch's global RNG;
+    # the initializer overwrites it below. Restoring the state keeps inject (and load_adapter)
+    # from advancing the global stream by an amount that depends on r and the targets.
+    with torch.random.fork_rng(devices=[]):
+        layer = cls(
+            base,
+            r=target.r,
+            lora_alpha=target.lora_alpha,
+            scaling=cfg.scaling(r=target.r, alpha=target.lora_alpha),
+            lora_dropout=cfg.lora_dropout,
+        )
     layer.train(base.training)
     init = INITIALIZERS[cfg.initializer]
     with torch.no_grad():
