@@ -30,3 +30,8 @@ class AdapterFormatError(RankwiseError, ValueError):
 
 class MergeError(RankwiseError, ValueError):
     """A merge or unmerge cannot be done (already merged, non-finite result, ...)."""
+
+
+class GeneratorError(RankwiseError, TypeError, ValueError):
+    """A ``generator=`` argument is neither a ``torch.Generator``, an integer seed nor None
+    (a TypeError, and a ValueError as ``rankwise.linalg`` raised before the rule was shared)."""

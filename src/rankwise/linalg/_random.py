@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from rankwise.errors import GeneratorError
+
 GeneratorLike = torch.Generator | int | None
 
 
@@ -19,7 +21,7 @@ def make_generator(generator: GeneratorLike) -> torch.Generator | None:
     if generator is None or isinstance(generator, torch.Generator):
         return generator
     if isinstance(generator, (bool, np.bool_)) or not isinstance(generator, (int, np.integer)):
-        raise TypeError(
+        raise GeneratorError(
             "generator: expected a torch.Generator, an int seed or None, "
             f"found {type(generator).__name__}"
         )
