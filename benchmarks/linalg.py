@@ -437,6 +437,12 @@ def atomic_write(path: Path, text: str) -> None:
         raise
 
 
+def _cpu_name() -> str:
+    from rankwise.lora.linear_ops import cpuinfo_field
+
+    return cpuinfo_field("model name") or platform.processor() or "CPU unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -462,8 +468,9 @@ def main() -> None:
         ids = bench_id(id_size, id_rank, id_repeats) if args.part != "svd" else []
         pools = [(p["internal_api"], p["num_threads"]) for p in threadpool_info()]
     report = {
-        "machine": f"{platform.machine()} {platform.processor() or ''} "
-        f"({os.cpu_count()} CPUs)".replace("  ", " "),
+        # the CPU's name: torch runs MKL and numpy/scipy OpenBLAS here, and which one is faster
+        # for these shapes depends on the CPU (platform.processor() is empty on Linux)
+        "machine": f"{platform.machine()} {_cpu_name()} ({os.cpu_count()} CPUs)",
         "torch": torch.__version__,
         "threads": args.threads,
         "thread_pools": pools,

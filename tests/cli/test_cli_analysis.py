@@ -386,3 +386,21 @@ def test_empty_out_and_a_missing_model_are_errors_naming_the_option(
             assert main([*bad, "--out", "x"]) == 2
             err = capsys.readouterr().err
             assert "'no-such-model' could not be downloaded" in err and f"{option} /path" in err
+
+
+@pytest.mark.parametrize("inside", ["", "figs"], ids=["equal", "inside"])
+def test_plot_at_or_inside_out_is_refused_before_any_work(
+    inside: str, setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The figures went into --out while the adapter waited in a hidden temporary directory:
+    # the rename then failed ("Directory not empty"), the adapter stayed stranded there and
+    # --out held only the figures (so a retry was refused too).
+    out = tmp_path / "small"
+    plot = out / inside if inside else out
+    argv = ["resize", str(setup["r8"]), "--rank", "2", "--out", str(out), "--plot", str(plot)]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "--plot:" in captured.err and "inside it" in captured.err and captured.out == ""
+    assert list(tmp_path.iterdir()) == []
+    assert main(argv[:-2] + ["--plot", str(tmp_path / "figs")]) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".tmp-*"))

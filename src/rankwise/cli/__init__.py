@@ -67,11 +67,15 @@ def figure_directory(value: str) -> str:
 
 
 @contextlib.contextmanager
-def new_output_dir(value: str, option: str = "--out") -> Iterator[Path]:
+def new_output_dir(
+    value: str, option: str = "--out", *, outside: dict[str, str | None] | None = None
+) -> Iterator[Path]:
     """A temporary directory beside the new output directory ``value``, renamed to it when the
     block succeeds (adapter, sidecars and figures all written) and removed when it fails, so a
     failed command leaves no half-made output and the same ``value`` works on the next try.
-    ``value`` must be new or an empty directory (never overwritten); checked first."""
+    ``value`` must be new or an empty directory (never overwritten); checked first, as is that
+    no directory of ``outside`` (option -> path, e.g. ``{"--plot": ...}``) is ``value`` or
+    inside it (figures written there would take the place of the output)."""
     import os
     import shutil
 
@@ -82,6 +86,13 @@ def new_output_dir(value: str, option: str = "--out") -> Iterator[Path]:
         raise CliError(
             f"{option}: {value!r} exists and is not an empty directory; choose a new one"
         )
+    where = final.resolve()
+    for name, other in (outside or {}).items():
+        if other and (where == Path(other).resolve() or where in Path(other).resolve().parents):
+            raise CliError(
+                f"{name}: {other!r} is {option} {value!r} or inside it; choose a directory "
+                f"outside {option}"
+            )
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -90,9 +101,13 @@ def new_output_dir(value: str, option: str = "--out") -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.is_dir():
-        final.rmdir()  # empty (checked above); fails rather than lose anything put there since
-    os.replace(tmp, final)
+    try:
+        if final.is_dir():
+            final.rmdir()  # empty (checked above); fails rather than lose anything put there
+        os.replace(tmp, final)
+    except OSError as err:  # something else wrote into it meanwhile: no hidden leftover
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CliError(f"{option}: could not create {value!r} ({err})") from None
 
 
 def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if head is not None and not 1 <= head <= len(args.adapters):
         raise CliError(f"--head-from: expected 1..{len(args.adapters)}, found {head}")
     require_plotting(args.plot)
-    with new_output_dir(args.out) as tmp:
+    with new_output_dir(args.out, outside={"--plot": args.plot}) as tmp:
         rows = combine_adapters(
             args.adapters,
             tmp,

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
     task = _read_task(args.finetuned)
     require_plotting(args.plot)
-    with new_output_dir(args.out) as tmp:
+    with new_output_dir(args.out, outside={"--plot": args.plot}) as tmp:
         base, tuned, heads = load_pair(args.base, args.finetuned)
         seq_cls = type(tuned).__name__.endswith("ForSequenceClassification")
         targets = (

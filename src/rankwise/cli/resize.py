@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
     require_plotting(args.plot)
-    with new_output_dir(args.out) as tmp:
+    with new_output_dir(args.out, outside={"--plot": args.plot}) as tmp:
         rows = resize_adapter(args.adapter, tmp, args.rank, energy=args.energy)
         print(format_table(*layer_table(rows)))
         copy_sidecars(args.adapter, str(tmp))  # task file, tokenizer: predict/evaluate work
