@@ -404,3 +404,19 @@ def test_plot_at_or_inside_out_is_refused_before_any_work(
     assert list(tmp_path.iterdir()) == []
     assert main(argv[:-2] + ["--plot", str(tmp_path / "figs")]) == 0
     assert (out / "adapter_model.safetensors").is_file() and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_combine_weights_that_overflow_and_seeds_out_of_range_are_refused(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --weights 1e39,1e39 wrote inf factors with exit 0; a seed beyond torch's range failed
+    # with "Overflow when unpacking long long", naming no option
+    out = tmp_path / "sum"
+    argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out", str(out)]
+    assert main([*argv, "--weights", "1e39,1e39"]) == 2
+    assert "weights:" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        main([*argv, "--method", "dare", "--seed", str(2**64)])
+    assert stop.value.code == 2
+    assert "--seed: expected a seed in" in capsys.readouterr().err and not out.exists()
+    assert main([*argv, "--method", "dare", "--seed", str(2**64 - 1)]) == 0

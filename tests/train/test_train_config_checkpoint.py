@@ -28,6 +28,13 @@ def test_resolve_fills_dependent_defaults() -> None:
         ({"task": "ner"}, "task"),
         ({"dropout": 1.5}, "dropout"),
         ({"lr": -1.0}, "lr"),
+        # finite, but beyond float32: the optimizer crashed mid-run with a traceback
+        ({"lr": 1e300}, "lr.*float32"),
+        ({"alpha": 1e300}, "alpha.*float32"),
+        ({"loraplus_ratio": 1e300}, "loraplus_ratio.*float32"),
+        ({"lr": 1e37, "loraplus_ratio": 1e3}, "B's learning rate"),
+        ({"seed": 2**64}, "seed.*expected a seed"),  # "Overflow when unpacking long long"
+        ({"seed": -(2**63) - 1}, "seed.*expected a seed"),
     ],
 )
 def test_invalid_values_name_the_option(values: dict, match: str) -> None:

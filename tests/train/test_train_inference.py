@@ -238,3 +238,12 @@ def test_predict_needs_a_text(run_dir: Path, tmp_path: Path, monkeypatch, capsys
     assert main(["predict", "--adapter", adapter]) == 2
     err = capsys.readouterr().err
     assert "stdin: expected texts to classify, one per line; found none" in err
+
+
+def test_predict_refuses_non_finite_outputs(run_dir: Path) -> None:
+    # NaN logits gave label 0 with probability nan, exit 0
+    trained = load_trained(run_dir / "adapter")
+    with torch.no_grad():
+        trained.model.classifier.weight.fill_(float("nan"))  # the trained head
+    with pytest.raises(ValueError, match="outputs for text 1 are not finite"):
+        predict(trained, ["a good film"])

@@ -310,7 +310,13 @@ def combine(
         if rank is not None:
             raise ValueError("method='linear' is exact and takes no rank; use method='svd'")
         B, A = _concatenate(factors, w)
-        return Factors(B.to(out_dtype), A.to(out_dtype))
+        B, A = B.to(out_dtype), A.to(out_dtype)
+        if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
+            raise ValueError(
+                f"weights: {list(weights)} scale the factors beyond {out_dtype}'s range "
+                "(non-finite entries); use smaller weights"
+            )
+        return Factors(B, A)
     if rank is None:  # at most min(out, in): PEFT allows r above it
         rank = min(max(Ai.shape[0] for _, Ai in factors), *_update_shape(factors))
     if method == "svd":

@@ -110,6 +110,21 @@ def new_output_dir(
         raise CliError(f"{option}: could not create {value!r} ({err})") from None
 
 
+def seed(value: str) -> int:
+    """argparse ``type`` of ``--seed``: an integer torch can seed a generator with."""
+    from rankwise.linalg._random import SEED_MAX, SEED_MIN
+
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, found {value!r}") from None
+    if not SEED_MIN <= number <= SEED_MAX:
+        raise argparse.ArgumentTypeError(
+            f"expected a seed in [{SEED_MIN}, {SEED_MAX}], found {value}"
+        )
+    return number
+
+
 def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:
     """The required output directory option, ``--out`` (alias ``--output``), into ``args.out``."""
     parser.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", help=help)

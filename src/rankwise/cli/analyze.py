@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError, figure_directory
+from rankwise.cli import CliError, figure_directory, seed
 
 
 def _plot_option(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "bundled MiniLM)",
     )
     p.add_argument("--rank", type=int, help="directions to project on (default: each adapter's r)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random-subspace baseline")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the random-subspace baseline")
     _plot_option(p)
     _budget_arguments(sub.add_parser("budget", help="compare weight types at an equal budget"))
 
@@ -95,7 +95,7 @@ def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=64, help="tokens per text (64)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per step (16)")
     p.add_argument("--lr", type=float, help="learning rate (default: the engine's LoRA default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every run (0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of every run (0)")
     p.add_argument("--output", required=True, metavar="DIR", help="one run directory per set")
     _plot_option(p)
 

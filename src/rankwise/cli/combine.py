@@ -13,6 +13,7 @@ from rankwise.cli import (
     figure_directory,
     new_output_dir,
     require_plotting,
+    seed,
 )
 from rankwise.cli.resize import spectrum_figures
 
@@ -39,7 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--rank", type=int, help="rank k for svd/ties/dare (default: largest r)")
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (0.5)")
-    parser.add_argument("--seed", type=int, default=0, help="dare: seed of the drop masks")
+    parser.add_argument("--seed", type=seed, default=0, help="dare: seed of the drop masks")
     parser.add_argument(
         "--head-from",
         type=int,

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rankwise.cli import CliError, figure_directory
+from rankwise.cli import CliError, figure_directory, seed
 from rankwise.io.files import default_file_mode
 
 DEFAULT_IMAGE = "china.jpg (scikit-learn sample image)"
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--randomized", action="store_true", help="randomized ID (default: pivoted QR)"
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized ID")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the randomized ID")
 
 
 def _ranks(text: str) -> tuple[int, ...]:

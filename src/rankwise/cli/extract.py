@@ -12,6 +12,7 @@ from rankwise.cli import (
     figure_directory,
     new_output_dir,
     require_plotting,
+    seed,
 )
 from rankwise.cli.resize import spectrum_figures
 
@@ -32,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets", help="comma-separated module names (default: every changed linear layer)"
     )
     parser.add_argument("--randomized", action="store_true", help="randomized SVD (needs --rank)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the randomized SVD")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of the randomized SVD")
     parser.add_argument(
         "--plot", type=figure_directory, metavar="DIR", help="also write the adapter's spectrum PNG"
     )

