@@ -89,6 +89,11 @@ def test_budget_checks_every_run_directory_before_training(tmp_path: Path) -> No
             "--max-steps", "1", "--output", str(tmp_path / "runs")]  # fmt: skip
     assert main([*argv, "--sets", "q,v"]) == 2  # v's directory is taken: nothing runs
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["v"]
+    # another comparison's table: a second --sets into the same --output replaced it
+    (tmp_path / "runs" / "budget.json").write_text("[]")
+    assert main([*argv, "--sets", "q"]) == 2
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["budget.json", "v"]
+    (tmp_path / "runs" / "budget.json").unlink()
     for sets in ("q,q", "qv,vq", "qq,q"):  # a set given twice, in any order, or a type twice
         with pytest.raises(SystemExit) as usage:  # argparse: a usage error naming --sets
             main([*argv, "--sets", sets])

@@ -146,3 +146,18 @@ def test_out_at_an_existing_file_is_a_usage_error(
     err = capsys.readouterr().err
     assert "argument --out/--output:" in err and str(stray) in err and "not a directory" in err
     assert stray.read_bytes() == b"keep me"
+
+
+def test_a_failed_figure_removes_the_directory_it_made(tmp_path: Path, monkeypatch) -> None:
+    # --out was made before any work: a failure (or Ctrl-C) left it empty or with one figure
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    import rankwise.cli.compress_image as command
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(command, "plot_spectrum", broken)
+    out = tmp_path / "figs"
+    assert main(["compress-image", "--ranks", "5", "--out", str(out)]) == 2
+    assert list(tmp_path.iterdir()) == []

@@ -123,3 +123,29 @@ def test_a_relative_model_directory_is_recorded_absolute(tmp_path, monkeypatch) 
     monkeypatch.chdir(tmp_path)
     assert resolve_model_source("gpt2dir") == str(tmp_path / "gpt2dir")
     assert resolve_model_source("./gpt2dir") == str(tmp_path / "gpt2dir")
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    # the error was "'utf-8' codec can't decode byte 0xff ...", naming no file
+    bad = tmp_path / "run.yaml"
+    bad.write_bytes(b"lr: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"config file '.*run\.yaml' is not UTF-8 text"):
+        read_yaml(bad)
+
+
+def test_damaged_metrics_lines_are_skipped(tmp_path: Path) -> None:
+    # {"step": null} crashed resume with a TypeError, {"step": "x"} with an int() error, a
+    # non-UTF-8 byte with a codec error, and a non-numeric loss crashed the curve's plot
+    from rankwise.train.metrics import MetricsLog, read_metrics
+
+    lines = [b'{"step": 1, "loss": 0.5}', b'{"step": null}', b'{"step": "x"}', b"\xff\xfe",
+             b'{"step": 2, "loss": "abc", "lr": 0.1}', b'{"step": true}', b'{"step": 3, "loss": 0.25}']  # fmt: skip
+    (tmp_path / "metrics.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert records == [{"step": 1, "loss": 0.5}, {"step": 2, "lr": 0.1}, {"step": 3, "loss": 0.25}]
+    MetricsLog(tmp_path).truncate_after(2)
+    assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2]
+    pytest.importorskip("matplotlib")
+    from rankwise.train.metrics import plot_training_curve
+
+    assert plot_training_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png").is_file()

@@ -247,3 +247,27 @@ def test_predict_refuses_non_finite_outputs(run_dir: Path) -> None:
         trained.model.classifier.weight.fill_(float("nan"))  # the trained head
     with pytest.raises(ValueError, match="outputs for text 1 are not finite"):
         predict(trained, ["a good film"])
+
+
+def test_sigterm_during_merge_leaves_no_temporary_directory(
+    run_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    # SIGTERM's default action killed the process mid-write: a ~90 MB .tmp-<out>-<pid>
+    # directory stayed behind that nothing ever removed (Ctrl-C already cleaned up).
+    import os
+    import signal
+
+    from transformers import PreTrainedModel
+
+    saved = PreTrainedModel.save_pretrained
+
+    def save_then_terminated(self, directory, *args, **kwargs):
+        saved(self, directory, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # as `kill PID` while the output is written
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", save_then_terminated)
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(run_dir / "adapter"), "--out", str(out)]) == 143
+    assert "terminated" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back

@@ -210,3 +210,18 @@ def test_tied_target_merge_is_refused_before_training(tiny_gpt2: Path, tmp_path:
     result = train(_config(tiny_gpt2, data, tmp_path / "run", **kwargs), echo=said.append)
     assert result.merge_check is None and any("merge check skipped" in s for s in said)
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_a_diverging_run_stops_with_a_clear_error(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # The loss went NaN and the run saved a NaN adapter, then failed in merge ("would give
+    # non-finite weights"); metrics.jsonl held bare NaN (not JSON)
+    out = tmp_path / "run"
+    config = TrainConfig(model=str(tiny_bert), data=str(toy_tsv), output=str(out), lr=1e12,
+                         warmup=0.0, max_steps=6, batch_size=8, save_every=0, merge=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"training diverged at step \d: the loss is (nan|inf)"):
+        train(config, echo=lambda _: None)
+    assert not (out / "adapter").exists() and not (out / "merged").exists()
+    assert all(isinstance(r.get("loss", 0.0), float) for r in read_metrics(out / "metrics.jsonl"))
+    assert "NaN" not in (out / "metrics.jsonl").read_text()

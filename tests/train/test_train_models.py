@@ -136,3 +136,27 @@ def test_a_trained_head_keeps_its_label_order(tiny_bert: Path, tmp_path: Path) -
     )  # fmt: skip
     assert loaded.label_names == ("a", "b", "c")
     assert loaded.model.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_a_model_directory_without_config_json_is_named(tiny_bert: Path, tmp_path: Path) -> None:
+    # transformers says "Unrecognized model ... Should have a model_type key in its
+    # config.json" (a ValueError), misleading when there is no config.json at all
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "bare"
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(bare)
+    with pytest.raises(ConfigError, match=r"--model: model directory .*bare' has no config.json"):
+        load_pretrained(str(bare), task="classification", label_names=("0", "1"))
+
+
+def test_max_length_beyond_the_position_embeddings_is_an_option_error(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # texts longer than the model's 128 positions crashed the forward pass mid-run
+    from rankwise.train import TrainConfig, train
+
+    config = TrainConfig(model=str(tiny_bert), data=str(toy_tsv), output=str(tmp_path / "run"),
+                         max_length=129, max_steps=1)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"option --max-length .*at most 128 .* found 129"):
+        train(config, echo=lambda _: None)
+    assert not (tmp_path / "run").exists()

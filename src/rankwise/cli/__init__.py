@@ -165,6 +165,34 @@ _EXTRAS = {"transformers": "hf", "tokenizers": "hf", "matplotlib": "plot", "data
            "sklearn": "demo"}  # fmt: skip
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C, so that temporary directories and files
+    are removed on the way out (the default action kills the process on the spot)."""
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is not signal.SIG_DFL:  # someone else's handler (an embedding program) stays
+        yield
+        return
+
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
     """The top-level parser; subcommand parsers are built only for the command being run."""
     table = COMMANDS if commands is None else commands
@@ -206,7 +234,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser, module = _command_parser(name, COMMANDS[name])
     args = parser.parse_args(rest)
     try:
-        return int(module.run(args) or 0)
+        with _sigterm_raises():
+            return int(module.run(args) or 0)
+    except Terminated:
+        print(f"rankwise {name}: terminated", file=sys.stderr)
+        return 143
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rankwise {name}: error: {message}", file=sys.stderr)

@@ -215,6 +215,10 @@ def _budget(args: argparse.Namespace) -> int:
                 f"--output: {str(target)!r} exists and is not empty; choose another --output"
             )
     summary = out / "budget.json"
+    if summary.exists():  # another comparison's table: replacing it would lose its rows
+        raise FileExistsError(
+            f"--output: {str(summary)!r} already holds another comparison; choose another --output"
+        )
     results = []
     for plan, name in zip(plans, names, strict=True):
         print(

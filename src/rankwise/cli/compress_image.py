@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -221,12 +222,18 @@ def run(args: argparse.Namespace) -> int:
             f"--ranks: expected ranks <= {min(image.shape)} (the cropped image is "
             f"{image.shape[0]}x{image.shape[1]}), found {max(args.ranks)}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
     rows, pictures, S = approximations(
         image, args.ranks, randomized=args.randomized, seed=args.seed
     )
-    plot_grid(image, rows, pictures, args.out / "compress_grid.png")
-    plot_spectrum(S, args.ranks, args.out / "spectrum.png")
+    created = not args.out.exists()  # made here: removed again if the figures fail
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        plot_grid(image, rows, pictures, args.out / "compress_grid.png")
+        plot_spectrum(S, args.ranks, args.out / "spectrum.png")
+    except BaseException:
+        if created:
+            shutil.rmtree(args.out, ignore_errors=True)
+        raise
     print(f"image {image.shape[0]}x{image.shape[1]} ({image.size} pixels)")
     print(f"{'method':<16} {'rank':>5} {'params':>9} {'compression':>12} {'rel. error':>11}")
     for row in rows:

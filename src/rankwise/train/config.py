@@ -159,6 +159,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise FileNotFoundError(f"config file {str(file)!r} does not exist")
     try:
         loaded = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {str(file)!r} is not UTF-8 text ({err.reason})") from None
     except yaml.YAMLError as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ConfigError(f"config file {str(file)!r} is not valid YAML: {first}") from None

@@ -242,6 +242,11 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
                 tick = time.perf_counter()
                 lr = run.scheduler.get_last_lr()[0]  # the rate this step trains at
                 loss = _optimizer_step(run, batches[index], step + 1)
+                if not math.isfinite(loss):  # the same on every process (summed over them)
+                    raise ValueError(
+                        f"training diverged at step {step + 1}: the loss is {loss} (learning "
+                        f"rate {lr:.3g}: too high for this model?); the adapter is not saved"
+                    )
                 step, seen = step + 1, seen + len(batches[index])
                 rate = len(batches[index]) / max(time.perf_counter() - tick, 1e-9)
                 progress = round(epoch + (index + 1) / len(batches), 4)

@@ -23,19 +23,34 @@ CURVE_FILE = "training_curve.png"
 
 
 def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` (a torn last line from a kill is skipped)."""
+    """The records of a ``metrics.jsonl``: JSON objects with an integer ``step``. Anything else
+    (a torn last line from a kill, bytes that are not UTF-8, a hand-edited line) is skipped,
+    and so is a value that is not a number under a numeric key (``loss``, ``lr``, ``eval_*``).
+    """
     file = Path(path)
     if not file.is_file():
         return []
     records = []
-    for line in file.read_text(encoding="utf-8").splitlines():
+    for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict):
-            records.append(record)
+        if not isinstance(record, dict) or not _is_int(record.get("step")):
+            continue
+        records.append({k: v for k, v in record.items() if k not in NUMERIC or _is_number(v)})
     return records
+
+
+NUMERIC = ("loss", "lr", "eval_loss", "eval_accuracy", "eval_perplexity")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class MetricsLog:
@@ -49,7 +64,7 @@ class MetricsLog:
         """Keep only records with ``step <= step`` (atomically), before a resumed run appends."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if int(r.get("step", 0)) <= step]
+        kept = [r for r in read_metrics(self.path) if r["step"] <= step]
         atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def log(self, record: Mapping[str, Any]) -> None:

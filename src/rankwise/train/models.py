@@ -80,11 +80,21 @@ def _check_tokenizer_files(source: str) -> None:
         )
 
 
-def model_load_error(source: str, err: OSError, option: str = "--model") -> ConfigError:
+def model_load_error(source: str, err: Exception, option: str = "--model") -> ConfigError:
     """The one-line error for a model that transformers could not open: a local directory that
     is not a model, or a hub id that cannot be downloaded (no network here), naming ``option``
     (the command-line option that gave ``source``)."""
+    if "trust_remote_code" in str(err):  # the config asks to import the model's own code
+        return ConfigError(
+            f"{option}: model {source!r} needs its own Python code to load "
+            "(trust_remote_code); rankwise does not run code that comes with a model"
+        )
     if Path(source).is_dir():
+        if not (Path(source) / "config.json").is_file():  # transformers: "Unrecognized model"
+            return ConfigError(
+                f"{option}: model directory {source!r} has no config.json (not a saved "
+                "transformers model)"
+            )
         return ConfigError(
             f"{option}: model directory {source!r} is not a transformers model "
             f"({str(err).splitlines()[0]})"
@@ -102,7 +112,7 @@ def load_config(source: str, *, option: str = "--model") -> Any:
 
     try:
         return transformers.AutoConfig.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: no or an unrecognized config.json
         raise model_load_error(source, err, option) from None
 
 
@@ -129,7 +139,7 @@ def load_pretrained(
     try:
         config = transformers.AutoConfig.from_pretrained(source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: no or an unrecognized config.json
         raise model_load_error(source, err) from None
     _check_tokenizer_files(source)
     if model_dropout is not None:
