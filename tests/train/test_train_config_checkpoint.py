@@ -149,3 +149,9 @@ def test_damaged_metrics_lines_are_skipped(tmp_path: Path) -> None:
     from rankwise.train.metrics import plot_training_curve
 
     assert plot_training_curve(tmp_path / "metrics.jsonl", tmp_path / "curve.png").is_file()
+
+
+def test_an_option_spelled_both_ways_is_refused() -> None:
+    # {max-steps: 3, max_steps: 5} silently took the later one
+    with pytest.raises(ConfigError, match="option 'max_steps' is given twice"):
+        from_mapping({"max-steps": 3, "max_steps": 5})

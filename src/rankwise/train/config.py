@@ -146,6 +146,8 @@ def from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None = None) 
         if name not in FIELDS:
             known = ", ".join(n.replace("_", "-") for n in FIELDS)
             raise ConfigError(f"unknown option {key!r}; known options: {known}")
+        if name in updates:  # max-steps and max_steps: which one was meant?
+            raise ConfigError(f"option {key!r} is given twice (as '-' and '_' spellings)")
         updates[name] = _coerce(name, value)
     return dataclasses.replace(base or TrainConfig(), **updates)
 
