@@ -32,3 +32,16 @@ def test_each_spelling_sets_the_same_option(
     for flag in spellings:
         args = parser.parse_args([*argv[1:], flag, "somewhere"])
         assert str(getattr(args, dest)) == "somewhere", flag
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys) -> None:
+    # `rankwise analyze spectrum A | head` printed "error: [Errno 32] Broken pipe", exit 2
+    import rankwise.cli.version as command
+    from rankwise.cli import main
+
+    def reader_left(args: object) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(command, "run", reader_left)
+    assert main(["version"]) == 141
+    assert capsys.readouterr().err == ""

@@ -239,6 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print(f"rankwise {name}: terminated", file=sys.stderr)
         return 143
+    except BrokenPipeError:  # `rankwise ... | head`: the reader left, as SIGPIPE would end us
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no flush error
+        except (OSError, ValueError):  # stdout replaced (a test's capture): nothing to silence
+            pass
+        return 141
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"rankwise {name}: error: {message}", file=sys.stderr)
