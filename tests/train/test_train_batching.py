@@ -84,3 +84,13 @@ def test_shards_split_a_global_batch(n: int) -> None:
     parts = [shard(batch, r, 2) for r in range(2)]
     assert parts[0] + parts[1] == batch
     assert abs(len(parts[0]) - len(parts[1])) <= 1
+
+
+def test_epoch_seeds_near_the_top_of_the_range_do_not_overflow() -> None:
+    # seed 2^64 - 1 passed the option check, then epoch 2 failed: "Overflow when unpacking"
+    from rankwise.train.batching import EPOCH_STRIDE, epoch_generator
+
+    top = 2**64 - 1
+    assert epoch_generator(top, 3).initial_seed() == (top + 3 * EPOCH_STRIDE) % 2**64
+    same = [epoch_generator(s, 1).initial_seed() for s in (7, -5)]
+    assert same == [7 + EPOCH_STRIDE, (EPOCH_STRIDE - 5) % 2**64]  # unchanged where it fit

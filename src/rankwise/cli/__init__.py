@@ -167,7 +167,8 @@ _EXTRAS = {"transformers": "hf", "tokenizers": "hf", "matplotlib": "plot", "data
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread like Ctrl-C, so that temporary directories and files
-    are removed on the way out (the default action kills the process on the spot)."""
+    are removed on the way out (the default action kills the process on the spot); ``main``
+    then raises ``SystemExit(143)``, so a program calling it ends too, as SIGTERM asks."""
 
 
 @contextlib.contextmanager
@@ -236,9 +237,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_raises():
             return int(module.run(args) or 0)
-    except Terminated:
+    except Terminated:  # cleaned up on the way here; SIGTERM still ends the whole process
         print(f"rankwise {name}: terminated", file=sys.stderr)
-        return 143
+        raise SystemExit(143) from None
     except BrokenPipeError:  # `rankwise ... | head`: the reader left, as SIGPIPE would end us
         import os
 

@@ -11,7 +11,15 @@ import argparse
 import os
 from typing import Any
 
-from rankwise.train.config import FIELDS, METHODS, TASKS, TrainConfig, from_mapping, read_yaml
+from rankwise.train.config import (
+    FIELDS,
+    METHODS,
+    TASKS,
+    TrainConfig,
+    from_mapping,
+    normalized_keys,
+    read_yaml,
+)
 
 # flag -> (type, help). Defaults are None here so "given on the command line" is detectable.
 _OPTIONS: dict[str, tuple[Any, str]] = {
@@ -80,9 +88,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.resume and args.output and args.config is None:
         saved = Path(args.output) / "config.yaml"
         if saved.is_file():
-            values.update(read_yaml(saved))
-    if args.config is not None:
-        values.update(read_yaml(args.config))
+            values.update(normalized_keys(read_yaml(saved)))
+    if args.config is not None:  # flags override a file's options, in either spelling
+        values.update(normalized_keys(read_yaml(args.config)))
     for name in FIELDS:
         given = getattr(args, name, None)
         if given is not None:

@@ -63,7 +63,9 @@ def encode(dataset: TextDataset, tokenizer: Any, *, task: str, max_length: int) 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's order: a pure function of ``(seed, epoch)``."""
-    return torch.Generator().manual_seed(int(seed) + EPOCH_STRIDE * int(epoch))
+    # modulo 2^64: torch reads a seed as its 64 bits (-5 and 2^64 - 5 seed alike), so this is
+    # the same seed as without it wherever that fits, and seeds near 2^64 - 1 do not overflow
+    return torch.Generator().manual_seed((int(seed) + EPOCH_STRIDE * int(epoch)) % 2**64)
 
 
 def length_grouped_batches(

@@ -138,17 +138,24 @@ def _coerce(name: str, value: Any) -> Any:
     )
 
 
-def from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
-    """A config from ``base`` (or the defaults) with ``values`` (YAML keys, ``-`` or ``_``) set."""
-    updates: dict[str, Any] = {}
+def normalized_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` (one source: a YAML file, or the flags) keyed by field name (``-`` -> ``_``);
+    an option given in both spellings is refused (which one was meant?)."""
+    out: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name not in FIELDS:
             known = ", ".join(n.replace("_", "-") for n in FIELDS)
             raise ConfigError(f"unknown option {key!r}; known options: {known}")
-        if name in updates:  # max-steps and max_steps: which one was meant?
+        if name in out:
             raise ConfigError(f"option {key!r} is given twice (as '-' and '_' spellings)")
-        updates[name] = _coerce(name, value)
+        out[name] = value
+    return out
+
+
+def from_mapping(values: Mapping[str, Any], *, base: TrainConfig | None = None) -> TrainConfig:
+    """A config from ``base`` (or the defaults) with ``values`` (YAML keys, ``-`` or ``_``) set."""
+    updates = {name: _coerce(name, value) for name, value in normalized_keys(values).items()}
     return dataclasses.replace(base or TrainConfig(), **updates)
 
 
