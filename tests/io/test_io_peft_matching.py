@@ -147,3 +147,17 @@ def test_swap_refuses_residual_initializers(first, second, tmp_path: Path) -> No
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     fresh = load_adapter(BUILDERS["llama"](), tmp_path / "two")
     torch.testing.assert_close(logits(fresh, "llama"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_swap_between_checkpoints_of_one_residual_adapter_works(init: str, tmp_path: Path) -> None:
+    # The same initializer at the same rank and scale leaves the same residual base: another
+    # checkpoint of the run swaps in (a rollback), exactly as a fresh load.
+    config = dict(
+        target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM", init_lora_weights=init
+    )
+    _peft_saved("llama", tmp_path / "one", seed=1, **config)
+    expected = _peft_saved("llama", tmp_path / "two", seed=2, **config)
+    model = load_adapter(BUILDERS["llama"](), tmp_path / "one")
+    load_adapter(model, tmp_path / "two")
+    torch.testing.assert_close(logits(model, "llama"), expected, rtol=0, atol=1e-5)

@@ -278,7 +278,9 @@ def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[
     if any(layer.merged for _, layer in lora_layers(model)):
         raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
     residual = [name for name, layer in lora_layers(model) if initial_factors(layer) is not None]
-    if residual or config.initializer in RESIDUAL_INITIALIZERS:
+    if (residual or config.initializer in RESIDUAL_INITIALIZERS) and not _same_residual(
+        model, config
+    ):
         # the base weights hold W - s·B0 A0 of the current adapter's init (or must hold the
         # new one's): swapping only the factors would pair them with the wrong base
         which = (
@@ -300,6 +302,20 @@ def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[
                 f"{name}: the adapter config gives r={r}, the model's layer has r={layer.r}"
             )
     return {k: tuple(v.shape) for k, v in adapter_state_dict(model, bias=config.bias).items()}
+
+
+def _same_residual(model: nn.Module, config: LoraConfig) -> bool:
+    """The file's adapter would leave the base weights as the model's adapter did: the same
+    residual initializer at the same rank and scale on every layer (another checkpoint of the
+    same run, say), so its factors belong with the residual already there."""
+    current = get_state(model).config
+    if current.initializer != config.initializer or config.initializer == "lora_ga":
+        return False
+    for name, layer in lora_layers(model):
+        r, alpha = config.rank_and_alpha(name)
+        if r != layer.r or config.scaling(r=r, alpha=alpha) != layer.scaling:
+            return False
+    return True
 
 
 def _check_same_modules(model: nn.Module, config: LoraConfig) -> None:
