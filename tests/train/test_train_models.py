@@ -149,14 +149,32 @@ def test_a_model_directory_without_config_json_is_named(tiny_bert: Path, tmp_pat
         load_pretrained(str(bare), task="classification", label_names=("0", "1"))
 
 
-def test_max_length_beyond_the_position_embeddings_is_an_option_error(
-    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+def test_texts_longer_than_the_position_embeddings_are_an_option_error(
+    tiny_bert: Path, tmp_path: Path
 ) -> None:
-    # texts longer than the model's 128 positions crashed the forward pass mid-run
+    # tokenized texts beyond the model's 128 positions crashed the forward pass mid-run; a
+    # --max-length above 128 with short texts still trains (batches pad to the longest text)
     from rankwise.train import TrainConfig, train
+    from rankwise.train.models import position_limit
 
-    config = TrainConfig(model=str(tiny_bert), data=str(toy_tsv), output=str(tmp_path / "run"),
-                         max_length=129, max_steps=1)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"option --max-length .*at most 128 .* found 129"):
+    data = tmp_path / "long.tsv"
+    long = " ".join(["good"] * 200)
+    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{long}\n" for i in range(20)))
+    config = TrainConfig(model=str(tiny_bert), data=str(data), output=str(tmp_path / "run"),
+                         max_length=256, max_steps=1, batch_size=4)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"a text is 202 tokens long, .* hold 128; set --max-length 128"):
         train(config, echo=lambda _: None)
     assert not (tmp_path / "run").exists()
+    short = tmp_path / "short.tsv"
+    short.write_text("label\tsentence\n" + "".join(f"{i % 2}\tgood film\n" for i in range(20)))
+    train(TrainConfig(model=str(tiny_bert), data=str(short), output=str(tmp_path / "ok"),
+                      max_length=256, max_steps=1, batch_size=4, save_every=0),
+          echo=lambda _: None)  # fmt: skip
+    from transformers import LlamaConfig, LlamaForCausalLM, RobertaConfig, RobertaModel
+
+    roberta = RobertaModel(RobertaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=8, max_position_embeddings=34))  # fmt: skip
+    assert position_limit(roberta) == 32  # positions start after the padding index
+    llama = LlamaForCausalLM(LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                         intermediate_size=8, vocab_size=16))  # fmt: skip
+    assert position_limit(llama) is None  # rotary: no table to run off

@@ -20,7 +20,7 @@ from rankwise.train.batching import encode
 from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
-from rankwise.train.models import load_pretrained
+from rankwise.train.models import check_positions, load_pretrained
 
 TASK_FILE = "rankwise_task.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -222,6 +222,7 @@ def evaluate_file(
         label_names=names,
     )
     encoded = encode(dataset, trained.tokenizer, task=trained.task, max_length=trained.max_length)
+    check_positions(trained.model, encoded.lengths(), where=str(data))
     return evaluate(
         trained.model, encoded, batch_size=batch_size, pad_id=trained.tokenizer.pad_token_id
     )
@@ -242,6 +243,7 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
     encoded = encode(
         dataset, trained.tokenizer, task="classification", max_length=trained.max_length
     )
+    check_positions(trained.model, encoded.lengths(), where="predict")
     result = evaluate(trained.model, encoded, batch_size=64, pad_id=trained.tokenizer.pad_token_id)
     bad = (~torch.isfinite(result.logits).all(dim=-1)).nonzero().flatten().tolist()
     if bad:  # NaN argmax is label 0: a confident-looking answer from a broken model

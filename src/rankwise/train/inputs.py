@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from rankwise.errors import ConfigError
-from rankwise.train.config import TrainConfig, option
+from rankwise.train.config import TrainConfig
 from rankwise.train.data import Split, held_out_split, load_dataset, relabeled
 from rankwise.train.models import Loaded, load_pretrained
 
@@ -43,16 +42,6 @@ def load_run_data(config: TrainConfig) -> RunData:
         model_dropout=config.model_dropout,
         adopt_label_order=True,
     )
-    model_config = loaded.model.config
-    limit = getattr(model_config, "max_position_embeddings", None) or getattr(
-        model_config, "n_positions", None
-    )
-    if isinstance(limit, int) and config.max_length is not None and config.max_length > limit:
-        # longer texts would crash the forward pass mid-run ("expanded size ... must match")
-        raise ConfigError(
-            f"{option('max_length')}: expected at most {limit} (the model's position "
-            f"embeddings), found {config.max_length}"
-        )
     if config.task == "classification" and loaded.label_names != split.train.label_names:
         # the checkpoint's trained head orders the same names otherwise: number the data so
         split = Split(*(relabeled(part, loaded.label_names) for part in split))

@@ -47,6 +47,7 @@ from rankwise.train.hooks import MethodHooks, gradient_batches, make_hooks
 from rankwise.train.inputs import RunData, load_run_data
 from rankwise.train.methods import MergeCheck, Prepared, prepare, trainable_state
 from rankwise.train.metrics import MetricsLog, read_metrics
+from rankwise.train.models import check_positions
 from rankwise.train.outputs import finish_outputs, prepare_output, task_info
 
 MAX_GRAD_NORM = 1.0
@@ -342,6 +343,8 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
     tokenizer, length = data.loaded.tokenizer, config.max_length or 128
     train_enc = encode(data.split.train, tokenizer, task=config.task, max_length=length)
     eval_enc = encode(data.split.eval, tokenizer, task=config.task, max_length=length)
+    for part, name in ((train_enc, "training data"), (eval_enc, "evaluation data")):
+        check_positions(model, part.lengths(), where=name)
     total = total_steps(len(train_enc.input_ids), config, info.world_size)
     ga = None
     if config.method == "lora-ga":

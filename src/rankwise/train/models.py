@@ -268,3 +268,29 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
+
+
+def position_limit(model: Any) -> int | None:
+    """How many tokens a model's learned absolute position embeddings hold (BERT's
+    ``position_embeddings``, GPT-2's ``wpe``; RoBERTa's start after its padding index, so 514
+    rows hold 512 tokens), or None (rotary, relative: no fixed table to run off)."""
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in (
+            "position_embeddings",
+            "wpe",
+        ):
+            offset = 0 if module.padding_idx is None else module.padding_idx + 1
+            return module.num_embeddings - offset
+    return None
+
+
+def check_positions(model: Any, lengths: list[int], *, where: str) -> None:
+    """A ConfigError naming ``--max-length`` when a tokenized text of ``where`` is longer than
+    the model's position embeddings hold (the forward pass would fail mid-run)."""
+    limit = position_limit(model)
+    longest = max(lengths, default=0)
+    if limit is not None and longest > limit:
+        raise ConfigError(
+            f"{where}: a text is {longest} tokens long, the model's position embeddings hold "
+            f"{limit}; set --max-length {limit} or less"
+        )
