@@ -6,7 +6,8 @@ The trials are those of ``tests/reliability/rel_crashkit.py`` (the test suite ru
   equal to the version number) and is killed ``U(0, 0.5)`` s after its first complete save.
   Survived = each of the two files is a complete version (the last reported or the next) and
   ``load_adapter`` accepts the directory. Also counted: directories whose two files come from
-  different versions (each file is replaced atomically, the pair is not) and temp files left.
+  different versions (``save_adapter`` swaps the pair in as one directory since that was
+  found; before, each file was replaced atomically but not the pair) and temp files left.
 * ``rankwise finetune``: a tiny BERT (built from a config) on a 48-row synthetic CSV, 24 steps,
   a checkpoint every step (two kept), killed ``U(0, 1.15) x T`` after its training starts
   (``config.yaml`` written, inputs loaded), where ``T`` is the time an uninterrupted run takes
