@@ -162,7 +162,9 @@ def test_texts_longer_than_the_position_embeddings_are_an_option_error(
     data.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{long}\n" for i in range(20)))
     config = TrainConfig(model=str(tiny_bert), data=str(data), output=str(tmp_path / "run"),
                          max_length=256, max_steps=1, batch_size=4)  # fmt: skip
-    with pytest.raises(ConfigError, match=r"a text is 202 tokens long, .* hold 128; set --max-length 128"):
+    with pytest.raises(
+        ConfigError, match=r"a text is 202 tokens long, .* hold 128; set --max-length 128"
+    ):
         train(config, echo=lambda _: None)
     assert not (tmp_path / "run").exists()
     short = tmp_path / "short.tsv"
