@@ -180,3 +180,21 @@ def test_texts_longer_than_the_position_embeddings_are_an_option_error(
     llama = LlamaForCausalLM(LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                          intermediate_size=8, vocab_size=16))  # fmt: skip
     assert position_limit(llama) is None  # rotary: no table to run off
+
+
+def test_position_limits_of_other_learned_tables() -> None:
+    # OPT/BART keep theirs in embed_positions with an offset of 2 (the check missed them and
+    # the run crashed mid-way); a table an adapter wraps is found as its base_layer
+    from transformers import BertConfig, BertModel, OPTConfig, OPTForCausalLM
+
+    from rankwise.lora import LoraConfig, inject
+    from rankwise.train.models import position_limit
+
+    opt = OPTForCausalLM(OPTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                   ffn_dim=8, vocab_size=32, max_position_embeddings=16,
+                                   word_embed_proj_dim=8))  # fmt: skip
+    assert position_limit(opt) == 16
+    bert = BertModel(BertConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=8, max_position_embeddings=40))  # fmt: skip
+    inject(bert, LoraConfig(r=2, target_modules=["position_embeddings"]))
+    assert position_limit(bert) == 40

@@ -272,16 +272,22 @@ def quiet_transformers() -> None:
 
 def position_limit(model: Any) -> int | None:
     """How many tokens a model's learned absolute position embeddings hold (BERT's
-    ``position_embeddings``, GPT-2's ``wpe``; RoBERTa's start after its padding index, so 514
-    rows hold 512 tokens), or None (rotary, relative: no fixed table to run off)."""
+    ``position_embeddings``, GPT-2's ``wpe``, OPT/BART's ``embed_positions``; RoBERTa's start
+    after its padding index, so 514 rows hold 512 tokens, OPT/BART's after an ``offset`` of 2),
+    or None (rotary, relative: no fixed table to run off). A table wrapped by an adapter is
+    found as its ``base_layer``."""
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in (
-            "position_embeddings",
-            "wpe",
-        ):
+        parts = name.split(".")
+        owner = parts[-2] if parts[-1] == "base_layer" and len(parts) > 1 else parts[-1]
+        if isinstance(module, torch.nn.Embedding) and owner in POSITION_TABLES:
             offset = 0 if module.padding_idx is None else module.padding_idx + 1
+            offset += int(getattr(module, "offset", 0) or 0)
             return module.num_embeddings - offset
     return None
+
+
+# module names of learned absolute position tables (nn.Embedding or a subclass)
+POSITION_TABLES = ("position_embeddings", "wpe", "embed_positions")
 
 
 def check_positions(model: Any, lengths: list[int], *, where: str) -> None:
