@@ -40,17 +40,24 @@ def _pair(X: ArrayLike, Y: ArrayLike) -> tuple[torch.Tensor, torch.Tensor, bool]
     return x.to(dtype), y.to(device=x.device, dtype=dtype), was_numpy
 
 
-def _weights(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """``(w, f)`` with ``f·w_i = ‖x_i‖·‖y_i‖`` (n,), the norm of the i-th outer product
-    ``x_i y_iᵀ``. ``w`` is formed from ``x, y`` divided by their largest entries, so it neither
-    overflows nor underflows when ``X`` and ``Y`` have very different scales (1e20 and 1e-20:
-    their product is ordinary, the squared norms are not)."""
+def _unit_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``(x / max|x|, y / max|y|, max|x|·max|y|)``: factors whose norms and products neither
+    overflow nor underflow when ``X`` and ``Y`` have extreme or very different scales (1e20 and
+    1e-20: their product is ordinary, the squared norms are not). A zero factor gives scale 0."""
     sx = float(x.abs().max()) if x.numel() else 0.0
     sy = float(y.abs().max()) if y.numel() else 0.0
     if sx == 0 or sy == 0:
+        return x, y, 0.0
+    return x / sx, y / sy, sx * sy
+
+
+def _weights(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(w, f)`` with ``f·w_i = ‖x_i‖·‖y_i‖`` (n,), the norm of the i-th outer product
+    ``x_i y_iᵀ``, formed from :func:`_unit_pair`'s factors."""
+    ux, uy, factor = _unit_pair(x, y)
+    if factor == 0:
         return torch.zeros(x.shape[1], dtype=x.dtype, device=x.device), 0.0
-    w = torch.linalg.vector_norm(x / sx, dim=0) * torch.linalg.vector_norm(y / sy, dim=1)
-    return w, sx * sy
+    return torch.linalg.vector_norm(ux, dim=0) * torch.linalg.vector_norm(uy, dim=1), factor
 
 
 def cr_approx(
@@ -96,13 +103,13 @@ def cr_expected_error(X: ArrayLike, Y: ArrayLike, rank: int) -> float:
     """
     x, y, _ = _pair(X, Y)
     c = check_rank(rank, (x.shape[1],), "rank")
-    x, y = x.to(torch.float64), y.to(torch.float64)
-    w, factor = _weights(x, y)
+    ux, uy, factor = _unit_pair(x.to(torch.float64), y.to(torch.float64))
     if factor == 0:
         return 0.0
-    # In units of ``factor`` = max|X|·max|Y| (X, Y divided by their largest entries), scaled
-    # back by products of floats at the end: inf beyond float64's range, never an OverflowError.
-    product = (x / float(x.abs().max())) @ (y / float(y.abs().max()))
+    # In units of ``factor`` = max|X|·max|Y|, scaled back by products of floats at the end:
+    # inf beyond float64's range, never an OverflowError.
+    w = torch.linalg.vector_norm(ux, dim=0) * torch.linalg.vector_norm(uy, dim=1)
+    product = ux @ uy
     spread = float(w.sum()) ** 2
     # >= 0 exactly (Cauchy–Schwarz); rounding may cancel to -1e-14 when the answer is 0
     unit = max(spread - float(torch.linalg.matrix_norm(product).square()), 0.0) / c

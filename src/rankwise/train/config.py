@@ -251,7 +251,24 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and not math.isfinite(value):
             raise ConfigError(f"{option(name)}: expected a finite number, found {value}")
-    # values the float32 optimizer and scaling take: 1e300 passed as finite and crashed mid-run
+    _check_representable(config)
+    for name in ("warmup", "eval_split"):  # a fraction below 1, else a whole count
+        value = getattr(config, name)
+        if value is not None and value >= 1 and value != int(value):
+            raise ConfigError(
+                f"{option(name)}: expected a fraction < 1 or a whole count >= 1, found {value}"
+            )
+    if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
+        raise ConfigError(
+            f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
+        )
+    if not config.targets and config.method != "full":
+        raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
+
+
+def _check_representable(config: TrainConfig) -> None:
+    """Values the float32 optimizer and scaling take, and a seed torch takes: 1e300 passed as
+    finite and crashed mid-run, a seed beyond 64 bits failed with "Overflow when unpacking"."""
     for name in ("alpha", "loraplus_ratio", "lr", "weight_decay"):
         value = getattr(config, name)
         if value is not None and abs(value) > FLOAT32_MAX:
@@ -268,18 +285,6 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"{option('seed')}: expected a seed in [{SEED_MIN}, {SEED_MAX}], found {config.seed}"
         )
-    for name in ("warmup", "eval_split"):  # a fraction below 1, else a whole count
-        value = getattr(config, name)
-        if value is not None and value >= 1 and value != int(value):
-            raise ConfigError(
-                f"{option(name)}: expected a fraction < 1 or a whole count >= 1, found {value}"
-            )
-    if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
-        raise ConfigError(
-            f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
-        )
-    if not config.targets and config.method != "full":
-        raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
