@@ -68,7 +68,10 @@ def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None
         (["--data", "{tmp}/none.tsv"], "does not exist"),
         (["--text-column", "nope"], "'nope' not found"),
         (["--data", "{tmp}/empty.tsv"], "empty"),
-        (["--data", "{tmp}/floats.tsv"], "neither an integer nor a name"),
+        (["--data", "{tmp}/floats.tsv"], "is a number but not a non-negative integer"),
+        (["--data", "{tmp}/negative.tsv"], "label '-1' is a number but not"),
+        (["--data", "{tmp}/words.tsv"], "neither an integer nor a name"),
+        (["--config", "{tmp}"], "is a directory; expected a YAML file"),
         (["--model", "{tmp}/no_model"], "does not exist"),
         (["--model", "nobody-xyz/no-such-model-xyz"], "could not be downloaded"),
         (["--batch-size", "0"], "option --batch-size (batch_size in a config file)"),
@@ -86,6 +89,8 @@ def test_bad_input_is_one_line_and_writes_nothing(
     model, data = tiny
     (tmp_path / "empty.tsv").write_text("label\tsentence\n")
     (tmp_path / "floats.tsv").write_text("label\tsentence\n0.5\thello\n1\tworld\n")
+    (tmp_path / "negative.tsv").write_text("label\tsentence\n-1\thello\n1\tworld\n")
+    (tmp_path / "words.tsv").write_text("label\tsentence\n   \thello\n1\tworld\n")
     (tmp_path / "afile").write_text("x")
     (tmp_path / "bad.yaml").write_text("rank: 4\n")
     out = tmp_path / "out"

@@ -164,6 +164,8 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     import yaml
 
     file = Path(path)
+    if file.is_dir():
+        raise ConfigError(f"config file {str(file)!r} is a directory; expected a YAML file")
     if not file.is_file():
         raise FileNotFoundError(f"config file {str(file)!r} does not exist")
     try:

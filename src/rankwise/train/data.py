@@ -223,6 +223,11 @@ def _label_key(value: Any, *, source: str, row: int) -> int | str:
             return int(stripped)
         if stripped and not _is_number(stripped):
             return stripped
+        if _is_number(stripped):
+            raise ConfigError(
+                f"{source!r} row {row}: label {value!r} is a number but not a non-negative "
+                "integer (labels are class indices 0, 1, ... or names)"
+            )
     raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
 
 
