@@ -420,3 +420,23 @@ def test_combine_weights_that_overflow_and_seeds_out_of_range_are_refused(
     assert stop.value.code == 2
     assert "--seed: expected a seed in" in capsys.readouterr().err and not out.exists()
     assert main([*argv, "--method", "dare", "--seed", str(2**64 - 1)]) == 0
+
+
+def test_combine_negative_weights_without_equals(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # argparse read "-1,2" as an option ("expected one argument"): negation (task arithmetic's
+    # subtraction) needed --weights=-1,2
+    argv = ["combine", str(setup["r2"]), str(setup["r8"])]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--weights", "-1,2"]) == 0
+    assert main([*argv, "--out", str(tmp_path / "b"), "--weights=-1,2"]) == 0
+    a, b = read_factors(tmp_path / "a"), read_factors(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key].A, b[key].A) and torch.equal(a[key].B, b[key].B)
+    assert main([*argv, "--out", str(tmp_path / "c"), "--weights", "-.5, -2e-1"]) == 0
+    capsys.readouterr()
+    # a real option after a value-taking one is still an option
+    with pytest.raises(SystemExit):
+        main([*argv, "--out", "--weights", "1,1"])
+    assert "--output: expected one argument" in capsys.readouterr().err

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -222,6 +223,30 @@ def _command_parser(name: str, command: Command) -> tuple[argparse.ArgumentParse
     return parser, module
 
 
+_NEGATIVE_LIST = re.compile(r"-(\d|\.\d)[\d.eE+\-]*(,\s*[+\-]?(\d|\.\d)[\d.eE+\-]*)*")
+
+
+def _negative_values_attached(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--weights -1,2`` as ``--weights=-1,2``: argparse reads a value that starts with ``-``
+    as an option unless it is a single plain number, so a negative list needed the ``=``."""
+    out: list[str] = []
+    for position, token in enumerate(argv):
+        if token == "--":  # the rest is positional, as argparse has it
+            return out + argv[position:]
+        previous = out[-1] if out else ""
+        action = parser._option_string_actions.get(previous)
+        if (
+            action is not None
+            and action.nargs is None
+            and previous.startswith("--")
+            and _NEGATIVE_LIST.fullmatch(token)
+        ):
+            out[-1] = f"{previous}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
@@ -233,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if name not in COMMANDS:
         top.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS) or '(none yet)'}")
     parser, module = _command_parser(name, COMMANDS[name])
-    args = parser.parse_args(rest)
+    args = parser.parse_args(_negative_values_attached(parser, rest))
     try:
         with _sigterm_raises():
             return int(module.run(args) or 0)
