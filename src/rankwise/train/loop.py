@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -276,8 +277,8 @@ def _resume(run: _Run) -> ckpt.Position:
     with warnings.catch_warnings(record=True) as caught:  # echoed below (rank 0 only)
         warnings.simplefilter("always", RuntimeWarning)
         found = ckpt.load_latest(run.out)
-    for warning in caught:
-        run.echo(f"warning: {warning.message}")
+    for warning in caught if run.info.is_main else ():  # diagnostics: stderr, not the log
+        print(f"warning: {warning.message}", file=sys.stderr)
     if found is None and ckpt.list_checkpoints(run.out):
         raise ValueError(
             f"--resume: no checkpoint in {run.out / ckpt.CHECKPOINTS_DIR} is usable (see the "
