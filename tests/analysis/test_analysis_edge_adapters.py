@@ -72,6 +72,34 @@ def test_combine_caps_the_rank_per_module_as_resize(tmp_path: Path) -> None:
     assert sorted(row.rank for row in resized) == [2, 3, 3, 3]
 
 
+def test_combine_default_rank_is_the_largest_declared_as_peft(tmp_path: Path) -> None:
+    # rank=None took max rᵢ per module: where rank_pattern lowered one input's rank, the sum of
+    # a rank-2 and a rank-1 update was cut to 2 directions (0.318 off); PEFT keeps its new rank
+    # (the largest r / rank_pattern entry, 4) there and is exact
+    def trained(path: Path, seed: int, **kwargs) -> None:
+        model = peft.get_peft_model(_bert(), peft.LoraConfig(target_modules=["query"], **kwargs))
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+        model.save_pretrained(path)
+
+    pattern = {"layer.0.attention.self.query": 2}
+    trained(tmp_path / "a", 1, r=4, lora_alpha=4, rank_pattern=pattern)
+    trained(tmp_path / "b", 2, r=1, lora_alpha=1)
+    for method in ("svd", "ties", "dare"):
+        rows = combine_adapters(
+            [tmp_path / "a", tmp_path / "b"], tmp_path / method, method=method, generator=0
+        )
+        ranks = {row.module: row.rank for row in rows}
+        # layer 0 holds a rank-3 sum (svd keeps all of it: Σ rᵢ caps); layer 1 is cut to 4
+        assert ranks[QUERY] == (3 if method == "svd" else 4), (method, ranks)
+        assert ranks[QUERY.replace("layer.0", "layer.1")] == 4
+    assert _row(combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "s2",
+                                 method="svd")).relative_error < 1e-5  # fmt: skip
+
+
 def test_amplification_of_an_adapter_with_r_above_the_dims(tmp_path: Path) -> None:
     _peft_save(
         tmp_path / "ad", r=40, lora_alpha=8, target_modules=["query"], init_lora_weights=False

@@ -143,8 +143,11 @@ def combine_adapters(
     instead (e.g. two classification runs, each with its own head).
 
     A module missing from some adapters is combined from those that have it (a zero update
-    elsewhere). ``rank`` is capped per module at what it can hold (``min(out, in)``, and
-    ``Σ rᵢ`` for ``"svd"``), as :func:`resize_adapter` caps it at ``r``. ``generator`` (DARE) is shared across modules in sorted module order.
+    elsewhere). ``rank=None`` (the truncating methods) is PEFT's default new rank, the largest
+    ``r`` or ``rank_pattern`` entry of any input, for every module. ``rank`` is capped per
+    module at what it can hold (``min(out, in)``, and ``Σ rᵢ`` for ``"svd"``), as
+    :func:`resize_adapter` caps it at ``r``. ``generator`` (DARE) is shared across modules in
+    sorted module order.
     """
     if len(sources) == 0:
         raise ValueError("sources must name at least one adapter directory")
@@ -163,6 +166,11 @@ def combine_adapters(
         )
     extras = _common_extras(sources, configs, extras_from)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
+    if rank is None and method != "linear":
+        # PEFT's default new rank: the largest rank any input adapter declares (r or a
+        # rank_pattern entry), for every module; a module whose own inputs are smaller (a lower
+        # rank_pattern entry) still gets it, capped below at what the module can hold
+        rank = max(_declared_rank(c, a) for c, a in zip(configs, adapters, strict=True))
     new: dict[str, Factors] = {}
     report = []
     for module in sorted(set().union(*adapters)):
@@ -180,6 +188,13 @@ def combine_adapters(
         report.append(LayerReport(module, _shape(out), exact.A.shape[0], out.A.shape[0], error))
     write_factors(destination, new, carried=configs[0], extras=extras)
     return tuple(report)
+
+
+def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:
+    """The largest rank an adapter declares: ``r`` or a ``rank_pattern`` entry (or, if larger,
+    a module's actual rank)."""
+    declared = [int(config.r), *(int(v) for v in (config.rank_pattern or {}).values())]
+    return max(*declared, *(int(f.A.shape[0]) for f in factors.values()))
 
 
 def _common_extras(

@@ -38,7 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="linear: exact sum (rank = sum of ranks); svd: best rank-k of the sum; "
         "ties / dare: the papers' merges on the dense updates, then rank k (default linear)",
     )
-    parser.add_argument("--rank", type=int, help="rank k for svd/ties/dare (default: largest r)")
+    parser.add_argument(
+        "--rank",
+        type=int,
+        help="rank k for svd/ties/dare (default: the largest r or rank_pattern entry of the inputs, as PEFT)",
+    )
     parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (0.5)")
     parser.add_argument("--seed", type=seed, default=0, help="dare: seed of the drop masks")
     parser.add_argument(
