@@ -94,3 +94,68 @@ def test_epoch_seeds_near_the_top_of_the_range_do_not_overflow() -> None:
     assert epoch_generator(top, 3).initial_seed() == (top + 3 * EPOCH_STRIDE) % 2**64
     same = [epoch_generator(s, 1).initial_seed() for s in (7, -5)]
     assert same == [7 + EPOCH_STRIDE, (EPOCH_STRIDE - 5) % 2**64]  # unchanged where it fit
+
+
+def test_a_pair_is_tokenized_as_one_text_with_the_prompt_masked(tiny_gpt2) -> None:
+    # the halves were tokenized apart: "play" + "ing" trained on [play, ##ing]-like pieces
+    # that the joint text never tokenizes to (and Llama-style tokenizers got a spurious space
+    # before every response); now the sequence is the joint text's tokens
+    from transformers import AutoTokenizer
+
+    tok = _with_bos_eos(AutoTokenizer.from_pretrained(tiny_gpt2))
+    ds = TextDataset(("ing", " is fun"), None, (), ("play", "play"), "pairs.jsonl")
+    with pytest.warns(RuntimeWarning, match=r"in 1 of 2 examples a token spans the prompt"):
+        enc = encode(ds, tok, task="causal-lm", max_length=32)
+    bos, eos = [tok.bos_token_id], [tok.eos_token_id]
+    for ids, (prompt, response) in zip(enc.input_ids, [("play", "ing"), ("play", " is fun")]):
+        assert (
+            list(ids) == bos + tok(prompt + response, add_special_tokens=False)["input_ids"] + eos
+        )
+    # "playing" is one token spanning the boundary: it is scored (as the response), not masked
+    assert enc.targets[0] == (IGNORE_INDEX, *enc.input_ids[0][1:])
+    prompt_len = len(tok("play", add_special_tokens=False)["input_ids"])
+    assert enc.targets[1][: 1 + prompt_len] == (IGNORE_INDEX,) * (1 + prompt_len)
+    assert enc.targets[1][1 + prompt_len :] == enc.input_ids[1][1 + prompt_len :]
+
+
+def test_a_response_ending_in_eos_gets_no_second_one(tiny_gpt2) -> None:
+    from transformers import AutoTokenizer
+
+    tok = _with_bos_eos(AutoTokenizer.from_pretrained(tiny_gpt2))
+    ds = TextDataset((f"four {tok.eos_token}", "four"), None, (), ("q :", "q :"), "t")
+    enc = encode(ds, tok, task="causal-lm", max_length=32)
+    assert enc.input_ids[0] == enc.input_ids[1]
+    assert enc.input_ids[0].count(tok.eos_token_id) == 1
+
+
+def test_truncation_that_leaves_nothing_to_score_is_counted_or_refused(tiny_gpt2) -> None:
+    # every response cut away reported perplexity 1.000 (loss 0 over no tokens) and trained on
+    # nothing, exit 0
+    from transformers import AutoTokenizer
+
+    from rankwise.errors import ConfigError
+    from rankwise.train.evaluate import evaluate
+
+    tok = _with_bos_eos(AutoTokenizer.from_pretrained(tiny_gpt2))
+    long_prompt = "a very long question " * 4
+    ds = TextDataset(("yes", "no"), None, (), (long_prompt, long_prompt), "long.jsonl")
+    with pytest.raises(ConfigError, match="'long.jsonl': no example keeps a token.*--max-length 8"):
+        encode(ds, tok, task="causal-lm", max_length=8)
+    mixed = TextDataset(("yes", "no"), None, (), (long_prompt, "q"), "mixed.jsonl")
+    with pytest.warns(RuntimeWarning, match=r"'mixed.jsonl': 1 of 2 examples keep no token"):
+        encode(mixed, tok, task="causal-lm", max_length=8)
+    masked = Encoded(((1, 2, 3),), ((IGNORE_INDEX,) * 3,), "causal-lm")
+    with pytest.raises(ValueError, match="perplexity of no tokens"):
+        evaluate(_UniformLM(), masked)
+
+
+def _with_bos_eos(tok):  # the MiniLM tokenizer of the tiny models has neither
+    tok.bos_token, tok.eos_token = "[CLS]", "[SEP]"
+    return tok
+
+
+class _UniformLM(torch.nn.Module):
+    def forward(self, input_ids, attention_mask):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 8))

@@ -253,3 +253,44 @@ def test_an_empty_source_or_dataset_name_is_named(source: str, message: str) -> 
     the datasets library and came back as 'IndexError: list index out of range'."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         read_rows(source)
+
+
+def test_a_csv_quote_never_closed_is_an_error(tmp_path: Path) -> None:
+    # the csv module read every later row into the open field: 1000 rows loaded as 901
+    rows = "".join(f"{i % 2},text {i}\n" for i in range(20))
+    path = _write(tmp_path / "d.csv", "label,text\n" + rows + '1,"a stray quote\n' + rows)
+    with pytest.raises(ConfigError, match=r"'.*d.csv': a quote opened on line 22 is never closed"):
+        load_dataset(str(path))
+    # irregular but closed quoting still reads as before
+    ok = _write(tmp_path / "ok.csv", 'label,text\n1,"a"b\n0,"c ""d"""\n')
+    assert load_dataset(str(ok)).texts == ("ab", 'c "d"')
+
+
+@pytest.mark.parametrize("name", ["d.csv", "d.tsv"])
+def test_a_repeated_header_name_is_an_error(tmp_path: Path, name: str) -> None:
+    # the last 'text' column won silently (an annotator's note trained as the text)
+    sep = "," if name.endswith("csv") else "\t"
+    path = _write(tmp_path / name, sep.join(["text", "label", "text"]) + "\n"
+                  + sep.join(["good film", "1", "note A"]) + "\n")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"header names column\(s\) 'text' more than once"):
+        load_dataset(str(path))
+
+
+def test_a_prompt_or_response_that_is_not_a_string_is_an_error(tmp_path: Path) -> None:
+    # a dict response trained as Python's "{'a': 1}"; responses 0 and false were dropped
+    for value, kind in (({"a": 1}, "dict"), (0, "int"), (False, "bool"), (["x"], "list")):
+        rows = [{"prompt": "q", "response": "fine"}, {"prompt": "q", "response": value}]
+        path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(ConfigError, match=f"row 2: column 'response' holds {kind}"):
+            load_dataset(str(path), task="causal-lm")
+    rows = [{"prompt": ["x", "y"], "response": "fine"}]
+    path = _write(tmp_path / "p.jsonl", json.dumps(rows[0]) + "\n")
+    with pytest.raises(ConfigError, match="row 1: column 'prompt' holds list"):
+        load_dataset(str(path), task="causal-lm")
+
+
+def test_a_label_of_non_ascii_digits_is_a_name(tmp_path: Path) -> None:
+    # "²".isdigit() is true and int() refused it: a bare "invalid literal for int()"
+    path = _write(tmp_path / "d.tsv", "label\ttext\n²\tsquared\n³\tcubed\n")
+    ds = load_dataset(str(path))
+    assert ds.label_names == ("²", "³") and ds.labels == (0, 1)

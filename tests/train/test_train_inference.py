@@ -272,3 +272,45 @@ def test_sigterm_during_merge_leaves_no_temporary_directory(
     assert stop.value.code == 143 and "terminated" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is put back
+
+
+def test_an_adapter_tokenizer_without_a_pad_token_pads_with_eos(
+    tiny_gpt2: Path, tmp_path: Path
+) -> None:
+    # a PEFT adapter saved with its GPT-2/Llama-style tokenizer (no pad token): evaluate
+    # crashed in torch.full(fill_value=None); the base tokenizer already fell back to eos
+    from transformers import AutoTokenizer
+
+    _peft_adapter(tiny_gpt2, tmp_path / "lm", "CAUSAL_LM", ["c_attn"])
+    tok = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tok.eos_token, tok.pad_token = "[SEP]", None
+    tok.save_pretrained(tmp_path / "lm")
+    trained = load_trained(tmp_path / "lm")
+    assert trained.tokenizer.pad_token == "[SEP]"
+    data = tmp_path / "d.jsonl"
+    data.write_text(
+        "".join(json.dumps({"text": f"a film {'so ' * i}good"}) + "\n" for i in range(6))
+    )
+    result = evaluate_file(trained, str(data), batch_size=3)
+    assert result.perplexity is not None and result.perplexity > 1.0
+
+
+def test_evaluate_and_predict_take_max_length(
+    run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the position check told evaluate's user to "set --max-length", which evaluate lacked
+    long = tmp_path / "long.tsv"
+    long.write_text("label\tsentence\n" + "".join(f"{i % 2}\t{'good ' * 150}\n" for i in range(4)))
+    argv = ["evaluate", "--adapter", str(run_dir / "adapter"), "--data", str(long), "--json"]
+    recorded = json.loads((run_dir / "adapter" / "rankwise_task.json").read_text())["max_length"]
+    assert recorded == 128
+    task = json.loads((run_dir / "adapter" / "rankwise_task.json").read_text())
+    assert main([*argv, "--max-length", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["examples"] == 4
+    assert load_trained(run_dir / "adapter", max_length=16).max_length == 16
+    assert main(["predict", "--adapter", str(run_dir / "adapter"), "--max-length", "8",
+                 "good " * 150]) == 0  # fmt: skip
+    assert capsys.readouterr().out.count("\t") == 2
+    assert main([*argv, "--max-length", "0"]) == 2
+    assert "--max-length: expected an integer >= 1" in capsys.readouterr().err
+    assert json.loads((run_dir / "adapter" / "rankwise_task.json").read_text()) == task

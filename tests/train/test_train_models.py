@@ -198,3 +198,15 @@ def test_position_limits_of_other_learned_tables() -> None:
                                 intermediate_size=8, max_position_embeddings=40))  # fmt: skip
     inject(bert, LoraConfig(r=2, target_modules=["position_embeddings"]))
     assert position_limit(bert) == 40
+
+
+def test_a_model_type_without_the_task_class_is_one_line(tmp_path: Path) -> None:
+    # transformers' error for DistilBERT under --task causal-lm listed every config class (3 kB)
+    from transformers import DistilBertConfig, DistilBertForMaskedLM
+
+    config = DistilBertConfig(dim=32, n_layers=1, n_heads=2, hidden_dim=37,
+                              vocab_size=_tokenizer().vocab_size)  # fmt: skip
+    path = _save(DistilBertForMaskedLM(config), tmp_path, "distil")
+    with pytest.raises(ConfigError, match=r"\(distilbert\) has no causal-LM class") as err:
+        load_pretrained(str(path), task="causal-lm")
+    assert len(str(err.value)) < 300

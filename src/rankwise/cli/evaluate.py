@@ -27,6 +27,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=64, help="examples per forward pass (default 64)"
     )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="cut texts at N tokens (default: the length the run trained with)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -40,7 +46,11 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--batch-size: expected an integer >= 1, found {args.batch_size}")
     from rankwise.train.inference import evaluate_file, load_trained
 
-    trained = load_trained(args.adapter, model=args.model)
+    if args.max_length is not None and args.max_length < 1:
+        from rankwise.cli import CliError
+
+        raise CliError(f"--max-length: expected an integer >= 1, found {args.max_length}")
+    trained = load_trained(args.adapter, model=args.model, max_length=args.max_length)
     result = evaluate_file(
         trained,
         args.data,

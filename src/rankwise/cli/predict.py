@@ -17,6 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", metavar="PATH", help="base model (default: the one recorded with the adapter)"
     )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="cut texts at N tokens (default: the length the run trained with)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per text")
     parser.add_argument(
         "texts",
@@ -33,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.train.inference import load_trained, predict
 
     texts = _checked_texts(args.texts) if args.texts else _stdin_texts()
-    trained = load_trained(args.adapter, model=args.model)
+    if args.max_length is not None and args.max_length < 1:
+        from rankwise.cli import CliError
+
+        raise CliError(f"--max-length: expected an integer >= 1, found {args.max_length}")
+    trained = load_trained(args.adapter, model=args.model, max_length=args.max_length)
     for p in predict(trained, texts):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "probability": p.probability}))

@@ -11,11 +11,13 @@ batches, and the batch order is shuffled again (the scheme of transformers'
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
 
+from rankwise.errors import ConfigError
 from rankwise.train.data import TextDataset
 
 IGNORE_INDEX = -100  # label value skipped by the loss (padding, prompt tokens)
@@ -38,27 +40,76 @@ class Encoded(NamedTuple):
 
 
 def encode(dataset: TextDataset, tokenizer: Any, *, task: str, max_length: int) -> Encoded:
-    """Tokenize every example once (truncated to ``max_length`` tokens, not padded)."""
+    """Tokenize every example once (truncated to ``max_length`` tokens, not padded).
+
+    Causal LM: ``bos + prompt + response + eos``, cut at ``max_length`` from the end. A pair
+    is tokenized as one text, as it reads at generation time (tokenizing the halves apart
+    gives a Llama-style tokenizer a spurious space before the response, and a BPE never sees
+    a merge across the boundary), and the prompt's tokens are masked out of the loss: as many
+    as the prompt alone tokenizes to, or, where a token spans the boundary, those before it.
+    ``eos`` is not added to a response that already ends with it. Examples that truncation
+    leaves without a scored token are counted in a warning; a dataset with none left is an
+    error (a perplexity over no tokens would read 1.0, a perfect model).
+    """
     if task == "classification":
         out = tokenizer(list(dataset.texts), truncation=True, max_length=max_length)
         ids = tuple(tuple(x) for x in out["input_ids"])
         return Encoded(ids, tuple(dataset.labels or ()), task)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    responses = tokenizer(list(dataset.texts), add_special_tokens=False)["input_ids"]
     if dataset.prompts is not None:
+        joined = [p + t for p, t in zip(dataset.prompts, dataset.texts, strict=True)]
+        fulls = tokenizer(joined, add_special_tokens=False)["input_ids"]
         prompts = tokenizer(list(dataset.prompts), add_special_tokens=False)["input_ids"]
     else:
-        prompts = [[] for _ in responses]
-    all_ids, all_targets = [], []
-    for prompt, response in zip(prompts, responses):
+        fulls = tokenizer(list(dataset.texts), add_special_tokens=False)["input_ids"]
+        prompts = [[] for _ in fulls]
+    all_ids, all_targets, spanning, unscored = [], [], 0, 0
+    for prompt, full in zip(prompts, fulls, strict=True):
+        full = list(full)
+        shared = _common_prefix(prompt, full)
+        spanning += shared < len(prompt)
+        tail = [] if eos and full and full[-1] == eos[0] else eos
         # The loss never sees the prompt: its positions carry IGNORE_INDEX.
-        ids = (bos + list(prompt) + list(response) + eos)[:max_length]
-        hidden = min(len(bos) + len(prompt), len(ids))
+        ids = (bos + full + tail)[:max_length]
+        hidden = min(len(bos) + shared, len(ids))
         targets = [IGNORE_INDEX] * hidden + ids[hidden:]
+        unscored += all(t == IGNORE_INDEX for t in targets[1:])  # position 0 is never predicted
         all_ids.append(tuple(ids))
         all_targets.append(tuple(targets))
+    n = len(all_ids)
+    if n and unscored == n:
+        raise ConfigError(
+            f"{dataset.source!r}: no example keeps a token to score within --max-length "
+            f"{max_length} (truncation cuts the end: the prompts fill it); raise --max-length "
+            "or shorten the prompts"
+        )
+    if unscored:
+        warnings.warn(
+            f"{dataset.source!r}: {unscored} of {n} examples keep no token to score within "
+            f"--max-length {max_length} (truncation cuts the end, their response); they add "
+            "nothing to the loss",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if spanning:
+        warnings.warn(
+            f"{dataset.source!r}: in {spanning} of {n} examples a token spans the prompt's end "
+            "and the response's start (say a prompt ending in a space); it is scored as part "
+            "of the response",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return Encoded(tuple(all_ids), tuple(all_targets), task)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -128,16 +128,26 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
 def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]]:
     """Header + rows of a TSV (unquoted) or CSV (quoted) text; a row with more fields than the
     header is an error naming it (the extra field would be dropped, or keyed ``None``); a row
-    with fewer reads the missing fields as ``None``. Blank lines are skipped."""
+    with fewer reads the missing fields as ``None``. Blank lines are skipped. A repeated header
+    name and a CSV quote left open to the end of the file (which would swallow every later
+    row into one field) are errors."""
     # GLUE TSVs are unquoted: a quote character is part of the phrase.
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    if not tsv:
+        _check_quotes_close(text, source=source)
     # newline="": no translation, so the csv module sees (and keeps) breaks in quoted fields
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                         quoting=quoting)  # fmt: skip
     header = next((fields for fields in reader if fields), None)
     if header is None:
         return []
+    repeated = sorted({name for name in header if header.count(name) > 1})
+    if repeated:
+        raise ConfigError(
+            f"data file {source!r}: the header names column(s) {', '.join(map(repr, repeated))} "
+            "more than once; rename them so each column is unambiguous"
+        )
     rows = []
     for fields in reader:
         if not fields:
@@ -150,6 +160,28 @@ def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]
             )
         rows.append(dict(zip(header, fields + [None] * (len(header) - len(fields)))))
     return rows
+
+
+def _check_quotes_close(text: str, *, source: str) -> None:
+    """Refuse a CSV whose quoted field never ends: the csv module (like a lenient spreadsheet)
+    would read the rest of the file into that one field, silently. Other irregular quoting
+    (``"a"b``) is read leniently, as before."""
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    start = 1
+    while True:
+        try:
+            next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if "unexpected end of data" in str(err):
+                raise ConfigError(
+                    f"data file {source!r}: a quote opened on line {start} is never closed (the "
+                    "rest of the file would be read as one field); close it, or double a "
+                    'literal quote inside a quoted field ("")'
+                ) from None
+            # a strict-only complaint ('"a"b'): the lenient reader reads it as before; go on
+        start = reader.line_num + 1
 
 
 def _read_hf(spec: str) -> list[dict[str, Any]]:
@@ -219,7 +251,7 @@ def _label_key(value: Any, *, source: str, row: int) -> int | str:
         return value
     if isinstance(value, str):
         stripped = value.strip()
-        if stripped.isdigit():
+        if stripped.isascii() and stripped.isdigit():  # "²".isdigit() too, int() refuses it
             return int(stripped)
         if stripped and not _is_number(stripped):
             return stripped
@@ -355,11 +387,8 @@ def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
     if text_column is None and all(c in columns for c in PROMPT_COLUMNS):
-        pairs = [
-            tuple(
-                valid_text(str(r.get(c) or ""), where=f"{name!r} row {number}: column {c!r}")
-                for c in PROMPT_COLUMNS
-            )
+        pairs = [  # a number, list or object is an error naming the row, as for text
+            tuple(_text(r.get(c), source=name, row=number, column=c) for c in PROMPT_COLUMNS)
             for number, r in enumerate(rows, start=1)
         ]
         pairs = [p for p in pairs if p[1].strip()]

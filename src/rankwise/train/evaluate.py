@@ -86,6 +86,8 @@ def evaluate(model: Any, encoded: Encoded, *, batch_size: int = 64, pad_id: int 
                 terms += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
+    if encoded.task != "classification" and n and terms == 0:  # exp(0 / 1) would read 1.0
+        raise ValueError("perplexity of no tokens: every example's tokens are masked or cut")
     mean = total / max(terms, 1)
     if encoded.task == "classification":
         stacked = torch.stack([rows[i] for i in range(n)])

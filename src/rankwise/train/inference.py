@@ -20,7 +20,7 @@ from rankwise.train.batching import encode
 from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
-from rankwise.train.models import check_positions, load_pretrained
+from rankwise.train.models import check_positions, load_pretrained, with_pad_token
 
 TASK_FILE = "rankwise_task.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -150,8 +150,16 @@ def _label_names(config: dict[str, Any], size: int | None) -> tuple[str, ...]:
     return tuple(f"LABEL_{i}" for i in range(size))
 
 
-def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
-    """An adapter directory (with its base model) or a full model directory, ready to run."""
+def load_trained(
+    directory: str | Path, *, model: str | None = None, max_length: int | None = None
+) -> Trained:
+    """An adapter directory (with its base model) or a full model directory, ready to run.
+
+    ``max_length`` replaces the recorded one (texts are cut at that many tokens)."""
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
+        raise ConfigError(f"max_length: expected a positive integer, found {max_length!r}")
     root = Path(directory)
     if root.is_file():
         raise NotADirectoryError(
@@ -161,7 +169,7 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
     if not root.is_dir():
         raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
     info = read_task_info(root)
-    max_length = _max_length(info, root)
+    max_length = _max_length(info, root) if max_length is None else max_length
     has_adapter = (root / ADAPTER_CONFIG).is_file()
     if not has_adapter and not (root / "config.json").is_file():
         raise AdapterFormatError(
@@ -199,7 +207,7 @@ def load_trained(directory: str | Path, *, model: str | None = None) -> Trained:
         if (root / "tokenizer_config.json").is_file():
             from transformers import AutoTokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(root)
+            tokenizer = with_pad_token(AutoTokenizer.from_pretrained(root), str(root))
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
 

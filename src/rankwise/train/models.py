@@ -145,11 +145,7 @@ def load_pretrained(
     if model_dropout is not None:
         for key, value in _dropout_overrides(config, model_dropout).items():
             setattr(config, key, value)
-    if tokenizer.pad_token_id is None:
-        fallback = tokenizer.eos_token or tokenizer.unk_token
-        if fallback is None:
-            raise ConfigError(f"tokenizer of {source!r} has no pad, eos or unk token to pad with")
-        tokenizer.pad_token = fallback
+    with_pad_token(tokenizer, source)
     mismatched = False
     if task == "classification":
         trained_head = any(
@@ -173,6 +169,12 @@ def load_pretrained(
         auto = transformers.AutoModelForSequenceClassification
     else:
         auto = transformers.AutoModelForCausalLM
+    if type(config) not in auto._model_mapping:  # transformers' error lists every class (3 kB)
+        kind = "sequence-classification" if task == "classification" else "causal-LM"
+        raise ConfigError(
+            f"model {source!r} ({config.model_type}) has no {kind} class in transformers "
+            f"(--task {task}); choose a model of another type"
+        )
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
@@ -268,6 +270,17 @@ def quiet_transformers() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
+
+
+def with_pad_token(tokenizer: Any, source: str) -> Any:
+    """``tokenizer``, padding with its eos (else unk) token when it has no pad token (GPT-2,
+    Llama): padded positions are masked, so the choice does not change any result."""
+    if tokenizer.pad_token_id is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ConfigError(f"tokenizer of {source!r} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
 
 
 def position_limit(model: Any) -> int | None:
