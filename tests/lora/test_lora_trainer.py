@@ -102,3 +102,49 @@ def test_save_adapter_callback_writes_peft_adapters_into_checkpoints(tmp_path: P
     torch.testing.assert_close(logits(peft_model, "bert"), want, rtol=0, atol=1e-5)
     early = load_adapter(tiny_bert_cls(), out / "checkpoint-2")
     assert not torch.allclose(logits(early, "bert"), want)  # the step-2 adapter, not the last
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("init", ["lora_ga", "pissa"])
+def test_save_adapter_callback_writes_residual_adapters_for_the_original_base(
+    tmp_path: Path, init: str
+) -> None:
+    """LoRA-GA's plain save is refused, so the callback crashed Trainer at its first checkpoint;
+    a randomized-PiSSA checkpoint loaded in PEFT (which draws its own residual) predicted
+    1.5e-2 off. By default both are written for the unmodified base, which PEFT and rankwise
+    load to the trained model's logits."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from peft import PeftModel
+
+    from rankwise.lora import lora_ga_init
+    from rankwise.train import SaveAdapterCallback
+
+    kwargs = {"init_lora_weights": "pissa"} if init == "pissa" else {}
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                        **kwargs)  # fmt: skip
+    data = _Data(32)
+    if init == "lora_ga":
+        batch = {"input_ids": data.ids[:8], "labels": data.labels[:8]}
+        model = lora_ga_init(tiny_bert_cls(), config, [batch], generator=0)
+    else:
+        model = inject(tiny_bert_cls(), config, generator=0)
+    out = tmp_path / "run"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0,
+        logging_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()]
+    )
+    trainer.train()
+    model.eval()
+    want = logits(model, "bert")
+    for folder in (out / "checkpoint-2", out):
+        peft_model = PeftModel.from_pretrained(tiny_bert_cls(), str(folder)).eval()
+        torch.testing.assert_close(logits(peft_model, "bert"), want, rtol=0, atol=1e-5)
+        again = load_adapter(tiny_bert_cls(), folder)
+        torch.testing.assert_close(logits(again, "bert"), want, rtol=0, atol=1e-5)
+    with pytest.raises(TypeError, match="for_original_base: expected None, True or False"):
+        SaveAdapterCallback(for_original_base="yes")  # type: ignore[arg-type]

@@ -3,6 +3,7 @@ same gradient batches, no communication), so 2 × batch 8 trains as 1 × batch 8
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -27,12 +28,12 @@ def _finetune(argv: list[str], *, procs: int, cwd: Path) -> subprocess.Completed
 def test_lora_ga_two_processes_match_one_with_grad_accum(
     tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:
-    # options in a YAML file: torchrun's own parser would take "--r" for an abbreviation
+    # torchrun's own parser takes "--r" for an abbreviation of its options: --lora-r passes
     config = tmp_path / "run.yaml"
-    config.write_text("method: lora-ga\nr: 4\nga_batches: 2\nbatch_size: 8\n", encoding="utf-8")
+    config.write_text("method: lora-ga\nga_batches: 2\nbatch_size: 8\n", encoding="utf-8")
     common = ["--model", str(tiny_bert), "--data", str(toy_tsv), "--max-steps", "3",
               "--lr", "1e-2", "--dropout", "0", "--model-dropout", "0", "--save-every", "0",
-              "--config", str(config)]  # fmt: skip
+              "--config", str(config), "--lora-r", "4"]  # fmt: skip
     two = _finetune([*common, "--output", str(tmp_path / "two")], procs=2, cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
     one = _finetune(
@@ -44,3 +45,6 @@ def test_lora_ga_two_processes_match_one_with_grad_accum(
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+    for run in ("one", "two"):  # --lora-r reached rankwise (LoRA-GA saves rank 2r)
+        saved = json.loads((tmp_path / run / "adapter" / "adapter_config.json").read_text())
+        assert saved["r"] == 8, saved["r"]

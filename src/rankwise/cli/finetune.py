@@ -33,7 +33,11 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "label-column": (str, "label column (detected when unambiguous)"),
     "task": (str, f"one of {', '.join(TASKS)} (default classification)"),
     "method": (str, f"one of {', '.join(METHODS)} (default lora)"),
-    "r": (int, "LoRA rank; adalora: the average rank kept at the end (default 8)"),
+    "r": (
+        int,
+        "LoRA rank; adalora: the average rank kept at the end (default 8); also "
+        "--lora-r (under torchrun, whose own parser takes --r for an abbreviation)",
+    ),
     "alpha": (float, "LoRA alpha; scaling = alpha / r (default 16)"),
     "loraplus-ratio": (float, "loraplus: lr of B = lr x this ratio, A and head at lr (default 16)"),
     "init-r": (int, "adalora: initial rank, pruned to --r on average (default ceil(1.5 r))"),
@@ -65,7 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file")
     for flag, (kind, text) in _OPTIONS.items():
         metavar = flag.replace("-", "_").upper()
-        parser.add_argument(f"--{flag}", type=kind, default=None, metavar=metavar, help=text)
+        aliases = ["--lora-r"] if flag == "r" else []
+        parser.add_argument(
+            f"--{flag}", *aliases, type=kind, default=None, metavar=metavar, help=text
+        )
     parser.add_argument(
         "--resume",
         action="store_true",

@@ -31,10 +31,23 @@ class SaveAdapterCallback(TrainerCallback):
     """Write the adapter (PEFT's format) into each checkpoint folder and, at the end of
     training, into ``args.output_dir``; on the main process only (``torchrun``).
 
-    ``save_embedding_layers``: as :func:`rankwise.io.save_adapter`'s (PEFT's rule)."""
+    ``save_embedding_layers``: as :func:`rankwise.io.save_adapter`'s (PEFT's rule).
 
-    def __init__(self, *, save_embedding_layers: bool | str = "auto") -> None:
+    ``for_original_base`` (:func:`rankwise.io.save_adapter`'s): ``None`` (the default) writes
+    a LoRA-GA adapter, whose plain save is refused, and a randomized-PiSSA one, whose residual
+    PEFT would draw differently, as a plain rank-2r LoRA for the unmodified base, which both
+    rankwise and PEFT load to the trained model's predictions; other adapters as they are.
+    ``True`` / ``False`` force either."""
+
+    def __init__(
+        self, *, save_embedding_layers: bool | str = "auto", for_original_base: bool | None = None
+    ) -> None:
+        if for_original_base not in (None, True, False):
+            raise TypeError(
+                f"for_original_base: expected None, True or False, found {for_original_base!r}"
+            )
         self.save_embedding_layers = save_embedding_layers
+        self.for_original_base = for_original_base
 
     def _save(self, model: nn.Module | None, directory: Path, state: TrainerState) -> None:
         from rankwise.io import save_adapter
@@ -43,7 +56,17 @@ class SaveAdapterCallback(TrainerCallback):
             return
         if model is None:
             raise ValueError("SaveAdapterCallback: Trainer passed no model to the callback")
-        save_adapter(model, directory, save_embedding_layers=self.save_embedding_layers)
+        original = self.for_original_base
+        if original is None:
+            from rankwise.lora.inject import get_config
+
+            original = get_config(model).initializer in ("lora_ga", "pissa")
+        save_adapter(
+            model,
+            directory,
+            for_original_base=original,
+            save_embedding_layers=self.save_embedding_layers,
+        )
 
     def on_save(
         self,
