@@ -114,3 +114,53 @@ def test_atomic_writes_get_the_usual_file_mode(tmp_path: Path) -> None:
     assert (tmp_path / "b.txt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "c.bin").stat().st_mode & 0o777 == 0o600
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "y"
+
+
+def _write_pair(directory: Path, value: bytes) -> None:
+    from rankwise.io.files import replaced_dir
+
+    with replaced_dir(directory) as tmp:
+        atomic_write_bytes(tmp / "weights.bin", value)
+        atomic_write_bytes(tmp / "config.json", value)
+
+
+def test_replacing_the_working_directory_keeps_the_process_in_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "." failed with EBUSY (renaming the cwd); its absolute path was swapped out and deleted,
+    # so the process's later relative writes failed (Trainer(output_dir=".") + the callback)
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "notes.txt").write_text("mine")
+    monkeypatch.chdir(run)
+    _write_pair(Path("."), b"one")
+    _write_pair(run, b"two")
+    monkeypatch.chdir(run / "sub")  # a directory above the working one: the same
+    _write_pair(run, b"three")
+    assert Path.cwd() == run / "sub" and os.path.samefile(".", run / "sub")
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.json",
+        "notes.txt",
+        "sub",
+        "weights.bin",
+    ]
+    assert (run / "weights.bin").read_bytes() == (run / "config.json").read_bytes() == b"three"
+    Path("here.txt").write_text("still writable")  # the working directory still exists
+    assert (run / "sub" / "here.txt").is_file()
+
+
+def test_replacing_a_symlinked_directory_writes_into_its_target(tmp_path: Path) -> None:
+    # the link was replaced by a real directory of hard links; its target never got the files
+    target = tmp_path / "big_disk" / "run1"
+    target.mkdir(parents=True)
+    (target / "checkpoint.txt").write_text("kept")
+    link = tmp_path / "out"
+    link.symlink_to(target, target_is_directory=True)
+    _write_pair(link, b"one")
+    assert link.is_symlink() and os.readlink(link) == str(target)
+    assert sorted(p.name for p in target.iterdir()) == [
+        "checkpoint.txt",
+        "config.json",
+        "weights.bin",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big_disk", "out"]  # nothing stray

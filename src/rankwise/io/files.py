@@ -74,11 +74,23 @@ def replaced_dir(final: Path) -> Iterator[Path]:
     copies across file systems), so files the caller does not write are kept; write with
     :func:`atomic_write_bytes` (``os.replace`` unlinks the shared name, never writing through
     the link into the old file). On an exception ``final`` is left untouched.
+
+    A symbolic link at ``final`` stays: its target is replaced. A directory that holds the
+    working directory (``"."``, or Trainer's ``output_dir`` run from inside it) cannot be
+    swapped without stranding the process in the old, deleted one: there the new files are
+    moved in one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's
+    config names weights that are already in place).
     """
     final = Path(final)
+    if final.is_symlink():
+        final = final.resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"{final}: expected a directory, found a file")
+    if final.is_dir() and _holds_working_dir(final):
+        with _files_replaced(final) as tmp:
+            yield tmp
+        return
     tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()  # the umask's mode, as mkdir(final) would give; copytree copies final's mode
     try:
@@ -90,6 +102,30 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old directory
+
+
+def _holds_working_dir(directory: Path) -> bool:
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory is gone
+        return False
+    target = directory.resolve()
+    return cwd == target or target in cwd.parents
+
+
+@contextlib.contextmanager
+def _files_replaced(final: Path) -> Iterator[Path]:
+    """A temporary directory inside ``final`` whose files are moved into ``final`` on success."""
+    tmp = final / f".rankwise-{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        for entry in sorted(tmp.iterdir(), key=lambda p: (p.suffix == ".json", p.name)):
+            os.replace(entry, final / entry.name)
+        _fsync_dir(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _link(src: str, dst: str) -> None:
