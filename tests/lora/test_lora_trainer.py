@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,94 @@ def test_save_adapter_callback_writes_residual_adapters_for_the_original_base(
         torch.testing.assert_close(logits(again, "bert"), want, rtol=0, atol=1e-5)
     with pytest.raises(TypeError, match="for_original_base: expected None, True or False"):
         SaveAdapterCallback(for_original_base="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_adalora_callback_matches_the_hand_written_loop_and_resumes(tmp_path: Path) -> None:
+    """AdaLoraCallback = orthogonal regularization in the loss + update_and_allocate after each
+    optimizer step (checked here against the hand-written integration, itself equal to PEFT's
+    AdaLoRA under Trainer) + the allocator's state in checkpoints: a run resumed after the
+    final mask (step 8 of 10, masks fixed from 7) trained the pruned triplets again and saved
+    every triplet (rank_pattern lost)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from rankwise.errors import ConfigError
+    from rankwise.lora import AdaLoraConfig, RankAllocator, orthogonal_regularization
+    from rankwise.train import AdaLoraCallback, SaveAdapterCallback
+
+    def build() -> tuple[torch.nn.Module, RankAllocator]:
+        config = AdaLoraConfig(init_r=6, target_r=3, total_step=10, tinit=2, tfinal=3, deltaT=1,
+                               lora_alpha=8, target_modules=["query", "value"],
+                               task_type="SEQ_CLS", orth_reg_weight=0.5)  # fmt: skip
+        model = inject(tiny_bert_cls(), config, generator=0)
+        gen = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # λ = 0 at init: give the scores something to rank
+            for name, p in model.named_parameters():
+                if "lora_E" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+        return model, RankAllocator(model, config)
+
+    def args(out: Path) -> object:
+        return transformers.TrainingArguments(
+            output_dir=str(out), max_steps=10, save_strategy="steps", save_steps=4,
+            per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True,
+            seed=0, logging_strategy="no", dataloader_num_workers=0,
+        )  # fmt: skip
+
+    class Hand(transformers.TrainerCallback):
+        def __init__(self, allocator: RankAllocator) -> None:
+            self.allocator = allocator
+
+        def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+            self.allocator.update_and_allocate(state.global_step)
+
+    class RegularizedTrainer(transformers.Trainer):
+        def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
+            out = model(**inputs)
+            loss = out.loss + 0.5 * orthogonal_regularization(model)
+            return (loss, out) if return_outputs else loss
+
+    class StopAt8(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs) -> None:
+            control.should_training_stop = state.global_step == 8
+
+    def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    data = _Data(80)
+    ref, ref_alloc = build()
+    RegularizedTrainer(model=ref, args=args(tmp_path / "ref"), train_dataset=data,
+                       callbacks=[Hand(ref_alloc)]).train()  # fmt: skip
+    model, allocator = build()
+    callbacks = [AdaLoraCallback(allocator), SaveAdapterCallback()]
+    transformers.Trainer(model=model, args=args(tmp_path / "cb"), train_dataset=data,
+                         callbacks=callbacks).train()  # fmt: skip
+    want = params(model)
+    for name, value in params(ref).items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+    kept = sum(int((v != 0).sum()) for n, v in want.items() if "lora_E" in n)
+    assert kept == 3 * 4  # target_r × layers
+
+    out = tmp_path / "resumed"
+    first, first_alloc = build()
+    transformers.Trainer(model=first, args=args(out), train_dataset=data,
+                         callbacks=[AdaLoraCallback(first_alloc), StopAt8()]).train()  # fmt: skip
+    assert (out / "checkpoint-8" / "adalora_allocator.safetensors").is_file()
+    again, again_alloc = build()
+    transformers.Trainer(model=again, args=args(out), train_dataset=data,
+                         callbacks=[AdaLoraCallback(again_alloc), SaveAdapterCallback()]).train(
+        resume_from_checkpoint=str(out / "checkpoint-8"))  # fmt: skip
+    for name, value in params(again).items():
+        torch.testing.assert_close(value, want[name], rtol=0, atol=1e-6, msg=name)
+    saved = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert (
+        saved == json.loads((tmp_path / "cb" / "adapter_config.json").read_text())["rank_pattern"]
+    )
+    assert sum(sum(v) for v in saved.values()) == 12
+
+    (out / "checkpoint-8" / "adalora_allocator.safetensors").unlink()
+    late, late_alloc = build()
+    trainer = transformers.Trainer(model=late, args=args(out), train_dataset=data,
+                                   callbacks=[AdaLoraCallback(late_alloc)])  # fmt: skip
+    with pytest.raises(ConfigError, match="adalora_allocator.safetensors does not exist"):
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-8"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -271,6 +273,29 @@ def test_update_and_allocate_after_zero_grad_is_refused() -> None:
     with pytest.raises(ConfigError, match=r"lin1\.lora_A has no gradient.*before zero_grad"):
         alloc.update_and_allocate(3)
     assert all(torch.equal(layer.lora_E, b) for (_, layer), b in zip(lora_layers(model), before))
+
+
+def test_a_fresh_allocator_past_the_final_mask_is_refused_and_a_restored_one_works() -> None:
+    # a run resumed after the final mask without the allocator's state applied an empty
+    # pattern: the pruned triplets trained again, and the save kept every one of them
+    from rankwise.lora import inject
+
+    cfg = AdaLoraConfig(
+        init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2, tfinal=3, deltaT=1,
+        target_modules=["lin1", "lin2"],
+    )  # fmt: skip
+    model = inject(WithHead(), cfg, generator=0)
+    alloc = RankAllocator(model, cfg)
+    _train(model, cfg, alloc, 8)  # the final mask was at step 7
+    state = alloc.state_dict()
+    fresh_cfg = dataclasses.replace(cfg, rank_pattern=None)
+    fresh = RankAllocator(inject(WithHead(), fresh_cfg, generator=0), fresh_cfg)
+    with pytest.raises(ConfigError, match=r"update_and_allocate\(8\): past the final mask"):
+        fresh.update_and_allocate(8)
+    fresh.load_state_dict(state)
+    assert fresh_cfg.rank_pattern == cfg.rank_pattern and fresh.update_and_allocate(8).masked
+    with pytest.raises(ValueError, match="exp_avg_ipt names unknown"):
+        fresh.load_state_dict({**state, "exp_avg_ipt": {"nope": torch.zeros(1)}})
 
 
 def test_float64_scores_keep_exactly_the_budget() -> None:

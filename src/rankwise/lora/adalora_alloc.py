@@ -167,8 +167,42 @@ class RankAllocator:
             self._record(self.mask_to_budget(sched.budget))
             self.reset_importance()
             return Allocation(sched.budget, True)
+        if not cfg.rank_pattern:  # PEFT fails here too (rank_pattern None)
+            raise ConfigError(
+                f"update_and_allocate({step}): past the final mask (step {final}) but no kept "
+                "triplets are recorded, so the pruned ones would train again; a resumed run "
+                "must restore the allocator (RankAllocator.load_state_dict, or "
+                "rankwise.train.AdaLoraCallback under transformers.Trainer)"
+            )
         self.apply_rank_pattern(cfg.rank_pattern)
-        return Allocation(sched.budget, bool(cfg.rank_pattern))
+        return Allocation(sched.budget, True)
+
+    def state_dict(self) -> dict[str, object]:
+        """What a resumed run needs: the smoothed scores and the recorded kept triplets."""
+        return {
+            "exp_avg_ipt": {k: v.detach().clone() for k, v in self.exp_avg_ipt.items()},
+            "exp_avg_unc": {k: v.detach().clone() for k, v in self.exp_avg_unc.items()},
+            "rank_pattern": {k: list(v) for k, v in (self.config.rank_pattern or {}).items()},
+        }
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s output (scores of unknown parameters are refused)."""
+        missing = {"exp_avg_ipt", "exp_avg_unc", "rank_pattern"} - set(state)
+        if missing:
+            raise ValueError(f"AdaLoRA allocator state lacks {sorted(missing)}")
+        known = {key for key, _ in self._params()}
+        scores: dict[str, dict[str, Tensor]] = {}
+        for field in ("exp_avg_ipt", "exp_avg_unc"):
+            given = state[field]
+            if not isinstance(given, dict) or not set(given) <= known:
+                extra = sorted(set(given) - known) if isinstance(given, dict) else given
+                raise ValueError(f"AdaLoRA allocator state: {field} names unknown {extra!r:.80}")
+            scores[field] = {k: v.clone() for k, v in given.items()}
+        pattern = state["rank_pattern"]
+        if not isinstance(pattern, dict):
+            raise ValueError(f"AdaLoRA allocator state: rank_pattern is {pattern!r:.80}")
+        self.exp_avg_ipt, self.exp_avg_unc = scores["exp_avg_ipt"], scores["exp_avg_unc"]
+        self._record({k: [bool(b) for b in v] for k, v in pattern.items()})
 
     def _record(self, pattern: dict[str, list[bool]]) -> None:
         self.config.rank_pattern = pattern

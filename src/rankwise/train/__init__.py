@@ -9,12 +9,19 @@ from __future__ import annotations
 from rankwise.train.config import TrainConfig, resolve
 from rankwise.train.loop import TrainResult, train
 
-__all__ = ["SaveAdapterCallback", "TrainConfig", "TrainResult", "resolve", "train"]
+__all__ = [
+    "AdaLoraCallback",
+    "SaveAdapterCallback",
+    "TrainConfig",
+    "TrainResult",
+    "resolve",
+    "train",
+]
 
 
 def __getattr__(name: str) -> object:
-    if name == "SaveAdapterCallback":  # imports transformers: only when asked for
-        from rankwise.train.trainer_callback import SaveAdapterCallback
+    if name in ("SaveAdapterCallback", "AdaLoraCallback"):  # import transformers: when asked
+        from rankwise.train import trainer_callback
 
-        return SaveAdapterCallback
+        return getattr(trainer_callback, name)
     raise AttributeError(f"module 'rankwise.train' has no attribute {name!r}")

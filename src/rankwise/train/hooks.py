@@ -127,23 +127,13 @@ class AdaLoraHooks(MethodHooks):
         self.allocator.update_and_allocate(step)
 
     def state_dict(self) -> dict[str, Any]:
-        a = self.allocator
-        return {
-            "exp_avg_ipt": {k: v.detach().clone() for k, v in a.exp_avg_ipt.items()},
-            "exp_avg_unc": {k: v.detach().clone() for k, v in a.exp_avg_unc.items()},
-            "rank_pattern": {k: list(v) for k, v in self.lora_config.rank_pattern.items()},
-        }
+        return self.allocator.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"exp_avg_ipt", "exp_avg_unc", "rank_pattern"} - set(state)
-        if missing:
-            raise ValueError(f"checkpoint: AdaLoRA allocator state lacks {sorted(missing)}")
-        a = self.allocator
-        a.exp_avg_ipt = {k: v.clone() for k, v in state["exp_avg_ipt"].items()}
-        a.exp_avg_unc = {k: v.clone() for k, v in state["exp_avg_unc"].items()}
-        self.lora_config.rank_pattern = {
-            k: [bool(b) for b in v] for k, v in state["rank_pattern"].items()
-        }
+        try:
+            self.allocator.load_state_dict(state)
+        except ValueError as err:
+            raise ValueError(f"checkpoint: {err}") from None
 
 
 class LoraGaHooks(MethodHooks):

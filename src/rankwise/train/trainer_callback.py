@@ -19,9 +19,11 @@ Importing this module imports transformers.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -90,3 +92,124 @@ class SaveAdapterCallback(TrainerCallback):
     ) -> None:
         """The trained adapter into ``output_dir``."""
         self._save(model, Path(args.output_dir), state)
+
+
+ALLOCATOR_FILE = "adalora_allocator.safetensors"
+
+
+class AdaLoraCallback(TrainerCallback):
+    """AdaLoRA under ``transformers.Trainer``: what PEFT's ``AdaLoraModel`` does in its
+    ``forward`` and ``update_and_allocate``, for a model adapted by
+    ``inject(model, AdaLoraConfig(...))``::
+
+        allocator = RankAllocator(model, config)
+        trainer = transformers.Trainer(model=model, args=args, train_dataset=data,
+                                       callbacks=[AdaLoraCallback(allocator),
+                                                  SaveAdapterCallback()])
+
+    * the loss of every training forward gets ``orth_reg_weight · R(P, Q)`` (eq. 4), added to
+      the model output's ``loss`` as PEFT does, so gradient accumulation and clipping see it;
+    * ``allocator.update_and_allocate(step)`` runs in ``on_optimizer_step``, after the
+      optimizer step and before ``zero_grad`` (``step`` counts from 0, as PEFT's loop);
+    * the allocator's state (smoothed scores, kept triplets) goes into every checkpoint folder
+      (``adalora_allocator.safetensors``) and is read back when ``trainer.train(
+      resume_from_checkpoint=…)`` resumes: without it a run resumed after the final mask kept
+      training the pruned triplets. ``checkpoint`` names the folder to read when it is not
+      ``output_dir/checkpoint-<step>``; resuming without the file is an error.
+    """
+
+    def __init__(self, allocator: Any, *, checkpoint: str | Path | None = None) -> None:
+        from rankwise.lora import RankAllocator
+
+        if not isinstance(allocator, RankAllocator):
+            raise TypeError(
+                f"allocator: expected a rankwise.lora.RankAllocator, found "
+                f"{type(allocator).__name__}"
+            )
+        self.allocator = allocator
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self._hook: Any = None
+
+    def on_train_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        model: nn.Module | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if model is None:
+            raise ValueError("AdaLoraCallback: Trainer passed no model to the callback")
+        if self._hook is not None:
+            self._hook.remove()
+        self._hook = model.register_forward_hook(self._add_orthogonal_regularization)
+        if state.global_step > 0:
+            folder = self.checkpoint or (
+                Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+            )
+            self.allocator.load_state_dict(_read_allocator(folder / ALLOCATOR_FILE))
+
+    def _add_orthogonal_regularization(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+        from rankwise.lora import orthogonal_regularization
+
+        weight = float(self.allocator.config.orth_reg_weight)
+        loss = getattr(output, "loss", None)
+        if not module.training or weight <= 0 or not isinstance(loss, torch.Tensor):
+            return None
+        output.loss = loss + weight * orthogonal_regularization(module)
+        return output
+
+    def on_optimizer_step(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.allocator.update_and_allocate(state.global_step)
+
+    def on_save(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        _write_allocator(folder / ALLOCATOR_FILE, self.allocator.state_dict())
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+
+def _write_allocator(path: Path, state: dict[str, Any]) -> None:
+    from rankwise.io.files import write_safetensors
+
+    tensors = {f"{field}/{key}": value for field in ("exp_avg_ipt", "exp_avg_unc")
+               for key, value in state[field].items()}  # fmt: skip
+    pattern = json.dumps(state["rank_pattern"], sort_keys=True)
+    write_safetensors(path, tensors, metadata={"rank_pattern": pattern})
+
+
+def _read_allocator(path: Path) -> dict[str, Any]:
+    from safetensors import safe_open
+
+    from rankwise.errors import ConfigError
+
+    if not path.is_file():
+        raise ConfigError(
+            f"AdaLoraCallback: resuming, but {path} does not exist (the allocator's scores and "
+            "kept triplets; without them the pruned triplets would train again); pass "
+            "AdaLoraCallback(allocator, checkpoint=<the folder resumed from>)"
+        )
+    with safe_open(str(path), framework="pt", device="cpu") as fh:
+        metadata = fh.metadata() or {}
+        state: dict[str, Any] = {"exp_avg_ipt": {}, "exp_avg_unc": {}}
+        for key in fh.keys():
+            field, _, name = key.partition("/")
+            if field not in state:
+                raise ConfigError(f"{path}: unexpected tensor {key!r}")
+            state[field][name] = fh.get_tensor(key)
+    try:
+        state["rank_pattern"] = json.loads(metadata["rank_pattern"])
+    except (KeyError, json.JSONDecodeError):
+        raise ConfigError(f"{path}: no readable rank_pattern in its metadata") from None
+    return state
