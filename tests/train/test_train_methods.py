@@ -54,3 +54,53 @@ def test_variant_trains_merges_reloads_and_resumes(
         c = load_file(str(other / "adapter_model.safetensors"))
         assert all(torch.equal(a[k], c[k]) for k in a if ".lora_A." in k)
         assert any(not torch.equal(a[k], c[k]) for k in a if ".lora_B." in k)
+
+
+def test_lora_ga_gradient_batches_do_not_depend_on_the_batch_split(tiny_bert: Path) -> None:
+    # the batches were cut at the per-process batch size: 2 processes x 8 and 1 x 16 built
+    # different initializations (adapters 0.67 apart) and a resume with another split was
+    # refused ("LoRA-GA's initialization differs")
+    from transformers import AutoTokenizer
+
+    from rankwise.train.batching import encode
+    from rankwise.train.config import resolve
+    from rankwise.train.data import TextDataset
+    from rankwise.train.hooks import gradient_batches
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = tuple(f"film {'very ' * (i % 7)}good {i}" for i in range(50))
+    ds = TextDataset(texts, tuple(i % 2 for i in range(50)), ("0", "1"), None, "t")
+    enc = encode(ds, tok, task="classification", max_length=32)
+
+    def chunks(batch: int, accum: int, world: int) -> list[dict[str, torch.Tensor]]:
+        config = resolve(TrainConfig(method="lora-ga", data="x", batch_size=batch,
+                                     grad_accum=accum, ga_batches=3))  # fmt: skip
+        return gradient_batches(enc, config, pad_id=0, world_size=world)
+
+    want = chunks(16, 1, 1)
+    assert sum(len(c["labels"]) for c in want) == 48  # 3 global batches of 16
+    # each chunk's weight: (#chunks / #batches) / examples per batch, so the mean of
+    # weight x summed loss over the chunks is the mean over batches of their mean loss
+    assert all(float(c["ga_weight"]) == pytest.approx(len(want) / 3 / 16) for c in want)
+    for split in ((8, 1, 2), (8, 2, 1), (4, 2, 2), (2, 4, 2)):
+        got = chunks(*split)
+        assert len(got) == len(want), split
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), split
+
+
+def test_lora_ga_resumes_with_another_batch_split(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    options = {"ga_batches": 2, "model_dropout": 0.0}  # dropout off: no draws to differ
+    whole = _config(tiny_bert, toy_tsv, tmp_path / "whole", "lora-ga", **options)
+    train(whole, echo=_quiet)
+    cut = _config(tiny_bert, toy_tsv, tmp_path / "cut", "lora-ga", **options)
+    train(cut, echo=_quiet, stop_after=2)
+    split = _config(tiny_bert, toy_tsv, tmp_path / "cut", "lora-ga", resume=True, batch_size=4,
+                    grad_accum=2, **options)  # fmt: skip
+    train(split, echo=_quiet)
+    a = load_file(str(tmp_path / "whole" / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
+    for key in a:  # the same optimization, summed in another order
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)

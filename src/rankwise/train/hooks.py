@@ -164,16 +164,41 @@ def make_hooks(config: TrainConfig, model: nn.Module) -> MethodHooks:
     return HOOKS.get(config.method, MethodHooks)(config, model)
 
 
+GA_CHUNK = 4  # examples per forward/backward of LoRA-GA's gradient pass
+
+
 def gradient_batches(
-    encoded: Encoded, config: TrainConfig, *, pad_id: int
+    encoded: Encoded, config: TrainConfig, *, pad_id: int, world_size: int = 1
 ) -> list[dict[str, Tensor]]:
-    """LoRA-GA's gradient batches: the first ``ga_batches`` batches of ``batch_size`` examples
-    of epoch 0's length-grouped order (:func:`epoch_generator` ``(seed, 0)``, cut at the
-    per-process batch size). The same on every process and on every resume."""
+    """LoRA-GA's gradient batches: the first ``ga_batches`` global batches (batch size × grad
+    accum × processes examples) of epoch 0's order, the training's own first batches.
+
+    Each is run in chunks of :data:`GA_CHUNK` examples, a size that does not depend on how the
+    global batch is split, so 2 processes × 8, 1 × 16 and 1 × 8 × accum 2 (and a resume that
+    changes the split) build the same initialization, bit for bit; every process runs them all
+    (the same initialization everywhere, no communication). A chunk carries ``ga_weight`` so
+    that the gradient is the mean over the batches of each batch's mean loss over its terms
+    (examples, or predicted tokens), as with one pass per batch."""
+    task = config.task
+    global_batch = config.batch_size * config.grad_accum * world_size
     order = length_grouped_batches(
-        encoded.lengths(), config.batch_size, generator=epoch_generator(config.seed, 0)
-    )
-    return [collate(encoded, ids, pad_id=pad_id) for ids in order[: config.ga_batches]]
+        encoded.lengths(), global_batch, generator=epoch_generator(config.seed, 0)
+    )[: config.ga_batches]
+    per_batch = [
+        [
+            collate(encoded, ids[i : i + GA_CHUNK], pad_id=pad_id)
+            for i in range(0, len(ids), GA_CHUNK)
+        ]
+        for ids in order
+    ]
+    chunks = sum(len(parts) for parts in per_batch)
+    out = []
+    for parts in per_batch:
+        terms = max(1, sum(count_targets(part, task) for part in parts))
+        for part in parts:  # lora_ga_init averages over chunks: undo that, weigh by terms
+            part["ga_weight"] = torch.tensor(chunks / (len(per_batch) * terms), dtype=torch.float64)
+            out.append(part)
+    return out
 
 
 def lora_ga_prepare(
@@ -195,6 +220,8 @@ def lora_ga_prepare(
 
     def loss_fn(m: nn.Module, batch: dict[str, Tensor]) -> Tensor:
         total, _ = loss_sum(m, batch, task)
+        if "ga_weight" in batch:  # a chunk of a batch (gradient_batches)
+            return total * float(batch["ga_weight"])
         return total / max(1, count_targets(batch, task))
 
     was_training = model.training

@@ -350,7 +350,9 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
     total = total_steps(len(train_enc.input_ids), config, info.world_size)
     ga = None
     if config.method == "lora-ga":
-        ga = gradient_batches(train_enc, config, pad_id=tokenizer.pad_token_id)
+        ga = gradient_batches(
+            train_enc, config, pad_id=tokenizer.pad_token_id, world_size=info.world_size
+        )
     prepared = prepare(model, config, base_model=data.loaded.source, generator=config.seed,
                        total_steps=total, gradient_batches=ga)  # fmt: skip
     if config.merge and prepared.lora_config is not None:
