@@ -307,3 +307,16 @@ def test_trl_prompt_completion_columns_are_a_pair(tmp_path: Path) -> None:
     path = _write(tmp_path / "b.jsonl", "".join(json.dumps(r) + "\n" for r in both))
     with pytest.raises(KeyError, match="both a 'response' and a 'completion' column"):
         load_dataset(str(path), task="causal-lm")
+
+
+def test_utf16_text_with_a_bom_is_read(tmp_path: Path) -> None:
+    # Excel's "Unicode text" export (UTF-16 LE with a BOM, tab-separated) was read as latin-1:
+    # "no text column (columns: ÿþl\x00a\x00...)"
+    text = "label\tsentence\r\n1\tgood film ☺\r\n0\tbad film\r\n"
+    for codec in ("utf-16", "utf-16-be"):
+        raw = text.encode(codec)
+        if codec == "utf-16-be":
+            raw = b"\xfe\xff" + raw
+        (tmp_path / "d.tsv").write_bytes(raw)
+        ds = load_dataset(str(tmp_path / "d.tsv"))
+        assert ds.texts == ("good film ☺", "bad film") and ds.labels == (1, 0), codec

@@ -74,6 +74,13 @@ def _read_text(path: Path, encoding: str | None) -> str:
     raw = path.read_bytes()
     if encoding is not None:
         return raw.decode(encoding)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):  # a UTF-16 BOM: Excel's "Unicode text"
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"data file {str(path)!r} starts like UTF-16 text but is not ({err.reason})"
+            ) from None
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
