@@ -320,3 +320,37 @@ def test_utf16_text_with_a_bom_is_read(tmp_path: Path) -> None:
         (tmp_path / "d.tsv").write_bytes(raw)
         ds = load_dataset(str(tmp_path / "d.tsv"))
         assert ds.texts == ("good film ☺", "bad film") and ds.labels == (1, 0), codec
+
+
+def test_hf_class_label_columns_keep_their_names_and_ids(tmp_path: Path) -> None:
+    # a ClassLabel column was read as its integer ids only: labels "0"/"1", the names lost
+    pytest.importorskip("datasets", reason="hf: sources need the 'datasets' package")
+    folder = tmp_path / "cl_ds"
+    folder.mkdir()
+    _write(folder / "README.md", """---
+dataset_info:
+  features:
+  - name: sentence
+    dtype: string
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': positive
+          '1': negative
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: train.csv
+---
+""")  # fmt: skip
+    _write(folder / "train.csv", "sentence,label\ngood film,0\nbad film,1\nfine,0\n")
+    ds = load_dataset(f"hf:{folder}")
+    assert ds.label_names == ("positive", "negative") and ds.labels == (0, 1, 0)
+    import warnings
+
+    with warnings.catch_warnings():  # the eval set's ids are the same names': no warning
+        warnings.simplefilter("error")
+        again = load_dataset(f"hf:{folder}", label_names=ds.label_names)
+    assert again.labels == ds.labels

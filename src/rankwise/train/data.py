@@ -223,7 +223,19 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
             errors.append(f"{shown}: {type(err).__name__}: {first}")
     else:
         raise ConfigError(f"could not load hf:{spec} ({'; '.join(errors)})") from None
-    return [dict(row) for row in loaded]
+    rows = Rows(dict(row) for row in loaded)
+    rows.class_names = {
+        column: tuple(str(n) for n in feature.names)
+        for column, feature in (getattr(loaded, "features", None) or {}).items()
+        if isinstance(feature, datasets.ClassLabel)
+    }
+    return rows
+
+
+class Rows(list):  # type: ignore[type-arg]
+    """Rows of an ``hf:`` dataset, with the names of its ClassLabel columns' ids."""
+
+    class_names: dict[str, tuple[str, ...]] = {}
 
 
 def detect_column(
@@ -326,9 +338,17 @@ def load_dataset(
         keys.append(_label_key(row.get(label_col), source=name, row=number))
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
-    names = tuple(label_names) if label_names is not None else label_names_of(keys, source=name)
+    # a datasets ClassLabel column: integer ids with names, in the dataset's order
+    own = getattr(rows, "class_names", {}).get(label_col)
+    if own and not all(isinstance(k, int) and k < len(own) for k in keys):
+        own = None
+    if label_names is not None:
+        names = tuple(label_names)
+    else:
+        names = own or label_names_of(keys, source=name)
     numeric = tuple(str(i) for i in range(len(names)))
-    if label_names is not None and names != numeric and any(isinstance(k, int) for k in keys):
+    if (label_names is not None and names not in (numeric, own)
+            and any(isinstance(k, int) for k in keys)):  # fmt: skip
         warnings.warn(
             f"{name!r}: integer labels are taken as positions in the label names {list(names)} "
             f"(0 = {names[0]!r}); if they mean something else, give the labels by name",
