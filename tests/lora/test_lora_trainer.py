@@ -240,3 +240,55 @@ def test_adalora_callback_matches_the_hand_written_loop_and_resumes(tmp_path: Pa
                                    callbacks=[AdaLoraCallback(late_alloc)])  # fmt: skip
     with pytest.raises(ConfigError, match="adalora_allocator.safetensors does not exist"):
         trainer.train(resume_from_checkpoint=str(out / "checkpoint-8"))
+
+
+@pytest.mark.slow
+def test_adalora_callback_counts_the_orthogonal_term_once_per_step_under_accumulation(
+    tmp_path: Path,
+) -> None:
+    # a model that takes num_items_in_batch (Llama) has its micro-batch losses summed, not
+    # divided by the accumulation steps: the term added in forward counted accum times
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rankwise.lora import AdaLoraConfig, RankAllocator
+    from rankwise.train import AdaLoraCallback
+
+    ids = torch.randint(1, 60, (4, 8), generator=torch.Generator().manual_seed(0))
+
+    class Tokens(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 4
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": ids[i], "labels": ids[i]}
+
+    class Grab(transformers.TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs) -> None:
+            self.grads = {n: p.grad.clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    grads = []
+    for batch, accum in ((4, 1), (2, 2), (1, 4)):
+        torch.manual_seed(0)
+        base = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                            num_hidden_layers=1, num_attention_heads=2,
+                                            num_key_value_heads=2))  # fmt: skip
+        config = AdaLoraConfig(init_r=4, target_r=2, total_step=10, tinit=2, tfinal=3, deltaT=1,
+                               lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                               orth_reg_weight=0.5, init_lora_weights=False)  # fmt: skip
+        model = inject(base, config, generator=0)
+        grab = Grab()
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"a{accum}"), max_steps=1, learning_rate=1e-3,
+            per_device_train_batch_size=batch, gradient_accumulation_steps=accum, max_grad_norm=0,
+            report_to=[], use_cpu=True, seed=0, save_strategy="no", logging_strategy="no",
+            dataloader_num_workers=0,
+        )  # fmt: skip
+        callbacks = [AdaLoraCallback(RankAllocator(model, config)), grab]
+        transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
+                             callbacks=callbacks).train()  # fmt: skip
+        grads.append(grab.grads)
+    for other in grads[1:]:
+        for name, g in grads[0].items():
+            torch.testing.assert_close(other[name], g, rtol=1e-5, atol=1e-7)

@@ -259,21 +259,29 @@ def test_a_csv_quote_never_closed_is_an_error(tmp_path: Path) -> None:
     # the csv module read every later row into the open field: 1000 rows loaded as 901
     rows = "".join(f"{i % 2},text {i}\n" for i in range(20))
     path = _write(tmp_path / "d.csv", "label,text\n" + rows + '1,"a stray quote\n' + rows)
-    with pytest.raises(ConfigError, match=r"'.*d.csv': a quote opened on line 22 is never closed"):
+    with pytest.raises(ConfigError, match=r"'.*d.csv': a quote opened in the row starting on "
+                       r"line 22 is never closed"):  # fmt: skip
         load_dataset(str(path))
+    # an irregular field before the open quote on the same line hid it from a strict reader
+    late = _write(tmp_path / "late.csv", 'text,label\n"great"ly good,"1\nbad movie,0\n')
+    with pytest.raises(ConfigError, match="starting on line 2 is never closed"):
+        load_dataset(str(late))
     # irregular but closed quoting still reads as before
     ok = _write(tmp_path / "ok.csv", 'label,text\n1,"a"b\n0,"c ""d"""\n')
     assert load_dataset(str(ok)).texts == ("ab", 'c "d"')
 
 
 @pytest.mark.parametrize("name", ["d.csv", "d.tsv"])
-def test_a_repeated_header_name_is_an_error(tmp_path: Path, name: str) -> None:
-    # the last 'text' column won silently (an annotator's note trained as the text)
+def test_a_repeated_header_name_is_numbered_as_pandas_does(tmp_path: Path, name: str) -> None:
+    # the last 'text' column won silently (an annotator's note trained as the text); trailing
+    # empty header cells (a spreadsheet export's "text,label,,") must still read
     sep = "," if name.endswith("csv") else "\t"
-    path = _write(tmp_path / name, sep.join(["text", "label", "text"]) + "\n"
-                  + sep.join(["good film", "1", "note A"]) + "\n")  # fmt: skip
-    with pytest.raises(ConfigError, match=r"header names column\(s\) 'text' more than once"):
-        load_dataset(str(path))
+    path = _write(tmp_path / name, sep.join(["text", "label", "text", "", ""]) + "\n"
+                  + sep.join(["good film", "1", "note A", "", ""]) + "\n")  # fmt: skip
+    from rankwise.train.data import read_rows
+
+    assert list(read_rows(str(path))[0]) == ["text", "label", "text.1", "", ".1"]
+    assert load_dataset(str(path)).texts == ("good film",)
 
 
 def test_a_prompt_or_response_that_is_not_a_string_is_an_error(tmp_path: Path) -> None:
@@ -289,11 +297,14 @@ def test_a_prompt_or_response_that_is_not_a_string_is_an_error(tmp_path: Path) -
         load_dataset(str(path), task="causal-lm")
 
 
-def test_a_label_of_non_ascii_digits_is_a_name(tmp_path: Path) -> None:
-    # "²".isdigit() is true and int() refused it: a bare "invalid literal for int()"
+def test_labels_of_non_ascii_digits(tmp_path: Path) -> None:
+    # "²".isdigit() is true and int() refused it: a bare "invalid literal for int()"; it is a
+    # name. Decimal digits of other scripts ("１", "١") are integers, as int() reads them
     path = _write(tmp_path / "d.tsv", "label\ttext\n²\tsquared\n³\tcubed\n")
     ds = load_dataset(str(path))
     assert ds.label_names == ("²", "³") and ds.labels == (0, 1)
+    wide = _write(tmp_path / "w.tsv", "label\ttext\n１\tgood\n０\tbad\n١\tfine\n")
+    assert load_dataset(str(wide)).labels == (1, 0, 1)
 
 
 def test_trl_prompt_completion_columns_are_a_pair(tmp_path: Path) -> None:

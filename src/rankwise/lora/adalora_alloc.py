@@ -190,14 +190,22 @@ class RankAllocator:
         missing = {"exp_avg_ipt", "exp_avg_unc", "rank_pattern"} - set(state)
         if missing:
             raise ValueError(f"AdaLoRA allocator state lacks {sorted(missing)}")
-        known = {key for key, _ in self._params()}
+        params = dict(self._params())
+        known = set(params)
         scores: dict[str, dict[str, Tensor]] = {}
         for field in ("exp_avg_ipt", "exp_avg_unc"):
             given = state[field]
             if not isinstance(given, dict) or not set(given) <= known:
                 extra = sorted(set(given) - known) if isinstance(given, dict) else given
                 raise ValueError(f"AdaLoRA allocator state: {field} names unknown {extra!r:.80}")
-            scores[field] = {k: v.clone() for k, v in given.items()}
+            for k, v in given.items():
+                if not isinstance(v, Tensor) or v.shape != params[k].shape:
+                    raise ValueError(
+                        f"AdaLoRA allocator state: {field}[{k!r}] is not a tensor of shape "
+                        f"{tuple(params[k].shape)}"
+                    )
+            # on the parameters' device (a checkpoint is read onto the CPU)
+            scores[field] = {k: v.to(params[k].device, copy=True) for k, v in given.items()}
         pattern = state["rank_pattern"]
         if not isinstance(pattern, dict):
             raise ValueError(f"AdaLoRA allocator state: rank_pattern is {pattern!r:.80}")

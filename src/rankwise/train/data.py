@@ -134,63 +134,72 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     )
 
 
+_EOF_MARK = "rankwise-end-of-file-5c1f0e"  # a record of its own unless a quote is left open
+
+
 def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]]:
     """Header + rows of a TSV (unquoted) or CSV (quoted) text; a row with more fields than the
     header is an error naming it (the extra field would be dropped, or keyed ``None``); a row
-    with fewer reads the missing fields as ``None``. Blank lines are skipped. A repeated header
-    name and a CSV quote left open to the end of the file (which would swallow every later
-    row into one field) are errors."""
+    with fewer reads the missing fields as ``None``. Blank lines are skipped. A header name
+    given again becomes ``name.1``, ``name.2``, … (as pandas reads it), so the first such
+    column is the one detected. A CSV quote left open to the end of the file, which the csv
+    module would read the rest of the file into as one field, is an error."""
     # GLUE TSVs are unquoted: a quote character is part of the phrase.
     quoting = csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    if not tsv:
-        _check_quotes_close(text, source=source)
+    if not tsv:  # a mark after the text is its own record unless a quoted field swallows it
+        text = f"{text}\n{_EOF_MARK}\n"
     # newline="": no translation, so the csv module sees (and keeps) breaks in quoted fields
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if tsv else ",",
                         quoting=quoting)  # fmt: skip
-    header = next((fields for fields in reader if fields), None)
-    if header is None:
-        return []
-    repeated = sorted({name for name in header if header.count(name) > 1})
-    if repeated:
-        raise ConfigError(
-            f"data file {source!r}: the header names column(s) {', '.join(map(repr, repeated))} "
-            "more than once; rename them so each column is unambiguous"
-        )
-    rows = []
+    records = []
+    start = 1
     for fields in reader:
-        if not fields:
-            continue
+        if fields:
+            records.append((start, reader.line_num, fields))
+        start = reader.line_num + 1
+    if not tsv:
+        if not records or records[-1][2] != [_EOF_MARK]:
+            opened = records[-1][0] if records else 1
+            raise ConfigError(
+                f"data file {source!r}: a quote opened in the row starting on line {opened} is "
+                "never closed (the rest of the file would be read as one field); close it, or "
+                'double a literal quote inside a quoted field ("")'
+            )
+        records.pop()
+    if not records:
+        return []
+    header = _unique_names(records[0][2])
+    rows = []
+    for _, line, fields in records[1:]:
         if len(fields) > len(header):
             hint = "a tab inside the text?" if tsv else "a comma inside the text? quote it"
             raise ConfigError(
-                f"data file {source!r} row {len(rows) + 1} (line {reader.line_num}) has "
+                f"data file {source!r} row {len(rows) + 1} (line {line}) has "
                 f"{len(fields)} fields, the header has {len(header)} ({hint})"
             )
         rows.append(dict(zip(header, fields + [None] * (len(header) - len(fields)))))
     return rows
 
 
-def _check_quotes_close(text: str, *, source: str) -> None:
-    """Refuse a CSV whose quoted field never ends: the csv module (like a lenient spreadsheet)
-    would read the rest of the file into that one field, silently. Other irregular quoting
-    (``"a"b``) is read leniently, as before."""
-    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
-    start = 1
-    while True:
-        try:
-            next(reader)
-        except StopIteration:
-            return
-        except csv.Error as err:
-            if "unexpected end of data" in str(err):
-                raise ConfigError(
-                    f"data file {source!r}: a quote opened on line {start} is never closed (the "
-                    "rest of the file would be read as one field); close it, or double a "
-                    'literal quote inside a quoted field ("")'
-                ) from None
-            # a strict-only complaint ('"a"b'): the lenient reader reads it as before; go on
-        start = reader.line_num + 1
+def _unique_names(header: list[str]) -> list[str]:
+    """``header`` with a repeated name numbered ``name.1``, ``name.2``, … (pandas' rule): with
+    plain keys the last of them would silently win."""
+    seen: dict[str, int] = {}
+    out = []
+    taken = set(header)
+    for name in header:
+        if name in seen:
+            k = seen[name]
+            while f"{name}.{k}" in taken:
+                k += 1
+            seen[name] = k + 1
+            taken.add(f"{name}.{k}")
+            out.append(f"{name}.{k}")
+        else:
+            seen[name] = 1
+            out.append(name)
+    return out
 
 
 def _read_hf(spec: str) -> list[dict[str, Any]]:
@@ -272,8 +281,11 @@ def _label_key(value: Any, *, source: str, row: int) -> int | str:
         return value
     if isinstance(value, str):
         stripped = value.strip()
-        if stripped.isascii() and stripped.isdigit():  # "²".isdigit() too, int() refuses it
-            return int(stripped)
+        if stripped.isdigit():
+            try:  # "１", "٣": decimal digits of other scripts; "²" is a digit int() refuses
+                return int(stripped)
+            except ValueError:
+                return stripped
         if stripped and not _is_number(stripped):
             return stripped
         if _is_number(stripped):

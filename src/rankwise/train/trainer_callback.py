@@ -108,7 +108,10 @@ class AdaLoraCallback(TrainerCallback):
                                                   SaveAdapterCallback()])
 
     * the loss of every training forward gets ``orth_reg_weight · R(P, Q)`` (eq. 4), added to
-      the model output's ``loss`` as PEFT does, so gradient accumulation and clipping see it;
+      the model output's ``loss`` as PEFT does, so clipping sees it; with gradient
+      accumulation it counts once per optimizer step (a model that takes
+      ``num_items_in_batch``, such as GPT-2 or Llama, gets it divided by the accumulation
+      steps, since Trainer does not divide that loss: PEFT counts it once per micro-batch);
     * ``allocator.update_and_allocate(step)`` runs in ``on_optimizer_step``, after the
       optimizer step and before ``zero_grad`` (``step`` counts from 0, as PEFT's loop);
     * the allocator's state (smoothed scores, kept triplets) goes into every checkpoint folder
@@ -129,6 +132,7 @@ class AdaLoraCallback(TrainerCallback):
         self.allocator = allocator
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self._hook: Any = None
+        self._accum = 1
 
     def on_train_begin(
         self,
@@ -142,20 +146,29 @@ class AdaLoraCallback(TrainerCallback):
             raise ValueError("AdaLoraCallback: Trainer passed no model to the callback")
         if self._hook is not None:
             self._hook.remove()
-        self._hook = model.register_forward_hook(self._add_orthogonal_regularization)
+        self._accum = max(1, int(args.gradient_accumulation_steps))
+        self._hook = model.register_forward_hook(
+            self._add_orthogonal_regularization, with_kwargs=True
+        )
         if state.global_step > 0:
             folder = self.checkpoint or (
                 Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             )
             self.allocator.load_state_dict(_read_allocator(folder / ALLOCATOR_FILE))
 
-    def _add_orthogonal_regularization(self, module: nn.Module, inputs: Any, output: Any) -> Any:
+    def _add_orthogonal_regularization(
+        self, module: nn.Module, inputs: Any, kwargs: dict[str, Any], output: Any
+    ) -> Any:
         from rankwise.lora import orthogonal_regularization
 
         weight = float(self.allocator.config.orth_reg_weight)
         loss = getattr(output, "loss", None)
         if not module.training or weight <= 0 or not isinstance(loss, torch.Tensor):
             return None
+        if kwargs.get("num_items_in_batch") is not None:
+            # the model normalized its loss by the whole step's tokens, so Trainer does not
+            # divide each micro-batch's loss by the accumulation steps: the term once per step
+            weight /= self._accum
         output.loss = loss + weight * orthogonal_regularization(module)
         return output
 
