@@ -29,6 +29,11 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
+def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> Path:
+    """The folder ``Trainer`` saves (or resumed) the checkpoint of ``state.global_step`` in."""
+    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+
+
 class SaveAdapterCallback(TrainerCallback):
     """Write the adapter (PEFT's format) into each checkpoint folder and, at the end of
     training, into ``args.output_dir``; on the main process only (``torchrun``).
@@ -79,7 +84,7 @@ class SaveAdapterCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """After ``Trainer`` wrote ``checkpoint-<global_step>``: the adapter into it too."""
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_folder(args, state)
         self._save(model, folder, state)
 
     def on_train_end(
@@ -151,9 +156,7 @@ class AdaLoraCallback(TrainerCallback):
             self._add_orthogonal_regularization, with_kwargs=True
         )
         if state.global_step > 0:
-            folder = self.checkpoint or (
-                Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            )
+            folder = self.checkpoint or checkpoint_folder(args, state)
             self.allocator.load_state_dict(_read_allocator(folder / ALLOCATOR_FILE))
 
     def _add_orthogonal_regularization(
@@ -182,7 +185,7 @@ class AdaLoraCallback(TrainerCallback):
     ) -> None:
         if not state.is_world_process_zero:
             return
-        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        folder = checkpoint_folder(args, state)
         _write_allocator(folder / ALLOCATOR_FILE, self.allocator.state_dict())
 
     def on_train_end(
