@@ -517,6 +517,34 @@ def test_svd_inits_on_a_convolution_warn_that_peft_cannot_load_the_plain_save(
         torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
 
 
+def test_olora_on_conv1d_warns_that_peft_cannot_load_the_plain_save(tmp_path: Path) -> None:
+    """PEFT 0.21.2's OLoRA ignores GPT-2's transposed Conv1D weight (its factors have the wrong
+    shapes), so it could not open a plain save, silently; PiSSA it handles."""
+    import warnings
+
+    from lora_testkit import tiny_gpt2
+    from peft import PeftModel
+
+    ours = inject(
+        tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights="olora")
+    )
+    perturb(ours, 13)
+    with pytest.warns(RuntimeWarning, match=r"OLoRA on Conv1D layers \('.*c_attn'.*for_original"):
+        save_adapter(ours, tmp_path / "plain")
+    with pytest.raises(RuntimeError, match="size mismatch"):  # the failure the warning names
+        PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "plain")
+    want = logits(ours, "gpt2")
+    torch.testing.assert_close(logits(load_adapter(tiny_gpt2(), tmp_path / "plain"), "gpt2"), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        save_adapter(ours, tmp_path / "original", for_original_base=True)
+        pissa = inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"],
+                                               init_lora_weights="pissa_exact"))  # fmt: skip
+        save_adapter(pissa, tmp_path / "pissa")  # PEFT's PiSSA transposes: no warning
+    theirs = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "original").eval()
+    torch.testing.assert_close(logits(theirs, "gpt2"), want, rtol=0, atol=1e-5)
+
+
 def test_peft_dora_embedding_saved_with_its_embedding_layers_loads(tmp_path: Path) -> None:
     """PEFT's save_embedding_layers=True writes a DoRA embedding's magnitude twice
     (``….lora_magnitude_vector`` and ``….lora_magnitude_vector.weight``); rankwise refused the

@@ -104,3 +104,25 @@ def test_lora_ga_resumes_with_another_batch_split(
     b = load_file(str(tmp_path / "cut" / "adapter" / "adapter_model.safetensors"))
     for key in a:  # the same optimization, summed in another order
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_olora_on_gpt2_saves_an_adapter_peft_loads(
+    tiny_gpt2: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # PEFT's OLoRA ignores Conv1D's transposed weight: the plain save of a GPT-2 OLoRA run
+    # failed in PeftModel.from_pretrained (size mismatch); the run now saves the plain rank-2r
+    # LoRA for the unmodified base, as for LoRA-GA
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    config = _config(tiny_gpt2, toy_tsv, tmp_path / "run", "olora", task="causal-lm",
+                     targets=("c_attn", "c_proj"), max_steps=2, save_every=0)  # fmt: skip
+    result = train(config, echo=_quiet)
+    trained = load_trained(result.saved)
+    ids = torch.randint(5, 200, (2, 9), generator=torch.Generator().manual_seed(0))
+    theirs = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_gpt2),
+                                       str(result.saved)).eval()  # fmt: skip
+    with torch.no_grad():
+        want = trained.model(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, want, rtol=0, atol=1e-5)
+    assert result.after is not None and result.merge_check is not None

@@ -50,6 +50,31 @@ PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 
 
+def peft_cannot_rebuild(model: nn.Module) -> str | None:
+    """Why PEFT 0.21.2 cannot rebuild the residual base of ``model``'s PiSSA/OLoRA adapter
+    from a plain save, or None: it refuses those inits on convolutions, and its OLoRA ignores
+    a ``Conv1D`` layer's transposed weight (GPT-2: factors of the wrong shapes)."""
+    config = get_config(model)
+    if config.initializer not in RESIDUAL_INITIALIZERS:
+        return None
+    layers = list(lora_layers(model))
+    convs = [name for name, layer in layers if layer.kind == "conv"]
+    if convs:
+        more = " and more" if len(convs) > 1 else ""
+        return (
+            f"init_lora_weights={config.init_lora_weights!r} on convolution layers "
+            f"({convs[0]!r}{more}): PEFT refuses that init on convolutions"
+        )
+    transposed = [name for name, layer in layers if getattr(layer, "fan_in_fan_out", False)]
+    if config.initializer == "olora" and transposed:
+        more = " and more" if len(transposed) > 1 else ""
+        return (
+            f"OLoRA on Conv1D layers ({transposed[0]!r}{more}): PEFT's OLoRA ignores their "
+            "transposed weight (factors of the wrong shapes)"
+        )
+    return None
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | Path,
@@ -98,17 +123,14 @@ def save_adapter(
             RuntimeWarning,
             stacklevel=2,
         )
-    if not for_original_base and config.initializer in RESIDUAL_INITIALIZERS:
-        convs = [name for name, layer in lora_layers(model) if layer.kind == "conv"]
-        if convs:
-            warnings.warn(
-                f"save_adapter: init_lora_weights={config.init_lora_weights!r} on convolution "
-                f"layers ({convs[0]!r}{' and more' if len(convs) > 1 else ''}): PEFT refuses "
-                "that init on convolutions and cannot load this file (rankwise.load_adapter "
-                "can); for PEFT save with for_original_base=True (a plain LoRA)",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+    reason = None if for_original_base else peft_cannot_rebuild(model)
+    if reason is not None:
+        warnings.warn(
+            f"save_adapter: {reason} and cannot load this file (rankwise.load_adapter can); "
+            "for PEFT save with for_original_base=True (a plain LoRA)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     out = Path(directory)
     state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
     if isinstance(config, AdaLoraConfig) and config.rank_pattern:
