@@ -86,6 +86,11 @@ def test_cropping_and_block_rules() -> None:
     assert monarch_blocks((416, 640), 7) == 8  # divisors of gcd 32: 1, 2, 4, 8, 16, 32
     assert monarch_blocks((416, 640), 12) == 8  # tie between 8 and 16: the smaller
     assert monarch_blocks((400, 600), 50) == 50
+    # small images: 16 did not fit (10x10 at ranks 3, 4 was "too small to crop"), and a crop
+    # to multiples of 16 fell below a rank the image holds (40x60 at rank 36)
+    assert crop_for_monarch(np.zeros((10, 10)), (3, 4)).shape == (8, 8)
+    assert crop_for_monarch(np.zeros((40, 60)), (35, 36)).shape == (40, 56)  # multiples of 8
+    assert crop_for_monarch(np.zeros((1, 60)), (1,)).shape == (1, 60)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +120,12 @@ def test_missing_image_and_too_large_rank(
     Image.fromarray(np.full((32, 48), 128, np.uint8)).save(path)
     assert main(["compress-image", str(path), "--ranks", "40", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "--ranks: expected ranks <= 32" in err or "too small to crop" in err
+    assert "--ranks: expected ranks <= 32 (the image is 32x48), found 40" in err
+    # the limit is the image's, not that of a crop to multiples of 16 (which said 32 for 40x60)
+    Image.fromarray(np.full((40, 60), 128, np.uint8)).save(path)
+    assert main(["compress-image", str(path), "--ranks", "41", "--out", str(tmp_path / "o")]) == 2
+    assert "expected ranks <= 40 (the image is 40x60)" in capsys.readouterr().err
+    assert main(["compress-image", str(path), "--ranks", "36", "--out", str(tmp_path / "o")]) == 0
 
 
 @pytest.mark.parametrize("mode", ["I;16", "I", "F"])

@@ -11,7 +11,8 @@ Parameter counts for an m×n image: rank-k SVD ``k(m+n)`` (S folded into U), ID 
 Monarch with b blocks ``b(m+n)``. So Monarch matches SVD exactly when ``b = k`` — which needs
 b to divide both m and n. The image is therefore center-cropped: to multiples of
 ``lcm(ranks)`` when that keeps at least half of each side (the default image, 427×640, becomes
-400×600 for ranks 5, 20, 50, so b = k exactly); otherwise to multiples of 16, and each rank k
+400×600 for ranks 5, 20, 50, so b = k exactly); otherwise to multiples of 16 (8, 4, 2 or
+none when a smaller image would lose more, or fall below the largest rank), and each rank k
 uses the common divisor b of the cropped sides nearest to k (the parameter count shown is then
 Monarch's own, the nearest available to k(m+n)).
 """
@@ -97,14 +98,15 @@ def load_gray(path: str | None) -> np.ndarray:
 
 
 def crop_for_monarch(image: np.ndarray, ranks: tuple[int, ...]) -> np.ndarray:
-    """Center-crop so Monarch block counts divide both sides (see the module docstring)."""
+    """Center-crop so Monarch block counts divide both sides (see the module docstring): to
+    multiples of the first step of ``lcm(ranks)``, 16, 8, 4, 2 that keeps at least half of
+    each side and the largest rank (1: no crop, always possible for ranks ``<= min(m, n)``)."""
     height, width = image.shape
-    step = math.lcm(*ranks)
-    if (height // step) * step < height / 2 or (width // step) * step < width / 2:
-        step = 16
-    new_h, new_w = max(step, height // step * step), max(step, width // step * step)
-    if new_h > height or new_w > width:
-        raise CliError(f"image: {height}x{width} is too small to crop to multiples of {step}")
+    need = max(ranks)
+    for step in (math.lcm(*ranks), 16, 8, 4, 2, 1):
+        new_h, new_w = height // step * step, width // step * step
+        if new_h >= max(need, height / 2) and new_w >= max(need, width / 2):
+            break
     top, left = (height - new_h) // 2, (width - new_w) // 2
     return image[top : top + new_h, left : left + new_w]
 
@@ -216,12 +218,12 @@ def plot_spectrum(S: np.ndarray, ranks: tuple[int, ...], path: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     image = load_gray(args.image)
-    image = crop_for_monarch(image, args.ranks)
-    if max(args.ranks) > min(image.shape):
+    if max(args.ranks) > min(image.shape):  # no rank-k approximation beyond min(m, n)
         raise CliError(
-            f"--ranks: expected ranks <= {min(image.shape)} (the cropped image is "
+            f"--ranks: expected ranks <= {min(image.shape)} (the image is "
             f"{image.shape[0]}x{image.shape[1]}), found {max(args.ranks)}"
         )
+    image = crop_for_monarch(image, args.ranks)
     rows, pictures, S = approximations(
         image, args.ranks, randomized=args.randomized, seed=args.seed
     )
