@@ -314,3 +314,24 @@ def test_evaluate_and_predict_take_max_length(
     assert main([*argv, "--max-length", "0"]) == 2
     assert "--max-length: expected an integer >= 1" in capsys.readouterr().err
     assert json.loads((run_dir / "adapter" / "rankwise_task.json").read_text()) == task
+
+
+def test_a_failed_merge_leaves_no_parent_directories(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a refused merge (say an adapter on a tied lm_head) left the --out's new parents behind
+    import rankwise.lora
+    from rankwise.errors import MergeError
+
+    def refuse(model):
+        raise MergeError("refused for the test")
+
+    monkeypatch.setattr(rankwise.lora, "merge_and_unload", refuse)
+    trained = load_trained(run_dir / "adapter")
+    with pytest.raises(MergeError):
+        merge_to(trained, tmp_path / "a" / "b" / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(MergeError):
+        merge_to(trained, tmp_path / "keep" / "b" / "merged")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # it existed before: kept

@@ -9,6 +9,7 @@ model and (for classification) the label names can be found.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -279,14 +280,22 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ConfigError(f"merge: output {str(final)!r} exists and is not an empty directory")
-    final.parent.mkdir(parents=True, exist_ok=True)
-    model = merge_and_unload(trained.model)
-    with atomic_dir(final) as tmp:
-        model.save_pretrained(tmp)
-        trained.tokenizer.save_pretrained(tmp)
-        # the task, labels and max length travel with the model (evaluate/predict read them)
-        task = {"task": trained.task, "label_names": list(trained.label_names)}
-        (tmp / TASK_FILE).write_text(
-            json.dumps({**task, "max_length": trained.max_length}, indent=2), encoding="utf-8"
-        )
+    made = next((p for p in reversed(final.parents) if not p.exists()), None)
+    try:
+        model = merge_and_unload(trained.model)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_dir(final) as tmp:
+            model.save_pretrained(tmp)
+            trained.tokenizer.save_pretrained(tmp)
+            # the task, labels and max length travel with the model (evaluate/predict read them)
+            task = {"task": trained.task, "label_names": list(trained.label_names)}
+            (tmp / TASK_FILE).write_text(
+                json.dumps({**task, "max_length": trained.max_length}, indent=2), encoding="utf-8"
+            )
+    except BaseException:
+        if made is not None:  # the parent directories made for it, when they are still empty
+            for directory in sorted((d for d in made.glob("**/") if d.is_dir()), reverse=True):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        raise
     return final
