@@ -3,6 +3,7 @@ causal mask (is_decoder=True), a real decoder loads untouched."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -210,3 +211,24 @@ def test_a_model_type_without_the_task_class_is_one_line(tmp_path: Path) -> None
     with pytest.raises(ConfigError, match=r"\(distilbert\) has no causal-LM class") as err:
         load_pretrained(str(path), task="causal-lm")
     assert len(str(err.value)) < 300
+
+
+def test_a_float16_checkpoint_trains_in_float32(tiny_bert: Path, tmp_path: Path) -> None:
+    # AdamW's eps (1e-8) is 0 in float16: the new float16 head turned NaN at the second step
+    # ("training diverged at step 2" at any lr)
+    from transformers import AutoModelForSequenceClassification
+
+    from rankwise.train import TrainConfig, train
+
+    half = tmp_path / "half"
+    AutoModelForSequenceClassification.from_pretrained(tiny_bert).half().save_pretrained(half)
+    _tokenizer().save_pretrained(half)
+    data = tmp_path / "d.tsv"
+    data.write_text("label\tsentence\n" + "".join(f"{i % 2}\tfilm {i}\n" for i in range(24)))
+    config = TrainConfig(model=str(half), data=str(data), output=str(tmp_path / "run"),
+                         max_steps=3, batch_size=8, save_every=0)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="stored in float16; it is trained in float32"):
+        result = train(config, echo=lambda _: None)
+    assert result.after is not None and math.isfinite(result.after.loss)
+    loaded = load_pretrained(str(half), task="classification", label_names=("0", "1"))
+    assert loaded.model.dtype == torch.float16  # evaluate/merge keep the stored dtype

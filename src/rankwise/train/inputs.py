@@ -41,6 +41,7 @@ def load_run_data(config: TrainConfig) -> RunData:
         label_names=split.train.label_names,
         model_dropout=config.model_dropout,
         adopt_label_order=True,
+        for_training=True,
     )
     if config.task == "classification" and loaded.label_names != split.train.label_names:
         # the checkpoint's trained head orders the same names otherwise: number the data so

@@ -123,6 +123,7 @@ def load_pretrained(
     label_names: tuple[str, ...] = (),
     model_dropout: float | None = None,
     adopt_label_order: bool = False,
+    for_training: bool = False,
 ) -> Loaded:
     """Model (``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``) + tokenizer.
 
@@ -132,6 +133,9 @@ def load_pretrained(
     names as ``label_names`` in another order keeps its order (``Loaded.label_names``; the
     caller renumbers its data), as transformers' ``run_glue.py`` does: renaming its rows
     alphabetically would swap what the head predicts.
+    ``for_training``: a float16 checkpoint is loaded in float32 (with a warning): the engine
+    trains on the CPU, where float16 is slow and AdamW's ``eps`` (1e-8) underflows to 0, so a
+    float16 head or model turned NaN at its second step.
     """
     import transformers
 
@@ -146,6 +150,14 @@ def load_pretrained(
         for key, value in _dropout_overrides(config, model_dropout).items():
             setattr(config, key, value)
     with_pad_token(tokenizer, source)
+    if for_training and getattr(config, "dtype", None) == torch.float16:
+        warnings.warn(
+            f"model {source!r} is stored in float16; it is trained in float32 (on the CPU "
+            "float16 is slow and AdamW's eps underflows in it); the adapter is float32 anyway",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        config.dtype = torch.float32
     mismatched = False
     if task == "classification":
         trained_head = any(
