@@ -243,16 +243,18 @@ def test_adalora_callback_matches_the_hand_written_loop_and_resumes(tmp_path: Pa
 
 
 @pytest.mark.slow
-def test_adalora_callback_counts_the_orthogonal_term_once_per_step_under_accumulation(
+def test_adalora_callback_adds_the_orthogonal_term_to_each_micro_batch_loss_as_peft(
     tmp_path: Path,
 ) -> None:
-    # a model that takes num_items_in_batch (Llama) has its micro-batch losses summed, not
-    # divided by the accumulation steps: the term added in forward counted accum times
+    # as PEFT's AdaLoraModel.forward: the term rides on each forward's loss, so for a model
+    # whose loss Trainer does not divide by the accumulation steps (it takes
+    # num_items_in_batch, as Llama) it counts once per micro-batch: the data gradient is the
+    # same for 4 x 1, 2 x 2 and 1 x 4, the term's gradient (accum - 1) times more
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rankwise.lora import AdaLoraConfig, RankAllocator
+    from rankwise.lora import AdaLoraConfig, RankAllocator, orthogonal_regularization
     from rankwise.train import AdaLoraCallback
 
     ids = torch.randint(1, 60, (4, 8), generator=torch.Generator().manual_seed(0))
@@ -289,6 +291,32 @@ def test_adalora_callback_counts_the_orthogonal_term_once_per_step_under_accumul
         transformers.Trainer(model=model, args=args, train_dataset=Tokens(),
                              callbacks=callbacks).train()  # fmt: skip
         grads.append(grab.grads)
-    for other in grads[1:]:
+    torch.manual_seed(0)
+    fresh = LlamaForCausalLM(base.config)  # the same initial weights as each run's
+    model = inject(fresh, config, generator=0)
+    (0.5 * orthogonal_regularization(model)).backward()
+    term = {n: p.grad for n, p in model.named_parameters() if "lora_A" in n}
+    for accum, other in zip((2, 4), grads[1:]):
         for name, g in grads[0].items():
-            torch.testing.assert_close(other[name], g, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(other[name], g + (accum - 1) * term[name], rtol=1e-4,
+                                       atol=1e-6)  # fmt: skip
+
+
+def test_save_adapter_callback_writes_olora_on_conv1d_for_the_original_base(
+    tmp_path: Path,
+) -> None:
+    # PEFT 0.21.2's OLoRA cannot rebuild GPT-2's Conv1D residual: the callback's default now
+    # saves such an adapter for the unmodified base, as rankwise finetune does
+    pytest.importorskip("transformers")
+    from lora_testkit import tiny_gpt2
+    from peft import PeftModel
+    from transformers import TrainerState
+
+    from rankwise.train import SaveAdapterCallback
+
+    model = inject(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn"],
+                                           init_lora_weights="olora"))  # fmt: skip
+    SaveAdapterCallback()._save(model, tmp_path / "a", TrainerState())
+    theirs = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "a").eval()
+    torch.testing.assert_close(logits(theirs, "gpt2"), logits(model.eval(), "gpt2"), rtol=0,
+                               atol=1e-5)  # fmt: skip

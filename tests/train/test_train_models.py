@@ -216,6 +216,9 @@ def test_a_model_type_without_the_task_class_is_one_line(tmp_path: Path) -> None
 def test_a_float16_checkpoint_trains_in_float32(tiny_bert: Path, tmp_path: Path) -> None:
     # AdamW's eps (1e-8) is 0 in float16: the new float16 head turned NaN at the second step
     # ("training diverged at step 2" at any lr)
+    import json
+
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     from rankwise.train import TrainConfig, train
@@ -223,12 +226,25 @@ def test_a_float16_checkpoint_trains_in_float32(tiny_bert: Path, tmp_path: Path)
     half = tmp_path / "half"
     AutoModelForSequenceClassification.from_pretrained(tiny_bert).half().save_pretrained(half)
     _tokenizer().save_pretrained(half)
+    stored = json.loads((half / "config.json").read_text())
+    stored.pop("dtype", None), stored.pop("torch_dtype", None)  # an older or hand-made file
+    (half / "config.json").write_text(json.dumps(stored))
     data = tmp_path / "d.tsv"
     data.write_text("label\tsentence\n" + "".join(f"{i % 2}\tfilm {i}\n" for i in range(24)))
     config = TrainConfig(model=str(half), data=str(data), output=str(tmp_path / "run"),
-                         max_steps=3, batch_size=8, save_every=0)  # fmt: skip
+                         max_steps=3, batch_size=8, save_every=0, merge=True)  # fmt: skip
     with pytest.warns(RuntimeWarning, match="stored in float16; it is trained in float32"):
         result = train(config, echo=lambda _: None)
     assert result.after is not None and math.isfinite(result.after.loss)
     loaded = load_pretrained(str(half), task="classification", label_names=("0", "1"))
     assert loaded.model.dtype == torch.float16  # evaluate/merge keep the stored dtype
+    # --merge writes the checkpoint's dtype, as `rankwise merge` of the saved adapter does
+    from rankwise.train.inference import load_trained, merge_to
+
+    merged = load_file(str(result.merged / "model.safetensors"))
+    again = load_file(
+        str(merge_to(load_trained(result.saved), tmp_path / "m") / "model.safetensors")
+    )
+    assert {t.dtype for t in merged.values()} == {torch.float16}
+    assert merged.keys() == again.keys()
+    assert all(torch.equal(merged[k], again[k]) for k in merged)

@@ -411,6 +411,7 @@ def _train(
     finished = finish_outputs(
         run.prepared, config, info, run.out, tokenizer=run.data.loaded.tokenizer, task=task,
         eval_enc=run.eval_enc, after=after, pad_id=run.pad_id, echo=echo,
+        merged_dtype=run.data.loaded.stored_dtype,
     )  # fmt: skip
     return result._replace(
         saved=finished.saved, merged=finished.merged, after=after,

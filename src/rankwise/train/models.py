@@ -23,6 +23,7 @@ class Loaded(NamedTuple):
     tokenizer: Any
     source: str
     label_names: tuple[str, ...] = ()  # classification: the names of the head's rows, in order
+    stored_dtype: Any = None  # the checkpoint's float16, when it was loaded in float32 to train
 
 
 def default_model_path() -> str:
@@ -133,9 +134,9 @@ def load_pretrained(
     names as ``label_names`` in another order keeps its order (``Loaded.label_names``; the
     caller renumbers its data), as transformers' ``run_glue.py`` does: renaming its rows
     alphabetically would swap what the head predicts.
-    ``for_training``: a float16 checkpoint is loaded in float32 (with a warning): the engine
-    trains on the CPU, where float16 is slow and AdamW's ``eps`` (1e-8) underflows to 0, so a
-    float16 head or model turned NaN at its second step.
+    ``for_training``: a float16 checkpoint is loaded in float32 (with a warning; its dtype in
+    ``Loaded.stored_dtype``): the engine trains on the CPU, where float16 is slow and AdamW's
+    ``eps`` (1e-8) underflows to 0, so a float16 head or model turned NaN at its second step.
     """
     import transformers
 
@@ -150,14 +151,6 @@ def load_pretrained(
         for key, value in _dropout_overrides(config, model_dropout).items():
             setattr(config, key, value)
     with_pad_token(tokenizer, source)
-    if for_training and getattr(config, "dtype", None) == torch.float16:
-        warnings.warn(
-            f"model {source!r} is stored in float16; it is trained in float32 (on the CPU "
-            "float16 is slow and AdamW's eps underflows in it); the adapter is float32 anyway",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        config.dtype = torch.float32
     mismatched = False
     if task == "classification":
         trained_head = any(
@@ -200,7 +193,18 @@ def load_pretrained(
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = model_dropout
-    return Loaded(model, tokenizer, source, tuple(label_names) if task == "classification" else ())
+    stored = None
+    if for_training and model.dtype == torch.float16:  # config.json may not say: the weights do
+        warnings.warn(
+            f"model {source!r} is stored in float16; it is trained in float32 (on the CPU "
+            "float16 is slow and AdamW's eps underflows in it); a --merge output is float16",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        model, stored = model.float(), torch.float16
+        model.config.dtype = torch.float32
+    names = tuple(label_names) if task == "classification" else ()
+    return Loaded(model, tokenizer, source, names, stored)
 
 
 def _from_pretrained(auto: Any, source: str, config: Any, *, new_head: bool) -> Any:

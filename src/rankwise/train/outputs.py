@@ -204,13 +204,23 @@ def check_merge(
 
 
 def save_merged(
-    prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[str, Any] | None = None
+    prepared: Prepared,
+    out: Path,
+    *,
+    tokenizer: Any,
+    info: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """``merge_and_unload`` and ``save_pretrained``: loadable by transformers alone; ``info``
-    (the run's task file) written beside it, so evaluate/predict use the run's settings."""
+    (the run's task file) written beside it, so evaluate/predict use the run's settings.
+    ``dtype``: the checkpoint's own (float16 trained in float32), rounded to once after the
+    merge, as ``rankwise merge`` of the saved adapter gives."""
     from rankwise.lora import merge_and_unload
 
     model = merge_and_unload(prepared.model) if prepared.lora_config is not None else prepared.model
+    if dtype is not None and prepared.lora_config is not None:
+        model = model.to(dtype)
+        model.config.dtype = dtype
     final = out / "merged"
     with atomic_dir(final) as tmp:
         model.save_pretrained(tmp)
@@ -232,6 +242,7 @@ def finish_outputs(
     after: EvalResult | None,
     pad_id: int,
     echo: Callable[[str], None],
+    merged_dtype: torch.dtype | None = None,
 ) -> Finished:
     """Rank 0: save, check the merge, write ``--merge`` output and the training curve."""
     saved = merged = check = None
@@ -255,7 +266,9 @@ def finish_outputs(
             )
         if config.merge:
             with torch.no_grad():
-                merged = save_merged(prepared, out, tokenizer=tokenizer, info=task)
+                merged = save_merged(
+                    prepared, out, tokenizer=tokenizer, info=task, dtype=merged_dtype
+                )
             echo(f"merged model (transformers from_pretrained): {merged}")
         if (out / METRICS_FILE).exists():
             echo(f"metrics: {out / METRICS_FILE}; curve: {training_curve(out)}")

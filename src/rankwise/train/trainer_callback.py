@@ -41,8 +41,9 @@ class SaveAdapterCallback(TrainerCallback):
     ``save_embedding_layers``: as :func:`rankwise.io.save_adapter`'s (PEFT's rule).
 
     ``for_original_base`` (:func:`rankwise.io.save_adapter`'s): ``None`` (the default) writes
-    a LoRA-GA adapter, whose plain save is refused, and a randomized-PiSSA one, whose residual
-    PEFT would draw differently, as a plain rank-2r LoRA for the unmodified base, which both
+    a LoRA-GA adapter, whose plain save is refused, a randomized-PiSSA one, whose residual
+    PEFT would draw differently, and those PEFT cannot rebuild (OLoRA on GPT-2's Conv1D,
+    PiSSA/OLoRA on convolutions) as a plain rank-2r LoRA for the unmodified base, which both
     rankwise and PEFT load to the trained model's predictions; other adapters as they are.
     ``True`` / ``False`` force either."""
 
@@ -65,9 +66,12 @@ class SaveAdapterCallback(TrainerCallback):
             raise ValueError("SaveAdapterCallback: Trainer passed no model to the callback")
         original = self.for_original_base
         if original is None:
+            from rankwise.io.adapter import peft_cannot_rebuild
             from rankwise.lora.inject import get_config
 
-            original = get_config(model).initializer in ("lora_ga", "pissa")
+            original = get_config(model).initializer in ("lora_ga", "pissa") or (
+                peft_cannot_rebuild(model) is not None
+            )
         save_adapter(
             model,
             directory,
@@ -113,10 +117,12 @@ class AdaLoraCallback(TrainerCallback):
                                                   SaveAdapterCallback()])
 
     * the loss of every training forward gets ``orth_reg_weight · R(P, Q)`` (eq. 4), added to
-      the model output's ``loss`` as PEFT does, so clipping sees it; with gradient
-      accumulation it counts once per optimizer step (a model that takes
-      ``num_items_in_batch``, such as GPT-2 or Llama, gets it divided by the accumulation
-      steps, since Trainer does not divide that loss: PEFT counts it once per micro-batch);
+      the model output's ``loss`` as PEFT does, so it scales as that loss does under gradient
+      accumulation and clipping sees it. (Trainer divides a micro-batch's loss by the
+      accumulation steps unless the model takes ``num_items_in_batch``; a causal LM then
+      normalizes its own loss by the step's tokens, and the term, as in PEFT, counts once per
+      micro-batch. No rule fits every head: BERT's classifier takes the argument and ignores
+      it.);
     * ``allocator.update_and_allocate(step)`` runs in ``on_optimizer_step``, after the
       optimizer step and before ``zero_grad`` (``step`` counts from 0, as PEFT's loop);
     * the allocator's state (smoothed scores, kept triplets) goes into every checkpoint folder
@@ -137,7 +143,6 @@ class AdaLoraCallback(TrainerCallback):
         self.allocator = allocator
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self._hook: Any = None
-        self._accum = 1
 
     def on_train_begin(
         self,
@@ -151,7 +156,6 @@ class AdaLoraCallback(TrainerCallback):
             raise ValueError("AdaLoraCallback: Trainer passed no model to the callback")
         if self._hook is not None:
             self._hook.remove()
-        self._accum = max(1, int(args.gradient_accumulation_steps))
         self._hook = model.register_forward_hook(
             self._add_orthogonal_regularization, with_kwargs=True
         )
@@ -168,10 +172,6 @@ class AdaLoraCallback(TrainerCallback):
         loss = getattr(output, "loss", None)
         if not module.training or weight <= 0 or not isinstance(loss, torch.Tensor):
             return None
-        if kwargs.get("num_items_in_batch") is not None:
-            # the model normalized its loss by the whole step's tokens, so Trainer does not
-            # divide each micro-batch's loss by the accumulation steps: the term once per step
-            weight /= self._accum
         output.loss = loss + weight * orthogonal_regularization(module)
         return output
 
