@@ -107,3 +107,14 @@ def test_budget_zero_is_refused_as_a_budget(tmp_path: Path, capsys) -> None:
             "--output", str(tmp_path / "runs")]  # fmt: skip
     assert main(argv) == 2
     assert "budget must be a positive integer; found 0" in capsys.readouterr().err
+
+
+def test_budget_type_names_are_single_letters(tmp_path: Path, capsys) -> None:
+    # --types qq=query was accepted, but --sets reads "qq" as q twice: no set could name it
+    argv = ["analyze", "budget", "--data", "x.tsv", "--output", str(tmp_path / "runs"),
+            "--types", "qq=attention.self.query,v=attention.self.value", "--sets", "v"]  # fmt: skip
+    with pytest.raises(SystemExit) as usage:
+        main(argv)
+    assert usage.value.code == 2
+    assert "expected one-letter type names" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -78,6 +78,10 @@ def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None
         (["--method", "lora-ga", "--ga-batches", "0"], "option --ga-batches"),
         (["--method", "magic"], "expected one of"),
         (["--targets", "nonexistent_module"], "nonexistent_module"),
+        # the head: "matched no module; close candidates: ['classifier', ...]" contradicted itself
+        (["--targets", "classifier"], "'classifier' is kept in full (modules_to_save"),
+        (["--method", "full", "--targets", "query"], "--method full trains every parameter"),
+        (["--targets", "quer.*,val.*"], "must be the only value"),
         (["--output", "{tmp}/afile/sub"], "cannot be written"),
         (["--config", "{tmp}/bad.yaml"], "unknown option 'rank'"),
         (["--resume"], "does not exist"),
@@ -134,3 +138,20 @@ def test_without_matplotlib_the_run_still_succeeds(
     assert "not plotted (matplotlib is not installed" in stdout
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "metrics.jsonl").is_file() and not (out / "training_curve.png").exists()
+
+
+@pytest.mark.parametrize("targets", ["all-linear", r".*attention\.self\.(query|value)"])
+def test_targets_take_all_linear_or_one_regex(tiny, tmp_path: Path, capsys, targets: str) -> None:
+    # both were split as module names: "matches no module" (listing the modules the regex names)
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "1",
+            "--save-every", "0", "--targets", targets]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, err
+    saved = json.loads((out / "adapter" / "adapter_config.json").read_text())["target_modules"]
+    if targets == "all-linear":  # saved as the linear layers' names, as PEFT does
+        assert any(n.endswith("intermediate.dense") for n in saved)
+        assert not any("classifier" in n for n in saved)
+    else:
+        assert saved == targets

@@ -74,6 +74,12 @@ def _types(text: str) -> dict[str, str]:
         raise argparse.ArgumentTypeError(
             f"expected type=module pairs such as q=q_proj; found {text!r}"
         )
+    long = [k.strip() for k, _ in pairs if len(k.strip()) != 1]
+    if long:  # a set names its types letter by letter (qv = q and v)
+        raise argparse.ArgumentTypeError(
+            f"expected one-letter type names (--sets spells a set letter by letter, qv = q + v); "
+            f"found {long[0]!r}"
+        )
     return {k.strip(): v.strip() for k, v in pairs}
 
 

@@ -84,6 +84,12 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
         targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
     if not targets:
         entries = cfg.target_modules
+        kept = [n for n in save_names if not isinstance(entries, str) and n in (entries or [])]
+        if kept:  # the task's head: trained in full, so not also adapted (PEFT refuses too)
+            raise InjectionError(
+                f"target_modules: {kept[0]!r} is kept in full (modules_to_save: the task's "
+                "head trains whole), so it cannot also get an adapter; target other modules"
+            )
         hint = "" if isinstance(entries, str) or not entries else _candidates(entries[0], modules)
         raise InjectionError(f"target_modules: {entries!r} matched no module{hint}")
     # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag

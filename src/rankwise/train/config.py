@@ -266,6 +266,17 @@ def validate(config: TrainConfig) -> None:
         )
     if not config.targets and config.method != "full":
         raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
+    special = [t for t in config.targets if t == "all-linear" or set(t) & set("*+?|()[]{}^$\\")]
+    if special and len(config.targets) > 1:
+        raise ConfigError(
+            f"{option('targets')}: {special[0]!r} (all-linear or a regular expression) must be "
+            f"the only value (a regex cannot hold a comma), found {list(config.targets)}"
+        )
+    if config.method == "full" and config.targets != DEFAULT_TARGETS:
+        raise ConfigError(
+            f"{option('targets')}: --method full trains every parameter; targets "
+            f"{list(config.targets)} would be ignored (drop the option)"
+        )
 
 
 def _check_representable(config: TrainConfig) -> None:

@@ -75,6 +75,18 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
     }
 
 
+REGEX_CHARS = frozenset("*+?|()[]{}^$\\")
+
+
+def target_modules_of(targets: tuple[str, ...]) -> list[str] | str:
+    """``LoraConfig.target_modules`` for ``--targets``: module names (exact or dotted suffix),
+    or a single ``all-linear`` or regular expression (full match; ``.`` alone reads as a name's
+    dot), as PEFT's string form."""
+    if len(targets) == 1 and (targets[0] == "all-linear" or REGEX_CHARS & set(targets[0])):
+        return targets[0]
+    return list(targets)
+
+
 def lora_config_for(
     config: TrainConfig, *, base_model: str | None = None, total_steps: int | None = None
 ) -> Any:
@@ -92,7 +104,7 @@ def lora_config_for(
             init_r=config.init_r,
             lora_alpha=config.alpha,
             lora_dropout=config.dropout,
-            target_modules=list(config.targets),
+            target_modules=target_modules_of(config.targets),
             task_type=TASK_TYPES[config.task],
             base_model_name_or_path=base_model,
             total_step=total_steps,
@@ -103,7 +115,7 @@ def lora_config_for(
         r=config.r,
         lora_alpha=config.alpha,
         lora_dropout=config.dropout,
-        target_modules=list(config.targets),
+        target_modules=target_modules_of(config.targets),
         task_type=TASK_TYPES[config.task],
         base_model_name_or_path=base_model,
         **VARIANT_FIELDS[config.method],
