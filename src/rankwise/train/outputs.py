@@ -170,13 +170,13 @@ def save_trained(prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[st
             atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
         return final
     from rankwise.io import save_adapter
-    from rankwise.io.adapter import peft_cannot_rebuild
+    from rankwise.io.adapter import needs_original_base
 
     final = out / "adapter"
     # LoRA-GA changed the base weight (W_res = W0 - s B0 A0), and PEFT cannot rebuild OLoRA's
     # on GPT-2's Conv1D layers: save the rank-2r plain LoRA relative to the original base,
     # which rankwise and PEFT load on the unchanged model.
-    original = prepared.method == "lora-ga" or peft_cannot_rebuild(prepared.model) is not None
+    original = needs_original_base(prepared.model)
     with atomic_dir(final) as tmp:
         save_adapter(prepared.model, tmp, for_original_base=original)
         tokenizer.save_pretrained(tmp)

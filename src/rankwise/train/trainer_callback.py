@@ -66,12 +66,9 @@ class SaveAdapterCallback(TrainerCallback):
             raise ValueError("SaveAdapterCallback: Trainer passed no model to the callback")
         original = self.for_original_base
         if original is None:
-            from rankwise.io.adapter import peft_cannot_rebuild
-            from rankwise.lora.inject import get_config
+            from rankwise.io.adapter import needs_original_base
 
-            original = get_config(model).initializer in ("lora_ga", "pissa") or (
-                peft_cannot_rebuild(model) is not None
-            )
+            original = needs_original_base(model)
         save_adapter(
             model,
             directory,
