@@ -60,6 +60,7 @@ from rankwise.lora.linear_ops import (
     lora_linear_backward,
     merge_pays,
     merged_right,
+    rank_contract,
     rank_product_t,
 )
 
@@ -181,7 +182,7 @@ class DoraLinearFunction(torch.autograd.Function):
         ones_row = h_s_t.shape[0] > r  # a bias (either route): the last row is ones
         need_g_sum = need_bias or (need_c and bias is not None)
         # (r[+1], out): s·hᵀ g and, with the ones row, Σ_n g as its last row
-        prod = torch.mm(h_s_t, g) if need_b or (ones_row and need_g_sum) else None
+        prod = rank_contract(h_s_t, g) if need_b or (ones_row and need_g_sum) else None
         gb = None
         if need_b:
             gb = prod[:r].t().contiguous().mul_(c[:, None])  # (out, r): c ⊙ s·gᵀ h

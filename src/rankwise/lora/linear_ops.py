@@ -94,16 +94,103 @@ ROWS_MAX_BYTES = rows_max_bytes(cpu_vendor())
 ROWS_MAX_RANK = 8
 
 
+def onednn_pays(vendor: str) -> bool:
+    """Whether the large rank-r products go through oneDNN's linear kernel instead of MKL's
+    GEMM (:func:`rank_product_t`, :func:`rank_contract`): on AMD EPYC only, the one vendor
+    where it was measured.
+
+    There MKL runs a GEMM with r = 8 on one side at a fraction of its usual rate, and oneDNN
+    does the same products about twice as fast (float32, r = 8, 2 threads, warm caches, µs,
+    MKL against oneDNN): ``(r, N) = A xᵀ`` at N = 2048 175/149 (K = 384) and 1007/497
+    (K = 1536), with the transposed copy to ``(r, N)`` included; ``(r, K) = hᵀ x`` 158/79 and
+    828/320. Paired train step on MiniLM (``benchmarks/lora.py``'s setup, 30 interleaved
+    rounds): 0.948 of the MKL route. On Intel MKL's skinny GEMMs are already fast
+    (:func:`rows_max_bytes`: 64 µs for the first product) and oneDNN was not measured, so the
+    MKL route stays."""
+    return vendor == "AuthenticAMD"
+
+
+ONEDNN_RANK = onednn_pays(cpu_vendor())
+# below these row counts MKL's GEMM is as fast or faster (same measurements: N = 512, K = 384,
+# 60 against 83 µs for the product; the contraction breaks even at 512 and wins above)
+ONEDNN_PRODUCT_MIN_ROWS = 1024
+ONEDNN_CONTRACT_MIN_ROWS = 512
+
+_onednn_cache: list[Callable[..., Tensor] | None] = []
+
+
+def _resolve_onednn() -> Callable[..., Tensor] | None:
+    """torch's oneDNN linear (``torch.ops.mkldnn._linear_pointwise``, the kernel inductor
+    uses), checked once against ``torch.mm`` in both of the ways it is called; None where
+    torch has no oneDNN, the op is missing or its signature differs (it is not public API)."""
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return None
+        op = torch.ops.mkldnn._linear_pointwise
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(40, 24, generator=g)
+        w = torch.randn(3, 24, generator=g)
+        h = torch.randn(3, 40, generator=g)
+        with torch.no_grad():
+            ok = torch.allclose(op(x, w, None, "none", [], ""), x @ w.T, rtol=1e-4, atol=1e-4)
+            ok = ok and torch.allclose(
+                op(h, x.t(), None, "none", [], ""), h @ x, rtol=1e-4, atol=1e-4
+            )
+    except (AttributeError, RuntimeError, TypeError):
+        return None
+    return op if ok else None
+
+
+def onednn_linear(big: Tensor, min_rows: int) -> Callable[..., Tensor] | None:
+    """The oneDNN op for a rank-r product over ``big: (N, K)``, or None for MKL's GEMM: only
+    where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows``), for a contiguous float32 CPU tensor, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it
+    off) and no autograd graph to record (the products run inside the custom nodes)."""
+    if not (
+        ONEDNN_RANK
+        and big.shape[0] >= min_rows
+        and big.dtype == torch.float32
+        and big.device.type == "cpu"
+        and big.dim() == 2
+        and big.is_contiguous()
+        and torch.backends.mkldnn.enabled
+        and not (torch.is_grad_enabled() and big.requires_grad)
+    ):
+        return None
+    if not _onednn_cache:
+        _onednn_cache.append(_resolve_onednn())
+    return _onednn_cache[0]
+
+
+def rank_contract(small_t: Tensor, big: Tensor) -> Tensor:
+    """``small_t @ big: (r, K)`` for ``small_t: (r, N)`` and ``big: (N, K)``, a contraction over
+    the ``N`` rows (``∂L/∂A = ĝᵀ x``, ``∂L/∂B = s·gᵀ h``): oneDNN where it pays
+    (:func:`onednn_pays`), on a contiguous ``small_t`` (a small copy; its transposed layout
+    is slower there), else MKL's GEMM."""
+    op = onednn_linear(big, ONEDNN_CONTRACT_MIN_ROWS)
+    if op is None:
+        return torch.mm(small_t, big)
+    return op(small_t.contiguous(), big.t(), None, "none", [], "")
+
+
 def rank_product_t(big: Tensor, small_t: Tensor, *, ones_row: bool = False) -> Tensor:
     """``(big @ small_t)ᵀ: (r, N)`` for ``big: (N, K)`` and ``small_t: (K, r)``, in the faster
     memory layout: contiguous ``small_tᵀ @ bigᵀ`` while ``r`` is small and ``big`` within
     :data:`ROWS_MAX_BYTES` (set by CPU vendor, :func:`rows_max_bytes`), else the transpose of
-    a contiguous ``(N, r)`` product.
+    a contiguous ``(N, r)`` product. Where oneDNN pays (:func:`onednn_pays`) it forms the
+    ``(N, r)`` product, copied to a contiguous ``(r, N)``.
     Every consumer takes either layout (a GEMM reads a transposed operand at no cost).
 
     ``ones_row``: ``(r + 1, N)`` with a last row of ones, written into one buffer (for the bias
     carried in a rank-r GEMM, and ``Σ_n g`` read off ``∂L/∂B``'s)."""
     r, n = small_t.shape[1], big.shape[0]
+    op = onednn_linear(big, ONEDNN_PRODUCT_MIN_ROWS)
+    if op is not None:
+        h = op(big, small_t.t(), None, "none", [], "")  # (N, r)
+        out = torch.empty(r + ones_row, n, dtype=big.dtype, device=big.device)
+        out[:r].copy_(h.t())
+        if ones_row:
+            out[r].fill_(1.0)
+        return out
     rows = r <= ROWS_MAX_RANK and big.numel() * big.element_size() <= ROWS_MAX_BYTES
     if not ones_row:
         return torch.mm(small_t.t().contiguous(), big.t()) if rows else torch.mm(big, small_t).t()
@@ -236,11 +323,11 @@ def lora_linear_backward(
     s = scaling
     gx = gxa = ga = gb = gh_t = None
     if need_b:  # (out, r) from (r, out) = s·hᵀ g (h_s_t's ones row, if any, left out)
-        gb = torch.mm(h_s_t[: A.shape[0]], g).t().contiguous()
+        gb = rank_contract(h_s_t[: A.shape[0]], g).t().contiguous()
     if need_a or (merged is None and (need_x or need_xa)):
         gh_t = rank_product_t(g, B * s)  # (r, N): ĝᵀ = (g · s·B)ᵀ
     if need_a:
-        ga = torch.mm(gh_t, x if xa is None else xa)  # (r, in)
+        ga = rank_contract(gh_t, x if xa is None else xa)  # (r, in)
     if merged is not None:
         if need_x:
             M = merged() if callable(merged) else merged
