@@ -214,3 +214,35 @@ def test_mkl_route_untouched_off_amd(monkeypatch: pytest.MonkeyPatch) -> None:
     small_t = torch.randn(IN, R)
     assert torch.equal(rank_product_t(big, small_t), torch.mm(small_t.t().contiguous(), big.t()))
     assert seen == []
+
+
+@needs_onednn
+def test_torch_compile_traces_the_mkl_route(calls: list[tuple[int, ...]]) -> None:
+    """Inductor cannot lower the oneDNN op from a plain weight: under ``torch.compile`` the
+    nodes take MKL's GEMMs, and the compiled model equals the eager one that used oneDNN."""
+    from rankwise.lora import LoraConfig, inject
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(IN, 96), nn.GELU(), nn.Linear(96, OUT))
+    inject(model, LoraConfig(r=R, target_modules=["0", "2"]), generator=0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(p.numel()))
+    x = torch.randn(4, N // 4, IN, generator=torch.Generator().manual_seed(1))
+
+    def run(m: nn.Module) -> list[torch.Tensor]:
+        out = m(x)
+        out.square().mean().backward()
+        grads = [p.grad.clone() for p in params]
+        for p in params:
+            p.grad = None
+        return [out.detach(), *grads]
+
+    eager = run(model)
+    assert calls
+    n_calls = len(calls)
+    compiled = run(torch.compile(model))
+    assert len(calls) == n_calls
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -144,7 +144,8 @@ def _resolve_onednn() -> Callable[..., Tensor] | None:
 def onednn_linear(big: Tensor, min_rows: int) -> Callable[..., Tensor] | None:
     """The oneDNN op for a rank-r product over ``big: (N, K)``, or None for MKL's GEMM: only
     where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows``), for a contiguous float32 CPU tensor, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it
-    off) and no autograd graph to record (the products run inside the custom nodes)."""
+    off) and no autograd graph to record (the products run inside the custom nodes), and not while
+    ``torch.compile`` traces (inductor cannot lower the op from a plain weight)."""
     if not (
         ONEDNN_RANK
         and big.shape[0] >= min_rows
@@ -154,6 +155,7 @@ def onednn_linear(big: Tensor, min_rows: int) -> Callable[..., Tensor] | None:
         and big.is_contiguous()
         and torch.backends.mkldnn.enabled
         and not (torch.is_grad_enabled() and big.requires_grad)
+        and not torch.compiler.is_compiling()
     ):
         return None
     if not _onednn_cache:
