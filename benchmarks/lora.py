@@ -177,6 +177,15 @@ def _cpu_model() -> str:
     return f"{model} ({cpu_vendor() or 'vendor unknown'})"
 
 
+def _rank_route() -> str:
+    """Which kernels form the adapter's large rank-r products on this machine."""
+    from rankwise.lora import linear_ops
+
+    if linear_ops.ONEDNN_RANK and linear_ops._resolve_onednn() is not None:
+        return "oneDNN (linear_ops.onednn_pays)"
+    return "MKL GEMM"
+
+
 def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """rankwise and PEFT compute the same thing on the benchmark batch (eval mode, no dropout).
 
@@ -273,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
             "torch": torch.__version__,
             "python": platform.python_version(),
             "cpu": _cpu_model(),
+            "rank_r_products": _rank_route(),
         },
         "loss_check": check,
         "median_seconds": med,
@@ -317,7 +327,8 @@ def markdown(result: dict) -> str:
         "",
         f"MiniLM seq-cls, batch {s['batch'][0]}×{s['batch'][1]} ({s['data']}), r={s['r']}, "
         f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats; "
-        f"CPU: {s.get('cpu', 'not recorded')}.",
+        f"CPU: {s.get('cpu', 'not recorded')}; rank-r products: "
+        f"{s.get('rank_r_products', 'not recorded')}.",
         "",
         "| measurement | median wall (ms) | median process CPU (ms) |",
         "|---|---:|---:|",
