@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -52,6 +53,20 @@ def test_two_processes_match_one_with_the_global_batch(
     assert two.stdout.count("done:") == 1
     lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 5
+    assert two.stdout.count("merge check: merged vs unmerged on") == 1
+    # the held-out evaluations (sharded over the two processes) give one process's metrics
+    evals = {}
+    for name in ("one", "two"):
+        records = [
+            json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
+        evals[name] = [
+            (r["step"], r["eval_loss"], r["eval_accuracy"]) for r in records if "eval_loss" in r
+        ]
+    assert [e[0] for e in evals["two"]] == [e[0] for e in evals["one"]] == [0, 3]
+    for (_, loss_two, acc_two), (_, loss_one, acc_one) in zip(evals["two"], evals["one"]):
+        assert acc_two == acc_one
+        assert abs(loss_two - loss_one) <= 1e-5 * abs(loss_one)
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(
         p.name for p in (tmp_path / "one").iterdir()
     )
@@ -72,7 +87,6 @@ def test_two_process_resume_with_dropout_is_exact(
 ) -> None:
     """Each process draws its own dropout masks, so each gets its own RNG state back (only
     rank 0's was saved: the resumed run's losses differed from the step after the resume)."""
-    import json
 
     runner = tmp_path / "runner.py"
     runner.write_text(_RUNNER, encoding="utf-8")

@@ -65,6 +65,22 @@ def sum_floats(values: list[float], info: DistInfo) -> list[float]:
     return total.tolist()
 
 
+def max_int(value: int, info: DistInfo) -> int:
+    """The largest ``value`` over all processes (itself in a single process)."""
+    if info.world_size == 1:
+        return int(value)
+    top = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(top, op=dist.ReduceOp.MAX)
+    return int(top.item())
+
+
+def sum_tensor(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """``tensor`` summed element-wise over all processes, in place (a CPU tensor)."""
+    if info.world_size > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
         dist.barrier()

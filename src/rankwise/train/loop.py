@@ -161,28 +161,31 @@ def _optimizer_step(run: _Run, step_batch: list[int], step: int) -> float:
     return dist_.sum_floats([loss_total], info)[0] / terms
 
 
-def _evaluate(run: _Run, *, adapter_path: bool = False) -> EvalResult | None:
-    """Held-out evaluation on rank 0 (the other processes wait).
+def _evaluate(run: _Run, *, adapter_path: bool = False) -> EvalResult:
+    """Held-out evaluation, sharded over the processes under torchrun (each evaluates its
+    share of the batches and every process gets the whole set's result): no process waits in
+    a collective for the length of an evaluation, which gloo's 30-minute default timeout would
+    end on a large held-out set.
 
     ``adapter_path``: evaluate through the adapters' own low-rank forward (the eval-mode cache
     of ``W0 + s·BA`` off), so the final metrics — which the merge check compares with the
     merged model — come from the unmerged computation itself.
     """
-    result = None
-    if run.info.is_main:
-        model = run.prepared.model
-        uncached = adapter_path and run.prepared.lora_config is not None
+    model = run.prepared.model
+    uncached = adapter_path and run.prepared.lora_config is not None
+    if uncached:
+        set_inference_cache(model, False)
+    try:
+        return evaluate(
+            model,
+            run.eval_enc,
+            batch_size=max(32, run.config.batch_size),
+            pad_id=run.pad_id,
+            info=run.info,
+        )
+    finally:
         if uncached:
-            set_inference_cache(model, False)
-        try:
-            result = evaluate(
-                model, run.eval_enc, batch_size=max(32, run.config.batch_size), pad_id=run.pad_id
-            )
-        finally:
-            if uncached:
-                set_inference_cache(model, True)
-    dist_.barrier(run.info)
-    return result
+            set_inference_cache(model, True)
 
 
 def _save(run: _Run, position: ckpt.Position) -> None:

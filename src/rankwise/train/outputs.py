@@ -185,14 +185,20 @@ def save_trained(prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[st
 
 
 def check_merge(
-    prepared: Prepared, eval_enc: Encoded, after: EvalResult, *, pad_id: int
+    prepared: Prepared,
+    eval_enc: Encoded,
+    after: EvalResult,
+    *,
+    pad_id: int,
+    info: dist_.DistInfo | None = None,
 ) -> MergeCheck:
-    """Merge the adapters, evaluate again, unmerge: do merged and unmerged predict alike?"""
+    """Merge the adapters, evaluate again, unmerge: do merged and unmerged predict alike?
+    Under torchrun every process takes part (the evaluation is sharded, :func:`evaluate`)."""
     from rankwise.lora import merge, unmerge
 
     merge(prepared.model)
     try:
-        merged = evaluate(prepared.model, eval_enc, batch_size=64, pad_id=pad_id)
+        merged = evaluate(prepared.model, eval_enc, batch_size=64, pad_id=pad_id, info=info)
     finally:
         unmerge(prepared.model)
     if after.logits is not None and merged.logits is not None:
@@ -244,26 +250,29 @@ def finish_outputs(
     echo: Callable[[str], None],
     merged_dtype: torch.dtype | None = None,
 ) -> Finished:
-    """Rank 0: save, check the merge, write ``--merge`` output and the training curve."""
+    """Rank 0 saves, writes the ``--merge`` output and the training curve; every process
+    takes part in the merge check (its evaluation is sharded)."""
     saved = merged = check = None
     if info.is_main:
         saved = save_trained(prepared, out, tokenizer=tokenizer, info=task)
         echo(f"saved {'adapter' if prepared.lora_config is not None else 'model'}: {saved}")
-        from rankwise.lora.merge import merge_blocker
+    from rankwise.lora.merge import merge_blocker
 
-        blocker = merge_blocker(prepared.model) if prepared.lora_config is not None else None
-        if blocker is not None and after is not None:
-            echo(f"merge check skipped: {blocker}")
-        elif prepared.lora_config is not None and after is not None:
-            check = check_merge(prepared, eval_enc, after, pad_id=pad_id)
-            verdict = (
-                "identical predictions"
-                if check.identical
-                else f"{check.mismatches} DIFFERENT predictions"
-            )
-            echo(
-                f"merge check: merged vs unmerged on {check.examples} held-out examples: {verdict} (max |Δ| {check.max_abs_diff:.2e})"
-            )
+    # the same on every process (same model), so all or none enter the sharded evaluation
+    blocker = merge_blocker(prepared.model) if prepared.lora_config is not None else None
+    if blocker is not None and after is not None:
+        echo(f"merge check skipped: {blocker}")
+    elif prepared.lora_config is not None and after is not None:
+        check = check_merge(prepared, eval_enc, after, pad_id=pad_id, info=info)
+        verdict = (
+            "identical predictions"
+            if check.identical
+            else f"{check.mismatches} DIFFERENT predictions"
+        )
+        echo(
+            f"merge check: merged vs unmerged on {check.examples} held-out examples: {verdict} (max |Δ| {check.max_abs_diff:.2e})"
+        )
+    if info.is_main:
         if config.merge:
             with torch.no_grad():
                 merged = save_merged(
