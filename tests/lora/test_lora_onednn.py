@@ -3,6 +3,7 @@ taken, and that the LoRA and DoRA nodes give the float64 formula's values throug
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from rankwise.lora.linear_ops import (
     rank_product_t,
 )
 
-N, IN, OUT, R, S = 1024, 48, 40, 8, 0.5
+N, IN, OUT, R, S = 1024, 512, 520, 8, 0.5  # N·IN, N·OUT ≥ 2^19: every product takes oneDNN
 
 needs_onednn = pytest.mark.skipif(
     linear_ops._resolve_onednn() is None, reason="this torch has no working oneDNN linear op"
@@ -27,8 +28,9 @@ needs_onednn = pytest.mark.skipif(
 
 
 @pytest.fixture
-def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
-    """Forces the oneDNN route on (any CPU vendor) and records the shape of each call."""
+def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[int, ...]]]:
+    """Forces the oneDNN route on (any CPU vendor, two threads) and records each call's
+    shapes."""
     real = linear_ops._resolve_onednn()
     assert real is not None
     seen: list[tuple[int, ...]] = []
@@ -39,7 +41,10 @@ def calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
 
     monkeypatch.setattr(linear_ops, "ONEDNN_RANK", True)
     monkeypatch.setattr(linear_ops, "_onednn_cache", [counting])
-    return seen
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one thread keeps MKL
+    yield seen
+    torch.set_num_threads(threads)
 
 
 def test_rule_by_cpu_vendor(tmp_path: Path) -> None:
@@ -62,15 +67,37 @@ def test_the_op_resolves_where_torch_has_onednn() -> None:
 
 
 @needs_onednn
+def test_self_check_ignores_default_dtype_and_device() -> None:
+    """The check runs on float32 CPU tensors whatever the defaults: under a float64 default
+    (or a meta default device) its tensors failed the op and the route stayed off for good."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert linear_ops._resolve_onednn() is not None
+    finally:
+        torch.set_default_dtype(previous)
+    with torch.device("meta"):
+        assert linear_ops._resolve_onednn() is not None
+
+
+@needs_onednn
 def test_route_conditions(calls: list[tuple[int, ...]], monkeypatch: pytest.MonkeyPatch) -> None:
     big = torch.randn(N, IN)
     assert onednn_linear(big, 512) is not None
     assert onednn_linear(big, N + 1) is None  # too few rows: MKL
+    assert onednn_linear(big, 512, min_numel=big.numel() + 1) is None  # too small: MKL
+    assert rank_product_t(torch.randn(N, 384), torch.randn(384, R)).shape == (R, N)
+    assert calls == []  # 1024 × 384 is below the product's 2^19 elements
     assert onednn_linear(big.double(), 512) is None  # float32 only
     assert onednn_linear(big.t(), 8) is None  # not contiguous
     assert onednn_linear(big[:, : IN - 1], 512) is None
     with torch.backends.mkldnn.flags(enabled=False):
         assert onednn_linear(big, 512) is None
+    torch.set_num_threads(1)  # MKL's threading is what is slow; one thread keeps it
+    try:
+        assert onednn_linear(big, 512) is None
+    finally:
+        torch.set_num_threads(2)
     assert onednn_linear(big.requires_grad_(), 512) is None  # would need an autograd graph
     with torch.no_grad():
         assert onednn_linear(big, 512) is not None
@@ -88,12 +115,13 @@ def test_products_equal_float64(calls: list[tuple[int, ...]], ones_row: bool) ->
     h_t = rank_product_t(big, small_t, ones_row=ones_row)
     assert h_t.shape == (R + ones_row, N) and h_t.is_contiguous()
     ref = (big.double() @ small_t.double()).t()
-    torch.testing.assert_close(h_t[:R].double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h_t[:R].double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max())
     if ones_row:
         assert torch.equal(h_t[R], torch.ones(N))
     gt = torch.randn(R, N, generator=g)
     c = rank_contract(gt, big)
-    torch.testing.assert_close(c.double(), gt.double() @ big.double(), rtol=1e-5, atol=1e-4)
+    ref_c = gt.double() @ big.double()
+    torch.testing.assert_close(c.double(), ref_c, rtol=1e-5, atol=1e-5 * ref_c.abs().max())
     assert len(calls) == 2
 
 
@@ -243,6 +271,6 @@ def test_torch_compile_traces_the_mkl_route(calls: list[tuple[int, ...]]) -> Non
     assert calls
     n_calls = len(calls)
     compiled = run(torch.compile(model))
-    assert len(calls) == n_calls
+    assert len(calls) == n_calls, calls
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -104,16 +104,21 @@ def onednn_pays(vendor: str) -> bool:
     MKL against oneDNN): ``(r, N) = A xᵀ`` at N = 2048 175/149 (K = 384) and 1007/497
     (K = 1536), with the transposed copy to ``(r, N)`` included; ``(r, K) = hᵀ x`` 158/79 and
     828/320. Paired train step on MiniLM (``benchmarks/lora.py``'s setup, 30 interleaved
-    rounds): 0.948 of the MKL route. On Intel MKL's skinny GEMMs are already fast
-    (:func:`rows_max_bytes`: 64 µs for the first product) and oneDNN was not measured, so the
-    MKL route stays."""
+    rounds): 0.948-0.971 of the MKL route. It is MKL's threading of these GEMMs that is slow:
+    at one thread MKL's step is 1.07× the floor and oneDNN's no faster (paired 1.007), so one
+    thread keeps MKL. On Intel MKL's skinny GEMMs are already fast (:func:`rows_max_bytes`:
+    64 µs for the first product) and oneDNN was not measured, so the MKL route stays."""
     return vendor == "AuthenticAMD"
 
 
 ONEDNN_RANK = onednn_pays(cpu_vendor())
-# below these row counts MKL's GEMM is as fast or faster (same measurements: N = 512, K = 384,
-# 60 against 83 µs for the product; the contraction breaks even at 512 and wins above)
-ONEDNN_PRODUCT_MIN_ROWS = 1024
+# Where oneDNN pays. The contraction from 512 rows (0.41-0.83× of MKL's time at 1024-4096
+# rows, K 384-3072, r 8-64, 2 threads). The product with its copy to (r, N), in isolation (warm
+# caches, 2 threads, paired, oneDNN ÷ MKL): N×K = 1024×384 1.00-1.33, 2048×384 0.95-1.08,
+# 1024×768 0.96, 1024×1536 0.86, 2048×1536 0.75, so from 2^19 elements of ``big`` (and 512
+# rows); in the train step at 2048×384 it pays (paired 0.971 of MKL's with, 0.991 without it).
+ONEDNN_PRODUCT_MIN_ROWS = 512
+ONEDNN_PRODUCT_MIN_NUMEL = 1 << 19
 ONEDNN_CONTRACT_MIN_ROWS = 512
 
 _onednn_cache: list[Callable[..., Tensor] | None] = []
@@ -128,11 +133,14 @@ def _resolve_onednn() -> Callable[..., Tensor] | None:
             return None
         op = torch.ops.mkldnn._linear_pointwise
         g = torch.Generator().manual_seed(0)
-        x = torch.randn(40, 24, generator=g)
-        w = torch.randn(3, 24, generator=g)
-        h = torch.randn(3, 40, generator=g)
+        # float32 on the CPU whatever torch's default dtype and device are (float64 inputs
+        # would fail and turn the route off for the whole process)
+        kw = {"generator": g, "dtype": torch.float32, "device": "cpu"}
+        x = torch.randn(40, 24, **kw)
+        w = torch.randn(3, 24, **kw)
+        h = torch.randn(3, 40, **kw)
         with torch.no_grad():
-            ok = torch.allclose(op(x, w, None, "none", [], ""), x @ w.T, rtol=1e-4, atol=1e-4)
+            ok = torch.allclose(op(w, x, None, "none", [], ""), w @ x.T, rtol=1e-4, atol=1e-4)
             ok = ok and torch.allclose(
                 op(h, x.t(), None, "none", [], ""), h @ x, rtol=1e-4, atol=1e-4
             )
@@ -141,21 +149,28 @@ def _resolve_onednn() -> Callable[..., Tensor] | None:
     return op if ok else None
 
 
-def onednn_linear(big: Tensor, min_rows: int) -> Callable[..., Tensor] | None:
+def onednn_linear(
+    big: Tensor, min_rows: int, *, min_numel: int = 0
+) -> Callable[..., Tensor] | None:
     """The oneDNN op for a rank-r product over ``big: (N, K)``, or None for MKL's GEMM: only
-    where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows``), for a contiguous float32 CPU tensor, oneDNN enabled (``torch.backends.mkldnn.flags(enabled=False)`` turns it
-    off) and no autograd graph to record (the products run inside the custom nodes), and not while
-    ``torch.compile`` traces (inductor cannot lower the op from a plain weight)."""
+    where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows``, ``N·K ≥ min_numel``, more than one
+    thread), for a contiguous float32 CPU tensor, with oneDNN enabled
+    (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), no autograd graph to
+    record (the products run inside the custom nodes), and not while ``torch.compile`` traces
+    (inductor cannot lower the op from a plain weight)."""
     if not (
         ONEDNN_RANK
+        # first: under dynamo the rest would be traced (get_num_threads breaks the graph)
+        and not torch.compiler.is_compiling()
         and big.shape[0] >= min_rows
+        and big.numel() >= min_numel
         and big.dtype == torch.float32
         and big.device.type == "cpu"
         and big.dim() == 2
         and big.is_contiguous()
+        and torch.get_num_threads() > 1
         and torch.backends.mkldnn.enabled
         and not (torch.is_grad_enabled() and big.requires_grad)
-        and not torch.compiler.is_compiling()
     ):
         return None
     if not _onednn_cache:
@@ -185,9 +200,11 @@ def rank_product_t(big: Tensor, small_t: Tensor, *, ones_row: bool = False) -> T
     ``ones_row``: ``(r + 1, N)`` with a last row of ones, written into one buffer (for the bias
     carried in a rank-r GEMM, and ``Σ_n g`` read off ``∂L/∂B``'s)."""
     r, n = small_t.shape[1], big.shape[0]
-    op = onednn_linear(big, ONEDNN_PRODUCT_MIN_ROWS)
+    op = onednn_linear(big, ONEDNN_PRODUCT_MIN_ROWS, min_numel=ONEDNN_PRODUCT_MIN_NUMEL)
     if op is not None:
-        h = op(big, small_t.t(), None, "none", [], "")  # (N, r)
+        # (N, r) copied to (r, N): oneDNN's own (r, N) = op(small, big) reads big as a weight
+        # and was slower in the train step (paired 0.997 of MKL's against 0.971 this way)
+        h = op(big, small_t.t(), None, "none", [], "")
         out = torch.empty(r + ones_row, n, dtype=big.dtype, device=big.device)
         out[:r].copy_(h.t())
         if ones_row:
