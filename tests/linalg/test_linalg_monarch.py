@@ -118,3 +118,19 @@ def test_bad_matrix_and_vector() -> None:
         monarch_project(torch.ones(4), 2)
     with pytest.raises(ValueError, match=r"x: expected shape \(20,\) or \(20, c\)"):
         monarch_project(torch.ones(12, 20), 4).matmul(torch.ones(12))
+
+
+def test_matmul_promotes_like_the_dense_product() -> None:
+    """float32 factors times a float64 x: float64, as ``to_dense() @ x`` (x was cast down to
+    float32 and the product lost ~1e-7 relative); an integer x takes the factors' dtype."""
+    monarch = monarch_project(torch.randn(12, 20, generator=torch.Generator().manual_seed(0)), 4)
+    assert monarch.L.dtype == torch.float32
+    x = torch.randn(20, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = x + 1e-9  # digits float32 cannot hold
+    out = monarch.matmul(x)
+    assert out.dtype == torch.float64
+    exact = type(monarch)(monarch.L.double(), monarch.R.double()).to_dense() @ x
+    torch.testing.assert_close(out, exact, atol=1e-12, rtol=0)
+    ints = torch.arange(20)
+    assert monarch.matmul(ints).dtype == torch.float32
+    torch.testing.assert_close(monarch.matmul(ints), monarch.to_dense() @ ints.float())

@@ -53,9 +53,13 @@ class Monarch(NamedTuple):
 
     def matmul(self, x: ArrayLike) -> ArrayLike:
         """``M @ x`` for ``x`` of shape (n,) or (n, c) in ``O(b·(m + n)·c)`` — ``O(n^1.5)``
-        per column when ``b = sqrt(n)`` — without forming ``M``."""
+        per column when ``b = sqrt(n)`` — without forming ``M``. Computed in the promoted
+        floating dtype of the factors and ``x``, as ``to_dense() @ x`` would be (float32
+        factors times a float64 ``x`` give float64; integer ``x`` takes the factors' dtype)."""
         L, R, was_numpy = self._factors()
         x = torch.as_tensor(x, device=L.device)
+        dtype = torch.promote_types(R.dtype, x.dtype) if x.is_floating_point() else R.dtype
+        L, R = L.to(dtype), R.to(dtype)
         b, p, _ = L.shape
         q = R.shape[2]
         m, n = self.shape
@@ -65,7 +69,7 @@ class Monarch(NamedTuple):
                 f"found {tuple(x.shape)}"
             )
         columns = x.reshape(b, q, -1)  # (b, q, c): block j holds x[(j, ·)]
-        y = torch.bmm(R, columns.to(R.dtype))  # (b_j, b_s, c): R_j applied per block
+        y = torch.bmm(R, columns.to(dtype))  # (b_j, b_s, c): R_j applied per block
         y = y.transpose(0, 1)  # (b_s, b_j, c): the permutation Pᵀ
         out = torch.bmm(L, y)  # (b_s, p, c): L_s applied per block
         out = out.transpose(0, 1).reshape(m, -1)  # (p, b_s, c) -> rows (i, s): the permutation P

@@ -56,6 +56,10 @@ MAX_GRAD_NORM = 1.0
 
 
 class TrainResult(NamedTuple):
+    """What :func:`train` did. Under torchrun ``saved``/``merged`` are set on rank 0 only
+    (None elsewhere); the metrics (``before``, ``after``, ``merge_check``) on every process,
+    whose evaluations are sharded."""
+
     output: Path
     saved: Path | None  # the adapter (or, for full fine-tuning, the model) directory
     merged: Path | None
