@@ -184,3 +184,15 @@ def test_adapter_amplification_of_a_bfloat16_dora_adapter(tmp_path) -> None:
         (row,) = adapter_amplification(base, directory, generator=0)
         assert row.amplification.rank == 4
         assert row.amplification.delta_norm == pytest.approx(float(delta.norm()), rel=1e-6)
+
+
+def test_spectrum_of_a_zero_update_has_full_energy_as_linalg_says() -> None:
+    """A zero update loses nothing at any rank: energy 1 everywhere, as ``linalg.energy``
+    (it read 0, the opposite, for the dense and the factored form alike)."""
+    from rankwise.linalg import energy
+
+    for delta in (torch.zeros(6, 4), Factors(torch.zeros(6, 2), torch.zeros(2, 4))):
+        s = spectrum(delta)
+        assert s.stable_rank == 0.0 and s.effective_rank == 0.0
+        assert torch.equal(s.energy, energy(s.singular_values))
+        assert bool((s.energy == 1).all())

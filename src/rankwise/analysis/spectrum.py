@@ -44,5 +44,5 @@ def spectrum(delta: Tensor | Factors) -> Spectrum:
         S = truncated_svd(delta.to(work_dtype(delta))).S  # (min(out, in),)
     core = torch.diag(S)  # (k, k): same singular values as delta
     if float(S.max()) == 0.0:
-        return Spectrum(S, 0.0, 0.0, torch.zeros_like(S))
+        return Spectrum(S, 0.0, 0.0, energy(S))  # 1 at every rank, as linalg.energy says
     return Spectrum(S, float(stable_rank(core)), float(effective_rank(core)), energy(S))
