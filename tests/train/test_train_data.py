@@ -320,6 +320,17 @@ def test_trl_prompt_completion_columns_are_a_pair(tmp_path: Path) -> None:
         load_dataset(str(path), task="causal-lm")
 
 
+def test_pair_columns_are_matched_case_insensitively(tmp_path: Path) -> None:
+    # "Prompt"/"Response" (a spreadsheet's headers) fell through to the text column search,
+    # "no text column", though "Text"/"Label" are matched whatever their case
+    path = _write(tmp_path / "c.csv", "Prompt,Response\n2+2=,4\n3+3=,6\n")
+    ds = load_dataset(str(path), task="causal-lm")
+    assert ds.prompts == ("2+2=", "3+3=") and ds.texts == ("4", "6")
+    rows = [{"PROMPT": "a", "Completion": "b"}]
+    path = _write(tmp_path / "c.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    assert load_dataset(str(path), task="causal-lm").prompts == ("a",)
+
+
 def test_utf16_text_with_a_bom_is_read(tmp_path: Path) -> None:
     # Excel's "Unicode text" export (UTF-16 LE with a BOM, tab-separated) was read as latin-1:
     # "no text column (columns: ÿþl\x00a\x00...)"

@@ -427,7 +427,10 @@ def _label_ids(
 def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
-    found = [pair for pair in PAIR_COLUMNS if all(c in columns for c in pair)]
+    lower = {c.lower(): c for c in columns}  # case-insensitive, as detect_column
+    found = [
+        tuple(lower[c] for c in pair) for pair in PAIR_COLUMNS if all(c in lower for c in pair)
+    ]
     if text_column is None and len(found) > 1:
         raise KeyError(
             f"{name!r} has both a 'response' and a 'completion' column; keep the one to train on"
