@@ -85,6 +85,9 @@ def test_route_conditions(calls: list[tuple[int, ...]], monkeypatch: pytest.Monk
     big = torch.randn(N, IN)
     assert onednn_linear(big, 512) is not None
     assert onednn_linear(big, N + 1) is None  # too few rows: MKL
+    # a row count off the multiple (dynamic padding: a kernel built per new length): MKL
+    assert onednn_linear(big[: N - 8], 512) is None
+    assert onednn_linear(big[: N - linear_ops.ONEDNN_ROW_MULTIPLE], 512) is not None
     assert onednn_linear(big, 512, min_numel=big.numel() + 1) is None  # too small: MKL
     assert rank_product_t(torch.randn(N, 384), torch.randn(384, R)).shape == (R, N)
     assert calls == []  # 1024 × 384 is below the product's 2^19 elements

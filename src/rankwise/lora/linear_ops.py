@@ -120,6 +120,12 @@ ONEDNN_RANK = onednn_pays(cpu_vendor())
 ONEDNN_PRODUCT_MIN_ROWS = 512
 ONEDNN_PRODUCT_MIN_NUMEL = 1 << 19
 ONEDNN_CONTRACT_MIN_ROWS = 512
+# oneDNN builds a kernel per row count (~0.65 ms once against ~0.14 ms per call after, for a
+# contraction at K = 384), which dynamic padding would pay for every new batch length: only
+# row counts that are multiples of this take the route, so there are few shapes to build
+# (32 × 64 tokens: 2048 rows) and the route never depends on what ran before (a resumed run
+# takes the same kernels as an uninterrupted one)
+ONEDNN_ROW_MULTIPLE = 256
 
 _onednn_cache: list[Callable[..., Tensor] | None] = []
 
@@ -153,8 +159,8 @@ def onednn_linear(
     big: Tensor, min_rows: int, *, min_numel: int = 0
 ) -> Callable[..., Tensor] | None:
     """The oneDNN op for a rank-r product over ``big: (N, K)``, or None for MKL's GEMM: only
-    where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows``, ``N·K ≥ min_numel``, more than one
-    thread), for a contiguous float32 CPU tensor, with oneDNN enabled
+    where it pays (:data:`ONEDNN_RANK`, ``N ≥ min_rows`` and a multiple of
+    :data:`ONEDNN_ROW_MULTIPLE`, ``N·K ≥ min_numel``, more than one thread), for a contiguous float32 CPU tensor, with oneDNN enabled
     (``torch.backends.mkldnn.flags(enabled=False)`` turns it off), no autograd graph to
     record (the products run inside the custom nodes), and not while ``torch.compile`` traces
     (inductor cannot lower the op from a plain weight)."""
@@ -163,6 +169,7 @@ def onednn_linear(
         # first: under dynamo the rest would be traced (get_num_threads breaks the graph)
         and not torch.compiler.is_compiling()
         and big.shape[0] >= min_rows
+        and big.shape[0] % ONEDNN_ROW_MULTIPLE == 0
         and big.numel() >= min_numel
         and big.dtype == torch.float32
         and big.device.type == "cpu"
