@@ -79,7 +79,8 @@ def evaluate(
     up over the processes, so each returns the whole set's result (the same as one process
     gives, up to the float rounding of the loss sum) in about ``1 / world_size`` of the time.
     """
-    rank, world = (0, 1) if info is None else (info.rank, info.world_size)
+    shared = info if info is not None and info.world_size > 1 else None  # the batches split
+    rank, world = (0, 1) if shared is None else (shared.rank, shared.world_size)
     was_training = model.training
     model.eval()
     n = len(encoded.input_ids)
@@ -100,20 +101,20 @@ def evaluate(
                 terms += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     finally:
         model.train(was_training)
-    if info is not None and world > 1:
-        total, terms_f, correct_f = dist_.sum_floats([total, terms, correct], info)
+    if shared is not None:
+        total, terms_f, correct_f = dist_.sum_floats([total, terms, correct], shared)
         terms, correct = int(terms_f), int(correct_f)
     if encoded.task != "classification" and n and terms == 0:  # exp(0 / 1) would read 1.0
         raise ValueError("perplexity of no tokens: every example's tokens are masked or cut")
     mean = total / max(terms, 1)
     if encoded.task == "classification":
-        if info is not None and world > 1:
+        if shared is not None:
             # (n, classes): each process fills its own rows, zeros elsewhere; x + 0 is exact
-            width = dist_.max_int(next(iter(rows.values())).numel() if rows else 0, info)
+            width = dist_.max_int(next(iter(rows.values())).numel() if rows else 0, shared)
             stacked = torch.zeros(n, width)
             for i, row in rows.items():
                 stacked[i] = row
-            dist_.sum_tensor(stacked, info)
+            dist_.sum_tensor(stacked, shared)
         else:
             stacked = torch.stack([rows[i] for i in range(n)])
         return EvalResult(

@@ -230,8 +230,7 @@ def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any, average:
     """Evaluate (every ``eval_every``), log the step's record and move the progress bar."""
     every = run.config.eval_every
     if every and step % every == 0 and step < run.total_steps:
-        found = _evaluate(run)
-        record.update(found.as_metrics() if found else {})
+        record.update(_evaluate(run).as_metrics())
     run.log.log(record)
     bar.set_postfix_str(f"loss={record['loss']:.4f}, ex/s={average:.1f}", refresh=False)
     bar.update(1)
@@ -411,9 +410,8 @@ def _train(
     if stop_after is not None and steps < run.total_steps:  # stopped as if killed: no outputs
         return result._replace(seconds=time.perf_counter() - started)
     after = _evaluate(run, adapter_path=True)
-    if after is not None:
-        run.log.log({"step": steps, **after.as_metrics()})
-        echo(f"held-out after training:  {_fmt(after.as_metrics())}")
+    run.log.log({"step": steps, **after.as_metrics()})
+    echo(f"held-out after training:  {_fmt(after.as_metrics())}")
     task = task_info(config, run.data.split.train.label_names, run.data.loaded.source)
     finished = finish_outputs(
         run.prepared, config, info, run.out, tokenizer=run.data.loaded.tokenizer, task=task,
@@ -434,9 +432,8 @@ def _before(run: _Run, position: ckpt.Position) -> EvalResult | None:
             run.echo(f"held-out before training: {_fmt(records[0])}")
         return None
     result = _evaluate(run)
-    if result is not None:
-        run.log.log({"step": 0, **result.as_metrics()})
-        run.echo(f"held-out before training: {_fmt(result.as_metrics())}")
+    run.log.log({"step": 0, **result.as_metrics()})
+    run.echo(f"held-out before training: {_fmt(result.as_metrics())}")
     return result
 
 
