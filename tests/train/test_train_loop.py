@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from rankwise.train import TrainConfig, train
+from rankwise.train.loop import fused_adamw
 from rankwise.train.metrics import read_metrics
 
 
@@ -33,6 +34,28 @@ def _config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
 
 def _adapter(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "adapter" / "adapter_model.safetensors"))
+
+
+def test_the_optimizer_is_torchs_fused_adamw(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # one pass per parameter instead of the single-tensor loop's ~10 (benchmarks/adamw.py)
+    train(_config(tiny_bert, toy_tsv, tmp_path, max_steps=2, save_every=1), echo=_quiet)
+    state_file = tmp_path / "checkpoints" / "step-000002" / "state.pt"
+    state = torch.load(state_file, weights_only=True)
+    groups = state["optimizer"]["param_groups"]
+    assert groups and all(g["fused"] is True for g in groups)
+
+
+def test_fused_adamw_needs_floating_point_cpu_or_gpu_parameters() -> None:
+    def groups(*params: torch.Tensor) -> list[dict]:
+        return [{"params": list(params)}]
+
+    w = torch.nn.Parameter(torch.zeros(2, 2))
+    assert fused_adamw(groups(w, torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))))
+    assert not fused_adamw(groups(w, torch.nn.Parameter(torch.zeros(2, device="meta"))))
+    assert not fused_adamw(groups(w, torch.zeros(2, dtype=torch.int64)))
+    assert not fused_adamw([{"params": []}])
 
 
 @pytest.mark.slow
