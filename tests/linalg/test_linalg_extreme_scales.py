@@ -151,3 +151,22 @@ def test_big_endian_numpy_input() -> None:
     got = rl.truncated_svd(M.astype(">f8"), 2)
     np.testing.assert_allclose(got.S, rl.truncated_svd(M, 2).S, rtol=1e-12)
     assert isinstance(got.S, np.ndarray)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float64, 1e-310), (torch.float32, 1e-41), (torch.float32, 1e30)]
+)
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_lstsq_factor_is_scale_free(dtype: torch.dtype, scale: float, side: str) -> None:
+    # A⁺ of a subnormal factor overflows although A⁺ M is O(1): it came back NaN
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    X = torch.randn(4, 6, generator=g, dtype=torch.float64)
+    if side == "left":  # M = A X: B = A⁺ M = X
+        factor, M = A, A @ X
+    else:  # M = Xᵀ Aᵀ: A = M (Aᵀ)⁺ = Xᵀ
+        factor, M = A.T, X.T @ A.T
+    expected = X if side == "left" else X.T
+    got = rl.lstsq_factor((M * scale).to(dtype), **{side: (factor * scale).to(dtype)})
+    assert got.dtype == dtype and bool(torch.isfinite(got).all())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-3, atol=1e-3)

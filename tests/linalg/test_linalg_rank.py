@@ -89,3 +89,22 @@ def test_numpy_integers_and_long_doubles() -> None:
         rl.pinv(A.astype(np.longdouble))
     with pytest.raises(ShapeMismatchError, match=r"x: expected shape \(8,\)"):
         rl.monarch_project(torch.randn(8, 8), 2).matmul(torch.tensor(1.0))
+
+
+def test_energy_ends_at_exactly_one() -> None:
+    # over squares.sum() the last entry was 1 ± 6e-15 (above 1 in 84 of 200 random spectra),
+    # so sqrt(1 - e), the relative error of keeping every triplet, came back NaN
+    rng = np.random.default_rng(0)
+    for n in rng.integers(2, 3000, size=40):
+        S = np.sort(rng.random(n) * 10.0 ** rng.uniform(-3, 3, n))[::-1].copy()
+        e = energy(S)
+        assert e[-1] == 1.0 and np.sqrt(1.0 - e[-1]) == 0.0
+        assert np.all(np.diff(e) >= 0) and np.all(e <= 1.0)
+
+
+@pytest.mark.parametrize("values", [np.array(["1", "2"]), np.array([1.0, 0.5], dtype=object)])
+def test_spectrum_of_a_non_numeric_array_names_s(values: np.ndarray) -> None:
+    with pytest.raises(ValueError, match=r"S: expected a real numeric array, found dtype"):
+        energy(values)
+    with pytest.raises(ValueError, match=r"S: expected a real numeric array"):
+        rank_for_energy(values, 0.9)

@@ -14,7 +14,14 @@ import numpy as np
 import torch
 
 from rankwise.errors import ShapeMismatchError
-from rankwise.linalg._validate import ArrayLike, as_matrix, check_one_of, to_output
+from rankwise.linalg._validate import (
+    ArrayLike,
+    as_matrix,
+    check_one_of,
+    times_power_of_two,
+    to_output,
+    unit_scaled,
+)
 
 
 def _cutoff(S: torch.Tensor, shape: tuple[int, ...], rtol: float | None) -> torch.Tensor:
@@ -74,8 +81,13 @@ def lstsq_factor(
             f"right: expected {matrix.shape[1]} columns (M is {tuple(matrix.shape)}), "
             f"found shape {tuple(factor.shape)}"
         )
+    # scale-free: A⁺ of a subnormal factor overflows though A⁺ M is O(1) (float32 at 1e-41)
+    factor, e_factor = unit_scaled(factor)
+    matrix, e_matrix = unit_scaled(matrix)
     if which == "left":
         result = _pinv_tensor(factor, None) @ matrix  # (r, m) @ (m, n) -> (r, n)
     else:
         result = matrix @ _pinv_tensor(factor, None)  # (m, n) @ (n, r) -> (m, r)
+    if e_matrix != e_factor:
+        result = times_power_of_two(result, e_matrix - e_factor)
     return to_output(result, was_numpy)

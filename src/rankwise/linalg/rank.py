@@ -25,6 +25,9 @@ from rankwise.linalg._validate import (
 
 def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
     was_numpy = isinstance(S, np.ndarray)
+    # float128/longdouble, strings, objects: torch has no such dtype (from_numpy raises)
+    if was_numpy and (S.dtype.kind not in "biuf" or S.dtype.itemsize > 8):
+        raise ValueError(f"{name}: expected a real numeric array, found dtype {S.dtype}")
     tensor = torch.from_numpy(np.ascontiguousarray(S)) if was_numpy else S
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(S)}")
@@ -56,7 +59,10 @@ def energy(S: ArrayLike) -> ArrayLike:
     squares = (
         sigma / peak
     ).square()  # scale-free: σ² of 1e160 or 1e-170 neither over- nor underflows
-    return to_output(torch.cumsum(squares, 0) / squares.sum(), was_numpy)
+    cumulative = torch.cumsum(squares, 0)
+    # over the cumulative sum's own last entry: e[-1] is 1 exactly (over squares.sum(), which
+    # rounds otherwise, it was 1 ± 6e-15, and sqrt(1 - e) of a full-rank truncation NaN)
+    return to_output(cumulative / cumulative[-1], was_numpy)
 
 
 def rank_for_energy(S: ArrayLike, fraction: float) -> int:
