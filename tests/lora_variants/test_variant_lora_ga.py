@@ -7,7 +7,7 @@ import torch
 from lora_testkit import tiny_bert_cls, token_batch
 from torch import nn
 
-from rankwise.errors import InjectionError
+from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora import LoraConfig, lora_layers
 from rankwise.lora.lora_ga import estimate_gradients, lora_ga_factors, lora_ga_init
 
@@ -113,6 +113,9 @@ def test_bad_input_leaves_the_model_unchanged() -> None:
         lora_ga_init(model, LoraConfig(r=17, target_modules=["query"]), [_batch()])
     with pytest.raises(ValueError, match="batches"):
         lora_ga_init(model, LoraConfig(r=2, target_modules=["query"]), [])
+    # no save could hold it (for_original_base refuses DoRA): refused before training, not after
+    with pytest.raises(ConfigError, match="use_dora"):
+        lora_ga_init(model, LoraConfig(r=2, target_modules=["query"], use_dora=True), [_batch()])
     assert not hasattr(model, "_rankwise_lora")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

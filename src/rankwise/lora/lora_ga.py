@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import InjectionError
+from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
@@ -166,6 +166,12 @@ def lora_ga_init(
     (embeddings, convolutions) the default initialization, as in PEFT. Everything is resolved
     and checked before the model is changed.
     """
+    if config.use_dora:  # nothing could save it: found only when saving, after training
+        raise ConfigError(
+            "config: LoRA-GA with use_dora=True is not supported: a LoRA-GA adapter is saved "
+            "re-expressed for the original base (save_adapter(..., for_original_base=True)), "
+            "which DoRA's magnitudes cannot be; set use_dora=False"
+        )
     plan = resolve(model, config)
     check_ranks(model, plan)
     batch_list = list(batches)
