@@ -264,3 +264,34 @@ def test_residual_adapters_are_refused_until_saved_for_the_original_base(
     update = W - dict(_bert().named_modules())["encoder.layer.0.attention.self.query"].weight
     top = torch.linalg.svdvals(update.detach().double())[0]
     assert math.isclose(float(_row(rows).spectrum.singular_values[0]), float(top), rel_tol=1e-4)
+
+
+def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> None:
+    # the same layers saved on a bare model and on a model that holds it: the union kept both
+    # names, and PEFT applied one and skipped the other without a word
+    class Holder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bert = _bert()
+
+        def forward(self, **kwargs):
+            return self.bert(**kwargs)
+
+    _peft_save(tmp_path / "bare", r=2, lora_alpha=4, init_lora_weights=False)
+    peft.get_peft_model(
+        Holder(),
+        peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False),
+    ).save_pretrained(tmp_path / "held")
+    with pytest.raises(
+        ValueError,
+        match=r"'encoder\.layer\.0\.attention\.self\.query'.*"
+        r"'bert\.encoder\.layer\.0\.attention\.self\.query', the same layer",
+    ):
+        combine_adapters([tmp_path / "bare", tmp_path / "held"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # disjoint layers of one model still combine (a zero update where an input lacks one)
+    _peft_save(
+        tmp_path / "keys", r=2, lora_alpha=4, init_lora_weights=False, target_modules=["key"]
+    )
+    rows = combine_adapters([tmp_path / "bare", tmp_path / "keys"], tmp_path / "union")
+    assert {row.module.rsplit(".", 1)[1] for row in rows} == {"query", "value", "key"}

@@ -440,3 +440,20 @@ def test_combine_negative_weights_without_equals(
     with pytest.raises(SystemExit):
         main([*argv, "--out", "--weights", "1,1"])
     assert "--output: expected one argument" in capsys.readouterr().err
+
+
+def test_a_failed_command_leaves_no_parent_directories_it_made(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # the parents of a new nested --out were made before the work and stayed, empty
+    out = tmp_path / "new" / "a" / "b" / "out"
+    assert main(["resize", str(tmp_path / "missing"), "--rank", "2", "--out", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # a parent that existed before stays, and so does one something else wrote into
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "x" / "out"
+    assert main(["resize", str(tmp_path / "missing"), "--rank", "2", "--out", str(out)]) == 2
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "x").exists()
+    assert main(["resize", str(setup["r8"]), "--rank", "2", "--out", str(out)]) == 0
+    assert (out / "adapter_model.safetensors").is_file()

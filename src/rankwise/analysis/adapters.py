@@ -165,6 +165,7 @@ def combine_adapters(
             f"extras_from: expected an index in [0, {len(sources) - 1}], found {extras_from!r}"
         )
     extras = _common_extras(sources, configs, extras_from)
+    _check_module_prefixes(sources, adapters)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
     if rank is None and method != "linear":
         # PEFT's default new rank: the largest rank any input adapter declares (r or a
@@ -188,6 +189,26 @@ def combine_adapters(
         report.append(LayerReport(module, _shape(out), exact.A.shape[0], out.A.shape[0], error))
     write_factors(destination, new, carried=configs[0], extras=extras)
     return tuple(report)
+
+
+def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
+    """Refuse a module of one adapter that only another names as a dotted suffix of its own
+    (``layers.0.q_proj`` against ``model.layers.0.q_proj``): the same layer saved on another
+    model class (a bare ``LlamaModel`` against ``LlamaForCausalLM``). The union would hold both
+    names, and a loader would apply one and skip the other without a word."""
+    for i, a in enumerate(adapters):
+        for j, b in enumerate(adapters):
+            if i == j:
+                continue
+            for short in sorted(set(a) - set(b)):
+                longer = next((m for m in sorted(set(b) - set(a)) if m.endswith("." + short)), None)
+                if longer is not None:
+                    raise ValueError(
+                        f"sources: {str(sources[i])!r} adapts {short!r} and {str(sources[j])!r} "
+                        f"{longer!r}, the same layer under another prefix (saved on different "
+                        "model classes, e.g. a bare model and one with a head); combining them "
+                        "would keep both names and a loader would apply only one"
+                    )
 
 
 def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:
