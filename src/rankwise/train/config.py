@@ -109,7 +109,13 @@ def option(name: str) -> str:
 def _coerce(name: str, value: Any) -> Any:
     """Check one YAML/flag value against the field's type; return it in the field's type."""
     if value is None:
-        return None
+        default = FIELDS[name].default
+        if default is None:  # an option whose default is "not set"
+            return None
+        raise ConfigError(  # a YAML key left empty (`batch_size:`) failed later, a traceback
+            f"{option(name)}: expected a value, found none (an empty or null YAML value); "
+            f"give one or leave the key out for the default ({default!r})"
+        )
     if name == "targets":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
