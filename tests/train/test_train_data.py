@@ -376,3 +376,28 @@ configs:
         warnings.simplefilter("error")
         again = load_dataset(f"hf:{folder}", label_names=ds.label_names)
     assert again.labels == ds.labels
+
+
+def test_columns_that_differ_only_in_case_are_ambiguous(tmp_path: Path) -> None:
+    # the last of `text`/`Text` was used, silently (duplicates of one name keep the first)
+    both = _write(tmp_path / "t.csv", "text,Text,label\na,OTHER,pos\nb,OTHER2,neg\n")
+    with pytest.raises(KeyError, match=r"'text' and 'Text', which differ only in case.*--text"):
+        load_dataset(str(both))
+    assert load_dataset(str(both), text_column="text").texts == ("a", "b")
+    labels = _write(tmp_path / "l.csv", "text,label,Label\na,pos,x\nb,neg,y\n")
+    with pytest.raises(KeyError, match=r"'label' and 'Label'.*label column is ambiguous"):
+        load_dataset(str(labels))
+    other = _write(tmp_path / "o.csv", "id,ID,text,label\n1,2,a,pos\n3,4,b,neg\n")
+    assert load_dataset(str(other)).texts == ("a", "b")  # not a text or label candidate
+    pairs = _write(tmp_path / "p.jsonl", '{"prompt": "q", "Prompt": "Q", "response": "r"}\n')
+    with pytest.raises(KeyError, match=r"'prompt' and 'Prompt'"):
+        load_dataset(str(pairs), task="causal-lm")
+
+
+def test_training_data_with_one_label_is_refused(tmp_path: Path) -> None:
+    # a one-logit head: cross-entropy 0, no gradient, and "accuracy 100%"
+    one = _write(tmp_path / "one.tsv", "label\ttext\npos\ta\npos\tb\n")
+    with pytest.raises(ConfigError, match=r"every example has the label 'pos'.*at least two"):
+        load_dataset(str(one))
+    # an evaluation set may hold one class of the training labels
+    assert load_dataset(str(one), label_names=("neg", "pos")).labels == (1, 1)

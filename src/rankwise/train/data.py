@@ -247,6 +247,24 @@ class Rows(list):  # type: ignore[type-arg]
     class_names: dict[str, tuple[str, ...]]  # set by _read_hf
 
 
+def case_insensitive(
+    columns: Sequence[str], candidates: Sequence[str], *, what: str, source: str, hint: str
+) -> dict[str, str]:
+    """Lower-cased column name -> the column. Two columns that differ only in case (``text``
+    and ``Text``) where one of ``candidates`` is looked up are ambiguous: an error naming
+    both (the last one was used, silently)."""
+    lower: dict[str, str] = {}
+    for column in columns:
+        key = column.lower()
+        if key in lower and lower[key] != column and key in candidates:
+            raise KeyError(
+                f"{source!r} has columns {lower[key]!r} and {column!r}, which differ only in "
+                f"case: which is the {what} column is ambiguous; {hint}"
+            )
+        lower.setdefault(key, column)
+    return lower
+
+
 def detect_column(
     columns: Sequence[str], candidates: Sequence[str], *, what: str, source: str, given: str | None
 ) -> str:
@@ -257,11 +275,11 @@ def detect_column(
                 f"{what} column {given!r} not found in {source!r}; columns: {', '.join(columns)}"
             )
         return given
-    lower = {c.lower(): c for c in columns}
+    flag = f"--{what}-column"
+    lower = case_insensitive(columns, candidates, what=what, source=source, hint=f"pass {flag}")
     found = [lower[c] for c in candidates if c in lower]
     if len(found) == 1:
         return found[0]
-    flag = f"--{what}-column"
     if not found:
         raise KeyError(
             f"no {what} column in {source!r} (columns: {', '.join(columns)}); pass {flag}"
@@ -358,6 +376,12 @@ def load_dataset(
         names = tuple(label_names)
     else:
         names = own or label_names_of(keys, source=name)
+        if len(names) < 2:  # one logit: cross-entropy 0, no gradient, "100%" accuracy
+            raise ConfigError(
+                f"dataset {name!r}: every example has the label {names[0]!r} (column "
+                f"{label_col!r}); classification needs at least two labels (is "
+                "--label-column the right column?)"
+            )
     numeric = tuple(str(i) for i in range(len(names)))
     if (label_names is not None and names not in (numeric, own)
             and any(isinstance(k, int) for k in keys)):  # fmt: skip
@@ -427,7 +451,14 @@ def _label_ids(
 def _causal_dataset(
     rows: list[dict[str, Any]], columns: list[str], name: str, text_column: str | None
 ) -> TextDataset:
-    lower = {c.lower(): c for c in columns}  # case-insensitive, as detect_column
+    pair_names = [c for pair in PAIR_COLUMNS for c in pair]
+    lower = (  # case-insensitive, as detect_column
+        case_insensitive(
+            columns, pair_names, what="prompt/response", source=name, hint="rename or drop one"
+        )
+        if text_column is None
+        else {}
+    )
     found = [
         tuple(lower[c] for c in pair) for pair in PAIR_COLUMNS if all(c in lower for c in pair)
     ]
