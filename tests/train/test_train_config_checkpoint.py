@@ -35,6 +35,9 @@ def test_resolve_fills_dependent_defaults() -> None:
         ({"lr": 1e37, "loraplus_ratio": 1e3}, "B's learning rate"),
         ({"seed": 2**64}, "seed.*expected a seed"),  # "Overflow when unpacking long long"
         ({"seed": -(2**63) - 1}, "seed.*expected a seed"),
+        # an unset $OUT: trained into ./runs/finetune-<time>, which --resume then could not find
+        ({"output": ""}, r"--output .*expected a directory, found an empty string"),
+        ({"data": " "}, r"--data .*found an empty string"),
     ],
 )
 def test_invalid_values_name_the_option(values: dict, match: str) -> None:

@@ -222,6 +222,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"{option('method')}: expected one of {', '.join(METHODS)}, found {config.method!r}"
         )
+    for name in ("output", "model", "data", "eval_data"):  # an unset shell variable, say
+        value = getattr(config, name)
+        if value is not None and not value.strip():
+            what = "a directory" if name == "output" else "a path or name"
+            raise ConfigError(f"{option(name)}: expected {what}, found an empty string")
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r,
                 "ga_batches": config.ga_batches}  # fmt: skip
     for name, value in positive.items():
