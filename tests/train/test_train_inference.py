@@ -335,3 +335,40 @@ def test_a_failed_merge_leaves_no_parent_directories(
     with pytest.raises(MergeError):
         merge_to(trained, tmp_path / "keep" / "b" / "merged")
     assert [p.name for p in tmp_path.iterdir()] == ["keep"]  # it existed before: kept
+
+
+@pytest.mark.parametrize("spelling", [".", "absolute"])
+def test_merge_into_the_empty_working_directory(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys, spelling: str
+) -> None:
+    # `--out .` failed renaming '.' (EBUSY) and left the whole model in a hidden temporary;
+    # `--out "$PWD"` swapped the directory out from under the shell (a deleted cwd)
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    inode = here.stat().st_ino
+    out = "." if spelling == "." else str(here)
+    assert main(["merge", "--adapter", str(run_dir / "adapter"), "--out", out]) == 0
+    capsys.readouterr()
+    assert here.stat().st_ino == inode and Path.cwd().stat().st_ino == inode
+    names = sorted(p.name for p in here.iterdir())
+    assert "config.json" in names and not [n for n in names if n.startswith(".")]
+    assert load_trained(here).label_names == ("0", "1")
+
+
+def test_atomic_dir_removes_its_temporary_when_the_rename_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from rankwise.train import outputs
+
+    def busy(src, dst):
+        raise OSError(16, "Device or resource busy")
+
+    with pytest.raises(OSError, match="busy"):
+        with outputs.atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "weights").write_bytes(b"x" * 10)
+            monkeypatch.setattr(os, "replace", busy)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

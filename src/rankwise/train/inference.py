@@ -270,8 +270,8 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
 
 def merge_to(trained: Trained, out: str | Path) -> Path:
     """Merge the adapter into the base weights and save a plain transformers model directory."""
+    from rankwise.io.files import replaced_dir
     from rankwise.lora import merge_and_unload
-    from rankwise.train.outputs import atomic_dir
 
     if not trained.has_adapter:
         raise AdapterFormatError(
@@ -284,7 +284,10 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     try:
         model = merge_and_unload(trained.model)
         final.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_dir(final) as tmp:
+        # replaced_dir, not a rename of the directory: --out . or $PWD, an empty working
+        # directory, gets the files moved in (a rename failed there, leaving the whole model in
+        # a hidden temporary, or swapped the directory out from under the shell)
+        with replaced_dir(final) as tmp:
             model.save_pretrained(tmp)
             trained.tokenizer.save_pretrained(tmp)
             # the task, labels and max length travel with the model (evaluate/predict read them)

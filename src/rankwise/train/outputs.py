@@ -144,11 +144,15 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
-        stale = final.parent / f".stale-{final.name}-{os.getpid()}"
-        os.replace(final, stale)
-        shutil.rmtree(stale, ignore_errors=True)
-    os.replace(tmp, final)
+    try:
+        if final.exists():
+            stale = final.parent / f".stale-{final.name}-{os.getpid()}"
+            os.replace(final, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(tmp, final)
+    except OSError:  # no hidden copy of what was written left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def task_info(config: TrainConfig, label_names: tuple[str, ...], base_model: str) -> dict[str, Any]:
