@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lora_testkit import BUILDERS, logits, perturb
+from lora_testkit import BUILDERS, logits, perturb, token_batch
 from safetensors.torch import load_file
 from torch import nn
 
@@ -77,6 +77,27 @@ def test_load_accepts_target_entries_that_match_nothing_here(tmp_path: Path) -> 
 @pytest.mark.parametrize("init", ["orthogonal", "mica"])
 def test_peft_inits_that_keep_the_base_load(init: str, tmp_path: Path) -> None:
     expected = _peft_saved("llama", tmp_path, target_modules=["q_proj"], init_lora_weights=init)
+    ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+
+
+def test_a_peft_eva_adapter_loads_as_the_lora_it_is(tmp_path: Path) -> None:
+    # EVA only initializes A from activations (B = 0, base untouched): once trained it is a
+    # plain LoRA, but its eva_config was refused as an unimplemented feature
+    from peft import EvaConfig, get_peft_model
+    from peft import LoraConfig as PeftConfig
+    from peft.tuners.lora import initialize_lora_eva_weights
+
+    config = PeftConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="eva",
+        eva_config=EvaConfig(rho=2.0),
+    )  # fmt: skip
+    theirs = get_peft_model(BUILDERS["llama"](), config)
+    batches = [{"input_ids": token_batch(seed)} for seed in (5, 6, 7)]
+    initialize_lora_eva_weights(theirs, batches, show_progress_bar=False)
+    perturb(theirs.eval(), 3)
+    theirs.save_pretrained(tmp_path)
+    expected = logits(theirs, "llama")
     ours = load_adapter(BUILDERS["llama"](), tmp_path)
     torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
 

@@ -54,13 +54,16 @@ PEFT_DEFAULTS: dict[str, Any] = {
     "velora_config": None,
 }
 # Fields whose value does not change how the adapter computes (any value accepted on read).
-# lora_ga_config only steers an initialization from gradients, which loading never redoes
+# lora_ga_config only steers an initialization from gradients and eva_config one from
+# activations (EVA: A from their SVD, B = 0, the base untouched; the ranks and alphas it
+# chose are in rank_pattern/alpha_pattern), which loading never redoes
 _INERT = {
     "auto_mapping",
     "revision",
     "megatron_core",
     "qalora_group_size",
     "lora_ga_config",
+    "eva_config",
 }
 
 
