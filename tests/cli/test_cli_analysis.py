@@ -457,3 +457,24 @@ def test_a_failed_command_leaves_no_parent_directories_it_made(
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "x").exists()
     assert main(["resize", str(setup["r8"]), "--rank", "2", "--out", str(out)]) == 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_amplification_of_a_causal_lm_adapter_on_lm_head(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # AutoModel has no lm_head: "expected one matching module in the model, found none"
+    config = transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=40, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).eval()
+    base.save_pretrained(str(tmp_path / "base"))
+    lora = peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft.get_peft_model(base, lora).save_pretrained(str(tmp_path / "adapter"))
+    argv = ["analyze", "amplification", str(tmp_path / "adapter"), "--model"]
+    out = _run([*argv, str(tmp_path / "base")], capsys)
+    assert "lm_head" in out and "q_proj" in out

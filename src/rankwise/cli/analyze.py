@@ -150,15 +150,22 @@ def _spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_base_model(name: str | None) -> Any:
-    """A transformers ``AutoModel`` from a local directory (default: the bundled MiniLM)."""
+# an adapter's task_type -> the transformers class whose modules it can name (a language
+# model's lm_head, which AutoModel lacks: "no matching module" for an adapter on it)
+HEAD_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+
+def load_base_model(name: str | None, task_type: str | None = None) -> Any:
+    """A transformers model from a local directory (default: the bundled MiniLM): ``AutoModel``,
+    or the language-model class for a ``task_type`` of :data:`HEAD_CLASSES`."""
     import transformers
 
     from rankwise.train.models import load_config, resolve_model_source
 
     source = resolve_model_source(name)
     load_config(source)  # a one-line error naming --model when it is not at hand
-    return transformers.AutoModel.from_pretrained(source).eval()
+    cls = getattr(transformers, HEAD_CLASSES.get(task_type or "", "AutoModel"))
+    return cls.from_pretrained(source).eval()
 
 
 def _amplification(args: argparse.Namespace) -> int:
@@ -170,12 +177,11 @@ def _amplification(args: argparse.Namespace) -> int:
     from rankwise.train.models import quiet_transformers
 
     quiet_transformers()  # one-line errors, no load reports or progress bars (as merge)
-    name = args.model
-    if name is None:  # the adapter's own base, as evaluate/predict/merge
-        from rankwise.io import read_adapter_config
+    from rankwise.io import read_adapter_config
 
-        name = read_adapter_config(args.adapter).base_model_name_or_path
-    model = load_base_model(name)
+    config = read_adapter_config(args.adapter)
+    name = args.model or config.base_model_name_or_path  # default: the adapter's own base
+    model = load_base_model(name, config.task_type)
     rows = adapter_amplification(model, args.adapter, rank=args.rank, generator=args.seed)
     _print(amplification_table(rows))
     if args.plot:
