@@ -401,3 +401,19 @@ def test_training_data_with_one_label_is_refused(tmp_path: Path) -> None:
         load_dataset(str(one))
     # an evaluation set may hold one class of the training labels
     assert load_dataset(str(one), label_names=("neg", "pos")).labels == (1, 1)
+
+
+def test_rows_without_a_text_value_are_counted_in_a_warning(tmp_path: Path) -> None:
+    # a JSON line with a misspelled key was dropped with only the total count to show it
+    lines = ['{"text": "good", "label": "pos"}', '{"txt": "bad", "label": "neg"}',
+             '{"text": null, "label": "neg"}', '{"text": "meh", "label": "neg"}']  # fmt: skip
+    path = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    with pytest.warns(RuntimeWarning, match=r"2 of 4 rows have no 'text' value"):
+        ds = load_dataset(str(path))
+    assert ds.texts == ("good", "meh")
+    clean = _write(tmp_path / "c.tsv", "label\ttext\npos\ta\nneg\t \nneg\tb\n")  # empty: silent
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset(str(clean)).texts == ("a", "b")

@@ -41,7 +41,7 @@ def test_the_optimizer_is_torchs_fused_adamw(
 ) -> None:
     # one pass per parameter instead of the single-tensor loop's ~10 (benchmarks/adamw.py)
     train(_config(tiny_bert, toy_tsv, tmp_path, max_steps=2, save_every=1), echo=_quiet)
-    state_file = tmp_path / "checkpoints" / "step-000002" / "state.pt"
+    state_file = tmp_path / "checkpoints" / "step-000001" / "state.pt"  # the last: the adapter
     state = torch.load(state_file, weights_only=True)
     groups = state["optimizer"]["param_groups"]
     assert groups and all(g["fused"] is True for g in groups)

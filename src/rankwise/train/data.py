@@ -368,6 +368,14 @@ def load_dataset(
         keys.append(_label_key(row.get(label_col), source=name, row=number))
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
+    missing = sum(row.get(text_col) is None for row in rows)
+    if missing:  # a JSON line with a misspelled key, say: dropped with only the total to show it
+        warnings.warn(
+            f"{name!r}: {missing} of {len(rows)} rows have no {text_col!r} value (the field is "
+            "missing or null) and are skipped, as rows with an empty text are",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     # a datasets ClassLabel column: integer ids with names, in the dataset's order
     own = getattr(rows, "class_names", {}).get(label_col)
     if own and not all(isinstance(k, int) and k < len(own) for k in keys):
