@@ -108,3 +108,11 @@ def test_spectrum_of_a_non_numeric_array_names_s(values: np.ndarray) -> None:
         energy(values)
     with pytest.raises(ValueError, match=r"S: expected a real numeric array"):
         rank_for_energy(values, 0.9)
+
+
+def test_effective_rank_stays_within_its_bounds() -> None:
+    # exp(H(p)) of n equal values rounded to 5.000000000000001 for eye(5), above min(m, n)
+    for n in range(1, 40):
+        value = effective_rank(np.eye(n))
+        assert 1.0 <= value <= n and value == pytest.approx(n, rel=1e-12)
+    assert effective_rank(np.ones((1, 1))) == 1.0

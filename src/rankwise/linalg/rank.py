@@ -100,7 +100,9 @@ def effective_rank(M: ArrayLike) -> float:
     if total == 0:
         return 0.0
     p = sigma[sigma > 0] / total
-    return float(math.exp(float(-(p * p.log()).sum())))
+    value = math.exp(float(-(p * p.log()).sum()))
+    # clamped to the bounds it holds in exact arithmetic (eye(5) gave 5.000000000000001)
+    return min(max(value, 1.0), float(p.numel()))
 
 
 def relative_error(
