@@ -39,6 +39,13 @@ def test_resume_refuses_changed_options_and_keeps_the_run(
         ):
             train(_config(tiny_bert, toy_tsv, out, resume=True, **change), echo=_quiet)
         assert (out / "config.yaml").read_text() == saved
+    # another data file: its own error ("label ... is not one of the training labels", or a
+    # missing file) came first, after loading the model, where the resume refusal belongs
+    other = tmp_path / "other.tsv"
+    other.write_text("label\ttext\nfoo\ta\nbar\tb\n", encoding="utf-8")
+    for data in (other, tmp_path / "missing.tsv"):
+        with pytest.raises(ConfigError, match=r"--resume: options differ .*data: "):
+            train(_config(tiny_bert, data, out, resume=True), echo=_quiet)
     # how often it saves or evaluates may change; the run then completes
     done = train(_config(tiny_bert, toy_tsv, out, resume=True, eval_every=1), echo=_quiet)
     assert done.resumed_from == 2 and done.steps == 4

@@ -50,7 +50,7 @@ from rankwise.train.inputs import RunData, load_run_data
 from rankwise.train.methods import MergeCheck, Prepared, prepare, trainable_state
 from rankwise.train.metrics import MetricsLog, read_metrics
 from rankwise.train.models import check_positions
-from rankwise.train.outputs import finish_outputs, prepare_output, task_info
+from rankwise.train.outputs import check_output, finish_outputs, prepare_output, task_info
 
 MAX_GRAD_NORM = 1.0
 
@@ -366,6 +366,7 @@ def train(
 
 def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], None]) -> _Run:
     """Load inputs (nothing written yet), adapt the model, then open the output directory."""
+    out = check_output(config, info)  # a refused --output or resume before anything loads
     torch.manual_seed(config.seed)  # the head's and the adapters' initial values
     data = load_run_data(config)
     model = data.loaded.model
@@ -388,7 +389,7 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
         reason = merge_blocker(model)  # found now, not after training
         if reason is not None:
             raise ConfigError(f"--merge: {reason} (drop --merge or that target)")
-    out = prepare_output(config, info)
+    out = prepare_output(config, info, out)
     hooks = make_hooks(config, model)
     optimizer, scheduler = _optimizer(hooks.param_groups(model), config, total)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model

@@ -48,11 +48,15 @@ def default_output() -> Path:
     return out
 
 
-def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
-    """Check, create and (rank 0) start the output directory; write the resolved config."""
+def check_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = None) -> Path:
+    """The output directory (``out``, else ``--output`` or a new default), checked without
+    writing anything: new or empty, or with ``--resume`` a run whose options match. Called
+    before the model and data load (a refused resume is told at once, not after them and not
+    as an unrelated data error) and again by :func:`prepare_output`."""
     if config.output is None and info.world_size > 1:
         raise ConfigError(f"{option('output')}: pass --output DIR when running under torchrun")
-    out = Path(config.output) if config.output else default_output()
+    if out is None:
+        out = Path(config.output) if config.output else default_output()
     if config.resume:
         if not out.is_dir():
             raise FileNotFoundError(f"--resume: output directory {str(out)!r} does not exist")
@@ -70,6 +74,13 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo) -> Path:
         )
     elif out.exists() and not out.is_dir():
         raise NotADirectoryError(f"output {str(out)!r} is a file; expected a directory")
+    return out
+
+
+def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = None) -> Path:
+    """Check (:func:`check_output`, again: the model and data loaded meanwhile), create and
+    (rank 0) start the output directory; write the resolved config."""
+    out = check_output(config, info, out)
     dist_.barrier(info)  # every process checked before rank 0 creates anything
     if info.is_main:
         try:
