@@ -202,3 +202,18 @@ def test_a_new_head_does_not_hide_other_mismatched_weights(tiny_bert: Path, tmp_
     with pytest.raises(ConfigError, match="position_embeddings.weight do not match"):
         with pytest.warns(RuntimeWarning, match="head is re-initialized"):
             train(_config(model, data, tmp_path / "run", max_steps=1), echo=_quiet)
+
+
+def test_resume_removes_what_a_kill_during_the_final_save_left(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # atomic_dir's temporary of the adapter/model/merged output stayed forever after a SIGKILL
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    for name in (".tmp-adapter-99999", ".stale-merged-12", ".tmp-model-7"):
+        (out / name).mkdir()
+        (out / name / "adapter_model.safetensors").write_bytes(b"half")
+    (out / ".tmp-notes").mkdir()  # not the run's: kept
+    done = train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
+    assert done.steps == 4 and (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".tmp-notes"]

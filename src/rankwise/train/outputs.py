@@ -83,6 +83,10 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None =
     out = check_output(config, info, out)
     dist_.barrier(info)  # every process checked before rank 0 creates anything
     if info.is_main:
+        if config.resume:  # a kill during a final save left its temporary (as checkpoints do)
+            for leftover in out.iterdir():
+                if leftover.is_dir() and leftover.name.startswith(FINAL_LEFTOVERS):
+                    shutil.rmtree(leftover, ignore_errors=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
             write_yaml(_absolute_paths(config), out / CONFIG_FILE)
@@ -93,6 +97,11 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None =
     dist_.barrier(info)
     return out
 
+
+# what atomic_dir leaves of the run's final outputs when the process is killed mid-save
+FINAL_LEFTOVERS = tuple(
+    f".{kind}-{name}-" for kind in ("tmp", "stale") for name in ("adapter", "model", "merged")
+)
 
 # Options a resumed run may change: where and how often it reports and saves, and how the
 # global batch is split (the checkpoint checks batch size x grad accum x processes itself).
