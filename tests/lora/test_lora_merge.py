@@ -122,6 +122,54 @@ def test_nested_disable_adapters_keeps_the_outer_block_disabled() -> None:
     torch.testing.assert_close(logits(model, "bert"), out, rtol=0, atol=0)
 
 
+def test_a_graph_built_before_disable_adapters_still_backpropagates(tmp_path) -> None:
+    # the DPO pattern: policy forward with grad, reference forward with the adapters disabled,
+    # then backward. The head (modules_to_save) was overwritten in place on entry and exit:
+    # "one of the variables needed for gradient computation has been modified by an inplace
+    # operation", and a save inside the block wrote the untrained head
+    from safetensors.torch import load_file
+
+    from rankwise.io import save_adapter
+
+    def adapted() -> nn.Module:
+        config = LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                            init_lora_weights=False)  # fmt: skip
+        model = inject(tiny_bert_cls(), config)
+        with torch.no_grad():
+            model.classifier.weight.add_(1.0)  # a "trained" head
+        return model
+
+    model, plain = adapted(), adapted()
+    base = logits(tiny_bert_cls(), "bert")
+    ids = torch.randint(0, 50, (2, 6), generator=torch.Generator().manual_seed(0))
+    loss = model(input_ids=ids).logits.square().sum()
+    trained = model.classifier.weight
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model, "bert"), base, rtol=0, atol=1e-6)
+        assert not model.classifier.weight.requires_grad
+        save_adapter(model, tmp_path)
+    assert model.classifier.weight is trained and trained.requires_grad
+    loss.backward()
+    plain(input_ids=ids).logits.square().sum().backward()
+    torch.testing.assert_close(trained.grad, plain.classifier.weight.grad, rtol=0, atol=0)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    torch.testing.assert_close(
+        saved["base_model.model.classifier.weight"], trained.detach(), rtol=0, atol=0
+    )
+
+
+def test_disable_adapters_shows_the_injection_values_in_the_model_s_current_dtype() -> None:
+    model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], task_type="SEQ_CLS",
+                                               init_lora_weights=False))  # fmt: skip
+    model.to(torch.float64)
+    with disable_adapters(model):
+        assert model.classifier.weight.dtype == torch.float64
+        torch.testing.assert_close(
+            logits(model, "bert"), logits(tiny_bert_cls().double(), "bert"), rtol=0, atol=1e-9
+        )
+    assert model.classifier.weight.dtype == torch.float64
+
+
 def test_merge_is_all_or_nothing() -> None:
     model = _adapted("bert")
     layers = [layer for _, layer in lora_layers(model)]

@@ -35,7 +35,9 @@ class LoraState:
     ``config``: the effective config; ``modules_to_save``: qualified names trained in full;
     ``requires_grad``: every parameter's flag before injection (restored by unload);
     ``originals``: copies of the modules_to_save tensors at injection (for disable_adapters);
-    ``base_written``: base-model tensors (biases, whole embeddings) the loaded file set.
+    ``base_written``: base-model tensors (biases, whole embeddings) the loaded file set;
+    ``swapped``: inside :func:`~rankwise.lora.disable_adapters`, the trained modules_to_save
+    tensors its injection-time ones stand in for (empty otherwise).
     """
 
     config: LoraConfig
@@ -43,6 +45,7 @@ class LoraState:
     requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     originals: dict[str, Tensor] = field(default_factory=dict)
     base_written: frozenset[str] = frozenset()
+    swapped: dict[str, Tensor] = field(default_factory=dict)
 
 
 def parametrization_name(config: LoraConfig) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,13 +122,21 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: adapters bypassed, ``modules_to_save`` showing
     their values from injection time. A merged model is unmerged for the block and merged again.
     Blocks nest: leaving an inner one leaves the adapters disabled for the outer one.
+
+    The ``modules_to_save`` tensors are swapped, not overwritten: for the block the modules hold
+    (frozen) tensors of their injection-time values, and the trained ones, untouched, come back
+    after it. So a graph built before the block still backpropagates (a DPO-style reference
+    forward inside it, as TRL's ``disable_adapter()``), and :func:`~rankwise.io.save_adapter`
+    inside it saves the trained values, as PEFT does.
     """
     state = get_state(model)
     layers = [layer for _, layer in lora_layers(model)]
     was_merged = bool(layers) and all(layer.merged for layer in layers)
     if was_merged:
         unmerge(model)
-    current = _swap_saved(model, state.originals)
+    outer = bool(state.swapped)  # an enclosing block already shows the injection-time values
+    if not outer:
+        state.swapped = _swap_saved(model, state.originals)
     before = [layer.disabled for layer in layers]  # nested blocks: the outer one stays disabled
     for layer in layers:
         layer.disabled = True
@@ -136,7 +145,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for layer, flag in zip(layers, before, strict=True):
             layer.disabled = flag
-        _swap_saved(model, current)
+        if not outer:
+            _restore_saved(model, state.swapped)
+            state.swapped = {}
         if was_merged:
             merge(model)
 
@@ -159,14 +170,32 @@ def set_inference_cache(model: nn.Module, enabled: bool) -> nn.Module:
     return model
 
 
+def _owner(model: nn.Module, key: str) -> tuple[nn.Module, str, dict[str, Any]]:
+    """The module holding tensor ``key`` of ``model``, its attribute name and the dict
+    (``_parameters`` or ``_buffers``) it lives in."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    return owner, attr, owner._parameters if attr in owner._parameters else owner._buffers
+
+
 def _swap_saved(model: nn.Module, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy ``values`` into the named tensors in place; returns the previous values."""
+    """Put new tensors holding ``values`` at the named parameters/buffers (frozen parameters,
+    in each one's dtype and device); returns the tensors they replaced, untouched."""
     previous = {}
-    targets = dict(model.named_parameters(remove_duplicate=False))
-    targets |= dict(model.named_buffers(remove_duplicate=False))
-    with torch.no_grad():
-        for key, value in values.items():
-            t = targets[key]
-            previous[key] = t.detach().clone()
-            t.copy_(value)
+    for key, value in values.items():
+        _, attr, store = _owner(model, key)
+        current = store[attr]  # a tensor: recorded from the module's state_dict at injection
+        shown = value.to(device=current.device, dtype=current.dtype)
+        if isinstance(current, nn.Parameter):
+            store[attr] = nn.Parameter(shown, requires_grad=False)
+        else:  # a buffer (running statistics): a copy, so the block cannot change the record
+            store[attr] = shown.clone() if shown is value else shown
+        previous[key] = current
     return previous
+
+
+def _restore_saved(model: nn.Module, previous: dict[str, torch.Tensor]) -> None:
+    """Put back the tensors :func:`_swap_saved` replaced."""
+    for key, tensor in previous.items():
+        _, attr, store = _owner(model, key)
+        store[attr] = tensor

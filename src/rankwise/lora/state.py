@@ -29,6 +29,8 @@ def adapter_state_dict(model: nn.Module, *, bias: str | None = None) -> dict[str
     state = get_state(model)
     mode = state.config.bias if bias is None else bias
     full = model.state_dict(keep_vars=True)
+    # inside disable_adapters: the trained modules_to_save tensors, not the stand-ins
+    full |= {k: v for k, v in state.swapped.items() if k in full}
     out: dict[str, Tensor] = {}
     for name, layer in lora_layers(model):
         for key, p in layer.named_parameters():
