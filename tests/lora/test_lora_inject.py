@@ -200,6 +200,10 @@ def test_all_linear_matches_peft_and_keeps_outputs(family: str) -> None:
         {"target_modules": r".*\.(query|key)", "exclude_modules": ["layer.0.attention.self.key"]},
         {"target_modules": ["dense"], "exclude_modules": r".*intermediate.*"},
         {"target_modules": ["query", "value"], "rank_pattern": {"layer.1.*query": 2}},
+        # PEFT reads the shorthand in any case ("All-Linear" was taken as a regex here) and
+        # an empty layers_pattern as its default one (refused here as an empty pattern)
+        {"target_modules": "All-Linear", "task_type": "SEQ_CLS"},
+        {"target_modules": ["query", "value"], "layers_to_transform": [1], "layers_pattern": ""},
     ],
 )
 def test_target_resolution_matches_peft(kwargs: dict) -> None:

@@ -91,11 +91,15 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         self.target_modules = _names_or_regex("target_modules", self.target_modules)
+        if isinstance(self.target_modules, str) and self.target_modules.lower() == ALL_LINEAR:
+            self.target_modules = ALL_LINEAR  # any case, as PEFT ("All-Linear" was a regex)
         self.exclude_modules = _names_or_regex("exclude_modules", self.exclude_modules)
         if self.modules_to_save is not None:
             self.modules_to_save = _name_list("modules_to_save", self.modules_to_save)
         if isinstance(self.layers_pattern, (list, tuple)):
             self.layers_pattern = [str(p) for p in self.layers_pattern]
+        if self.layers_pattern in ("", []):  # PEFT: empty means its default layer pattern
+            self.layers_pattern = None
         self.rank_pattern = _mapping("rank_pattern", self.rank_pattern)
         self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern)
         if isinstance(self.layers_to_transform, (list, tuple)):
