@@ -129,6 +129,11 @@ def test_dry_run_returns_names_and_touches_nothing() -> None:
         (LoraConfig(target_modules=r".*\.nothing"), "matched no module"),
         (LoraConfig(target_modules=["query"], modules_to_save=["head"]), "modules_to_save: 'head'"),
         (LoraConfig(target_modules=None), "target_modules"),
+        # not "matched no module; close candidates: ['query', 'key']" for 'query' itself
+        (
+            LoraConfig(target_modules=["query", "key"], exclude_modules=".*"),
+            r"matched 4 module\(s\) .*every one excluded by exclude_modules='\.\*'",
+        ),
     ],
 )
 def test_bad_targets_raise_and_leave_the_model_unchanged(config: LoraConfig, message: str) -> None:

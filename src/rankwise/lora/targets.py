@@ -90,6 +90,15 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
                 f"target_modules: {kept[0]!r} is kept in full (modules_to_save: the task's "
                 "head trains whole), so it cannot also get an adapter; target other modules"
             )
+        if cfg.exclude_modules:  # "close candidates: ['query']" for 'query' itself misled
+            unexcluded = cfg.replace(exclude_modules=None)
+            hits = [n for n in modules if n and _is_target(unexcluded, n, save_names)]
+            if hits:
+                raise InjectionError(
+                    f"target_modules: {entries!r} matched {len(hits)} module(s) (e.g. "
+                    f"{hits[0]!r}), every one excluded by exclude_modules="
+                    f"{cfg.exclude_modules!r}; nothing is left to adapt"
+                )
         hint = "" if isinstance(entries, str) or not entries else _candidates(entries[0], modules)
         raise InjectionError(f"target_modules: {entries!r} matched no module{hint}")
     # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag
