@@ -243,3 +243,20 @@ def test_rslora_scaling_and_patterns() -> None:
     )
     scales = [layer.scaling for _, layer in lora_layers(model)]
     assert scales == [8 / 2.0, 2 / 2.0]
+
+
+@pytest.mark.parametrize("init", ["olora", "pissa", "pissa_exact"])
+def test_a_non_finite_base_weight_is_refused_by_name_for_weight_factoring_inits(init: str) -> None:
+    # OLoRA gave NaN factors silently; PiSSA's error named only "M"
+    model = tiny_bert_cls()
+    query = "bert.encoder.layer.1.attention.self.query"
+    with torch.no_grad():
+        model.get_submodule(query).weight[0, 1] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = LoraConfig(r=2, target_modules=["query"], init_lora_weights=init)
+    with pytest.raises(InjectionError, match=rf"{query}: the base weight holds 1 NaN/inf"):
+        inject(model, config)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and not hasattr(model, "_rankwise_lora")
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    inject(model, LoraConfig(r=2, target_modules=["query"]))  # the default init reads no weight

@@ -23,7 +23,7 @@ from rankwise.lora.adalora_alloc import RankAllocator
 from rankwise.lora.config import SCALING_RULES, LoraConfig
 from rankwise.lora.dora import DORA_WRAPPERS, DoraConv, DoraEmbedding, DoraLinear
 from rankwise.lora.init_svd import olora_init, pissa_exact_init, pissa_init
-from rankwise.lora.initializers import INITIALIZERS, LoraInit, kaiming_init
+from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, LoraInit, kaiming_init
 from rankwise.lora.inject import get_config, inject, lora_layers
 from rankwise.lora.layers import (
     WRAPPERS,
@@ -57,6 +57,7 @@ INITIALIZERS.update(
         "adalora": adalora_init,
     }
 )
+WEIGHT_READING.update({"pissa", "pissa_exact", "olora"})
 WRAPPERS.update({"dora": DORA_WRAPPERS, "adalora": {"linear": AdaLoraLinear}})
 
 __all__ = [

@@ -116,6 +116,11 @@ INITIALIZERS: dict[str, Callable[..., LoraInit]] = {
 }
 
 
+# initializers that factor the base weight (PiSSA's SVD, OLoRA's QR): a NaN/inf in it is refused
+# by name before they run (OLoRA gave NaN factors silently, PiSSA an error naming only "M")
+WEIGHT_READING: set[str] = set()
+
+
 def initializer_name(init_lora_weights: bool | str) -> str:
     """Registry name for a ``LoraConfig.init_lora_weights`` value."""
     if init_lora_weights is True:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from rankwise.errors import InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
-from rankwise.lora.initializers import INITIALIZERS, as_generator
+from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
 from rankwise.lora.layers import WRAPPERS, LoraLayer
 from rankwise.lora.targets import Plan, Target, check_ranks, resolve
 
@@ -193,6 +193,13 @@ def _build(
     init = INITIALIZERS[cfg.initializer]
     with torch.no_grad():
         W = layer.base_matrix().detach()  # (out, in)
+        if cfg.initializer in WEIGHT_READING and not bool(torch.isfinite(W).all()):
+            bad = int((~torch.isfinite(W)).sum())
+            raise InjectionError(
+                f"{target.name}: the base weight holds {bad} NaN/inf entries; "
+                f"init_lora_weights={cfg.init_lora_weights!r} factors it, so it needs a "
+                "finite weight (is the checkpoint broken?)"
+            )
         result = init(
             W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding", generator=g
         )
