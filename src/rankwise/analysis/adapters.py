@@ -7,6 +7,7 @@ function of :mod:`rankwise.analysis` module by module, and returns one report ro
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Sequence
@@ -196,19 +197,18 @@ def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str,
     (``layers.0.q_proj`` against ``model.layers.0.q_proj``): the same layer saved on another
     model class (a bare ``LlamaModel`` against ``LlamaForCausalLM``). The union would hold both
     names, and a loader would apply one and skip the other without a word."""
-    for i, a in enumerate(adapters):
-        for j, b in enumerate(adapters):
-            if i == j:
-                continue
-            for short in sorted(set(a) - set(b)):
-                longer = next((m for m in sorted(set(b) - set(a)) if m.endswith("." + short)), None)
-                if longer is not None:
-                    raise ValueError(
-                        f"sources: {str(sources[i])!r} adapts {short!r} and {str(sources[j])!r} "
-                        f"{longer!r}, the same layer under another prefix (saved on different "
-                        "model classes, e.g. a bare model and one with a head); combining them "
-                        "would keep both names and a loader would apply only one"
-                    )
+    names = [set(a) for a in adapters]
+    for (i, a), (j, b) in itertools.permutations(enumerate(names), 2):
+        only_b = sorted(b - a)
+        for short in sorted(a - b):
+            longer = next((m for m in only_b if m.endswith("." + short)), None)
+            if longer is not None:
+                raise ValueError(
+                    f"sources: {str(sources[i])!r} adapts {short!r} and {str(sources[j])!r} "
+                    f"{longer!r}, the same layer under another prefix (saved on different "
+                    "model classes, e.g. a bare model and one with a head); combining them "
+                    "would keep both names and a loader would apply only one"
+                )
 
 
 def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:

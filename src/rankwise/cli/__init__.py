@@ -94,31 +94,23 @@ def new_output_dir(
                 f"{name}: {other!r} is {option} {value!r} or inside it; choose a directory "
                 f"outside {option}"
             )
-    created = [d for d in (final.parent, *final.parent.parents) if not d.exists()]
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    from rankwise.io.files import made_parents
 
-    def clean_up() -> None:  # the temporary and the parents made for it (deepest first)
+    with made_parents(final):  # a failed command also removes the parents made for it
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        for directory in created:
-            try:
-                directory.rmdir()  # only while empty: anything else put there stays
-            except OSError:
-                break
-
-    try:
-        yield tmp
-    except BaseException:
-        clean_up()
-        raise
-    try:
-        if final.is_dir():
-            final.rmdir()  # empty (checked above); fails rather than lose anything put there
-        os.replace(tmp, final)
-    except OSError as err:  # something else wrote into it meanwhile: no hidden leftover
-        clean_up()
-        raise CliError(f"{option}: could not create {value!r} ({err})") from None
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            if final.is_dir():
+                final.rmdir()  # empty (checked above); fails rather than lose anything there
+            os.replace(tmp, final)
+        except OSError as err:  # something else wrote into it meanwhile: no hidden leftover
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CliError(f"{option}: could not create {value!r} ({err})") from None
 
 
 def seed(value: str) -> int:

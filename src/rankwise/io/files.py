@@ -67,6 +67,23 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
+def made_parents(path: Path) -> Iterator[None]:
+    """Create ``path``'s missing parent directories; when the block raises, remove the ones made
+    here that are still empty (deepest first), so a failed write leaves no empty tree behind."""
+    made = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        for directory in made:
+            try:
+                directory.rmdir()  # only while empty: anything else put there stays
+            except OSError:
+                break
+        raise
+
+
+@contextlib.contextmanager
 def replaced_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success it becomes ``final`` atomically.
 

@@ -193,8 +193,8 @@ def _build(
     init = INITIALIZERS[cfg.initializer]
     with torch.no_grad():
         W = layer.base_matrix().detach()  # (out, in)
-        if cfg.initializer in WEIGHT_READING and not bool(torch.isfinite(W).all()):
-            bad = int((~torch.isfinite(W)).sum())
+        bad = int((~torch.isfinite(W)).sum()) if cfg.initializer in WEIGHT_READING else 0
+        if bad:
             raise InjectionError(
                 f"{target.name}: the base weight holds {bad} NaN/inf entries; "
                 f"init_lora_weights={cfg.init_lora_weights!r} factors it, so it needs a "

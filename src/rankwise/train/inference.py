@@ -9,7 +9,6 @@ model and (for classification) the label names can be found.
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -270,7 +269,7 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
 
 def merge_to(trained: Trained, out: str | Path) -> Path:
     """Merge the adapter into the base weights and save a plain transformers model directory."""
-    from rankwise.io.files import replaced_dir
+    from rankwise.io.files import made_parents, replaced_dir
     from rankwise.lora import merge_and_unload
 
     if not trained.has_adapter:
@@ -280,10 +279,8 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     final = Path(out)
     if final.exists() and (not final.is_dir() or any(final.iterdir())):
         raise ConfigError(f"merge: output {str(final)!r} exists and is not an empty directory")
-    made = next((p for p in reversed(final.parents) if not p.exists()), None)
-    try:
+    with made_parents(final):  # a refused or failed merge leaves none of them behind
         model = merge_and_unload(trained.model)
-        final.parent.mkdir(parents=True, exist_ok=True)
         # replaced_dir, not a rename of the directory: --out . or $PWD, an empty working
         # directory, gets the files moved in (a rename failed there, leaving the whole model in
         # a hidden temporary, or swapped the directory out from under the shell)
@@ -295,10 +292,4 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
             (tmp / TASK_FILE).write_text(
                 json.dumps({**task, "max_length": trained.max_length}, indent=2), encoding="utf-8"
             )
-    except BaseException:
-        if made is not None:  # the parent directories made for it, when they are still empty
-            for directory in sorted((d for d in made.glob("**/") if d.is_dir()), reverse=True):
-                with contextlib.suppress(OSError):
-                    directory.rmdir()
-        raise
     return final

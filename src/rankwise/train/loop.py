@@ -8,8 +8,9 @@ summed loss is divided by the step's global count of terms and multiplied by the
 
 Schedule: AdamW (Loshchilov & Hutter 2019; torch's fused kernel, :func:`fused_adamw`) with
 weight decay on matrices only, linear warmup to ``lr`` then linear decay to 0 (every parameter
-group's own lr scaled alike), gradient norm clipped at 1.0. The warmup takes ``ceil(warmup · steps)`` steps, as transformers.Trainer
-counts them, at ``lr·(t+1)/(w+1)``: transformers' ``get_linear_schedule_with_warmup`` ramps
+group's own lr scaled alike), gradient norm clipped at 1.0. The warmup takes
+``ceil(warmup · steps)`` steps, as transformers.Trainer counts them, at
+``lr·(t+1)/(w+1)``: transformers' ``get_linear_schedule_with_warmup`` ramps
 ``lr·t/w`` instead and spends its first step at lr 0; the decay is the same.
 Method-specific parts (parameter groups, an extra loss term such as AdaLoRA's orthogonality
 penalty, a hook after each optimizer step, hook state in checkpoints) come from

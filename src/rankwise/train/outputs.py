@@ -98,9 +98,17 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None =
     return out
 
 
+def leftover_prefix(kind: str, name: str) -> str:
+    """How :func:`atomic_dir` names its ``kind`` ("tmp", "stale") directory for ``name``,
+    before the process id."""
+    return f".{kind}-{name}-"
+
+
 # what atomic_dir leaves of the run's final outputs when the process is killed mid-save
 FINAL_LEFTOVERS = tuple(
-    f".{kind}-{name}-" for kind in ("tmp", "stale") for name in ("adapter", "model", "merged")
+    leftover_prefix(kind, name)
+    for kind in ("tmp", "stale")
+    for name in ("adapter", "model", "merged")
 )
 
 # Options a resumed run may change: where and how often it reports and saves, and how the
@@ -156,7 +164,7 @@ def check_resumable(config: TrainConfig, saved_file: Path) -> None:
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; rename it to ``final`` on success."""
-    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    tmp = final.parent / f"{leftover_prefix('tmp', final.name)}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -166,7 +174,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
     try:
         if final.exists():
-            stale = final.parent / f".stale-{final.name}-{os.getpid()}"
+            stale = final.parent / f"{leftover_prefix('stale', final.name)}{os.getpid()}"
             os.replace(final, stale)
             shutil.rmtree(stale, ignore_errors=True)
         os.replace(tmp, final)
