@@ -3,6 +3,7 @@ would keep another adapter's base tensors; saving a merged model with embedding 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -182,3 +183,56 @@ def test_swap_between_checkpoints_of_one_residual_adapter_works(init: str, tmp_p
     model = load_adapter(BUILDERS["llama"](), tmp_path / "one")
     load_adapter(model, tmp_path / "two")
     torch.testing.assert_close(logits(model, "llama"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("task", "head_cls", "head"),
+    [
+        ("TOKEN_CLS", "BertForTokenClassification", "classifier"),
+        ("QUESTION_ANS", "BertForQuestionAnswering", "qa_outputs"),
+    ],
+)
+def test_token_cls_and_qa_heads_train_and_save_as_peft(
+    task: str, head_cls: str, head: str, tmp_path: Path
+) -> None:
+    import peft
+    import transformers
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        cfg = transformers.BertConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            vocab_size=100, num_labels=3 if task == "TOKEN_CLS" else 2,
+        )  # fmt: skip
+        return getattr(transformers, head_cls)(cfg).eval()
+
+    kw = dict(r=4, target_modules=["query", "value"], task_type=task)
+    model = inject(make(), LoraConfig(**kw), generator=0)
+    theirs = peft.get_peft_model(make(), peft.LoraConfig(**kw))
+    assert all(p.requires_grad for n, p in model.named_parameters() if n.startswith(head + "."))
+    perturb(model, seed=1)  # factors and the head: the head must be in the file
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    save_adapter(model, tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["modules_to_save"] == theirs.peft_config["default"].modules_to_save
+    loaded = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
+    with torch.no_grad():
+        want, got = model(input_ids=ids), loaded(input_ids=ids)
+    for key in ("logits",) if task == "TOKEN_CLS" else ("start_logits", "end_logits"):
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-5)
+
+
+def test_unknown_config_fields_warn_only_when_set(tmp_path: Path) -> None:
+    import warnings
+
+    expected = _peft_saved("llama", tmp_path, target_modules=["q_proj"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PEFT's own file: every field known, no warning
+        ours = load_adapter(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(ours, "llama"), expected, rtol=0, atol=1e-5)
+    path = tmp_path / "adapter_config.json"
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps({**data, "future_off": None, "future_feature": {"mode": "x"}}))
+    with pytest.warns(UserWarning, match=r"ignoring field\(s\) future_feature that") as seen:
+        load_adapter(BUILDERS["llama"](), tmp_path)
+    assert "future_off" not in str(seen[0].message)

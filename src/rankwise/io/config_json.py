@@ -5,14 +5,17 @@ rankwise does not implement at their PEFT defaults, so PEFT — and tools that r
 find what they expect. ``inference_mode`` is written as ``true``, as ``save_pretrained`` does.
 
 Read: ``peft_type`` must be ``"LORA"``; fields of features rankwise does not implement
-(``use_dora``, ``lora_bias``, ``layer_replication``, ...) must be at their defaults, otherwise
-:class:`AdapterFormatError` names the field; unknown fields are ignored (newer PEFT versions).
+(``lora_bias``, ``layer_replication``, ``target_parameters``, ...) must be at their defaults,
+otherwise :class:`AdapterFormatError` names the field; unknown fields (newer PEFT versions) are
+ignored, with a warning naming those set to anything but an empty value (a newer feature might
+change what the adapter computes).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,11 @@ _INERT = {
 }
 
 
+# Written by PEFT beside the config's fields, not read as fields
+_KNOWN = {"peft_type", "peft_version"}
+_EMPTY: tuple[Any, ...] = (None, False, "", [], {})
+
+
 def config_to_json(
     config: LoraConfig, *, auto_mapping: dict[str, str] | None = None
 ) -> dict[str, Any]:
@@ -107,6 +115,18 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
                 f"(expected {default!r})"
             )
     names = {f.name for f in dataclasses.fields(cls)}  # ClassVars (peft_type) excluded
+    unknown = sorted(
+        k
+        for k, v in data.items()
+        if k not in names and k not in PEFT_DEFAULTS and k not in _KNOWN and v not in _EMPTY
+    )
+    if unknown:
+        warnings.warn(
+            f"{source}: ignoring field(s) {', '.join(unknown)} that rankwise does not know "
+            f"(written by peft {data.get('peft_version', '?')}); if they change what the "
+            "adapter computes, the loaded adapter will differ from PEFT's",
+            stacklevel=3,
+        )
     fields = {k: v for k, v in data.items() if k in names}
     if "init_lora_weights" in fields:
         fields["init_lora_weights"] = from_peft_init(fields["init_lora_weights"])

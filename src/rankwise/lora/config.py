@@ -32,6 +32,13 @@ TASK_TYPES = (
 )
 # PEFT adds these to modules_to_save for SEQ_CLS (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
 SEQ_CLS_HEAD_NAMES = ("classifier", "score")
+# The task heads PEFT's task models add to modules_to_save (PeftModelForSequenceClassification,
+# ...ForTokenClassification, ...ForQuestionAnswering), so they are trained in full and saved.
+TASK_HEAD_NAMES: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": SEQ_CLS_HEAD_NAMES,
+    "TOKEN_CLS": SEQ_CLS_HEAD_NAMES,
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 # Scaling rules: name -> s(alpha, r). One entry per rule; variants add entries, not branches.
 SCALING_RULES: dict[str, Callable[[float, int], float]] = {
@@ -57,7 +64,8 @@ class LoraConfig:
     * ``rank_pattern`` / ``alpha_pattern``: regex key -> r / alpha for modules whose name
       ends with a match of the key (PEFT's ``get_pattern_key``).
     * ``modules_to_save``: modules trained in full and saved beside the adapter
-      (``SEQ_CLS`` adds ``classifier``/``score`` at injection, as PEFT does).
+      (``SEQ_CLS`` and ``TOKEN_CLS`` add ``classifier``/``score`` at injection,
+      ``QUESTION_ANS`` adds ``qa_outputs``, as PEFT's task models do).
     * ``init_lora_weights``: ``True`` (kaiming-uniform A, zero B), ``False`` (random A and B,
       for tests), or a registered initializer name (``"gaussian"``, ``"pissa"`` — randomized
       SVD —, ``"pissa_exact"``, ``"olora"``, ``"lora_ga"``; see

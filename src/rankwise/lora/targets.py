@@ -10,7 +10,9 @@ Matching follows PEFT 0.21.2 (``peft.tuners.tuners_utils.check_target_module_exi
   ``nn.Linear`` / ``Conv1D`` except the output embeddings (``get_output_embeddings()``) or,
   when those are absent and ``task_type == "SEQ_CLS"``, the ``classifier``/``score`` head.
 * ``exclude_modules`` uses the same rules and wins; modules inside ``modules_to_save`` are
-  never adapted.
+  never adapted. ``SEQ_CLS``/``TOKEN_CLS`` add ``classifier``/``score`` and ``QUESTION_ANS``
+  adds ``qa_outputs`` to ``modules_to_save`` first, as PEFT's task models do (PEFT adds
+  ``qa_outputs`` only after matching, and then fails if ``"all-linear"`` adapted it).
 * ``layers_to_transform``: with a list ``target_modules`` only, the layer index is the first
   numbered segment after ``<layers_pattern>.`` (or after any segment when no pattern is given).
 """
@@ -27,7 +29,7 @@ from typing import NamedTuple
 from torch import nn
 
 from rankwise.errors import InjectionError
-from rankwise.lora.config import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, LoraConfig
+from rankwise.lora.config import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, TASK_HEAD_NAMES, LoraConfig
 from rankwise.lora.layers import LoraLayer, is_hf_conv1d, wrapper_kind
 
 
@@ -140,9 +142,10 @@ def unwrapped_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 
 def _with_task_heads(config: LoraConfig) -> LoraConfig:
-    if config.task_type != "SEQ_CLS":
+    heads = TASK_HEAD_NAMES.get(config.task_type or "", ())
+    if not heads:
         return config
-    extra = [n for n in SEQ_CLS_HEAD_NAMES if n not in (config.modules_to_save or [])]
+    extra = [n for n in heads if n not in (config.modules_to_save or [])]
     return config.replace(modules_to_save=[*(config.modules_to_save or []), *extra])
 
 
@@ -160,8 +163,8 @@ def _modules_to_save(
         # keeps DistilBERT's pre_classifier and "norm" every *_layernorm; files depend on it.
         hits = [n for n in modules if n and n.endswith(entry)]
         hits = [n for n in hits if not any(n.startswith(f + ".") for f in found)]
-        seq_cls_head = cfg.task_type == "SEQ_CLS" and entry in SEQ_CLS_HEAD_NAMES
-        if not hits and strict and not seq_cls_head:
+        task_head = entry in TASK_HEAD_NAMES.get(cfg.task_type or "", ())
+        if not hits and strict and not task_head:
             raise InjectionError(
                 f"modules_to_save: {entry!r} matches no module{_candidates(entry, modules)}"
             )
