@@ -295,3 +295,73 @@ def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> N
     )
     rows = combine_adapters([tmp_path / "bare", tmp_path / "keys"], tmp_path / "union")
     assert {row.module.rsplit(".", 1)[1] for row in rows} == {"query", "value", "key"}
+
+
+def test_a_non_finite_adapter_is_refused_by_key_everywhere(tmp_path: Path) -> None:
+    """A diverged run's adapter: amplification died in LAPACK (a traceback through the CLI),
+    the others named only ``M``; now each names the key. A NaN base weight is named too."""
+    from safetensors.torch import load_file, save_file
+
+    from rankwise.analysis import adapter_similarity
+
+    _peft_save(tmp_path / "good", r=4, lora_alpha=8, init_lora_weights=False)
+    _peft_save(tmp_path / "nan", r=4, lora_alpha=8, init_lora_weights=False)
+    file = tmp_path / "nan" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = f"base_model.model.{QUERY}.lora_A.weight"
+    tensors[key][1, 2] = math.inf
+    save_file(tensors, file)
+    calls = (
+        lambda: adapter_amplification(_bert(), tmp_path / "nan", generator=0),
+        lambda: adapter_spectrum(tmp_path / "nan"),
+        lambda: adapter_similarity(tmp_path / "good", tmp_path / "nan"),
+        lambda: resize_adapter(tmp_path / "nan", tmp_path / "out", rank=2),
+    )
+    for call in calls:
+        with pytest.raises(AdapterFormatError, match=f"'{key}' holds NaN or inf"):
+            call()
+    assert not (tmp_path / "out").exists()
+    model = _bert()
+    with torch.no_grad():
+        model.encoder.layer[0].attention.self.query.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=f"module '{QUERY}': the model's weight holds NaN"):
+        adapter_amplification(model, tmp_path / "good", generator=0)
+
+
+def test_a_conv_adapter_is_refused_as_such(tmp_path: Path) -> None:
+    conv = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3))
+    peft.get_peft_model(conv, peft.LoraConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path)
+    with pytest.raises(AdapterFormatError, match="module '0' is a convolution adapter"):
+        adapter_spectrum(tmp_path)
+
+
+def test_a_small_trained_bfloat16_dora_update_is_measured(tmp_path: Path) -> None:
+    """A trained DoRA update of ~1% of ‖W‖₂ stored in bfloat16 was called zero (the noise
+    floor was 2·eps·‖W‖₂ = 1.6%; the rounding of an untrained one is below eps/2). One far
+    below the rounding is refused as too small, not as untrained."""
+    W = _bert().encoder.layer[0].attention.self.query.weight.detach().double()
+    for scale, size_range in (
+        (2.5e-4, (0.006, 0.015)),
+        (1e-6, (0, 0.004)),
+    ):  # B A tiny: bfloat16 noise
+        model = peft.get_peft_model(
+            _bert(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[QUERY], use_dora=True)
+        )
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * scale)
+        directory = tmp_path / f"dora_{scale}"
+        model.to(torch.bfloat16).save_pretrained(directory)
+        merged = peft.PeftModel.from_pretrained(_bert(), directory).merge_and_unload()
+        delta = merged.encoder.layer[0].attention.self.query.weight.detach().double() - W
+        size = float(torch.linalg.matrix_norm(delta, 2) / torch.linalg.matrix_norm(W, 2))
+        assert size_range[0] <= size < size_range[1]
+        if scale < 1e-5:
+            with pytest.raises(ValueError, match=r"within the rounding of its torch.bfloat16"):
+                adapter_amplification(_bert(), directory, generator=0)
+            continue
+        (row,) = adapter_amplification(_bert(), directory, generator=0)
+        assert row.amplification.rank >= 1
+        assert row.amplification.delta_norm == pytest.approx(float(delta.norm()), rel=0.02)

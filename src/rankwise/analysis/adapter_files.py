@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from rankwise.analysis.algebra import Factors
@@ -120,12 +121,23 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
                     f"{directory}: key '{PREFIX}{module}{key}' has dtype {factor.dtype}; "
                     "expected a floating-point tensor"
                 )
+        if A.ndim > 2:
+            raise AdapterFormatError(
+                f"{directory}: module {module!r} is a convolution adapter (lora_A of shape "
+                f"{tuple(A.shape)}); the analysis functions handle linear layers only"
+            )
         if B is None or B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0]:
             found = None if B is None else tuple(B.shape)
             raise AdapterFormatError(
                 f"{directory}: module {module!r} has lora_A {tuple(A.shape)} and lora_B {found}; "
                 "expected (r, in) and (out, r)"
             )
+        for key, factor in ((_A, A), (_B, B)):
+            if not bool(torch.isfinite(factor).all()):
+                raise AdapterFormatError(
+                    f"{directory}: key '{PREFIX}{module}{key}' holds NaN or inf (a diverged "
+                    "run?); expected finite entries"
+                )
         r, alpha = config.rank_and_alpha(module)
         if r != A.shape[0]:
             raise AdapterFormatError(

@@ -202,12 +202,14 @@ def dora_noise(W: Tensor, eps: float) -> float:
     Untrained, ``m`` is ``‖W‖_row`` rounded to the adapter's dtype, so the update scales each
     row of ``W`` by ``δ_i`` with ``|δ_i|`` about the unit roundoff ``eps/2``: its norm is at most
     ``~eps/2 · ‖W‖₂``. float32/float64: NumPy's ``max(shape)·eps·‖W‖₂`` (room for the norm's
-    own summation error). float16/bfloat16: ``2·eps·‖W‖₂`` (NumPy's rule exceeds ‖W‖₂ for
-    bfloat16 from 128 columns on and would call every update zero), and at least float32's."""
+    own summation error). float16/bfloat16: ``0.55·eps·‖W‖₂``, that bound with 10% to spare
+    (``m`` is the float32 norm rounded once, ``|δ_i| < eps/2``; NumPy's rule exceeds ‖W‖₂ for
+    bfloat16 from 128 columns on and would call every update zero, and ``2·eps`` called a
+    trained bfloat16 update of 1.5% of ‖W‖₂ zero), and at least float32's."""
     norm = float(torch.linalg.matrix_norm(W, ord=2))
     if eps <= torch.finfo(torch.float32).eps:
         return max(W.shape) * eps * norm
-    return max(2 * eps, max(W.shape) * torch.finfo(torch.float32).eps) * norm
+    return max(0.55 * eps, max(W.shape) * torch.finfo(torch.float32).eps) * norm
 
 
 def adapter_amplification(
@@ -231,6 +233,8 @@ def adapter_amplification(
     rows = []
     for module, f in read_factors(directory).items():
         W = linear_weight(find_module(model, module)).double()  # (out, in)
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"module {module!r}: the model's weight holds NaN or inf")
         delta = f.B.double() @ f.A.double()  # (out, in): dense, as W is
         if W.shape != delta.shape:
             raise ShapeMismatchError(
@@ -244,13 +248,27 @@ def adapter_amplification(
                     f"{directory}: module {module!r}: expected a DoRA magnitude vector of shape "
                     f"({W.shape[0]},); found {found}"
                 )
+            if not bool(torch.isfinite(magnitudes[module]).all()):
+                raise AdapterFormatError(
+                    f"{directory}: module {module!r}: the DoRA magnitude vector holds NaN or inf"
+                )
             adapted = W + delta
             norm = torch.linalg.vector_norm(adapted, dim=1, keepdim=True)  # (out, 1)
             delta = magnitudes[module].double()[:, None] / norm * adapted - W
             eps = max(eps, torch.finfo(magnitudes[module].dtype).eps)
         S = torch.linalg.svdvals(delta)
         if magnitudes is not None:  # DoRA's update is rounding noise of ‖W‖ when untrained
-            available = int((S > dora_noise(W, eps)).sum())
+            noise = dora_noise(W, eps)
+            available = int((S > noise).sum())
+            # B A ≠ 0: trained, however small (a magnitude-only change below the rounding
+            # cannot be told from none)
+            if available == 0 and bool((f.B @ f.A).any()):
+                norm = float(torch.linalg.matrix_norm(W, ord=2))
+                raise ValueError(
+                    f"module {module!r}: the DoRA update (σ₁ {float(S[0]) / norm:.2%} of ‖W‖₂) "
+                    f"is within the rounding of its {magnitudes[module].dtype} magnitude "
+                    f"vector ({noise / norm:.2%} of ‖W‖₂): too small to measure in that dtype"
+                )
         else:  # B A formed in float64 from the stored factors: no rounding of the adapter's
             available = numerical_rank(S, tuple(W.shape))  # dtype in it, only float64's
         if available == 0:
