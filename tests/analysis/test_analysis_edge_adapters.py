@@ -365,3 +365,26 @@ def test_a_small_trained_bfloat16_dora_update_is_measured(tmp_path: Path) -> Non
         (row,) = adapter_amplification(_bert(), directory, generator=0)
         assert row.amplification.rank >= 1
         assert row.amplification.delta_norm == pytest.approx(float(delta.norm()), rel=0.02)
+
+
+def test_write_factors_leaves_nothing_behind_when_a_write_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weights used to be written before the config, each atomically but not together:
+    a failure between left a weights-only directory that every retry refused as not empty."""
+    from rankwise.analysis import adapter_files, read_factors, write_factors
+
+    def disk_full(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    factors = {"layer": _factors(0)}
+    monkeypatch.setattr(adapter_files, "write_adapter_config", disk_full)
+    (tmp_path / "empty").mkdir()
+    for target in (tmp_path / "new" / "deeper" / "out", tmp_path / "empty"):
+        with pytest.raises(OSError, match="No space left"):
+            write_factors(target, factors)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert not any((tmp_path / "empty").iterdir())
+    monkeypatch.undo()
+    write_factors(tmp_path / "empty", factors)  # the retry works
+    torch.testing.assert_close(read_factors(tmp_path / "empty")["layer"].A, factors["layer"].A)

@@ -25,7 +25,13 @@ from rankwise.errors import AdapterFormatError
 from rankwise.io import adapter_weights_file as weights_file  # also refuses a pickle-only dir
 from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
-from rankwise.io.files import read_header, read_tensors, write_safetensors
+from rankwise.io.files import (
+    made_parents,
+    read_header,
+    read_tensors,
+    replaced_dir,
+    write_safetensors,
+)
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import to_peft_init
 
@@ -178,18 +184,21 @@ def write_factors(
     ``carried`` (a source adapter's config) supplies ``task_type``, ``base_model_name_or_path``,
     ``fan_in_fan_out``, ``modules_to_save`` and ``bias``; ``extras`` (:func:`read_extras`) the
     tensors those name, written under their keys. ``directory`` must be new or empty (another
-    adapter there is never overwritten). Files are written atomically by :mod:`rankwise.io`.
+    adapter there is never overwritten). The directory is written atomically: both files appear together or, on an error, neither
+    (nor any parent directory made for it).
     """
     if not factors:
         raise ValueError("factors is empty: nothing to write")
     target = Path(directory)
     if target.is_file() or (target.is_dir() and any(target.iterdir())):
         raise FileExistsError(f"{target}: exists and is not an empty directory; choose a new one")
-    target.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {k: v.detach() for k, v in (extras or {}).items()}
     for module, (B, A) in factors.items():
         tensors[f"{PREFIX}{module}{_A}"] = A.detach()
         tensors[f"{PREFIX}{module}{_B}"] = B.detach()
-    write_safetensors(target / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-    write_adapter_config(target, _config_for(factors, carried))
+    config = _config_for(factors, carried)
+    # both files or neither: written in a temporary directory that becomes ``target``
+    with made_parents(target), replaced_dir(target) as tmp:
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_adapter_config(tmp, config)
     return target
