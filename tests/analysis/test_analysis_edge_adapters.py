@@ -388,3 +388,23 @@ def test_write_factors_leaves_nothing_behind_when_a_write_fails(
     monkeypatch.undo()
     write_factors(tmp_path / "empty", factors)  # the retry works
     torch.testing.assert_close(read_factors(tmp_path / "empty")["layer"].A, factors["layer"].A)
+
+
+def test_extract_warns_about_named_targets_that_did_not_change(tmp_path: Path) -> None:
+    import copy
+
+    from rankwise.analysis import extract_adapter
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():
+        tuned[0].weight.add_(0.1)
+    with pytest.warns(UserWarning, match=r"1 of 2 layers are equal in both models \('1'\)"):
+        extract_adapter(base, tuned, tmp_path / "named", rank=2, targets=["0", "1"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # by default only changed layers are extracted
+        report = extract_adapter(base, tuned, tmp_path / "default", rank=2)
+    assert [row.module for row in report.layers] == ["0"]

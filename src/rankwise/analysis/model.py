@@ -10,6 +10,7 @@ transposed on read.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -149,6 +150,14 @@ def extract_adapter(
         error = relative_error(delta, f.B.double() @ f.A.double())
         factors[name] = f
         report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
+    unchanged = [n for n in layers if torch.equal(*(linear_weight(m[n]) for m in (base, tuned)))]
+    if targets is not None and unchanged:
+        shown = ", ".join(repr(n) for n in unchanged[:3]) + (" ..." if len(unchanged) > 3 else "")
+        warnings.warn(
+            f"targets: {len(unchanged)} of {len(layers)} layers are equal in both models "
+            f"({shown}); their adapters are zero",
+            stacklevel=2,
+        )
     conv1d = any(type(base[n]).__name__ == "Conv1D" for n in layers)  # PEFT's fan_in_fan_out
     saved = sorted(modules_to_save)
     carried = LoraConfig(
