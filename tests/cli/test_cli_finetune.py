@@ -155,3 +155,36 @@ def test_targets_take_all_linear_or_one_regex(tiny, tmp_path: Path, capsys, targ
         assert not any("classifier" in n for n in saved)
     else:
         assert saved == targets
+
+
+def test_resume_set_in_a_config_file_starts_from_the_runs_options(tmp_path: Path) -> None:
+    """``resume: true`` in --config (or --config beside --resume) compared against the defaults,
+    not the run's config.yaml: options the user never gave were "changed" and refused."""
+    from rankwise.cli import COMMANDS, _command_parser
+    from rankwise.cli.finetune import config_from_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {"data": "train.tsv", "max_steps": 8, "lr": 1e-3, "save_every": 4, "output": str(run)}
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    by_file = tmp_path / "resume.yaml"
+    by_file.write_text(yaml.safe_dump({"resume": True, "output": str(run), "save-every": 2}))
+    only_change = tmp_path / "change.yaml"
+    only_change.write_text(yaml.safe_dump({"save_every": 2}))
+    parser, _ = _command_parser("finetune", COMMANDS["finetune"])
+    for argv in (
+        ["--config", str(by_file)],
+        ["--config", str(only_change), "--output", str(run), "--resume"],
+    ):
+        config = config_from_args(parser.parse_args(argv))
+        assert config.resume and config.output == str(run)
+        assert (config.data, config.max_steps, config.lr) == ("train.tsv", 8, 1e-3)
+        assert config.save_every == 2  # the file's change, over the run's 4
+    flags_win = ["--config", str(by_file), "--save-every", "3"]
+    assert config_from_args(parser.parse_args(flags_win)).save_every == 3
+
+
+def test_resume_without_output_says_so(capsys) -> None:
+    code = main(["finetune", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "option --resume (resume in a config file) needs option --output" in err

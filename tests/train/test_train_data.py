@@ -148,7 +148,7 @@ def test_a_text_that_is_not_a_string_is_an_error_naming_the_row(tmp_path: Path) 
         load_dataset(str(path), task="causal-lm")
     rows[1]["text"] = None  # an empty text is skipped, as documented
     path.write_text("\n".join(json.dumps(r) for r in rows))
-    assert load_dataset(str(path)).texts == ("good film",)
+    assert load_dataset(str(path), label_names=("0", "1")).texts == ("good film",)
 
 
 def test_integer_labels_against_named_labels_warn(tmp_path: Path) -> None:
@@ -173,7 +173,7 @@ def test_only_newlines_end_a_row(tmp_path: Path) -> None:
     jsonl = "".join(json.dumps({"text": t, "label": 1}, ensure_ascii=False) + "\r\n" for t in texts)
     tsv = "sentence\tlabel\r\n" + "".join(f"{t}\t1\r\n" for t in texts)
     for name, text in (("d.jsonl", jsonl), ("d.tsv", tsv)):
-        ds = load_dataset(str(_write(tmp_path / name, text)))
+        ds = load_dataset(str(_write(tmp_path / name, text)), label_names=("0", "1"))
         assert ds.texts == tuple(texts), name
         assert ds.labels == (1,) * len(texts)
 
@@ -281,7 +281,7 @@ def test_a_repeated_header_name_is_numbered_as_pandas_does(tmp_path: Path, name:
     from rankwise.train.data import read_rows
 
     assert list(read_rows(str(path))[0]) == ["text", "label", "text.1", "", ".1"]
-    assert load_dataset(str(path)).texts == ("good film",)
+    assert load_dataset(str(path), label_names=("0", "1")).texts == ("good film",)
 
 
 def test_a_prompt_or_response_that_is_not_a_string_is_an_error(tmp_path: Path) -> None:
@@ -401,6 +401,13 @@ def test_training_data_with_one_label_is_refused(tmp_path: Path) -> None:
         load_dataset(str(one))
     # an evaluation set may hold one class of the training labels
     assert load_dataset(str(one), label_names=("neg", "pos")).labels == (1, 1)
+    # integer labels name 0..max: all 1s made two classes, 0 never seen (held-out 0% before)
+    ones = _write(tmp_path / "ones.tsv", "label\ttext\n1\ta\n1\tb\n")
+    with pytest.raises(ConfigError, match=r"every example has the label '1'.*at least two"):
+        load_dataset(str(ones))
+    assert load_dataset(
+        str(_write(tmp_path / "gap.tsv", "label\ttext\n0\ta\n2\tb\n"))
+    ).label_names == ("0", "1", "2")
 
 
 def test_rows_without_a_text_value_are_counted_in_a_warning(tmp_path: Path) -> None:

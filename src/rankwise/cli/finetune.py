@@ -88,20 +88,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then ``--config`` (or, with ``--resume``, the run's own config.yaml), then flags."""
+    """Defaults, then (resuming) the run's own config.yaml, then ``--config``, then flags.
+
+    Whether to resume and where may come from a flag or from the ``--config`` file; either
+    way the run's saved options are the base, so a file that sets only what may change on a
+    resume (``save_every``, say) changes only that."""
     from pathlib import Path
 
+    given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
+    from_file = normalized_keys(read_yaml(args.config)) if args.config is not None else {}
     values: dict[str, Any] = {}
-    if args.resume and args.output and args.config is None:
-        saved = Path(args.output) / "config.yaml"
+    chosen = {**from_file, **given}
+    if chosen.get("resume") is True and isinstance(chosen.get("output"), str):
+        saved = Path(chosen["output"]) / "config.yaml"
         if saved.is_file():
             values.update(normalized_keys(read_yaml(saved)))
-    if args.config is not None:  # flags override a file's options, in either spelling
-        values.update(normalized_keys(read_yaml(args.config)))
-    for name in FIELDS:
-        given = getattr(args, name, None)
-        if given is not None:
-            values[name] = given
+    values.update(from_file)  # flags override a file's options, in either spelling
+    values.update(given)
     return from_mapping(values)
 
 

@@ -384,9 +384,12 @@ def load_dataset(
         names = tuple(label_names)
     else:
         names = own or label_names_of(keys, source=name)
-        if len(names) < 2:  # one logit: cross-entropy 0, no gradient, "100%" accuracy
+        present = set(keys)  # integer labels name 0..max: all 1s would make two classes
+        if len(present) < 2:  # nothing to tell apart: "100%", or a class never seen
+            (only,) = present
+            shown = names[only] if isinstance(only, int) else only
             raise ConfigError(
-                f"dataset {name!r}: every example has the label {names[0]!r} (column "
+                f"dataset {name!r}: every example has the label {shown!r} (column "
                 f"{label_col!r}); classification needs at least two labels (is "
                 "--label-column the right column?)"
             )

@@ -55,6 +55,10 @@ def check_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = N
     as an unrelated data error) and again by :func:`prepare_output`."""
     if config.output is None and info.world_size > 1:
         raise ConfigError(f"{option('output')}: pass --output DIR when running under torchrun")
+    if config.output is None and out is None and config.resume:
+        raise ConfigError(
+            f"{option('resume')} needs {option('output')}: the run directory to continue"
+        )
     if out is None:
         out = Path(config.output) if config.output else default_output()
     if config.resume:
