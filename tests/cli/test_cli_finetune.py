@@ -188,3 +188,23 @@ def test_resume_without_output_says_so(capsys) -> None:
     code = main(["finetune", "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "option --resume (resume in a config file) needs option --output" in err
+
+
+def test_every_output_file_gets_the_usual_file_mode(tiny, tmp_path: Path, capsys) -> None:
+    """safetensors' save_file (and so save_pretrained) creates its files 0o600: the merged
+    model, the checkpoints' weights and ``rankwise merge``'s model were unreadable to others
+    while every file rankwise writes itself gets the umask's mode."""
+    from rankwise.io.files import default_file_mode
+
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--output", str(out), "--merge"]
+    code, _, err = _run([*argv, "--max-steps", "2", "--save-every", "1"], capsys)
+    assert code == 0, err
+    assert main(["merge", "--adapter", str(out / "adapter"), "--out", str(tmp_path / "m")]) == 0
+    files = [p for root in (out, tmp_path / "m") for p in root.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"model.safetensors", "trainable.safetensors", "adapter_model.safetensors"} <= names
+    wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
+             if p.stat().st_mode & 0o777 != default_file_mode()}  # fmt: skip
+    assert not wrong

@@ -43,7 +43,11 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "init-r": (int, "adalora: initial rank, pruned to --r on average (default ceil(1.5 r))"),
     "ga-batches": (int, "lora-ga: training batches to estimate the gradient on (default 8)"),
     "dropout": (float, "LoRA dropout (default 0.1)"),
-    "targets": (str, "comma-separated module names to adapt (default query,key,value,dense)"),
+    "targets": (
+        str,
+        "module names to adapt, comma-separated (a name matches itself and any *.name), or "
+        "all-linear, or one regex matching whole names (default query,key,value,dense)",
+    ),
     "model-dropout": (float, "override every dropout probability of the model (0 = off)"),
     "epochs": (float, "epochs (default 1)"),
     "max-steps": (int, "optimizer steps; overrides --epochs (default: 200 on the demo corpus)"),

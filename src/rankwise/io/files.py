@@ -50,6 +50,17 @@ def default_file_mode() -> int:
     return 0o666 & ~mask
 
 
+def readable_files(directory: Path) -> None:
+    """Give every file under a directory this process just filled the mode ``open()`` gives a
+    new file (:func:`default_file_mode`): safetensors' ``save_file``, and so transformers'
+    ``save_pretrained``, creates its files ``0o600``. Only for a fresh directory: a hard link
+    to someone's file would have its mode changed too."""
+    mode = default_file_mode()
+    for path in Path(directory).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            os.chmod(path, mode)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
     path = Path(path)

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from rankwise.io.files import readable_files
+
 CHECKPOINTS_DIR = "checkpoints"
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
@@ -108,6 +110,7 @@ def save_checkpoint(
     tmp.mkdir()
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}
     save_file(tensors, str(tmp / WEIGHTS_FILE))
+    readable_files(tmp)  # save_file makes it 0o600, unlike the run's other files
     state = {
         "optimizer": dict(optimizer),
         "scheduler": dict(scheduler),

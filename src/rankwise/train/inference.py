@@ -269,7 +269,7 @@ def predict(trained: Trained, texts: list[str]) -> list[Prediction]:
 
 def merge_to(trained: Trained, out: str | Path) -> Path:
     """Merge the adapter into the base weights and save a plain transformers model directory."""
-    from rankwise.io.files import made_parents, replaced_dir
+    from rankwise.io.files import made_parents, readable_files, replaced_dir
     from rankwise.lora import merge_and_unload
 
     if not trained.has_adapter:
@@ -292,4 +292,5 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
             (tmp / TASK_FILE).write_text(
                 json.dumps({**task, "max_length": trained.max_length}, indent=2), encoding="utf-8"
             )
+            readable_files(tmp)  # final is new or empty: every file here was written now
     return final

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
+from rankwise.io.files import readable_files
 from rankwise.train import distributed as dist_
 from rankwise.train.batching import Encoded
 from rankwise.train.config import TrainConfig, atomic_write_text, option, write_yaml
@@ -173,6 +174,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        readable_files(tmp)  # save_pretrained's safetensors files are 0o600
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
