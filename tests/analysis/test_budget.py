@@ -48,6 +48,11 @@ def test_budget_errors_name_the_culprit() -> None:
         budget_plan(model, rank=2, sets=[("x",)])
     with pytest.raises(ValueError, match="exactly one"):
         budget_plan(model)
+    # the advice names what was given: it said "a smaller budget" to a caller who gave a rank
+    with pytest.raises(ValueError, match=r"choose a smaller rank \(the budget is rank 40 on"):
+        budget_plan(model, rank=40)
+    with pytest.raises(ValueError, match="above min.*choose a smaller budget$"):
+        budget_plan(model, budget=40 * 64 * 3)
 
 
 def test_plan_refuses_a_type_that_matches_nothing_inside_a_set_and_bad_values() -> None:

@@ -141,8 +141,10 @@ def budget_plan(
         shapes = _linear_shapes(model, targets, task_type)
         cost, side = sum(o + i for o, i in shapes), min(min(shape) for shape in shapes)
         resolved.append((tuple(group), targets, len(shapes), cost, side))
+    smaller = "a smaller budget"
     if budget is None:
         budget = rank * resolved[0][3]  # type: ignore[operator]
+        smaller = f"a smaller rank (the budget is rank {rank} on {list(resolved[0][0])})"
     plans = []
     for group, targets, layers, cost, side in resolved:
         r = budget // cost
@@ -153,7 +155,7 @@ def budget_plan(
         if r > side:
             raise ValueError(
                 f"budget {budget} gives {list(group)} rank {r}, above min(out, in) = {side} of "
-                "one of its layers; choose a smaller budget"
+                f"one of its layers; choose {smaller}"
             )
         plans.append(BudgetPlan(group, targets, layers, r, r * cost))
     return tuple(plans)
