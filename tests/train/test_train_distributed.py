@@ -138,3 +138,28 @@ def test_setup_joins_with_gloo_even_where_cuda_is_available(monkeypatch) -> None
     info = distributed.setup()
     assert calls == [{"backend": "gloo"}]
     assert info == distributed.DistInfo(1, 2, 1, True)
+
+
+@pytest.mark.slow
+def test_two_processes_warn_once_and_label_the_second_ones_error(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    """Every process printed the data's warnings, and both printed a refused option's error,
+    once glued into one line; now the warning comes once and the copy says whose it is."""
+    rows = toy_tsv.read_text().splitlines()[1:]
+    lines = [json.dumps({"sentence": t, "label": int(y)}) for y, t in (r.split("\t") for r in rows)]
+    lines += [json.dumps({"label": 1}), json.dumps({"sentence": None, "label": 0})]
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    common = ["--model", str(tiny_bert), "--data", str(data), "--max-steps", "1",
+              "--batch-size", "8", "--save-every", "0"]  # fmt: skip
+    run = _finetune([*common, "--output", str(tmp_path / "a")], procs=2, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("2 of 98 rows have no 'sentence' value") == 1, run.stderr[-3000:]
+    bad = _finetune([*common, "--output", str(tmp_path / "b"), "--lr", "-1"], procs=2, cwd=tmp_path)
+    assert bad.returncode != 0
+    errors = [line for line in bad.stderr.splitlines() if "error:" in line]
+    assert sorted(line.split(": error:")[0] for line in errors) == [
+        "rankwise finetune",
+        "rankwise finetune (rank 1)",
+    ], bad.stderr[-3000:]

@@ -249,6 +249,22 @@ def _negative_values_attached(parser: argparse.ArgumentParser, argv: list[str]) 
     return out
 
 
+def _rank_label() -> str:
+    """``" (rank N)"`` for a process other than the first under torchrun, else ``""``: every
+    process reports its own error, and the copies should say whose they are."""
+    import os
+
+    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
+    return f" (rank {rank})" if world not in ("", "0", "1") and rank != "0" else ""
+
+
+def _say(line: str) -> None:
+    """One line to stderr in a single write: under torchrun the processes share the stream,
+    and print's separate write of the newline let two errors run into one line."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     top = build_parser()
@@ -277,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"rankwise {name}: error: {message}", file=sys.stderr)
+        _say(f"rankwise {name}{_rank_label()}: error: {message}")
         return 2
     except ModuleNotFoundError as err:  # an optional dependency of this command
         top = (err.name or "").split(".")[0]

@@ -12,7 +12,10 @@ backward. Only rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import warnings
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -40,6 +43,18 @@ def setup() -> DistInfo:
         return DistInfo(dist.get_rank(), dist.get_world_size(), local, False)
     dist.init_process_group(backend="gloo")  # CPU tensors throughout (see module docstring)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local, True)
+
+
+@contextlib.contextmanager
+def main_warns(info: DistInfo) -> Iterator[None]:
+    """Python warnings from the main process only, for steps every process runs alike (reading
+    the data, loading and adapting the model): the others' copies are the same lines again."""
+    if info.is_main:
+        yield
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def teardown(info: DistInfo) -> None:

@@ -420,7 +420,8 @@ def _train(
     stop_after: int | None,
     started: float,
 ) -> TrainResult:
-    run = _build_run(config, info, echo)
+    with dist_.main_warns(info):  # the same data and model on every process: warned once
+        run = _build_run(config, info, echo)
     _announce(run)
     position = _resume(run) if config.resume else ckpt.Position(0, 0, 0)
     before = _before(run, position)
