@@ -80,7 +80,9 @@ def test_config_fields_and_validation() -> None:
         AdaLoraConfig(total_step=10, beta1=1.0)
     with pytest.raises(ConfigError, match="init_r"):
         AdaLoraConfig(total_step=10, rank_pattern={"a.lora_E": [True]})
-    masked = AdaLoraConfig(init_r=3, total_step=10, rank_pattern={"a.lora_E": [True, False, True]})
+    masked = AdaLoraConfig(
+        init_r=3, target_r=2, total_step=10, rank_pattern={"a.lora_E": [True, False, True]}
+    )
     assert masked.rank_and_alpha("a") == (2, 8)
     assert masked.replace(tinit=1).rank_pattern == masked.rank_pattern
 
@@ -327,3 +329,70 @@ def test_orthogonal_regularization_counts_pruned_layers_as_peft() -> None:
     alone = float(orthogonal_regularization(kept).detach())
     both = float(orthogonal_regularization(nn.ModuleList([kept, pruned])).detach())
     assert both == pytest.approx(alone * 2 / 4, rel=1e-6)
+
+
+def test_a_final_mask_before_any_budgeting_step_keeps_the_budget() -> None:
+    """tinit = tfinal = 0 and one step (``finetune --method adalora --max-steps 1``): the final
+    mask came before any score, every score 0 tied at the threshold and every triplet was
+    pruned (PEFT raises KeyError). The step's own gradients are scored instead."""
+    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=1, tinit=0, tfinal=0)
+    model = _ours_like(_peft(cfg), cfg)
+    with torch.no_grad():
+        for name in ("lin1", "lin2"):
+            getattr(model, name).lora_E.fill_(0.1)  # λ ≠ 0: every triplet has a gradient
+    alloc = RankAllocator(model, cfg)
+    x, y = torch.randn(8, 10, generator=torch.Generator().manual_seed(0)), torch.zeros(8, 3)
+    nn.functional.mse_loss(model(x), y).backward()
+    alloc.update_and_allocate(1)
+    kept = {k: sum(v) for k, v in cfg.rank_pattern.items()}
+    assert sum(kept.values()) == alloc.target_budget == 4, kept
+
+
+def test_allocator_state_with_a_bad_rank_pattern_is_refused() -> None:
+    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10)
+    alloc = RankAllocator(_ours_like(_peft(cfg), cfg), cfg)
+    good = alloc.state_dict()
+    for pattern, message in (
+        ({"lin1.lora_E": [False]}, "must be 4 booleans"),  # broadcast: zeroed every λ
+        ({"lin1.lora_E": [True] * 3}, "must be 4 booleans"),
+        ({"lin1.lora_E": "TTFF"}, "must be 4 booleans"),
+        ({"lin1.lora_E": [1, 0, 1, 1]}, "must be 4 booleans"),
+        ({"lin9.lora_E": [True] * 4}, "names 'lin9.lora_E'"),
+        ({"lin1": [True] * 4}, "names 'lin1'"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            alloc.load_state_dict({**good, "rank_pattern": pattern})
+    assert cfg.rank_pattern == {}  # nothing recorded from a refused state
+
+
+def test_config_refuses_what_adalora_cannot_do() -> None:
+    for kwargs, message in (
+        (dict(init_r=4, target_r=8), "target_r: the average rank AdaLoRA prunes to must be <= "),
+        (dict(orth_reg_weight=float("nan")), "orth_reg_weight: expected a finite"),
+        (dict(orth_reg_weight=float("inf")), "orth_reg_weight: expected a finite"),
+        (dict(init_lora_weights="pissa"), "init_lora_weights: AdaLoRA initializes as PEFT"),
+        (dict(init_lora_weights="olora"), "init_lora_weights: AdaLoRA initializes as PEFT"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            AdaLoraConfig(total_step=10, **kwargs)
+    AdaLoraConfig(init_r=4, target_r=4, total_step=10)  # nothing to prune: allowed, as the CLI
+
+
+def test_a_peft_adalora_file_with_a_named_init_loads_as_peft_reads_it(tmp_path) -> None:
+    """PEFT's AdaLoRA takes any true init_lora_weights as its own init and never moves the
+    base: such a file loads (rankwise would have run PiSSA on the base)."""
+    import json
+
+    from rankwise.io import load_adapter
+
+    cfg = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10)
+    theirs = _peft(cfg)
+    theirs.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "pissa"}))
+    base = Two()
+    before = base.lin1.weight.detach().clone()
+    ours = load_adapter(base, tmp_path)
+    assert torch.equal(ours.lin1.base_layer.weight, before)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)

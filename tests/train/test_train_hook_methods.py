@@ -170,7 +170,11 @@ def test_adalora_orthogonality_term_is_in_the_loss(tiny_bert: Path) -> None:
     ("changes", "option"),
     [
         ({"loraplus_ratio": 0.0}, "loraplus_ratio"),
-        ({"init_r": 3, "r": 4}, "init_r"),
+        (
+            {"init_r": 3, "r": 4, "method": "adalora"},
+            r"init_r in a config file\): expected an integer >= r",
+        ),
+        ({"init_r": 12}, "init_r.*for --method adalora only; found --method lora"),
         ({"ga_batches": 0}, "ga_batches"),
     ],  # fmt: skip
 )

@@ -130,6 +130,9 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
     fields = {k: v for k, v in data.items() if k in names}
     if "init_lora_weights" in fields:
         fields["init_lora_weights"] = from_peft_init(fields["init_lora_weights"])
+        if cls is AdaLoraConfig and fields["init_lora_weights"] not in (True, False):
+            # PEFT's AdaLoRA reads any true value as its own init (the base is never moved)
+            fields["init_lora_weights"] = bool(data["init_lora_weights"])
     if fields.get("rank_pattern", {}) is None:
         del fields["rank_pattern"]
     if isinstance(fields.get("target_modules"), (list, tuple)):

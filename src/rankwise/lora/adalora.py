@@ -19,6 +19,7 @@ where the divisor is PEFT's ``ranknum``, the *initial* rank, kept when ranks shr
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -118,8 +119,22 @@ def _check_adalora(cfg: AdaLoraConfig) -> None:
         value = getattr(cfg, name)
         if not isinstance(value, (int, float)) or not 0 < value < 1:
             raise ConfigError(f"{name}: expected a float in (0, 1), found {value!r}")
-    if not isinstance(cfg.orth_reg_weight, (int, float)) or cfg.orth_reg_weight < 0:
-        raise ConfigError(f"orth_reg_weight: expected a number >= 0, found {cfg.orth_reg_weight!r}")
+    orth = cfg.orth_reg_weight
+    if isinstance(orth, bool) or not isinstance(orth, (int, float)) or not 0 <= orth < math.inf:
+        raise ConfigError(f"orth_reg_weight: expected a finite number >= 0, found {orth!r}")
+    if cfg.target_r > cfg.init_r:  # nothing to prune: a fixed-rank adapter (PEFT crashes)
+        raise ConfigError(
+            f"target_r: the average rank AdaLoRA prunes to must be <= init_r = {cfg.init_r}, "
+            f"found {cfg.target_r}"
+        )
+    if cfg.init_lora_weights not in (True, False):
+        # PEFT's AdaLoRA reads any true value as its own init and never touches the base; the
+        # residual initializers (PiSSA, OLoRA) would move the base weight with nothing (λ = 0)
+        # to add it back
+        raise ConfigError(
+            "init_lora_weights: AdaLoRA initializes as PEFT does (True: P, Q ~ N(0, 0.02²), "
+            f"λ = 0; False: random), found {cfg.init_lora_weights!r}"
+        )
     if cfg.tinit >= cfg.total_step - cfg.tfinal:
         raise ConfigError(
             f"tinit/tfinal/total_step: no budgeting phase is left (tinit={cfg.tinit} must be < "

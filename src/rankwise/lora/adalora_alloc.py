@@ -164,6 +164,10 @@ class RankAllocator:
                 self._record(self.mask_to_budget(sched.budget))
             return sched
         if step == final:
+            if not self.exp_avg_ipt:  # no budgeting step ran (tinit = 0 and a final mask at
+                # the first step): all scores 0 would tie and prune every triplet, where PEFT
+                # fails (KeyError); score this step's gradients instead
+                self.update_importance()
             self._record(self.mask_to_budget(sched.budget))
             self.reset_importance()
             return Allocation(sched.budget, True)
@@ -209,6 +213,22 @@ class RankAllocator:
         pattern = state["rank_pattern"]
         if not isinstance(pattern, dict):
             raise ValueError(f"AdaLoRA allocator state: rank_pattern is {pattern!r:.80}")
+        for key, mask in pattern.items():  # as a saved config's (AdaLoraConfig._check_masks)
+            layer = self.layers.get(key[: -len(".lora_E")]) if key.endswith(".lora_E") else None
+            if layer is None:
+                raise ValueError(
+                    f"AdaLoRA allocator state: rank_pattern names {key!r:.80}, not "
+                    "'<AdaLoRA layer>.lora_E' of this model"
+                )
+            if not (
+                isinstance(mask, (list, tuple))
+                and len(mask) == layer.lora_E.shape[0]
+                and all(isinstance(b, bool) for b in mask)
+            ):
+                raise ValueError(
+                    f"AdaLoRA allocator state: rank_pattern[{key!r}] must be "
+                    f"{layer.lora_E.shape[0]} booleans (init_r), found {mask!r:.80}"
+                )
         self.exp_avg_ipt, self.exp_avg_unc = scores["exp_avg_ipt"], scores["exp_avg_unc"]
         self._record({k: [bool(b) for b in v] for k, v in pattern.items()})
 

@@ -242,6 +242,11 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"{option('loraplus_ratio')}: expected a number > 0, found {config.loraplus_ratio}"
         )
+    if config.init_r is not None and config.method != "adalora":
+        raise ConfigError(
+            f"{option('init_r')}: AdaLoRA's initial rank, for --method adalora only; found "
+            f"--method {config.method}"
+        )
     if config.init_r is not None and config.init_r < config.r:
         raise ConfigError(
             f"{option('init_r')}: expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
