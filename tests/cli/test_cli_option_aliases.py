@@ -45,3 +45,23 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys) -> None:
     monkeypatch.setattr(command, "run", reader_left)
     assert main(["version"]) == 141
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["merge", "--adapter", "a"],
+        ["resize", "a", "--rank", "2"],
+        ["combine", "a", "b"],
+        ["extract", "--finetuned", "t", "--rank", "2"],
+    ],
+)
+def test_an_empty_out_is_a_usage_error(argv: list[str], capsys) -> None:
+    # `rankwise merge --out "$UNSET"` wrote the model into the working directory
+    from rankwise.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--out", ""])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out/--output: expected a directory, found an empty string" in err

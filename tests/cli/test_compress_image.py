@@ -171,3 +171,19 @@ def test_a_failed_figure_removes_the_directory_it_made(tmp_path: Path, monkeypat
     out = tmp_path / "figs"
     assert main(["compress-image", "--ranks", "5", "--out", str(out)]) == 2
     assert list(tmp_path.iterdir()) == []
+    # and the parents made for it (they stayed, empty)
+    assert main(["compress-image", "--ranks", "5", "--out", str(tmp_path / "a" / "b" / "c")]) == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_decompression_bomb_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    # PIL's DecompressionBombError is not an OSError: it ended in a traceback
+    from PIL import Image
+
+    path = tmp_path / "huge.png"
+    Image.new("1", (14000, 14000)).save(path)
+    out = tmp_path / "out"
+    assert main(["compress-image", str(path), "--ranks", "5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rankwise compress-image: error: image ") and "Traceback" not in err
+    assert "decompression bomb" in err and not out.exists()

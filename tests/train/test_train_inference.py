@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from rankwise.cli import main
+from rankwise.errors import ConfigError
 from rankwise.train import TrainConfig, train
 from rankwise.train.inference import evaluate_file, load_trained, merge_to, predict
 
@@ -247,6 +248,38 @@ def test_predict_refuses_non_finite_outputs(run_dir: Path) -> None:
         trained.model.classifier.weight.fill_(float("nan"))  # the trained head
     with pytest.raises(ValueError, match="outputs for text 1 are not finite"):
         predict(trained, ["a good film"])
+
+
+def test_evaluate_refuses_non_finite_outputs(run_dir: Path, toy_tsv: Path) -> None:
+    # NaN logits' argmax was counted as a prediction ("accuracy 32.50%, loss nan") and
+    # --json printed NaN, which is not JSON
+    trained = load_trained(run_dir / "adapter")
+    with torch.no_grad():
+        trained.model.classifier.bias[0] = float("inf")
+    with pytest.raises(ValueError, match=r"not finite \(NaN/inf\) for 96 of 96 examples"):
+        evaluate_file(trained, str(toy_tsv))
+
+
+def test_a_max_length_below_the_special_tokens_is_refused(run_dir: Path, toy_tsv: Path) -> None:
+    # BERT's fast tokenizer asked for 1 token (< [CLS] [SEP]) did not truncate at all
+    trained = load_trained(run_dir / "adapter", max_length=2)
+    with pytest.raises(ConfigError, match="--max-length 2 leaves no token of text after the "):
+        evaluate_file(trained, str(toy_tsv))
+    assert evaluate_file(load_trained(run_dir / "adapter", max_length=3), str(toy_tsv)).examples
+
+
+def test_a_recorded_base_path_missing_here_names_its_file_and_model(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", moved)
+    task = json.loads((moved / "rankwise_task.json").read_text())
+    (moved / "rankwise_task.json").write_text(json.dumps({**task, "base_model": "/gone/model"}))
+    with pytest.raises(FileNotFoundError, match=r"'/gone/model' \(recorded in .*rankwise_task"):
+        load_trained(moved)
+    assert load_trained(moved, model=task["base_model"]).has_adapter
 
 
 def test_sigterm_during_merge_leaves_no_temporary_directory(

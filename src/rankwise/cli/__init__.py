@@ -129,8 +129,17 @@ def seed(value: str) -> int:
 
 
 def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:
-    """The required output directory option, ``--out`` (alias ``--output``), into ``args.out``."""
-    parser.add_argument("--out", "--output", dest="out", required=True, metavar="DIR", help=help)
+    """The required output directory option, ``--out`` (alias ``--output``), into ``args.out``;
+    an empty value (an unset shell variable) is a usage error, not the working directory."""
+    parser.add_argument(
+        "--out", "--output", dest="out", required=True, metavar="DIR", help=help, type=_directory
+    )
+
+
+def _directory(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("expected a directory, found an empty string")
+    return value
 
 
 def require_plotting(plot: str | None) -> None:

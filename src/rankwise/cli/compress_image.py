@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rankwise.cli import CliError, figure_directory, seed
-from rankwise.io.files import default_file_mode
+from rankwise.io.files import default_file_mode, made_parents
 
 DEFAULT_IMAGE = "china.jpg (scikit-learn sample image)"
 
@@ -87,7 +87,11 @@ def load_gray(path: str | None) -> np.ndarray:
 
         if not Path(path).is_file():
             raise FileNotFoundError(f"image: no such file {path!r}")
-        with Image.open(path) as image:
+        try:
+            opened = Image.open(path)
+        except Image.DecompressionBombError as err:  # not an OSError: would be a traceback
+            raise ValueError(f"image {path!r}: {err}") from None
+        with opened as image:
             if image.mode.startswith(("I", "F")):  # 16/32-bit grayscale: RGB would clip at 255
                 gray = np.asarray(image, dtype=np.float64)
                 top = float(gray.max()) if gray.size else 0.0
@@ -228,14 +232,15 @@ def run(args: argparse.Namespace) -> int:
         image, args.ranks, randomized=args.randomized, seed=args.seed
     )
     created = not args.out.exists()  # made here: removed again if the figures fail
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        plot_grid(image, rows, pictures, args.out / "compress_grid.png")
-        plot_spectrum(S, args.ranks, args.out / "spectrum.png")
-    except BaseException:
-        if created:
-            shutil.rmtree(args.out, ignore_errors=True)
-        raise
+    with made_parents(args.out):  # and so are the parents made for it
+        args.out.mkdir(exist_ok=True)
+        try:
+            plot_grid(image, rows, pictures, args.out / "compress_grid.png")
+            plot_spectrum(S, args.ranks, args.out / "spectrum.png")
+        except BaseException:
+            if created:
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
     print(f"image {image.shape[0]}x{image.shape[1]} ({image.size} pixels)")
     print(f"{'method':<16} {'rank':>5} {'params':>9} {'compression':>12} {'rel. error':>11}")
     for row in rows:

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     )
     metrics = {"examples": result.examples, **result.as_metrics()}
     if args.json:
-        print(json.dumps(metrics))
+        print(json.dumps(metrics, allow_nan=False))
     elif result.accuracy is not None:
         print(
             f"{result.examples} examples: accuracy {100 * result.accuracy:.2f}%, loss {result.loss:.4f}"

@@ -52,6 +52,12 @@ def encode(dataset: TextDataset, tokenizer: Any, *, task: str, max_length: int) 
     error (a perplexity over no tokens would read 1.0, a perfect model).
     """
     if task == "classification":
+        specials = tokenizer.num_special_tokens_to_add()
+        if max_length <= specials:  # below them a fast tokenizer does not truncate at all
+            raise ConfigError(
+                f"--max-length {max_length} leaves no token of text after the tokenizer's "
+                f"{specials} special tokens; expected at least {specials + 1}"
+            )
         out = tokenizer(list(dataset.texts), truncation=True, max_length=max_length)
         ids = tuple(tuple(x) for x in out["input_ids"])
         return Encoded(ids, tuple(dataset.labels or ()), task)

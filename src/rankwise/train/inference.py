@@ -10,6 +10,7 @@ model and (for classification) the label names can be found.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -20,7 +21,12 @@ from rankwise.train.batching import encode
 from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
-from rankwise.train.models import check_positions, load_pretrained, with_pad_token
+from rankwise.train.models import (
+    check_positions,
+    load_pretrained,
+    resolve_model_source,
+    with_pad_token,
+)
 
 TASK_FILE = "rankwise_task.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -183,6 +189,15 @@ def load_trained(
         base = model or info.get("base_model") or adapter_config.base_model_name_or_path
         if base is None:
             raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
+        if model is None:  # a recorded path from another machine: say where it came from
+            where = TASK_FILE if info.get("base_model") else ADAPTER_CONFIG
+            try:
+                resolve_model_source(str(base))
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    f"base model path {str(base)!r} (recorded in {root / where}) does not exist "
+                    "here; pass --model PATH"
+                ) from None
         # a PEFT adapter from elsewhere (no task file): task from its task_type or the base
         # model's class, label names from the base model's config and the head's size
         task = str(info.get("task") or "")
@@ -231,9 +246,17 @@ def evaluate_file(
     )
     encoded = encode(dataset, trained.tokenizer, task=trained.task, max_length=trained.max_length)
     check_positions(trained.model, encoded.lengths(), where=str(data))
-    return evaluate(
+    result = evaluate(
         trained.model, encoded, batch_size=batch_size, pad_id=trained.tokenizer.pad_token_id
     )
+    bad = 0 if result.logits is None else int((~torch.isfinite(result.logits).all(dim=-1)).sum())
+    if bad or not math.isfinite(result.loss):  # NaN's argmax is a label: a made-up accuracy
+        rows = f" for {bad} of {result.examples} examples" if bad else ""
+        raise ValueError(
+            f"evaluate: the model's outputs on {data!r} are not finite (NaN/inf){rows}; the "
+            "adapter's weights overflow this model"
+        )
+    return result
 
 
 @torch.no_grad()
@@ -272,6 +295,8 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     from rankwise.io.files import made_parents, readable_files, replaced_dir
     from rankwise.lora import merge_and_unload
 
+    if isinstance(out, str) and not out.strip():  # Path("") is the working directory
+        raise ConfigError("merge: out: expected a directory, found an empty string")
     if not trained.has_adapter:
         raise AdapterFormatError(
             "merge: the directory holds a full model, not an adapter; nothing to merge"
