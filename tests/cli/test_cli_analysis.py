@@ -376,8 +376,10 @@ def test_empty_out_and_a_missing_model_are_errors_naming_the_option(
         "extract": ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"]),
                     "--rank", "2"],
     }[command]  # fmt: skip
-    assert main([*argv, "--out", ""]) == 2
-    assert "--out: expected a directory, found an empty string" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:  # a usage error, before any work
+        main([*argv, "--out", ""])
+    assert exit_.value.code == 2
+    assert "--out/--output: expected a directory, found an empty string" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []  # nothing written into the current directory
     if command == "extract":
         for option in ("--base", "--finetuned"):

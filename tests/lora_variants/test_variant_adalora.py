@@ -367,7 +367,6 @@ def test_allocator_state_with_a_bad_rank_pattern_is_refused() -> None:
 
 def test_config_refuses_what_adalora_cannot_do() -> None:
     for kwargs, message in (
-        (dict(init_r=4, target_r=8), "target_r: the average rank AdaLoRA prunes to must be <= "),
         (dict(orth_reg_weight=float("nan")), "orth_reg_weight: expected a finite"),
         (dict(orth_reg_weight=float("inf")), "orth_reg_weight: expected a finite"),
         (dict(init_lora_weights="pissa"), "init_lora_weights: AdaLoRA initializes as PEFT"),
@@ -376,6 +375,13 @@ def test_config_refuses_what_adalora_cannot_do() -> None:
         with pytest.raises(ConfigError, match=message):
             AdaLoraConfig(total_step=10, **kwargs)
     AdaLoraConfig(init_r=4, target_r=4, total_step=10)  # nothing to prune: allowed, as the CLI
+    assert AdaLoraConfig(total_step=10, init_lora_weights="gaussian").init_lora_weights is True
+    # target_r > init_r: a config PEFT saves and loads (init_r set, target_r left at 8), but
+    # not one to train (PEFT fails at the first mask; rankwise would never prune)
+    loose = AdaLoraConfig(init_r=4, total_step=10)
+    assert loose.target_r == 8
+    with pytest.raises(ConfigError, match="target_r: the average rank AdaLoRA prunes to must"):
+        RankAllocator(_ours_like(_peft(loose), loose), loose)
 
 
 def test_a_peft_adalora_file_with_a_named_init_loads_as_peft_reads_it(tmp_path) -> None:
@@ -394,5 +400,17 @@ def test_a_peft_adalora_file_with_a_named_init_loads_as_peft_reads_it(tmp_path) 
     before = base.lin1.weight.detach().clone()
     ours = load_adapter(base, tmp_path)
     assert torch.equal(ours.lin1.base_layer.weight, before)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+
+
+def test_a_peft_adalora_file_with_target_r_above_init_r_loads(tmp_path) -> None:
+    # peft.AdaLoraConfig(init_r=4) keeps target_r = 8; PEFT saves and reloads such files
+    from rankwise.io import load_adapter
+
+    cfg = AdaLoraConfig(init_r=4, lora_alpha=8, total_step=10)
+    theirs = _peft(cfg)
+    theirs.save_pretrained(tmp_path)
+    ours = load_adapter(Two(), tmp_path)
     x = torch.randn(4, 10)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)

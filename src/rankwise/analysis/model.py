@@ -271,7 +271,7 @@ def adapter_amplification(
             available = int((S > noise).sum())
             # B A ≠ 0: trained, however small (a magnitude-only change below the rounding
             # cannot be told from none)
-            if available == 0 and bool((f.B @ f.A).any()):
+            if available == 0 and bool((f.B.double() @ f.A.double()).any()):
                 norm = float(torch.linalg.matrix_norm(W, ord=2))
                 raise ValueError(
                     f"module {module!r}: the DoRA update (σ₁ {float(S[0]) / norm:.2%} of ‖W‖₂) "

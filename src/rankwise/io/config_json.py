@@ -71,7 +71,8 @@ _INERT = {
 
 
 # Written by PEFT beside the config's fields, not read as fields
-_KNOWN = {"peft_type", "peft_version"}
+_KNOWN = {"peft_type", "peft_version", "runtime_config"}  # runtime_config: older PEFT's,
+# runtime-only (ephemeral GPU offload), nothing the adapter computes
 _EMPTY: tuple[Any, ...] = (None, False, "", [], {})
 
 

@@ -65,6 +65,8 @@ class AdaLoraConfig(LoraConfig):
     rank_pattern: dict[str, Any] = field(default_factory=dict)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
+        if self.init_lora_weights == "gaussian":  # PEFT's AdaLoRA: any true value is its init
+            self.init_lora_weights = True
         pattern = dict(self.rank_pattern or {})
         self.rank_pattern = {}  # LoRA's meaning (regex -> int) is validated by the parent
         super().__post_init__()
@@ -122,11 +124,6 @@ def _check_adalora(cfg: AdaLoraConfig) -> None:
     orth = cfg.orth_reg_weight
     if isinstance(orth, bool) or not isinstance(orth, (int, float)) or not 0 <= orth < math.inf:
         raise ConfigError(f"orth_reg_weight: expected a finite number >= 0, found {orth!r}")
-    if cfg.target_r > cfg.init_r:  # nothing to prune: a fixed-rank adapter (PEFT crashes)
-        raise ConfigError(
-            f"target_r: the average rank AdaLoRA prunes to must be <= init_r = {cfg.init_r}, "
-            f"found {cfg.target_r}"
-        )
     if cfg.init_lora_weights not in (True, False):
         # PEFT's AdaLoRA reads any true value as its own init and never touches the base; the
         # residual initializers (PiSSA, OLoRA) would move the base weight with nothing (λ = 0)

@@ -72,6 +72,11 @@ class RankAllocator:
         }
         if not self.layers:
             raise ConfigError("model: no AdaLoRA layers; inject(model, AdaLoraConfig(...)) first")
+        if config.target_r > config.init_r:  # nothing to prune: PEFT fails at the first mask
+            raise ConfigError(
+                f"target_r: the average rank AdaLoRA prunes to must be <= init_r = "
+                f"{config.init_r} to train, found {config.target_r}"
+            )
         self.init_budget = sum(layer.r for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.reset_importance()

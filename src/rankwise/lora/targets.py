@@ -11,8 +11,9 @@ Matching follows PEFT 0.21.2 (``peft.tuners.tuners_utils.check_target_module_exi
   when those are absent and ``task_type == "SEQ_CLS"``, the ``classifier``/``score`` head.
 * ``exclude_modules`` uses the same rules and wins; modules inside ``modules_to_save`` are
   never adapted. ``SEQ_CLS``/``TOKEN_CLS`` add ``classifier``/``score`` and ``QUESTION_ANS``
-  adds ``qa_outputs`` to ``modules_to_save`` first, as PEFT's task models do (PEFT adds
-  ``qa_outputs`` only after matching, and then fails if ``"all-linear"`` adapted it).
+  adds ``qa_outputs`` to ``modules_to_save`` first, as PEFT's task models do (PEFT's
+  token-classification and QA models add theirs only after matching, and then fail if
+  ``"all-linear"`` adapted the head).
 * ``layers_to_transform``: with a list ``target_modules`` only, the layer index is the first
   numbered segment after ``<layers_pattern>.`` (or after any segment when no pattern is given).
 """
