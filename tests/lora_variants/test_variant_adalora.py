@@ -414,3 +414,13 @@ def test_a_peft_adalora_file_with_target_r_above_init_r_loads(tmp_path) -> None:
     ours = load_adapter(Two(), tmp_path)
     x = torch.randn(4, 10)
     torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=1e-6)
+
+
+def test_adaloras_internal_init_name_is_not_a_lora_init() -> None:
+    # LoraConfig(init_lora_weights="adalora") changed the output at step 0 and wrote a file
+    # PEFT refuses ("Unknown initialization")
+    from rankwise.lora import LoraConfig
+
+    with pytest.raises(ConfigError, match="init_lora_weights: expected True, False or one of"):
+        LoraConfig(init_lora_weights="adalora")
+    assert AdaLoraConfig(total_step=10).initializer == "adalora"  # still AdaLoRA's own

@@ -130,8 +130,10 @@ def test_a_plain_lora_ga_file_is_refused_both_ways(tmp_path) -> None:
     from rankwise.io import load_adapter, save_adapter
     from rankwise.lora import inject
 
-    model = inject(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"],
-                                               init_lora_weights="lora_ga"))  # fmt: skip
+    config = LoraConfig(r=2, target_modules=["query"], init_lora_weights="lora_ga")
+    with pytest.raises(ConfigError, match="call rankwise.lora_ga_init"):
+        inject(tiny_bert_cls(), config)  # it gave plain LoRA (B = 0, base untouched) silently
+    model = lora_ga_init(tiny_bert_cls(), config.replace(init_lora_weights=True), [_batch()])
     with pytest.raises(ConfigError, match="for_original_base=True"):
         save_adapter(model, tmp_path / "plain")
     assert not (tmp_path / "plain").exists()

@@ -405,3 +405,37 @@ def test_atomic_dir_removes_its_temporary_when_the_rename_fails(
             monkeypatch.setattr(os, "replace", busy)
     monkeypatch.undo()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_dir_puts_the_new_version_in_place_before_deleting_the_old(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-save (say --resume of a finished run) deleted the old adapter/ before moving the
+    new one in: a kill during that deletion left no adapter/ at all."""
+    import shutil
+
+    from rankwise.io import files
+    from rankwise.train import outputs
+
+    final = tmp_path / "adapter"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):
+        if any(p.name == "weights" and p.read_text() == "old" for p in Path(path).glob("*")):
+            raise KeyboardInterrupt  # the kill, while the old version is being deleted
+        real_rmtree(path, *args, **kwargs)
+
+    for exchange in (True, False):  # renameat2's atomic exchange, and the two-rename fallback
+        if not exchange:
+            monkeypatch.setattr(files, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(outputs.shutil, "rmtree", killed)
+        with pytest.raises(KeyboardInterrupt):
+            with outputs.atomic_dir(final) as tmp:
+                (tmp / "weights").write_text("new")
+        monkeypatch.setattr(outputs.shutil, "rmtree", real_rmtree)
+        assert (final / "weights").read_text() == "new"
+        (final / "weights").write_text("old")
+        for leftover in tmp_path.glob(".*"):
+            real_rmtree(leftover)

@@ -126,7 +126,7 @@ def replaced_dir(final: Path) -> Iterator[Path]:
             shutil.copytree(final, tmp, symlinks=True, copy_function=_link, dirs_exist_ok=True)
         yield tmp
         _fsync_dir(tmp)
-        _swap_in(tmp, final)
+        swap_in(tmp, final)
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old directory
@@ -163,14 +163,21 @@ def _link(src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _swap_in(tmp: Path, final: Path) -> None:
-    """Put ``tmp`` at ``final``; the old ``final`` (if any) ends up at ``tmp``."""
+def swap_in(tmp: Path, final: Path, *, stale: Path | None = None) -> None:
+    """Put ``tmp`` at ``final``; the old ``final`` (if any) ends up at ``tmp``. Atomic where
+    Linux's ``renameat2`` exchange is available; elsewhere the old one passes through ``stale``
+    (default: a hidden name beside it) for the moment between two renames."""
     if not final.exists():
         os.replace(tmp, final)
     elif not _exchange(tmp, final):  # no atomic exchange: a brief moment with no ``final``
-        stale = final.parent / f".{final.name}.{secrets.token_hex(4)}.stale"
+        if stale is None:
+            stale = final.parent / f".{final.name}.{secrets.token_hex(4)}.stale"
         os.replace(final, stale)
-        os.replace(tmp, final)
+        try:
+            os.replace(tmp, final)
+        except BaseException:
+            os.replace(stale, final)  # the old one back: never neither
+            raise
         os.replace(stale, tmp)
 
 

@@ -68,7 +68,8 @@ class LoraConfig:
       ``QUESTION_ANS`` adds ``qa_outputs``, as PEFT's task models do).
     * ``init_lora_weights``: ``True`` (kaiming-uniform A, zero B), ``False`` (random A and B,
       for tests), or a registered initializer name (``"gaussian"``, ``"pissa"`` — randomized
-      SVD —, ``"pissa_exact"``, ``"olora"``, ``"lora_ga"``; see
+      SVD —, ``"pissa_exact"``, ``"olora"``, ``"lora_ga"`` — set by
+      :func:`~rankwise.lora.lora_ga.lora_ga_init`, which ``inject`` points to —; see
       :data:`rankwise.lora.initializers.INITIALIZERS`).
     * ``use_dora``: the DoRA parametrization (:mod:`rankwise.lora.dora`);
       ``use_lora_fa``: LoRA-FA, ``A`` frozen at its initialization and only ``B`` trained
@@ -269,13 +270,18 @@ def _check_layers(cfg: LoraConfig) -> None:
         _check_regex("layers_pattern", pattern)  # PEFT reads it as a regex fragment
 
 
+# registry entries that are not PEFT values of init_lora_weights: AdaLoraConfig's own init
+# (AdaLoraConfig.initializer; its files say True)
+INTERNAL_INITIALIZERS = frozenset({"adalora"})
+
+
 def _check_init(init: Any) -> None:
     if isinstance(init, bool):
         return
     from rankwise.lora.initializers import INITIALIZERS
 
-    if not isinstance(init, str) or init not in INITIALIZERS:
+    public = sorted(set(INITIALIZERS) - INTERNAL_INITIALIZERS)
+    if not isinstance(init, str) or init not in public:
         raise ConfigError(
-            f"init_lora_weights: expected True, False or one of {sorted(INITIALIZERS)}, "
-            f"found {init!r}"
+            f"init_lora_weights: expected True, False or one of {public}, found {init!r}"
         )

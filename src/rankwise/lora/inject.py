@@ -16,7 +16,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import InjectionError
+from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
@@ -88,6 +88,23 @@ def inject(
         raise InjectionError(
             f"config: expected a rankwise LoraConfig, found {type(config).__name__}"
         )
+    if config.initializer == "lora_ga":  # B = 0, the base as it is: nothing of LoRA-GA
+        raise ConfigError(
+            "init_lora_weights='lora_ga' initializes from gradients on training batches: call "
+            "rankwise.lora_ga_init(model, config, batches, ...) instead of inject"
+        )
+    return inject_planned(model, config, dry_run=dry_run, generator=generator)
+
+
+def inject_planned(
+    model: nn.Module,
+    config: LoraConfig,
+    *,
+    dry_run: bool = False,
+    generator: torch.Generator | int | None = None,
+) -> nn.Module | list[str]:
+    """:func:`inject` without its refusal of ``"lora_ga"``: for :func:`lora_ga_init`, which sets
+    the factors and the base from the gradients right after."""
     plan = resolve(model, config)
     check_ranks(model, plan)
     if dry_run:

@@ -2,10 +2,12 @@
 
 ``h = W0 x + s · B (A x)`` with ``A: (r, in)``, ``B: (out, r)``, ``s`` the scaling rule
 (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models", eq. 3). In a forward
-with autograd (training) the rank-r product ``B A`` is never formed: ``x`` is projected down to
-``r`` features first, the scale is applied to that small tensor, and the projection up is fused
-with the addition to the base output (one ``addmm``; :mod:`rankwise.lora.linear_ops`). With
-``lora_dropout = 0`` no dropout module exists at all.
+with autograd (training) ``x`` is projected down to ``r`` features first and the scale is
+applied to that small tensor; each of the frozen layer's GEMMs then either adds the rank-r
+term onto the base output (factored) or runs on a weight-sized ``W + s·B A`` formed for that
+GEMM alone and never kept, whichever costs less for the batch's row count
+(:mod:`rankwise.lora.linear_ops`, ``gemm_merge_pays``). With ``lora_dropout = 0`` no dropout
+module exists at all.
 
 Attribute and parameter names equal PEFT's on-disk names (``lora_A.weight``,
 ``lora_B.weight``; embeddings ``lora_embedding_A`` / ``lora_embedding_B`` as bare
@@ -33,9 +35,10 @@ version counter sees, rebuilds it too). It costs one extra ``(out, in)`` matrix 
 layer while in eval mode; :func:`set_inference_cache` turns it off (the three-GEMM path then runs, with no
 extra memory). The weights themselves are never modified, so results stay reproducible.
 
-The *parametrization* axis (vanilla here; DoRA, AdaLoRA later) is the pair of methods
-:meth:`LoraLayer.adapted_forward` and :meth:`LoraLayer.merged_weight` /
-:meth:`LoraLayer.unmerged_weight`; a variant subclasses a wrapper and overrides them.
+The *parametrization* axis (vanilla here; DoRA in :mod:`rankwise.lora.dora`, AdaLoRA in
+:mod:`rankwise.lora.adalora`) is the pair of methods :meth:`LoraLayer.adapted_forward` and
+:meth:`LoraLayer.merged_weight` / :meth:`LoraLayer.unmerged_weight`; a variant subclasses a
+wrapper (or :class:`LoraLayer` itself, as AdaLoRA's ``P Λ Q`` does) and overrides them.
 """
 
 from __future__ import annotations

@@ -40,7 +40,7 @@ from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
-from rankwise.lora.inject import inject
+from rankwise.lora.inject import inject_planned
 from rankwise.lora.layers import is_hf_conv1d
 from rankwise.lora.targets import Target, check_ranks, resolve
 
@@ -204,7 +204,7 @@ def lora_ga_init(
         g=g,
     )
     # "lora_ga" in the attached config (and the file); the factors are set just below
-    inject(model, config.replace(init_lora_weights="lora_ga"), generator=g)
+    inject_planned(model, config.replace(init_lora_weights="lora_ga"), generator=g)
     for name, init in inits.items():
         layer = model.get_submodule(name)
         layer.set_factors(init.A, init.B)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
-from rankwise.io.files import readable_files
+from rankwise.io.files import readable_files, swap_in
 from rankwise.train import distributed as dist_
 from rankwise.train.batching import Encoded
 from rankwise.train.config import TrainConfig, atomic_write_text, option, write_yaml
@@ -178,15 +178,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    try:
-        if final.exists():
-            stale = final.parent / f"{leftover_prefix('stale', final.name)}{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        os.replace(tmp, final)
+    try:  # the new version in place before the old one is deleted (it ends up at tmp)
+        stale = final.parent / f"{leftover_prefix('stale', final.name)}{os.getpid()}"
+        swap_in(tmp, final, stale=stale)
     except OSError:  # no hidden copy of what was written left behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)  # the old version, if there was one
 
 
 def task_info(config: TrainConfig, label_names: tuple[str, ...], base_model: str) -> dict[str, Any]:
