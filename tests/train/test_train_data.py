@@ -424,3 +424,19 @@ def test_rows_without_a_text_value_are_counted_in_a_warning(tmp_path: Path) -> N
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_dataset(str(clean)).texts == ("a", "b")
+
+
+def test_split_and_batch_seeds_are_checked_like_every_other_seed(tmp_path: Path) -> None:
+    # int(generator) took 1.7 as seed 1 and True as seed 1
+    from rankwise.errors import GeneratorError
+    from rankwise.train.batching import length_grouped_batches
+    from rankwise.train.data import held_out_split
+
+    rows = "".join(f"{i % 2}\ttext {i}\n" for i in range(20))
+    data = load_dataset(str(_write(tmp_path / "d.tsv", "label\ttext\n" + rows)))
+    for bad in (1.7, True, "1"):
+        with pytest.raises(GeneratorError, match="generator: expected a torch.Generator, an int"):
+            held_out_split(data, 0.25, generator=bad)  # type: ignore[arg-type]
+        with pytest.raises(GeneratorError):
+            length_grouped_batches([3] * 10, 4, generator=bad)  # type: ignore[arg-type]
+    assert held_out_split(data, 0.25) == held_out_split(data, 0.25, generator=0)  # None: seed 0

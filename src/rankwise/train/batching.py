@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
+from rankwise.linalg._random import make_generator
 from rankwise.train.data import TextDataset
 
 IGNORE_INDEX = -100  # label value skipped by the loss (padding, prompt tokens)
@@ -140,9 +141,9 @@ def length_grouped_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
-    gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
-    if not isinstance(generator, torch.Generator):
-        gen.manual_seed(0 if generator is None else int(generator))
+    # None is seed 0 here (a run's data order and split never depend on the global RNG); an
+    # int seed as everywhere else (make_generator refuses floats and bools)
+    gen = make_generator(0 if generator is None else generator)
     n = len(lengths)
     order = torch.randperm(n, generator=gen).tolist()
     mega = max(1, group) * batch_size

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
+from rankwise.linalg._random import make_generator
 from rankwise.train.config import option
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
@@ -516,9 +517,9 @@ def held_out_split(
         raise ConfigError(
             f"{option('eval_split')}: {size} leaves no training or no held-out examples out of {n}"
         )
-    gen = generator if isinstance(generator, torch.Generator) else torch.Generator()
-    if not isinstance(generator, torch.Generator):
-        gen.manual_seed(0 if generator is None else int(generator))
+    # None is seed 0 here (a run's data order and split never depend on the global RNG); an
+    # int seed as everywhere else (make_generator refuses floats and bools)
+    gen = make_generator(0 if generator is None else generator)
     order = torch.randperm(n, generator=gen).tolist()
     return Split(subset(dataset, sorted(order[count:])), subset(dataset, sorted(order[:count])))
 
