@@ -43,6 +43,7 @@ wrapper (or :class:`LoraLayer` itself, as AdaLoRA's ``P Λ Q`` does) and overrid
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import ClassVar, NamedTuple
 
@@ -230,11 +231,28 @@ class LoraLayer(nn.Module):
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:
         """Add ``s B A`` into the base weight, computed in float32; refuses non-finite results."""
-        self.write_weight(self.planned_weight("merge"), "merge")
+        self.write_weight(self.plan_write("merge"), "merge")
 
     def unmerge(self) -> None:
         """Subtract ``s B A`` from the merged base weight (float32); the inverse of merge."""
-        self.write_weight(self.planned_weight("unmerge"), "unmerge")
+        self.write_weight(self.plan_write("unmerge"), "unmerge")
+
+    def plan_write(self, what: str) -> Tensor | None:
+        """:meth:`planned_weight`, or None where :meth:`write_weight` can update the weight in
+        place and a bound proves the result finite (:meth:`_in_place_is_safe`): nothing
+        weight-sized is formed or kept until the write. Validates without mutating."""
+        return None if self._in_place_is_safe(what) else self.planned_weight(what)
+
+    def _in_place_is_safe(self, what: str) -> bool:
+        """Whether ``merge``/``unmerge`` may run as one in-place ``W ± s·B A`` GEMM: plain LoRA
+        on a float32/float64 linear weight with factors of its dtype, in the right state, and
+        ``max|W| + |s|·r·max|A|·max|B|`` (a bound on every result entry) far below the dtype's
+        largest value, so the result is finite without being formed first (NaN/inf anywhere
+        fails the bound: the exact check then runs and names the layer)."""
+        return False
+
+    def _in_place_write(self, what: str) -> None:
+        raise NotImplementedError  # only where _in_place_is_safe can say True
 
     def planned_weight(self, what: str) -> Tensor:
         """The base weight ``merge``/``unmerge`` would write, in the base weight's dtype.
@@ -263,10 +281,14 @@ class LoraLayer(nn.Module):
             )
         return new
 
-    def write_weight(self, new: Tensor, what: str) -> None:
-        """Write a weight from :meth:`planned_weight` (``what`` the same) and flip ``merged``."""
+    def write_weight(self, new: Tensor | None, what: str) -> None:
+        """Write a weight from :meth:`plan_write` (``what`` the same; None: in place) and flip
+        ``merged``."""
         with torch.no_grad():
-            self.base_weight.copy_(new)
+            if new is None:
+                self._in_place_write(what)
+            else:
+                self.base_weight.copy_(new)
         self.merged = what == "merge"
 
     def _project_up(self, result: Tensor, h: Tensor, B: Tensor) -> Tensor:
@@ -324,6 +346,39 @@ class LoraLinear(LoraLayer):
 
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_A.weight, self.lora_B.weight)
+
+    def _in_place_is_safe(self, what: str) -> bool:
+        cls = type(self)
+        if (
+            cls.merged_weight is not LoraLayer.merged_weight  # DoRA and others: their own rule
+            or cls.unmerged_weight is not LoraLayer.unmerged_weight
+            or cls.delta_weight is not LoraLayer.delta_weight
+            or (what == "merge") == self.merged  # the wrong state: planned_weight says so
+        ):
+            return False
+        W, (A, B) = self.base_weight, self.factors()
+        if (
+            W.dtype not in (torch.float32, torch.float64)
+            or A.dtype != W.dtype
+            or B.dtype != W.dtype
+            or W.is_meta
+            or not (A.device == B.device == W.device)
+            or min(W.numel(), A.numel(), B.numel()) == 0
+        ):
+            return False
+        with torch.no_grad():
+            low, high = torch.aminmax(W)  # one read of W, no temporary of its size
+            bound = max(abs(float(low)), abs(float(high))) + abs(self.scaling) * A.shape[0] * (
+                float(A.abs().max()) * float(B.abs().max())
+            )
+        return math.isfinite(bound) and bound < torch.finfo(W.dtype).max / 4
+
+    def _in_place_write(self, what: str) -> None:
+        """``W ± s·B A`` as one GEMM accumulating into the weight (``beta = 1``): the inference
+        cache's own ``addmm``, so a merged model computes what the cached eval forward did."""
+        A, B = self.factors()
+        s = self.scaling if what == "merge" else -self.scaling
+        self.base_matrix().addmm_(B.detach(), A.detach(), alpha=s)  # (out, in), a view
 
     def weight_right(self) -> Tensor:
         """The base weight as the right factor of ``x @ W^T``: ``(in, out)``, a view."""

@@ -2,9 +2,11 @@
 
 Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, cast back to the
 weight's dtype) so inference runs the plain base layers at no extra cost; unmerging subtracts
-the same product. Both are all-or-nothing (validate, then mutate): every new weight is computed
-and checked (finite in the weight's dtype, not on the meta device) before any is written, so a
-failure raises :class:`MergeError` naming the layer and leaves every weight bit-identical.
+the same product. Both are all-or-nothing (validate, then mutate): every new weight is checked
+(finite in the weight's dtype, not on the meta device) before any is written, so a failure
+raises :class:`MergeError` naming the layer and leaves every weight bit-identical. A float32/
+float64 linear weight whose result a bound proves finite is then updated in place by one GEMM
+(:meth:`~rankwise.lora.layers.LoraLayer.plan_write`); any other is computed first and copied.
 """
 
 from __future__ import annotations
@@ -36,11 +38,13 @@ def merge(model: nn.Module) -> nn.Module:
 
 
 def _apply(layers: list[tuple[str, LoraLayer]], what: str) -> None:
-    """Plan every layer's new weight (raising MergeError naming the layer), then write all."""
+    """Plan every layer's new weight (raising MergeError naming the layer), then write all.
+    Where a bound proves the result finite the plan is None and the write runs in place
+    (:meth:`LoraLayer.plan_write`): no weight-sized temporary per layer, none kept for all."""
     planned = []
     for name, layer in layers:
         try:
-            planned.append((layer, layer.planned_weight(what)))
+            planned.append((layer, layer.plan_write(what)))
         except MergeError as err:
             raise MergeError(f"{what}: layer {name!r}: {err}") from None
     for layer, new in planned:
