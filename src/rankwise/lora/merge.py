@@ -4,9 +4,10 @@ Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, cast ba
 weight's dtype) so inference runs the plain base layers at no extra cost; unmerging subtracts
 the same product. Both are all-or-nothing (validate, then mutate): every new weight is checked
 (finite in the weight's dtype, not on the meta device) before any is written, so a failure
-raises :class:`MergeError` naming the layer and leaves every weight bit-identical. A float32/
-float64 linear weight whose result a bound proves finite is then updated in place by one GEMM
-(:meth:`~rankwise.lora.layers.LoraLayer.plan_write`); any other is computed first and copied.
+raises :class:`MergeError` naming the layer and leaves every weight bit-identical. A float32
+linear weight whose result a bound proves finite is then updated in place, one layer's
+``s·B A`` at a time (:meth:`~rankwise.lora.layers.LoraLayer.plan_write`); any other is
+computed first and copied.
 """
 
 from __future__ import annotations
