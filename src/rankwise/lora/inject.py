@@ -210,8 +210,9 @@ def _build(
     init = INITIALIZERS[cfg.initializer]
     with torch.no_grad():
         W = layer.base_matrix().detach()  # (out, in)
-        bad = int((~torch.isfinite(W)).sum()) if cfg.initializer in WEIGHT_READING else 0
-        if bad:
+        finite = cfg.initializer not in WEIGHT_READING or bool(torch.isfinite(W).all())
+        if not finite:  # counted only then: a passing check is one pass over W
+            bad = int((~torch.isfinite(W)).sum())
             raise InjectionError(
                 f"{target.name}: the base weight holds {bad} NaN/inf entries; "
                 f"init_lora_weights={cfg.init_lora_weights!r} factors it, so it needs a "
