@@ -140,6 +140,7 @@ def extract_adapter(
     gen = as_generator(generator)
     factors: dict[str, Factors] = {}
     report = []
+    unchanged: list[str] = []
     for name in layers:
         W0, W1 = linear_weight(base[name]), linear_weight(tuned[name])
         if W0.shape != W1.shape:
@@ -150,8 +151,9 @@ def extract_adapter(
         error = relative_error(delta, f.B.double() @ f.A.double())
         factors[name] = f
         report.append(LayerReport(name, tuple(W0.shape), min(W0.shape), f.A.shape[0], error))
-    unchanged = [n for n in layers if torch.equal(*(linear_weight(m[n]) for m in (base, tuned)))]
-    if targets is not None and unchanged:
+        if targets is not None and torch.equal(W0, W1):  # named, yet the same in both
+            unchanged.append(name)
+    if unchanged:
         shown = ", ".join(repr(n) for n in unchanged[:3]) + (" ..." if len(unchanged) > 3 else "")
         warnings.warn(
             f"targets: {len(unchanged)} of {len(layers)} layers are equal in both models "
@@ -244,7 +246,8 @@ def adapter_amplification(
         W = linear_weight(find_module(model, module)).double()  # (out, in)
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"module {module!r}: the model's weight holds NaN or inf")
-        delta = f.B.double() @ f.A.double()  # (out, in): dense, as W is
+        product = f.B.double() @ f.A.double()  # (out, in): dense, as W is
+        delta = product
         if W.shape != delta.shape:
             raise ShapeMismatchError(
                 f"module {module!r}: model weight {tuple(W.shape)}, adapter update {tuple(delta.shape)}"
@@ -261,7 +264,7 @@ def adapter_amplification(
                 raise AdapterFormatError(
                     f"{directory}: module {module!r}: the DoRA magnitude vector holds NaN or inf"
                 )
-            adapted = W + delta
+            adapted = W + product
             norm = torch.linalg.vector_norm(adapted, dim=1, keepdim=True)  # (out, 1)
             delta = magnitudes[module].double()[:, None] / norm * adapted - W
             eps = max(eps, torch.finfo(magnitudes[module].dtype).eps)
@@ -271,7 +274,7 @@ def adapter_amplification(
             available = int((S > noise).sum())
             # B A ≠ 0: trained, however small (a magnitude-only change below the rounding
             # cannot be told from none)
-            if available == 0 and bool((f.B.double() @ f.A.double()).any()):
+            if available == 0 and bool(product.any()):
                 norm = float(torch.linalg.matrix_norm(W, ord=2))
                 raise ValueError(
                     f"module {module!r}: the DoRA update (σ₁ {float(S[0]) / norm:.2%} of ‖W‖₂) "

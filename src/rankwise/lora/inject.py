@@ -93,18 +93,6 @@ def inject(
             "init_lora_weights='lora_ga' initializes from gradients on training batches: call "
             "rankwise.lora_ga_init(model, config, batches, ...) instead of inject"
         )
-    return inject_planned(model, config, dry_run=dry_run, generator=generator)
-
-
-def inject_planned(
-    model: nn.Module,
-    config: LoraConfig,
-    *,
-    dry_run: bool = False,
-    generator: torch.Generator | int | None = None,
-) -> nn.Module | list[str]:
-    """:func:`inject` without its refusal of ``"lora_ga"``: for :func:`lora_ga_init`, which sets
-    the factors and the base from the gradients right after."""
     plan = resolve(model, config)
     check_ranks(model, plan)
     if dry_run:

@@ -378,12 +378,11 @@ class LoraLinear(LoraLayer):
         (``s·B A`` rounded once, then the sum), with one weight-sized temporary at a time. (An
         ``addmm_`` into the weight adds the r rank-1 terms one by one at W's magnitude: a merge
         and unmerge round trip then drifted to 1.09e-6 relative, above the 1e-6 promised.)"""
-        with torch.no_grad():
-            delta = self.delta_weight()  # float32, the weight's layout
-            if what == "merge":
-                self.base_weight.add_(delta)
-            else:
-                self.base_weight.sub_(delta)
+        delta = self.delta_weight()  # float32, the weight's layout (write_weight: no_grad)
+        if what == "merge":
+            self.base_weight.add_(delta)
+        else:
+            self.base_weight.sub_(delta)
 
     def weight_right(self) -> Tensor:
         """The base weight as the right factor of ``x @ W^T``: ``(in, out)``, a view."""

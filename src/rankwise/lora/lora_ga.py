@@ -40,7 +40,7 @@ from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
-from rankwise.lora.inject import inject_planned
+from rankwise.lora.inject import apply_plan
 from rankwise.lora.layers import is_hf_conv1d
 from rankwise.lora.targets import Target, check_ranks, resolve
 
@@ -172,7 +172,8 @@ def lora_ga_init(
             "re-expressed for the original base (save_adapter(..., for_original_base=True)), "
             "which DoRA's magnitudes cannot be; set use_dora=False"
         )
-    plan = resolve(model, config)
+    # "lora_ga" in the attached config (and the file); the factors are set after apply_plan
+    plan = resolve(model, config.replace(init_lora_weights="lora_ga"))
     check_ranks(model, plan)
     batch_list = list(batches)
     if not batch_list:
@@ -203,8 +204,7 @@ def lora_ga_init(
         step=layers_per_pass or len(linear),
         g=g,
     )
-    # "lora_ga" in the attached config (and the file); the factors are set just below
-    inject_planned(model, config.replace(init_lora_weights="lora_ga"), generator=g)
+    apply_plan(model, plan, generator=g)  # the plan resolved before the gradients
     for name, init in inits.items():
         layer = model.get_submodule(name)
         layer.set_factors(init.A, init.B)

@@ -18,8 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import ConfigError
-from rankwise.linalg._random import make_generator
-from rankwise.train.data import TextDataset
+from rankwise.train.data import TextDataset, data_generator
 
 IGNORE_INDEX = -100  # label value skipped by the loss (padding, prompt tokens)
 EPOCH_STRIDE = 1_000_003  # seeds of successive epochs: seed + EPOCH_STRIDE * epoch
@@ -141,9 +140,7 @@ def length_grouped_batches(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, found {batch_size}")
-    # None is seed 0 here (a run's data order and split never depend on the global RNG); an
-    # int seed as everywhere else (make_generator refuses floats and bools)
-    gen = make_generator(0 if generator is None else generator)
+    gen = data_generator(generator)
     n = len(lengths)
     order = torch.randperm(n, generator=gen).tolist()
     mega = max(1, group) * batch_size

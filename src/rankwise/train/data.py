@@ -22,7 +22,7 @@ import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -507,6 +507,12 @@ def subset(dataset: TextDataset, indices: Sequence[int]) -> TextDataset:
     return TextDataset(texts, labels, dataset.label_names, prompts, dataset.source)
 
 
+def data_generator(generator: torch.Generator | int | None) -> torch.Generator:
+    """The generator of a data split or order: ``None`` is seed 0 (a run's data never depends
+    on the global RNG); an int seed is checked as everywhere else (floats and bools refused)."""
+    return cast(torch.Generator, make_generator(0 if generator is None else generator))
+
+
 def held_out_split(
     dataset: TextDataset, size: float, *, generator: torch.Generator | int | None = None
 ) -> Split:
@@ -517,9 +523,7 @@ def held_out_split(
         raise ConfigError(
             f"{option('eval_split')}: {size} leaves no training or no held-out examples out of {n}"
         )
-    # None is seed 0 here (a run's data order and split never depend on the global RNG); an
-    # int seed as everywhere else (make_generator refuses floats and bools)
-    gen = make_generator(0 if generator is None else generator)
+    gen = data_generator(generator)
     order = torch.randperm(n, generator=gen).tolist()
     return Split(subset(dataset, sorted(order[count:])), subset(dataset, sorted(order[:count])))
 

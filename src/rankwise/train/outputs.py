@@ -178,13 +178,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    stale = final.parent / f"{leftover_prefix('stale', final.name)}{os.getpid()}"
     try:  # the new version in place before the old one is deleted (it ends up at tmp)
-        stale = final.parent / f"{leftover_prefix('stale', final.name)}{os.getpid()}"
         swap_in(tmp, final, stale=stale)
-    except OSError:  # no hidden copy of what was written left behind
+    finally:  # the old version after the swap; the new one if it failed (no hidden copy left)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(tmp, ignore_errors=True)  # the old version, if there was one
 
 
 def task_info(config: TrainConfig, label_names: tuple[str, ...], base_model: str) -> dict[str, Any]:
