@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT / "tests" / "reliability"))
 
 from rel_crashkit import finetune_trial, make_run_inputs, save_trial, timed_reference  # noqa: E402
 
+from rankwise.io.files import atomic_write_bytes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 STEPS = 24  # optimizer steps per run, a checkpoint after each
 
@@ -118,8 +120,9 @@ def main() -> int:
     result |= {"seconds": time.perf_counter() - start, "python": platform.python_version()}
     command = f"python benchmarks/crash_safety.py --trials {args.trials} --seed {args.seed}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "crash.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "crash.md").write_text(markdown(result, command))
+    data = json.dumps(result, indent=2, default=str) + "\n"
+    atomic_write_bytes(args.out / "crash.json", data.encode("utf-8"))
+    atomic_write_bytes(args.out / "crash.md", markdown(result, command).encode("utf-8"))
     print(markdown(result, command))
     return (
         0

@@ -44,6 +44,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from rel_fuzzkit import KNOWN_BUGS, TIMEOUT_S, Mutation, make_seeds, mutations, run_case  # noqa: E402
 
+from rankwise.io.files import atomic_write_bytes  # noqa: E402
+
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -202,8 +204,9 @@ def main() -> int:
     }
     command = f"python benchmarks/fuzz_adapters.py --cases {args.cases} --seed {args.seed}"
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fuzz.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    (args.out / "fuzz.md").write_text(markdown(result, command))
+    data = json.dumps(result, indent=2, default=str) + "\n"
+    atomic_write_bytes(args.out / "fuzz.json", data.encode("utf-8"))
+    atomic_write_bytes(args.out / "fuzz.md", markdown(result, command).encode("utf-8"))
     print(markdown(result, command))
     return 0
 

@@ -49,7 +49,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +57,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankwise.io.files import atomic_write_bytes
 from rankwise.linalg import ID, id_reconstruct, interpolative, randomized_svd
 from rankwise.linalg.interpolative import SKETCH_OVERSAMPLE
 from rankwise.linalg.svd import _range_and_projection
@@ -418,25 +418,6 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _cpu_name() -> str:
     from rankwise.lora.linear_ops import cpuinfo_field
 
@@ -487,8 +468,9 @@ def main() -> None:
     if args.part != "all":
         return  # partial runs only print
     stem = "linalg_quick" if args.quick else "linalg"
-    atomic_write(args.out / f"{stem}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write(args.out / f"{stem}.md", markdown(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(args.out / f"{stem}.json", (json.dumps(report, indent=2) + "\n").encode())
+    atomic_write_bytes(args.out / f"{stem}.md", markdown(report).encode("utf-8"))
     print(markdown(report))
 
 

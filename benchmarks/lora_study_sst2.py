@@ -57,6 +57,7 @@ from torch import Tensor
 
 from rankwise.analysis import ModuleAmplification, ModuleSimilarity, subspace_similarity
 from rankwise.analysis.budget import PAPER_SETS, BudgetPlan
+from rankwise.io.files import atomic_write_bytes
 
 SST2 = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -340,16 +341,9 @@ def claims(
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` so a reader sees the old file or the new one (temp file + os.replace)."""
+    """Write ``text`` so a reader sees the old file or the new one (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def train_run(
