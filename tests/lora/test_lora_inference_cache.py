@@ -181,3 +181,29 @@ def test_cache_follows_a_fused_optimizer_step_in_eval_mode(use_dora: bool) -> No
             got = model(x)
         want = model(x).detach()  # autograd on: no cache
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_copies_and_pickles_leave_the_inference_cache_behind() -> None:
+    import copy
+    import io
+
+    model = nn.Sequential(nn.Linear(64, 48))
+    rw.inject(model, rw.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), generator=0)
+    model.eval()
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+
+    def pickled_size() -> int:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)  # the whole module pickled (never loaded back here)
+        return buffer.getbuffer().nbytes
+
+    plain = pickled_size()
+    with torch.no_grad():
+        expected = model(x)
+    assert "_eval_weight" in model[0].__dict__  # the cache is built: a (48, 64) matrix
+    assert pickled_size() == plain  # not in the pickle (it was +48·64·4 bytes)
+    clone = copy.deepcopy(model)
+    assert "_eval_weight" not in clone[0].__dict__
+    assert "_eval_weight" in model[0].__dict__  # the original keeps its own
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)

@@ -209,3 +209,19 @@ def test_gradients_equal_peft(kind: str, hooked: bool) -> None:
             torch.testing.assert_close(grads[key], p.grad, rtol=1e-5, atol=1e-6)
     if gx is not None:
         torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [4, 200])  # the small-rows path and the custom node
+def test_wrong_input_shapes_fail_as_nn_linear_does(rows: int) -> None:
+    import copy
+
+    base = nn.Linear(8, 6)
+    model = nn.Sequential(copy.deepcopy(base))
+    inject(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), generator=0)
+    model.train()
+    for x in (torch.randn(rows, 7, requires_grad=True), torch.tensor(1.0)):
+        with pytest.raises(RuntimeError) as plain:
+            base(x)
+        with pytest.raises(RuntimeError) as adapted:
+            model(x)
+        assert str(adapted.value) == str(plain.value)

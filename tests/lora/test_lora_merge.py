@@ -248,3 +248,48 @@ def test_merge_writes_in_place_where_a_bound_proves_it_finite(conv1d: bool) -> N
         merge(other)
     for n, p in other.named_parameters():  # bit-identical, the planted NaN included
         torch.testing.assert_close(p, kept[n], rtol=0, atol=0, equal_nan=True)
+
+
+def test_merge_inside_disable_adapters_is_refused_and_the_block_stays_the_base() -> None:
+    model = _adapted("bert")
+    base_out = logits(BUILDERS["bert"](), "bert")
+    with disable_adapters(model):
+        with pytest.raises(MergeError, match="disabled"):
+            merge(model)
+        with pytest.raises(MergeError, match="disabled"):
+            merge_and_unload(model)
+        layer = next(layer for _, layer in lora_layers(model))
+        with pytest.raises(MergeError, match="disabled"):
+            layer.merge()
+        assert not any(layer.merged for _, layer in lora_layers(model))
+        torch.testing.assert_close(logits(model, "bert"), base_out, rtol=0, atol=0)
+    merge(model)  # after the block: merges as usual
+    assert all(layer.merged for _, layer in lora_layers(model))
+
+
+def _flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_unload_restores_flags_after_the_parameters_were_replaced() -> None:
+    # load_state_dict(assign=True) puts new Parameter objects in: the flags recorded at
+    # injection must still come back (they were kept by object and restored to orphans)
+    model = BUILDERS["bert"]()
+    model.bert.embeddings.requires_grad_(False)
+    before = _flags(model)
+    inject(model, LoraConfig(r=2, target_modules=["query"]), generator=0)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    unload(model)
+    assert _flags(model) == before
+    assert any(before.values()) and not all(before.values())
+
+
+def test_get_state_on_a_parent_names_the_submodule_holding_the_adapters() -> None:
+    model = BUILDERS["bert"]()
+    inject(model.bert.encoder, LoraConfig(r=2, target_modules=["query"]), generator=0)
+    for call in (unload, merge, lambda m: disable_adapters(m).__enter__()):
+        with pytest.raises(InjectionError, match="submodule 'bert.encoder'"):
+            call(model)
+    unload(model.bert.encoder)  # where the message points: works
+    assert not list(lora_layers(model))

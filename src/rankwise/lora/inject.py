@@ -33,7 +33,9 @@ class LoraState:
     """What injection attached to the model (``model._rankwise_lora``).
 
     ``config``: the effective config; ``modules_to_save``: qualified names trained in full;
-    ``requires_grad``: every parameter's flag before injection (restored by unload);
+    ``requires_grad``: every parameter's flag before injection, by name (restored by unload
+    to whatever parameter holds that name then: ``load_state_dict(assign=True)`` or a dtype
+    conversion may have replaced the objects);
     ``originals``: copies of the modules_to_save tensors at injection (for disable_adapters);
     ``base_written``: base-model tensors (biases, whole embeddings) the loaded file set;
     ``swapped``: inside :func:`~rankwise.lora.disable_adapters`, the trained modules_to_save
@@ -42,7 +44,7 @@ class LoraState:
 
     config: LoraConfig
     modules_to_save: tuple[str, ...]
-    requires_grad: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    requires_grad: dict[str, bool] = field(default_factory=dict)
     originals: dict[str, Tensor] = field(default_factory=dict)
     base_written: frozenset[str] = frozenset()
     swapped: dict[str, Tensor] = field(default_factory=dict)
@@ -114,7 +116,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     state = LoraState(
         config=cfg,
         modules_to_save=plan.modules_to_save,
-        requires_grad=[(p, p.requires_grad) for p in model.parameters()] + untied,
+        requires_grad={
+            n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)
+        },
         originals={
             f"{m}.{k}": v.detach().clone()
             for m in plan.modules_to_save
@@ -133,7 +137,8 @@ def _untie_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[nn.
     """Give each ``modules_to_save`` parameter that is shared with a module outside it (GPT-2's
     ``lm_head`` tied to ``wte``) its own copy, so training or loading the saved module leaves
     the other one as it was — PEFT trains a copy of the module. Returns the new parameters with
-    their flags (restored by ``unload``; the module keeps its trained, untied copy, as PEFT's)."""
+    their flags (``unload`` restores flags by name; the module keeps its trained, untied copy,
+    as PEFT's)."""
     owners: dict[int, list[str]] = {}
     for full, p in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(p), []).append(full)
@@ -225,6 +230,17 @@ def get_state(model: nn.Module) -> LoraState:
     """The :class:`LoraState` attached by :func:`inject`; InjectionError if there is none."""
     state = getattr(model, STATE_ATTR, None)
     if not isinstance(state, LoraState):
+        owners = [
+            name
+            for name, m in model.named_modules()
+            if name and isinstance(getattr(m, STATE_ATTR, None), LoraState)
+        ]
+        if owners:  # inject() ran on a submodule: its state, and the operations, live there
+            raise InjectionError(
+                f"model: {type(model).__name__} holds adapters injected into its submodule "
+                f"{owners[0]!r}; call this on that submodule (model.get_submodule"
+                f"({owners[0]!r}))"
+            )
         raise InjectionError(
             f"model: {type(model).__name__} has no rankwise LoRA adapters; call inject() first"
         )

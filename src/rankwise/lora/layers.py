@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import ClassVar, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -133,6 +133,13 @@ class LoraLayer(nn.Module):
     def train(self, mode: bool = True) -> LoraLayer:
         self.drop_inference_cache()  # the inference cache is for eval mode only
         return super().train(mode)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Copies and pickles (``copy.deepcopy``, ``torch.save(model)``) leave the inference
+        cache behind: one ``(out, in)`` matrix per layer, rebuilt on the next eval forward."""
+        state = self.__dict__.copy()
+        state.pop("_eval_weight", None)
+        return state
 
     def drop_inference_cache(self) -> None:
         """Free the cached inference weight (it is rebuilt on the next eval forward)."""
@@ -240,7 +247,16 @@ class LoraLayer(nn.Module):
     def plan_write(self, what: str) -> Tensor | None:
         """:meth:`planned_weight`, or None where :meth:`write_weight` can update the weight in
         place and a bound proves the result finite (:meth:`_in_place_is_safe`): nothing
-        weight-sized is formed or kept until the write. Validates without mutating."""
+        weight-sized is formed or kept until the write. Validates without mutating.
+
+        No merge while the adapters are disabled (inside
+        :func:`~rankwise.lora.disable_adapters`): the block promises the base model's output,
+        and a merged weight would carry the adapter into it."""
+        if what == "merge" and self.disabled:
+            raise MergeError(
+                f"{type(self).__name__}: adapters are disabled (inside disable_adapters()); "
+                "merge after the block"
+            )
         return None if self._in_place_is_safe(what) else self.planned_weight(what)
 
     def _in_place_is_safe(self, what: str) -> bool:
@@ -403,6 +419,8 @@ class LoraLinear(LoraLayer):
             not plain_adapter(base, lora_A, lora_B)
             or not x.dtype == A.dtype == W.dtype
             or torch.is_autocast_enabled(x.device.type)
+            or x.dim() == 0  # wrong shapes: the base layer's own error, as nn.Linear's
+            or x.shape[-1] != A.shape[1]
         ):
             return self._module_forward(x)
         B, b = lora_B.weight, base.bias

@@ -116,8 +116,10 @@ def _strip(model: nn.Module) -> nn.Module:
     state = get_state(model)
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
-    for p, flag in state.requires_grad:
-        p.requires_grad_(flag)
+    params = dict(model.named_parameters(remove_duplicate=False))  # the base names again
+    for name, flag in state.requires_grad.items():
+        if name in params:  # a parameter the user removed since has nothing to restore
+            params[name].requires_grad_(flag)
     object.__delattr__(model, STATE_ATTR)
     return model
 
