@@ -225,3 +225,22 @@ def test_wrong_input_shapes_fail_as_nn_linear_does(rows: int) -> None:
         with pytest.raises(RuntimeError) as adapted:
             model(x)
         assert str(adapted.value) == str(plain.value)
+
+
+def test_sparse_embedding_trains_its_adapter() -> None:
+    """``nn.Embedding(sparse=True)``: the adapter's lookup of the small ``A`` has a dense
+    gradient (the sparse gradient of its transposed view failed in backward, as PEFT's)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, sparse=True))
+    inject(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), generator=0)
+    ids = torch.randint(0, 20, (3, 5), generator=torch.Generator().manual_seed(1))
+    model(ids).square().sum().backward()
+    layer = model[0]
+    A, B = layer.lora_embedding_A, layer.lora_embedding_B
+    assert A.grad is not None and not A.grad.is_sparse and B.grad is not None
+    # against the same computation written out: E[x] + s · Aᵀ[x] Bᵀ
+    A2, B2 = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    ref = layer.base_layer.weight[ids] + layer.scaling * (A2.t()[ids] @ B2.t())
+    ref.square().sum().backward()
+    torch.testing.assert_close(A.grad, A2.grad)
+    torch.testing.assert_close(B.grad, B2.grad)

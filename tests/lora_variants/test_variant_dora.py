@@ -307,3 +307,50 @@ def test_convolutions_match_peft_forward_gradients_files_and_merge(tmp_path) -> 
     assert set(got) == set(want) and any("magnitude" in n for n in got)
     for name, grad in got.items():
         torch.testing.assert_close(grad, want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_embedding_with_a_float_embed_scale_matches_peft(tmp_path) -> None:
+    """BART-family scaled embeddings hold ``embed_scale`` as a Python float (DoRA's forward
+    called ``.to`` on it: AttributeError); plain LoRA and Gemma's tensor already worked."""
+    from lora_testkit import perturb
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from transformers.models.bart.modeling_bart import BartScaledWordEmbedding
+
+    from rankwise.io import load_adapter
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed = BartScaledWordEmbedding(30, 8, padding_idx=1, embed_scale=2.5)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.embed(ids)
+
+    kwargs = dict(r=2, lora_alpha=4, target_modules=["embed"], use_dora=True)
+    theirs = get_peft_model(Net(), PeftConfig(**kwargs))
+    perturb(theirs, 3)
+    theirs.eval().save_pretrained(tmp_path)
+    ours = load_adapter(Net(), tmp_path)
+    ids = torch.randint(0, 30, (3, 5), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(ours(ids), theirs(ids), rtol=0, atol=1e-5)
+    assert (ours(ids) - Net()(ids)).abs().max() > 1e-2  # the adapter does act
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_convolution_on_unbatched_input_equals_a_batch_of_one(dims: int) -> None:
+    """torch convolutions take (C, *spatial) without a batch: the channel scale c went along
+    the wrong axis (silently wrong when a spatial size equalled the channel count)."""
+    from rankwise.lora import LoraConfig, inject
+
+    torch.manual_seed(0)
+    conv = (nn.Conv1d if dims == 1 else nn.Conv2d)(3, 6, 3, padding=1)
+    model = inject(nn.Sequential(conv), LoraConfig(r=2, target_modules=["0"], use_dora=True))
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_()
+        model[0].lora_magnitude_vector.mul_(torch.linspace(0.5, 2.0, 6).view(1, 6, *[1] * dims))
+    x = torch.randn(3, *[6] * dims, generator=torch.Generator().manual_seed(1))  # H = out
+    for training in (False, True):
+        model.train(training)
+        torch.testing.assert_close(model(x), model(x[None])[0], rtol=0, atol=1e-6)

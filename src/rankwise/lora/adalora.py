@@ -204,7 +204,8 @@ class AdaLoraLinear(LoraLayer):
 
     def delta_weight(self) -> Tensor:
         A, B = self.effective_factors()
-        return self._from_matrix((B.float() * self.scaling) @ A.float())
+        dt = self.merge_dtype()
+        return self._from_matrix((B.to(dt) * self.scaling) @ A.to(dt))
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)

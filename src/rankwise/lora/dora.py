@@ -302,15 +302,15 @@ class DoraMixin:
         return self._from_matrix(M * c[:, None])
 
     def merged_weight(self, weight: Tensor) -> Tensor:
-        norm = self.weight_norm().float()
+        norm = self.weight_norm().to(weight.dtype)  # weight: in merge_dtype()
         self._merged_norm = norm.clone()
-        c = self._magnitude().detach().float() / norm
+        c = self._magnitude().detach().to(weight.dtype) / norm
         return self._rows(weight + self.delta_weight(), c)
 
     def unmerged_weight(self, weight: Tensor) -> Tensor:
         if self._merged_norm is None:
             raise MergeError(f"{type(self).__name__}: no weight norm recorded at merge time")
-        c = self._magnitude().detach().float() / self._merged_norm
+        c = self._magnitude().detach().to(weight.dtype) / self._merged_norm.to(weight.dtype)
         out = self._rows(weight, 1.0 / c) - self.delta_weight()
         self._merged_norm = None
         return out
@@ -455,8 +455,10 @@ class DoraEmbedding(DoraMixin, LoraEmbedding):
         c = self._dora_scale(self._dtype)  # (d,)
         dora = c * (self.lookup_a(x) @ self.lora_embedding_B.t()) * self.scaling  # (..., d)
         embed_scale = getattr(self.base_layer, "embed_scale", None)  # Gemma: after the norm
-        if embed_scale is not None:
+        if isinstance(embed_scale, Tensor):  # Gemma's buffer; BART and others hold a float
             dora = dora * embed_scale.to(dora.dtype)
+        elif embed_scale is not None:
+            dora = dora * embed_scale
         return (c * result + dora).to(result.dtype)
 
 
@@ -498,7 +500,8 @@ class DoraConv(DoraMixin, LoraConv):
         # in the adapter's dtype, rounded to the base's once (as PEFT)
         base = self.base_layer
         result = base(x)  # (N, out, *spatial)
-        channels = (1, -1, *(1,) * (result.dim() - 2))
+        # (out, 1, ...): broadcasts over (N, out, *spatial) and an unbatched (out, *spatial)
+        channels = (-1, *(1,) * len(base.kernel_size))
         c = self._dora_scale(self._dtype).view(channels)
         if self.dropout is not None and self.training:
             xd = self.dropout(x)

@@ -215,9 +215,15 @@ class LoraLayer(nn.Module):
 
     # -- parametrization hook: vanilla LoRA --------------------------------------------------
     def delta_weight(self) -> Tensor:
-        """``s · B A`` in float32 and in the base weight's layout (for merging)."""
+        """``s · B A`` in :meth:`merge_dtype` and in the base weight's layout (for merging)."""
         A, B = self.factors()
-        return self._from_matrix((B.float() * self.scaling) @ A.float())
+        dt = self.merge_dtype()
+        return self._from_matrix((B.to(dt) * self.scaling) @ A.to(dt))
+
+    def merge_dtype(self) -> torch.dtype:
+        """The precision merge and unmerge compute in: float32 for half-precision weights,
+        the weight's own for float32/float64 (a float64 model is not rounded through float32)."""
+        return torch.promote_types(self.base_weight.dtype, torch.float32)
 
     def merged_weight(self, weight: Tensor) -> Tensor:
         """Float32 base weight -> merged weight ``W0 + s B A``."""
@@ -237,11 +243,13 @@ class LoraLayer(nn.Module):
 
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:
-        """Add ``s B A`` into the base weight, computed in float32; refuses non-finite results."""
+        """Add ``s B A`` into the base weight, computed in float32 at least (:meth:`merge_dtype`);
+        refuses non-finite results."""
         self.write_weight(self.plan_write("merge"), "merge")
 
     def unmerge(self) -> None:
-        """Subtract ``s B A`` from the merged base weight (float32); the inverse of merge."""
+        """Subtract ``s B A`` from the merged base weight (:meth:`merge_dtype`); the inverse of
+        merge."""
         self.write_weight(self.plan_write("unmerge"), "unmerge")
 
     def plan_write(self, what: str) -> Tensor | None:
@@ -261,7 +269,7 @@ class LoraLayer(nn.Module):
 
     def _in_place_is_safe(self, what: str) -> bool:
         """Whether ``merge``/``unmerge`` may write ``W ± s·B A`` in place: plain LoRA on a
-        float32 linear weight with float32 factors, in the right state, and
+        float32 or float64 linear weight with factors of its dtype, in the right state, and
         ``max|W| + |s|·r·max|A|·max|B|`` (a bound on every result entry) far below the dtype's
         largest value, so the result is finite without being formed first (NaN/inf anywhere
         fails the bound: the exact check then runs and names the layer)."""
@@ -289,7 +297,7 @@ class LoraLayer(nn.Module):
                 f"no values); materialize the model (to_empty + load) before {what}"
             )
         rule = self.merged_weight if what == "merge" else self.unmerged_weight
-        new = rule(weight.detach().float()).to(weight.dtype)
+        new = rule(weight.detach().to(self.merge_dtype())).to(weight.dtype)
         if not torch.isfinite(new).all():
             raise MergeError(
                 f"{name}: {what} would give non-finite weights in {weight.dtype} "
@@ -374,7 +382,7 @@ class LoraLinear(LoraLayer):
             return False
         W, (A, B) = self.base_weight, self.factors()
         if (
-            W.dtype != torch.float32  # delta_weight is float32: the formed route's rounding
+            W.dtype not in (torch.float32, torch.float64)  # delta_weight: W's own dtype
             or A.dtype != W.dtype
             or B.dtype != W.dtype
             or W.is_meta
@@ -394,7 +402,7 @@ class LoraLinear(LoraLayer):
         (``s·B A`` rounded once, then the sum), with one weight-sized temporary at a time. (An
         ``addmm_`` into the weight adds the r rank-1 terms one by one at W's magnitude: a merge
         and unmerge round trip then drifted to 1.09e-6 relative, above the 1e-6 promised.)"""
-        delta = self.delta_weight()  # float32, the weight's layout (write_weight: no_grad)
+        delta = self.delta_weight()  # W's dtype and layout (write_weight: no_grad)
         if what == "merge":
             self.base_weight.add_(delta)
         else:
@@ -568,7 +576,7 @@ class LoraEmbedding(LoraLayer):
             max_norm=base.max_norm,
             norm_type=base.norm_type,
             scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=base.sparse,
+            sparse=False,  # A is small: a dense gradient (sparse one of a transposed view fails)
         )
 
     def adapted_forward(self, x: Tensor) -> Tensor:

@@ -1,11 +1,11 @@
 """Merge, unmerge, unload and temporarily disable adapters.
 
-Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, cast back to the
-weight's dtype) so inference runs the plain base layers at no extra cost; unmerging subtracts
-the same product. Both are all-or-nothing (validate, then mutate): every new weight is checked
-(finite in the weight's dtype, not on the meta device) before any is written, so a failure
-raises :class:`MergeError` naming the layer and leaves every weight bit-identical. A float32
-linear weight whose result a bound proves finite is then updated in place, one layer's
+Merging writes ``W <- W0 + s · B A`` into each base weight (in float32, float64 for float64
+weights, cast back to the weight's dtype) so inference runs the plain base layers at no extra
+cost; unmerging subtracts the same product. Both are all-or-nothing (validate, then mutate):
+every new weight is checked (finite in the weight's dtype, not on the meta device) before any
+is written, so a failure raises :class:`MergeError` naming the layer and leaves every weight
+bit-identical. A float32/float64 linear weight whose result a bound proves finite is then updated in place, one layer's
 ``s·B A`` at a time (:meth:`~rankwise.lora.layers.LoraLayer.plan_write`); any other is
 computed first and copied.
 """
