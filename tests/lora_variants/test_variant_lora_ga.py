@@ -143,3 +143,42 @@ def test_a_plain_lora_ga_file_is_refused_both_ways(tmp_path) -> None:
     path.write_text(json.dumps({**json.loads(path.read_text()), "init_lora_weights": "lora_ga"}))
     with pytest.raises(AdapterFormatError, match="init_lora_weights='lora_ga'"):
         load_adapter(tiny_bert_cls(), tmp_path / "ok")
+
+
+def test_targets_without_a_gradient_and_bad_settings_are_named() -> None:
+    model = _model(torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # pooler.dense matches "dense" but the loss below never reaches it (was a TypeError)
+    with pytest.raises(ValueError, match="bert.pooler.dense: its weight got no gradient"):
+        lora_ga_init(
+            model,
+            LoraConfig(r=2, target_modules=["query", "dense"]),
+            [_batch()],
+            loss_fn=lambda m, b: m.bert(input_ids=b["input_ids"]).last_hidden_state.sum(),
+        )
+    cfg = LoraConfig(r=2, target_modules=["query"])
+    for gamma in (float("inf"), float("nan"), 0.0, True):  # inf gave A = B = 0: a dead adapter
+        with pytest.raises(ValueError, match="gamma"):
+            lora_ga_init(model, cfg, [_batch()], gamma=gamma)
+    with pytest.raises(ValueError, match="layers_per_pass"):
+        lora_ga_init(model, cfg, [_batch()], layers_per_pass=2.5)
+    with pytest.raises(ValueError, match="loss on batch 0 is nan"):
+        lora_ga_init(model, cfg, [_batch()], loss_fn=lambda m, b: m(**b).loss * float("nan"))
+    assert not hasattr(model, "_rankwise_lora")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_tied_target_is_refused() -> None:
+    from lora_testkit import tiny_gpt2
+
+    model = tiny_gpt2()
+    ids = token_batch(1, batch=2, seq=6)
+    with pytest.raises(InjectionError, match="lm_head: its weight is shared"):
+        lora_ga_init(
+            model,
+            LoraConfig(r=2, target_modules=["c_attn", "lm_head"]),
+            [{"input_ids": ids, "labels": ids}],
+        )
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert not hasattr(model, "_rankwise_lora")

@@ -65,5 +65,9 @@ def test_bad_values_are_named() -> None:
     model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"]))
     with pytest.raises(ValueError, match="ratio"):
         loraplus_param_groups(model, 1e-3, ratio=0)
+    with pytest.raises(ValueError, match="lr: expected a finite positive number"):
+        loraplus_param_groups(model, float("inf"))
+    with pytest.raises(ValueError, match="weight_decay: expected a finite number"):
+        loraplus_param_groups(model, 1e-3, weight_decay=float("nan"))
     with pytest.raises(ValueError, match="lr"):
         create_loraplus_optimizer(model, torch.optim.SGD, 1e-3, optimizer_kwargs={"lr": 1.0})

@@ -186,3 +186,26 @@ def test_randomized_pissa_reloads_exactly_whatever_the_generator(generator, tmp_
         save_adapter(model, tmp_path)
     again = load_adapter(tiny_bert_cls(), tmp_path)
     torch.testing.assert_close(logits(again, "bert"), logits(model, "bert"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_residual_initializer_on_a_tied_weight_is_refused(init: str) -> None:
+    """GPT-2's ``lm_head`` shares its weight with ``wte``: writing the residual there moved
+    the input embeddings too (logits at init off by ~0.4, no warning) and the adapter
+    re-expressed for the original base did not reproduce the trained model."""
+    from lora_testkit import tiny_gpt2
+
+    from rankwise.errors import InjectionError
+    from rankwise.lora import LoraConfig, inject
+
+    model = tiny_gpt2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = LoraConfig(r=4, target_modules=["c_attn", "lm_head"], init_lora_weights=init)
+    with pytest.raises(InjectionError, match=r"lm_head: its weight is shared with \['transformer"):
+        inject(model, cfg, generator=0)
+    assert not hasattr(model, "_rankwise_lora")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.lm_head.weight is model.transformer.wte.weight
+    inject(model, cfg.replace(target_modules=["c_attn"]), generator=0)  # untied targets: fine
+    inject(tiny_gpt2(), cfg.replace(init_lora_weights=True), generator=0)  # base kept: fine

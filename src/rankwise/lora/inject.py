@@ -110,6 +110,9 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     check_wrappers(plan)
     # every wrapper built and initialized first; residual base weights are written only after
     built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
+    check_residual_untied(
+        model, [n for n, (_, residual) in built.items() if residual is not None], cfg
+    )
     untied = _untie_modules_to_save(model, plan.modules_to_save)
     if untied:
         _record_untied_embeddings(model)
@@ -131,6 +134,38 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
         _set_submodule(model, name, wrapper)
     object.__setattr__(model, STATE_ATTR, state)
     set_trainable(model, trainable=not cfg.inference_mode)
+
+
+def tied_weights(model: nn.Module, names: list[str]) -> dict[str, list[str]]:
+    """For each module in ``names`` whose ``weight`` is shared with a parameter of another
+    module (GPT-2's ``lm_head`` tied to ``wte``): the other owners' parameter names."""
+    owners: dict[int, list[str]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(full)
+    out: dict[str, list[str]] = {}
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.base_weight if isinstance(module, LoraLayer) else module.weight
+        others = [n for n in owners.get(id(weight), []) if not n.startswith(name + ".")]
+        if others:
+            out[name] = others
+    return out
+
+
+def check_residual_untied(model: nn.Module, names: list[str], cfg: LoraConfig) -> None:
+    """Refuse a residual initializer (PiSSA, OLoRA, LoRA-GA: ``W0 - s·B0 A0`` written into the
+    base weight) on a weight shared with another module: the write would change that module
+    too, so the output at step 0 would not be the base model's and an adapter re-expressed for
+    the original base would not reproduce the trained model."""
+    tied = tied_weights(model, names)
+    if tied:
+        name, others = next(iter(tied.items()))
+        raise InjectionError(
+            f"{name}: its weight is shared with {others}; init_lora_weights="
+            f"{cfg.init_lora_weights!r} writes a residual into it, which would change those "
+            f"modules too. Leave {name!r} out of target_modules, untie the weights, or use "
+            "an initializer that keeps the base weight (init_lora_weights=True)"
+        )
 
 
 def _untie_modules_to_save(model: nn.Module, names: list[str]) -> list[tuple[nn.Parameter, bool]]:

@@ -30,6 +30,8 @@ caller set it; its ``requires_grad`` flags and existing ``.grad`` values are res
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Literal
 
@@ -40,7 +42,7 @@ from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
-from rankwise.lora.inject import apply_plan
+from rankwise.lora.inject import apply_plan, check_residual_untied
 from rankwise.lora.layers import is_hf_conv1d
 from rankwise.lora.targets import Target, check_ranks, resolve
 
@@ -84,8 +86,7 @@ def lora_ga_factors(
             f"r: LoRA-GA takes 2r = {2 * r} singular triplets of the gradient, more than "
             f"min(out, in) = {min(out_f, in_f)} for a weight of shape {(out_f, in_f)}"
         )
-    if not gamma > 0:
-        raise ValueError(f"gamma: expected a positive number, found {gamma!r}")
+    check_gamma(gamma)
     dt = torch.float64 if grad.dtype == torch.float64 else torch.float32
     G = grad.detach().to(dt)
     if method == "exact":
@@ -101,8 +102,22 @@ def lora_ga_factors(
     return LoraInit(A, B, base.to(weight.dtype))
 
 
-def _matrix_grad(module: nn.Module) -> Tensor:
+def check_gamma(gamma: object) -> None:
+    """ValueError unless ``gamma`` is a finite positive number (γ = inf gives c = 0: A = B = 0
+    and both factors' gradients 0 for ever)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise ValueError(f"gamma: expected a positive number, found {gamma!r}")
+    if not (math.isfinite(gamma) and gamma > 0):
+        raise ValueError(f"gamma: expected a finite positive number, found {gamma!r}")
+
+
+def _matrix_grad(name: str, module: nn.Module) -> Tensor:
     g = module.weight.grad
+    if g is None:
+        raise ValueError(
+            f"{name}: its weight got no gradient from loss_fn (the loss does not depend on "
+            "it); leave it out of target_modules or change loss_fn"
+        )
     return g.t() if is_hf_conv1d(module) else g  # (out, in)
 
 
@@ -134,12 +149,24 @@ def estimate_gradients(
             m.weight.grad = None
             m.weight.requires_grad_(True)
         with torch.enable_grad():
-            for batch in batches:
+            for i, batch in enumerate(batches):
                 loss = loss_fn(model, batch)
                 if not isinstance(loss, Tensor) or loss.ndim != 0:
                     raise ValueError(f"loss_fn: expected a scalar tensor, found {loss!r}")
+                if not torch.isfinite(loss.detach()):
+                    raise ValueError(
+                        f"loss_fn: the loss on batch {i} is {float(loss)}; LoRA-GA needs a "
+                        "finite gradient"
+                    )
                 loss.backward()
-        return {n: (_matrix_grad(m) / len(batches)).detach() for n, m in zip(names, modules)}
+        grads = {n: (_matrix_grad(n, m) / len(batches)).detach() for n, m in zip(names, modules)}
+        for n, g in grads.items():
+            if not bool(torch.isfinite(g).all()):
+                raise ValueError(
+                    f"{n}: the gradient of its weight holds NaN/inf (overflow in the backward "
+                    "pass); LoRA-GA needs a finite gradient"
+                )
+        return grads
     finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
@@ -178,7 +205,12 @@ def lora_ga_init(
     batch_list = list(batches)
     if not batch_list:
         raise ValueError("batches: LoRA-GA needs at least one batch to estimate the gradient")
-    if layers_per_pass is not None and (isinstance(layers_per_pass, bool) or layers_per_pass < 1):
+    check_gamma(gamma)
+    if layers_per_pass is not None and (
+        isinstance(layers_per_pass, bool)
+        or not isinstance(layers_per_pass, numbers.Integral)
+        or layers_per_pass < 1
+    ):
         raise ValueError(
             f"layers_per_pass: expected None or an int >= 1, found {layers_per_pass!r}"
         )
@@ -192,6 +224,7 @@ def lora_ga_init(
             raise InjectionError(
                 f"{t.name}: r={t.r} needs 2r <= min(out, in) = {min(out_f, in_f)} for LoRA-GA"
             )
+    check_residual_untied(model, [t.name for t in linear], plan.config)
     g = as_generator(generator)
     inits = _initializations(
         model,
@@ -201,7 +234,7 @@ def lora_ga_init(
         loss_fn or default_loss,
         gamma=gamma,
         method=method,
-        step=layers_per_pass or len(linear),
+        step=int(layers_per_pass or len(linear)),
         g=g,
     )
     apply_plan(model, plan, generator=g)  # the plan resolved before the gradients

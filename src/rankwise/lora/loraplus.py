@@ -23,6 +23,7 @@ out. The groups work with any ``torch.optim.Optimizer``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,8 +37,12 @@ DEFAULT_EMBEDDING_LR = 1e-6
 
 
 def _positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, found {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not (math.isfinite(value) and value > 0)
+    ):
+        raise ValueError(f"{name}: expected a finite positive number, found {value!r}")
     return float(value)
 
 
@@ -82,9 +87,9 @@ def loraplus_param_groups(
     if (
         isinstance(weight_decay, bool)
         or not isinstance(weight_decay, (int, float))
-        or weight_decay < 0
+        or not (math.isfinite(weight_decay) and weight_decay >= 0)
     ):
-        raise ValueError(f"weight_decay: expected a number >= 0, found {weight_decay!r}")
+        raise ValueError(f"weight_decay: expected a finite number >= 0, found {weight_decay!r}")
     no_decay = _no_decay_names(model)
     embedding = _embedding_adapter_names(model)
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}

@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from rankwise.errors import MergeError
-from rankwise.lora.inject import STATE_ATTR, _set_submodule, get_state, lora_layers
+from rankwise.lora.inject import (
+    STATE_ATTR,
+    _set_submodule,
+    get_state,
+    lora_layers,
+    tied_weights,
+)
 from rankwise.lora.layers import LoraLayer
 
 
@@ -63,17 +69,14 @@ def _check_untied(model: nn.Module) -> None:
 def merge_blocker(model: nn.Module) -> str | None:
     """Why ``merge(model)`` would be refused (an adapted weight tied to another module), or
     None: lets a training run find out before it trains rather than after."""
-    owners: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(p), []).append(name)
-    for name, layer in lora_layers(model):
-        others = [n for n in owners.get(id(layer.base_weight), []) if not n.startswith(name + ".")]
-        if others:
-            return (
-                f"the weight of {name!r} is tied to {others}; merging would change those "
-                "modules too. Untie the weights first or keep this adapter unmerged"
-            )
-    return None
+    tied = tied_weights(model, [name for name, _ in lora_layers(model)])
+    if not tied:
+        return None
+    name, others = next(iter(tied.items()))
+    return (
+        f"the weight of {name!r} is tied to {others}; merging would change those "
+        "modules too. Untie the weights first or keep this adapter unmerged"
+    )
 
 
 def unmerge(model: nn.Module) -> nn.Module:
