@@ -320,3 +320,21 @@ def test_save_adapter_callback_writes_olora_on_conv1d_for_the_original_base(
     theirs = PeftModel.from_pretrained(tiny_gpt2(), tmp_path / "a").eval()
     torch.testing.assert_close(logits(theirs, "gpt2"), logits(model.eval(), "gpt2"), rtol=0,
                                atol=1e-5)  # fmt: skip
+
+
+def test_save_adapter_callback_saves_randomized_pissa_with_dora_plainly(tmp_path: Path) -> None:
+    """DoRA cannot be re-expressed for the original base: the callback's default took the
+    for_original_base route for randomized PiSSA anyway and failed at the first checkpoint,
+    after the training time was spent. It now writes the plain save, with its warning."""
+    from transformers import TrainerState
+
+    from rankwise.io.adapter import needs_original_base
+    from rankwise.train import SaveAdapterCallback
+
+    cfg = LoraConfig(r=2, target_modules=["query"], init_lora_weights="pissa", use_dora=True)
+    model = inject(tiny_bert_cls(), cfg, generator=0)
+    assert not needs_original_base(model)
+    with pytest.warns(RuntimeWarning, match="DoRA adapter has no for_original_base form"):
+        SaveAdapterCallback()._save(model, tmp_path / "adapter", TrainerState())
+    loaded = load_adapter(tiny_bert_cls(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded, "bert"), logits(model, "bert"))

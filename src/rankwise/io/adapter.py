@@ -78,10 +78,13 @@ def peft_cannot_rebuild(model: nn.Module) -> str | None:
 def needs_original_base(model: nn.Module) -> bool:
     """Whether a plain save of ``model``'s adapter is one PEFT cannot use as trained: LoRA-GA
     (its plain save is refused), randomized PiSSA (PEFT draws its own residual) and what
-    :func:`peft_cannot_rebuild` names; those are saved ``for_original_base``."""
-    return get_config(model).initializer in ("lora_ga", "pissa") or (
-        peft_cannot_rebuild(model) is not None
-    )
+    :func:`peft_cannot_rebuild` names; those are saved ``for_original_base``. Never for
+    DoRA: its magnitudes depend on the base weight itself and cannot be re-expressed, so the
+    plain save (with its warning) is the one there is."""
+    config = get_config(model)
+    if config.use_dora:
+        return False
+    return config.initializer in ("lora_ga", "pissa") or peft_cannot_rebuild(model) is not None
 
 
 def save_adapter(
@@ -128,7 +131,11 @@ def save_adapter(
             "save_adapter: a randomized-PiSSA adapter (init_lora_weights='pissa') is written "
             "for a base whose residual comes from a randomized SVD: rankwise.load_adapter "
             "rebuilds it exactly (fixed seed), PEFT draws its own and predicts differently; "
-            "for PEFT save with for_original_base=True, or use init 'pissa_exact'",
+            + (
+                "a DoRA adapter has no for_original_base form: for PEFT use init 'pissa_exact'"
+                if config.use_dora
+                else "for PEFT save with for_original_base=True, or use init 'pissa_exact'"
+            ),
             RuntimeWarning,
             stacklevel=2,
         )
