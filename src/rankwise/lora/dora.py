@@ -56,7 +56,10 @@ from rankwise.lora.layers import (
 )
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,
+    autograd_transforms_active,
+    differentiable_grads,
     lora_linear,
+    lora_linear_autograd,
     lora_linear_backward,
     merge_pays,
     merged_right,
@@ -171,13 +174,21 @@ class DoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, Wt, Wc, bias, A, B, c, h_s_t, y = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_c = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            # y = x (Wt ⊙ c) + b + s·(x Aᵀ)(c ⊙ B)ᵀ on either route (Wc's gradient is None)
+            gx, gw, gbias, ga, gb, gc = differentiable_grads(
+                lambda: lora_linear_autograd(x, Wt * c, bias, A, B * c[:, None], s),
+                (x, Wt, bias, A, B, c),
+                (need_x, need_w, need_bias, need_a, need_b, need_c),
+                g,
+            )
+            return gx, gw, gbias, ga, gb, None, gc, None
         r = A.shape[0]
         ones_row = h_s_t.shape[0] > r  # a bias (either route): the last row is ones
         need_g_sum = need_bias or (need_c and bias is not None)
@@ -272,6 +283,10 @@ class DoraMixin:
         """``‖W0 + s·B A‖`` per output row (out,), detached; cached until a weight changes."""
         W = self.base_matrix()
         A, B = self.factors()
+        if autograd_transforms_active():  # functorch's tensors have no storage to key on
+            dt = _norm_dtype(W)
+            M = W.detach().to(dt) + self.scaling * (B.detach().to(dt) @ A.detach().to(dt))
+            return torch.linalg.vector_norm(M, dim=1)
         key = self._norm_key()
         if self._norm is not None and self._norm[0] == key:
             return self._norm[1]
@@ -393,7 +408,7 @@ class DoraLinear(DoraMixin, LoraLinear):
             # float32 adapter on a half-precision base: the merged weight would round c ⊙ ...)
             return F.linear(x, self.inference_weight(), bias)
         dropout = self.dropout is not None and self.training
-        if dropout or not plain or not one_dtype:
+        if dropout or not plain or not one_dtype or autograd_transforms_active():
             # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x); without dropout
             # W0 x̃ is base(x) less its bias (hooks, subclasses: the modules are called). Mixed
             # precision or autocast: in the adapter's dtype, rounded to the base's once

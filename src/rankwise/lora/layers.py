@@ -58,6 +58,7 @@ from rankwise.lora.cache_key import weights_key
 from rankwise.lora.linear_ops import (
     SMALL_ROWS_MAX,
     LoraLinearFunction,
+    autograd_transforms_active,
     lora_linear,
     lora_linear_autograd,
 )
@@ -154,6 +155,7 @@ class LoraLayer(nn.Module):
             and not self.training
             and not torch.is_grad_enabled()
             and not is_compiling()
+            and not autograd_transforms_active()
         )
 
     def cached_weight(self, key: tuple[object, ...], build: Callable[[], Tensor]) -> Tensor:
@@ -432,11 +434,13 @@ class LoraLinear(LoraLayer):
         ):
             return self._module_forward(x)
         B, b = lora_B.weight, base.bias
+        transforms = autograd_transforms_active()
         if (  # use_inference_cache(), inline: this runs per call at a few tokens
             self.inference_cache
             and not self.training
             and not torch.is_grad_enabled()
             and not is_compiling()
+            and not transforms
         ):
             # inference: one GEMM with W0 + s·B A, formed once per weight version
             return F.linear(x, self._merged_matrix(W, A, B), b)
@@ -444,8 +448,9 @@ class LoraLinear(LoraLayer):
         # dropout on the adapter path only (the base GEMM sees x itself); None: same as x
         xa = self.dropout(x2d) if self.dropout is not None and self.training else None
         Wt = W if self.fan_in_fan_out else W.t()  # (in, out), a view
-        if x2d.shape[0] <= SMALL_ROWS_MAX:
-            # a few rows: three plain GEMMs (torch's own nodes), less per-op overhead
+        if x2d.shape[0] <= SMALL_ROWS_MAX or transforms:
+            # a few rows: three plain GEMMs (torch's own nodes), less per-op overhead; and
+            # under torch.func / forward-mode AD, which the custom node does not support
             y = lora_linear_autograd(x2d, Wt, b, A, B, self.scaling, xa)
         elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays

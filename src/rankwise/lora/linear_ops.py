@@ -37,6 +37,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 
@@ -239,6 +240,32 @@ def merged_right(Wt: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     return torch.addmm(Wt, A.t(), B.t(), alpha=scaling)
 
 
+def autograd_transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) or a forward-mode
+    AD level (``torch.autograd.forward_ad.dual_level``) is active. The custom nodes
+    (:class:`LoraLinearFunction`, DoRA's) have no ``setup_context``, ``jvp`` or vmap rule, so
+    the layers then run plain differentiable ops, as they do at a few rows (and keep no
+    inference cache: a cached weight would drop the weights' tangents)."""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
+
+
+def differentiable_grads(
+    forward: Callable[[], Tensor],
+    inputs: tuple[Tensor | None, ...],
+    needs: tuple[bool, ...],
+    g: Tensor,
+) -> list[Tensor | None]:
+    """The gradients of ``forward()`` for the ``inputs`` that ``needs`` marks, with a graph
+    (``create_graph=True``): a custom node's backward when autograd records it (a double
+    backward, e.g. a gradient penalty). ``forward`` recomputes the node's output from the
+    saved inputs with torch's own differentiable ops; None where not needed."""
+    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
+    with torch.enable_grad():
+        y = forward()
+    found = iter(torch.autograd.grad(y, wanted, g, create_graph=True, allow_unused=True))
+    return [next(found) if need and t is not None else None for t, need in zip(inputs, needs)]
+
+
 class LoraLinearOutput(NamedTuple):
     """``y = x Wt + b + h_s Bᵀ: (N, out)`` and the scaled down-projection, transposed:
     ``h_s_t = s·A x_aᵀ: (r, N)``, with a last row of ones (``(r + 1, N)``) when there is a
@@ -423,13 +450,21 @@ class LoraLinearFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, g: Tensor
     ) -> tuple[Tensor | None, ...]:
         x, Wt, A, B, h_s_t, xa = ctx.saved_tensors  # type: ignore[attr-defined]
         s: float = ctx.scaling  # type: ignore[attr-defined]
         need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
+        if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
+            gx, gw, ga, gb, gxa = differentiable_grads(
+                lambda: lora_linear_autograd(x, Wt, None, A, B, s, xa),
+                (x, Wt, A, B, xa),
+                (need_x, need_w, need_a, need_b, need_xa),
+                g,
+            )
+            gbias = g.sum(dim=0) if need_bias else None
+            return gx, gw, gbias, ga, gb, None, gxa, None
         # merged route: M formed again (a weight-sized temporary) rather than kept from forward
         M = (lambda: merged_right(Wt, A, B, s)) if ctx.merge else None  # type: ignore[attr-defined]
         gx, gxa, ga, gb = lora_linear_backward(
