@@ -207,3 +207,31 @@ def test_copies_and_pickles_leave_the_inference_cache_behind() -> None:
     assert "_eval_weight" in model[0].__dict__  # the original keeps its own
     with torch.no_grad():
         torch.testing.assert_close(clone(x), expected, rtol=0, atol=0)
+
+
+def test_parameters_replaced_by_assign_never_hit_a_stale_cache() -> None:
+    """``load_state_dict(..., assign=True)`` frees the old factors; a new tensor at the same
+    address and version 0 matched the cache key (28 of 50 swaps gave the first adapter's
+    output). The key now also holds the tensor object (weakly)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64))
+    rw.inject(model, rw.LoraConfig(r=4, target_modules=["0"]), generator=0)
+    model.eval()
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+
+    def adapter(seed: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        return {
+            "0.lora_A.weight": torch.randn(4, 64, generator=g),
+            "0.lora_B.weight": torch.randn(64, 4, generator=g),
+        }
+
+    for _ in range(20):
+        for seed in (1, 2, 3):  # no forward with adapter 2: its tensors are freed at once
+            model.load_state_dict(adapter(seed), strict=False, assign=True)
+            if seed == 2:
+                continue
+            with torch.no_grad():
+                cached = model(x)
+            exact = model(x).detach()  # grad mode: no cache (a different rounding)
+            torch.testing.assert_close(cached, exact, rtol=1e-4, atol=1e-4 * exact.abs().max())

@@ -3,6 +3,8 @@ changes whenever a tensor the cached value was computed from changes."""
 
 from __future__ import annotations
 
+import weakref
+
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -18,11 +20,34 @@ def _count_optimizer_step(optimizer: object, args: object, kwargs: object) -> No
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+class _Same:
+    """Equal to another ``_Same`` only while both name the same live tensor object: a weak
+    reference, so the key keeps nothing alive, and a tensor freed and replaced by a new one
+    (``load_state_dict(..., assign=True)``) never matches, even at the same address and
+    version (data pointer and version alone matched a swapped-in adapter's stale weight)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: Tensor) -> None:
+        self.ref = weakref.ref(t)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Same):
+            return NotImplemented
+        t = self.ref()
+        return t is not None and t is other.ref()
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 def weights_key(*tensors: Tensor) -> tuple[object, ...]:
-    """Identity, version counter and dtype of each tensor, and the number of optimizer steps
-    taken so far: changes on every in-place write (``copy_``, an optimizer step, fused or not)
-    and on ``.data =`` swaps, so a cache keyed on it stays valid."""
+    """Identity (the tensor object and its data pointer), version counter and dtype of each
+    tensor, and the number of optimizer steps taken so far: changes on every in-place write
+    (``copy_``, an optimizer step, fused or not), on ``.data =`` swaps and on replaced
+    parameters, so a cache keyed on it stays valid. Not on a write through ``.data``
+    (``p.data.add_(...)``), which no version counter sees: ``model.eval()`` (or ``train()``)
+    drops the caches after one."""
     key: list[object] = [_OPTIMIZER_STEPS[0]]
     for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
-        key += (t.data_ptr(), t._version, t.dtype)
+        key += (_Same(t), t.data_ptr(), t._version, t.dtype)
     return tuple(key)
