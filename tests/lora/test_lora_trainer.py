@@ -338,3 +338,60 @@ def test_save_adapter_callback_saves_randomized_pissa_with_dora_plainly(tmp_path
         SaveAdapterCallback()._save(model, tmp_path / "adapter", TrainerState())
     loaded = load_adapter(tiny_bert_cls(), tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded, "bert"), logits(model, "bert"))
+
+
+@pytest.mark.slow
+def test_trainer_checkpoints_and_resumes_a_tied_lm_head_target(tmp_path: Path) -> None:
+    """GPT-2's lm_head shares wte's weight: as a target, Trainer's first checkpoint failed
+    (save_pretrained: "shared tensors ... not properly defined"), losing the run. The wrapper
+    declares its tied base weight, so the checkpoint saves and a resumed run equals the
+    uninterrupted one."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from lora_testkit import tiny_gpt2
+
+    from rankwise.train import SaveAdapterCallback
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self) -> None:
+            self.ids = torch.randint(1, 99, (16, 8), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self) -> int:
+            return len(self.ids)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+    config = LoraConfig(r=2, target_modules=["c_attn", "lm_head"])
+
+    def run(out: Path, resume: bool = False) -> torch.nn.Module:
+        model = inject(tiny_gpt2(), config, generator=0)
+        args = transformers.TrainingArguments(
+            output_dir=str(out),
+            max_steps=4,
+            save_steps=2,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            report_to=[],
+            use_cpu=True,
+            seed=0,
+            logging_strategy="no",
+            dataloader_num_workers=0,
+        )
+        trainer = transformers.Trainer(
+            model=model, args=args, train_dataset=Tokens(), callbacks=[SaveAdapterCallback()]
+        )
+        trainer.train(resume_from_checkpoint=str(out / "checkpoint-2") if resume else None)
+        assert model.lm_head.base_layer.weight is model.transformer.wte.weight  # still tied
+        return model.eval()
+
+    full = run(tmp_path / "full")
+    assert (tmp_path / "full" / "checkpoint-2" / "model.safetensors").is_file()
+    (tmp_path / "resumed").mkdir()
+    import shutil
+
+    shutil.copytree(tmp_path / "full" / "checkpoint-2", tmp_path / "resumed" / "checkpoint-2")
+    resumed = run(tmp_path / "resumed", resume=True)
+    torch.testing.assert_close(logits(resumed, "gpt2"), logits(full, "gpt2"), rtol=0, atol=1e-6)
+    adapter = load_adapter(tiny_gpt2(), tmp_path / "full")
+    torch.testing.assert_close(logits(adapter, "gpt2"), logits(full, "gpt2"), rtol=0, atol=1e-6)

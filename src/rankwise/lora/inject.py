@@ -113,6 +113,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     check_residual_untied(
         model, [n for n, (_, residual) in built.items() if residual is not None], cfg
     )
+    for name, others in tied_weights(model, list(built)).items():
+        # transformers' save_pretrained (Trainer checkpoints) drops a tied copy only under a
+        # name its _tied_weights_keys patterns match, read from every submodule: the wrapped
+        # name is declared here, else saving fails with "shared tensors ... not properly
+        # defined" (GPT-2's lm_head, tied to wte, as a target)
+        built[name][0]._tied_weights_keys = {"base_layer.weight": others[0]}
     untied = _untie_modules_to_save(model, plan.modules_to_save)
     if untied:
         _record_untied_embeddings(model)
