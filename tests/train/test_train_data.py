@@ -440,3 +440,58 @@ def test_split_and_batch_seeds_are_checked_like_every_other_seed(tmp_path: Path)
         with pytest.raises(GeneratorError):
             length_grouped_batches([3] * 10, 4, generator=bad)  # type: ignore[arg-type]
     assert held_out_split(data, 0.25) == held_out_split(data, 0.25, generator=0)  # None: seed 0
+
+
+def test_an_hf_eval_set_s_class_label_ids_are_read_through_its_own_names(tmp_path: Path) -> None:
+    # its ClassLabel orders the training names otherwise: its ids were read as positions in the
+    # training names (every label swapped: 0.00% where the CSV of the same texts gave 67.57%)
+    pytest.importorskip("datasets", reason="hf: sources need the 'datasets' package")
+    folder = tmp_path / "dev_ds"
+    folder.mkdir()
+    _write(folder / "README.md", """---
+dataset_info:
+  features:
+  - name: sentence
+    dtype: string
+  - name: label
+    dtype:
+      class_label:
+        names:
+          '0': pos
+          '1': neg
+          '2': neutral
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: train.csv
+---
+""")  # fmt: skip
+    _write(folder / "train.csv", "sentence,label\ngood film,0\nbad film,1\nso so,2\n")
+    ds = load_dataset(f"hf:{folder}", label_names=("neg", "neutral", "pos"))
+    assert [ds.label_names[i] for i in ds.labels] == ["pos", "neg", "neutral"]
+
+
+def test_a_utf8_file_with_a_stray_byte_warns_that_it_is_read_as_latin1(tmp_path: Path) -> None:
+    path = tmp_path / "mixed.csv"
+    path.write_bytes("text,label\ntrès bien 😀,1\nbad,0\n".encode() + b"caf\xe9,1\n")
+    with pytest.warns(RuntimeWarning, match=r"not valid UTF-8 \(byte 0xe9 on line 4\)"):
+        load_dataset(str(path))
+    legacy = tmp_path / "latin1.csv"  # a whole latin-1 file: read as such, no warning
+    legacy.write_bytes("text,label\ntrès bien,1\ncafé,0\n".encode("latin-1"))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_dataset(str(legacy)).texts == ("très bien", "café")
+
+
+def test_integer_labels_far_above_their_count_are_refused(tmp_path: Path) -> None:
+    # a year column (2020) made a 2,021-class head; 20000000 ran out of memory
+    path = tmp_path / "years.csv"
+    path.write_text("text,label\na,2020\nb,2021\nc,2020\n")
+    with pytest.raises(ConfigError, match="run up to 2021 with only 2 distinct values"):
+        load_dataset(str(path))
+    fine = tmp_path / "gaps.csv"  # a few classes missing from the data: still indices
+    fine.write_text("text,label\na,0\nb,5\nc,9\n")
+    assert load_dataset(str(fine)).label_names == tuple(str(i) for i in range(10))

@@ -439,3 +439,23 @@ def test_atomic_dir_puts_the_new_version_in_place_before_deleting_the_old(
         (final / "weights").write_text("old")
         for leftover in tmp_path.glob(".*"):
             real_rmtree(leftover)
+
+
+def test_loading_an_adapter_with_its_own_head_gives_no_reinit_warning(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # a 3-label run over the 2-label checkpoint: evaluate/predict warned "the head is
+    # re-initialized" although the trained head comes from the adapter
+    import warnings
+
+    data = tmp_path / "three.tsv"
+    data.write_text("label\tsentence\n" + "\n".join(f"{i % 3}\tfilm {i}" for i in range(30)) + "\n")
+    config = TrainConfig(model=str(tiny_bert), data=str(data), output=str(tmp_path / "run"),
+                         max_steps=1, batch_size=8, save_every=0)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="head is re-initialized"):  # training: it is
+        train(config, echo=lambda _: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trained = load_trained(tmp_path / "run" / "adapter")
+    assert trained.label_names == ("0", "1", "2")
+    assert trained.model.classifier.out_features == 3  # the adapter's trained head

@@ -139,6 +139,57 @@ def test_a_trained_head_keeps_its_label_order(tiny_bert: Path, tmp_path: Path) -
     assert loaded.model.config.id2label == {0: "a", 1: "b", 2: "c"}
 
 
+def test_integer_eval_labels_mean_the_same_class_in_finetune_and_evaluate(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # Training labels by name (neg/pos) on a checkpoint whose head orders them (pos, neg),
+    # --eval-data with integer labels: finetune read them against the sorted training names
+    # (0 = neg), `rankwise evaluate` against the recorded order (0 = pos): 67.57% against
+    # 32.43% for the same model and file. Both now read the run's recorded order.
+    import json
+
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from rankwise.train import TrainConfig, train
+    from rankwise.train.inference import evaluate_file, load_trained
+
+    names = {0: "pos", 1: "neg"}
+    config = BertConfig.from_pretrained(
+        tiny_bert, num_labels=2, id2label=names, label2id={v: k for k, v in names.items()}
+    )
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # a head that always says row 0, "pos"
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([3.0, -3.0]))
+    model.save_pretrained(tmp_path / "cls")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(tmp_path / "cls")
+    rows = [("good news", "pos"), ("bad news", "neg")] * 4
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    held = tmp_path / "dev.csv"
+    held.write_text("text,label\n" + "".join(f"text {i},0\n" for i in range(4)))
+    with pytest.warns(RuntimeWarning, match=r"integer labels are taken as positions in the "
+                      r"label names \['pos', 'neg'\]"):  # fmt: skip
+        result = train(
+            TrainConfig(
+                model=str(tmp_path / "cls"),
+                data=str(data),
+                eval_data=str(held),
+                output=str(tmp_path / "run"),
+                max_steps=1,
+                batch_size=4,
+                lr=1e-9,
+                save_every=0,
+            ),  # fmt: skip
+            echo=lambda _: None,
+        )
+    assert result.before.accuracy == 1.0  # 0 = pos, what the head says
+    with pytest.warns(RuntimeWarning, match="integer labels"):
+        again = evaluate_file(load_trained(tmp_path / "run" / "adapter"), str(held))
+    assert again.accuracy == result.after.accuracy == 1.0
+
+
 def test_a_model_directory_without_config_json_is_named(tiny_bert: Path, tmp_path: Path) -> None:
     # transformers says "Unrecognized model ... Should have a model_type key in its
     # config.json" (a ValueError), misleading when there is no config.json at all

@@ -84,8 +84,27 @@ def _read_text(path: Path, encoding: str | None) -> str:
             ) from None
     try:
         return raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        return raw.decode("latin-1")  # every byte sequence decodes; the usual legacy encoding
+    except UnicodeDecodeError as err:
+        # every byte sequence decodes as latin-1, the usual legacy encoding; but a UTF-8 file
+        # with one stray byte would turn every accent and emoji into mojibake: say so
+        line = raw.count(b"\n", 0, err.start) + 1
+        if _mostly_utf8(raw):
+            warnings.warn(
+                f"data file {str(path)!r} is not valid UTF-8 (byte 0x{raw[err.start]:02x} on "
+                f"line {line}) but its other non-ASCII text is: read as latin-1, all of it "
+                "is mis-decoded ('é' reads as 'Ã©'); fix that byte, or re-save the file as UTF-8",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return raw.decode("latin-1")
+
+
+def _mostly_utf8(raw: bytes) -> bool:
+    """Whether ``raw`` holds valid multi-byte UTF-8 sequences besides its invalid bytes (a
+    UTF-8 file with a stray byte), rather than being a legacy single-byte encoding, where such
+    sequences are rare."""
+    text = raw.decode("utf-8", errors="replace")
+    return any(ord(ch) > 0x7F and ch != "\ufffd" for ch in text)
 
 
 def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
@@ -329,7 +348,14 @@ def label_names_of(keys: Sequence[int | str], *, source: str) -> tuple[str, ...]
     if len(kinds) > 1:
         raise ConfigError(f"{source!r}: labels mix integers and names; use one or the other")
     if kinds == {int}:
-        return tuple(str(i) for i in range(max(keys) + 1))  # type: ignore[type-var]
+        top, distinct = max(keys), len(set(keys))  # type: ignore[type-var]
+        if top + 1 > 4 * distinct + 16:  # a year or an id column: one class per integer below
+            raise ConfigError(
+                f"{source!r}: integer labels are class indices 0..K-1, but they run up to "
+                f"{top} with only {distinct} distinct values (a head of {top + 1} classes); "
+                "is --label-column the right column? Give arbitrary values as names"
+            )
+        return tuple(str(i) for i in range(top + 1))  # type: ignore[operator]
     return tuple(sorted(set(keys)))  # type: ignore[arg-type]
 
 
@@ -381,6 +407,11 @@ def load_dataset(
     own = getattr(rows, "class_names", {}).get(label_col)
     if own and not all(isinstance(k, int) and k < len(own) for k in keys):
         own = None
+    if own and label_names is not None and set(own) <= set(label_names):
+        # an evaluation set's ClassLabel names the training labels in its own order: its ids
+        # are read through its names (as positions in the training names every label of a
+        # [pos, neg, neutral] set against [neg, neutral, pos] was another class)
+        keys = [own[k] for k in keys]  # type: ignore[index]
     if label_names is not None:
         names = tuple(label_names)
     else:

@@ -182,10 +182,14 @@ def load_trained(
             f"{root}: neither an adapter ({ADAPTER_CONFIG}) nor a model directory (config.json)"
         )
     names = tuple(info.get("label_names") or ())
+    saves_head = False
     if has_adapter:
         from rankwise.io import load_adapter, read_adapter_config
 
         adapter_config = read_adapter_config(root)
+        # an adapter that saves the head (modules_to_save) replaces a checkpoint head of
+        # another size: no "re-initialized" warning for a head that is not the one used
+        saves_head = bool(adapter_config.modules_to_save)
         base = model or info.get("base_model") or adapter_config.base_model_name_or_path
         if base is None:
             raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
@@ -215,7 +219,7 @@ def load_trained(
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
         )
-    loaded = load_pretrained(str(base), task=task, label_names=names)
+    loaded = load_pretrained(str(base), task=task, label_names=names, head_from_adapter=saves_head)
     tokenizer = loaded.tokenizer
     if has_adapter:
         load_adapter(loaded.model, root)

@@ -125,6 +125,7 @@ def load_pretrained(
     model_dropout: float | None = None,
     adopt_label_order: bool = False,
     for_training: bool = False,
+    head_from_adapter: bool = False,
 ) -> Loaded:
     """Model (``AutoModelForSequenceClassification`` or ``AutoModelForCausalLM``) + tokenizer.
 
@@ -137,6 +138,8 @@ def load_pretrained(
     ``for_training``: a float16 checkpoint is loaded in float32 (with a warning; its dtype in
     ``Loaded.stored_dtype``): the engine trains on the CPU, where float16 is slow and AdamW's
     ``eps`` (1e-8) underflows to 0, so a float16 head or model turned NaN at its second step.
+    ``head_from_adapter``: an adapter loaded next brings the trained head, so a checkpoint head
+    of another size is replaced without the "re-initialized" warning.
     """
     import transformers
 
@@ -158,6 +161,7 @@ def load_pretrained(
         )
         if trained_head and config.num_labels != len(label_names):
             mismatched = True  # the checkpoint's head cannot be used: a new one is initialized
+        if mismatched and not head_from_adapter:
             warnings.warn(
                 f"model {source!r} has a classification head for {config.num_labels} labels, "
                 f"the data has {len(label_names)}: the head is re-initialized",
