@@ -21,7 +21,7 @@ from torch import nn
 
 from rankwise.errors import ShapeMismatchError
 from rankwise.io import load_adapter, read_adapter_config, save_adapter
-from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers, unload
+from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers, merge, unload
 
 CASES = {
     "bert": dict(
@@ -600,3 +600,38 @@ def test_overlapping_patterns_keep_their_order_in_the_file(tmp_path: Path) -> No
     torch.testing.assert_close(logits(mine, "bert"), expected, rtol=0, atol=1e-6)
     theirs = PeftModel.from_pretrained(BUILDERS["bert"](), tmp_path).eval()
     torch.testing.assert_close(logits(theirs, "bert"), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_a_merged_model_saves_its_unmerged_embedding_and_can_still_unmerge(
+    tmp_path: Path, dora: bool
+) -> None:
+    """An embedding adapted under a name PEFT does not count as an embedding target
+    ("model.embed_tokens"): a merged model's file held the merged weight under the wrapper's
+    name (".base_layer.weight") beside a stray ".weight" (load_adapter refused it, PEFT applied
+    the update twice). A merged DoRA model lost its merge-time norm to the save: unmerge and a
+    second save then failed with "no weight norm recorded"."""
+    from peft import PeftModel
+
+    from rankwise.lora import unmerge
+
+    base = BUILDERS["llama"]
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["model.embed_tokens", "q_proj"],
+                     use_dora=dora)  # fmt: skip
+    model = inject(base(), cfg, generator=0)
+    perturb(model, 1)
+    want = logits(model, "llama")
+    merge(model)
+    for round_ in range(2):  # a second save of the merged model works too
+        save_adapter(model, tmp_path / f"a{round_}", save_embedding_layers=True)
+    keys = load_file(tmp_path / "a0" / "adapter_model.safetensors")
+    assert "base_model.model.model.embed_tokens.weight" not in keys
+    stored = keys["base_model.model.model.embed_tokens.base_layer.weight"]
+    torch.testing.assert_close(stored, base().model.embed_tokens.weight, rtol=0, atol=1e-6)
+    for folder in ("a0", "a1"):
+        again = load_adapter(base(), tmp_path / folder)
+        torch.testing.assert_close(logits(again, "llama"), want, rtol=0, atol=1e-5)
+    theirs = PeftModel.from_pretrained(base(), str(tmp_path / "a0")).eval()
+    torch.testing.assert_close(logits(theirs, "llama"), want, rtol=0, atol=1e-5)
+    unmerge(model)
+    torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)

@@ -100,8 +100,10 @@ def embedding_state(
             out.update({k: v for k, v in full.items() if k.startswith(name + ".")})
             if isinstance(layer, LoraLayer) and layer.merged:
                 # the live weight holds W0 + s·B A; the file's base must be W0 (the factors
-                # are saved too: a loader adds them again)
-                out[f"{name}.weight"] = layer.planned_weight("unmerge")
+                # are saved too: a loader adds them again). ``name`` is the base layer's when
+                # embeddings are targeted, else the wrapper's, whose key has "base_layer."
+                inner = "" if model.get_submodule(name) is layer.base_layer else "base_layer."
+                out[f"{name}.{inner}weight"] = layer.planned_weight("unmerge")
     return out
 
 

@@ -326,9 +326,15 @@ class DoraMixin:
         if self._merged_norm is None:
             raise MergeError(f"{type(self).__name__}: no weight norm recorded at merge time")
         c = self._magnitude().detach().to(weight.dtype) / self._merged_norm.to(weight.dtype)
-        out = self._rows(weight, 1.0 / c) - self.delta_weight()
-        self._merged_norm = None
-        return out
+        return self._rows(weight, 1.0 / c) - self.delta_weight()
+
+    def write_weight(self, new: Tensor | None, what: str) -> None:
+        """:meth:`LoraLayer.write_weight`; the norm recorded at merge time is dropped only once
+        the unmerge is written (planning it, e.g. to save the unmerged weights of a merged
+        model, left the layer merged with no way back)."""
+        super().write_weight(new, what)  # type: ignore[misc]
+        if what == "unmerge":
+            self._merged_norm = None
 
 
 class DoraLinear(DoraMixin, LoraLinear):
