@@ -241,6 +241,36 @@ def test_auto_saves_embeddings_of_a_resized_vocabulary_as_peft(tmp_path: Path) -
         load_adapter(BUILDERS["llama"](), tmp_path / "ours")
 
 
+def test_auto_with_a_hub_id_reads_the_cached_config_or_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id as base_model_name_or_path: "auto" assumed "not resized" silently, so a
+    resized model's new-token rows were not saved. It now reads the config from the local
+    Hugging Face cache, and without one says it assumes (as PEFT does)."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    repo = cache / "models--someone--tiny-llama"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    BUILDERS["llama"]().config.save_pretrained(repo / "snapshots" / "abc123")
+    for name, warns in (("someone/tiny-llama", False), ("someone/not-cached", True)):
+        model = BUILDERS["llama"]()
+        model.name_or_path = name
+        model.resize_token_embeddings(120)
+        adapted = inject(model, LoraConfig(r=4, target_modules=["q_proj"]))
+        out = tmp_path / name.replace("/", "_")
+        if warns:
+            with pytest.warns(RuntimeWarning, match="assuming the vocabulary was not resized"):
+                save_adapter(adapted, out)
+        else:
+            save_adapter(adapted, out)
+        keys = {k.removeprefix("base_model.model.") for k in load_file(out / WEIGHTS)}
+        saved = {k for k in keys if ".lora_" not in k}
+        assert saved == (set() if warns else {"model.embed_tokens.weight", "lm_head.weight"})
+
+
 def test_tied_modules_to_save_trains_a_copy_as_peft(tmp_path: Path) -> None:
     """GPT-2 ties lm_head to wte. modules_to_save=["lm_head"] trains and loads lm_head's own
     copy (PEFT's ModulesToSaveWrapper does), so wte never changes; logits agree both ways."""

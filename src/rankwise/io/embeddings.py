@@ -43,9 +43,32 @@ def _vocab_resized(model: nn.Module, config: LoraConfig) -> bool:
     model_config = getattr(model, "config", None)
     vocab = getattr(model_config, "vocab_size", None)
     path = config.base_model_name_or_path
-    if not vocab or not path or not (Path(path) / "config.json").is_file():
+    if not vocab or not path:
         return False
-    return vocab != type(model_config).from_pretrained(path).vocab_size
+    local = Path(path) / "config.json"
+    found = str(local) if local.is_file() else _cached_hub_config(path)
+    if found is None:
+        warnings.warn(
+            f"save_embedding_layers='auto': no config.json found for base_model_name_or_path "
+            f"{path!r} (not a local directory, not in the Hugging Face cache); assuming the "
+            "vocabulary was not resized. If it was, save with save_embedding_layers=True",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return False
+    return vocab != type(model_config).from_pretrained(str(Path(found).parent)).vocab_size
+
+
+def _cached_hub_config(repo_id: str) -> str | None:
+    """The path of a hub model's ``config.json`` in the local Hugging Face cache, or None
+    (never downloads)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(repo_id=repo_id, filename="config.json")
+    except Exception:  # an id the hub would refuse (e.g. a path that does not exist)
+        return None
+    return hit if isinstance(hit, str) else None
 
 
 def _io_embeddings(model: nn.Module) -> list[nn.Module]:
