@@ -418,12 +418,9 @@ def test_rows_without_a_text_value_are_counted_in_a_warning(tmp_path: Path) -> N
     with pytest.warns(RuntimeWarning, match=r"2 of 4 rows have no 'text' value"):
         ds = load_dataset(str(path))
     assert ds.texts == ("good", "meh")
-    clean = _write(tmp_path / "c.tsv", "label\ttext\npos\ta\nneg\t \nneg\tb\n")  # empty: silent
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert load_dataset(str(clean)).texts == ("a", "b")
+    blank = _write(tmp_path / "c.tsv", "label\ttext\npos\ta\nneg\t \nneg\tb\n")  # counted too
+    with pytest.warns(RuntimeWarning, match=r"1 of 3 rows have an empty or blank 'text'"):
+        assert load_dataset(str(blank)).texts == ("a", "b")
 
 
 def test_split_and_batch_seeds_are_checked_like_every_other_seed(tmp_path: Path) -> None:
@@ -495,3 +492,26 @@ def test_integer_labels_far_above_their_count_are_refused(tmp_path: Path) -> Non
     fine = tmp_path / "gaps.csv"  # a few classes missing from the data: still indices
     fine.write_text("text,label\na,0\nb,5\nc,9\n")
     assert load_dataset(str(fine)).label_names == tuple(str(i) for i in range(10))
+
+
+def test_a_json_array_file_is_read_and_blank_texts_are_counted(tmp_path: Path) -> None:
+    # a .json array gave "line 1: expected an object"; blank texts were dropped silently, so
+    # evaluate reported fewer examples than the file has rows
+    records = [
+        {"text": "good", "label": 1},
+        {"text": "  ", "label": 0},
+        {"text": "bad", "label": 0},
+    ]
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(records, indent=2))
+    with pytest.warns(RuntimeWarning, match="1 of 3 rows have an empty or blank 'text'"):
+        ds = load_dataset(str(path))
+    assert ds.texts == ("good", "bad") and ds.labels == (1, 0)
+    bad = tmp_path / "e.json"
+    bad.write_text('[{"text": "a", "label": 0}, 3]')
+    with pytest.raises(ConfigError, match="item 2 of the array: expected an object"):
+        load_dataset(str(bad))
+    lines = tmp_path / "f.jsonl"
+    lines.write_text('{"text": "a", "label": 0}\n{"text": \n')
+    with pytest.raises(ConfigError, match=r"line 2: invalid JSON .*JSON Lines"):
+        load_dataset(str(lines))

@@ -99,6 +99,23 @@ def _read_text(path: Path, encoding: str | None) -> str:
         return raw.decode("latin-1")
 
 
+def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
+    """The rows of a ``.json`` file holding one array of objects."""
+    try:
+        rows = json.loads(text.lstrip("\ufeff"))
+    except json.JSONDecodeError as err:
+        raise ConfigError(
+            f"data file {source!r} line {err.lineno}: invalid JSON ({err.msg})"
+        ) from None
+    for number, row in enumerate(rows, start=1):
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"data file {source!r} item {number} of the array: expected an object, found "
+                f"{row!r:.40}"
+            )
+    return rows
+
+
 def _mostly_utf8(raw: bytes) -> bool:
     """Whether ``raw`` holds valid multi-byte UTF-8 sequences besides its invalid bytes (a
     UTF-8 file with a stray byte), rather than being a legacy single-byte encoding, where such
@@ -131,6 +148,8 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     text = _read_text(path, encoding)
     if suffix in (".tsv", ".csv"):
         return _read_delimited(text, source=source, tsv=suffix == ".tsv")
+    if suffix == ".json" and text.lstrip("\ufeff \t\r\n").startswith("["):
+        return _json_array(text, source=source)  # one array of objects, as datasets reads
     if suffix in (".jsonl", ".json"):
         rows = []
         for number, line in enumerate(text.split("\n"), start=1):
@@ -141,11 +160,13 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ConfigError(
-                    f"data file {source!r} line {number}: invalid JSON ({err.msg})"
+                    f"data file {source!r} line {number}: invalid JSON ({err.msg}); expected "
+                    "JSON Lines (one object per line) or, in a .json file, one array of objects"
                 ) from None
             if not isinstance(row, dict):
                 raise ConfigError(
-                    f"data file {source!r} line {number}: expected an object, found {row!r:.40}"
+                    f"data file {source!r} line {number}: expected an object, found {row!r:.40} "
+                    "(JSON Lines: one object per line)"
                 )
             rows.append(row)
         return rows
@@ -387,9 +408,11 @@ def load_dataset(
         columns, LABEL_CANDIDATES, what="label", source=name, given=label_column
     )
     texts, keys = [], []
+    blank = 0
     for number, row in enumerate(rows, start=1):
         text = _text(row.get(text_col), source=name, row=number, column=text_col)
         if not text.strip():
+            blank += row.get(text_col) is not None  # empty or whitespace (missing: below)
             continue
         texts.append(text)
         keys.append(_label_key(row.get(label_col), source=name, row=number))
@@ -400,6 +423,13 @@ def load_dataset(
         warnings.warn(
             f"{name!r}: {missing} of {len(rows)} rows have no {text_col!r} value (the field is "
             "missing or null) and are skipped, as rows with an empty text are",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    if blank:  # so an evaluation's example count is not silently below the file's rows
+        warnings.warn(
+            f"{name!r}: {blank} of {len(rows)} rows have an empty or blank {text_col!r} and are "
+            "skipped",
             RuntimeWarning,
             stacklevel=2,
         )
