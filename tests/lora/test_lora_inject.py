@@ -144,6 +144,41 @@ def test_bad_targets_raise_and_leave_the_model_unchanged(config: LoraConfig, mes
     assert_unchanged(model, snap)
 
 
+class _Aliased(nn.Module):
+    """One Linear registered under two names (``enc`` first, ``tied`` second), called through
+    the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.enc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+        self.tied = self.enc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.tied(x))
+
+
+@pytest.mark.parametrize("targets", [["tied"], "tied", ["enc", "tied"]])
+def test_a_second_name_of_a_shared_module_gets_a_hint(targets: list[str] | str) -> None:
+    """named_modules() lists a shared module under its first name only (PEFT matches targets
+    the same way): a target naming the second said "matches no module" and nothing more."""
+    model = _Aliased()
+    snap = snapshot(model)
+    with pytest.raises(
+        InjectionError, match=r"'tied' is a second name of module 'enc'.*target 'enc'"
+    ):
+        inject(model, LoraConfig(r=2, target_modules=targets))
+    assert_unchanged(model, snap)
+
+
+def test_a_target_registered_twice_warns_that_the_other_name_skips_the_adapter() -> None:
+    model = _Aliased()
+    with pytest.warns(UserWarning, match=r"target 'enc' is the same module as \['tied'\]"):
+        inject(model, LoraConfig(r=2, target_modules=["enc"]))
+    assert type(model.enc).__name__ == "LoraLinear"
+    assert type(model.tied) is nn.Linear  # as PEFT: replaced under the first name only
+
+
 def test_injecting_twice_is_refused_without_change() -> None:
     model = tiny_bert_cls()
     inject(model, LoraConfig(target_modules=["query"]))

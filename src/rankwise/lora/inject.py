@@ -21,7 +21,7 @@ from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
 from rankwise.lora.layers import WRAPPERS, LoraLayer
-from rankwise.lora.targets import Plan, Target, check_ranks, resolve
+from rankwise.lora.targets import Plan, Target, check_ranks, resolve, warn_aliased_targets
 
 STATE_ATTR = "_rankwise_lora"
 # LoRA-FA (Zhang et al. 2023): the down-projection A is frozen, only B (and the rest) train
@@ -108,6 +108,7 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
     modules = dict(model.named_modules())
     cfg = plan.config
     check_wrappers(plan)
+    warn_aliased_targets(model, plan)
     # every wrapper built and initialized first; residual base weights are written only after
     built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
     check_residual_untied(

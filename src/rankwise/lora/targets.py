@@ -103,6 +103,8 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
                     f"{cfg.exclude_modules!r}; nothing is left to adapt"
                 )
         hint = "" if isinstance(entries, str) or not entries else _candidates(entries[0], modules)
+        aliases = [a for a in _aliases(model, modules) if _is_target(cfg, a, save_names)]
+        hint = _alias_hint(model, modules, aliases) or hint
         raise InjectionError(f"target_modules: {entries!r} matched no module{hint}")
     # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag
     conv1d = any(is_hf_conv1d(modules[t.name]) for t in targets)
@@ -123,7 +125,7 @@ def selected_names(
         cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
     names = [n for n in modules if n and _is_target(cfg, n, save_names)]
     if strict:
-        _check_every_entry_matched(cfg, list(modules), names)
+        _check_every_entry_matched(cfg, list(modules), names, model)
     return names, save_names, cfg
 
 
@@ -231,13 +233,60 @@ def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig
     return names
 
 
-def _check_every_entry_matched(cfg: LoraConfig, all_names: list[str], hits: list[str]) -> None:
+def _check_every_entry_matched(
+    cfg: LoraConfig, all_names: list[str], hits: list[str], model: nn.Module
+) -> None:
     if isinstance(cfg.target_modules, str):
         return  # a regex: checked as a whole (no hit -> "matched no module")
     for entry in cfg.target_modules or []:
         if not any(_suffix_match(n, [entry]) for n in all_names if n):
-            hint = _candidates(entry, dict.fromkeys(all_names))
+            modules = dict(model.named_modules())
+            aliases = [a for a in _aliases(model, modules) if _suffix_match(a, [entry])]
+            hint = _alias_hint(model, modules, aliases) or _candidates(
+                entry, dict.fromkeys(all_names)
+            )
             raise InjectionError(f"target_modules: {entry!r} matches no module{hint}")
+
+
+def _aliases(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
+    """Second names of shared modules: ``named_modules()`` (``modules``) lists a module object
+    registered twice under its first name only, as PEFT matches targets; alias -> first."""
+    first = {id(m): n for n, m in modules.items()}
+    return {
+        n: first[id(m)]
+        for n, m in model.named_modules(remove_duplicate=False)
+        if n not in modules and id(m) in first
+    }
+
+
+def _alias_hint(model: nn.Module, modules: dict[str, nn.Module], aliases: list[str]) -> str:
+    """The hint for a target that names a shared module by its second name (else "")."""
+    if not aliases:
+        return ""
+    first = _aliases(model, modules)[aliases[0]]
+    return (
+        f"; {aliases[0]!r} is a second name of module {first!r} (one module registered "
+        f"twice): target {first!r}, its first name, as in PEFT (calls through "
+        f"{aliases[0]!r} then still run the base layer without the adapter)"
+    )
+
+
+def warn_aliased_targets(model: nn.Module, plan: Plan) -> None:
+    """Warn where a target module is registered under other names too: the wrapper replaces
+    it under its first name only (as PEFT's injection does), so calls through the others run
+    the base layer without the adapter."""
+    modules = dict(model.named_modules())
+    aliases = _aliases(model, modules)
+    for t in plan.targets:
+        others = [a for a, first in aliases.items() if first == t.name]
+        if others:
+            warnings.warn(
+                f"target {t.name!r} is the same module as {others}; the adapter replaces it "
+                f"under {t.name!r} only (as in PEFT), so calls through {others[0]!r} run the "
+                "base layer without the adapter",
+                UserWarning,
+                stacklevel=4,
+            )
 
 
 def _candidates(entry: str, modules: dict[str, object]) -> str:
