@@ -515,3 +515,22 @@ def test_a_json_array_file_is_read_and_blank_texts_are_counted(tmp_path: Path) -
     lines.write_text('{"text": "a", "label": 0}\n{"text": \n')
     with pytest.raises(ConfigError, match=r"line 2: invalid JSON .*JSON Lines"):
         load_dataset(str(lines))
+
+
+def test_the_second_text_of_a_pair_is_named_in_a_warning(tmp_path: Path) -> None:
+    # BoolQ-style (question, passage): 'question' was taken as the text and the passage was
+    # dropped without a word, so a pair task trained on half its input
+    path = _write(
+        tmp_path / "boolq.tsv", "question\tpassage\tlabel\nis it?\tit is.\t1\nno?\tx\t0\n"
+    )
+    with pytest.warns(RuntimeWarning, match=r"column 'passage' looks like the second text"):
+        ds = load_dataset(str(path))
+    assert ds.texts == ("is it?", "no?")
+    nli = _write(tmp_path / "nli.tsv", "text\tHypothesis\tlabel\na\tb\t1\nc\td\t0\n")
+    with pytest.warns(RuntimeWarning, match=r"'Hypothesis' looks like .* its 'text' text alone"):
+        load_dataset(str(nli))
+    import warnings
+
+    with warnings.catch_warnings():  # a single-text file: no warning
+        warnings.simplefilter("error")
+        load_dataset(str(_write(tmp_path / "one.tsv", "text\tlabel\na\t1\nb\t0\n")))

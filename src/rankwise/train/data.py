@@ -32,6 +32,12 @@ from rankwise.train.config import option
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
 LABEL_CANDIDATES = ("label", "labels", "sentiment", "class", "category", "target")
+# the second text of a pair task (BoolQ, NLI, paraphrase), which a classification example
+# here does not read: present beside the text column, it gets a warning
+PAIR_PARTNERS = (
+    "passage", "context", "premise", "hypothesis", "sentence1", "sentence2", "question1",
+    "question2", "text_pair", "text_b", "sentence_b",
+)  # fmt: skip
 PROMPT_COLUMNS = ("prompt", "response")
 # the pair's column names: prompt/response, or TRL's prompt/completion (exact, lower case)
 PAIR_COLUMNS = (PROMPT_COLUMNS, ("prompt", "completion"))
@@ -407,6 +413,15 @@ def load_dataset(
     label_col = detect_column(
         columns, LABEL_CANDIDATES, what="label", source=name, given=label_column
     )
+    partners = [c for c in columns if c.lower() in PAIR_PARTNERS and c not in (text_col, label_col)]
+    if partners:  # BoolQ's (question, passage): the passage was dropped without a word
+        warnings.warn(
+            f"{name!r}: column {partners[0]!r} looks like the second text of a pair, which is "
+            f"not read: each example is its {text_col!r} text alone; to use both, join them "
+            "into one text column",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     texts, keys = [], []
     blank = 0
     for number, row in enumerate(rows, start=1):
