@@ -235,3 +235,95 @@ def test_parameters_replaced_by_assign_never_hit_a_stale_cache() -> None:
                 cached = model(x)
             exact = model(x).detach()  # grad mode: no cache (a different rounding)
             torch.testing.assert_close(cached, exact, rtol=1e-4, atol=1e-4 * exact.abs().max())
+
+
+def test_a_key_on_a_view_names_the_viewed_tensor() -> None:
+    """DoRA keys its caches on ``W.t()`` / ``flatten(1)``, views made afresh on each call: a
+    weak reference to the view died at once and the key never matched (the norm was
+    recomputed on every forward: 192 ms against 16 ms for a 30000×384 embedding)."""
+    from rankwise.lora.cache_key import weights_key
+
+    W = nn.Parameter(torch.randn(6, 4))
+    assert weights_key(W.t()) == weights_key(W.t())
+    assert weights_key(W.flatten()) == weights_key(W.flatten())
+    assert weights_key(W.t()) != weights_key(W)  # another view of the same tensor
+    assert weights_key(W[:3]) != weights_key(W[3:])
+    before = weights_key(W.t())
+    with torch.no_grad():
+        W.add_(1.0)  # a write through the parameter bumps the view's version too
+    assert weights_key(W.t()) != before
+    other = nn.Parameter(W.detach().clone())
+    assert weights_key(other.t()) != weights_key(W.t())
+
+
+def _count_calls(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    calls = [0]
+    real = getattr(owner, name)
+
+    def counting(*args: object, **kwargs: object) -> object:
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counting)
+    return calls
+
+
+def test_dora_caches_hit_on_embedding_conv1d_and_conv_layers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from rankwise.lora import dora
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict(
+        {"emb": nn.Embedding(50, 8), "c1d": _hf_conv1d(8, 8), "conv": nn.Conv2d(3, 4, 3)}
+    )
+    config = rw.LoraConfig(r=2, target_modules=["emb", "c1d", "conv"], use_dora=True)
+    rw.inject(model, config, generator=0)
+    model.eval()
+    ids = torch.randint(0, 50, (2, 5))
+    x, img = torch.randn(2, 8), torch.randn(1, 3, 6, 6)
+    norms = _count_calls(monkeypatch, dora, "dora_row_norm")
+    merged = _count_calls(monkeypatch, type(model["c1d"]), "_merged_t")
+    with torch.no_grad():
+        first = [model["emb"](ids), model["c1d"](x), model["conv"](img)]
+        n_norm, n_merged = norms[0], merged[0]
+        for _ in range(5):
+            again = [model["emb"](ids), model["c1d"](x), model["conv"](img)]
+    assert norms[0] == n_norm  # the embedding's norm: computed once (was once per forward)
+    assert merged[0] == n_merged  # Conv1D's merged weight: formed once (was once per forward)
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["linear", "embedding"])
+def test_dora_models_pickle_and_copy(kind: str) -> None:
+    """A DoRA layer keeps cache keys from ``inject`` on (its norm); a key held a weak
+    reference, which cannot be pickled: ``torch.save(model)`` and ``pickle.dumps`` failed."""
+    import copy
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    base = nn.Linear(16, 8) if kind == "linear" else nn.Embedding(20, 8)
+    model = nn.Sequential(base)
+    rw.inject(model, rw.LoraConfig(r=2, target_modules=["0"], use_dora=True), generator=0)
+    with torch.no_grad():
+        model[0].lora_B.weight.normal_() if kind == "linear" else model[
+            0
+        ].lora_embedding_B.normal_()
+    model.eval()
+    x = torch.randn(3, 16) if kind == "linear" else torch.randint(0, 20, (3, 4))
+    with torch.no_grad():
+        expected = model(x)
+    torch.save(model, io.BytesIO())  # pickled whole (never loaded back from a file here)
+    # our own object, pickled in memory a line above (not untrusted data)
+    for clone in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):  # noqa: S301
+        with torch.no_grad():
+            torch.testing.assert_close(clone(x), expected, rtol=1e-6, atol=1e-6)
+            # the copy's caches follow its own weights (not a rescaling: DoRA's direction
+            # W/‖W‖ would not change)
+            clone[0].base_layer.weight.add_(torch.randn(clone[0].base_layer.weight.shape))
+            changed = clone(x)
+        assert not torch.allclose(changed, expected)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=0)

@@ -4,6 +4,7 @@ changes whenever a tensor the cached value was computed from changes."""
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -20,16 +21,23 @@ def _count_optimizer_step(optimizer: object, args: object, kwargs: object) -> No
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def _dead() -> None:
+    return None
+
+
 class _Same:
     """Equal to another ``_Same`` only while both name the same live tensor object: a weak
     reference, so the key keeps nothing alive, and a tensor freed and replaced by a new one
     (``load_state_dict(..., assign=True)``) never matches, even at the same address and
-    version (data pointer and version alone matched a swapped-in adapter's stale weight)."""
+    version (data pointer and version alone matched a swapped-in adapter's stale weight).
+
+    A copy or an unpickled key (``copy.deepcopy``, ``torch.save(model)``; a weak reference
+    cannot be pickled) names no tensor, so it matches nothing and the cache is rebuilt."""
 
     __slots__ = ("ref",)
 
     def __init__(self, t: Tensor) -> None:
-        self.ref = weakref.ref(t)
+        self.ref: Callable[[], Tensor | None] = weakref.ref(t)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, _Same):
@@ -38,6 +46,16 @@ class _Same:
         return t is not None and t is other.ref()
 
     __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self) -> tuple[Callable[[], _Same], tuple[()]]:
+        return (_Same.unmatched, ())
+
+    @staticmethod
+    def unmatched() -> _Same:
+        """A key naming no tensor (what a copy or an unpickled key is)."""
+        same = _Same.__new__(_Same)
+        same.ref = _dead
+        return same
 
 
 def weights_key(*tensors: Tensor) -> tuple[object, ...]:
@@ -49,5 +67,12 @@ def weights_key(*tensors: Tensor) -> tuple[object, ...]:
     drops the caches after one."""
     key: list[object] = [_OPTIMIZER_STEPS[0]]
     for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
-        key += (_Same(t), t.data_ptr(), t._version, t.dtype)
+        # a view (W.t(), flatten(1): made afresh on each call, freed at once) is named by the
+        # tensor it views, which lives on, and by its own shape and strides; it shares that
+        # tensor's version counter (a weak reference to the view matched nothing, ever)
+        base = t._base
+        if base is None:
+            key += (_Same(t), t.data_ptr(), t._version, t.dtype)
+        else:
+            key += (_Same(base), t.data_ptr(), t._version, t.dtype, t.shape, t.stride())
     return tuple(key)
