@@ -77,6 +77,26 @@ def test_gradient_penalty_double_backward(in_f: int, dora: bool, bias: bool) -> 
             torch.testing.assert_close(p.grad, params[name].grad, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("dora", [False, True])
+def test_double_backward_when_only_the_base_bias_trains(dora: bool) -> None:
+    """``create_graph=True`` with the bias the only input that needs a gradient: the custom
+    node asked autograd for the gradients of no input ("inputs argument to grad() cannot be
+    empty") above 128 rows."""
+    model = _model(16, dora, True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name == "0.base_layer.bias")
+    params = _params(model)
+    x = torch.randn(ROWS, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    results = []
+    for forward in (model, lambda xi: _reference(model, params, xi)):
+        bias = model[0].base_layer.bias if forward is model else params["0.base_layer.bias"]
+        (gb,) = torch.autograd.grad(forward(x).square().sum(), bias, create_graph=True)
+        (g2,) = torch.autograd.grad(gb.square().sum(), bias)
+        results.append((gb.detach(), g2))
+    for mine, ref in zip(*results, strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize(("in_f", "dora", "bias"), CASES)
 def test_torch_func_grad_vmap_and_jvp(in_f: int, dora: bool, bias: bool) -> None:
     model = _model(in_f, dora, bias)

@@ -260,6 +260,8 @@ def differentiable_grads(
     backward, e.g. a gradient penalty). ``forward`` recomputes the node's output from the
     saved inputs with torch's own differentiable ops; None where not needed."""
     wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
+    if not wanted:  # only what the caller forms itself (the bias's Σ g): nothing to recompute
+        return [None] * len(inputs)
     with torch.enable_grad():
         y = forward()
     found = iter(torch.autograd.grad(y, wanted, g, create_graph=True, allow_unused=True))
