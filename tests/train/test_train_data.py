@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import re
@@ -534,3 +535,26 @@ def test_the_second_text_of_a_pair_is_named_in_a_warning(tmp_path: Path) -> None
     with warnings.catch_warnings():  # a single-text file: no warning
         warnings.simplefilter("error")
         load_dataset(str(_write(tmp_path / "one.tsv", "text\tlabel\na\t1\nb\t0\n")))
+
+
+def test_the_latin1_fallback_names_the_byte_after_a_bom_and_spares_real_latin1(
+    tmp_path: Path,
+) -> None:
+    import warnings
+
+    # a UTF-8 BOM: the byte named was 3 early (counted from after the BOM), and the BOM was
+    # read into the first column's name ('ï»¿text')
+    path = tmp_path / "bom.tsv"
+    body = "text\tlabel\ncafé ☕\tpos\n".encode() + b"bad\xff\tneg\n"
+    path.write_bytes(codecs.BOM_UTF8 + body)
+    with pytest.warns(RuntimeWarning, match=r"not valid UTF-8 \(byte 0xff on line 3\)"):
+        rows = read_rows(str(path))
+    assert list(rows[0]) == ["text", "label"]
+    # real latin-1 French: one accidental valid UTF-8 pair (É then a no-break space, C9 A0)
+    # among many invalid bytes warned "all of it is mis-decoded" of a correctly read file
+    french = tmp_path / "fr.tsv"
+    text = "text\tlabel\nUn résumé très réussi, à refaire\tpos\nCAFÉ\u00a0! Déçu\tneg\n"
+    french.write_bytes(text.encode("latin-1"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert [r["text"] for r in read_rows(str(french))][1] == "CAFÉ\u00a0! Déçu"

@@ -14,6 +14,7 @@ imported.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import importlib.util
 import io
@@ -93,16 +94,18 @@ def _read_text(path: Path, encoding: str | None) -> str:
     except UnicodeDecodeError as err:
         # every byte sequence decodes as latin-1, the usual legacy encoding; but a UTF-8 file
         # with one stray byte would turn every accent and emoji into mojibake: say so
-        line = raw.count(b"\n", 0, err.start) + 1
-        if _mostly_utf8(raw):
+        bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+        at = err.start + bom  # utf-8-sig counts from after its BOM
+        line = raw.count(b"\n", 0, at) + 1
+        if _mostly_utf8(raw[bom:]):
             warnings.warn(
-                f"data file {str(path)!r} is not valid UTF-8 (byte 0x{raw[err.start]:02x} on "
+                f"data file {str(path)!r} is not valid UTF-8 (byte 0x{raw[at]:02x} on "
                 f"line {line}) but its other non-ASCII text is: read as latin-1, all of it "
                 "is mis-decoded ('é' reads as 'Ã©'); fix that byte, or re-save the file as UTF-8",
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return raw.decode("latin-1")
+        return raw[bom:].decode("latin-1")  # a UTF-8 BOM is no text ('ï»¿' in latin-1)
 
 
 def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
@@ -123,11 +126,12 @@ def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
 
 
 def _mostly_utf8(raw: bytes) -> bool:
-    """Whether ``raw`` holds valid multi-byte UTF-8 sequences besides its invalid bytes (a
-    UTF-8 file with a stray byte), rather than being a legacy single-byte encoding, where such
-    sequences are rare."""
+    """Whether ``raw`` holds more valid multi-byte UTF-8 sequences than invalid bytes (a UTF-8
+    file with a stray byte), rather than being a legacy single-byte encoding, where such
+    sequences are rare and accidental ('É' then a no-break space, C9 A0, is one)."""
     text = raw.decode("utf-8", errors="replace")
-    return any(ord(ch) > 0x7F and ch != "\ufffd" for ch in text)
+    bad = text.count("\ufffd")
+    return sum(ord(ch) > 0x7F for ch in text) - bad > bad
 
 
 def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
