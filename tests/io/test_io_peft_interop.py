@@ -19,7 +19,7 @@ from lora_testkit import (
 from safetensors.torch import load_file
 from torch import nn
 
-from rankwise.errors import ShapeMismatchError
+from rankwise.errors import ConfigError, ShapeMismatchError
 from rankwise.io import load_adapter, read_adapter_config, save_adapter
 from rankwise.lora import LoraConfig, LoraLayer, get_config, inject, lora_layers, merge, unload
 
@@ -545,6 +545,22 @@ def test_svd_inits_on_a_convolution_warn_that_peft_cannot_load_the_plain_save(
     theirs = PeftModel.from_pretrained(_ConvNet(), tmp_path / "original").eval()
     with torch.no_grad():
         torch.testing.assert_close(theirs(x), ours(x), rtol=0, atol=1e-5)
+
+
+def test_dora_with_an_svd_init_on_a_convolution_is_not_told_to_save_for_the_original_base(
+    tmp_path: Path,
+) -> None:
+    """The warning advised for_original_base=True, which a DoRA adapter refuses."""
+    ours = inject(
+        _ConvNet(),
+        LoraConfig(r=2, target_modules=["conv"], init_lora_weights="pissa_exact", use_dora=True),
+    )
+    with pytest.warns(RuntimeWarning, match="convolution") as record:
+        save_adapter(ours, tmp_path / "plain")
+    message = str(record[0].message)
+    assert "no for_original_base form" in message and "save with for_original_base" not in message
+    with pytest.raises(ConfigError, match="cannot be re-expressed"):  # what the advice led to
+        save_adapter(ours, tmp_path / "original", for_original_base=True)
 
 
 def test_olora_on_conv1d_warns_that_peft_cannot_load_the_plain_save(tmp_path: Path) -> None:

@@ -143,7 +143,11 @@ def save_adapter(
     if reason is not None:
         warnings.warn(
             f"save_adapter: {reason} and cannot load this file (rankwise.load_adapter can); "
-            "for PEFT save with for_original_base=True (a plain LoRA)",
+            + (
+                "a DoRA adapter has no for_original_base form, so PEFT cannot use it"
+                if config.use_dora
+                else "for PEFT save with for_original_base=True (a plain LoRA)"
+            ),
             RuntimeWarning,
             stacklevel=2,
         )
