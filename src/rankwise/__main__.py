@@ -1,7 +1,5 @@
 """``python -m rankwise`` (and ``torchrun -m rankwise``) runs the command-line tool."""
 
-import sys
+from rankwise.cli import entry
 
-from rankwise.cli import main
-
-sys.exit(main())
+entry()

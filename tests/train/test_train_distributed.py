@@ -75,9 +75,11 @@ def test_two_processes_match_one_with_the_global_batch(
 _RUNNER = """
 import json, sys
 from rankwise.train import TrainConfig, train
+from rankwise.train.distributed import exit_process
 kw = json.loads(sys.argv[1])
 stop = int(sys.argv[2]) if len(sys.argv) > 2 else None
 train(TrainConfig(**kw), echo=lambda s: None, stop_after=stop)
+exit_process(0)  # as `rankwise` does under torchrun (torch's C++ teardown may abort)
 """
 
 
@@ -163,3 +165,49 @@ def test_two_processes_warn_once_and_label_the_second_ones_error(
         "rankwise finetune",
         "rankwise finetune (rank 1)",
     ], bad.stderr[-3000:]
+
+
+def test_exit_process_runs_exit_handlers_and_keeps_the_code(tmp_path: Path) -> None:
+    """The torchrun exit: Python's exit handlers and buffered output first, then the code."""
+    script = tmp_path / "exit.py"
+    marker = tmp_path / "atexit.txt"
+    script.write_text(
+        "import atexit, sys\n"
+        "from rankwise.train.distributed import exit_process\n"
+        f"atexit.register(lambda: open({str(marker)!r}, 'w').write('ran'))\n"
+        "sys.stdout.write('buffered')\n"
+        "exit_process(3)\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert done.returncode == 3
+    assert done.stdout == "buffered"
+    assert marker.read_text() == "ran"
+
+
+def test_the_executable_exits_through_exit_process_under_torchrun(tmp_path: Path) -> None:
+    # an object finalized at interpreter shutdown says so; exit_process skips that shutdown
+    code = (
+        "import sys\n"
+        "class D:\n"
+        "    def __del__(self): print('finalized')\n"
+        "d = D()\n"
+        "sys.argv = ['rankwise', 'version']\n"
+        "from rankwise.cli import entry\n"
+        "entry()\n"
+    )
+    outputs = {}
+    for world in ("1", "2"):
+        env = {**os.environ, "WORLD_SIZE": world}
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        assert done.returncode == 0 and done.stdout.startswith("rankwise ")
+        outputs[world] = done.stdout
+    assert "finalized" in outputs["1"] and "finalized" not in outputs["2"]
+    env = {**os.environ, "WORLD_SIZE": "2"}
+    done = subprocess.run(
+        [sys.executable, "-m", "rankwise", "finetune", "--lr", "-1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 2  # an error's code survives the exit

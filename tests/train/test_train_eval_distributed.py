@@ -49,6 +49,7 @@ save_file(tensors, f"{out}.{info.rank}.safetensors")
 with open(f"{out}.{info.rank}.json", "w") as f:
     json.dump({"forwards": len(calls), "examples": res.examples}, f)
 dist_.teardown(info)
+dist_.exit_process(0)  # as `rankwise` does under torchrun (torch's C++ teardown may abort)
 """
 
 

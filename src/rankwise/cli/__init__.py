@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from rankwise import __version__
 
@@ -272,6 +273,18 @@ def _say(line: str) -> None:
     and print's separate write of the newline let two errors run into one line."""
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
+
+
+def entry() -> NoReturn:
+    """The ``rankwise`` executable and ``python -m rankwise``: :func:`main`, then exit with its
+    code; under torchrun through :func:`~rankwise.train.distributed.exit_process` (a finished
+    run's exit could abort in torch's C++ teardown, and torchrun then reported a failure)."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from rankwise.train.distributed import exit_process
+
+        exit_process(code)
+    sys.exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
