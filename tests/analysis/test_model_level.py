@@ -285,3 +285,31 @@ def test_derived_adapters_refuse_dora_adalora_mixed_models_and_existing_output(
         resize_adapter(tmp_path / "a", tmp_path / "b", 2)  # another adapter is never overwritten
     assert (tmp_path / "b" / "adapter_model.safetensors").read_bytes() == before
     assert not (tmp_path / "out").exists()
+
+
+def test_a_rank_pattern_entry_sets_only_its_own_module(tmp_path: Path) -> None:
+    """PEFT matches a rank_pattern key against every dotted suffix of a module name: the key
+    '1' written for module '1' (rank 2) also gave module '0.1' rank 2, and its rank-4 factors
+    failed to load ("size mismatch for ...0.1.lora_A")."""
+    from torch import nn
+
+    from rankwise.io import load_adapter
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)), nn.Linear(8, 8))
+
+    base, tuned = net(), net()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module, rank in ((tuned[0][0], 4), (tuned[0][1], 4), (tuned[1], 2)):
+            module.weight += torch.randn(8, rank, generator=g) @ torch.randn(rank, 8, generator=g)
+    report = extract_adapter(base, tuned, tmp_path / "ad", energy=0.999999)
+    assert {row.module: row.rank for row in report.layers} == {"0.0": 4, "0.1": 4, "1": 2}
+    x = torch.randn(3, 8, generator=g)
+    with torch.no_grad():
+        expected = tuned(x)
+        theirs = peft.PeftModel.from_pretrained(net(), str(tmp_path / "ad")).eval()(x)
+        ours = load_adapter(net(), tmp_path / "ad")(x)
+    torch.testing.assert_close(theirs, expected, rtol=0, atol=1e-4 * expected.abs().max())
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6 * expected.abs().max())

@@ -13,6 +13,7 @@ rankwise load them on the base model unchanged. The file format itself is
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,10 @@ def _config_for(factors: Mapping[str, Factors], carried: LoraConfig | None) -> L
     ranks = {m: int(f.A.shape[0]) for m, f in factors.items()}
     values = list(ranks.values())
     r = max(set(values), key=values.count)  # the most common rank; others go to rank_pattern
-    pattern = {m: k for m, k in ranks.items() if k != r}
+    # PEFT matches a pattern key as a regex against any dotted suffix of a module's name
+    # (get_pattern_key): the bare path '1' also set the rank of '0.1'. '^' + the escaped path
+    # matches that one module only (the optional prefix group must then be empty)
+    pattern = {"^" + re.escape(m): k for m, k in ranks.items() if k != r}
     keep: dict[str, Any] = {}
     if carried is not None:
         keep = {k: getattr(carried, k) for k in _CARRIED if getattr(carried, k) is not None}
