@@ -282,12 +282,17 @@ def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> N
         Holder(),
         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False),
     ).save_pretrained(tmp_path / "held")
-    with pytest.raises(
-        ValueError,
-        match=r"'encoder\.layer\.0\.attention\.self\.query'.*"
-        r"'bert\.encoder\.layer\.0\.attention\.self\.query', the same layer",
-    ):
+    refused = r"held' adapts modules under 'bert\.encoder' and .*bare' under 'encoder', the same"
+    with pytest.raises(ValueError, match=refused):
         combine_adapters([tmp_path / "bare", tmp_path / "held"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # different layers under the two prefixes (query held, key bare) were accepted: the union
+    # held both naming schemes and PEFT dropped half of it, with only a warning
+    _peft_save(
+        tmp_path / "bare_keys", r=2, lora_alpha=4, init_lora_weights=False, target_modules=["key"]
+    )
+    with pytest.raises(ValueError, match=refused.replace("bare'", "bare_keys'")):
+        combine_adapters([tmp_path / "bare_keys", tmp_path / "held"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # disjoint layers of one model still combine (a zero update where an input lacks one)
     _peft_save(
@@ -417,3 +422,39 @@ def test_extract_warns_about_named_targets_that_did_not_change(tmp_path: Path) -
         warnings.simplefilter("error")  # by default only changed layers are extracted
         report = extract_adapter(base, tuned, tmp_path / "default", rank=2)
     assert [row.module for row in report.layers] == ["0"]
+
+
+def test_combine_adapters_names_the_source_of_another_size(tmp_path: Path) -> None:
+    # the per-module check counted only the adapters holding the module: "factors[1]" for
+    # the third source, and no directory
+    for name in ("a", "b"):
+        _peft_save(tmp_path / name, r=2, lora_alpha=4, init_lora_weights=False)
+    config = transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37,
+        vocab_size=100,
+    )  # fmt: skip
+    peft.get_peft_model(
+        transformers.BertModel(config),
+        peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False),
+    ).save_pretrained(tmp_path / "wide")
+    sources = [tmp_path / "a", tmp_path / "b", tmp_path / "wide"]
+    with pytest.raises(
+        ValueError, match=r"wide' \(sources\[2\]\) holds a \(48, 48\) update, .*a' \(sources\[0\]\)"
+    ):
+        combine_adapters(sources, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_linear_combine_refuses_a_rank_up_front_and_overflow_names_the_weights(
+    tmp_path: Path,
+) -> None:
+    _peft_save(tmp_path / "a", r=2, lora_alpha=4, init_lora_weights=False)
+    # the error named a module ("module 'encoder...key': ... takes no rank"), not the argument
+    with pytest.raises(ValueError, match=r"^rank: method='linear' is exact"):
+        combine_adapters([tmp_path / "a"], tmp_path / "out", rank=3)
+    assert not (tmp_path / "out").exists()
+    # weights=None: the overflow message was built from list(None), a TypeError
+    half = Factors(torch.ones(4, 1, dtype=torch.float16), torch.ones(1, 4, dtype=torch.float16))
+    big = Factors(torch.full((4, 1), 1e5), torch.ones(1, 4))  # float32, beyond float16's range
+    with pytest.raises(ValueError, match=r"weights: \[1\.0, 1\.0\] scale the factors beyond"):
+        combine([half, big])

@@ -480,3 +480,15 @@ def test_amplification_of_a_causal_lm_adapter_on_lm_head(
     argv = ["analyze", "amplification", str(tmp_path / "adapter"), "--model"]
     out = _run([*argv, str(tmp_path / "base")], capsys)
     assert "lm_head" in out and "q_proj" in out
+
+
+def test_combine_linear_with_a_rank_names_the_option(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "error: module 'encoder...key': method='linear' is exact and takes no rank"
+    out = tmp_path / "sum"
+    argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out", str(out), "--rank", "3"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--rank: --method linear is exact" in err and "module" not in err
+    assert not out.exists()

@@ -152,6 +152,11 @@ def combine_adapters(
     """
     if len(sources) == 0:
         raise ValueError("sources must name at least one adapter directory")
+    if method == "linear" and rank is not None:  # not per module: no module is at fault
+        raise ValueError(
+            f"rank: method='linear' is exact (its rank is the sum of the inputs' ranks) and "
+            f"takes no rank, found rank={rank}; use method='svd' for a rank-{rank} result"
+        )
     w = _check_weights(weights, len(sources), "sources")
     adapters = [read_factors(s) for s in sources]
     configs = [read_config(s) for s in sources]
@@ -167,6 +172,7 @@ def combine_adapters(
         )
     extras = _common_extras(sources, configs, extras_from)
     _check_module_prefixes(sources, adapters)
+    _check_module_shapes(sources, adapters)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
     if rank is None and method != "linear":
         # PEFT's default new rank: the largest rank any input adapter declares (r or a
@@ -193,22 +199,52 @@ def combine_adapters(
 
 
 def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
-    """Refuse a module of one adapter that only another names as a dotted suffix of its own
-    (``layers.0.q_proj`` against ``model.layers.0.q_proj``): the same layer saved on another
-    model class (a bare ``LlamaModel`` against ``LlamaForCausalLM``). The union would hold both
-    names, and a loader would apply one and skip the other without a word."""
-    names = [set(a) for a in adapters]
-    for (i, a), (j, b) in itertools.permutations(enumerate(names), 2):
-        only_b = sorted(b - a)
-        for short in sorted(a - b):
-            longer = next((m for m in only_b if m.endswith("." + short)), None)
-            if longer is not None:
+    """Refuse adapters saved on different model classes (a bare ``BertModel`` against
+    ``BertForSequenceClassification``): one names a part of the model (a module or any of its
+    parents) by a path that is a dotted suffix of the other's (``encoder.layer.0`` against
+    ``bert.encoder.layer.0``). The union would hold both naming schemes, and a loader would
+    apply one and skip the other without a word, whether the adapters adapt the same layers
+    or different ones (``...query`` in one, ``...value`` in the other)."""
+    paths = [_module_paths(a) for a in adapters]
+    for (i, a), (j, b) in itertools.permutations(enumerate(paths), 2):
+        for path in sorted(a - b):
+            parts = path.split(".")
+            for k in range(1, len(parts)):
+                tail = ".".join(parts[k:])
+                if tail in b and tail not in a:
+                    raise ValueError(
+                        f"sources: {str(sources[i])!r} adapts modules under {path!r} and "
+                        f"{str(sources[j])!r} under {tail!r}, the same part of the model under "
+                        "another prefix (saved on different model classes, e.g. a bare model "
+                        "and one with a head); combining them would keep both names and a "
+                        "loader would apply only one"
+                    )
+
+
+def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
+    """Refuse a module whose update has another shape in another adapter (a model of another
+    size), naming both directories (the per-module check counted only the adapters holding
+    the module, so its index named the wrong one, and no directory)."""
+    first: dict[str, tuple[int, tuple[int, int]]] = {}
+    for i, adapter in enumerate(adapters):
+        for module, (B, A) in adapter.items():
+            shape = (int(B.shape[0]), int(A.shape[1]))
+            j, seen = first.setdefault(module, (i, shape))
+            if seen != shape:
                 raise ValueError(
-                    f"sources: {str(sources[i])!r} adapts {short!r} and {str(sources[j])!r} "
-                    f"{longer!r}, the same layer under another prefix (saved on different "
-                    "model classes, e.g. a bare model and one with a head); combining them "
-                    "would keep both names and a loader would apply only one"
+                    f"module {module!r}: {str(sources[i])!r} (sources[{i}]) holds a {shape} "
+                    f"update, {str(sources[j])!r} (sources[{j}]) a {seen} one: adapters of "
+                    "models of other sizes cannot be combined"
                 )
+
+
+def _module_paths(modules: dict[str, Factors]) -> set[str]:
+    """Every module path and each of its parents (``a.b.c``: ``a``, ``a.b``, ``a.b.c``)."""
+    out: set[str] = set()
+    for name in modules:
+        parts = name.split(".")
+        out.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
+    return out
 
 
 def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:

@@ -313,7 +313,7 @@ def combine(
         B, A = B.to(out_dtype), A.to(out_dtype)
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             raise ValueError(
-                f"weights: {list(weights)} scale the factors beyond {out_dtype}'s range "
+                f"weights: {w} scale the factors beyond {out_dtype}'s range "
                 "(non-finite entries); use smaller weights"
             )
         return Factors(B, A)

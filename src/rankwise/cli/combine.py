@@ -66,6 +66,11 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    if args.rank is not None and args.method == "linear":
+        raise CliError(
+            "--rank: --method linear is exact (its rank is the sum of the inputs' ranks) and "
+            "takes no rank; use --method svd (or ties / dare) for a rank-k result"
+        )
     if args.weights is not None and len(args.weights) != len(args.adapters):
         raise CliError(
             f"--weights: expected {len(args.adapters)} numbers (one per adapter), "
