@@ -282,8 +282,11 @@ def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> N
         Holder(),
         peft.LoraConfig(r=2, lora_alpha=4, target_modules=["query"], init_lora_weights=False),
     ).save_pretrained(tmp_path / "held")
-    refused = r"held' adapts modules under 'bert\.encoder' and .*bare' under 'encoder', the same"
-    with pytest.raises(ValueError, match=refused):
+    with pytest.raises(
+        ValueError,
+        match=r"held' adapts 'bert\.encoder\.layer\.0\.attention\.self\.query' and "
+        r".*bare' 'encoder\.layer\.0\.attention\.self\.query', the same part",
+    ):
         combine_adapters([tmp_path / "bare", tmp_path / "held"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # different layers under the two prefixes (query held, key bare) were accepted: the union
@@ -291,7 +294,11 @@ def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> N
     _peft_save(
         tmp_path / "bare_keys", r=2, lora_alpha=4, init_lora_weights=False, target_modules=["key"]
     )
-    with pytest.raises(ValueError, match=refused.replace("bare'", "bare_keys'")):
+    with pytest.raises(
+        ValueError,
+        match=r"held' adapts 'bert\.encoder\.layer\.0\.attention\.self\.query' and "
+        r".*bare_keys' modules under 'encoder\.layer\.0\.attention\.self', the same part",
+    ):
         combine_adapters([tmp_path / "bare_keys", tmp_path / "held"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # disjoint layers of one model still combine (a zero update where an input lacks one)
@@ -300,6 +307,36 @@ def test_combine_refuses_one_layer_named_under_two_prefixes(tmp_path: Path) -> N
     )
     rows = combine_adapters([tmp_path / "bare", tmp_path / "keys"], tmp_path / "union")
     assert {row.module.rsplit(".", 1)[1] for row in rows} == {"query", "value", "key"}
+
+
+def test_combine_accepts_parts_of_one_model_whose_names_share_a_tail(tmp_path: Path) -> None:
+    """A parent path ending in another adapter's top-level name is no prefix mismatch: the
+    encoder and decoder adapters of a bert2bert model (``encoder.encoder...`` and
+    ``decoder.bert.encoder...``), or modules ``1.0`` and ``0.1`` of a Sequential, were refused."""
+    from safetensors.torch import save_file
+
+    def write(path: Path, modules: list[str]) -> None:
+        path.mkdir()
+        g = torch.Generator().manual_seed(len(modules))
+        tensors = {}
+        for m in modules:
+            tensors[f"base_model.model.{m}.lora_A.weight"] = torch.randn(2, 8, generator=g)
+            tensors[f"base_model.model.{m}.lora_B.weight"] = torch.randn(8, 2, generator=g)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        config = {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "target_modules": modules}
+        (path / "adapter_config.json").write_text(json.dumps(config))
+
+    q = "layer.0.attention.self.query"
+    pairs = [
+        ([f"encoder.encoder.{q}"], [f"decoder.bert.encoder.{q}"]),
+        (["1.0"], ["0.1"]),
+        (["1.0.0"], ["0.0.1"]),
+    ]
+    for n, (first, second) in enumerate(pairs):
+        write(tmp_path / f"a{n}", first)
+        write(tmp_path / f"b{n}", second)
+        rows = combine_adapters([tmp_path / f"a{n}", tmp_path / f"b{n}"], tmp_path / f"out{n}")
+        assert {row.module for row in rows} == {*first, *second}
 
 
 def test_a_non_finite_adapter_is_refused_by_key_everywhere(tmp_path: Path) -> None:

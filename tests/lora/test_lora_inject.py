@@ -179,6 +179,36 @@ def test_a_target_registered_twice_warns_that_the_other_name_skips_the_adapter()
     assert type(model.tied) is nn.Linear  # as PEFT: replaced under the first name only
 
 
+class _SharedBlock(nn.Module):
+    """One block applied three times (``ModuleList([blk, blk, blk])``): ``layers.1.q`` is
+    ``layers.0.q`` reached through a shared parent, not a second registration."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        block = nn.Sequential()
+        block.q = nn.Linear(4, 4)
+        self.layers = nn.ModuleList([block, block, block])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.layers:
+            x = block.q(x)
+        return x
+
+
+def test_a_block_shared_across_depth_gets_no_alias_warning() -> None:
+    import warnings
+
+    model = _SharedBlock()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "calls through 'layers.1.q' run the base layer": false
+        inject(model, LoraConfig(r=2, target_modules=["q"]))
+    assert all(type(block.q).__name__ == "LoraLinear" for block in model.layers)
+    with pytest.raises(
+        InjectionError, match=r"reached through a shared parent module: target 'layers\.0\.q'"
+    ):
+        inject(_SharedBlock(), LoraConfig(r=2, target_modules=["layers.1.q"]))
+
+
 def test_injecting_twice_is_refused_without_change() -> None:
     model = tiny_bert_cls()
     inject(model, LoraConfig(target_modules=["query"]))

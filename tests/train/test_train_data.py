@@ -550,6 +550,14 @@ def test_the_latin1_fallback_names_the_byte_after_a_bom_and_spares_real_latin1(
     with pytest.warns(RuntimeWarning, match=r"not valid UTF-8 \(byte 0xff on line 3\)"):
         rows = read_rows(str(path))
     assert list(rows[0]) == ["text", "label"]
+    only = tmp_path / "bom_only.tsv"  # the BOM alone says UTF-8 (no other non-ASCII text)
+    only.write_bytes(codecs.BOM_UTF8 + b"text\tlabel\nit\x92s\tpos\nb\tneg\n")
+    with pytest.warns(RuntimeWarning, match=r"line 2\) though it starts with a UTF-8 byte-order"):
+        read_rows(str(only))
+    tie = tmp_path / "tie.tsv"  # one valid sequence, one stray byte: still warned
+    tie.write_bytes("text\tlabel\ncafé it".encode() + b"\x92s\tpos\nb\tneg\n")
+    with pytest.warns(RuntimeWarning, match=r"byte 0x92 on line 2\) but its other non-ASCII"):
+        read_rows(str(tie))
     # real latin-1 French: one accidental valid UTF-8 pair (É then a no-break space, C9 A0)
     # among many invalid bytes warned "all of it is mis-decoded" of a correctly read file
     french = tmp_path / "fr.tsv"

@@ -197,12 +197,13 @@ def test_the_executable_exits_through_exit_process_under_torchrun(tmp_path: Path
         "entry()\n"
     )
     outputs = {}
-    for world in ("1", "2"):
+    for world in ("1", "2", "", " 1 "):  # '' (a blank export) crashed after the command ran
         env = {**os.environ, "WORLD_SIZE": world}
         done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
         assert done.returncode == 0 and done.stdout.startswith("rankwise ")
         outputs[world] = done.stdout
     assert "finalized" in outputs["1"] and "finalized" not in outputs["2"]
+    assert "finalized" in outputs[""] and "finalized" in outputs[" 1 "]
     env = {**os.environ, "WORLD_SIZE": "2"}
     done = subprocess.run(
         [sys.executable, "-m", "rankwise", "finetune", "--lr", "-1"],

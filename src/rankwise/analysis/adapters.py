@@ -200,24 +200,31 @@ def combine_adapters(
 
 def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
     """Refuse adapters saved on different model classes (a bare ``BertModel`` against
-    ``BertForSequenceClassification``): one names a part of the model (a module or any of its
-    parents) by a path that is a dotted suffix of the other's (``encoder.layer.0`` against
-    ``bert.encoder.layer.0``). The union would hold both naming schemes, and a loader would
-    apply one and skip the other without a word, whether the adapters adapt the same layers
-    or different ones (``...query`` in one, ``...value`` in the other)."""
-    paths = [_module_paths(a) for a in adapters]
-    for (i, a), (j, b) in itertools.permutations(enumerate(paths), 2):
-        for path in sorted(a - b):
-            parts = path.split(".")
+    ``BertForSequenceClassification``): a module of one, without some leading attribute names
+    (``bert.``, ``model.``), is a module of the other or a sibling of one (``bert.encoder.
+    layer.0.attention.self.query`` against ``encoder.layer.0.attention.self.value``). The
+    union would hold both naming schemes, and a loader would apply one and skip the other
+    without a word. A prefix holding a list index (``1.0`` against ``0.1``) names another part
+    of one model, and so does one whose remainder has no such match (bert2bert's encoder and
+    ``decoder.bert.encoder``)."""
+    names = [set(a) for a in adapters]
+    parents = [{m.rpartition(".")[0] for m in a} for a in names]
+    for (i, a), (j, b) in itertools.permutations(enumerate(names), 2):
+        for module in sorted(a - b):
+            parts = module.split(".")
             for k in range(1, len(parts)):
+                if parts[k - 1].isdigit():
+                    break  # a list index: another part of the same model
                 tail = ".".join(parts[k:])
-                if tail in b and tail not in a:
+                parent = tail.rpartition(".")[0]
+                if tail in b or (parent and parent in parents[j] and parent not in parents[i]):
+                    what = repr(tail) if tail in b else f"modules under {parent!r}"
                     raise ValueError(
-                        f"sources: {str(sources[i])!r} adapts modules under {path!r} and "
-                        f"{str(sources[j])!r} under {tail!r}, the same part of the model under "
-                        "another prefix (saved on different model classes, e.g. a bare model "
-                        "and one with a head); combining them would keep both names and a "
-                        "loader would apply only one"
+                        f"sources: {str(sources[i])!r} adapts {module!r} and "
+                        f"{str(sources[j])!r} {what}, the same part of the model under another "
+                        "prefix (saved on different model classes, e.g. a bare model and one "
+                        "with a head); combining them would keep both names and a loader "
+                        "would apply only one"
                     )
 
 
@@ -236,15 +243,6 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
                     f"update, {str(sources[j])!r} (sources[{j}]) a {seen} one: adapters of "
                     "models of other sizes cannot be combined"
                 )
-
-
-def _module_paths(modules: dict[str, Factors]) -> set[str]:
-    """Every module path and each of its parents (``a.b.c``: ``a``, ``a.b``, ``a.b.c``)."""
-    out: set[str] = set()
-    for name in modules:
-        parts = name.split(".")
-        out.update(".".join(parts[:k]) for k in range(1, len(parts) + 1))
-    return out
 
 
 def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:

@@ -280,7 +280,7 @@ def entry() -> NoReturn:
     code; under torchrun through :func:`~rankwise.train.distributed.exit_process` (a finished
     run's exit could abort in torch's C++ teardown, and torchrun then reported a failure)."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # as _rank_label
         from rankwise.train.distributed import exit_process
 
         exit_process(code)

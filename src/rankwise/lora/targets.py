@@ -250,7 +250,7 @@ def _check_every_entry_matched(
 
 def _aliases(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
     """Second names of shared modules: ``named_modules()`` (``modules``) lists a module object
-    registered twice under its first name only, as PEFT matches targets; alias -> first."""
+    reached by two paths under its first name only, as PEFT matches targets; alias -> first."""
     first = {id(m): n for n, m in modules.items()}
     return {
         n: first[id(m)]
@@ -259,15 +259,34 @@ def _aliases(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
     }
 
 
+def _registered_twice(model: nn.Module, alias: str, first: str) -> bool:
+    """Whether ``alias`` is a second registration of the module (``self.tied = self.enc``: a
+    wrapper set under ``first`` leaves ``alias`` on the base layer), not the same registration
+    reached through a shared parent (``ModuleList([blk, blk])``: the wrapper replaces
+    ``blk.q``, which every path then reaches)."""
+
+    def registration(name: str) -> tuple[int, str]:
+        parent, _, attr = name.rpartition(".")
+        return id(model.get_submodule(parent)), attr
+
+    return registration(alias) != registration(first)
+
+
 def _alias_hint(model: nn.Module, modules: dict[str, nn.Module], aliases: list[str]) -> str:
     """The hint for a target that names a shared module by its second name (else "")."""
     if not aliases:
         return ""
-    first = _aliases(model, modules)[aliases[0]]
+    alias = aliases[0]
+    first = _aliases(model, modules)[alias]
+    if not _registered_twice(model, alias, first):
+        return (
+            f"; {alias!r} is module {first!r} reached through a shared parent module: target "
+            f"{first!r}, its first name, as in PEFT (the adapter then runs on every path)"
+        )
     return (
-        f"; {aliases[0]!r} is a second name of module {first!r} (one module registered "
+        f"; {alias!r} is a second name of module {first!r} (one module registered "
         f"twice): target {first!r}, its first name, as in PEFT (calls through "
-        f"{aliases[0]!r} then still run the base layer without the adapter)"
+        f"{alias!r} then still run the base layer without the adapter)"
     )
 
 
@@ -278,7 +297,11 @@ def warn_aliased_targets(model: nn.Module, plan: Plan) -> None:
     modules = dict(model.named_modules())
     aliases = _aliases(model, modules)
     for t in plan.targets:
-        others = [a for a, first in aliases.items() if first == t.name]
+        others = [
+            a
+            for a, first in aliases.items()
+            if first == t.name and _registered_twice(model, a, first)
+        ]
         if others:
             warnings.warn(
                 f"target {t.name!r} is the same module as {others}; the adapter replaces it "

@@ -97,10 +97,16 @@ def _read_text(path: Path, encoding: str | None) -> str:
         bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
         at = err.start + bom  # utf-8-sig counts from after its BOM
         line = raw.count(b"\n", 0, at) + 1
-        if _mostly_utf8(raw[bom:]):
+        if bom or _mostly_utf8(raw[bom:]):  # a UTF-8 BOM says what the file meant to be
             warnings.warn(
                 f"data file {str(path)!r} is not valid UTF-8 (byte 0x{raw[at]:02x} on "
-                f"line {line}) but its other non-ASCII text is: read as latin-1, all of it "
+                f"line {line}) "
+                + (
+                    "though it starts with a UTF-8 byte-order mark"
+                    if bom
+                    else "but its other non-ASCII text is"
+                )
+                + ": read as latin-1, all of it "
                 "is mis-decoded ('é' reads as 'Ã©'); fix that byte, or re-save the file as UTF-8",
                 RuntimeWarning,
                 stacklevel=3,
@@ -126,12 +132,12 @@ def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
 
 
 def _mostly_utf8(raw: bytes) -> bool:
-    """Whether ``raw`` holds more valid multi-byte UTF-8 sequences than invalid bytes (a UTF-8
-    file with a stray byte), rather than being a legacy single-byte encoding, where such
-    sequences are rare and accidental ('É' then a no-break space, C9 A0, is one)."""
+    """Whether ``raw`` holds at least as many valid multi-byte UTF-8 sequences as invalid
+    bytes (a UTF-8 file with a stray byte), rather than being a legacy single-byte encoding,
+    where such sequences are rare and accidental ('É' then a no-break space, C9 A0, is one)."""
     text = raw.decode("utf-8", errors="replace")
     bad = text.count("\ufffd")
-    return sum(ord(ch) > 0x7F for ch in text) - bad > bad
+    return sum(ord(ch) > 0x7F for ch in text) - bad >= bad
 
 
 def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
