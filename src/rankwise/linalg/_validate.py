@@ -97,6 +97,13 @@ def check_fraction(value: Any, name: str, *, closed_right: bool) -> float:
     return number
 
 
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` as a bool, else a TypeError naming ``name`` (``"no"`` is truthy)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, found {value!r}")
+    return bool(value)
+
+
 def check_one_of(**options: Any) -> str:
     """Exactly one of the keyword ``options`` may be given (not None); return its name."""
     given = [key for key, value in options.items() if value is not None]
@@ -122,7 +129,7 @@ def times_power_of_two(tensor: torch.Tensor, exponent: int) -> torch.Tensor:
 
 def peak_exponent(tensor: torch.Tensor) -> int:
     """``e`` with ``max |tensor| = f · 2^e``, ``0.5 <= f < 1`` (0 for a zero or non-finite peak)."""
-    peak = float(tensor.abs().max()) if tensor.numel() else 0.0
+    peak = float(tensor.detach().abs().max()) if tensor.numel() else 0.0
     return math.frexp(peak)[1] if peak > 0 and math.isfinite(peak) else 0
 
 
@@ -132,7 +139,7 @@ def unit_scaled(A: torch.Tensor) -> tuple[torch.Tensor, int]:
     one vanish (``peak²`` below the smallest normal number, subnormal entries included); ``(A,
     0)`` itself (no copy) at ordinary scales. Exact: pivots, subspaces and singular values
     scaled back do not depend on scale, and products of a rescaled matrix stay in range."""
-    peak = float(A.abs().max()) if A.numel() else 0.0
+    peak = float(A.detach().abs().max()) if A.numel() else 0.0  # no grad warning
     if peak == 0 or not math.isfinite(peak):
         return A, 0
     info = torch.finfo(A.dtype)

@@ -44,8 +44,8 @@ def _unit_pair(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """``(x / max|x|, y / max|y|, max|x|·max|y|)``: factors whose norms and products neither
     overflow nor underflow when ``X`` and ``Y`` have extreme or very different scales (1e20 and
     1e-20: their product is ordinary, the squared norms are not). A zero factor gives scale 0."""
-    sx = float(x.abs().max()) if x.numel() else 0.0
-    sy = float(y.abs().max()) if y.numel() else 0.0
+    sx = float(x.detach().abs().max()) if x.numel() else 0.0
+    sy = float(y.detach().abs().max()) if y.numel() else 0.0
     if sx == 0 or sy == 0:
         return x, y, 0.0
     return x / sx, y / sy, sx * sy
@@ -80,6 +80,7 @@ def cr_approx(
     """
     x, y, was_numpy = _pair(X, Y)
     c = check_rank(rank, (x.shape[1],), "rank")
+    gen = make_generator(generator)  # checked whatever the method (as randomized_svd does)
     weights, _ = _weights(x, y)  # up to a constant factor: only ratios matter below
     if method == "top":
         idx = torch.topk(weights, c).indices.sort().values  # (c,)
@@ -90,7 +91,7 @@ def cr_approx(
     total = weights.sum()
     # XY = 0 when every product vanishes; any distribution is then exact, take the uniform one.
     p = weights / total if total > 0 else torch.full_like(weights, 1.0 / weights.numel())
-    idx = choice(p, c, generator=make_generator(generator)).to(x.device)  # (c,)
+    idx = choice(p, c, generator=gen).to(x.device)  # (c,)
     scale = (c * p[idx]).rsqrt()  # (c,): 1/sqrt(c·p_i); p_i > 0 for every drawn i
     result = CR(x[:, idx] * scale, y[idx, :] * scale[:, None], idx)
     return to_output(result, was_numpy)

@@ -39,6 +39,7 @@ from rankwise.linalg._random import GeneratorLike, make_generator
 from rankwise.linalg._validate import (
     ArrayLike,
     as_matrix,
+    check_flag,
     check_fraction,
     check_one_of,
     check_rank,
@@ -116,7 +117,7 @@ def _pivoted_qr(
     norms2.copy_(_column_norms2(A))
     sqrt_eps = math.sqrt(torch.finfo(A.dtype).eps)
     torch.mul(norms2, sqrt_eps, out=recompute_below)
-    stop = None if eps is None else (eps**2) * float(norms2.max())
+    stop = None if eps is None else (eps**2) * float(norms2.detach().max())
     stale = torch.empty(n, dtype=torch.bool, device=A.device)
     At = A.mT  # (n, m) view: R[j] = At @ q_j is a GEMV streaming A row by row
     pivots: list[int] = []
@@ -233,7 +234,8 @@ def interpolative(
     matrix, was_numpy = as_matrix(M, "M")
     k = None if rank is None else check_rank(rank, tuple(matrix.shape))
     tol = None if eps is None else check_fraction(eps, "eps", closed_right=False)
-    gen = make_generator(generator) if randomized else None
+    gen = make_generator(generator)  # checked even where unused, as randomized_svd does
+    randomized = check_flag(randomized, "randomized")
     return to_output(_column_id(matrix, k, tol, randomized, gen), was_numpy)
 
 
@@ -296,7 +298,8 @@ def cur(
     """
     matrix, was_numpy = as_matrix(M, "M")
     k = check_rank(rank, tuple(matrix.shape))
-    gen = make_generator(generator) if randomized else None
+    gen = make_generator(generator)  # checked even where unused, as randomized_svd does
+    randomized = check_flag(randomized, "randomized")
     cols = _column_id(matrix, k, None, randomized, gen).idx  # (k,)
     C = matrix[:, cols]  # (m, k)
     rows = _column_id(C.mT.contiguous(), k, None, False, None).idx  # (k,) rows of C

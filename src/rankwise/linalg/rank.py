@@ -43,6 +43,16 @@ def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
             f"{name}: expected finite non-negative singular values, found {int(bad.sum())} "
             f"others (first: {name}[{first}] = {float(tensor[first])})"
         )
+    # descending, as svdvals gives it (an ascending eigvalsh output gave a wrong rank); a few
+    # ulps of disorder between equal values are rounding, not order
+    rises = tensor[1:] > tensor[:-1] * (1 + 64 * torch.finfo(torch.float64).eps)
+    if bool(rises.any()):
+        at = int(rises.nonzero()[0, 0])
+        raise ValueError(
+            f"{name}: expected singular values in descending order, found {name}[{at}] = "
+            f"{float(tensor[at])} < {name}[{at + 1}] = {float(tensor[at + 1])} (sort it with "
+            "torch.sort(..., descending=True))"
+        )
     return tensor, was_numpy
 
 

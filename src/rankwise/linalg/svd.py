@@ -211,6 +211,7 @@ def _converged(previous: torch.Tensor, ritz: torch.Tensor, k: int, rounding: flo
     # leading k means the subspace has stopped moving at the scale of the optimal error. A
     # σ_{k+1} below rounding (``rounding · σ₁``: a matrix of rank <= k) counts as that level,
     # where the Ritz values only jitter: the first pass has already found the range.
+    previous, ritz = previous.detach(), ritz.detach()  # a float() of a grad tensor warns
     floor = torch.clamp(ritz[min(k, ritz.numel() - 1)], min=rounding * float(ritz[0]))
     step = (ritz[:k] - previous[:k]).abs().max()
     return bool(step <= AUTO_RITZ_TOLERANCE * floor)
