@@ -459,3 +459,45 @@ def test_loading_an_adapter_with_its_own_head_gives_no_reinit_warning(
         trained = load_trained(tmp_path / "run" / "adapter")
     assert trained.label_names == ("0", "1", "2")
     assert trained.model.classifier.out_features == 3  # the adapter's trained head
+
+
+def test_a_tokenizer_config_without_a_vocabulary_is_not_used(
+    run_dir: Path, tiny_bert: Path, tmp_path: Path
+) -> None:
+    """tokenizer_config.json alone made transformers build a 5-token tokenizer: every word and
+    even [CLS]/[SEP] became other ids, and predictions were silently wrong."""
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(run_dir / "adapter", adapter)
+    for name in ("tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        (adapter / name).unlink(missing_ok=True)
+    assert (adapter / "tokenizer_config.json").is_file()
+    with pytest.warns(RuntimeWarning, match="tokenizer_config.json without a vocabulary"):
+        trained = load_trained(adapter)
+    reference = load_trained(run_dir / "adapter")
+    assert (
+        trained.tokenizer("a good film")["input_ids"]
+        == (reference.tokenizer("a good film")["input_ids"])
+    )
+    base = tmp_path / "base"  # a base directory with the config alone is refused
+    base.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer_config.json"):
+        shutil.copy(tiny_bert / name, base / name)
+    with pytest.raises(ConfigError, match="has no tokenizer files"):
+        load_trained(run_dir / "adapter", model=str(base))
+
+
+def test_a_corrupt_model_file_and_a_model_for_a_model_directory_are_one_line_errors(
+    run_dir: Path, toy_tsv: Path, tmp_path: Path, capsys
+) -> None:
+    merged = merge_to(load_trained(run_dir / "adapter"), tmp_path / "merged")
+    # --model was ignored for a full model directory (a path that does not exist, too)
+    argv = ["predict", "--adapter", str(merged), "--model", str(tmp_path / "nowhere"), "a film"]
+    assert main(argv) == 2
+    assert "--model applies to adapter directories only" in capsys.readouterr().err
+    weights = merged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy: a traceback, exit 1
+    assert main(["evaluate", "--adapter", str(merged), "--data", str(toy_tsv)]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid safetensors file" in err and "Traceback" not in err

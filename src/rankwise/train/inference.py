@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -22,7 +23,9 @@ from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.models import (
+    TOKENIZER_FILES,
     check_positions,
+    has_tokenizer_files,
     load_pretrained,
     resolve_model_source,
     with_pad_token,
@@ -211,6 +214,12 @@ def load_trained(
             if task == "classification" and not names:
                 names = _label_names(config, _head_size(root))
     else:
+        if model is not None:  # it was ignored: another base, or a path that does not exist
+            raise ConfigError(
+                f"--model {model!r}: {str(root)!r} is a full model directory (no "
+                f"{ADAPTER_CONFIG}), which carries its own base; --model applies to adapter "
+                "directories only"
+            )
         base = str(root)
         task = str(info.get("task") or _task_of(_model_config(base), None))
         if task == "classification" and not names:
@@ -223,10 +232,17 @@ def load_trained(
     tokenizer = loaded.tokenizer
     if has_adapter:
         load_adapter(loaded.model, root)
-        if (root / "tokenizer_config.json").is_file():
+        if has_tokenizer_files(root):  # a vocabulary, not a tokenizer_config.json alone
             from transformers import AutoTokenizer
 
             tokenizer = with_pad_token(AutoTokenizer.from_pretrained(root), str(root))
+        elif (root / "tokenizer_config.json").is_file():
+            warnings.warn(
+                f"{root}: tokenizer_config.json without a vocabulary file (one of "
+                f"{', '.join(TOKENIZER_FILES)}) is ignored; the base model's tokenizer is used",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
 

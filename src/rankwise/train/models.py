@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
+from safetensors import SafetensorError
 
-from rankwise.errors import ConfigError
+from rankwise.errors import AdapterFormatError, ConfigError
 
 DROPOUT_KEYS = ("dropout", "pdrop", "dropout_prob", "dropout_rate")
 
@@ -65,15 +66,23 @@ def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
 HEADS = ("classifier", "score")
 # Files one of which every saved transformers tokenizer has (fast JSON, WordPiece, BPE,
 # SentencePiece, or the config that names them).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json",
-                   "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+# the files that hold a vocabulary (tokenizer_config.json alone does not: transformers then
+# builds a 5-token tokenizer and every word becomes the unknown token)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer's vocabulary (:data:`TOKENIZER_FILES`)."""
+    path = Path(directory)
+    return any((path / name).is_file() for name in TOKENIZER_FILES)
 
 
 def _check_tokenizer_files(source: str) -> None:
     """A local model directory without tokenizer files is refused: transformers would build an
     empty tokenizer from the config and every word would become the unknown token."""
     path = Path(source)
-    if path.is_dir() and not any((path / name).is_file() for name in TOKENIZER_FILES):
+    if path.is_dir() and not has_tokenizer_files(path):
         raise ConfigError(
             f"model directory {source!r} has no tokenizer files (expected one of "
             f"{', '.join(TOKENIZER_FILES)}); save the tokenizer there too "
@@ -186,6 +195,11 @@ def load_pretrained(
             model = _from_pretrained(auto, source, config, new_head=mismatched)
         else:
             model = _causal_lm(auto, source, config)
+    except SafetensorError as err:  # a truncated or damaged weights file: one line, not 30
+        raise AdapterFormatError(
+            f"model {source!r}: its weights file is not a valid safetensors file ({err}); "
+            "copy or save the model again"
+        ) from None
     finally:
         transformers.logging.set_verbosity(verbosity)
     if model_dropout is not None:
