@@ -262,10 +262,13 @@ def _negative_values_attached(parser: argparse.ArgumentParser, argv: list[str]) 
 def _rank_label() -> str:
     """``" (rank N)"`` for a process other than the first under torchrun, else ``""``: every
     process reports its own error, and the copies should say whose they are."""
-    import os
+    rank = os.environ.get("RANK", "0")
+    return f" (rank {rank})" if _under_torchrun() and rank != "0" else ""
 
-    rank, world = os.environ.get("RANK", "0"), os.environ.get("WORLD_SIZE", "1")
-    return f" (rank {rank})" if world not in ("", "0", "1") and rank != "0" else ""
+
+def _under_torchrun() -> bool:
+    """Whether torchrun started more than one process (``WORLD_SIZE`` above 1)."""
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
 def _say(line: str) -> None:
@@ -280,7 +283,7 @@ def entry() -> NoReturn:
     code; under torchrun through :func:`~rankwise.train.distributed.exit_process` (a finished
     run's exit could abort in torch's C++ teardown, and torchrun then reported a failure)."""
     code = main()
-    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):  # as _rank_label
+    if _under_torchrun():
         from rankwise.train.distributed import exit_process
 
         exit_process(code)

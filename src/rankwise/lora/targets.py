@@ -24,7 +24,7 @@ import difflib
 import math
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 from torch import nn
@@ -103,8 +103,8 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
                     f"{cfg.exclude_modules!r}; nothing is left to adapt"
                 )
         hint = "" if isinstance(entries, str) or not entries else _candidates(entries[0], modules)
-        aliases = [a for a in _aliases(model, modules) if _is_target(cfg, a, save_names)]
-        hint = _alias_hint(model, modules, aliases) or hint
+        aliases = _aliases(model, modules)
+        hint = _alias_hint(model, aliases, lambda a: _is_target(cfg, a, save_names)) or hint
         raise InjectionError(f"target_modules: {entries!r} matched no module{hint}")
     # as PEFT: fan_in_fan_out follows the layer type (True for GPT-2-style Conv1D), not the flag
     conv1d = any(is_hf_conv1d(modules[t.name]) for t in targets)
@@ -125,7 +125,7 @@ def selected_names(
         cfg = cfg.replace(target_modules=_all_linear(model, modules, cfg))
     names = [n for n in modules if n and _is_target(cfg, n, save_names)]
     if strict:
-        _check_every_entry_matched(cfg, list(modules), names, model)
+        _check_every_entry_matched(cfg, modules, model)
     return names, save_names, cfg
 
 
@@ -234,18 +234,17 @@ def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig
 
 
 def _check_every_entry_matched(
-    cfg: LoraConfig, all_names: list[str], hits: list[str], model: nn.Module
+    cfg: LoraConfig, modules: dict[str, nn.Module], model: nn.Module
 ) -> None:
     if isinstance(cfg.target_modules, str):
         return  # a regex: checked as a whole (no hit -> "matched no module")
     for entry in cfg.target_modules or []:
-        if not any(_suffix_match(n, [entry]) for n in all_names if n):
-            modules = dict(model.named_modules())
-            aliases = [a for a in _aliases(model, modules) if _suffix_match(a, [entry])]
-            hint = _alias_hint(model, modules, aliases) or _candidates(
-                entry, dict.fromkeys(all_names)
+        if not any(_suffix_match(n, [entry]) for n in modules if n):
+            aliases = _aliases(model, modules)
+            hint = _alias_hint(model, aliases, lambda a, e=entry: _suffix_match(a, [e]))
+            raise InjectionError(
+                f"target_modules: {entry!r} matches no module{hint or _candidates(entry, modules)}"
             )
-            raise InjectionError(f"target_modules: {entry!r} matches no module{hint}")
 
 
 def _aliases(model: nn.Module, modules: dict[str, nn.Module]) -> dict[str, str]:
@@ -272,12 +271,13 @@ def _registered_twice(model: nn.Module, alias: str, first: str) -> bool:
     return registration(alias) != registration(first)
 
 
-def _alias_hint(model: nn.Module, modules: dict[str, nn.Module], aliases: list[str]) -> str:
-    """The hint for a target that names a shared module by its second name (else "")."""
-    if not aliases:
+def _alias_hint(model: nn.Module, aliases: dict[str, str], matches: Callable[[str], bool]) -> str:
+    """The hint for a target that names a shared module by its second name: the first of
+    ``aliases`` (:func:`_aliases`) that ``matches`` (else "")."""
+    alias = next((a for a in aliases if matches(a)), None)
+    if alias is None:
         return ""
-    alias = aliases[0]
-    first = _aliases(model, modules)[alias]
+    first = aliases[alias]
     if not _registered_twice(model, alias, first):
         return (
             f"; {alias!r} is module {first!r} reached through a shared parent module: target "

@@ -98,16 +98,15 @@ def _read_text(path: Path, encoding: str | None) -> str:
         at = err.start + bom  # utf-8-sig counts from after its BOM
         line = raw.count(b"\n", 0, at) + 1
         if bom or _mostly_utf8(raw[bom:]):  # a UTF-8 BOM says what the file meant to be
+            why = (
+                "though it starts with a UTF-8 byte-order mark"
+                if bom
+                else ("but its other non-ASCII text is")
+            )
             warnings.warn(
                 f"data file {str(path)!r} is not valid UTF-8 (byte 0x{raw[at]:02x} on "
-                f"line {line}) "
-                + (
-                    "though it starts with a UTF-8 byte-order mark"
-                    if bom
-                    else "but its other non-ASCII text is"
-                )
-                + ": read as latin-1, all of it "
-                "is mis-decoded ('é' reads as 'Ã©'); fix that byte, or re-save the file as UTF-8",
+                f"line {line}) {why}: read as latin-1, all of it is mis-decoded ('é' reads "
+                "as 'Ã©'); fix that byte, or re-save the file as UTF-8",
                 RuntimeWarning,
                 stacklevel=3,
             )

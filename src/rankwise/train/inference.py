@@ -232,19 +232,26 @@ def load_trained(
     tokenizer = loaded.tokenizer
     if has_adapter:
         load_adapter(loaded.model, root)
-        if has_tokenizer_files(root):  # a vocabulary, not a tokenizer_config.json alone
-            from transformers import AutoTokenizer
-
-            tokenizer = with_pad_token(AutoTokenizer.from_pretrained(root), str(root))
-        elif (root / "tokenizer_config.json").is_file():
-            warnings.warn(
-                f"{root}: tokenizer_config.json without a vocabulary file (one of "
-                f"{', '.join(TOKENIZER_FILES)}) is ignored; the base model's tokenizer is used",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+        tokenizer = _adapter_tokenizer(root, tokenizer)
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
+
+
+def _adapter_tokenizer(root: Path, base_tokenizer: Any) -> Any:
+    """The tokenizer saved beside an adapter, when it holds a vocabulary (a
+    tokenizer_config.json alone is ignored, with a warning), else the base model's."""
+    if has_tokenizer_files(root):
+        from transformers import AutoTokenizer
+
+        return with_pad_token(AutoTokenizer.from_pretrained(root), str(root))
+    if (root / "tokenizer_config.json").is_file():
+        warnings.warn(
+            f"{root}: tokenizer_config.json without a vocabulary file (one of "
+            f"{', '.join(TOKENIZER_FILES)}) is ignored; the base model's tokenizer is used",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return base_tokenizer
 
 
 def evaluate_file(

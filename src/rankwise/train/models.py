@@ -64,10 +64,9 @@ def _dropout_overrides(config: Any, p: float) -> dict[str, float]:
 
 # Top-level head modules of transformers' sequence-classification models
 HEADS = ("classifier", "score")
-# Files one of which every saved transformers tokenizer has (fast JSON, WordPiece, BPE,
-# SentencePiece, or the config that names them).
-# the files that hold a vocabulary (tokenizer_config.json alone does not: transformers then
-# builds a 5-token tokenizer and every word becomes the unknown token)
+# Files one of which every saved transformers tokenizer has, each holding its vocabulary (fast
+# JSON, WordPiece, BPE, SentencePiece). tokenizer_config.json alone does not count: transformers
+# then builds a 5-token tokenizer and every word becomes the unknown token.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model",
                    "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
 
