@@ -8,7 +8,9 @@ from torch import nn
 
 from rankwise.errors import MergeError, ShapeMismatchError
 from rankwise.lora import LoraConfig, LoraLayer, inject, lora_layers
-from rankwise.lora.layers import LoraConv, LoraEmbedding, LoraLinear
+from rankwise.lora.conv import LoraConv
+from rankwise.lora.embedding import LoraEmbedding
+from rankwise.lora.layers import LoraLinear
 
 
 def _hf_conv1d(in_f: int, out_f: int) -> nn.Module:

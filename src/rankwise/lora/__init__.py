@@ -21,18 +21,13 @@ from rankwise.lora.adalora import (
 )
 from rankwise.lora.adalora_alloc import RankAllocator
 from rankwise.lora.config import SCALING_RULES, LoraConfig
-from rankwise.lora.dora import DORA_WRAPPERS, DoraConv, DoraEmbedding, DoraLinear
+from rankwise.lora.conv import LoraConv
+from rankwise.lora.dora import DoraConv, DoraEmbedding, DoraLinear
+from rankwise.lora.embedding import LoraEmbedding
 from rankwise.lora.init_svd import olora_init, pissa_exact_init, pissa_init
 from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, LoraInit, kaiming_init
 from rankwise.lora.inject import get_config, inject, lora_layers
-from rankwise.lora.layers import (
-    WRAPPERS,
-    LoraConv,
-    LoraEmbedding,
-    LoraFactors,
-    LoraLayer,
-    LoraLinear,
-)
+from rankwise.lora.layers import LoraFactors, LoraLayer, LoraLinear
 from rankwise.lora.lora_ga import lora_ga_init
 from rankwise.lora.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from rankwise.lora.merge import (
@@ -43,6 +38,7 @@ from rankwise.lora.merge import (
     unload,
     unmerge,
 )
+from rankwise.lora.registry import WRAPPERS
 from rankwise.lora.report import TrainableReport, trainable_report
 
 # -- variants: one registry entry each (initializer axis, parametrization axis) ---------------
@@ -58,7 +54,6 @@ INITIALIZERS.update(
     }
 )
 WEIGHT_READING.update({"pissa", "pissa_exact", "olora"})
-WRAPPERS.update({"dora": DORA_WRAPPERS, "adalora": {"linear": AdaLoraLinear}})
 
 __all__ = [
     "AdaLoraConfig",

@@ -75,7 +75,7 @@ class AdaLoraConfig(LoraConfig):
 
     @property
     def parametrization(self) -> str:
-        """Row ``"adalora"`` of :data:`rankwise.lora.layers.WRAPPERS`."""
+        """Row ``"adalora"`` of :data:`rankwise.lora.registry.WRAPPERS`."""
         return "adalora"
 
     @property

@@ -127,7 +127,7 @@ class LoraConfig:
 
     @property
     def parametrization(self) -> str:
-        """Row of :data:`rankwise.lora.layers.WRAPPERS`: ``"dora"`` or ``"vanilla"``."""
+        """Row of :data:`rankwise.lora.registry.WRAPPERS`: ``"dora"`` or ``"vanilla"``."""
         return "dora" if self.use_dora else "vanilla"
 
     @property

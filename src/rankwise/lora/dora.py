@@ -47,13 +47,9 @@ from torch import Tensor, nn
 
 from rankwise.errors import MergeError
 from rankwise.lora.cache_key import weights_key
-from rankwise.lora.layers import (
-    LoraConv,
-    LoraEmbedding,
-    LoraLayer,
-    LoraLinear,
-    plain_adapter,
-)
+from rankwise.lora.conv import LoraConv
+from rankwise.lora.embedding import LoraEmbedding
+from rankwise.lora.layers import LoraLayer, LoraLinear, plain_adapter
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,
     autograd_transforms_active,
@@ -535,7 +531,7 @@ class DoraConv(DoraMixin, LoraConv):
         return (result + ((c - 1) * base_part + c * lora * self.scaling)).to(result.dtype)
 
 
-# layer kind -> DoRA wrapper (the "dora" row of rankwise.lora.layers.WRAPPERS)
+# layer kind -> DoRA wrapper (the "dora" row of rankwise.lora.registry.WRAPPERS)
 DORA_WRAPPERS: dict[str, type[LoraLayer]] = {
     "linear": DoraLinear,
     "embedding": DoraEmbedding,

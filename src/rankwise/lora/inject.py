@@ -20,7 +20,8 @@ from rankwise.errors import ConfigError, InjectionError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
-from rankwise.lora.layers import WRAPPERS, LoraLayer
+from rankwise.lora.layers import LoraLayer
+from rankwise.lora.registry import WRAPPERS
 from rankwise.lora.targets import Plan, Target, check_ranks, resolve, warn_aliased_targets
 
 STATE_ATTR = "_rankwise_lora"

@@ -525,134 +525,6 @@ def _own_plain(module: nn.Module) -> bool:
     )
 
 
-class LoraEmbedding(LoraLayer):
-    """LoRA on ``nn.Embedding(n, d)``: ``h = E[x] + s · (A^T[x]) B^T`` with ``A: (r, n)``,
-    ``B: (d, r)``; ``ΔE = s · (B A)^T``. No dropout on token ids (as PEFT)."""
-
-    kind = "embedding"
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float,
-        scaling: float,
-        lora_dropout: float,
-    ) -> None:
-        super().__init__(base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=0.0)
-        n, d = self.base_weight.shape
-        self.in_features, self.out_features = int(n), int(d)
-        kw = {"device": self.base_weight.device, "dtype": self._dtype}
-        self.lora_embedding_A = nn.Parameter(torch.zeros(r, n, **kw))
-        self.lora_embedding_B = nn.Parameter(torch.zeros(d, r, **kw))
-
-    @property
-    def lora_A(self) -> Tensor:  # type: ignore[override]
-        return self.lora_embedding_A
-
-    @property
-    def lora_B(self) -> Tensor:  # type: ignore[override]
-        return self.lora_embedding_B
-
-    @classmethod
-    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-        n, d = base.weight.shape
-        return {"lora_embedding_A": (r, int(n)), "lora_embedding_B": (int(d), r)}
-
-    def base_matrix(self) -> Tensor:
-        return self.base_weight.t()  # (d, n): the map one_hot(token) -> embedding
-
-    def _from_matrix(self, delta: Tensor) -> Tensor:
-        return delta.t()
-
-    def factors(self) -> LoraFactors:
-        return LoraFactors(self.lora_embedding_A, self.lora_embedding_B)
-
-    def lookup_a(self, x: Tensor) -> Tensor:
-        """``(..., r)``: the rows of ``Aᵀ`` (n, r) for the ids ``x``, looked up with the base
-        layer's own options (``max_norm`` renormalizes those rows of ``A`` in place, as the
-        base lookup does ``W``'s)."""
-        base = self.base_layer
-        return F.embedding(
-            x,
-            self.lora_embedding_A.t(),
-            padding_idx=base.padding_idx,
-            max_norm=base.max_norm,
-            norm_type=base.norm_type,
-            scale_grad_by_freq=base.scale_grad_by_freq,
-            sparse=False,  # A is small: a dense gradient (sparse one of a transposed view fails)
-        )
-
-    def adapted_forward(self, x: Tensor) -> Tensor:
-        base = self.base_layer
-        result = base(x)  # (..., d)
-        h = self.lookup_a(x)  # (..., r)
-        embed_scale = getattr(base, "embed_scale", None)  # e.g. Gemma's scaled embeddings
-        if embed_scale is not None:
-            h = h * embed_scale
-        return self._project_up(result, h, self.lora_embedding_B)
-
-
-class LoraConv(LoraLayer):
-    """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (``groups = dilation = 1``):
-    ``h = conv(x) + s · conv_B(conv_A(dropout(x)))`` with ``conv_A`` of the base layer's kernel,
-    stride and padding and ``conv_B`` 1×1; ``ΔW = s · (B A)`` reshaped to ``(out, in, *k)``."""
-
-    kind = "conv"
-
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float,
-        scaling: float,
-        lora_dropout: float,
-    ) -> None:
-        super().__init__(
-            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
-        )
-        conv = type(base_layer)
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        kw = {"bias": False, "device": self.base_weight.device, "dtype": self._dtype}
-        ones = (1,) * len(base_layer.kernel_size)
-        self.lora_A = conv(
-            self.in_features, r, base_layer.kernel_size, base_layer.stride, base_layer.padding, **kw
-        )
-        self.lora_B = conv(r, self.out_features, ones, ones, **kw)
-
-    @classmethod
-    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-        k = tuple(int(s) for s in base.kernel_size)
-        ones = (1,) * len(k)
-        return {
-            "lora_A.weight": (r, int(base.in_channels), *k),
-            "lora_B.weight": (int(base.out_channels), r, *ones),
-        }
-
-    def base_matrix(self) -> Tensor:
-        return self.base_weight.flatten(1)  # (out, in * prod(k))
-
-    def _from_matrix(self, delta: Tensor) -> Tensor:
-        return delta.reshape(self.base_weight.shape)
-
-    def factors(self) -> LoraFactors:
-        # A: (r, in * prod(k)); B: (out, r) — views of the conv kernels
-        return LoraFactors(self.lora_A.weight.flatten(1), self.lora_B.weight.flatten(1))
-
-    def adapted_forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)  # (N, out, *spatial)
-        h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != self._dtype:
-            h = h.to(self._dtype)
-        h = self.lora_A(h) * self.scaling  # (N, r, *spatial): the scale on the r-channel map
-        up = self.lora_B(h)
-        if up.dtype != result.dtype:  # add in the adapter's dtype, round once (as PEFT)
-            return (result.to(up.dtype) + up).to(result.dtype)
-        return result + up
-
-
 def linear_dims(base_layer: nn.Module) -> tuple[bool, int, int]:
     """``(fan_in_fan_out, in_features, out_features)`` of an ``nn.Linear`` (``W: (out, in)``)
     or a transformers ``Conv1D`` (``W: (in, out)``, hence ``fan_in_fan_out``)."""
@@ -668,7 +540,7 @@ def is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def wrapper_kind(module: nn.Module) -> str | None:
-    """Key of :data:`WRAPPERS` for ``module``, or None if it cannot be adapted."""
+    """Key of :data:`rankwise.lora.registry.WRAPPERS` for ``module``, or None if it cannot be adapted."""
     if isinstance(module, LoraLayer):
         return None
     if isinstance(module, nn.Linear) or is_hf_conv1d(module):
@@ -678,9 +550,3 @@ def wrapper_kind(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "conv"
     return None
-
-
-# parametrization -> layer kind -> wrapper class. Variants add a row (e.g. "dora").
-WRAPPERS: dict[str, dict[str, type[LoraLayer]]] = {
-    "vanilla": {"linear": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv},
-}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rankwise.lora.layers import LoraEmbedding
+from rankwise.lora.embedding import LoraEmbedding
 
 DEFAULT_RATIO = 16.0
 DEFAULT_EMBEDDING_LR = 1e-6

@@ -12,7 +12,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from rankwise.lora.inject import get_state, lora_layers, parametrization_name
-from rankwise.lora.layers import WRAPPERS, LoraLayer
+from rankwise.lora.layers import LoraLayer
+from rankwise.lora.registry import WRAPPERS
 from rankwise.lora.targets import Plan
 
 
