@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from rankwise.analysis.image import crop_for_monarch, monarch_blocks
 from rankwise.cli import main
-from rankwise.cli.compress_image import crop_for_monarch, monarch_blocks
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ROW = re.compile(r"^(SVD|ID|Monarch \(b=(\d+)\))\s+(\d+)\s+(\d+)\s+([\d.]+)x\s+([\d.]+)%$")
@@ -132,7 +132,7 @@ def test_missing_image_and_too_large_rank(
 def test_high_bit_depth_grayscale_keeps_its_values(mode: str, tmp_path: Path) -> None:
     from PIL import Image
 
-    from rankwise.cli.compress_image import load_gray
+    from rankwise.analysis.image import load_gray
 
     dtype = {"I;16": np.uint16, "I": np.int32, "F": np.float32}[mode]
     ramp = np.tile(np.linspace(0, 60000, 64), (32, 1)).astype(dtype).astype(np.float64)
@@ -162,12 +162,12 @@ def test_a_failed_figure_removes_the_directory_it_made(tmp_path: Path, monkeypat
     # --out was made before any work: a failure (or Ctrl-C) left it empty or with one figure
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    import rankwise.cli.compress_image as command
+    from rankwise.analysis import plots
 
     def broken(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(command, "plot_spectrum", broken)
+    monkeypatch.setattr(plots, "plot_image_spectrum", broken)
     out = tmp_path / "figs"
     assert main(["compress-image", "--ranks", "5", "--out", str(out)]) == 2
     assert list(tmp_path.iterdir()) == []

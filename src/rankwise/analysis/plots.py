@@ -6,6 +6,8 @@
 * :func:`plot_spectra` — normalized singular values (log scale) and cumulative energy.
 * :func:`plot_amplification` — the amplification factor per module.
 * :func:`plot_budget` — held-out accuracy per set of adapted weight types (equal budget).
+* :func:`plot_compression`, :func:`plot_image_spectrum` — ``rankwise compress-image``'s
+  reconstructions per rank and the image's spectrum (:mod:`rankwise.analysis.image`).
 
 Each returns the paths it wrote; files are written atomically (temp file, then os.replace).
 """
@@ -15,12 +17,15 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rankwise.analysis.adapters import ModuleSimilarity, ModuleSpectrum
 from rankwise.analysis.budget import BudgetPlan
+from rankwise.analysis.image import CompressionRow
 from rankwise.analysis.model import ModuleAmplification
 from rankwise.io.files import default_file_mode
 
@@ -145,4 +150,70 @@ def plot_budget(
         ax.set_title(f"budget: {counts[0]}–{counts[-1]} LoRA parameters per run")
     path = _save(fig, Path(directory) / "budget.png")
     plt.close(fig)
+    return [path]
+
+
+def plot_compression(
+    image: np.ndarray,
+    rows: Sequence[CompressionRow],
+    pictures: Mapping[tuple[str, int], np.ndarray],
+    directory: PathLike,
+) -> list[Path]:
+    """``compress_grid.png``: the original and each method's reconstruction per rank
+    (:func:`rankwise.analysis.image.approximations`' rows and pictures)."""
+    plt = _pyplot()
+    ranks = sorted({r.rank for r in rows})
+    methods = ["SVD", "ID", "Monarch"]
+    aspect = image.shape[0] / image.shape[1]
+    figure = plt.figure(figsize=(4 * 3.2, len(ranks) * (3.2 * aspect + 0.7) + 0.6))
+    axes = figure.subplots(len(ranks), 4, squeeze=False)
+    by_key = {(r.method.split(" ")[0], r.rank): r for r in rows}
+    for i, k in enumerate(ranks):
+        axes[i, 0].set_axis_off()
+        if i == 0:
+            axes[i, 0].imshow(image, cmap="gray", vmin=0, vmax=1)
+            axes[i, 0].set_title(f"original {image.shape[0]}x{image.shape[1]}", fontsize=9)
+        for j, method in enumerate(methods, start=1):
+            row = by_key[(method, k)]
+            ax = axes[i, j]
+            ax.imshow(np.clip(pictures[(method, k)], 0, 1), cmap="gray", vmin=0, vmax=1)
+            ax.set_title(
+                f"{row.method} k={k}\nerr {100 * row.error:.1f}%, {row.ratio:.1f}x smaller",
+                fontsize=9,
+            )
+            ax.set_axis_off()
+    figure.suptitle("rank-k reconstructions at (near) equal parameter counts")
+    figure.tight_layout()
+    path = _save(figure, Path(directory) / "compress_grid.png")
+    plt.close(figure)
+    return [path]
+
+
+def plot_image_spectrum(S: np.ndarray, ranks: Sequence[int], directory: PathLike) -> list[Path]:
+    """``spectrum.png``: an image's singular values (linear, log) and cumulative energy, with
+    the ``ranks`` marked."""
+    from rankwise.linalg import energy
+
+    plt = _pyplot()
+
+    index = np.arange(1, S.size + 1)
+    figure = plt.figure(figsize=(13, 3.8))
+    linear, log, cumulative = figure.subplots(1, 3)
+    linear.plot(index, S)
+    linear.set(title="singular values", xlabel="i", ylabel=r"$\sigma_i$")
+    log.semilogy(index, np.maximum(S, np.finfo(float).tiny))
+    log.set(title="singular values (log scale)", xlabel="i", ylabel=r"$\sigma_i$")
+    cumulative.plot(index, energy(S))
+    cumulative.set(
+        title="cumulative energy",
+        xlabel="rank k",
+        ylabel=r"$\sum_{i \leq k} \sigma_i^2 \,/\, \sum_i \sigma_i^2$",
+    )
+    for ax in (linear, log, cumulative):
+        for k in ranks:
+            ax.axvline(k, color="gray", linestyle=":", linewidth=1)
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    path = _save(figure, Path(directory) / "spectrum.png")
+    plt.close(figure)
     return [path]
