@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rankwise.errors import ConfigError
-from rankwise.train.data import held_out_split, load_dataset, read_rows
+from rankwise.train.data import held_out_split, load_dataset
+from rankwise.train.rows import read_rows
 
 
 def _write(path: Path, text: str) -> Path:
@@ -130,7 +131,7 @@ def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> 
         return [{"text": known[(path, name)], "label": 0}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    from rankwise.train.data import _read_hf
+    from rankwise.train.rows import _read_hf
 
     assert _read_hf("stanfordnlp/imdb:test") == [{"text": "imdb", "label": 0}]
     assert calls[-1] == ("stanfordnlp/imdb", None, "test")
@@ -279,7 +280,7 @@ def test_a_repeated_header_name_is_numbered_as_pandas_does(tmp_path: Path, name:
     sep = "," if name.endswith("csv") else "\t"
     path = _write(tmp_path / name, sep.join(["text", "label", "text", "", ""]) + "\n"
                   + sep.join(["good film", "1", "note A", "", ""]) + "\n")  # fmt: skip
-    from rankwise.train.data import read_rows
+    from rankwise.train.rows import read_rows
 
     assert list(read_rows(str(path))[0]) == ["text", "label", "text.1", "", ".1"]
     assert load_dataset(str(path), label_names=("0", "1")).texts == ("good film",)
