@@ -183,7 +183,19 @@ def load_dataset(
             RuntimeWarning,
             stacklevel=2,
         )
-    texts, keys = [], []
+    texts, keys = _texts_and_keys(rows, name, text_col, label_col)
+    keys, names = _label_names(rows, keys, name, label_col, label_names)
+    ids = _label_ids(keys, names, source=name)
+    return TextDataset(tuple(texts), ids, names, None, name)
+
+
+def _texts_and_keys(
+    rows: Sequence[Mapping[str, Any]], name: str, text_col: str, label_col: str
+) -> tuple[list[str], list[int | str]]:
+    """The non-empty texts and their label keys; rows with a missing or blank text are skipped,
+    with a warning giving each count."""
+    texts: list[str] = []
+    keys: list[int | str] = []
     blank = 0
     for number, row in enumerate(rows, start=1):
         text = _text(row.get(text_col), source=name, row=number, column=text_col)
@@ -200,15 +212,28 @@ def load_dataset(
             f"{name!r}: {missing} of {len(rows)} rows have no {text_col!r} value (the field is "
             "missing or null) and are skipped, as rows with an empty text are",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     if blank:  # so an evaluation's example count is not silently below the file's rows
         warnings.warn(
             f"{name!r}: {blank} of {len(rows)} rows have an empty or blank {text_col!r} and are "
             "skipped",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
+    return texts, keys
+
+
+def _label_names(
+    rows: Sequence[Mapping[str, Any]],
+    keys: list[int | str],
+    name: str,
+    label_col: str,
+    label_names: Sequence[str] | None,
+) -> tuple[list[int | str], tuple[str, ...]]:
+    """The label keys (an evaluation set's ClassLabel ids read through its names) and the
+    label names: ``label_names`` when given (a training set's), else the ClassLabel's or
+    those of :func:`label_names_of`, which must name at least two labels."""
     # a datasets ClassLabel column: integer ids with names, in the dataset's order
     own = getattr(rows, "class_names", {}).get(label_col)
     if own and not all(isinstance(k, int) and k < len(own) for k in keys):
@@ -238,10 +263,9 @@ def load_dataset(
             f"{name!r}: integer labels are taken as positions in the label names {list(names)} "
             f"(0 = {names[0]!r}); if they mean something else, give the labels by name",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    ids = _label_ids(keys, names, source=name)
-    return TextDataset(tuple(texts), ids, names, None, name)
+    return keys, names
 
 
 def _text(value: Any, *, source: str, row: int, column: str) -> str:
