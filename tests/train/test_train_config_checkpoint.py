@@ -104,6 +104,46 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path: Path, damage: str) -> N
     assert found is not None and found.position.step == 2 and len(found.skipped) == 1
 
 
+def test_checkpoints_are_ordered_by_step_number_past_six_digits(tmp_path: Path) -> None:
+    # by name, step-1000000 sorted before step-999999: pruning deleted each new checkpoint
+    for step in (999_998, 999_999, 1_000_000, 1_000_001):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(step, 0, 0), keep=2, **_state(1))
+    names = [p.name for p in ckpt.list_checkpoints(tmp_path)]
+    assert names == ["step-1000000", "step-1000001"]
+    found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position.step == 1_000_001
+    (tmp_path / ckpt.CHECKPOINTS_DIR / "step-latest").mkdir()  # not a step: ignored
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == names
+
+
+def test_a_save_after_falling_back_drops_the_abandoned_newer_checkpoints(tmp_path: Path) -> None:
+    # resumed from step 2 past an unusable step 4: saving step 3 with keep=1 deleted 2 and 3
+    # and kept only the unusable 4
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(step, 0, step), **_state(step))
+    (ckpt.list_checkpoints(tmp_path)[-1] / ckpt.WEIGHTS_FILE).write_bytes(b"damaged")
+    ckpt.save_checkpoint(tmp_path, ckpt.Position(3, 0, 3), keep=1, **_state(3))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step-000003"]
+    found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position.step == 3
+
+
+@pytest.mark.parametrize("field", ["position", "sha256", "meta"])
+def test_a_checkpoint_index_with_wrong_types_falls_back(tmp_path: Path, field: str) -> None:
+    # a list where an object belongs escaped as an AttributeError traceback
+    import json
+
+    for step in (2, 4):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(step, 0, step), **_state(step))
+    index = ckpt.list_checkpoints(tmp_path)[-1] / ckpt.INDEX_FILE
+    data = json.loads(index.read_text())
+    data[field] = [1, 2]
+    index.write_text(json.dumps(data))
+    with pytest.warns(RuntimeWarning, match="step-000004 is unusable"):
+        found = ckpt.load_latest(tmp_path)
+    assert found is not None and found.position.step == 2
+
+
 def test_partial_temporary_checkpoint_is_ignored(tmp_path: Path) -> None:
     ckpt.save_checkpoint(tmp_path, ckpt.Position(2, 0, 2), **_state(2))
     (tmp_path / ckpt.CHECKPOINTS_DIR / ".tmp-step-000004-123").mkdir()

@@ -23,7 +23,7 @@ import shutil
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import torch
 
@@ -133,7 +133,10 @@ def save_checkpoint(
         _discard(final)
     os.replace(tmp, final)
     _fsync(root)
-    for old in list_checkpoints(output)[:-keep]:
+    # newer ones belong to a timeline this run left (it resumed from an older checkpoint past
+    # unusable ones): dropped, so pruning below never removes the one just written
+    kept = [p for p in list_checkpoints(output) if cast(int, _step_of(p)) <= position.step]
+    for old in [p for p in list_checkpoints(output) if p not in kept] + kept[:-keep]:
         _discard(old)
     return final
 
@@ -151,8 +154,17 @@ def list_checkpoints(output: str | os.PathLike[str]) -> list[Path]:
     root = Path(output) / CHECKPOINTS_DIR
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
-    return sorted(found, key=lambda p: p.name)
+    found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
+    # by step number, not name: "step-1000000" sorts before "step-999999" as text
+    return sorted(found, key=lambda p: cast(int, _step_of(p)))
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a ``step-<digits>`` directory name, None for any other name."""
+    digits = path.name[len(PREFIX) :]
+    if not path.name.startswith(PREFIX) or not digits.isascii() or not digits.isdigit():
+        return None
+    return int(digits)
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
@@ -161,8 +173,11 @@ def read_checkpoint(path: Path) -> Checkpoint:
 
     try:
         index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
-        hashes = index["sha256"]
-        position = Position(**{k: int(v) for k, v in index["position"].items()})
+        hashes, fields = index["sha256"], index["position"]
+        meta = index.get("meta", {})
+        if not all(isinstance(part, dict) for part in (hashes, fields, meta)):
+            raise TypeError("sha256, position and meta must be JSON objects")
+        position = Position(**{k: int(v) for k, v in fields.items()})
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path / INDEX_FILE}: unreadable ({type(err).__name__})") from None
     for name in (WEIGHTS_FILE, STATE_FILE):
@@ -185,7 +200,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         weights,
         *parts,
         list(state.get("cuda_rng", [])),
-        dict(index.get("meta", {})),
+        dict(meta),
         (),
         dict(state.get("hooks", {})),
         list(state.get("rank_rngs", [])),
