@@ -248,3 +248,44 @@ def test_a_diverging_run_stops_with_a_clear_error(
     assert not (out / "adapter").exists() and not (out / "merged").exists()
     assert all(isinstance(r.get("loss", 0.0), float) for r in read_metrics(out / "metrics.jsonl"))
     assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+@pytest.mark.parametrize("eval_every", [0, 1])
+def test_a_run_whose_last_update_diverges_saves_nothing(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path, eval_every: int
+) -> None:
+    # each step's loss is checked before its update: the last update's 1e30 weights were
+    # saved, held-out loss nan with an accuracy reported, the merge check "identical", exit 0
+    # (and a mid-run evaluation wrote a bare NaN into metrics.jsonl)
+    out = tmp_path / "run"
+    config = TrainConfig(model=str(tiny_bert), data=str(toy_tsv), output=str(out), lr=1e30,
+                         warmup=0.0, max_steps=eval_every + 1, batch_size=8, save_every=0,
+                         eval_every=eval_every, merge=True)  # fmt: skip
+    with pytest.raises(ValueError, match=r"training diverged by step 1: the held-out loss is nan"):
+        train(config, echo=_quiet)
+    assert not (out / "adapter").exists() and not (out / "merged").exists()
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+def test_the_merge_check_never_calls_non_finite_logits_identical(
+    tiny_bert: Path, toy_tsv: Path
+) -> None:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rankwise.train.batching import encode
+    from rankwise.train.data import load_dataset
+    from rankwise.train.evaluate import evaluate
+    from rankwise.train.methods import prepare
+    from rankwise.train.outputs import check_merge
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    prepared = prepare(model, TrainConfig(model=str(tiny_bert)), generator=0)
+    data = load_dataset(str(toy_tsv))
+    enc = encode(data, AutoTokenizer.from_pretrained(tiny_bert), task="classification",
+                 max_length=32)  # fmt: skip
+    after = evaluate(model, enc)
+    assert check_merge(prepared, enc, after, pad_id=0).identical
+    logits = after.logits.clone()
+    logits[0, 0] = float("nan")  # argmax still picks a class: the predictions all agree
+    check = check_merge(prepared, enc, after._replace(logits=logits), pad_id=0)
+    assert check.mismatches == 0 and not check.identical

@@ -214,6 +214,18 @@ def _evaluate(run: _Run, *, adapter_path: bool = False) -> EvalResult:
             set_inference_cache(model, True)
 
 
+def _trained_metrics(result: EvalResult, step: int) -> EvalResult:
+    """``result`` of an evaluation after ``step`` optimizer steps, refused when its loss is not
+    finite: each step's training loss is checked before its update, so an update that blows
+    the weights up (the last one above all) shows only here."""
+    if not math.isfinite(result.loss):  # the same on every process (summed over them)
+        raise ValueError(
+            f"training diverged by step {step}: the held-out loss is {result.loss} (learning "
+            "rate too high for this model?); the adapter is not saved"
+        )
+    return result
+
+
 def _save(run: _Run, position: ckpt.Position) -> None:
     rngs = dist_.gather_rng_states(run.info)  # collective: every process takes part
     if run.info.is_main:
@@ -252,7 +264,7 @@ def _after_step(run: _Run, step: int, record: dict[str, Any], bar: Any, average:
     """Evaluate (every ``eval_every``), log the step's record and move the progress bar."""
     every = run.config.eval_every
     if every and step % every == 0 and step < run.total_steps:
-        record.update(_evaluate(run).as_metrics())
+        record.update(_trained_metrics(_evaluate(run), step).as_metrics())
     run.log.log(record)
     bar.set_postfix_str(f"loss={record['loss']:.4f}, ex/s={average:.1f}", refresh=False)
     bar.update(1)
@@ -433,7 +445,7 @@ def _train(
     )  # fmt: skip
     if stop_after is not None and steps < run.total_steps:  # stopped as if killed: no outputs
         return result._replace(seconds=time.perf_counter() - started)
-    after = _evaluate(run, adapter_path=True)
+    after = _trained_metrics(_evaluate(run, adapter_path=True), steps)
     run.log.log({"step": steps, **after.as_metrics()})
     echo(f"held-out after training:  {_fmt(after.as_metrics())}")
     task = task_info(config, run.data.split.train.label_names, run.data.loaded.source)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import time
@@ -238,7 +239,9 @@ def check_merge(
     if after.logits is not None and merged.logits is not None:
         diff = float((after.logits - merged.logits).abs().max())
         mismatches = sum(a != b for a, b in zip(after.predictions or (), merged.predictions or ()))
-        return MergeCheck(after.examples, mismatches == 0, mismatches, diff)
+        # a NaN difference (non-finite logits) is no agreement, whatever argmax made of it
+        same = mismatches == 0 and math.isfinite(diff)
+        return MergeCheck(after.examples, same, mismatches, diff)
     diff = abs(after.loss - merged.loss)
     return MergeCheck(after.examples, diff <= 1e-4 * max(1.0, abs(after.loss)), 0, diff)
 
