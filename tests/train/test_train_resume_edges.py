@@ -217,3 +217,67 @@ def test_resume_removes_what_a_kill_during_the_final_save_left(
     done = train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
     assert done.steps == 4 and (out / "adapter" / "adapter_model.safetensors").is_file()
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".tmp-notes"]
+
+
+def test_a_refused_resume_leaves_config_yaml_as_it_was(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # the checkpoint's checks ran after config.yaml was rewritten: a resume refused for another
+    # global batch recorded the refused batch size, so every later plain resume failed too
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    saved = (out / "config.yaml").read_text()
+    with pytest.raises(ValueError, match="examples per step"):
+        train(_config(tiny_bert, toy_tsv, out, resume=True, batch_size=4), echo=_quiet)
+    assert (out / "config.yaml").read_text() == saved
+    for weights in (out / "checkpoints").glob("step-*/trainable.safetensors"):
+        weights.write_bytes(b"broken")  # "nothing was changed" said the refusal
+    with pytest.raises(ValueError, match="nothing was changed"):
+        train(_config(tiny_bert, toy_tsv, out, resume=True, save_every=1), echo=_quiet)
+    assert (out / "config.yaml").read_text() == saved
+
+
+def test_a_resume_on_changed_training_data_is_refused(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # rows appended to the file: the resume was accepted and the run went from 5 to 8 steps
+    # under the restored schedule and data order
+    data = tmp_path / "d.tsv"
+    shutil.copy(toy_tsv, data)
+    out = tmp_path / "run"
+    train(_config(tiny_bert, data, out, max_steps=None, epochs=1), echo=_quiet, stop_after=3)
+    with data.open("a", encoding="utf-8") as handle:
+        handle.write("".join(f"{i % 2}\textra text {i}\n" for i in range(40)))
+    with pytest.raises(
+        ValueError, match=r"other training examples \(88; this run has 128\).* changed since"
+    ):
+        train(_config(tiny_bert, data, out, max_steps=None, epochs=1, resume=True), echo=_quiet)
+
+
+def test_config_yaml_repeats_a_resumed_run_elsewhere(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # config.yaml recorded resume: true, so --config runs/x/config.yaml --output new failed
+    # ("--resume: output directory ... does not exist"); and ~ in output was taken literally
+    from rankwise.cli import main
+
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    train(_config(tiny_bert, toy_tsv, out, resume=True, max_steps=4), echo=_quiet)
+    recorded = yaml.safe_load((out / "config.yaml").read_text())
+    assert recorded["resume"] is False
+    repeat = tmp_path / "repeat"
+    args = ["finetune", "--config", str(out / "config.yaml"), "--output", str(repeat), "--no-merge"]
+    assert main(args) == 0
+    assert (repeat / "adapter" / "adapter_config.json").is_file()
+
+
+def test_output_expands_the_home_directory(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = train(_config(tiny_bert, toy_tsv, Path("~/runs/x")), echo=_quiet)
+    assert result.output == tmp_path / "home" / "runs" / "x"
+    assert (tmp_path / "home" / "runs" / "x" / "adapter").is_dir()
+    assert not (tmp_path / "~").exists()

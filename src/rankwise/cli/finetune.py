@@ -77,15 +77,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             f"--{flag}", *aliases, type=kind, default=None, metavar=metavar, help=text
         )
+    # --no-resume / --no-merge: turn off what a --config file (or a resumed run) set
     parser.add_argument(
         "--resume",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="continue the run in --output from its latest checkpoint",
     )
     parser.add_argument(
         "--merge",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="also write a merged model (transformers from_pretrained)",
     )
@@ -104,7 +105,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     chosen = {**from_file, **given}
     if chosen.get("resume") is True and isinstance(chosen.get("output"), str):
-        saved = Path(chosen["output"]) / "config.yaml"
+        saved = Path(chosen["output"]).expanduser() / "config.yaml"
         if saved.is_file():
             values.update(normalized_keys(read_yaml(saved)))
     values.update(from_file)  # flags override a file's options, in either spelling

@@ -11,6 +11,7 @@ batches, and the batch order is shuffled again (the scheme of transformers'
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -37,6 +38,11 @@ class Encoded(NamedTuple):
 
     def lengths(self) -> list[int]:
         return [len(ids) for ids in self.input_ids]
+
+    def digest(self) -> str:
+        """SHA-256 of the token ids and targets, in order: the same examples give the same
+        digest (a checkpoint records it, so a resume on changed data is refused)."""
+        return hashlib.sha256(repr((self.input_ids, self.targets)).encode()).hexdigest()
 
 
 def encode(dataset: TextDataset, tokenizer: Any, *, task: str, max_length: int) -> Encoded:

@@ -44,14 +44,20 @@ from rankwise.train.batching import (
     length_grouped_batches,
     shard,
 )
-from rankwise.train.config import TrainConfig, resolve
+from rankwise.train.config import TrainConfig, option, resolve
 from rankwise.train.evaluate import EvalResult, evaluate, loss_sum
 from rankwise.train.hooks import MethodHooks, gradient_batches, make_hooks
 from rankwise.train.inputs import RunData, load_run_data
 from rankwise.train.methods import MergeCheck, Prepared, prepare, trainable_state
 from rankwise.train.metrics import MetricsLog, read_metrics
 from rankwise.train.models import check_positions
-from rankwise.train.outputs import check_output, finish_outputs, prepare_output, task_info
+from rankwise.train.outputs import (
+    check_output,
+    finish_outputs,
+    prepare_output,
+    record_config,
+    task_info,
+)
 
 MAX_GRAD_NORM = 1.0
 
@@ -236,7 +242,12 @@ def _save(run: _Run, position: ckpt.Position) -> None:
             optimizer=run.optimizer.state_dict(),
             scheduler=run.scheduler.state_dict(),
             keep=run.config.keep_checkpoints,
-            meta={"global_batch": _global_batch(run), "base_digest": run.hooks.base_digest},
+            meta={
+                "global_batch": _global_batch(run),
+                "base_digest": run.hooks.base_digest,
+                "train_examples": len(run.train_enc.input_ids),
+                "train_digest": run.train_enc.digest(),
+            },
             hooks=run.hooks.state_dict(),
             rank_rngs=rngs,
         )
@@ -334,6 +345,7 @@ def _resume(run: _Run) -> ckpt.Position:
             f"--resume: {found.path} was written with {saved_batch} examples per step, this run "
             f"has {_global_batch(run)} (batch size x grad accum x processes must stay the same)"
         )
+    _check_same_data(run, found)
     model = run.prepared.model
     expected = set(trainable_state(model))
     if set(found.weights) != expected:
@@ -357,6 +369,21 @@ def _resume(run: _Run) -> ckpt.Position:
     run.log.truncate_after(found.position.step)
     run.echo(f"resumed from {found.path} (step {found.position.step})")
     return found.position
+
+
+def _check_same_data(run: _Run, found: ckpt.Checkpoint) -> None:
+    """Refuse a resume whose training examples differ from the checkpoint's (the data file
+    edited since, say): its schedule, data order and epoch position belong to those. A
+    checkpoint written before this was recorded is not checked."""
+    saved = found.meta.get("train_digest")
+    if saved is None or saved == run.train_enc.digest():
+        return
+    n = found.meta.get("train_examples", "?")
+    raise ValueError(
+        f"--resume: {found.path} was trained on other training examples ({n}; this run has "
+        f"{len(run.train_enc.input_ids)}): the training data {run.data.split.train.source!r} "
+        f"changed since ({option('data')}); resume with the same data, or start a new run"
+    )
 
 
 def train(
@@ -436,6 +463,8 @@ def _train(
         run = _build_run(config, info, echo)
     _announce(run)
     position = _resume(run) if config.resume else ckpt.Position(0, 0, 0)
+    if config.resume:  # checked: now the run's options are this invocation's
+        record_config(config, info, run.out)
     before = _before(run, position)
     steps, rate = _train_steps(run, position, stop_after)
     result = TrainResult(

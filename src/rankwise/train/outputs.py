@@ -10,6 +10,7 @@ directory. Directories are written under a temporary name and renamed into place
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -62,7 +63,7 @@ def check_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = N
             f"{option('resume')} needs {option('output')}: the run directory to continue"
         )
     if out is None:
-        out = Path(config.output) if config.output else default_output()
+        out = Path(config.output).expanduser() if config.output else default_output()
     if config.resume:
         if not out.is_dir():
             raise FileNotFoundError(f"--resume: output directory {str(out)!r} does not exist")
@@ -85,23 +86,40 @@ def check_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = N
 
 def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = None) -> Path:
     """Check (:func:`check_output`, again: the model and data loaded meanwhile), create and
-    (rank 0) start the output directory; write the resolved config."""
+    (rank 0) start the output directory; write the resolved config, except on a resume, whose
+    checkpoint is checked first (:func:`record_config` then)."""
     out = check_output(config, info, out)
     dist_.barrier(info)  # every process checked before rank 0 creates anything
     if info.is_main:
-        if config.resume:  # a kill during a final save left its temporary (as checkpoints do)
-            for leftover in out.iterdir():
-                if leftover.is_dir() and leftover.name.startswith(FINAL_LEFTOVERS):
-                    shutil.rmtree(leftover, ignore_errors=True)
         try:
             out.mkdir(parents=True, exist_ok=True)
-            write_yaml(_absolute_paths(config), out / CONFIG_FILE)
         except OSError as err:
             raise PermissionError(
                 f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
             ) from None
+        if not config.resume:
+            record_config(config, info, out)
     dist_.barrier(info)
     return out
+
+
+def record_config(config: TrainConfig, info: dist_.DistInfo, out: Path) -> None:
+    """(Rank 0) write the run's ``config.yaml``: local paths absolute, ``resume`` left out (it
+    belongs to one invocation: the file repeats the run elsewhere as it is). On a resume, once
+    the checkpoint was accepted (a refused one leaves the file as it was), clearing what a
+    kill during a final save left behind."""
+    if not info.is_main:
+        return
+    if config.resume:  # a kill during a final save left its temporary (as checkpoints do)
+        for leftover in out.iterdir():
+            if leftover.is_dir() and leftover.name.startswith(FINAL_LEFTOVERS):
+                shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        write_yaml(dataclasses.replace(_absolute_paths(config), resume=False), out / CONFIG_FILE)
+    except OSError as err:
+        raise PermissionError(
+            f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
+        ) from None
 
 
 def leftover_prefix(kind: str, name: str) -> str:
@@ -136,8 +154,6 @@ def _same(name: str, saved: Any, given: Any) -> bool:
 
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
     """Local model/data paths recorded absolute, so the run resumes from any directory."""
-    import dataclasses
-
     changes = {
         name: str(Path(value).expanduser().resolve())
         for name in ("model", "data", "eval_data")
