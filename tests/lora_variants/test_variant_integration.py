@@ -186,6 +186,39 @@ def test_export_for_original_base_reproduces_the_trained_model(
     torch.testing.assert_close(logits(mine, family), expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("init", ["pissa_exact", "olora", "lora_ga"])
+def test_export_for_original_base_with_lm_head_targeted(init: str, tmp_path: Path) -> None:
+    # lm_head targeted: the file carries its base weight (PEFT's save_embedding_layers rule),
+    # which held the residual W - s·B0 A0: loaded on the original base it replaced W, and the
+    # rank-2r update meant for W came on top (logits off by 0.1-2)
+    from peft import PeftModel
+
+    kw = dict(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"], task_type="CAUSAL_LM")
+    if init == "lora_ga":
+        ids = token_batch(3)
+        batch = {"input_ids": ids, "labels": ids}
+        model = lora_ga_init(BUILDERS["llama"](), LoraConfig(**kw), [batch], generator=0)
+    else:
+        model = inject(BUILDERS["llama"](), LoraConfig(**kw, init_lora_weights=init), generator=0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(3):
+        logits_with_grad(model, "llama").square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    expected = logits(model, "llama")
+    save_adapter(model, tmp_path, for_original_base=True)
+    original = BUILDERS["llama"]().lm_head.weight
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    torch.testing.assert_close(
+        saved["base_model.model.lm_head.base_layer.weight"], original, atol=1e-6, rtol=0
+    )
+    theirs = PeftModel.from_pretrained(BUILDERS["llama"](), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, "llama"), expected, atol=1e-5, rtol=0)
+    mine = load_adapter(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(mine, "llama"), expected, atol=1e-5, rtol=0)
+
+
 def test_pissa_exact_file_loads_in_peft_on_the_original_base(tmp_path: Path) -> None:
     from peft import PeftModel
 

@@ -249,6 +249,11 @@ def _for_original_base(
         )
         out[f"{name}.{key_a}"] = A2.reshape(shape_a)
         out[f"{name}.{key_b}"] = B2.reshape(shape_b)
+        base_key = f"{name}.base_layer.weight"  # a targeted embedding/lm_head's, if written
+        if init is not None and base_key in out:  # the residual W - s·B0 A0: W again
+            residual = out[base_key].detach()
+            moved = layer._from_matrix(layer.scaling * (B0.float() @ A0.float()))
+            out[base_key] = (residual.float() + moved).to(residual.dtype)
     return out, original_base_config(config)
 
 
