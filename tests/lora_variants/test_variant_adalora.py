@@ -424,3 +424,31 @@ def test_adaloras_internal_init_name_is_not_a_lora_init() -> None:
     with pytest.raises(ConfigError, match="init_lora_weights: expected True, False or one of"):
         LoraConfig(init_lora_weights="adalora")
     assert AdaLoraConfig(total_step=10).initializer == "adalora"  # still AdaLoRA's own
+
+
+def test_init_lora_weights_false_draws_every_factor_as_peft() -> None:
+    # False mapped to the plain-LoRA "random" init, which leaves λ = 0: the adapter's output
+    # was exactly zero, as with True. PEFT leaves λ, P and Q as drawn, torch.randn: N(0, 1)
+    from peft import AdaLoraConfig as PeftAda
+    from peft import get_peft_model
+
+    from rankwise.lora import inject
+
+    fields = dict(init_r=8, target_r=4, lora_alpha=8, total_step=10, target_modules=["lin1"])
+    cfg = AdaLoraConfig(**fields, init_lora_weights=False)
+    ours = inject(Two(), cfg, generator=0)
+    theirs = get_peft_model(Two(), PeftAda(**fields, init_lora_weights=False))
+    x = torch.randn(6, 10)
+    assert not torch.allclose(ours(x), Two()(x))
+    for name in ("lora_A", "lora_E", "lora_B"):
+        mine = getattr(ours.lin1, name).detach()
+        peft_value = getattr(theirs.base_model.model.lin1, name)["default"].detach()
+        assert mine.shape == peft_value.shape
+        assert bool((mine != 0).all()) and bool((peft_value != 0).all()), name
+        # N(0, 1) both (λ has only init_r = 8 draws: a loose band)
+        band = 0.5 if name == "lora_E" else 0.25
+        for value in (mine, peft_value):
+            assert float(value.std()) == pytest.approx(1.0, rel=band), name
+    again = inject(Two(), cfg, generator=0)  # the generator fixes all three
+    assert torch.equal(again.lin1.lora_E, ours.lin1.lora_E)
+    assert torch.equal(again.lin1.lora_A, ours.lin1.lora_A)

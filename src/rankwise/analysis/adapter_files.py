@@ -58,7 +58,7 @@ def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
 
 
 # Initializers that leave the base weight alone (B A = 0 or random factors on top of W0)
-BASE_KEEPING_INITS = frozenset({"kaiming", "gaussian", "random", "adalora"})
+BASE_KEEPING_INITS = frozenset({"kaiming", "gaussian", "random", "adalora", "adalora_random"})
 
 
 def check_rewritable(directory: str | os.PathLike[str], config: LoraConfig) -> None:

@@ -17,6 +17,7 @@ from rankwise.lora.adalora import (
     AdaLoraConfig,
     AdaLoraLinear,
     adalora_init,
+    adalora_random_init,
     orthogonal_regularization,
 )
 from rankwise.lora.adalora_alloc import RankAllocator
@@ -51,6 +52,7 @@ INITIALIZERS.update(
         # factors start as the default and are overwritten, as in PEFT
         "lora_ga": kaiming_init,
         "adalora": adalora_init,
+        "adalora_random": adalora_random_init,
     }
 )
 WEIGHT_READING.update({"pissa", "pissa_exact", "olora"})

@@ -80,14 +80,9 @@ class AdaLoraConfig(LoraConfig):
 
     @property
     def initializer(self) -> str:
-        """``"adalora"`` (P, Q ~ N(0, 0.02²), λ = 0) for ``init_lora_weights=True``."""
-        from rankwise.lora.initializers import initializer_name
-
-        return (
-            "adalora"
-            if self.init_lora_weights is True
-            else initializer_name(self.init_lora_weights)
-        )
+        """PEFT's AdaLoRA inits: ``"adalora"`` (P, Q ~ N(0, 0.02²), λ = 0) for
+        ``init_lora_weights=True``, ``"adalora_random"`` (P, Q, λ ~ N(0, 1)) for False."""
+        return "adalora" if self.init_lora_weights is True else "adalora_random"
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``init_r`` — or the number of kept triplets recorded in ``rank_pattern`` — and alpha."""
@@ -130,7 +125,7 @@ def _check_adalora(cfg: AdaLoraConfig) -> None:
         # to add it back
         raise ConfigError(
             "init_lora_weights: AdaLoRA initializes as PEFT does (True: P, Q ~ N(0, 0.02²), "
-            f"λ = 0; False: random), found {cfg.init_lora_weights!r}"
+            f"λ = 0; False: P, Q, λ ~ N(0, 1)), found {cfg.init_lora_weights!r}"
         )
     if cfg.tinit >= cfg.total_step - cfg.tfinal:
         raise ConfigError(
@@ -198,6 +193,14 @@ class AdaLoraLinear(LoraLayer):
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_A, self.lora_B)
 
+    def initialize_extras(self, initializer: str, generator: torch.Generator | None) -> None:
+        """λ after the factors' initializer: ``N(0, 1)`` for ``"adalora_random"`` (PEFT's
+        ``init_lora_weights=False``), else 0 (as built)."""
+        if initializer == "adalora_random":
+            with torch.no_grad():
+                drawn = torch.randn(self.lora_E.shape, generator=generator)
+                self.lora_E.copy_(drawn.to(self.lora_E.device, self.lora_E.dtype))
+
     def effective_factors(self) -> LoraFactors:
         """``(diag(λ) Q: (r, in), P: (out, r))`` with ``ΔW = s · P diag(λ) Q``."""
         return LoraFactors(self.lora_A * self.lora_E, self.lora_B)
@@ -225,6 +228,18 @@ def adalora_init(
     out_f, in_f = weight.shape
     A = torch.randn(r, in_f, generator=generator) * INIT_STD
     B = torch.randn(out_f, r, generator=generator) * INIT_STD
+    return LoraInit(A.to(weight.device, weight.dtype), B.to(weight.device, weight.dtype), None)
+
+
+def adalora_random_init(
+    weight: Tensor, *, r: int, scaling: float, embedding: bool, generator: torch.Generator | None
+) -> LoraInit:
+    """``Q: (r, in)``, ``P: (out, r)`` ~ ``N(0, 1)``: PEFT's AdaLoRA with
+    ``init_lora_weights=False``, which keeps the factors as ``torch.randn`` drew them (λ too:
+    :meth:`AdaLoraLinear.initialize_extras`), so the adapter changes the output at once."""
+    out_f, in_f = weight.shape
+    A = torch.randn(r, in_f, generator=generator)
+    B = torch.randn(out_f, r, generator=generator)
     return LoraInit(A.to(weight.device, weight.dtype), B.to(weight.device, weight.dtype), None)
 
 

@@ -271,8 +271,8 @@ def _check_layers(cfg: LoraConfig) -> None:
 
 
 # registry entries that are not PEFT values of init_lora_weights: AdaLoraConfig's own init
-# (AdaLoraConfig.initializer; its files say True)
-INTERNAL_INITIALIZERS = frozenset({"adalora"})
+# (AdaLoraConfig.initializer; its files say True / False)
+INTERNAL_INITIALIZERS = frozenset({"adalora", "adalora_random"})
 
 
 def _check_init(init: Any) -> None:

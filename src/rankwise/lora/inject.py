@@ -258,6 +258,7 @@ def _build(
             W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding", generator=g
         )
     layer.set_factors(result.A, result.B)
+    layer.initialize_extras(cfg.initializer, g)
     if result.base is not None:
         record_initial_factors(layer)  # A0, B0 for save_adapter(..., for_original_base=True)
     return layer, result.base

@@ -197,6 +197,10 @@ class LoraLayer(nn.Module):
         """Parameter name -> shape of the adapter this class would add to ``base``."""
         raise NotImplementedError
 
+    def initialize_extras(self, initializer: str, generator: torch.Generator | None) -> None:
+        """Initialize what a parametrization adds beyond ``A`` and ``B`` (AdaLoRA's λ), right
+        after ``initializer`` set the factors; nothing for vanilla LoRA."""
+
     def set_factors(self, A: Tensor, B: Tensor) -> None:
         """Copy ``A: (r, in)`` and ``B: (out, r)`` into the parameters (no autograd record)."""
         cur = self.factors()
