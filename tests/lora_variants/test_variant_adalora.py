@@ -371,10 +371,15 @@ def test_config_refuses_what_adalora_cannot_do() -> None:
         (dict(orth_reg_weight=float("inf")), "orth_reg_weight: expected a finite"),
         (dict(init_lora_weights="pissa"), "init_lora_weights: AdaLoRA initializes as PEFT"),
         (dict(init_lora_weights="olora"), "init_lora_weights: AdaLoRA initializes as PEFT"),
+        # accepted and ignored: the scale stayed lora_alpha / init_r
+        (dict(use_rslora=True), "use_rslora: AdaLoRA scales by lora_alpha / init_r"),
+        (dict(alpha_pattern={"lin1": 4}), "alpha_pattern: AdaLoRA uses one lora_alpha"),
     ):
         with pytest.raises(ConfigError, match=message):
             AdaLoraConfig(total_step=10, **kwargs)
     AdaLoraConfig(init_r=4, target_r=4, total_step=10)  # nothing to prune: allowed, as the CLI
+    with pytest.warns(UserWarning, match="r=4 is not used by AdaLoRA and is ignored"):
+        AdaLoraConfig(r=4, total_step=10)
     assert AdaLoraConfig(total_step=10, init_lora_weights="gaussian").init_lora_weights is True
     # target_r > init_r: a config PEFT saves and loads (init_r set, target_r left at 8), but
     # not one to train (PEFT fails at the first mask; rankwise would never prune)

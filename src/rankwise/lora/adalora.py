@@ -20,6 +20,7 @@ where the divisor is PEFT's ``ranknum``, the *initial* rank, kept when ranks shr
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -119,6 +120,23 @@ def _check_adalora(cfg: AdaLoraConfig) -> None:
     orth = cfg.orth_reg_weight
     if isinstance(orth, bool) or not isinstance(orth, (int, float)) or not 0 <= orth < math.inf:
         raise ConfigError(f"orth_reg_weight: expected a finite number >= 0, found {orth!r}")
+    if cfg.use_rslora:  # PEFT's AdaLoRA layer has no such option: the scale stays α / init_r
+        raise ConfigError(
+            "use_rslora: AdaLoRA scales by lora_alpha / init_r (as PEFT, which ignores "
+            "use_rslora for AdaLoRA); found True"
+        )
+    if cfg.alpha_pattern:  # nor per-module alphas: one lora_alpha for every layer
+        raise ConfigError(
+            "alpha_pattern: AdaLoRA uses one lora_alpha for every layer (as PEFT, which "
+            f"ignores alpha_pattern for AdaLoRA); found {cfg.alpha_pattern!r}"
+        )
+    if cfg.r != LoraConfig.r:  # PEFT's own warning
+        warnings.warn(
+            f"r={cfg.r} is not used by AdaLoRA and is ignored: init_r sets the initial rank "
+            "and target_r the average rank kept",
+            UserWarning,
+            stacklevel=4,
+        )
     if cfg.init_lora_weights not in (True, False):
         # PEFT's AdaLoRA reads any true value as its own init and never touches the base; the
         # residual initializers (PiSSA, OLoRA) would move the base weight with nothing (λ = 0)
