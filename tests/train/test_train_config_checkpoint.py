@@ -201,7 +201,7 @@ def test_an_option_spelled_both_ways_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    "key", ["batch_size", "r", "seed", "alpha", "warmup", "save-every", "epochs", "dropout",
+    "key", ["batch_size", "r", "seed", "alpha", "warmup", "save-every", "dropout",
             "targets", "method"],
 )  # fmt: skip
 def test_an_empty_yaml_value_is_refused_by_name(key: str, tmp_path: Path) -> None:
@@ -215,3 +215,31 @@ def test_an_empty_yaml_value_is_refused_by_name(key: str, tmp_path: Path) -> Non
 def test_an_empty_yaml_value_of_an_unset_option_means_its_default(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("max_steps:\neval-data: null\nlr:\n", encoding="utf-8")
     assert from_mapping(read_yaml(tmp_path / "c.yaml")) == TrainConfig()
+
+
+@pytest.mark.parametrize(
+    ("values", "flag"),
+    [
+        ({"method": "lora", "loraplus_ratio": 4.0}, "loraplus-ratio"),
+        ({"method": "dora", "ga_batches": 2}, "ga-batches"),
+        ({"method": "full", "r": 4}, "r"),
+        ({"method": "full", "alpha": 32.0}, "alpha"),
+        ({"method": "full", "dropout": 0.0}, "dropout"),
+    ],
+)
+def test_an_option_another_method_reads_is_refused(values: dict, flag: str) -> None:
+    # accepted and ignored (while --init-r on another method and --targets with full were refused)
+    with pytest.raises(ConfigError, match=rf"option --{flag} .*ignored by --method"):
+        resolve(from_mapping({"data": "x.tsv", **values}))
+    # the method that reads it takes it; the default value stays accepted everywhere (older
+    # config.yaml files record it)
+    resolve(from_mapping({"data": "x.tsv", "method": "full", "loraplus_ratio": 16.0, "r": 8}))
+    resolve(from_mapping({"data": "x.tsv", "method": "loraplus", "loraplus_ratio": 4.0}))
+
+
+def test_epochs_given_on_the_demo_corpus_counts() -> None:
+    # an explicit --epochs 1 could not be told from the default: 200 steps all the same
+    assert resolve(TrainConfig()).max_steps == 200
+    given = resolve(TrainConfig(epochs=1.0))
+    assert given.max_steps is None and given.epochs == 1.0
+    assert resolve(TrainConfig(data="x.tsv")).epochs == 1.0

@@ -73,7 +73,7 @@ class TrainConfig:
     dropout: float = 0.1
     targets: tuple[str, ...] = DEFAULT_TARGETS
     model_dropout: float | None = None
-    epochs: float = 1.0
+    epochs: float | None = None  # 1 (resolve); unset on the demo corpus: DEMO_MAX_STEPS
     max_steps: int | None = None
     batch_size: int = 16
     grad_accum: int = 1
@@ -128,7 +128,7 @@ def _coerce(name: str, value: Any) -> Any:
     kind = type(default) if default is not None else None
     if name in ("max_steps", "max_length", "init_r"):
         kind = int
-    elif name in ("lr", "model_dropout", "eval_split"):
+    elif name in ("lr", "model_dropout", "eval_split", "epochs"):
         kind = float
     elif kind is None:
         kind = str
@@ -252,7 +252,7 @@ def validate(config: TrainConfig) -> None:
             f"{option('init_r')}: expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
             f"down to r), found {config.init_r}"
         )
-    if config.epochs <= 0:
+    if config.epochs is not None and config.epochs <= 0:
         raise ConfigError(f"{option('epochs')}: expected a number > 0, found {config.epochs}")
     for name in ("dropout", "model_dropout"):
         value = getattr(config, name)
@@ -288,6 +288,7 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
         )
+    _check_method_options(config)  # valid values first, then whether they are read
     if not config.targets and config.method != "full":
         raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
     special = [t for t in config.targets if is_pattern_target(t)]
@@ -324,6 +325,28 @@ def _check_representable(config: TrainConfig) -> None:
         )
 
 
+# options that only one method reads, with the methods that read them. A value other than the
+# default on another method is refused (it was accepted and ignored); the default itself is
+# indistinguishable from an option left unset, and older config.yaml files record it.
+METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
+    "loraplus_ratio": ("loraplus",),
+    "ga_batches": ("lora-ga",),
+    "r": tuple(m for m in METHODS if m != "full"),
+    "alpha": tuple(m for m in METHODS if m != "full"),
+    "dropout": tuple(m for m in METHODS if m != "full"),
+}
+
+
+def _check_method_options(config: TrainConfig) -> None:
+    for name, methods in METHOD_OPTIONS.items():
+        value = getattr(config, name)
+        if config.method not in methods and value != FIELDS[name].default:
+            raise ConfigError(
+                f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
+                f"--method {config.method}; found {value} (drop it, or choose that method)"
+            )
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """Fill the defaults that depend on other fields, then :func:`validate`.
 
@@ -337,7 +360,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     demo = config.data is None
     lr = config.lr if config.lr is not None else (5e-5 if config.method == "full" else 5e-4)
     max_steps = config.max_steps
-    if demo and max_steps is None and config.epochs == FIELDS["epochs"].default:
+    if demo and max_steps is None and config.epochs is None:  # --epochs given: it counts
         max_steps = DEMO_MAX_STEPS
     max_length = config.max_length or (DEMO_MAX_LENGTH if demo else 128)
     eval_split = config.eval_split or (DEMO_EVAL_SPLIT if demo else 0.1)
@@ -347,6 +370,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         config,
         lr=lr,
+        epochs=1.0 if config.epochs is None else config.epochs,
         max_steps=max_steps,
         max_length=max_length,
         eval_split=eval_split,
