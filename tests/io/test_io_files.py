@@ -164,3 +164,49 @@ def test_replacing_a_symlinked_directory_writes_into_its_target(tmp_path: Path) 
         "weights.bin",
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big_disk", "out"]  # nothing stray
+
+
+def test_files_another_process_writes_during_a_save_are_kept(tmp_path: Path) -> None:
+    # the swap installed the copy of the directory made before the save: files written into it
+    # meanwhile (Trainer's rng_state_<i>.pth from each process in checkpoint-N) were deleted
+    from rankwise.io.files import replaced_dir
+
+    directory = tmp_path / "checkpoint-10"
+    directory.mkdir()
+    (directory / "optimizer.pt").write_bytes(b"opt")
+    with replaced_dir(directory) as tmp:
+        atomic_write_bytes(tmp / "weights.bin", b"w")
+        (directory / "rng_state_1.pth").write_bytes(b"rng")  # another process, meanwhile
+        (directory / "logs").mkdir()
+        (directory / "logs" / "x.txt").write_text("x")
+        atomic_write_bytes(tmp / "config.json", b"c")
+    names = sorted(p.name for p in directory.iterdir())
+    assert names == ["config.json", "logs", "optimizer.pt", "rng_state_1.pth", "weights.bin"]
+    assert (directory / "rng_state_1.pth").read_bytes() == b"rng"
+    assert (directory / "logs" / "x.txt").read_text() == "x"
+
+
+@pytest.mark.skipif(getattr(os, "geteuid", lambda: 1)() != 0, reason="chown needs root")
+def test_a_directory_owned_by_another_user_keeps_its_owner(tmp_path: Path) -> None:
+    # the swap replaced it with a new directory owned by the saver (a shared group folder
+    # became root's)
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    (directory / "notes.txt").write_text("mine")
+    os.chown(directory, 65534, 65534)
+    inode = directory.stat().st_ino
+    _write_pair(directory, b"one")
+    assert directory.stat().st_uid == 65534 and directory.stat().st_ino == inode
+    assert (directory / "weights.bin").read_bytes() == b"one"
+    assert (directory / "notes.txt").read_text() == "mine"
+
+
+def test_mount_points_and_read_only_parents_are_written_in_place(tmp_path: Path) -> None:
+    # renaming a mount point (a container volume) fails with EBUSY, and a temporary directory
+    # beside one whose parent is read-only cannot be made: nothing was saved
+    from rankwise.io.files import _keep_in_place
+
+    assert _keep_in_place(Path("/proc"))  # a mount point
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert not _keep_in_place(plain)

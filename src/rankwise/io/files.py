@@ -6,7 +6,9 @@
 * Atomic directories (:func:`replaced_dir`): files that must change together (an adapter's
   weights and config) are written into a temporary directory beside the target, which is then
   swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux (two ``os.replace`` elsewhere),
-  so a reader sees the whole old or the whole new set, never a mix.
+  so a reader sees the whole old or the whole new set, never a mix. A directory that must
+  keep its inode (the working directory, a mount point, a read-only parent, another user's)
+  gets its files replaced one by one instead, the config last.
 * Reading: the safetensors header (JSON with every tensor's dtype, shape and byte range) is
   parsed and validated by ``safetensors.safe_open`` before any tensor is read; any failure
   becomes :class:`AdapterFormatError` naming the file. Nothing is ever unpickled.
@@ -103,11 +105,17 @@ def replaced_dir(final: Path) -> Iterator[Path]:
     :func:`atomic_write_bytes` (``os.replace`` unlinks the shared name, never writing through
     the link into the old file). On an exception ``final`` is left untouched.
 
-    A symbolic link at ``final`` stays: its target is replaced. A directory that holds the
-    working directory (``"."``, or Trainer's ``output_dir`` run from inside it) cannot be
-    swapped without stranding the process in the old, deleted one: there the new files are
-    moved in one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's
-    config names weights that are already in place).
+    A symbolic link at ``final`` stays: its target is replaced. Entries another process puts
+    into ``final`` while the block runs (e.g. Trainer's per-process ``rng_state_<i>.pth`` in a
+    ``checkpoint-<step>`` folder) are linked in too, just before the swap, and any that came
+    later are moved over from the old directory right after it.
+
+    An existing directory that cannot or should not be swapped gets its new files moved in
+    one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's config names
+    weights that are already in place): one that holds the working directory (``"."``, or
+    Trainer's ``output_dir`` run from inside it: the process would be stranded in the old,
+    deleted one), a mount point (a container volume: renaming it fails with EBUSY), one whose
+    parent is not writable, and one owned by another user (a swap would make it the saver's).
     """
     final = Path(final)
     if final.is_symlink():
@@ -115,7 +123,7 @@ def replaced_dir(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not final.is_dir():
         raise NotADirectoryError(f"{final}: expected a directory, found a file")
-    if final.is_dir() and _holds_working_dir(final):
+    if final.is_dir() and _keep_in_place(final):
         with _files_replaced(final) as tmp:
             yield tmp
         return
@@ -125,11 +133,40 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         if final.is_dir():
             shutil.copytree(final, tmp, symlinks=True, copy_function=_link, dirs_exist_ok=True)
         yield tmp
+        if final.is_dir():  # what appeared in final meanwhile (another process's files)
+            for entry in final.iterdir():
+                if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink():
+                    _copy_entry(entry, tmp / entry.name)
         _fsync_dir(tmp)
         swap_in(tmp, final)
+        for entry in tmp.iterdir() if tmp.is_dir() else ():  # the old one (if there was one):
+            # what appeared there since the links; a rename: an open file keeps working
+            if not (final / entry.name).exists() and not (final / entry.name).is_symlink():
+                os.replace(entry, final / entry.name)
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old directory
+
+
+def _copy_entry(entry: Path, dest: Path) -> None:
+    """``entry`` at ``dest`` as copytree(..., copy_function=_link) puts it: a link, a tree."""
+    if entry.is_symlink():
+        os.symlink(os.readlink(entry), dest)
+    elif entry.is_dir():
+        shutil.copytree(entry, dest, symlinks=True, copy_function=_link)
+    else:
+        _link(str(entry), str(dest))
+
+
+def _keep_in_place(directory: Path) -> bool:
+    """Whether ``directory`` must keep its inode: its files are replaced one by one
+    (:func:`replaced_dir`), not the directory swapped."""
+    if _holds_working_dir(directory) or os.path.ismount(directory):
+        return True
+    if not os.access(directory.parent, os.W_OK):
+        return True
+    geteuid = getattr(os, "geteuid", None)  # POSIX only
+    return geteuid is not None and directory.stat().st_uid != geteuid()
 
 
 def _holds_working_dir(directory: Path) -> bool:
