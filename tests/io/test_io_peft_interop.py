@@ -681,3 +681,20 @@ def test_a_merged_model_saves_its_unmerged_embedding_and_can_still_unmerge(
     torch.testing.assert_close(logits(theirs, "llama"), want, rtol=0, atol=1e-5)
     unmerge(model)
     torch.testing.assert_close(logits(model, "llama"), want, rtol=0, atol=1e-5)
+
+
+def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path: Path) -> None:
+    # keys were written under base_model.model._orig_mod.…: neither rankwise nor PEFT loaded it
+    from peft import PeftModel
+
+    model = inject(BUILDERS["bert"](), LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                                                  task_type="SEQ_CLS"), generator=0)  # fmt: skip
+    perturb(model, 3)
+    expected = logits(model, "bert")
+    save_adapter(torch.compile(model), tmp_path)  # nothing compiles until a forward
+    keys = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert keys and not any("_orig_mod" in k for k in keys)
+    theirs = PeftModel.from_pretrained(BUILDERS["bert"](), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, "bert"), expected, atol=1e-5, rtol=0)
+    mine = load_adapter(BUILDERS["bert"](), tmp_path)
+    torch.testing.assert_close(logits(mine, "bert"), expected, atol=1e-5, rtol=0)

@@ -112,7 +112,11 @@ def save_adapter(
     embedding weights — ``"auto"`` does when the config targets a module named
     ``embed_tokens``/``lm_head`` (the adapted layer's base weight) or when the vocabulary
     differs from the one of a local ``base_model_name_or_path``.
+
+    A ``torch.compile``d model is saved as the model it wraps (as PEFT does): its module
+    names carry no ``_orig_mod.``.
     """
+    model = _uncompiled(model)
     config = get_config(model)
     if config.base_model_name_or_path is None:  # as PEFT: the model's own name_or_path, if any
         config = config.replace(base_model_name_or_path=model.__dict__.get("name_or_path") or None)
@@ -227,6 +231,16 @@ def load_adapter(
     if not is_trainable:
         model.eval()
     return model
+
+
+def _uncompiled(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper (``OptimizedModule``) holds, else ``model``."""
+    inner = model.__dict__.get("_modules", {}).get("_orig_mod")
+    return (
+        inner
+        if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule"
+        else model
+    )
 
 
 def _for_original_base(
