@@ -297,3 +297,34 @@ def test_two_keys_for_one_tensor_must_agree(tmp_path: Path) -> None:
     assert_unchanged(model, snap)
     _edit_weights(d, lambda t: t.update({alias: t[key].clone()}))
     load_adapter(model, d)
+
+
+def test_an_initializer_refusing_the_files_config_names_the_directory_and_module(
+    tmp_path: Path,
+) -> None:
+    # OLoRA with r above the layer's dims: "olora_init: r must be an int in [1, ...]", naming
+    # neither the adapter directory nor the module
+    base = inject(tiny_bert_cls(), CFG, generator=0)
+    directory = save_adapter(base, tmp_path / "a")
+    width = 32
+    _edit_config(directory, init_lora_weights="olora", r=width + 8)
+    _edit_weights(
+        directory,
+        lambda t: t.update(
+            {
+                k: torch.zeros(width + 8, v.shape[1])
+                if "lora_A" in k
+                else torch.zeros(v.shape[0], width + 8)
+                for k, v in list(t.items())
+                if "lora_" in k
+            }  # fmt: skip
+        ),
+    )
+    model = tiny_bert_cls()
+    snap = snapshot(model)
+    with pytest.raises(
+        InjectionError,
+        match=rf"{directory}: module 'bert.encoder.layer.0.attention.self.query': olora",
+    ):
+        load_adapter(model, directory)
+    assert_unchanged(model, snap)

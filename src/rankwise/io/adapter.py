@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import AdapterFormatError, ConfigError, MergeError, ShapeMismatchError
+from rankwise.errors import (
+    AdapterFormatError,
+    ConfigError,
+    InjectionError,
+    MergeError,
+    ShapeMismatchError,
+)
 from rankwise.io.config_json import read_adapter_config, write_adapter_config
 from rankwise.io.embeddings import embedding_state, optional_embedding_shapes
 from rankwise.io.files import read_header, read_tensors, replaced_dir, write_safetensors
@@ -217,7 +223,10 @@ def load_adapter(
     if plan is None:
         _check_base_kept(model, values, source=weights)
     if plan is not None:
-        apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
+        try:
+            apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
+        except InjectionError as err:  # an initializer refusing the file's config: name it
+            raise InjectionError(f"{directory}: {err}") from None
     else:
         _set_layer_scales(model, config)
         # files do not record LoRA-FA (PEFT has no such field): A stays frozen as it was

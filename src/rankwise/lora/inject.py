@@ -254,9 +254,15 @@ def _build(
                 f"init_lora_weights={cfg.init_lora_weights!r} factors it, so it needs a "
                 "finite weight (is the checkpoint broken?)"
             )
-        result = init(
-            W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding", generator=g
-        )
+        try:
+            result = init(
+                W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding",
+                generator=g,
+            )  # fmt: skip
+        except InjectionError:
+            raise
+        except ValueError as err:  # e.g. OLoRA's r above min(out, in) from a file's config
+            raise InjectionError(f"module {target.name!r}: {err}") from None
     layer.set_factors(result.A, result.B)
     layer.initialize_extras(cfg.initializer, g)
     if result.base is not None:
