@@ -209,3 +209,35 @@ def test_a_residual_initializer_on_a_tied_weight_is_refused(init: str) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
     inject(model, cfg.replace(target_modules=["c_attn"]), generator=0)  # untied targets: fine
     inject(tiny_gpt2(), cfg.replace(init_lora_weights=True), generator=0)  # base kept: fine
+
+
+@pytest.mark.parametrize("init", ["pissa_exact", "olora", "lora_ga"])
+def test_disable_adapters_and_unload_give_the_original_base_model(init: str) -> None:
+    # the wrappers ran (and unload left) the residual W - s·B0 A0: a DPO-style reference pass
+    # inside disable_adapters() saw a model that never existed (0.46 off with PiSSA, 0.96 OLoRA)
+    from lora_testkit import BUILDERS, logits, perturb, token_batch
+
+    from rankwise.lora import LoraConfig, disable_adapters, inject, lora_ga_init, merge, unload
+
+    kw = dict(r=2, lora_alpha=4, target_modules=["query", "value", "dense"], task_type="SEQ_CLS")
+    base_logits = logits(BUILDERS["bert"](), "bert")
+    if init == "lora_ga":
+        batch = {"input_ids": token_batch(3), "labels": torch.tensor([0, 1])}
+        model = lora_ga_init(BUILDERS["bert"](), LoraConfig(**kw), [batch], generator=0)
+    else:
+        model = inject(BUILDERS["bert"](), LoraConfig(**kw, init_lora_weights=init), generator=0)
+    perturb(model, 2)  # trained a little
+    adapted = logits(model, "bert")
+    with disable_adapters(model):
+        torch.testing.assert_close(logits(model, "bert"), base_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(logits(model, "bert"), adapted, atol=0, rtol=0)
+    merge(model)
+    with disable_adapters(model):  # unmerged for the block
+        torch.testing.assert_close(logits(model, "bert"), base_logits, atol=1e-5, rtol=0)
+    plain = unload(model)  # the base weights; the head (modules_to_save) keeps its training
+    reference = BUILDERS["bert"]()
+    reference.classifier.load_state_dict(plain.classifier.state_dict())
+    torch.testing.assert_close(logits(plain, "bert"), logits(reference, "bert"), atol=1e-5, rtol=0)
+    original = dict(reference.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(p, original[name], atol=1e-6, rtol=0)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
-from rankwise.lora.layers import LoraLayer
+from rankwise.lora.layers import INIT_A, INIT_B, LoraLayer
 
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<power iterations>"
 _PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -234,10 +234,6 @@ def original_base_config(config: LoraConfig) -> LoraConfig:
         alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
         init_lora_weights=True,
     )
-
-
-INIT_A = "lora_A_init"
-INIT_B = "lora_B_init"
 
 
 def record_initial_factors(layer: LoraLayer) -> None:

@@ -64,6 +64,10 @@ from rankwise.lora.linear_ops import (
 )
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+# buffers holding the initial factors A0, B0 of an initializer that moved s·B0 A0 out of the
+# base weight (PiSSA, OLoRA, LoRA-GA: rankwise.lora.init_svd.record_initial_factors)
+INIT_A = "lora_A_init"
+INIT_B = "lora_B_init"
 
 
 class LoraFactors(NamedTuple):
@@ -244,8 +248,23 @@ class LoraLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
+            original = self.original_base_weight() if self.disabled else None
+            if original is not None:  # the residual base is not the model's base: W0 is
+                return torch.func.functional_call(self.base_layer, {"weight": original}, (x,))
             return self.base_layer(x)
         return self.adapted_forward(x)
+
+    def original_base_weight(self) -> Tensor | None:
+        """The base weight before an initializer moved ``s·B0 A0`` out of it (PiSSA, OLoRA,
+        LoRA-GA): ``W_res + s·B0 A0`` in the base weight's layout and dtype (computed in
+        float32 at least, rounded once); None when the base weight is the original."""
+        A0, B0 = self._buffers.get(INIT_A), self._buffers.get(INIT_B)
+        if A0 is None or B0 is None:
+            return None
+        W = self.base_weight.detach()
+        dtype = self.merge_dtype()
+        delta = self._from_matrix(self.scaling * (B0.to(dtype) @ A0.to(dtype)))
+        return (W.to(dtype) + delta).to(W.dtype)
 
     # -- merge -------------------------------------------------------------------------------
     def merge(self) -> None:

@@ -108,10 +108,19 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 def unload(model: nn.Module) -> nn.Module:
     """Drop the adapters (unmerging first if merged) and return the model with its original
-    module types; ``modules_to_save`` keep their trained values (as PEFT's ``unload``)."""
+    module types; ``modules_to_save`` keep their trained values (as PEFT's ``unload``).
+
+    A layer whose initializer moved ``s·B0 A0`` out of the base weight (PiSSA, OLoRA, LoRA-GA)
+    gets it back: the model returned is the base model, up to one rounding of that sum (PEFT's
+    ``unload`` leaves the residual weight, a model that never existed)."""
     get_state(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         unmerge(model)
+    originals = [(layer, layer.original_base_weight()) for _, layer in lora_layers(model)]
+    with torch.no_grad():  # every weight formed first, then written
+        for layer, weight in originals:
+            if weight is not None:
+                layer.base_weight.copy_(weight)
     return _strip(model)
 
 
@@ -130,7 +139,9 @@ def _strip(model: nn.Module) -> nn.Module:
 @contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: adapters bypassed, ``modules_to_save`` showing
-    their values from injection time. A merged model is unmerged for the block and merged again.
+    their values from injection time, and a base weight from which an initializer moved
+    ``s·B0 A0`` (PiSSA, OLoRA, LoRA-GA) run as ``W_res + s·B0 A0``, the original weight (PEFT
+    runs the residual). A merged model is unmerged for the block and merged again.
     Blocks nest: leaving an inner one leaves the adapters disabled for the outer one.
 
     The ``modules_to_save`` tensors are swapped, not overwritten: for the block the modules hold
