@@ -210,3 +210,21 @@ def test_mount_points_and_read_only_parents_are_written_in_place(tmp_path: Path)
     plain = tmp_path / "plain"
     plain.mkdir()
     assert not _keep_in_place(plain)
+
+
+def test_the_default_file_mode_reads_the_umask_without_changing_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # os.umask(0) to read it left a moment in which another thread's new file got 0o666
+    from rankwise.io.files import default_file_mode
+
+    old = os.umask(0o027)
+    try:
+        assert default_file_mode() == 0o640
+        if Path("/proc/self/status").is_file():  # Linux: read, never set
+            sets: list[int] = []
+            real = os.umask
+            monkeypatch.setattr(os, "umask", lambda mask: sets.append(mask) or real(mask))
+            assert default_file_mode() == 0o640 and sets == []
+    finally:
+        os.umask(old)

@@ -182,3 +182,18 @@ def test_a_tied_target_is_refused() -> None:
         )
     assert model.lm_head.weight is model.transformer.wte.weight
     assert not hasattr(model, "_rankwise_lora")
+
+
+def test_an_unknown_method_is_refused_before_the_gradient_pass() -> None:
+    # method="foo" was refused only after every batch's gradient had been computed
+    calls = []
+
+    def loss_fn(model: nn.Module, batch: dict) -> torch.Tensor:
+        calls.append(1)
+        return model(**batch).loss
+
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS)
+    model = _model()
+    with pytest.raises(ValueError, match="method: expected 'randomized' or 'exact', found 'foo'"):
+        lora_ga_init(model, cfg, [_batch()], loss_fn=loss_fn, method="foo")  # type: ignore[arg-type]
+    assert calls == [] and not list(lora_layers(model))

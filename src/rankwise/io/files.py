@@ -47,9 +47,22 @@ def default_file_mode() -> int:
     ``tempfile.mkstemp`` creates its files ``0o600``; an atomically written file gets this mode
     before it is renamed into place, so adapters and results are as readable as any other file.
     """
-    mask = os.umask(0)
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read from ``/proc/self/status`` where Linux shows it: reading it with
+    ``os.umask`` sets it for a moment, so a file another thread creates then would get 0o666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o077)  # elsewhere: the moment's mask is a strict one
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
 
 
 def readable_files(directory: Path) -> None:

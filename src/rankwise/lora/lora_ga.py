@@ -206,6 +206,8 @@ def lora_ga_init(
     if not batch_list:
         raise ValueError("batches: LoRA-GA needs at least one batch to estimate the gradient")
     check_gamma(gamma)
+    if method not in ("randomized", "exact"):  # checked before the gradient pass, not after
+        raise ValueError(f"method: expected 'randomized' or 'exact', found {method!r}")
     if layers_per_pass is not None and (
         isinstance(layers_per_pass, bool)
         or not isinstance(layers_per_pass, numbers.Integral)
