@@ -164,43 +164,14 @@ def load_pretrained(
     with_pad_token(tokenizer, source)
     mismatched = False
     if task == "classification":
-        trained_head = any(
-            a.endswith("ForSequenceClassification") for a in config.architectures or ()
+        label_names, mismatched = _classification_head(
+            config, tokenizer, source, label_names, adopt_label_order, head_from_adapter
         )
-        if trained_head and config.num_labels != len(label_names):
-            mismatched = True  # the checkpoint's head cannot be used: a new one is initialized
-        if mismatched and not head_from_adapter:
-            warnings.warn(
-                f"model {source!r} has a classification head for {config.num_labels} labels, "
-                f"the data has {len(label_names)}: the head is re-initialized",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        own = tuple(str((config.id2label or {}).get(i, "")) for i in range(config.num_labels))
-        if adopt_label_order and trained_head and sorted(own) == sorted(label_names):
-            label_names = own
-        config.num_labels = len(label_names)
-        config.id2label = dict(enumerate(label_names))
-        config.label2id = {n: i for i, n in enumerate(label_names)}
-        config.pad_token_id = tokenizer.pad_token_id
         auto = transformers.AutoModelForSequenceClassification
     else:
         auto = transformers.AutoModelForCausalLM
     _check_task_class(auto, config, task, source)
-    verbosity = transformers.logging.get_verbosity()
-    transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
-    try:
-        if task == "classification":
-            model = _from_pretrained(auto, source, config, new_head=mismatched)
-        else:
-            model = _causal_lm(auto, source, config)
-    except SafetensorError as err:  # a truncated or damaged weights file: one line, not 30
-        raise AdapterFormatError(
-            f"model {source!r}: its weights file is not a valid safetensors file ({err}); "
-            "copy or save the model again"
-        ) from None
-    finally:
-        transformers.logging.set_verbosity(verbosity)
+    model = _instantiate(auto, source, config, task, new_head=mismatched)
     if model_dropout is not None:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
@@ -210,6 +181,56 @@ def load_pretrained(
         model, stored = _upcast_for_training(model, source), torch.float16
     names = tuple(label_names) if task == "classification" else ()
     return Loaded(model, tokenizer, source, names, stored)
+
+
+def _classification_head(
+    config: Any,
+    tokenizer: Any,
+    source: str,
+    label_names: tuple[str, ...],
+    adopt_label_order: bool,
+    head_from_adapter: bool,
+) -> tuple[tuple[str, ...], bool]:
+    """Set ``config``'s labels for the data's; returns the label names (a trained head's own
+    order when adopted, see :func:`load_pretrained`) and whether the checkpoint's head has
+    another number of labels (a new one is initialized)."""
+    trained_head = any(a.endswith("ForSequenceClassification") for a in config.architectures or ())
+    mismatched = trained_head and config.num_labels != len(label_names)
+    if mismatched and not head_from_adapter:
+        warnings.warn(
+            f"model {source!r} has a classification head for {config.num_labels} labels, "
+            f"the data has {len(label_names)}: the head is re-initialized",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    own = tuple(str((config.id2label or {}).get(i, "")) for i in range(config.num_labels))
+    if adopt_label_order and trained_head and sorted(own) == sorted(label_names):
+        label_names = own
+    config.num_labels = len(label_names)
+    config.id2label = dict(enumerate(label_names))
+    config.label2id = {n: i for i, n in enumerate(label_names)}
+    config.pad_token_id = tokenizer.pad_token_id
+    return label_names, mismatched
+
+
+def _instantiate(auto: Any, source: str, config: Any, task: str, *, new_head: bool) -> Any:
+    """The model from ``source``'s weights, transformers' "newly initialized" report silenced;
+    a damaged weights file is a one-line error."""
+    import transformers
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
+    try:
+        if task == "classification":
+            return _from_pretrained(auto, source, config, new_head=new_head)
+        return _causal_lm(auto, source, config)
+    except SafetensorError as err:  # a truncated or damaged weights file: one line, not 30
+        raise AdapterFormatError(
+            f"model {source!r}: its weights file is not a valid safetensors file ({err}); "
+            "copy or save the model again"
+        ) from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
 
 
 def _check_task_class(auto: Any, config: Any, task: str, source: str) -> None:
