@@ -461,6 +461,28 @@ def test_loading_an_adapter_with_its_own_head_gives_no_reinit_warning(
     assert trained.model.classifier.out_features == 3  # the adapter's trained head
 
 
+def test_an_adapter_saving_another_module_still_warns_of_a_new_head(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # any modules_to_save counted as "the adapter brings the head": a 3-label adapter saving
+    # only the pooler over the 2-label checkpoint got a random head without a word
+    import json
+
+    from transformers import AutoModelForSequenceClassification
+
+    from rankwise.io import save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=3,
+                                                               ignore_mismatched_sizes=True)  # fmt: skip
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], modules_to_save=["pooler"])
+    adapter = save_adapter(inject(model, config, generator=0), tmp_path / "adapter")
+    task = {"task": "classification", "label_names": ["0", "1", "2"], "base_model": str(tiny_bert)}
+    (adapter / "rankwise_task.json").write_text(json.dumps(task))
+    with pytest.warns(RuntimeWarning, match="head is re-initialized"):
+        load_trained(adapter)
+
+
 def test_a_tokenizer_config_without_a_vocabulary_is_not_used(
     run_dir: Path, tiny_bert: Path, tmp_path: Path
 ) -> None:

@@ -184,46 +184,10 @@ def load_trained(
         raise AdapterFormatError(
             f"{root}: neither an adapter ({ADAPTER_CONFIG}) nor a model directory (config.json)"
         )
-    names = tuple(info.get("label_names") or ())
-    saves_head = False
     if has_adapter:
-        from rankwise.io import load_adapter, read_adapter_config
-
-        adapter_config = read_adapter_config(root)
-        # an adapter that saves the head (modules_to_save) replaces a checkpoint head of
-        # another size: no "re-initialized" warning for a head that is not the one used
-        saves_head = bool(adapter_config.modules_to_save)
-        base = model or info.get("base_model") or adapter_config.base_model_name_or_path
-        if base is None:
-            raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
-        if model is None:  # a recorded path from another machine: say where it came from
-            where = TASK_FILE if info.get("base_model") else ADAPTER_CONFIG
-            try:
-                resolve_model_source(str(base))
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    f"base model path {str(base)!r} (recorded in {root / where}) does not exist "
-                    "here; pass --model PATH"
-                ) from None
-        # a PEFT adapter from elsewhere (no task file): task from its task_type or the base
-        # model's class, label names from the base model's config and the head's size
-        task = str(info.get("task") or "")
-        if not task or (task == "classification" and not names):
-            config = _model_config(str(base))
-            task = task or _task_of(config, adapter_config.task_type)
-            if task == "classification" and not names:
-                names = _label_names(config, _head_size(root))
+        base, task, names, saves_head = _adapter_base(root, info, model)
     else:
-        if model is not None:  # it was ignored: another base, or a path that does not exist
-            raise ConfigError(
-                f"--model {model!r}: {str(root)!r} is a full model directory (no "
-                f"{ADAPTER_CONFIG}), which carries its own base; --model applies to adapter "
-                "directories only"
-            )
-        base = str(root)
-        task = str(info.get("task") or _task_of(_model_config(base), None))
-        if task == "classification" and not names:
-            names = _label_names_of_model_dir(root)
+        base, task, names, saves_head = _model_dir_base(root, info, model)
     if task == "classification" and not names:
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
@@ -231,10 +195,77 @@ def load_trained(
     loaded = load_pretrained(str(base), task=task, label_names=names, head_from_adapter=saves_head)
     tokenizer = loaded.tokenizer
     if has_adapter:
+        from rankwise.io import load_adapter
+
         load_adapter(loaded.model, root)
         tokenizer = _adapter_tokenizer(root, tokenizer)
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
+
+
+class _Base(NamedTuple):
+    """What :func:`load_trained` loads under an adapter (or a full model directory)."""
+
+    source: str
+    task: str
+    label_names: tuple[str, ...]
+    saves_head: bool  # the adapter brings the trained classification head (modules_to_save)
+
+
+# the classification heads of transformers' *ForSequenceClassification models (PEFT's
+# SEQ_CLS modules_to_save): an adapter saving one replaces a checkpoint head of another size
+HEAD_MODULES = frozenset({"classifier", "score"})
+
+
+def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
+    """The base model, task and label names of the adapter directory ``root`` (its task file,
+    else a PEFT adapter's ``task_type`` and base model config); ``model`` overrides the base."""
+    from rankwise.io import read_adapter_config
+
+    adapter_config = read_adapter_config(root)
+    # an adapter that saves the head replaces a checkpoint head of another size: no
+    # "re-initialized" warning for a head that is not the one used (only for the head itself)
+    saves_head = any(
+        str(name).rsplit(".", 1)[-1] in HEAD_MODULES
+        for name in adapter_config.modules_to_save or ()
+    )
+    base = model or info.get("base_model") or adapter_config.base_model_name_or_path
+    if base is None:
+        raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
+    if model is None:  # a recorded path from another machine: say where it came from
+        where = TASK_FILE if info.get("base_model") else ADAPTER_CONFIG
+        try:
+            resolve_model_source(str(base))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"base model path {str(base)!r} (recorded in {root / where}) does not exist "
+                "here; pass --model PATH"
+            ) from None
+    # a PEFT adapter from elsewhere (no task file): task from its task_type or the base
+    # model's class, label names from the base model's config and the head's size
+    names = tuple(info.get("label_names") or ())
+    task = str(info.get("task") or "")
+    if not task or (task == "classification" and not names):
+        config = _model_config(str(base))
+        task = task or _task_of(config, adapter_config.task_type)
+        if task == "classification" and not names:
+            names = _label_names(config, _head_size(root))
+    return _Base(str(base), task, names, saves_head)
+
+
+def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
+    """A full (or merged) model directory carries its own base: ``model`` is refused."""
+    if model is not None:  # it was ignored: another base, or a path that does not exist
+        raise ConfigError(
+            f"--model {model!r}: {str(root)!r} is a full model directory (no "
+            f"{ADAPTER_CONFIG}), which carries its own base; --model applies to adapter "
+            "directories only"
+        )
+    names = tuple(info.get("label_names") or ())
+    task = str(info.get("task") or _task_of(_model_config(str(root)), None))
+    if task == "classification" and not names:
+        names = _label_names_of_model_dir(root)
+    return _Base(str(root), task, names, False)
 
 
 def _adapter_tokenizer(root: Path, base_tokenizer: Any) -> Any:
