@@ -25,6 +25,8 @@ from rankwise.analysis.algebra import Factors
 from rankwise.errors import AdapterFormatError
 from rankwise.io import adapter_weights_file as weights_file  # also refuses a pickle-only dir
 from rankwise.io import read_adapter_config, write_adapter_config
+from rankwise.io.adapter import A_KEY as _A
+from rankwise.io.adapter import B_KEY as _B
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
 from rankwise.io.files import (
     made_parents,
@@ -36,7 +38,6 @@ from rankwise.io.files import (
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import to_peft_init
 
-_A, _B = ".lora_A.weight", ".lora_B.weight"
 # Fields of a source adapter's config carried over into an adapter derived from it (with the
 # tensors they name: modules_to_save, biases, full embedding weights; see read_extras).
 _CARRIED = ("task_type", "base_model_name_or_path", "fan_in_fan_out", "modules_to_save", "bias")

@@ -54,6 +54,8 @@ RESIDUAL_INITIALIZERS = ("pissa", "pissa_exact", "olora")
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+# a linear / convolution factor pair's file keys: <PREFIX><module><A_KEY>, <PREFIX><module><B_KEY>
+A_KEY, B_KEY = ".lora_A.weight", ".lora_B.weight"
 
 
 def peft_cannot_rebuild(model: nn.Module) -> str | None:
