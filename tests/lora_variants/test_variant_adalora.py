@@ -457,3 +457,22 @@ def test_init_lora_weights_false_draws_every_factor_as_peft() -> None:
     again = inject(Two(), cfg, generator=0)  # the generator fixes all three
     assert torch.equal(again.lin1.lora_E, ours.lin1.lora_E)
     assert torch.equal(again.lin1.lora_A, ours.lin1.lora_A)
+
+
+@pytest.mark.parametrize("extra", [{"use_rslora": True}, {"alpha_pattern": {"lin1": 32}}])
+def test_a_peft_adalora_file_with_options_it_ignores_still_loads(extra: dict, tmp_path) -> None:
+    # refusing them in AdaLoraConfig also refused PEFT's own files, which it saves and reloads
+    from peft import AdaLoraConfig as PeftAda
+    from peft import get_peft_model
+
+    from rankwise.io import load_adapter
+
+    fields = dict(init_r=4, target_r=2, lora_alpha=8, total_step=10, target_modules=["lin1"])
+    theirs = get_peft_model(Two(), PeftAda(**fields, **extra))
+    with torch.no_grad():
+        theirs.base_model.model.lin1.lora_E["default"].normal_()
+    theirs.save_pretrained(tmp_path)
+    with pytest.warns(RuntimeWarning, match=f"AdaLoRA ignores {next(iter(extra))}"):
+        ours = load_adapter(Two(), tmp_path)
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-5, rtol=0)

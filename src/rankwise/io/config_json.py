@@ -134,6 +134,17 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
         if cls is AdaLoraConfig and fields["init_lora_weights"] not in (True, False):
             # PEFT's AdaLoRA reads any true value as its own init (the base is never moved)
             fields["init_lora_weights"] = bool(data["init_lora_weights"])
+    if cls is AdaLoraConfig:
+        # options PEFT's AdaLoRA accepts and ignores (its scale is always alpha / init_r):
+        # dropped with a warning (AdaLoraConfig refuses them when built)
+        ignored = {k: fields.pop(k) for k in ("use_rslora", "alpha_pattern") if fields.get(k)}
+        if ignored:
+            warnings.warn(
+                f"{source}: AdaLoRA ignores {', '.join(f'{k}={v!r}' for k, v in ignored.items())} "
+                "(as PEFT does: the scale is lora_alpha / init_r); dropped",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if fields.get("rank_pattern", {}) is None:
         del fields["rank_pattern"]
     if isinstance(fields.get("target_modules"), (list, tuple)):
