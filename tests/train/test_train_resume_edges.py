@@ -281,3 +281,18 @@ def test_output_expands_the_home_directory(
     assert result.output == tmp_path / "home" / "runs" / "x"
     assert (tmp_path / "home" / "runs" / "x" / "adapter").is_dir()
     assert not (tmp_path / "~").exists()
+
+
+def test_a_run_recording_an_option_its_method_ignores_still_resumes(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # config.yaml of a run from before the check (lora with loraplus_ratio 8): refusing it made
+    # --resume impossible (a flag to change it back is refused as a changed option)
+    from rankwise.cli import main
+
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="loraplus-ratio.*ignored by --method lora"):
+        train(_config(tiny_bert, toy_tsv, out, loraplus_ratio=8.0), echo=_quiet, stop_after=3)
+    assert yaml.safe_load((out / "config.yaml").read_text())["loraplus_ratio"] == 8.0
+    with pytest.warns(RuntimeWarning, match="loraplus-ratio.*ignored by --method lora"):
+        assert main(["finetune", "--output", str(out), "--resume"]) == 0

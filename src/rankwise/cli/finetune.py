@@ -11,12 +11,14 @@ import argparse
 import os
 from typing import Any
 
+from rankwise.errors import ConfigError
 from rankwise.train.config import (
     FIELDS,
     METHODS,
     TASKS,
     TrainConfig,
     from_mapping,
+    ignored_options,
     normalized_keys,
     read_yaml,
 )
@@ -110,7 +112,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             values.update(normalized_keys(read_yaml(saved)))
     values.update(from_file)  # flags override a file's options, in either spelling
     values.update(given)
-    return from_mapping(values)
+    config = from_mapping(values)
+    flagged = {k: v for k, v in ignored_options(config).items() if k in given}
+    if flagged:  # given now, for a method that ignores it: refused (from a file: a warning)
+        raise ConfigError(next(iter(flagged.values())) + " (drop it, or choose that method)")
+    return config
 
 
 def run(args: argparse.Namespace) -> int:

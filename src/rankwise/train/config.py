@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -326,8 +327,10 @@ def _check_representable(config: TrainConfig) -> None:
 
 
 # options that only one method reads, with the methods that read them. A value other than the
-# default on another method is refused (it was accepted and ignored); the default itself is
-# indistinguishable from an option left unset, and older config.yaml files record it.
+# default on another method is warned about (it was ignored without a word); refused when
+# given as a flag (rankwise.cli.finetune), not from a file: a run's config.yaml from before
+# this check may hold one, and must still resume. (The default itself is indistinguishable
+# from an option left unset.)
 METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
     "loraplus_ratio": ("loraplus",),
     "ga_batches": ("lora-ga",),
@@ -337,14 +340,23 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def _check_method_options(config: TrainConfig) -> None:
+def ignored_options(config: TrainConfig) -> dict[str, str]:
+    """Option name -> why it is ignored, for each of :data:`METHOD_OPTIONS` set off its
+    default on a method that does not read it."""
+    out = {}
     for name, methods in METHOD_OPTIONS.items():
         value = getattr(config, name)
         if config.method not in methods and value != FIELDS[name].default:
-            raise ConfigError(
+            out[name] = (
                 f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
-                f"--method {config.method}; found {value} (drop it, or choose that method)"
+                f"--method {config.method}; found {value}"
             )
+    return out
+
+
+def _check_method_options(config: TrainConfig) -> None:
+    for message in ignored_options(config).values():
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
