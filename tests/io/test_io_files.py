@@ -228,3 +228,36 @@ def test_the_default_file_mode_reads_the_umask_without_changing_it(
             assert default_file_mode() == 0o640 and sets == []
     finally:
         os.umask(old)
+
+
+@pytest.mark.skipif(getattr(os, "geteuid", lambda: 1)() != 0, reason="setuid needs root")
+def test_a_foreign_directory_the_saver_cannot_write_is_still_swapped() -> None:
+    # an adapter/ left by sudo in the user's own workspace: the in-place route for a foreign
+    # owner made its temporary inside it and failed with PermissionError (the swap worked)
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    import textwrap
+
+    root = Path(tempfile.mkdtemp(prefix="rankwise-foreign-"))  # pytest's tmp is root-only
+    try:
+        os.chmod(root, 0o755)
+        parent = root / "workspace"
+        (parent / "adapter").mkdir(parents=True)
+        (parent / "adapter" / "config.json").write_bytes(b"old")
+        os.chown(parent, 65534, 65534)  # the saver's own directory; adapter/ stays root's
+        script = textwrap.dedent(f"""
+            import os
+            from pathlib import Path
+            from rankwise.io.files import atomic_write_bytes, replaced_dir  # imported as root
+            os.setgid(65534); os.setuid(65534)
+            with replaced_dir(Path({str(parent / "adapter")!r})) as tmp:
+                atomic_write_bytes(tmp / "config.json", b"new")
+        """)
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert (parent / "adapter" / "config.json").read_bytes() == b"new"
+        assert (parent / "adapter").stat().st_uid == 65534
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -54,9 +54,9 @@ def _umask() -> int:
     """The process umask, read from ``/proc/self/status`` where Linux shows it: reading it with
     ``os.umask`` sets it for a moment, so a file another thread creates then would get 0o666."""
     try:
-        with open("/proc/self/status", encoding="ascii") as status:
+        with open("/proc/self/status", "rb") as status:
             for line in status:
-                if line.startswith("Umask:"):
+                if line.startswith(b"Umask:"):
                     return int(line.split()[1], 8)
     except (OSError, ValueError, IndexError):
         pass
@@ -127,8 +127,9 @@ def replaced_dir(final: Path) -> Iterator[Path]:
     one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's config names
     weights that are already in place): one that holds the working directory (``"."``, or
     Trainer's ``output_dir`` run from inside it: the process would be stranded in the old,
-    deleted one), a mount point (a container volume: renaming it fails with EBUSY), one whose
-    parent is not writable, and one owned by another user (a swap would make it the saver's).
+    deleted one), a mount point (a container volume: renaming it fails with EBUSY), and, when
+    it is writable itself, one whose parent is not writable and one owned by another user (a
+    swap would make it the saver's; a foreign one the saver cannot write is swapped, as before).
     """
     final = Path(final)
     if final.is_symlink():
@@ -176,6 +177,8 @@ def _keep_in_place(directory: Path) -> bool:
     (:func:`replaced_dir`), not the directory swapped."""
     if _holds_working_dir(directory) or os.path.ismount(directory):
         return True
+    if not os.access(directory, os.W_OK):  # only a swap can replace it (a sudo-made adapter/)
+        return False
     if not os.access(directory.parent, os.W_OK):
         return True
     geteuid = getattr(os, "geteuid", None)  # POSIX only
