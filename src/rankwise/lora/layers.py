@@ -247,12 +247,18 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.disabled and not self.merged and INIT_B in self._buffers:
+            return self.original_base_forward(x)  # the residual base is not the model's base
         if self.merged or self.disabled:
-            original = self.original_base_weight() if self.disabled else None
-            if original is not None:  # the residual base is not the model's base: W0 is
-                return torch.func.functional_call(self.base_layer, {"weight": original}, (x,))
             return self.base_layer(x)
         return self.adapted_forward(x)
+
+    def original_base_forward(self, x: Tensor) -> Tensor:
+        """The base layer with its weight before the initializer moved ``s·B0 A0`` out of it
+        (:meth:`original_base_weight`), formed for this call (a linear layer adds the rank-r
+        term instead: :meth:`LoraLinear.original_base_forward`)."""
+        original = self.original_base_weight()
+        return torch.func.functional_call(self.base_layer, {"weight": original}, (x,))
 
     def original_base_weight(self) -> Tensor | None:
         """The base weight before an initializer moved ``s·B0 A0`` out of it (PiSSA, OLoRA,
@@ -481,6 +487,13 @@ class LoraLinear(LoraLayer):
         else:
             y = lora_linear(x2d, Wt, b, A, B, self.scaling, xa).y
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)
+
+    def original_base_forward(self, x: Tensor) -> Tensor:
+        """``W_res x + s·B0 (A0 x)``: the original base layer's output without forming its
+        weight (the base layer runs as a module: its hooks see the call)."""
+        A0, B0 = self._buffers[INIT_A], self._buffers[INIT_B]  # (r, in), (out, r)
+        h = F.linear(x if x.dtype == A0.dtype else x.to(A0.dtype), A0)  # (..., r)
+        return self._project_up(self.base_layer(x), h, B0)
 
     def inference_weight(self) -> Tensor:
         """``W0 + s·B A`` as ``(out, in)`` in the base dtype, cached until a weight changes."""

@@ -116,9 +116,9 @@ def unload(model: nn.Module) -> nn.Module:
     get_state(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         unmerge(model)
-    originals = [(layer, layer.original_base_weight()) for _, layer in lora_layers(model)]
-    with torch.no_grad():  # every weight formed first, then written
-        for layer, weight in originals:
+    with torch.no_grad():  # one layer's temporary at a time (not a copy of every weight)
+        for _, layer in lora_layers(model):
+            weight = layer.original_base_weight()
             if weight is not None:
                 layer.base_weight.copy_(weight)
     return _strip(model)
