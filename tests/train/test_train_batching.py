@@ -159,3 +159,17 @@ class _UniformLM(torch.nn.Module):
         from types import SimpleNamespace
 
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 8))
+
+
+def test_the_training_data_digest_tells_examples_apart() -> None:
+    from rankwise.train.batching import Encoded
+
+    base = Encoded(((1, 2), (3,)), (0, 1), "classification")
+    assert base.digest() == Encoded(((1, 2), (3,)), (0, 1), "classification").digest()
+    others = [
+        Encoded(((1,), (2, 3)), (0, 1), "classification"),  # same tokens, other boundaries
+        Encoded(((1, 2), (3,)), (1, 0), "classification"),  # other labels
+        Encoded(((1, 2), (3,), (4,)), (0, 1, 1), "classification"),  # a row appended
+        Encoded(((1, 2), (3,)), ((1, 2), (3,)), "causal-lm"),
+    ]
+    assert len({base.digest(), *(e.digest() for e in others)}) == 5

