@@ -264,3 +264,31 @@ def test_lora_fa_stays_frozen_when_a_file_is_swapped_in(tmp_path: Path) -> None:
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any("lora_A" in n for n in trainable)
     assert any("lora_B" in n for n in trainable)
+
+
+def test_export_for_original_base_keeps_a_float64_lm_head_in_float64(tmp_path: Path) -> None:
+    # the restored base weight was summed in float32: 3e-8 off in a float64 model
+    class Tiny(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed_tokens = nn.Embedding(50, 16)
+            self.lm_head = nn.Linear(16, 50, bias=False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lm_head(self.embed_tokens(x))
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.embed_tokens
+
+        def get_output_embeddings(self) -> nn.Module:
+            return self.lm_head
+
+    torch.manual_seed(0)
+    model = Tiny().double()
+    original = model.lm_head.weight.detach().clone()
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights="pissa_exact")
+    save_adapter(inject(model, cfg, generator=0), tmp_path, for_original_base=True)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    weight = saved["base_model.model.lm_head.base_layer.weight"]
+    assert weight.dtype == torch.float64
+    torch.testing.assert_close(weight, original, atol=1e-13, rtol=0)
