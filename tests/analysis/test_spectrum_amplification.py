@@ -196,3 +196,35 @@ def test_spectrum_of_a_zero_update_has_full_energy_as_linalg_says() -> None:
         assert s.stable_rank == 0.0 and s.effective_rank == 0.0
         assert torch.equal(s.energy, energy(s.singular_values))
         assert bool((s.energy == 1).all())
+
+
+def test_figures_leave_the_callers_matplotlib_backend_alone(tmp_path) -> None:
+    # the plots switched the process to Agg (matplotlib.use(..., force=True)): a notebook
+    # lost inline plotting after any rankwise figure
+    import subprocess
+    import sys
+    import textwrap
+
+    pytest.importorskip("matplotlib")
+    script = textwrap.dedent(f"""
+        import numpy as np, matplotlib
+        matplotlib.use("svg")
+        from rankwise.analysis import plots
+        from rankwise.analysis.image import CompressionRow
+        from rankwise.train.metrics import plot_training_curve
+        out = {str(tmp_path)!r}
+        plots.plot_image_spectrum(np.array([3.0, 2.0, 1.0]), [1], out)
+        image = np.eye(4)
+        rows = [CompressionRow(m, 1, 8, 2.0, 0.1) for m in ("SVD", "ID", "Monarch (b=1)")]
+        plots.plot_compression(image, rows, {{(m, 1): image for m in ("SVD", "ID", "Monarch")}}, out)
+        open(out + "/metrics.jsonl", "w").write('{{"step": 1, "loss": 0.5}}\\n')
+        plot_training_curve(out + "/metrics.jsonl", out + "/curve.png")
+        print(matplotlib.get_backend())
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+    assert all(
+        (tmp_path / n).stat().st_size > 0
+        for n in ("spectrum.png", "compress_grid.png", "curve.png")
+    )

@@ -1,4 +1,6 @@
-"""PNG figures of the analysis reports (matplotlib, imported lazily with the Agg backend).
+"""PNG figures of the analysis reports (matplotlib, imported lazily; drawn on
+``matplotlib.figure.Figure`` objects, never through pyplot, so the caller's backend and open
+figures are left alone).
 
 * :func:`plot_similarity` — a φ(i, j) heatmap per module, as the LoRA paper's Figures 3–4
   (``i`` down the rows, ``j`` across; colour scale fixed to [0, 1]); with ``zoom`` a second
@@ -32,13 +34,14 @@ from rankwise.io.files import default_file_mode
 PathLike = str | os.PathLike[str]
 
 
-def _pyplot() -> Any:
-    import matplotlib
+def _figure(**kwargs: Any) -> Any:
+    """A figure outside pyplot (no backend switch, no global figure list), PNG via Agg."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
 
 
 def _save(fig: Any, path: Path) -> Path:
@@ -69,14 +72,14 @@ def plot_similarity(
     zoom: int | None = 8,
 ) -> list[Path]:
     """One heatmap PNG per module: ``similarity_<module>.png`` in ``directory``."""
-    plt = _pyplot()
     paths = []
     for row in rows:
         phi = row.phi.detach().cpu().double().numpy()
         panels = [(phi, "")]
         if zoom is not None and max(phi.shape) > zoom:
             panels.append((phi[:zoom, :zoom], f" (top {zoom})"))
-        fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+        fig = _figure(figsize=(4.2 * len(panels), 3.6))
+        axes = fig.subplots(1, len(panels), squeeze=False)
         for ax, (data, suffix) in zip(axes[0], panels):
             image = ax.imshow(
                 data,
@@ -92,14 +95,13 @@ def plot_similarity(
         fig.colorbar(image, ax=list(axes[0]), shrink=0.85)
         fig.suptitle(row.module, fontsize=9)
         paths.append(_save(fig, Path(directory) / f"similarity_{_slug(row.module)}.png"))
-        plt.close(fig)
     return paths
 
 
 def plot_spectra(rows: Sequence[ModuleSpectrum], directory: PathLike) -> list[Path]:
     """``spectrum.png``: σᵢ/σ₁ (log) and the energy curve of every module's update."""
-    plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig = _figure(figsize=(10, 3.8))
+    left, right = fig.subplots(1, 2)
     for row in rows:
         s = row.spectrum.singular_values.detach().double().cpu()
         if float(s.max()) == 0.0:
@@ -112,21 +114,19 @@ def plot_spectra(rows: Sequence[ModuleSpectrum], directory: PathLike) -> list[Pa
     if len(rows) <= 12:
         left.legend(fontsize=6)
     path = _save(fig, Path(directory) / "spectrum.png")
-    plt.close(fig)
     return [path]
 
 
 def plot_amplification(rows: Sequence[ModuleAmplification], directory: PathLike) -> list[Path]:
     """``amplification.png``: ``‖ΔW‖_F / ‖UᵀWV‖_F`` per module (LoRA paper Table 7)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.8))
+    fig = _figure(figsize=(max(5.0, 0.45 * len(rows) + 2), 3.8))
+    ax = fig.subplots()
     names = [row.module for row in rows]
     ax.bar(range(len(rows)), [row.amplification.factor for row in rows])
     ax.set_xticks(range(len(rows)), names, rotation=75, ha="right", fontsize=6)
     ax.set_ylabel("|dW|_F / |U'WV|_F")
     ax.set_title("amplification factor")
     path = _save(fig, Path(directory) / "amplification.png")
-    plt.close(fig)
     return [path]
 
 
@@ -134,8 +134,8 @@ def plot_budget(
     plans: Sequence[BudgetPlan], results: Sequence[Any], directory: PathLike
 ) -> list[Path]:
     """``budget.png``: held-out accuracy of each set of weight types (LoRA paper Table 5)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.8 * len(plans) + 2), 3.6))
+    fig = _figure(figsize=(max(5.0, 0.8 * len(plans) + 2), 3.6))
+    ax = fig.subplots()
     names = ["{" + ",".join(p.types) + "}" + f"\nr={p.rank}" for p in plans]
     values = [100 * (getattr(r, "accuracy", None) or 0.0) for r in results]
     ax.bar(range(len(plans)), values)
@@ -149,7 +149,6 @@ def plot_budget(
     else:  # rounding down to whole ranks spends a little less on some sets
         ax.set_title(f"budget: {counts[0]}–{counts[-1]} LoRA parameters per run")
     path = _save(fig, Path(directory) / "budget.png")
-    plt.close(fig)
     return [path]
 
 
@@ -161,11 +160,10 @@ def plot_compression(
 ) -> list[Path]:
     """``compress_grid.png``: the original and each method's reconstruction per rank
     (:func:`rankwise.analysis.image.approximations`' rows and pictures)."""
-    plt = _pyplot()
     ranks = sorted({r.rank for r in rows})
     methods = ["SVD", "ID", "Monarch"]
     aspect = image.shape[0] / image.shape[1]
-    figure = plt.figure(figsize=(4 * 3.2, len(ranks) * (3.2 * aspect + 0.7) + 0.6))
+    figure = _figure(figsize=(4 * 3.2, len(ranks) * (3.2 * aspect + 0.7) + 0.6))
     axes = figure.subplots(len(ranks), 4, squeeze=False)
     by_key = {(r.method.split(" ")[0], r.rank): r for r in rows}
     for i, k in enumerate(ranks):
@@ -185,7 +183,6 @@ def plot_compression(
     figure.suptitle("rank-k reconstructions at (near) equal parameter counts")
     figure.tight_layout()
     path = _save(figure, Path(directory) / "compress_grid.png")
-    plt.close(figure)
     return [path]
 
 
@@ -194,10 +191,8 @@ def plot_image_spectrum(S: np.ndarray, ranks: Sequence[int], directory: PathLike
     the ``ranks`` marked."""
     from rankwise.linalg import energy
 
-    plt = _pyplot()
-
     index = np.arange(1, S.size + 1)
-    figure = plt.figure(figsize=(13, 3.8))
+    figure = _figure(figsize=(13, 3.8))
     linear, log, cumulative = figure.subplots(1, 3)
     linear.plot(index, S)
     linear.set(title="singular values", xlabel="i", ylabel=r"$\sigma_i$")
@@ -215,5 +210,4 @@ def plot_image_spectrum(S: np.ndarray, ranks: Sequence[int], directory: PathLike
         ax.grid(alpha=0.3)
     figure.tight_layout()
     path = _save(figure, Path(directory) / "spectrum.png")
-    plt.close(figure)
     return [path]

@@ -76,11 +76,10 @@ class MetricsLog:
 
 
 def plot_training_curve(metrics: str | os.PathLike[str], out: str | os.PathLike[str]) -> Path:
-    """Loss (and evaluation metrics) against step, saved as a PNG (matplotlib, Agg backend)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Loss (and evaluation metrics) against step, saved as a PNG (matplotlib's Agg canvas on
+    a ``Figure``, never pyplot: the caller's backend is left alone)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     records = read_metrics(metrics)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -89,7 +88,9 @@ def plot_training_curve(metrics: str | os.PathLike[str], out: str | os.PathLike[
         for key in ("eval_accuracy", "eval_perplexity")
     }
     evals = {k: v for k, v in evals.items() if v}
-    fig, axes = plt.subplots(1, 1 + len(evals), figsize=(5 * (1 + len(evals)), 3.6), squeeze=False)
+    fig = Figure(figsize=(5 * (1 + len(evals)), 3.6))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 1 + len(evals), squeeze=False)
     ax = axes[0][0]
     if train:
         steps, losses = zip(*train)
@@ -118,6 +119,5 @@ def plot_training_curve(metrics: str | os.PathLike[str], out: str | os.PathLike[
         os.chmod(tmp, default_file_mode())  # mkstemp makes 0600
         os.replace(tmp, target)
     finally:
-        plt.close(fig)
         Path(tmp).unlink(missing_ok=True)
     return target
