@@ -246,3 +246,15 @@ def test_sparse_embedding_trains_its_adapter() -> None:
     ref.square().sum().backward()
     torch.testing.assert_close(A.grad, A2.grad)
     torch.testing.assert_close(B.grad, B2.grad)
+
+
+def test_names_moved_out_of_layers_still_resolve_there() -> None:
+    # a model pickled before LoraEmbedding/LoraConv moved records rankwise.lora.layers.<name>;
+    # unpickling it looks the name up there (AttributeError after the move)
+    import rankwise.lora.layers as layers
+    from rankwise.lora.registry import WRAPPERS
+
+    assert layers.LoraEmbedding is LoraEmbedding and layers.LoraConv is LoraConv
+    assert layers.WRAPPERS is WRAPPERS
+    with pytest.raises(AttributeError, match="no attribute 'Nothing'"):
+        layers.Nothing  # noqa: B018

@@ -16,7 +16,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import ConfigError, InjectionError
+from rankwise.errors import ConfigError, InjectionError, RankwiseError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
@@ -259,7 +259,7 @@ def _build(
                 W, r=layer.r, scaling=layer.scaling, embedding=layer.kind == "embedding",
                 generator=g,
             )  # fmt: skip
-        except InjectionError:
+        except RankwiseError:  # already rankwise's own, naming what it found
             raise
         except ValueError as err:  # e.g. OLoRA's r above min(out, in) from a file's config
             raise InjectionError(f"module {target.name!r}: {err}") from None

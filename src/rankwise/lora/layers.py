@@ -586,3 +586,20 @@ def wrapper_kind(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return "conv"
     return None
+
+
+# moved to their own modules; these names keep working for imports and for models pickled
+# before the move (torch.save(model) records rankwise.lora.layers.LoraEmbedding, ...)
+_MOVED = {
+    "LoraEmbedding": "rankwise.lora.embedding",
+    "LoraConv": "rankwise.lora.conv",
+    "WRAPPERS": "rankwise.lora.registry",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
