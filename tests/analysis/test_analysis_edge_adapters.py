@@ -489,3 +489,24 @@ def test_linear_combine_refuses_a_rank_up_front_and_overflow_names_the_weights(
     big = Factors(torch.full((4, 1), 1e5), torch.ones(1, 4))  # float32, beyond float16's range
     with pytest.raises(ValueError, match=r"weights: \[1\.0, 1\.0\] scale the factors beyond"):
         combine([half, big])
+
+
+def test_similarity_names_the_module_and_reports_what_it_leaves_out(tmp_path: Path) -> None:
+    # an untrained B said only "factor B is all zeros"; modules in one adapter only were
+    # dropped without a word; the same layers saved on two model classes "share no module"
+    from rankwise.analysis import adapter_similarity
+
+    _peft_save(tmp_path / "qv", r=4, lora_alpha=8, init_lora_weights=False)
+    _peft_save(tmp_path / "untrained", r=4, lora_alpha=8)  # B = 0
+    _peft_save(tmp_path / "q", r=4, lora_alpha=8, init_lora_weights=False, target_modules=["query"])
+    with pytest.raises(ValueError, match=rf"module '{QUERY}' \(.*qv vs .*untrained\): factor B"):
+        adapter_similarity(tmp_path / "qv", tmp_path / "untrained", factor="B")
+    with pytest.warns(RuntimeWarning, match=r"qv: 2 module\(s\) the other adapter does not adapt"):
+        rows = adapter_similarity(tmp_path / "qv", tmp_path / "q")
+    assert {row.module for row in rows} == {QUERY, QUERY.replace("layer.0", "layer.1")}
+    head = transformers.BertForSequenceClassification(_bert().config)
+    peft.get_peft_model(
+        head, peft.LoraConfig(r=4, target_modules=["query", "value"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "cls")
+    with pytest.raises(ValueError, match="under another prefix .*cannot be paired by name"):
+        adapter_similarity(tmp_path / "cls", tmp_path / "qv")

@@ -199,6 +199,14 @@ def test_a_missing_optional_package_is_a_one_line_error(
     err = capsys.readouterr().err
     assert err.startswith("rankwise analyze: error: needs the package 'matplotlib'")
     assert "rankwise[plot]" in err and "Traceback" not in err
+    # budget: refused before its runs (it trained every set, then failed at the figure)
+    out = setup["root"] / "budget-noplot"
+    argv = ["analyze", "budget", "--data", str(setup["root"] / "nothing.tsv"), "--output",
+            str(out), "--plot", str(setup["root"] / "noplot")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rankwise analyze: error: needs the package 'matplotlib'")
+    assert not out.exists()
 
 
 def test_amplification_defaults_to_the_adapter_s_recorded_base(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -198,7 +199,12 @@ def combine_adapters(
     return tuple(report)
 
 
-def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
+def _check_module_prefixes(
+    sources: Sequence[PathLike],
+    adapters: list[dict[str, Factors]],
+    *,
+    consequence: str = "combining them would keep both names and a loader would apply only one",
+) -> None:
     """Refuse adapters saved on different model classes (a bare ``BertModel`` against
     ``BertForSequenceClassification``): a module of one, without some leading attribute names
     (``bert.``, ``model.``), is a module of the other or a sibling of one (``bert.encoder.
@@ -223,8 +229,7 @@ def _check_module_prefixes(sources: Sequence[PathLike], adapters: list[dict[str,
                         f"sources: {str(sources[i])!r} adapts {module!r} and "
                         f"{str(sources[j])!r} {what}, the same part of the model under another "
                         "prefix (saved on different model classes, e.g. a bare model and one "
-                        "with a head); combining them would keep both names and a loader "
-                        "would apply only one"
+                        f"with a head); {consequence}"
                     )
 
 
@@ -290,16 +295,33 @@ def _common_extras(
 def adapter_similarity(
     first: PathLike, second: PathLike, *, factor: Factor = "A"
 ) -> tuple[ModuleSimilarity, ...]:
-    """φ between two adapters for every module they share (e.g. r = 8 vs r = 64, two seeds)."""
+    """φ between two adapters for every module they share (e.g. r = 8 vs r = 64, two seeds);
+    modules only one adapts are named in a warning."""
     one, two = read_factors(first), read_factors(second)
     shared = sorted(set(one) & set(two))
     if not shared:
+        # the same layers saved on two model classes (bert.encoder... vs encoder...): say so
+        _check_module_prefixes(
+            (first, second), [one, two], consequence="their modules cannot be paired by name"
+        )
         raise AdapterFormatError(f"adapters {first} and {second} share no adapted module")
+    for source, own, other in ((first, one, two), (second, two, one)):
+        alone = sorted(set(own) - set(other))
+        if alone:
+            warnings.warn(
+                f"{source}: {len(alone)} module(s) the other adapter does not adapt are not "
+                f"compared ({', '.join(alone[:3])}{', ...' if len(alone) > 3 else ''})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     rows = []
     for module in shared:
         x1 = one[module].A if factor == "A" else one[module].B
         x2 = two[module].A if factor == "A" else two[module].B
-        phi = subspace_similarity(x1, x2, factor=factor)
+        try:
+            phi = subspace_similarity(x1, x2, factor=factor)
+        except ValueError as err:  # which module of which adapters (e.g. an untrained B)
+            raise ValueError(f"module {module!r} ({first} vs {second}): {err}") from None
         dim = x1.shape[1] if factor == "A" else x1.shape[0]
         rows.append(ModuleSimilarity(module, phi.shape[0], phi.shape[1], int(dim), phi))
     return tuple(rows)

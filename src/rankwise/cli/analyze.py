@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError, figure_directory, seed
+from rankwise.cli import CliError, figure_directory, require_plotting, seed
 
 
 def _plot_option(parser: argparse.ArgumentParser) -> None:
@@ -277,4 +277,5 @@ _RUN: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def run(args: argparse.Namespace) -> int:
+    require_plotting(getattr(args, "plot", None))  # before any work (budget trains for hours)
     return _RUN[args.analysis](args)
