@@ -510,3 +510,21 @@ def test_similarity_names_the_module_and_reports_what_it_leaves_out(tmp_path: Pa
     ).save_pretrained(tmp_path / "cls")
     with pytest.raises(ValueError, match="under another prefix .*cannot be paired by name"):
         adapter_similarity(tmp_path / "cls", tmp_path / "qv")
+
+
+def test_a_float16_adapter_with_a_large_scale_stays_finite(tmp_path: Path) -> None:
+    # s·B was formed in float16: r = 1, alpha = 256 and |B| ~ 1e3 overflowed to inf, and the
+    # spectrum failed naming only "M" (PEFT's delta weight, in float32, is finite)
+    from safetensors.torch import load_file, save_file
+
+    _peft_save(tmp_path / "a", r=1, lora_alpha=256, init_lora_weights=False)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = {k: (v * 3000 if "lora_B" in k else v).half() for k, v in load_file(file).items()}
+    save_file(tensors, file, metadata={"format": "pt"})
+    rows = adapter_spectrum(tmp_path / "a")
+    for row in rows:
+        key = f"base_model.model.{row.module}"
+        B, A = tensors[f"{key}.lora_B.weight"].double(), tensors[f"{key}.lora_A.weight"].double()
+        expected = torch.linalg.matrix_norm(256 * B @ A, ord=2)
+        got = row.spectrum.singular_values[0].double()
+        assert torch.isfinite(got) and abs(float(got / expected) - 1) < 1e-3

@@ -151,7 +151,10 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
             raise AdapterFormatError(
                 f"{directory}: module {module!r} has rank {A.shape[0]} in the weights, {r} in the config"
             )
-        out[module] = Factors(config.scaling(r=r, alpha=alpha) * B, A)
+        # s folded in float32 at least: in float16 s·B overflowed (r = 1, alpha = 256, |B| ~ 1e3
+        # became inf), where PEFT's delta weight, computed in float32, is finite
+        wide = torch.promote_types(B.dtype, torch.float32)
+        out[module] = Factors(config.scaling(r=r, alpha=alpha) * B.to(wide), A)
     return out
 
 
