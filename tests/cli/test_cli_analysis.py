@@ -500,3 +500,14 @@ def test_combine_linear_with_a_rank_names_the_option(
     err = capsys.readouterr().err
     assert "--rank: --method linear is exact" in err and "module" not in err
     assert not out.exists()
+
+
+def test_randomized_extract_without_a_rank_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "randomized=True needs rank (an integer) and no energy" (the API's words), after both
+    # models had loaded
+    argv = ["extract", "--base", str(tmp_path / "nothing"), "--finetuned", str(tmp_path / "x"),
+            "--out", str(tmp_path / "out"), "--energy", "0.9", "--randomized"]  # fmt: skip
+    assert main(argv) == 2
+    assert "--randomized needs --rank (an integer); found --energy 0.9" in capsys.readouterr().err

@@ -118,3 +118,13 @@ def test_budget_type_names_are_single_letters(tmp_path: Path, capsys) -> None:
     assert usage.value.code == 2
     assert "expected one-letter type names" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_types_without_sets_name_where_the_missing_type_comes_from(tmp_path: Path, capsys) -> None:
+    # "weight types ['k']: unknown ['k']" after loading the model: the user never named k
+    argv = ["analyze", "budget", "--data", "x.tsv", "--output", str(tmp_path / "runs"),
+            "--types", "q=attention.self.query,v=attention.self.value"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--types: no type k, o, which the default --sets (q,k,v,o,qk,qv,qkvo) use" in err
+    assert not (tmp_path / "runs").exists()

@@ -204,6 +204,13 @@ def _budget(args: argparse.Namespace) -> int:
     from rankwise.train.config import from_mapping
     from rankwise.train.models import load_config, quiet_transformers, resolve_model_source
 
+    missing = sorted({t for s in PAPER_SETS for t in s} - set(args.types or "qkvo"))
+    if missing and not args.sets:  # the default sets name q, k, v, o: say where 'k' came from
+        raise CliError(
+            f"--types: no type {', '.join(missing)}, which the default --sets "
+            f"({','.join(''.join(s) for s in PAPER_SETS)}) use; give --sets with the types "
+            f"{','.join(args.types)}"
+        )
     # planned on the model the runs train (a classification model: its head is trained in
     # full, never adapted), so the table's counts are the adapters' own
     quiet_transformers()  # no per-run load reports and progress bars (as finetune)

@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.rank is not None and args.rank < 1:
         raise CliError(f"--rank must be a positive integer; found {args.rank}")
+    if args.randomized and args.rank is None:  # before both models load, naming the options
+        given = f"--energy {args.energy}" if args.energy is not None else "no --rank"
+        raise CliError(f"--randomized needs --rank (an integer); found {given}")
     task = _read_task(args.finetuned)
     require_plotting(args.plot)
     with new_output_dir(args.out, outside={"--plot": args.plot}) as tmp:
