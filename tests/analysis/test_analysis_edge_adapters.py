@@ -528,3 +528,26 @@ def test_a_float16_adapter_with_a_large_scale_stays_finite(tmp_path: Path) -> No
         expected = torch.linalg.matrix_norm(256 * B @ A, ord=2)
         got = row.spectrum.singular_values[0].double()
         assert torch.isfinite(got) and abs(float(got / expected) - 1) < 1e-3
+
+
+def test_similarity_warns_when_a_factor_has_fewer_directions_than_rows(tmp_path: Path) -> None:
+    # φ past a factor's numerical rank compares directions its SVD made up (a rank-2 r=8 factor
+    # against itself rotated: φ(8, 8) = 0.54), and the table showed it without a word
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from rankwise.analysis import adapter_similarity
+
+    _peft_save(tmp_path / "full", r=4, lora_alpha=8, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # full-rank factors: nothing to say
+        adapter_similarity(tmp_path / "full", tmp_path / "full")
+    _peft_save(tmp_path / "low", r=4, lora_alpha=8, init_lora_weights=False)
+    file = tmp_path / "low" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    key = f"base_model.model.{QUERY}.lora_A.weight"
+    tensors[key][2:] = tensors[key][:2] * 0.5  # rows 3 and 4 repeat rows 1 and 2
+    save_file(tensors, file, metadata={"format": "pt"})
+    with pytest.warns(RuntimeWarning, match=rf"{QUERY} in .*low: rank 2 of 4\).*arbitrary"):
+        adapter_similarity(tmp_path / "low", tmp_path / "full")

@@ -35,6 +35,7 @@ from rankwise.analysis.algebra import (
     factored_svd,
     split_svd,
 )
+from rankwise.analysis.amplification import rounded_rank
 from rankwise.analysis.similarity import Factor, subspace_similarity
 from rankwise.analysis.spectrum import Spectrum, spectrum
 from rankwise.errors import AdapterFormatError
@@ -314,7 +315,7 @@ def adapter_similarity(
                 RuntimeWarning,
                 stacklevel=2,
             )
-    rows = []
+    rows, deficient = [], []
     for module in shared:
         x1 = one[module].A if factor == "A" else one[module].B
         x2 = two[module].A if factor == "A" else two[module].B
@@ -322,9 +323,28 @@ def adapter_similarity(
             phi = subspace_similarity(x1, x2, factor=factor)
         except ValueError as err:  # which module of which adapters (e.g. an untrained B)
             raise ValueError(f"module {module!r} ({first} vs {second}): {err}") from None
+        for source, x in ((first, x1), (second, x2)):
+            rank, size = _factor_rank(x), min(x.shape)
+            if rank < size:
+                deficient.append(f"{module} in {source}: rank {rank} of {size}")
         dim = x1.shape[1] if factor == "A" else x1.shape[0]
         rows.append(ModuleSimilarity(module, phi.shape[0], phi.shape[1], int(dim), phi))
+    if deficient:  # φ(i, ·) past a factor's rank compares directions its SVD made up
+        warnings.warn(
+            f"{len(deficient)} factor(s) have fewer independent directions than rows "
+            f"({'; '.join(deficient[:3])}{'; ...' if len(deficient) > 3 else ''}): phi(i, j) "
+            "beyond that rank compares arbitrary directions (e.g. an adapter extracted or "
+            "resized above its update's rank)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return tuple(rows)
+
+
+def _factor_rank(X: Tensor) -> int:
+    """Numerical rank of a factor given in its own dtype (:func:`rounded_rank`)."""
+    S = torch.linalg.svdvals(X.to(torch.promote_types(X.dtype, torch.float32)))
+    return rounded_rank(S, (int(X.shape[0]), int(X.shape[1])), X.dtype)
 
 
 def adapter_spectrum(directory: PathLike) -> tuple[ModuleSpectrum, ...]:
