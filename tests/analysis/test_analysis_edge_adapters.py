@@ -551,3 +551,22 @@ def test_similarity_warns_when_a_factor_has_fewer_directions_than_rows(tmp_path:
     save_file(tensors, file, metadata={"format": "pt"})
     with pytest.warns(RuntimeWarning, match=rf"{QUERY} in .*low: rank 2 of 4\).*arbitrary"):
         adapter_similarity(tmp_path / "low", tmp_path / "full")
+
+
+def test_a_bfloat16_adapter_stays_bfloat16_through_read_and_combine(tmp_path: Path) -> None:
+    # s·B came back float32 beside a bfloat16 A: B @ A failed and combine wrote float32 files
+    from safetensors.torch import load_file, save_file
+
+    from rankwise.analysis import read_factors
+
+    _peft_save(tmp_path / "a", r=4, lora_alpha=8, init_lora_weights=False)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    save_file(
+        {k: v.bfloat16() for k, v in load_file(file).items()}, file, metadata={"format": "pt"}
+    )
+    for B, A in read_factors(tmp_path / "a").values():
+        assert B.dtype == A.dtype == torch.bfloat16
+        assert (B @ A).dtype == torch.bfloat16
+    combine_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "out", method="linear")
+    written = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert {v.dtype for k, v in written.items() if "lora_" in k} == {torch.bfloat16}

@@ -259,5 +259,8 @@ def test_a_foreign_directory_the_saver_cannot_write_is_still_swapped() -> None:
         assert done.returncode == 0, done.stderr
         assert (parent / "adapter" / "config.json").read_bytes() == b"new"
         assert (parent / "adapter").stat().st_uid == 65534
+        # the old root-owned copy could not be deleted: said, not left behind silently
+        left = [p.name for p in parent.iterdir() if p.name.startswith(".adapter.")]
+        assert len(left) == 1 and f"is left at {parent / left[0]}" in done.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)

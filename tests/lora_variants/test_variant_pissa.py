@@ -241,3 +241,38 @@ def test_disable_adapters_and_unload_give_the_original_base_model(init: str) -> 
     original = dict(reference.named_parameters())
     for name, p in plain.named_parameters():
         torch.testing.assert_close(p, original[name], atol=1e-6, rtol=0)
+
+
+def test_an_unload_failing_midway_leaves_the_adapted_model_and_can_be_retried(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # layers restored before the failure (out of memory forming the next one's weight) kept
+    # their adapters over W instead of W_res, and a retry added s·B0 A0 to them again
+    from rankwise.lora import LoraConfig, inject, unload
+    from rankwise.lora.layers import LoraLayer
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 32))
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected_base = base(x)
+    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights="pissa_exact")
+    model = inject(base, cfg, generator=0)
+    with torch.no_grad():
+        adapted = model(x)
+    real, calls = LoraLayer.original_base_weight, []
+
+    def out_of_memory_at_the_second(self: LoraLayer) -> torch.Tensor | None:
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("simulated")
+        return real(self)
+
+    monkeypatch.setattr(LoraLayer, "original_base_weight", out_of_memory_at_the_second)
+    with pytest.raises(torch.OutOfMemoryError):
+        unload(model)
+    monkeypatch.setattr(LoraLayer, "original_base_weight", real)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), adapted, atol=1e-6, rtol=0)
+        plain = unload(model)
+        torch.testing.assert_close(plain(x), expected_base, atol=1e-5, rtol=0)

@@ -252,3 +252,21 @@ def test_epochs_given_on_the_demo_corpus_counts() -> None:
     given = resolve(TrainConfig(epochs=1.0))
     assert given.max_steps is None and given.epochs == 1.0
     assert resolve(TrainConfig(data="x.tsv")).epochs == 1.0
+
+
+def test_an_ignored_option_is_warned_about_by_the_main_process_only(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # resolve() ran outside main_warns: under torchrun every rank printed the same warning
+    from rankwise.train import loop
+    from rankwise.train.distributed import DistInfo
+
+    monkeypatch.setattr(loop.dist_, "teardown", lambda info: None)
+    monkeypatch.setattr(loop, "_train", lambda config, info, echo, stop_after, started: None)
+    config = TrainConfig(method="full", r=16, output=str(tmp_path / "out"))
+    for rank, expected in ((0, 1), (1, 0)):
+        monkeypatch.setattr(loop.dist_, "setup", lambda rank=rank: DistInfo(rank, 2, rank, False))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loop.train(config)
+        assert sum("ignored by --method full" in str(w.message) for w in caught) == expected

@@ -483,6 +483,44 @@ def test_an_adapter_saving_another_module_still_warns_of_a_new_head(
         load_trained(adapter)
 
 
+@pytest.mark.parametrize(
+    "saved", [["classifier.out_proj"], ["classifier.dense", "classifier.out_proj"]]
+)
+def test_a_roberta_style_head_saved_by_path_gives_no_reinit_warning(
+    saved: list[str], tiny_bert: Path, tmp_path: Path
+) -> None:
+    # the head check read the last name of each modules_to_save entry: RoBERTa's head saved
+    # as classifier.out_proj was "re-initialized" although the adapter's head was the one used
+    import json
+    import warnings
+
+    import transformers
+
+    from rankwise.io import save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    config = transformers.RobertaConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+        vocab_size=tok.vocab_size, max_position_embeddings=140, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.RobertaForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "base", num_labels=3, ignore_mismatched_sizes=True
+    )
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules=["query"], modules_to_save=saved)
+    adapter = save_adapter(inject(model, lora, generator=0), tmp_path / "adapter")
+    task = {"task": "classification", "label_names": ["0", "1", "2"],
+            "base_model": str(tmp_path / "base")}  # fmt: skip
+    (adapter / "rankwise_task.json").write_text(json.dumps(task))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        trained = load_trained(adapter)
+    assert torch.equal(trained.model.classifier.out_proj.weight, model.classifier.out_proj.weight)
+
+
 def test_a_tokenizer_config_without_a_vocabulary_is_not_used(
     run_dir: Path, tiny_bert: Path, tmp_path: Path
 ) -> None:

@@ -296,3 +296,19 @@ def test_a_run_recording_an_option_its_method_ignores_still_resumes(
     assert yaml.safe_load((out / "config.yaml").read_text())["loraplus_ratio"] == 8.0
     with pytest.warns(RuntimeWarning, match="loraplus-ratio.*ignored by --method lora"):
         assert main(["finetune", "--output", str(out), "--resume"]) == 0
+
+
+def test_a_checkpoint_with_the_earlier_data_digest_still_resumes(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    # the digest's format changed (repr of the whole set -> bytes per example): comparing the
+    # earlier key's value refused a resume on unchanged data as "other training examples"
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    for index in (out / "checkpoints").glob("step-*/checkpoint.json"):
+        data = json.loads(index.read_text())
+        data["meta"]["train_digest"] = "0" * 64  # as the earlier format wrote it
+        data["meta"].pop("train_examples_digest", None)
+        index.write_text(json.dumps(data))
+    done = train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
+    assert done.resumed_from == 2 and done.steps == 4

@@ -151,10 +151,15 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
             raise AdapterFormatError(
                 f"{directory}: module {module!r} has rank {A.shape[0]} in the weights, {r} in the config"
             )
-        # s folded in float32 at least: in float16 s·B overflowed (r = 1, alpha = 256, |B| ~ 1e3
-        # became inf), where PEFT's delta weight, computed in float32, is finite
-        wide = torch.promote_types(B.dtype, torch.float32)
-        out[module] = Factors(config.scaling(r=r, alpha=alpha) * B.to(wide), A)
+        # s folded in float32 at least, then back to the file's dtype; where s·B does not fit
+        # there (float16, r = 1, alpha = 256, |B| ~ 1e3 became inf; PEFT's delta weight, in
+        # float32, is finite) both factors stay float32
+        sB = config.scaling(r=r, alpha=alpha) * B.to(torch.promote_types(B.dtype, torch.float32))
+        narrow = sB.to(B.dtype)
+        if bool(torch.isfinite(narrow).all()):
+            out[module] = Factors(narrow, A)
+        else:
+            out[module] = Factors(sB, A.to(sB.dtype))
     return out
 
 

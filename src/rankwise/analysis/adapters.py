@@ -322,7 +322,7 @@ def adapter_similarity(
         try:
             phi = subspace_similarity(x1, x2, factor=factor)
         except ValueError as err:  # which module of which adapters (e.g. an untrained B)
-            raise ValueError(f"module {module!r} ({first} vs {second}): {err}") from None
+            raise type(err)(f"module {module!r} ({first} vs {second}): {err}") from None
         for source, x in ((first, x1), (second, x2)):
             rank, size = _factor_rank(x), min(x.shape)
             if rank < size:

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -160,6 +161,13 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         _fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # after a swap: the old directory
+        if tmp.exists():  # another user's files there, which this process cannot delete
+            warnings.warn(
+                f"{final}: saved, but the previous version could not be deleted (files this "
+                f"user cannot remove) and is left at {tmp}; remove it as its owner",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _copy_entry(entry: Path, dest: Path) -> None:

@@ -116,11 +116,18 @@ def unload(model: nn.Module) -> nn.Module:
     get_state(model)
     if any(layer.merged for _, layer in lora_layers(model)):
         unmerge(model)
+    restored: list[LoraLayer] = []
     with torch.no_grad():  # one layer's temporary at a time (not a copy of every weight)
-        for _, layer in lora_layers(model):
-            weight = layer.original_base_weight()
-            if weight is not None:
-                layer.base_weight.copy_(weight)
+        try:
+            for _, layer in lora_layers(model):
+                weight = layer.original_base_weight()
+                if weight is not None:
+                    layer.base_weight.copy_(weight)
+                    restored.append(layer)
+        except BaseException:  # e.g. out of memory midway: the residuals back, up to rounding
+            for layer in restored:
+                layer.base_weight.copy_(layer._shifted_base_weight(-1))
+            raise
     return _strip(model)
 
 

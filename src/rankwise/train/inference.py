@@ -145,9 +145,19 @@ def _head_size(root: Path) -> int | None:
     from rankwise.io.files import read_header
 
     for key, info in read_header(adapter_weights_file(root)).items():
-        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+        if key.endswith(HEAD_WEIGHT_KEYS):
             return int(info.shape[0])
     return None
+
+
+# the output weights of transformers' *ForSequenceClassification heads (BERT's classifier,
+# GPT-2/Llama's score, RoBERTa/ELECTRA's classifier.out_proj, BART's classification_head)
+HEAD_WEIGHT_KEYS = (
+    "classifier.weight",
+    "score.weight",
+    "classifier.out_proj.weight",
+    "classification_head.out_proj.weight",
+)
 
 
 def _label_names(config: dict[str, Any], size: int | None) -> tuple[str, ...]:
@@ -212,23 +222,16 @@ class _Base(NamedTuple):
     saves_head: bool  # the adapter brings the trained classification head (modules_to_save)
 
 
-# the classification heads of transformers' *ForSequenceClassification models (PEFT's
-# SEQ_CLS modules_to_save): an adapter saving one replaces a checkpoint head of another size
-HEAD_MODULES = frozenset({"classifier", "score"})
-
-
 def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
     """The base model, task and label names of the adapter directory ``root`` (its task file,
     else a PEFT adapter's ``task_type`` and base model config); ``model`` overrides the base."""
     from rankwise.io import read_adapter_config
 
     adapter_config = read_adapter_config(root)
-    # an adapter that saves the head replaces a checkpoint head of another size: no
-    # "re-initialized" warning for a head that is not the one used (only for the head itself)
-    saves_head = any(
-        str(name).rsplit(".", 1)[-1] in HEAD_MODULES
-        for name in adapter_config.modules_to_save or ()
-    )
+    # an adapter whose file carries the head replaces a checkpoint head of another size: no
+    # "re-initialized" warning for a head that is not the one used (another modules_to_save
+    # entry, the pooler say, does not bring one)
+    saves_head = _head_size(root) is not None
     base = model or info.get("base_model") or adapter_config.base_model_name_or_path
     if base is None:
         raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")

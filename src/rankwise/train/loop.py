@@ -247,7 +247,7 @@ def _save(run: _Run, position: ckpt.Position) -> None:
                 "global_batch": _global_batch(run),
                 "base_digest": run.hooks.base_digest,
                 "train_examples": len(run.train_enc.input_ids),
-                "train_digest": run.train_digest,
+                "train_examples_digest": run.train_digest,  # Encoded.digest()
             },
             hooks=run.hooks.state_dict(),
             rank_rngs=rngs,
@@ -376,7 +376,7 @@ def _check_same_data(run: _Run, found: ckpt.Checkpoint) -> None:
     """Refuse a resume whose training examples differ from the checkpoint's (the data file
     edited since, say): its schedule, data order and epoch position belong to those. A
     checkpoint written before this was recorded is not checked."""
-    saved = found.meta.get("train_digest")
+    saved = found.meta.get("train_examples_digest")  # (an earlier key held another format)
     if saved is None or saved == run.train_digest:
         return
     n = found.meta.get("train_examples", "?")
@@ -398,9 +398,9 @@ def train(
     started = time.perf_counter()
     info = dist_.setup()
     try:
-        return _train(
-            resolve(config), info, echo if info.is_main else (lambda _: None), stop_after, started
-        )
+        with dist_.main_warns(info):  # e.g. an option the method ignores: said once, not per rank
+            config = resolve(config)
+        return _train(config, info, echo if info.is_main else (lambda _: None), stop_after, started)
     finally:
         dist_.teardown(info)
 
