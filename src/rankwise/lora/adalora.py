@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from rankwise.errors import ConfigError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit
-from rankwise.lora.layers import LoraFactors, LoraLayer, linear_dims
+from rankwise.lora.layers import LoraFactors, LoraLayer
+from rankwise.lora.module_kinds import linear_dims
 
 RANKNUM_EPS = 1e-5  # PEFT: scaling / (ranknum + 1e-5)
 INIT_STD = 0.02  # PEFT AdaLoraLayer.reset_lora_parameters

@@ -49,7 +49,7 @@ from rankwise.errors import MergeError
 from rankwise.lora.cache_key import weights_key
 from rankwise.lora.conv import LoraConv
 from rankwise.lora.embedding import LoraEmbedding
-from rankwise.lora.layers import LoraLayer, LoraLinear, plain_adapter
+from rankwise.lora.layers import LoraLayer, LoraLinear
 from rankwise.lora.linear_ops import (
     LoraLinearOutput,
     autograd_transforms_active,
@@ -62,6 +62,7 @@ from rankwise.lora.linear_ops import (
     rank_contract,
     rank_product_t,
 )
+from rankwise.lora.module_kinds import plain_adapter
 
 MAGNITUDE = "lora_magnitude_vector"
 

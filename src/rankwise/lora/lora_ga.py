@@ -43,7 +43,7 @@ from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
 from rankwise.lora.initializers import LoraInit, as_generator
 from rankwise.lora.inject import apply_plan, check_residual_untied
-from rankwise.lora.layers import is_hf_conv1d
+from rankwise.lora.module_kinds import is_hf_conv1d
 from rankwise.lora.targets import Target, check_ranks, resolve
 
 DEFAULT_GAMMA = 16.0

@@ -31,7 +31,8 @@ from torch import nn
 
 from rankwise.errors import InjectionError
 from rankwise.lora.config import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, TASK_HEAD_NAMES, LoraConfig
-from rankwise.lora.layers import LoraLayer, is_hf_conv1d, wrapper_kind
+from rankwise.lora.layers import LoraLayer, wrapper_kind
+from rankwise.lora.module_kinds import is_hf_conv1d
 
 
 class Target(NamedTuple):
