@@ -215,6 +215,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def validate(config: TrainConfig) -> None:
     """Reject impossible values before any model or data is loaded."""
+    _check_choices(config)
+    _check_counts(config)
+    _check_numbers(config)
+    _check_targets(config)
+
+
+def _check_choices(config: TrainConfig) -> None:
+    """Task and method among the known ones; no empty path."""
     if config.task not in TASKS:
         raise ConfigError(
             f"{option('task')}: expected one of {', '.join(TASKS)}, found {config.task!r}"
@@ -228,6 +236,10 @@ def validate(config: TrainConfig) -> None:
         if value is not None and not value.strip():
             what = "a directory" if name == "output" else "a path or name"
             raise ConfigError(f"{option(name)}: expected {what}, found an empty string")
+
+
+def _check_counts(config: TrainConfig) -> None:
+    """Counts (batch size, ranks, steps, lengths) are whole numbers >= 1; init_r AdaLoRA's."""
     positive = {"batch_size": config.batch_size, "grad_accum": config.grad_accum, "r": config.r,
                 "ga_batches": config.ga_batches}  # fmt: skip
     for name, value in positive.items():
@@ -237,12 +249,6 @@ def validate(config: TrainConfig) -> None:
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ConfigError(f"{option(name)}: expected an integer >= 1, found {value}")
-    if not config.alpha > 0:
-        raise ConfigError(f"{option('alpha')}: expected a number > 0, found {config.alpha}")
-    if not config.loraplus_ratio > 0:
-        raise ConfigError(
-            f"{option('loraplus_ratio')}: expected a number > 0, found {config.loraplus_ratio}"
-        )
     if config.init_r is not None and config.method != "adalora":
         raise ConfigError(
             f"{option('init_r')}: AdaLoRA's initial rank, for --method adalora only; found "
@@ -252,6 +258,16 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError(
             f"{option('init_r')}: expected an integer >= r = {config.r} (AdaLoRA prunes from init_r "
             f"down to r), found {config.init_r}"
+        )
+
+
+def _check_numbers(config: TrainConfig) -> None:
+    """Rates, ratios, probabilities and fractions: in range, finite, representable."""
+    if not config.alpha > 0:
+        raise ConfigError(f"{option('alpha')}: expected a number > 0, found {config.alpha}")
+    if not config.loraplus_ratio > 0:
+        raise ConfigError(
+            f"{option('loraplus_ratio')}: expected a number > 0, found {config.loraplus_ratio}"
         )
     if config.epochs is not None and config.epochs <= 0:
         raise ConfigError(f"{option('epochs')}: expected a number > 0, found {config.epochs}")
@@ -285,6 +301,11 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(
                 f"{option(name)}: expected a fraction < 1 or a whole count >= 1, found {value}"
             )
+
+
+def _check_targets(config: TrainConfig) -> None:
+    """Target module names: a tuple of strings, one pattern alone, none with --method full;
+    then whether an option is one the method ignores (:func:`ignored_options`)."""
     if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
         raise ConfigError(
             f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
@@ -356,7 +377,7 @@ def ignored_options(config: TrainConfig) -> dict[str, str]:
 
 def _check_method_options(config: TrainConfig) -> None:
     for message in ignored_options(config).values():
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
