@@ -132,6 +132,24 @@ def save_adapter(
     if config.task_type is None:  # as PEFT: how to rebuild the base model class
         cls = type(model)
         auto_mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+    _check_saveable(model, config, for_original_base)
+    out = Path(directory)
+    state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
+    if isinstance(config, AdaLoraConfig) and config.rank_pattern:
+        state = truncate_to_rank_pattern(state, config.rank_pattern)
+    if for_original_base:
+        state, config = _for_original_base(model, state, config)
+    tensors = {PREFIX + k: v for k, v in state.items()}
+    with replaced_dir(out) as tmp:  # both files change together; other files are kept
+        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_adapter_config(tmp, config, auto_mapping=auto_mapping)
+    return out
+
+
+def _check_saveable(model: nn.Module, config: LoraConfig, for_original_base: bool) -> None:
+    """Refuse a plain save of a LoRA-GA adapter (no loader can rebuild its base); warn when PEFT
+    would rebuild another residual base than rankwise's (randomized PiSSA, OLoRA on Conv1D,
+    PiSSA/OLoRA on convolutions) and the adapter is not saved for the original base."""
     if not for_original_base and config.initializer == "lora_ga":
         raise ConfigError(
             "save_adapter: a LoRA-GA adapter moved s·B0 A0 (from gradients) out of the base "
@@ -149,7 +167,7 @@ def save_adapter(
                 else "for PEFT save with for_original_base=True, or use init 'pissa_exact'"
             ),
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     reason = None if for_original_base else peft_cannot_rebuild(model)
     if reason is not None:
@@ -161,19 +179,8 @@ def save_adapter(
                 else "for PEFT save with for_original_base=True (a plain LoRA)"
             ),
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    out = Path(directory)
-    state = {**embedding_state(model, config, save_embedding_layers), **adapter_state_dict(model)}
-    if isinstance(config, AdaLoraConfig) and config.rank_pattern:
-        state = truncate_to_rank_pattern(state, config.rank_pattern)
-    if for_original_base:
-        state, config = _for_original_base(model, state, config)
-    tensors = {PREFIX + k: v for k, v in state.items()}
-    with replaced_dir(out) as tmp:  # both files change together; other files are kept
-        write_safetensors(tmp / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        write_adapter_config(tmp, config, auto_mapping=auto_mapping)
-    return out
 
 
 def load_adapter(
