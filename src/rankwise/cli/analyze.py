@@ -192,16 +192,13 @@ def _amplification(args: argparse.Namespace) -> int:
 
 
 def _budget(args: argparse.Namespace) -> int:
-    """Plan equal-budget ranks (:func:`budget_plan`), then fine-tune once per set."""
-    import json
-
+    """Plan equal-budget ranks (:func:`budget_plan`), then fine-tune once per set
+    (:func:`rankwise.train.budget_runs.budget_runs`)."""
     import transformers
 
     from rankwise.analysis.budget import BERT_TYPES, PAPER_SETS, budget_plan
     from rankwise.analysis.report import budget_table
-    from rankwise.io.files import atomic_write_bytes
-    from rankwise.train import train
-    from rankwise.train.config import from_mapping
+    from rankwise.train.budget_runs import budget_runs
     from rankwise.train.models import load_config, quiet_transformers, resolve_model_source
 
     missing = sorted({t for s in PAPER_SETS for t in s} - set(args.types or "qkvo"))
@@ -225,48 +222,10 @@ def _budget(args: argparse.Namespace) -> int:
         model, budget=budget, rank=rank, sets=sets, types=types, task_type="SEQ_CLS"
     )
     del model
-    names = ["".join(plan.types) for plan in plans]  # distinct: check_sets
-    out = Path(args.output)
-    for name in names:  # every run's directory checked before the first run starts
-        target = out / name
-        if target.is_file() or (target.is_dir() and any(target.iterdir())):
-            raise FileExistsError(
-                f"--output: {str(target)!r} exists and is not empty; choose another --output"
-            )
-    summary = out / "budget.json"
-    if summary.exists():  # another comparison's table: replacing it would lose its rows
-        raise FileExistsError(
-            f"--output: {str(summary)!r} already holds another comparison; choose another --output"
-        )
-    results = []
-    for plan, name in zip(plans, names, strict=True):
-        print(
-            f"[budget] {name}: rank {plan.rank} on {plan.layers} layers, {plan.params} parameters"
-        )
-        config = from_mapping(
-            {
-                "model": args.model,
-                "data": args.data,
-                "eval_data": args.eval_data,
-                "r": plan.rank,
-                "alpha": 2.0 * plan.rank,  # scaling alpha / r = 2 in every run
-                "targets": list(plan.targets),
-                "max_steps": args.max_steps,
-                "max_length": args.max_length,
-                "batch_size": args.batch_size,
-                "lr": args.lr,
-                "seed": args.seed,
-                "save_every": 0,
-                "output": str(out / name),
-            }
-        )
-        results.append(train(config, echo=lambda _line: None).after)
-        rows = [  # written after every run: finished runs survive a later failure
-            {**plan._asdict(), "accuracy": getattr(r, "accuracy", None),
-             "loss": getattr(r, "loss", None)}
-            for plan, r in zip(plans, results)
-        ]  # fmt: skip
-        atomic_write_bytes(summary, json.dumps(rows, indent=2).encode("utf-8"))
+    fixed = {"model": args.model, "data": args.data, "eval_data": args.eval_data,
+             "max_steps": args.max_steps, "max_length": args.max_length,
+             "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}  # fmt: skip
+    results = budget_runs(plans, Path(args.output), fixed, progress=print)
     _print(budget_table(plans, results))
     if args.plot:
         from rankwise.analysis.plots import plot_budget
