@@ -395,3 +395,72 @@ def test_trainer_checkpoints_and_resumes_a_tied_lm_head_target(tmp_path: Path) -
     torch.testing.assert_close(logits(resumed, "gpt2"), logits(full, "gpt2"), rtol=0, atol=1e-6)
     adapter = load_adapter(tiny_gpt2(), tmp_path / "full")
     torch.testing.assert_close(logits(adapter, "gpt2"), logits(full, "gpt2"), rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_adalora_with_load_best_model_at_end_saves_the_best_models_ranks(tmp_path: Path) -> None:
+    # Trainer reloaded the best checkpoint's weights, but the allocator (and so the rank_pattern
+    # a save cuts the factors to) stayed the last step's: output_dir's adapter lost 40-96% of
+    # the best model's update in three of four layers
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from rankwise.lora import AdaLoraConfig, RankAllocator
+    from rankwise.train import AdaLoraCallback, SaveAdapterCallback
+
+    kw = dict(init_r=6, target_r=2, total_step=12, tinit=2, tfinal=4, deltaT=1, lora_alpha=8,
+              target_modules=["query", "value"], task_type="SEQ_CLS", orth_reg_weight=0.5)  # fmt: skip
+    model = inject(tiny_bert_cls(), AdaLoraConfig(**kw), generator=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_E" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    scores = iter(range(-1, -100, -1))  # the first evaluation (step 4) is the best
+    out = tmp_path / "run"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=12, save_strategy="steps", save_steps=4,
+        eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
+        metric_for_best_model="score", greater_is_better=True, per_device_train_batch_size=8,
+        learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, logging_strategy="no",
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    callbacks = [AdaLoraCallback(RankAllocator(model, AdaLoraConfig(**kw))), SaveAdapterCallback()]
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Data(96), eval_dataset=_Data(8),
+        compute_metrics=lambda _: {"score": next(scores)}, callbacks=callbacks,
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(out / "checkpoint-4")
+    best = json.loads((out / "checkpoint-4" / "adapter_config.json").read_text())["rank_pattern"]
+    final = json.loads((out / "adapter_config.json").read_text())["rank_pattern"]
+    assert final == best
+    torch.testing.assert_close(
+        logits(load_adapter(tiny_bert_cls(), out), "bert"), logits(model, "bert"), atol=1e-6, rtol=0
+    )
+
+
+@pytest.mark.slow
+def test_save_adapter_callback_follows_a_hyperparameter_search_trial(tmp_path: Path) -> None:
+    # a trial saves under output_dir/run-<n>/checkpoint-N: the callback wrote a stray
+    # output_dir/checkpoint-N with the adapter only, and the final adapter into output_dir
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+    from rankwise.train import SaveAdapterCallback
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    model = inject(tiny_bert_cls(), config, generator=0)
+    out = tmp_path / "search"
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2,
+        per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0,
+        logging_strategy="no", dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=_Data(32), callbacks=[SaveAdapterCallback()]
+    )
+    trainer._get_output_dir = lambda trial: str(out / "run-0")  # what a search trial gets
+    trainer.train()
+    assert sorted(p.name for p in out.iterdir()) == ["run-0"]
+    trial = out / "run-0"
+    for folder in (trial / "checkpoint-2", trial):
+        assert (folder / "adapter_model.safetensors").is_file()

@@ -20,6 +20,7 @@ Importing this module imports transformers.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,15 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 
 def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> Path:
-    """The folder ``Trainer`` saves (or resumed) the checkpoint of ``state.global_step`` in."""
-    return Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    """The folder ``Trainer`` saves (or resumed) the checkpoint of ``state.global_step`` in:
+    ``output_dir/checkpoint-<step>``, or during ``hyperparameter_search`` the trial's
+    ``output_dir/<run name>/checkpoint-<step>`` (``Trainer._get_output_dir``), the newest."""
+    name = f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+    direct = Path(args.output_dir) / name
+    if direct.is_dir():
+        return direct
+    trials = [p for p in Path(args.output_dir).glob(f"*/{name}") if p.is_dir()]
+    return max(trials, key=lambda p: p.stat().st_mtime_ns) if trials else direct
 
 
 class SaveAdapterCallback(TrainerCallback):
@@ -56,6 +64,7 @@ class SaveAdapterCallback(TrainerCallback):
             )
         self.save_embedding_layers = save_embedding_layers
         self.for_original_base = for_original_base
+        self._run_dir: Path | None = None  # where this run's checkpoints went (a trial's folder)
 
     def _save(self, model: nn.Module | None, directory: Path, state: TrainerState) -> None:
         from rankwise.io import save_adapter
@@ -86,6 +95,7 @@ class SaveAdapterCallback(TrainerCallback):
     ) -> None:
         """After ``Trainer`` wrote ``checkpoint-<global_step>``: the adapter into it too."""
         folder = checkpoint_folder(args, state)
+        self._run_dir = folder.parent
         self._save(model, folder, state)
 
     def on_train_end(
@@ -96,8 +106,11 @@ class SaveAdapterCallback(TrainerCallback):
         model: nn.Module | None = None,
         **kwargs: Any,
     ) -> None:
-        """The trained adapter into ``output_dir``."""
-        self._save(model, Path(args.output_dir), state)
+        """The trained adapter into ``output_dir``, or into a hyperparameter-search trial's own
+        folder (where its checkpoints went: trials would overwrite one another's)."""
+        directory = self._run_dir if self._run_dir is not None else Path(args.output_dir)
+        self._run_dir = None
+        self._save(model, directory, state)
 
 
 ALLOCATOR_FILE = "adalora_allocator.safetensors"
@@ -188,9 +201,24 @@ class AdaLoraCallback(TrainerCallback):
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        """Remove the regularization hook; with ``load_best_model_at_end`` the best checkpoint's
+        allocator comes back with its weights, so the ranks kept (``rank_pattern``, which a
+        save cuts the factors to) are the best model's, not the last step's."""
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None:
+            path = Path(best) / ALLOCATOR_FILE
+            if not path.is_file():
+                warnings.warn(
+                    f"AdaLoraCallback: the best checkpoint {best} holds no {ALLOCATOR_FILE}: "
+                    "the ranks kept stay the last step's, which may not be the loaded model's",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return
+            self.allocator.load_state_dict(_read_allocator(path))
 
 
 def _write_allocator(path: Path, state: dict[str, Any]) -> None:
