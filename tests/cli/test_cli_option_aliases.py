@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rankwise.cli import COMMANDS, _command_parser
+from rankwise.cli import COMMANDS, _command_parser, main
 
 
 @pytest.mark.parametrize(
@@ -65,3 +65,25 @@ def test_an_empty_out_is_a_usage_error(argv: list[str], capsys) -> None:
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "argument --out/--output: expected a directory, found an empty string" in err
+
+
+def test_a_terminated_process_under_torchrun_says_which_rank(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "rankwise finetune: terminated" came unlabelled from rank 1 beside rank 0's messages
+    import os
+    import signal
+
+    import rankwise.cli.version as command
+
+    def killed(args: object) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)  # as torchrun stopping the other processes
+        return 0
+
+    monkeypatch.setattr(command, "run", killed)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as stop:
+        main(["version"])
+    assert stop.value.code == 143
+    assert "rankwise version (rank 1): terminated" in capsys.readouterr().err

@@ -306,7 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_raises():
             return int(module.run(args) or 0)
     except Terminated:  # cleaned up on the way here; SIGTERM still ends the whole process
-        print(f"rankwise {name}: terminated", file=sys.stderr)
+        print(f"rankwise {name}{_rank_label()}: terminated", file=sys.stderr)
         raise SystemExit(143) from None
     except BrokenPipeError:  # `rankwise ... | head`: the reader left, as SIGPIPE would end us
         import os

@@ -398,7 +398,11 @@ def train(
     started = time.perf_counter()
     info = dist_.setup()
     try:
-        with dist_.main_warns(info):  # e.g. an option the method ignores: said once, not per rank
+        # options checked right after the rendezvous, which lines the processes up, so each
+        # refuses a bad one at about the same moment (checked before it, a fast process could
+        # exit and have torchrun kill the others before they said why); a warning (an option
+        # the method ignores) from rank 0 only
+        with dist_.main_warns(info):
             config = resolve(config)
         return _train(config, info, echo if info.is_main else (lambda _: None), stop_after, started)
     finally:
