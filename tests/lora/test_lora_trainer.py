@@ -26,6 +26,16 @@ class _Data(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+def _training_args(out: Path, **changes: object) -> object:
+    """Trainer arguments of these tests: CPU, seed 0, batch 8, lr 1e-2, no logging or workers;
+    ``changes`` set the run's own (steps, saving, evaluation)."""
+    import transformers
+
+    defaults = dict(per_device_train_batch_size=8, learning_rate=1e-2, report_to=[],
+                    use_cpu=True, seed=0, logging_strategy="no", dataloader_num_workers=0)  # fmt: skip
+    return transformers.TrainingArguments(output_dir=str(out), **{**defaults, **changes})
+
+
 @pytest.mark.slow
 def test_trainer_trains_only_adapters_and_round_trips(tmp_path: Path) -> None:
     transformers = pytest.importorskip("transformers")
@@ -73,19 +83,7 @@ def test_save_adapter_callback_writes_peft_adapters_into_checkpoints(tmp_path: P
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
     model = inject(tiny_bert_cls(), config, generator=0)
     out = tmp_path / "run"
-    args = transformers.TrainingArguments(
-        output_dir=str(out),
-        max_steps=4,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=8,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        logging_strategy="no",
-        dataloader_num_workers=0,
-    )
+    args = _training_args(out, max_steps=4, save_strategy="steps", save_steps=2)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=_Data(32), callbacks=[SaveAdapterCallback()]
     )
@@ -131,11 +129,7 @@ def test_save_adapter_callback_writes_residual_adapters_for_the_original_base(
     else:
         model = inject(tiny_bert_cls(), config, generator=0)
     out = tmp_path / "run"
-    args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=2, save_strategy="steps", save_steps=2,
-        per_device_train_batch_size=8, learning_rate=1e-2, report_to=[], use_cpu=True, seed=0,
-        logging_strategy="no", dataloader_num_workers=0,
-    )  # fmt: skip
+    args = _training_args(out, max_steps=2, save_strategy="steps", save_steps=2)
     trainer = transformers.Trainer(
         model=model, args=args, train_dataset=data, callbacks=[SaveAdapterCallback()]
     )
@@ -417,12 +411,10 @@ def test_adalora_with_load_best_model_at_end_saves_the_best_models_ranks(tmp_pat
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     scores = iter(range(-1, -100, -1))  # the first evaluation (step 4) is the best
     out = tmp_path / "run"
-    args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=12, save_strategy="steps", save_steps=4,
-        eval_strategy="steps", eval_steps=4, load_best_model_at_end=True,
-        metric_for_best_model="score", greater_is_better=True, per_device_train_batch_size=8,
-        learning_rate=1e-2, report_to=[], use_cpu=True, seed=0, logging_strategy="no",
-        dataloader_num_workers=0,
+    args = _training_args(
+        out, max_steps=12, save_strategy="steps", save_steps=4, eval_strategy="steps",
+        eval_steps=4, load_best_model_at_end=True, metric_for_best_model="score",
+        greater_is_better=True,
     )  # fmt: skip
     callbacks = [AdaLoraCallback(RankAllocator(model, AdaLoraConfig(**kw))), SaveAdapterCallback()]
     trainer = transformers.Trainer(

@@ -283,9 +283,7 @@ def _for_original_base(
         out[f"{name}.{key_b}"] = B2.reshape(shape_b)
         base_key = f"{name}.base_layer.weight"  # a targeted embedding/lm_head's, if written
         if init is not None and base_key in out:  # the residual W - s·B0 A0: W again
-            residual, dtype = out[base_key].detach(), layer.merge_dtype()  # float64 stays
-            moved = layer._from_matrix(layer.scaling * (B0.to(dtype) @ A0.to(dtype)))
-            out[base_key] = (residual.to(dtype) + moved).to(residual.dtype)
+            out[base_key] = layer.shifted_base_weight(+1, out[base_key])
     return out, original_base_config(config)
 
 

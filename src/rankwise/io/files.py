@@ -121,8 +121,7 @@ def replaced_dir(final: Path) -> Iterator[Path]:
 
     A symbolic link at ``final`` stays: its target is replaced. Entries another process puts
     into ``final`` while the block runs (e.g. Trainer's per-process ``rng_state_<i>.pth`` in a
-    ``checkpoint-<step>`` folder) are linked in too, just before the swap, and any that came
-    later are moved over from the old directory right after it.
+    ``checkpoint-<step>`` folder) are moved over from the old directory right after the swap.
 
     An existing directory that cannot or should not be swapped gets its new files moved in
     one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's config names
@@ -148,14 +147,11 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         if final.is_dir():
             shutil.copytree(final, tmp, symlinks=True, copy_function=_link, dirs_exist_ok=True)
         yield tmp
-        if final.is_dir():  # what appeared in final meanwhile (another process's files)
-            for entry in final.iterdir():
-                if not (tmp / entry.name).exists() and not (tmp / entry.name).is_symlink():
-                    _copy_entry(entry, tmp / entry.name)
         _fsync_dir(tmp)
         swap_in(tmp, final)
         for entry in tmp.iterdir() if tmp.is_dir() else ():  # the old one (if there was one):
-            # what appeared there since the links; a rename: an open file keeps working
+            # what another process put there since the links; a rename: an open file keeps
+            # working
             if not (final / entry.name).exists() and not (final / entry.name).is_symlink():
                 os.replace(entry, final / entry.name)
         _fsync_dir(final.parent)
@@ -168,16 +164,6 @@ def replaced_dir(final: Path) -> Iterator[Path]:
                 RuntimeWarning,
                 stacklevel=3,
             )
-
-
-def _copy_entry(entry: Path, dest: Path) -> None:
-    """``entry`` at ``dest`` as copytree(..., copy_function=_link) puts it: a link, a tree."""
-    if entry.is_symlink():
-        os.symlink(os.readlink(entry), dest)
-    elif entry.is_dir():
-        shutil.copytree(entry, dest, symlinks=True, copy_function=_link)
-    else:
-        _link(str(entry), str(dest))
 
 
 def _keep_in_place(directory: Path) -> bool:

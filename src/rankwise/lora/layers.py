@@ -269,15 +269,16 @@ class LoraLayer(nn.Module):
         """The base weight before an initializer moved ``s·B0 A0`` out of it (PiSSA, OLoRA,
         LoRA-GA): ``W_res + s·B0 A0`` in the base weight's layout and dtype (computed in
         float32 at least, rounded once); None when the base weight is the original."""
-        return self._shifted_base_weight(+1)
+        return self.shifted_base_weight(+1)
 
-    def _shifted_base_weight(self, sign: int) -> Tensor | None:
-        """``W ± s·B0 A0`` (the initial factors), rounded once to the weight's dtype; None
-        when there are none (the initializer left the base weight alone)."""
+    def shifted_base_weight(self, sign: int, weight: Tensor | None = None) -> Tensor | None:
+        """``W ± s·B0 A0`` (the initial factors) for the base weight ``W`` (default: the live
+        one; a saved copy of it otherwise), in its layout, summed in :meth:`merge_dtype` and
+        rounded once to its dtype; None when there are none (the base weight is the original)."""
         A0, B0 = self._buffers.get(INIT_A), self._buffers.get(INIT_B)
         if A0 is None or B0 is None:
             return None
-        W = self.base_weight.detach()
+        W = (self.base_weight if weight is None else weight).detach()
         dtype = self.merge_dtype()
         delta = self._from_matrix(self.scaling * (B0.to(dtype) @ A0.to(dtype)))
         return (W.to(dtype) + sign * delta).to(W.dtype)

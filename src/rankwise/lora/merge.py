@@ -126,7 +126,7 @@ def unload(model: nn.Module) -> nn.Module:
                     restored.append(layer)
         except BaseException:  # e.g. out of memory midway: the residuals back, up to rounding
             for layer in restored:
-                layer.base_weight.copy_(layer._shifted_base_weight(-1))
+                layer.base_weight.copy_(layer.shifted_base_weight(-1))
             raise
     return _strip(model)
 

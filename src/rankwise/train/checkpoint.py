@@ -135,8 +135,9 @@ def save_checkpoint(
     _fsync(root)
     # newer ones belong to a timeline this run left (it resumed from an older checkpoint past
     # unusable ones): dropped, so pruning below never removes the one just written
-    kept = [p for p in list_checkpoints(output) if cast(int, _step_of(p)) <= position.step]
-    for old in [p for p in list_checkpoints(output) if p not in kept] + kept[:-keep]:
+    found = list_checkpoints(output)
+    kept = [p for p in found if cast(int, _step_of(p)) <= position.step]
+    for old in [p for p in found if p not in kept] + kept[:-keep]:
         _discard(old)
     return final
 

@@ -231,7 +231,8 @@ def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
     # an adapter whose file carries the head replaces a checkpoint head of another size: no
     # "re-initialized" warning for a head that is not the one used (another modules_to_save
     # entry, the pooler say, does not bring one)
-    saves_head = _head_size(root) is not None
+    head_size = _head_size(root)
+    saves_head = head_size is not None
     base = model or info.get("base_model") or adapter_config.base_model_name_or_path
     if base is None:
         raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
@@ -252,7 +253,7 @@ def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
         config = _model_config(str(base))
         task = task or _task_of(config, adapter_config.task_type)
         if task == "classification" and not names:
-            names = _label_names(config, _head_size(root))
+            names = _label_names(config, head_size)
     return _Base(str(base), task, names, saves_head)
 
 
