@@ -698,3 +698,22 @@ def test_a_compiled_model_saves_as_the_model_it_wraps(tmp_path: Path) -> None:
     torch.testing.assert_close(logits(theirs, "bert"), expected, atol=1e-5, rtol=0)
     mine = load_adapter(BUILDERS["bert"](), tmp_path)
     torch.testing.assert_close(logits(mine, "bert"), expected, atol=1e-5, rtol=0)
+
+
+def test_a_compiled_model_loads_into_the_model_it_wraps(tmp_path: Path) -> None:
+    # load_adapter(torch.compile(model), d) refused every key (it expected _orig_mod.…)
+    model = inject(BUILDERS["bert"](), LoraConfig(r=4, lora_alpha=8, target_modules=["query"],
+                                                  task_type="SEQ_CLS"), generator=0)  # fmt: skip
+    perturb(model, 3)
+    expected = logits(model, "bert")
+    save_adapter(model, tmp_path)
+    compiled = torch.compile(BUILDERS["bert"]())
+    assert load_adapter(compiled, tmp_path) is compiled  # the wrapper, as given
+    inner = compiled._orig_mod
+    assert not inner.training
+    torch.testing.assert_close(logits(inner, "bert"), expected, atol=1e-5, rtol=0)
+    # a second adapter of the same shapes swaps in place through the wrapper too
+    perturb(model, 4)
+    save_adapter(model, tmp_path / "second")
+    load_adapter(compiled, tmp_path / "second")
+    torch.testing.assert_close(logits(inner, "bert"), logits(model, "bert"), atol=1e-5, rtol=0)

@@ -192,8 +192,11 @@ def load_adapter(
     adapters of the same names and shapes gets its weights (and alpha/scaling) swapped in
     place. ``is_trainable=False`` (as PEFT) freezes every parameter and puts the model in eval
     mode. Raises AdapterFormatError / ShapeMismatchError (InjectionError when the config
-    selects no module of ``model``) with the model unchanged.
+    selects no module of ``model``) with the model unchanged. A ``torch.compile``d model gets
+    the adapter in the model it wraps (the file's module names carry no ``_orig_mod.``, as
+    :func:`save_adapter` writes them); the wrapper is returned.
     """
+    wrapper, model = model, _uncompiled(model)
     directory = Path(directory)
     _check_materialized(model)
     config = read_adapter_config(directory)
@@ -247,8 +250,8 @@ def load_adapter(
     get_state(model).base_written = _base_keys(model, values)
     set_trainable(model, trainable=is_trainable)
     if not is_trainable:
-        model.eval()
-    return model
+        wrapper.eval()
+    return wrapper
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
