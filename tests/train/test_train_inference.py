@@ -561,3 +561,23 @@ def test_a_corrupt_model_file_and_a_model_for_a_model_directory_are_one_line_err
     assert main(["evaluate", "--adapter", str(merged), "--data", str(toy_tsv)]) == 2
     err = capsys.readouterr().err
     assert "not a valid safetensors file" in err and "Traceback" not in err
+
+
+def test_a_peft_adalora_adapter_warns_once_about_an_ignored_option(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # the adapter config was read twice (base lookup, then load_adapter): the warning twice
+    import warnings
+
+    from peft import AdaLoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert))
+    config = AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8, total_step=10, use_rslora=True,
+                           target_modules=["query"], task_type="SEQ_CLS")  # fmt: skip
+    get_peft_model(base, config).save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_trained(tmp_path)
+    ignored = [w for w in caught if "AdaLoRA ignores use_rslora" in str(w.message)]
+    assert len(ignored) == 1, [str(w.message) for w in ignored]

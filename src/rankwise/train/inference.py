@@ -227,7 +227,9 @@ def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
     else a PEFT adapter's ``task_type`` and base model config); ``model`` overrides the base."""
     from rankwise.io import read_adapter_config
 
-    adapter_config = read_adapter_config(root)
+    with warnings.catch_warnings():  # load_adapter reads the file again and warns once
+        warnings.simplefilter("ignore", RuntimeWarning)
+        adapter_config = read_adapter_config(root)
     # an adapter whose file carries the head replaces a checkpoint head of another size: no
     # "re-initialized" warning for a head that is not the one used (another modules_to_save
     # entry, the pooler say, does not bring one)
