@@ -325,3 +325,12 @@ def test_a_non_finite_base_weight_is_refused_by_name_for_weight_factoring_inits(
     assert after.keys() == before.keys() and not hasattr(model, "_rankwise_lora")
     assert all(torch.equal(after[k], v) for k, v in before.items())
     inject(model, LoraConfig(r=2, target_modules=["query"]))  # the default init reads no weight
+
+
+@pytest.mark.parametrize("lazy", [nn.LazyLinear(4), nn.LazyConv2d(4, 3)])
+def test_a_lazy_target_is_refused_by_name(lazy: nn.Module) -> None:
+    # torch's "Can't access the shape of an uninitialized parameter" named no module
+    model = nn.Sequential(nn.Linear(3, 3), lazy)
+    with pytest.raises(InjectionError, match=r"module '1' is a lazy .*one forward pass"):
+        inject(model, LoraConfig(r=2, target_modules=["1"]))
+    assert model[1] is lazy

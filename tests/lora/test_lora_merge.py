@@ -19,6 +19,7 @@ from rankwise.lora import (
     unload,
     unmerge,
 )
+from rankwise.lora.merge import merge_blocker
 
 TARGETS = {
     "bert": ["query", "value", "dense", "word_embeddings"],
@@ -317,3 +318,20 @@ def test_float64_merge_keeps_float64_precision(dora: bool, kind: str) -> None:
         unmerge(model)
     assert (merged - y).abs().max() < 1e-12
     assert (model[0].base_layer.weight - W0).abs().max() < 1e-14
+
+
+def test_an_embedding_with_max_norm_is_not_merged() -> None:
+    # the unmerged lookup renormalizes rows of W0 and of Aᵀ apart, the merged one rows of
+    # W0 + ΔW (in place): merged outputs were 4.9 off (|y| ≤ 5.5) and unmerge left W 4.9 off
+    model = nn.Sequential(nn.Embedding(30, 8, max_norm=1.0))
+    inject(model, LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False),
+           generator=0)  # fmt: skip
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        model(ids)  # the lookup's own in-place renormalization, before the snapshot
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for operation in (merge, merge_and_unload):
+        with pytest.raises(MergeError, match=r"embedding '0' has max_norm=1.0.*unmerged"):
+            operation(model)
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert merge_blocker(model) is not None  # finetune --merge finds out before training

@@ -67,9 +67,23 @@ def _check_untied(model: nn.Module) -> None:
 
 
 def merge_blocker(model: nn.Module) -> str | None:
-    """Why ``merge(model)`` would be refused (an adapted weight tied to another module), or
-    None: lets a training run find out before it trains rather than after."""
-    tied = tied_weights(model, [name for name, _ in lora_layers(model)])
+    """Why ``merge(model)`` would be refused (an adapted weight tied to another module, an
+    embedding with ``max_norm``), or None: lets a training run find out before it trains
+    rather than after."""
+    layers = list(lora_layers(model))
+    for name, layer in layers:
+        max_norm = (
+            getattr(layer.base_layer, "max_norm", None) if layer.kind == "embedding" else None
+        )
+        if max_norm is not None:
+            # the unmerged lookup renormalizes rows of W0 and of Aᵀ apart, a merged one rows of
+            # W0 + ΔW (and in place: unmerge would then subtract ΔW from other values)
+            return (
+                f"embedding {name!r} has max_norm={max_norm}, which renormalizes the rows it "
+                "looks up: the merged weight would not give the unmerged output (and unmerge "
+                "would not restore the base weight). Keep this adapter unmerged"
+            )
+    tied = tied_weights(model, [name for name, _ in layers])
     if not tied:
         return None
     name, others = next(iter(tied.items()))

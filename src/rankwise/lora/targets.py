@@ -389,8 +389,15 @@ def check_ranks(model: nn.Module, plan: Plan) -> None:
 
 
 def _check_nonempty(name: str, module: nn.Module) -> None:
-    """Refuse a weight with a zero dimension, naming the module and its shape."""
-    shape = tuple(module.weight.shape)  # type: ignore[union-attr]
+    """Refuse a weight with a zero dimension, naming the module and its shape, or one not
+    materialized yet (``nn.LazyLinear``, ``nn.LazyConv2d``: torch's error named no module)."""
+    weight = module.weight  # type: ignore[union-attr]
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        raise InjectionError(
+            f"target_modules: module {name!r} is a lazy {type(module).__name__} whose weight is "
+            "not initialized yet; run one forward pass before injecting adapters"
+        )
+    shape = tuple(weight.shape)
     if 0 in shape:
         raise InjectionError(
             f"target_modules: module {name!r} has a zero-size weight of shape {shape}; "
