@@ -180,7 +180,9 @@ class DoraLinearFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             # y = x (Wt ⊙ c) + b + s·(x Aᵀ)(c ⊙ B)ᵀ on either route (Wc's gradient is None)
             gx, gw, gbias, ga, gb, gc = differentiable_grads(
-                lambda: lora_linear_autograd(x, Wt * c, bias, A, B * c[:, None], s),
+                lambda x, Wt, bias, A, B, c: lora_linear_autograd(
+                    x, Wt * c, bias, A, B * c[:, None], s
+                ),
                 (x, Wt, bias, A, B, c),
                 (need_x, need_w, need_bias, need_a, need_b, need_c),
                 g,

@@ -250,22 +250,28 @@ def autograd_transforms_active() -> bool:
 
 
 def differentiable_grads(
-    forward: Callable[[], Tensor],
+    forward: Callable[..., Tensor],
     inputs: tuple[Tensor | None, ...],
     needs: tuple[bool, ...],
     g: Tensor,
 ) -> list[Tensor | None]:
-    """The gradients of ``forward()`` for the ``inputs`` that ``needs`` marks, with a graph
-    (``create_graph=True``): a custom node's backward when autograd records it (a double
-    backward, e.g. a gradient penalty). ``forward`` recomputes the node's output from the
-    saved inputs with torch's own differentiable ops; None where not needed."""
-    wanted = [t for t, need in zip(inputs, needs, strict=True) if need and t is not None]
-    if not wanted:  # only what the caller forms itself (the bias's Σ g): nothing to recompute
-        return [None] * len(inputs)
+    """The gradients of ``forward(*inputs)`` for the ``inputs`` that ``needs`` marks, with a
+    graph (``create_graph=True``): a custom node's backward when autograd records it (a double
+    backward, e.g. a gradient penalty). ``forward`` recomputes the node's output with torch's
+    own differentiable ops; None where not needed.
+
+    It runs on fresh aliases of the inputs (views, still joined to the outer graph), each
+    differentiated on its own: a saved input computed from another (dropout's ``x_a`` from
+    ``x``) would otherwise pass its gradient into the other's, which autograd then adds again
+    through the node's own output for it (∂L/∂x was 95% off with dropout)."""
+    if not any(need and t is not None for t, need in zip(inputs, needs, strict=True)):
+        return [None] * len(inputs)  # only what the caller forms itself (the bias's Σ g)
     with torch.enable_grad():
-        y = forward()
+        aliases = tuple(None if t is None else t.view_as(t) for t in inputs)
+        y = forward(*aliases)
+    wanted = [t for t, need in zip(aliases, needs) if need and t is not None]
     found = iter(torch.autograd.grad(y, wanted, g, create_graph=True, allow_unused=True))
-    return [next(found) if need and t is not None else None for t, need in zip(inputs, needs)]
+    return [next(found) if need and t is not None else None for t, need in zip(aliases, needs)]
 
 
 class LoraLinearOutput(NamedTuple):
@@ -460,7 +466,7 @@ class LoraLinearFunction(torch.autograd.Function):
         need_x, need_w, need_bias, need_a, need_b, _, need_xa = ctx.needs_input_grad[:7]  # type: ignore[attr-defined]
         if torch.is_grad_enabled():  # create_graph=True: a backward that is differentiable
             gx, gw, ga, gb, gxa = differentiable_grads(
-                lambda: lora_linear_autograd(x, Wt, None, A, B, s, xa),
+                lambda x, Wt, A, B, xa: lora_linear_autograd(x, Wt, None, A, B, s, xa),
                 (x, Wt, A, B, xa),
                 (need_x, need_w, need_a, need_b, need_xa),
                 g,
