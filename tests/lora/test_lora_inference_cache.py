@@ -327,3 +327,27 @@ def test_dora_models_pickle_and_copy(kind: str) -> None:
         assert not torch.allclose(changed, expected)
     with torch.no_grad():
         torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_adapters_made_under_inference_mode_run_and_follow_writes(dora: bool) -> None:
+    # inference tensors have no version counter: the first eval forward raised "Inference
+    # tensors do not track version counter" (a serving pattern: load_adapter in the block)
+    torch.manual_seed(0)
+    x = torch.randn(3, 8)
+    with torch.inference_mode():
+        model = nn.Sequential(nn.Linear(8, 6))
+        rw.inject(model, rw.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False,
+                                       use_dora=dora), generator=0)  # fmt: skip
+        model.eval()
+        layer = model[0]
+        first = model(x)
+        with rw.disable_adapters(model):
+            base = model(x)
+        assert not torch.allclose(first, base)
+        layer.lora_B.weight.mul_(2.0)  # an in-place write no version counter sees
+        second = model(x)
+        layer.train()  # the uncached route: the reference
+        want = model(x)
+    torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(second, first)

@@ -64,9 +64,16 @@ def weights_key(*tensors: Tensor) -> tuple[object, ...]:
     (``copy_``, an optimizer step, fused or not), on ``.data =`` swaps and on replaced
     parameters, so a cache keyed on it stays valid. Not on a write through ``.data``
     (``p.data.add_(...)``), which no version counter sees: ``model.eval()`` (or ``train()``)
-    drops the caches after one."""
+    drops the caches after one.
+
+    An inference tensor (made under ``torch.inference_mode()``, e.g. an adapter loaded there)
+    has no version counter, so in-place writes to it cannot be seen: its key matches nothing
+    and the cached value is rebuilt on every call."""
     key: list[object] = [_OPTIMIZER_STEPS[0]]
     for t in tensors:  # a loop, not a generator: this runs on every cached eval forward
+        if t.is_inference():
+            key.append(_Same.unmatched())
+            continue
         # a view (W.t(), flatten(1): made afresh on each call, freed at once) is named by the
         # tensor it views, which lives on, and by its own shape and strides; it shares that
         # tensor's version counter (a weak reference to the view matched nothing, ever)
