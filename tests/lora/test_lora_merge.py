@@ -335,3 +335,46 @@ def test_an_embedding_with_max_norm_is_not_merged() -> None:
             operation(model)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert merge_blocker(model) is not None  # finetune --merge finds out before training
+
+
+@pytest.mark.parametrize("mode", ["all", "lora_only"])
+def test_disable_adapters_shows_the_base_biases_and_saves_the_trained_ones(mode, tmp_path) -> None:
+    # the trained biases stayed in effect: outputs 2.04 (all) / 0.457 (lora_only) off the base
+    from safetensors.torch import load_file
+
+    from rankwise.io import save_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    want = model(x).detach()
+    inject(model, LoraConfig(r=2, target_modules=["0"], bias=mode), generator=0)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model(x).pow(2).sum().backward()
+    opt.step()
+    trained = model(x).detach()
+    bias = model[0].base_layer.bias.detach().clone()
+    with disable_adapters(model):
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+        save_adapter(model, tmp_path)  # the trained values, as outside the block
+    stored = load_file(tmp_path / "adapter_model.safetensors")
+    torch.testing.assert_close(stored["base_model.model.0.base_layer.bias"], bias, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), trained, rtol=0, atol=0)
+    assert model[0].base_layer.bias.requires_grad
+
+
+def test_disable_adapters_on_a_partly_merged_model_runs_the_base() -> None:
+    # a layer merged on its own (LoraLayer.merge) ran its merged weight in the block: 0.77 off
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    want = model(x).detach()
+    cfg = LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    inject(model, cfg, generator=0)
+    adapted = model(x).detach()
+    model[0].merge()
+    with disable_adapters(model):
+        assert not model[0].merged
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+    assert model[0].merged and not model[2].merged
+    torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)

@@ -140,8 +140,31 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
         if residual is not None:
             wrapper.set_base_matrix(residual)  # PiSSA/OLoRA: W_res = W - s·B0 A0
         _set_submodule(model, name, wrapper)
+    state.originals.update(_trained_biases(model, cfg.bias, list(built), state.originals))
     object.__setattr__(model, STATE_ATTR, state)
     set_trainable(model, trainable=not cfg.inference_mode)
+
+
+def _trained_biases(
+    model: nn.Module, mode: str, targets: list[str], recorded: dict[str, Tensor]
+) -> dict[str, Tensor]:
+    """Copies of the biases ``bias="all"`` (every ``*.bias``) or ``"lora_only"`` (the adapted
+    layers') trains, under their names in the wrapped model, for
+    :func:`~rankwise.lora.disable_adapters` to show the base model (those of ``recorded``,
+    the modules_to_save, are there already)."""
+    if mode == "none":
+        return {}
+    if mode == "lora_only":
+        wanted = {f"{t}.base_layer.bias" for t in targets}
+    else:
+        wanted = None
+    return {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if name.rsplit(".", 1)[-1] == "bias"
+        and (wanted is None or name in wanted)
+        and name not in recorded
+    }
 
 
 def tied_weights(model: nn.Module, names: list[str]) -> dict[str, list[str]]:

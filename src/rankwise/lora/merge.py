@@ -162,20 +162,23 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: adapters bypassed, ``modules_to_save`` showing
     their values from injection time, and a base weight from which an initializer moved
     ``s·B0 A0`` (PiSSA, OLoRA, LoRA-GA) run as ``W_res + s·B0 A0``, the original weight (PEFT
-    runs the residual). A merged model is unmerged for the block and merged again.
+    runs the residual). Merged layers are unmerged for the block and merged again.
     Blocks nest: leaving an inner one leaves the adapters disabled for the outer one.
 
-    The ``modules_to_save`` tensors are swapped, not overwritten: for the block the modules hold
+    The ``modules_to_save`` tensors (and the biases ``bias="all"``/``"lora_only"`` trains) are
+    swapped, not overwritten: for the block the modules hold
     (frozen) tensors of their injection-time values, and the trained ones, untouched, come back
     after it. So a graph built before the block still backpropagates (a DPO-style reference
     forward inside it, as TRL's ``disable_adapter()``), and :func:`~rankwise.io.save_adapter`
     inside it saves the trained values, as PEFT does.
     """
     state = get_state(model)
-    layers = [layer for _, layer in lora_layers(model)]
-    was_merged = bool(layers) and all(layer.merged for layer in layers)
-    if was_merged:
-        unmerge(model)
+    named = list(lora_layers(model))
+    layers = [layer for _, layer in named]
+    # every merged layer (all of them, or some merged one by one with LoraLayer.merge(): the
+    # disabled forward of a merged layer runs its merged weight) unmerged for the block
+    was_merged = [(name, layer) for name, layer in named if layer.merged]
+    _apply(was_merged, "unmerge")
     outer = bool(state.swapped)  # an enclosing block already shows the injection-time values
     if not outer:
         state.swapped = _swap_saved(model, state.originals)
@@ -190,8 +193,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         if not outer:
             _restore_saved(model, state.swapped)
             state.swapped = {}
-        if was_merged:
-            merge(model)
+        _apply(was_merged, "merge")
 
 
 def set_inference_cache(model: nn.Module, enabled: bool) -> nn.Module:

@@ -38,7 +38,7 @@ def adapter_state_dict(model: nn.Module, *, bias: str | None = None) -> dict[str
             if not key.startswith("base_layer."):
                 out[f"{name}.{key}"] = p
         if mode == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
-            out[f"{name}.base_layer.bias"] = layer.base_layer.bias
+            out[f"{name}.base_layer.bias"] = full[f"{name}.base_layer.bias"]  # trained one
     for m in state.modules_to_save:
         prefix = m + "."
         out.update({k: v for k, v in full.items() if k.startswith(prefix)})
