@@ -15,10 +15,19 @@ comparison of batching, not of training loops.
 
 Both sides count the tokens they actually feed the model (``input_ids`` elements of every
 training batch, padding included) and the real (non-padding) tokens, so the table shows
-examples/s beside padded tokens/s. Throughput is training examples / training wall time (no
-evaluation inside: rankwise's own training clock, the peer's ``trainer.train()`` call);
-accuracy is on the 872-sentence SST-2 dev set. The peers run ``--repeats`` times in
-alternation, the order reversed every other repeat; the table shows medians and the ratio is the median of the per-repeat (paired) ratios.
+examples/s beside padded tokens/s. Throughput is training examples / training wall time, and
+both sides time the same region, the optimizer steps: rankwise's own training clock (started
+just before its step loop, stopped after the last step), and for the Trainer a
+``TrainerCallback`` from ``on_step_begin`` of step 1 to ``on_train_end`` — so the Trainer's
+setup inside ``trainer.train()`` (dataloader, ``LengthGroupedSampler``'s length pass, optimizer
+and accelerate preparation) is left out, as rankwise's setup is. The one asymmetry left:
+the Trainer has already collated batch 1 when ``on_step_begin`` fires, rankwise collates it
+inside its clock (milliseconds). Process CPU seconds (``time.process_time``: every thread of
+the process) are taken over the same regions (rankwise: around its step loop function,
+``rankwise.train.loop._train_steps``). No evaluation runs inside either region; accuracy is on
+the 872-sentence SST-2 dev set. The peers run ``--repeats`` times in alternation, the order
+reversed every other repeat; the table shows every repeat, and the headline ratio is the median
+of the per-repeat (paired) ratios.
 
     python benchmarks/finetune.py --train-size 4000 --repeats 3
 """
@@ -55,7 +64,8 @@ class Measured(NamedTuple):
     padded_tokens_per_s: float
     padded_tokens: int  # input_ids elements of all training batches, padding included
     real_tokens: int  # the non-padding ones
-    train_seconds: float
+    train_seconds: float  # wall seconds of the optimizer steps (see the module docstring)
+    cpu_seconds: float  # process CPU seconds of the same region
     accuracy: float
     seconds: float  # the whole call (see the table note)
 
@@ -71,6 +81,24 @@ class _Counter:
         self.padded += int(batch["input_ids"].numel())
         self.real += int(batch["attention_mask"].sum())
         return batch
+
+
+class _Clock:
+    """Wall and process-CPU seconds from the first ``start()`` to ``stop()`` (later starts
+    are ignored: the Trainer calls ``on_step_begin`` every step)."""
+
+    def __init__(self) -> None:
+        self.begun: tuple[float, float] | None = None
+        self.wall = self.cpu = 0.0
+
+    def start(self) -> None:
+        if self.begun is None:
+            self.begun = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        assert self.begun is not None, "the clock was stopped before it started"
+        self.wall = time.perf_counter() - self.begun[0]
+        self.cpu = time.process_time() - self.begun[1]
 
 
 def _rows(path: Path) -> list[tuple[str, int]]:
@@ -104,6 +132,28 @@ def _counting_rankwise_collate(counter: _Counter) -> Iterator[None]:
         loop.collate = original  # type: ignore[assignment]
 
 
+@contextlib.contextmanager
+def _clocked_rankwise_steps(clock: _Clock) -> Iterator[None]:
+    """Run ``clock`` around rankwise's step loop (``loop._train_steps``, where its own training
+    clock starts and stops), for the process CPU time of the region its examples/s covers."""
+    from rankwise.train import loop
+
+    original = loop._train_steps
+
+    def timed(*a: Any, **k: Any) -> Any:
+        clock.start()
+        try:
+            return original(*a, **k)
+        finally:
+            clock.stop()
+
+    loop._train_steps = timed  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        loop._train_steps = original  # type: ignore[assignment]
+
+
 def run_rankwise(args: argparse.Namespace, train_file: Path, out: Path) -> Measured:
     from rankwise.train import TrainConfig, train
 
@@ -113,16 +163,32 @@ def run_rankwise(args: argparse.Namespace, train_file: Path, out: Path) -> Measu
         max_length=args.max_length, seed=args.seed, save_every=0, output=str(out),
         warmup=0.06, method=args.method,
     )  # fmt: skip
-    counter = _Counter()
+    counter, clock = _Counter(), _Clock()
     start = time.perf_counter()
-    with _counting_rankwise_collate(counter):
+    with _counting_rankwise_collate(counter), _clocked_rankwise_steps(clock):
         result = train(config, echo=lambda _: None)
     seconds = time.perf_counter() - start
     assert result.after is not None and result.after.accuracy is not None
     n = args.train_size
-    train_seconds = n / result.examples_per_s
+    train_seconds = n / result.examples_per_s  # rankwise's own clock of its step loop
     return Measured(result.examples_per_s, counter.padded / train_seconds, counter.padded,
-                    counter.real, train_seconds, result.after.accuracy, seconds)  # fmt: skip
+                    counter.real, train_seconds, clock.cpu, result.after.accuracy,
+                    seconds)  # fmt: skip
+
+
+def _step_clock(clock: _Clock) -> Any:
+    """A TrainerCallback running ``clock`` from the first step's ``on_step_begin`` to
+    ``on_train_end``: the optimizer steps, not ``trainer.train()``'s setup before them."""
+    import transformers
+
+    class StepClock(transformers.TrainerCallback):
+        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.start()
+
+        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            clock.stop()
+
+    return StepClock()
 
 
 def run_peft(args: argparse.Namespace, train_file: Path, out: Path, *, grouped: bool) -> Measured:
@@ -162,11 +228,11 @@ def run_peft(args: argparse.Namespace, train_file: Path, out: Path, *, grouped: 
         batch = padding(features)
         return counter.add(batch) if counting[0] else batch
 
+    clock = _Clock()
     trainer = transformers.Trainer(model=model, args=targs, train_dataset=train_set,
-                                   data_collator=collator)  # fmt: skip
-    start = time.perf_counter()
+                                   data_collator=collator, callbacks=[_step_clock(clock)])  # fmt: skip
     trainer.train()
-    train_seconds = time.perf_counter() - start
+    train_seconds = clock.wall
     counting[0] = False
     # Labels from the prediction output: with group_by_length the Trainer (transformers 5)
     # also length-groups the *evaluation* sampler, so predictions come out of dataset order.
@@ -175,7 +241,7 @@ def run_peft(args: argparse.Namespace, train_file: Path, out: Path, *, grouped: 
     accuracy = float((np.argmax(predicted.predictions, axis=-1) == labels).mean())
     assert sorted(labels.tolist()) == sorted(dev_set["labels"])
     return Measured(len(train_set) / train_seconds, counter.padded / train_seconds,
-                    counter.padded, counter.real, train_seconds, accuracy,
+                    counter.padded, counter.real, train_seconds, clock.cpu, accuracy,
                     time.perf_counter() - start_all)  # fmt: skip
 
 
@@ -207,7 +273,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         train_file = write_subset(args.train_size, args.seed, Path(tmp))
         for k in range(args.repeats):
-            for name in list(runs) if k % 2 == 0 else list(reversed(runs)):  # alternate order
+            for name in run_order(list(runs), k):  # alternate order
                 out = Path(tmp) / f"{len(runs[name])}{name[:4]}{k}"
                 if name == RANKWISE:
                     runs[name].append(run_rankwise(args, train_file, out))
@@ -223,6 +289,60 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def paired_ratios(runs: dict[str, list[Measured]]) -> dict[str, dict[str, Any]]:
+    """rankwise over each peer, repeat by repeat (the two ran minutes apart in the same
+    repeat, so a load change of the shared machine between repeats cancels), and the median of
+    those per-repeat ratios, the headline. > 1: rankwise better. ``examples_per_cpu_s`` is the
+    peer's CPU seconds over rankwise's (the same examples in both)."""
+    ours = runs[RANKWISE]
+    out = {}
+    for peer in (p for p in runs if p != RANKWISE):
+        theirs = runs[peer]
+        per_repeat = {
+            "examples_per_s": [a.examples_per_s / b.examples_per_s for a, b in zip(ours, theirs)],
+            "padded_tokens_per_s": [
+                a.padded_tokens_per_s / b.padded_tokens_per_s for a, b in zip(ours, theirs)
+            ],
+            "examples_per_cpu_s": [b.cpu_seconds / a.cpu_seconds for a, b in zip(ours, theirs)],
+        }
+        out[peer] = {**per_repeat, **{f"median_{k}": statistics.median(v)
+                                      for k, v in per_repeat.items()}}  # fmt: skip
+    return out
+
+
+def run_order(names: list[str], repeat: int) -> list[str]:
+    """The order the peers ran in repeat ``repeat`` (reversed every other repeat)."""
+    return list(names) if repeat % 2 == 0 else list(reversed(names))
+
+
+def _headline(peer: str, r: dict[str, Any]) -> str:
+    def each(key: str) -> str:
+        return ", ".join(f"{x:.2f}" for x in r[key])
+
+    return (
+        f"**rankwise / {peer}: examples/s {r['median_examples_per_s']:.2f}x** (median of the "
+        f"per-repeat ratios {each('examples_per_s')}); padded tokens/s "
+        f"{r['median_padded_tokens_per_s']:.2f}x ({each('padded_tokens_per_s')}); examples per "
+        f"CPU-second {r['median_examples_per_cpu_s']:.2f}x ({each('examples_per_cpu_s')})"
+    )
+
+
+def _repeat_rows(runs: dict[str, list[Measured]]) -> list[str]:
+    """One table row per (repeat, peer), in the order they ran: no medians taken column by
+    column, so every row is one real run and the ratios above come from these rows."""
+    rows = []
+    for k in range(len(runs[RANKWISE])):
+        for n in run_order(list(runs), k):
+            m = runs[n][k]
+            rows.append(
+                f"| {k + 1} | {n} | {m.examples_per_s:.1f} | {m.padded_tokens_per_s:.0f} | "
+                f"{m.padded_tokens:,} | {m.real_tokens:,} | "
+                f"{1 - m.real_tokens / m.padded_tokens:.1%} | {100 * m.accuracy:.2f}% | "
+                f"{m.train_seconds:.1f} | {m.cpu_seconds:.1f} | {m.seconds:.0f} |"
+            )
+    return rows
+
+
 def write_results(
     args: argparse.Namespace, runs: dict[str, list[Measured]], command: str, load_start: Any
 ) -> None:
@@ -230,21 +350,7 @@ def write_results(
 
     med = {n: {f: statistics.median(getattr(m, f) for m in r) for f in Measured._fields}
            for n, r in runs.items()}  # fmt: skip
-    ours = runs[RANKWISE]
-
-    def paired(peer: str, field: str) -> list[float]:
-        return [getattr(a, field) / getattr(b, field) for a, b in zip(ours, runs[peer])]
-
-    ratios = {
-        peer: {
-            "examples_per_s": paired(peer, "examples_per_s"),
-            "padded_tokens_per_s": paired(peer, "padded_tokens_per_s"),
-            "median_examples_per_s": statistics.median(paired(peer, "examples_per_s")),
-            "median_padded_tokens_per_s": statistics.median(paired(peer, "padded_tokens_per_s")),
-        }
-        for peer in runs
-        if peer != RANKWISE
-    }
+    ratios = paired_ratios(runs)
     date = datetime.date.today().isoformat()
     setup = {k: v for k, v in vars(args).items() if k != "out"}
     record = {
@@ -257,9 +363,11 @@ def write_results(
             "machine": platform.machine(),
             "load_average_at_start": load_start,
             "load_average_at_end": os.getloadavg(),
+            "timed_region": "optimizer steps: rankwise's training clock; the Trainer from "
+            "on_step_begin of step 1 to on_train_end (TrainerCallback)",
         },  # fmt: skip
         "runs": {n: [m._asdict() for m in r] for n, r in runs.items()},
-        "median": med,
+        "median": med,  # per column, over repeats (the md shows the repeats instead)
         "paired_ratios_rankwise_over_peer": ratios,
     }
     out = Path(args.out)
@@ -273,36 +381,25 @@ def write_results(
         "",
         f"SST-2 train subset {args.train_size} (seed {args.seed}), 1 epoch, MiniLM-L6, method "
         f"{args.method}, r={args.r}, lr={args.lr}, batch {args.batch_size}, max length "
-        f"{args.max_length}; medians of {args.repeats} alternating repeat(s); dev = 872 "
-        "sentences.",
+        f"{args.max_length}; {args.repeats} alternating repeat(s); dev = 872 sentences.",
         "",
-        "| peer | examples/s | padded tokens/s | padded tokens | real tokens | padding share "
-        "| dev accuracy | train s | wall s |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *(
-            f"| {n} | {m['examples_per_s']:.1f} | {m['padded_tokens_per_s']:.0f} | "
-            f"{m['padded_tokens']:,.0f} | {m['real_tokens']:,.0f} | "
-            f"{1 - m['real_tokens'] / m['padded_tokens']:.1%} | {100 * m['accuracy']:.2f}% | "
-            f"{m['train_seconds']:.0f} | {m['seconds']:.0f} |"
-            for n, m in med.items()
-        ),
+        *(line for peer, r in ratios.items() for line in (_headline(peer, r), "")),
+        "| repeat | peer | examples/s | padded tokens/s | padded tokens | real tokens "
+        "| padding share | dev accuracy | train s | train CPU s | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *_repeat_rows(runs),
         "",
-        *(
-            f"rankwise / {peer}: examples/s **{r['median_examples_per_s']:.2f}x**, padded "
-            f"tokens/s {r['median_padded_tokens_per_s']:.2f}x (medians of the per-repeat ratios "
-            f"{', '.join(f'{x:.2f}' for x in r['examples_per_s'])} / "
-            f"{', '.join(f'{x:.2f}' for x in r['padded_tokens_per_s'])})"
-            for peer, r in ratios.items()
-        ),
-        "",
-        f"Conditions: `{command}`, {date}, {os.cpu_count()} CPUs ({platform.machine()}), load "
-        f"average (1 min) {load_start[0]:.2f} at start and {load_end[0]:.2f} at end (other jobs "
-        "share the machine). Both sides group batches by length: rankwise sorts mega-batches of "
-        f'50 batches, the Trainer (`train_sampling_strategy="group_by_length"`, its '
-        f"`LengthGroupedSampler`) mega-batches of min(50, n / (4 batch)) = {trainer_mult} "
-        "batches, so their padded token counts can differ (see the columns). The default-sampler row, when "
-        'present, pads random batches. "train s" is training only (rankwise\'s training '
-        'clock, the peer\'s `trainer.train()`), and examples/s and tokens/s use it; "wall s" '
+        f"Conditions: `{command}`, {date}, {os.cpu_count()} CPUs ({platform.machine()}), "
+        f"{torch_threads()} torch threads, load average (1 min) {load_start[0]:.2f} at start and "
+        f"{load_end[0]:.2f} at end (other jobs share the machine). Both sides group batches by "
+        "length: rankwise sorts mega-batches of 50 batches, the Trainer "
+        '(`train_sampling_strategy="group_by_length"`, its `LengthGroupedSampler`) mega-batches '
+        f"of min(50, n / (4 batch)) = {trainer_mult} batches, so their padded token counts can "
+        "differ (see the columns). The default-sampler rows, when present, pad random batches. "
+        '"train s" times the optimizer steps on both sides (rankwise\'s training clock; the '
+        "Trainer from `on_step_begin` of step 1 to `on_train_end`, by a `TrainerCallback`, so "
+        "its setup inside `trainer.train()` is not counted), and examples/s and tokens/s use "
+        'it; "train CPU s" is the process CPU time (all threads) over the same region. "wall s" '
         "is each peer's whole call: for rankwise loading, training and the dev evaluations "
         "(before, after, merge check), for the peer loading, tokenizing, training and one dev "
         "prediction.",

@@ -17,7 +17,8 @@ separately; distinct failure signatures are listed with one mutation that trigge
 
 Hypothesis draws the cases (generate phase only: no shrinking, no database, fixed seed), so a
 run is reproducible: ``python benchmarks/fuzz_adapters.py --cases 10000 --seed 0``.
-Writes ``benchmarks/results/fuzz.json`` and ``fuzz.md``.
+Writes ``benchmarks/results/fuzz.json`` and ``fuzz.md``; exits 1 if any failure (known bugs
+included: they are still bugs) or hang was found.
 """
 
 from __future__ import annotations
@@ -208,7 +209,19 @@ def main() -> int:
     atomic_write_bytes(args.out / "fuzz.json", data.encode("utf-8"))
     atomic_write_bytes(args.out / "fuzz.md", markdown(result, command).encode("utf-8"))
     print(markdown(result, command))
-    return 0
+    return exit_code(result)
+
+
+def exit_code(result: dict[str, Any]) -> int:
+    """1 when the run found anything wrong (a failure signature, known or not, or a hang), as
+    ``crash_safety.py`` does, so a script or CI running the fuzzer sees it; else 0."""
+    found = [f"{e['count']} x {'known ' if e['known'] else ''}`{key}`"
+             for key, e in result["failures"].items()]  # fmt: skip
+    if result["hangs"]:
+        found.append(f"{result['hangs']} hang(s)")
+    if found:
+        print("fuzz: FAILED: " + "; ".join(found), file=sys.stderr)
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

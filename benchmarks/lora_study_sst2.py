@@ -27,8 +27,9 @@ One command regenerates every number and figure of the README's study (issue #7)
    i.e. scaling 2 in every run; same steps, batch and lr as above).
 5. **Comparison with the paper** from the numbers, by the explicit rules in :func:`claims`.
 
-Every run is resumable: a run whose ``result.json`` exists in ``--work DIR`` is skipped, an
-interrupted one continues from its latest checkpoint. Outputs:
+Every run is resumable: a run whose ``result.json`` exists in ``--work DIR`` is skipped if it
+ran with this invocation's settings (its ``config.yaml`` and torch threads; otherwise the study
+stops, naming the option), an interrupted one continues from its latest checkpoint. Outputs:
 ``benchmarks/results/lora_study_sst2.{json,md}`` and ``benchmarks/results/lora_study_*.png``.
 
     python benchmarks/lora_study_sst2.py --work /work/runs/study --threads 1   # the study
@@ -346,44 +347,94 @@ def write_atomic(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+# The command-line option behind each stored setting a finished run is checked against (the
+# others are fixed by this script: a mismatch there means the runs come from another version).
+OPTION_OF = {
+    "max_steps": "--max-steps",
+    "batch_size": "--quick",
+    "data": "--data-dir (or --quick)",
+    "eval_data": "--data-dir (or --quick)",
+    "threads": "--threads",
+}
+
+
+def run_options(spec: RunSpec, settings: Settings) -> dict[str, Any]:
+    """The TrainConfig fields of one run (YAML names), without ``output`` and ``resume``."""
+    return {
+        "data": str(settings.train),
+        "eval_data": str(settings.dev),
+        "r": spec.r,
+        "alpha": spec.alpha,
+        "targets": list(spec.targets),
+        "dropout": settings.dropout,
+        "max_steps": settings.max_steps,
+        "batch_size": settings.batch_size,
+        "lr": settings.lr,
+        "max_length": settings.max_length,
+        "seed": spec.seed,
+        "save_every": settings.save_every,
+    }
+
+
+def _same_setting(key: str, stored: Any, wanted: Any) -> bool:
+    if key in ("data", "eval_data") and isinstance(stored, str):  # recorded absolute
+        return Path(stored).expanduser().resolve() == Path(wanted).expanduser().resolve()
+    return stored == wanted
+
+
+def check_finished(out: Path, wanted: Mapping[str, Any], record: Mapping[str, Any]) -> None:
+    """A finished run is reused only if it ran with this invocation's settings: its
+    ``config.yaml`` (the engine's record of its options) and the torch threads stored in its
+    ``result.json`` (its seconds depend on them). Refuses a mismatch, naming the option."""
+    import yaml
+
+    if "threads" not in record:  # made before the field existed: unknown, so not reused blindly
+        raise SystemExit(
+            f"--threads: {out / RESULT_FILE} does not record the torch threads its run trained "
+            f"with; delete {out} to run it again, or, if you know it ran with "
+            f'{wanted["threads"]}, add "threads": {wanted["threads"]} to that file'
+        )
+    stored = {**yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")),
+              "threads": record["threads"]}  # fmt: skip
+    for key, value in wanted.items():
+        if key == "save_every":  # checkpoint cadence: the trained adapter is the same
+            continue
+        if not _same_setting(key, stored.get(key), value):
+            option = OPTION_OF.get(key, f"{key} (fixed by this script)")
+            raise SystemExit(
+                f"{option}: the finished run {out} has {key} = {stored.get(key)!r}, this "
+                f"invocation asks for {value!r}; use another --work directory or the run's "
+                "settings"
+            )
+
+
 def train_run(
     spec: RunSpec, settings: Settings, *, train_missing: bool = True
 ) -> dict[str, Any] | None:
-    """One engine run (:func:`rankwise.train.train`), skipped when its ``result.json`` exists;
-    an interrupted run continues from its latest checkpoint (bit-identical, see the engine).
-    With ``train_missing=False`` a run without ``result.json`` is not trained: ``None``."""
+    """One engine run (:func:`rankwise.train.train`), skipped when its ``result.json`` exists
+    and it ran with these settings (:func:`check_finished`, else the study stops); an
+    interrupted run continues from its latest checkpoint (bit-identical, see the engine, which
+    also refuses a resume with other options). With ``train_missing=False`` a run without
+    ``result.json`` is not trained: ``None``."""
     from rankwise.train import train
     from rankwise.train.config import from_mapping
 
     out = settings.work / spec.name
     done = out / RESULT_FILE
+    options = run_options(spec, settings)
+    threads = torch.get_num_threads()
     if done.is_file():
-        print(f"[study] {spec.name}: done before, skipped", flush=True)
-        return json.loads(done.read_text(encoding="utf-8"))
+        record = json.loads(done.read_text(encoding="utf-8"))
+        check_finished(out, {**options, "threads": threads}, record)
+        print(f"[study] {spec.name}: done before with these settings, skipped", flush=True)
+        return record
     if not train_missing:
         return None
     checkpoints = out / "checkpoints"
     resume = checkpoints.is_dir() and any(checkpoints.iterdir())
     if out.exists() and not resume:
         shutil.rmtree(out)  # started but never checkpointed: start again
-    config = from_mapping(
-        {
-            "data": str(settings.train),
-            "eval_data": str(settings.dev),
-            "r": spec.r,
-            "alpha": spec.alpha,
-            "targets": list(spec.targets),
-            "dropout": settings.dropout,
-            "max_steps": settings.max_steps,
-            "batch_size": settings.batch_size,
-            "lr": settings.lr,
-            "max_length": settings.max_length,
-            "seed": spec.seed,
-            "save_every": settings.save_every,
-            "output": str(out),
-            "resume": resume,
-        }
-    )
+    config = from_mapping({**options, "output": str(out), "resume": resume})
     print(f"[study] {spec.name}: r={spec.r} alpha={spec.alpha} seed={spec.seed} "
           f"targets={','.join(spec.targets)} resume={resume}", flush=True)  # fmt: skip
     result = train(config, echo=lambda line: print(f"[{spec.name}] {line}", flush=True))
@@ -399,6 +450,7 @@ def train_run(
         "trainable": result.trainable,
         "examples_per_s": result.examples_per_s,
         "seconds": result.seconds,
+        "threads": threads,  # checked when the run is reused (its seconds depend on it)
         "adapter": str(result.saved),
     }
     write_atomic(done, json.dumps(record, indent=2))

@@ -1,7 +1,8 @@
 """``rankwise.merge`` / ``unmerge`` against PEFT 0.21.2's ``merge_adapter`` /
 ``unmerge_adapter``, in the same run.
 
-Models: the bundled MiniLM (sequence classification, r = 8 on query/key/value/dense) and a
+Models: the bundled MiniLM (sequence classification, r = 8 on query/key/value/dense; "dense"
+also matches the pooler's, and the labels count the layers measured) and a
 Llama built from its config (hidden 1024, 8 layers, intermediate 2816, r = 8 on all seven
 projections), float32, with random non-zero factors (``init_lora_weights=False``) copied
 from rankwise's layers into PEFT's, so both merge the same ``s·B A``. Each round merges and
@@ -52,9 +53,11 @@ def models() -> dict[str, tuple[nn.Module, list[str]]]:
         num_key_value_heads=16,
     )
     llama = transformers.LlamaForCausalLM(config)
+    # the labels get their layer counts from the measurement (measure's "layers"): "dense"
+    # also matches MiniLM's bert.pooler.dense, so a count written here went stale
     return {
-        "MiniLM r8 (36 layers)": (minilm.eval(), ["query", "key", "value", "dense"]),
-        "Llama 1024x8 r8 (56 layers)": (llama.eval(), LLAMA_TARGETS),
+        "MiniLM r8": (minilm.eval(), ["query", "key", "value", "dense"]),
+        "Llama 1024x8 r8": (llama.eval(), LLAMA_TARGETS),
     }
 
 
@@ -90,7 +93,9 @@ def measure(base: nn.Module, targets: list[str], repeats: int) -> dict:
         float((layer.base_weight - peft_modules[name].base_layer.weight).abs().max())
         for name, layer in lora_layers(ours)
     )
-    out: dict = {"layers": len(list(lora_layers(ours))), "max_abs_weight_difference": diff}
+    layers = len(list(lora_layers(ours)))
+    assert layers == len(peft_modules_with_lora(theirs)), "the two adapted different layers"
+    out: dict = {"layers": layers, "max_abs_weight_difference": diff}
     for what in ("merge", "unmerge"):
         ours_t, theirs_t = times["rankwise"][what], times["peft"][what]
         out[what] = {
@@ -101,6 +106,18 @@ def measure(base: nn.Module, targets: list[str], repeats: int) -> dict:
             ),
         }
     return out
+
+
+def peft_modules_with_lora(model: nn.Module) -> list[str]:
+    """The names of PEFT's adapted layers (those holding a ``lora_A`` dict)."""
+    return [
+        n for n, m in model.named_modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)
+    ]
+
+
+def labelled(name: str, measured: dict) -> str:
+    """A model's table label with the number of layers actually adapted and measured."""
+    return f"{name} ({measured['layers']} layers)"
 
 
 def markdown(result: dict) -> str:
@@ -144,11 +161,11 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "peft": peft.__version__,
         },
-        "models": {
-            name: measure(model, targets, args.repeats)
-            for name, (model, targets) in models().items()
-        },
+        "models": {},
     }
+    for name, (model, targets) in models().items():
+        measured = measure(model, targets, args.repeats)
+        result["models"][labelled(name, measured)] = measured
     args.out.mkdir(parents=True, exist_ok=True)
     text = markdown(result)
     for name, data in (("merge.json", json.dumps(result, indent=2) + "\n"), ("merge.md", text)):

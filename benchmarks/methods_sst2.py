@@ -26,6 +26,9 @@ evenly over the methods. Defaults (all flags):
 Outputs: ``benchmarks/results/methods_sst2.{json,md,png}``. With ``--keep DIR`` every run stays
 in ``DIR/<method>-s<seed>/`` (the adapters are reused by the analysis study) and a finished run
 (its ``result.json``) is skipped when the sweep is started again, so a killed sweep continues.
+A kept run is reused only if it trained with this sweep's options (else the sweep stops, naming
+the option); its loss@N values are recomputed from its stored loss curve with this sweep's
+``--loss-at`` and ``--window``, and it must have run with the same ``--threads``.
 
     python benchmarks/methods_sst2.py --keep runs/methods_sst2        # the full sweep (~1 h)
     python benchmarks/methods_sst2.py --quick                         # smoke test (minutes)
@@ -96,6 +99,8 @@ class RunRecord(NamedTuple):
     steps: int
     dev_accuracy: float
     loss_at: dict[str, float | None]  # "100" -> mean loss over steps 81..100 (window 20)
+    window: int  # the --window loss_at was computed with
+    threads: int  # the --threads the run trained with (its timings and memory depend on it)
     trainable: int
     total: int
     examples_per_s: float
@@ -186,6 +191,7 @@ def run_child(spec: dict[str, Any]) -> None:
         lr=float(result_lr(result.output)), steps=result.steps,
         dev_accuracy=float(result.after.accuracy),
         loss_at={str(n): loss_after(curve, n, spec["window"]) for n in spec["loss_at"]},
+        window=spec["window"], threads=spec["threads"],
         trainable=result.trainable, total=result.total, examples_per_s=result.examples_per_s,
         seconds_per_epoch=TRAIN_EXAMPLES / result.examples_per_s, peak_rss_mib=peak,
         adapter_bytes=adapter, saved_dir_bytes=whole, wall_seconds=wall, curve=curve,
@@ -246,6 +252,28 @@ def check_kept(train_dir: Path, wanted: dict[str, Any]) -> None:
             )
 
 
+def reuse_kept(result: Path, args: argparse.Namespace) -> RunRecord:
+    """A finished run's record for this sweep: loss@N is recomputed from the run's stored loss
+    curve with this sweep's ``--loss-at`` and ``--window`` (so the table's labels hold), while
+    a run trained with other ``--threads`` is refused (its timings and memory cannot be)."""
+    found = json.loads(result.read_text(encoding="utf-8"))
+    if "threads" not in found:  # made before the field existed: unknown, so not reused blindly
+        raise SystemExit(
+            f"--threads: {result} does not record the threads its run trained with; delete "
+            f"{result.parent} to run it again, or, if you know it ran with --threads "
+            f'{args.threads}, add "threads": {args.threads} to that file'
+        )
+    if found["threads"] != args.threads:
+        raise SystemExit(
+            f"--threads: {result.parent} was run with --threads {found['threads']}, this sweep "
+            f"asks for --threads {args.threads}; choose another --keep directory (or the run's "
+            "--threads)"
+        )
+    found["loss_at"] = {str(n): loss_after(found["curve"], n, args.window) for n in args.loss_at}
+    found["window"] = args.window
+    return RunRecord(**found)
+
+
 def launch(row: Row, seed: int, args: argparse.Namespace, work: Path) -> RunRecord | str:
     """Run one child (or reuse its finished result); the record, or the failure's log tail."""
     run_dir = work / f"{row.name}-s{seed}"
@@ -257,7 +285,7 @@ def launch(row: Row, seed: int, args: argparse.Namespace, work: Path) -> RunReco
     }  # fmt: skip
     if result.is_file():
         check_kept(run_dir / "train", spec["config"])
-        return RunRecord(**json.loads(result.read_text(encoding="utf-8")))
+        return reuse_kept(result, args)
     shutil.rmtree(run_dir, ignore_errors=True)  # a killed, unfinished run starts again
     run_dir.mkdir(parents=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),

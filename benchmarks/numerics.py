@@ -9,9 +9,13 @@ scaled so that ``‖s·B A‖_F / ‖W0‖_F = rho`` (a small fine-tuning update
 * ``merge_error``: ``‖W_merged - (W0 + s·B A)_float64‖ / ‖s·B A‖`` — the part of the update lost
   to rounding (float32 ~1e-7; low precision loses more the smaller ``rho`` is, because the
   update is rounded against the size of ``W0``'s entries);
-* the same for the *peer*, a naive merge computed in the weight's dtype
-  (``W0 + (s·B).to(dtype) @ A.to(dtype)``), as a careless implementation would;
-* ``round_trip_drift`` after 1 and 10 merge/unmerge cycles: ``‖W_k - W0‖ / ‖W0‖``;
+* the same for the peer, PEFT (``peft_*``): ``merge_adapter`` / ``unmerge_adapter`` of a
+  ``get_peft_model`` on a copy of the same ``W0`` with the same factors copied in (PEFT keeps a
+  low-precision model's factors in float32 too: ``autocast_adapter_dtype=True``, its default);
+* for scale, a *naive* merge computed in the weight's dtype (``W0 + (s·B).to(dtype) @
+  A.to(dtype)``), built by this script as a careless implementation would (not a library);
+* ``round_trip_drift`` after 1 and 10 merge/unmerge cycles: ``‖W_k - W0‖ / ‖W0‖`` (rankwise and
+  PEFT);
 * ``forward_rel``: ``‖y_merged - y_unmerged‖ / ‖y_unmerged‖`` on random inputs.
 
 Run: ``python benchmarks/numerics.py`` (writes benchmarks/results/numerics.json and .md).
@@ -61,6 +65,35 @@ def _setup(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> nn.Modu
     return model
 
 
+def _drift(W: torch.Tensor, W0: torch.Tensor) -> float:
+    return float((W.detach().double() - W0.double()).norm() / W0.double().norm())
+
+
+def peft_row(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, r: int) -> dict[str, Any]:
+    """PEFT's merge of the same ``W0`` (a copy, in its dtype) with the same factors: the merged
+    weight (float64) and its drift after 1 and 10 ``merge_adapter``/``unmerge_adapter`` cycles."""
+    import peft
+
+    base = nn.Linear(W0.shape[1], W0.shape[0], bias=False, dtype=W0.dtype)
+    with torch.no_grad():
+        base.weight.copy_(W0)
+    config = peft.LoraConfig(r=r, lora_alpha=alpha_for(r), target_modules=["0"])
+    model = peft.get_peft_model(nn.Sequential(base), config)
+    layer = model.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(A)
+        layer.lora_B["default"].weight.copy_(B)
+    row: dict[str, Any] = {}
+    for cycle in range(1, 11):
+        model.merge_adapter()
+        if cycle == 1:
+            row["merged"] = layer.base_layer.weight.detach().double().clone()
+        model.unmerge_adapter()
+        if cycle in (1, 10):
+            row[f"peft_round_trip_drift_{cycle}"] = _drift(layer.base_layer.weight, W0)
+    return row
+
+
 def measure(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> dict[str, float]:
     model = _setup(d, r, rho, dtype, seed)
     _, layer = next(lora_layers(model))
@@ -71,7 +104,8 @@ def measure(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> dict[s
     scaling = alpha_for(r) / r
     delta = scaling * (B.double() @ A.double())
     exact = W0.double() + delta
-    naive = W0 + (B * scaling).to(dtype) @ A.to(dtype)  # the peer: all in `dtype`
+    naive = W0 + (B * scaling).to(dtype) @ A.to(dtype)  # a careless merge: all in `dtype`
+    peft = peft_row(W0, A, B, r)  # before rankwise merges: W0, A and B as set up
     x = torch.randn(64, d, generator=torch.Generator().manual_seed(seed + 1)).to(dtype)
     with torch.no_grad():
         y = model(x).double()
@@ -80,7 +114,9 @@ def measure(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> dict[s
         y_merged = model(x).double()
     row = {
         "merge_error": float((merged - exact).norm() / delta.norm()),
+        "peft_merge_error": float((peft.pop("merged") - exact).norm() / delta.norm()),
         "naive_merge_error": float((naive.double() - exact).norm() / delta.norm()),
+        **peft,
         "forward_rel": float((y_merged - y).norm() / y.norm()),
     }
     unmerge(model)
@@ -89,8 +125,7 @@ def measure(d: int, r: int, rho: float, dtype: torch.dtype, seed: int) -> dict[s
             merge(model)
             unmerge(model)
         if cycles in (1, 10):
-            drift = (layer.base_weight.detach().double() - W0.double()).norm() / W0.double().norm()
-            row[f"round_trip_drift_{cycles}"] = float(drift)
+            row[f"round_trip_drift_{cycles}"] = _drift(layer.base_weight, W0)
     return row
 
 
@@ -112,21 +147,32 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
         "# Merge / unmerge numerics",
         "",
         f"`{command}` — medians over seeds. `merge err` = ‖W_merged − (W0 + sBA)_f64‖ / ‖sBA‖ "
-        "(rankwise merges through float32); `naive` = the same merge computed in the weight's "
-        "dtype; the reference is computed independently of rankwise as s·B.double() @ A.double() "
-        "with s = alpha / r = 2 from the configuration; `ratio` = naive / rankwise; drift = ‖W_k − W0‖ / ‖W0‖ after k merge+unmerge cycles.",
+        f"for rankwise (merges through float32) and PEFT {peft_version()} (`merge_adapter` on "
+        "the same W0 and factors); `naive` = a merge computed in the weight's dtype by this "
+        "script (a careless implementation, not a library); the reference is computed "
+        "independently of both as s·B.double() @ A.double() with s = alpha / r = 2 from the "
+        "configuration; `PEFT ÷ rankwise` = the ratio of their merge errors; drift = ‖W_k − W0‖ "
+        "/ ‖W0‖ after k merge+unmerge cycles; forward rel = rankwise's merged vs unmerged output.",
         "",
-        "| dtype | d | r | ‖sBA‖/‖W0‖ | merge err | naive merge err | ratio | drift k=1 | drift k=10 | forward rel |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dtype | d | r | ‖sBA‖/‖W0‖ | merge err | PEFT merge err | PEFT ÷ rankwise | naive merge err | drift k=1 | drift k=10 | PEFT drift k=1 | PEFT drift k=10 | forward rel |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        ratio = row["naive_merge_error"] / max(row["merge_error"], 1e-300)
+        ratio = row["peft_merge_error"] / max(row["merge_error"], 1e-300)
         lines.append(
             f"| {row['dtype']} | {row['d']} | {row['r']} | {row['rho']:g} | {row['merge_error']:.2e} | "
-            f"{row['naive_merge_error']:.2e} | {ratio:.2f} | {row['round_trip_drift_1']:.2e} | "
-            f"{row['round_trip_drift_10']:.2e} | {row['forward_rel']:.2e} |"
+            f"{row['peft_merge_error']:.2e} | {ratio:.2f} | {row['naive_merge_error']:.2e} | "
+            f"{row['round_trip_drift_1']:.2e} | {row['round_trip_drift_10']:.2e} | "
+            f"{row['peft_round_trip_drift_1']:.2e} | {row['peft_round_trip_drift_10']:.2e} | "
+            f"{row['forward_rel']:.2e} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def peft_version() -> str:
+    import peft
+
+    return peft.__version__
 
 
 def main() -> int:
@@ -142,7 +188,8 @@ def main() -> int:
     command = "python benchmarks/numerics.py" + (
         "" if args.repeats == 3 else f" --repeats {args.repeats}"
     )
-    result = {"rows": rows, "python": platform.python_version(), "torch": torch.__version__}
+    result = {"rows": rows, "python": platform.python_version(), "torch": torch.__version__,
+              "peft": peft_version()}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
     for name, data in (("numerics.json", text), ("numerics.md", markdown(rows, command))):

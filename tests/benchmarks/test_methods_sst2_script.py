@@ -35,7 +35,8 @@ def record(
     curve = [early] * 20 + [late] * (steps - 20)
     return bench.RunRecord(
         row=row, method=method or row, seed=seed, r=8, lr=5e-4, steps=steps, dev_accuracy=acc,
-        loss_at={"20": early, "40": late}, trainable=trainable, total=10_000,
+        loss_at={"20": early, "40": late}, window=20, threads=1, trainable=trainable,
+        total=10_000,
         examples_per_s=50.0 + seed, seconds_per_epoch=67_349 / (50.0 + seed),
         peak_rss_mib=800.0 + seed, adapter_bytes=4096, saved_dir_bytes=9000, wall_seconds=60.0,
         curve=curve,
@@ -207,15 +208,23 @@ def test_kept_finished_run_is_reused_only_with_the_same_options(
     a kept run made with other options is refused (no silent mixing of settings)."""
     import yaml
 
-    args = bench.parse(["--methods", "lora", "--seeds", "0", "--keep", str(tmp_path)])
+    args = bench.parse(["--methods", "lora", "--seeds", "0", "--keep", str(tmp_path),
+                        "--loss-at", "20,40", "--window", "20"])  # fmt: skip
     row = bench.ROWS["lora"]
     run_dir = tmp_path / "lora-s0"
     (run_dir / "train").mkdir(parents=True)
     config = bench.run_config(row, 0, args, run_dir / "train")
     (run_dir / "train" / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
-    kept = record(bench, "lora", 0, acc=0.9, early=0.5, late=0.3)
+    kept = record(bench, "lora", 0, acc=0.9, early=0.5, late=0.3)._replace(threads=args.threads)
     (run_dir / "result.json").write_text(json.dumps(kept._asdict()), encoding="utf-8")
-    assert bench.launch(row, 0, args, tmp_path) == kept
+    reused = bench.launch(row, 0, args, tmp_path)  # loss@N recomputed from the stored curve
+    assert reused._replace(loss_at={}) == kept._replace(loss_at={})
+    assert reused.loss_at == pytest.approx(kept.loss_at)
+    other = kept._replace(threads=args.threads + 1)  # timings and memory depend on it
+    (run_dir / "result.json").write_text(json.dumps(other._asdict()), encoding="utf-8")
+    with pytest.raises(SystemExit, match="--threads"):
+        bench.launch(row, 0, args, tmp_path)
+    (run_dir / "result.json").write_text(json.dumps(kept._asdict()), encoding="utf-8")
     (run_dir / "train" / "config.yaml").write_text(
         yaml.safe_dump({**config, "max_steps": 100}), encoding="utf-8"
     )

@@ -12,10 +12,12 @@ def test_variants_summary_reports_both_peft_pissa_paths(bench) -> None:
         "ratios": {
             "DoRA train step / LoRA step (rankwise)": 1.05,
             "DoRA train step / LoRA step (peft)": 1.4,
-            "DoRA eval forward / base (rankwise)": 1.0,
+            variants.DORA_EVAL_CACHED: 1.0,
+            variants.DORA_EVAL_UNCACHED: 1.2,
             "DoRA eval forward / base (peft)": 1.3,
         },
         "pissa": {
+            "layers": 37,
             "median_s": dict(zip(names, (0.2, 1.2, 1.3, 0.25))),
             "paired_ratio_to_rankwise_pissa": dict(zip(names, (1.0, 6.0, 6.5, 0.8))),
             "worst_error_over_optimal": dict(zip(names, (1.005, 1.0, 1.0, 1.02))),

@@ -65,6 +65,7 @@ class SaveTrial(NamedTuple):
     mixed: bool  # weights and config from different (complete) versions
     leftovers: int  # temporary files left by the kill
     problem: str
+    killed: bool = True  # the SIGKILL was delivered (returncode -SIGKILL), not an exit before
 
 
 def _weights_version(path: Path) -> int:
@@ -98,7 +99,20 @@ def save_trial(directory: Path, *, delay: float) -> SaveTrial:
     child.send_signal(signal.SIGKILL)
     child.wait()
     reported = int(([first] + child.stdout.read().split())[-1])
-    return _check_saved(directory, reported)
+    trial = _check_saved(directory, reported)
+    if was_killed(child):
+        return trial
+    # the saving loop never ends by itself: any other return code means it died first
+    died = f"the saving child exited {child.returncode} before the kill"
+    return trial._replace(
+        ok=False, killed=False, problem="; ".join(filter(None, (trial.problem, died)))
+    )
+
+
+def was_killed(process: subprocess.Popen) -> bool:
+    """Whether ``process`` ended by our SIGKILL (not by exiting before the signal was sent:
+    a kill of a process that already exited is no kill, and its trial proves nothing)."""
+    return process.returncode == -signal.SIGKILL
 
 
 def _check_saved(directory: Path, reported: int) -> SaveTrial:
@@ -194,6 +208,8 @@ class FinetuneTrial(NamedTuple):
     adapter_after_kill: bool  # the final adapter was already written
     resumed_identical: bool
     problems: tuple[str, ...]
+    killed: bool = True  # the SIGKILL was delivered; False: the run exited before the delay
+    returncode: int | None = None  # the run's, as the kill left it (-9: killed)
 
 
 def check_run_dir(out: Path, reference: bytes) -> tuple[int, int, bool, list[str]]:
@@ -256,15 +272,20 @@ def timed_reference(inputs: RunInputs, out: Path, *, steps: int = 6) -> tuple[by
 def finetune_trial(
     inputs: RunInputs, out: Path, *, delay: float, reference: bytes, steps: int = 6
 ) -> FinetuneTrial:
-    """Kill a run ``delay`` s after its training starts (config.yaml written), check, resume."""
+    """Kill a run ``delay`` s after its training starts (config.yaml written), check, resume.
+    A run that exits before the delay is not killed (``killed`` False: the caller must not
+    count it as a survived kill); one that exits with an error before it is a problem."""
     process = run_finetune(inputs, out, steps=steps)
     wait_for_training(process, out)
     try:
         process.wait(timeout=delay)
     except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGKILL)
+        process.send_signal(signal.SIGKILL)  # a no-op if it exited meanwhile: see was_killed
         process.wait()
+    killed = was_killed(process)
     count, leftovers, adapter_done, problems = check_run_dir(out, reference)
+    if not killed and process.returncode != 0:
+        problems.append(f"the run exited {process.returncode} before the kill")
     try:
         finish(run_finetune(inputs, out, resume=out.exists(), steps=steps))
     except RuntimeError as err:
@@ -275,4 +296,5 @@ def finetune_trial(
         problems.append(
             "the resumed run's adapter is not byte-identical to the uninterrupted run's"
         )
-    return FinetuneTrial(delay, count, leftovers, adapter_done, same, tuple(problems))
+    return FinetuneTrial(delay, count, leftovers, adapter_done, same, tuple(problems), killed,
+                         process.returncode)  # fmt: skip
