@@ -581,3 +581,28 @@ def test_a_peft_adalora_adapter_warns_once_about_an_ignored_option(
         load_trained(tmp_path)
     ignored = [w for w in caught if "AdaLoRA ignores use_rslora" in str(w.message)]
     assert len(ignored) == 1, [str(w.message) for w in ignored]
+
+
+def test_a_model_directory_without_a_trained_head_for_its_labels_is_refused(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    # a random head was initialized: predictions changed from run to run (37.5% then 46.9%)
+    import shutil
+
+    from transformers import AutoConfig, BertModel
+
+    from rankwise.errors import AdapterFormatError
+    from rankwise.train.inference import TASK_FILE
+
+    base = tmp_path / "base"
+    BertModel(AutoConfig.from_pretrained(tiny_bert)).save_pretrained(base)
+    shutil.copy(tiny_bert / "tokenizer.json", base)
+    with pytest.raises(AdapterFormatError, match="without a trained classification head"):
+        load_trained(base)
+    three = tmp_path / "three"
+    shutil.copytree(tiny_bert, three)
+    (three / TASK_FILE).write_text(json.dumps({"task": "classification",
+                                               "label_names": ["a", "b", "c"]}))  # fmt: skip
+    with pytest.raises(AdapterFormatError, match="head has 2 labels, the recorded labels are 3"):
+        load_trained(three)
+    assert load_trained(tiny_bert).task == "classification"  # a trained two-label head

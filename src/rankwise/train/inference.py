@@ -271,7 +271,30 @@ def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Bas
     task = str(info.get("task") or _task_of(_model_config(str(root)), None))
     if task == "classification" and not names:
         names = _label_names_of_model_dir(root)
+    if task == "classification":
+        _check_trained_head(root, names)
     return _Base(str(root), task, names, False)
+
+
+def _check_trained_head(root: Path, names: tuple[str, ...]) -> None:
+    """A full model directory must bring a classification head for ``names``: loading it
+    otherwise initializes a random one (a base model's directory, or a head of another size),
+    and predictions change from run to run."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(root)
+    classes = [a for a in config.architectures or () if a.endswith("ForSequenceClassification")]
+    if not classes:
+        raise AdapterFormatError(
+            f"{root}: a model directory without a trained classification head (architectures "
+            f"{config.architectures or []}); predict/evaluate need a finetuned classifier: a "
+            "finetune run's adapter/ or merged/ directory"
+        )
+    if config.num_labels != len(names):
+        raise AdapterFormatError(
+            f"{root}: its classification head has {config.num_labels} labels, the recorded "
+            f"labels are {len(names)} ({list(names)}); the head would be re-initialized"
+        )
 
 
 def _adapter_tokenizer(root: Path, base_tokenizer: Any) -> Any:
