@@ -306,6 +306,31 @@ def test_plot_at_an_existing_file_is_a_usage_error_before_any_work(
     assert stray.read_bytes() == b"keep me"
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["combine", "{r2}", "{r8}"],
+        ["resize", "{r8}", "--rank", "2"],
+        ["merge", "--adapter", "{r8}"],
+    ],
+    ids=["combine", "resize", "merge"],
+)
+def test_out_below_an_existing_file_is_a_usage_error_naming_the_option(
+    command: list[str], setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # "error: [Errno 17] File exists: 'dev64.tsv'" named neither --out nor what was expected
+    stray = tmp_path / "data.tsv"
+    stray.write_bytes(b"keep me")
+    names = {k: str(v) for k, v in setup.items()}
+    argv = [part.format(**names) for part in command] + ["--out", str(stray / "new")]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --out/--output:" in err and str(stray) in err and "not a directory" in err
+    assert stray.read_bytes() == b"keep me"
+
+
 def test_extract_names_the_labels_of_a_model_tuned_elsewhere(
     setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -87,3 +87,9 @@ def test_a_terminated_process_under_torchrun_says_which_rank(
         main(["version"])
     assert stop.value.code == 143
     assert "rankwise version (rank 1): terminated" in capsys.readouterr().err
+
+
+def test_a_double_dash_before_the_command_runs_it(capsys: pytest.CaptureFixture[str]) -> None:
+    # `rankwise -- version` went to the top-level parser: help printed, exit 2
+    assert main(["--", "version"]) == 0
+    assert capsys.readouterr().out.startswith("rankwise ")

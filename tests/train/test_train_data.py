@@ -567,3 +567,10 @@ def test_the_latin1_fallback_names_the_byte_after_a_bom_and_spares_real_latin1(
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert [r["text"] for r in read_rows(str(french))][1] == "CAFÉ\u00a0! Déçu"
+
+
+def test_a_label_column_for_a_causal_lm_task_is_refused(tmp_path: Path) -> None:
+    # evaluate --label-column no_such_column on a causal-LM adapter printed a perplexity
+    path = _write(tmp_path / "d.jsonl", json.dumps({"text": "great"}) + "\n")
+    with pytest.raises(ConfigError, match=r"--label-column \(label_column\) 'nope': a causal-LM"):
+        load_dataset(str(path), task="causal-lm", label_column="nope")

@@ -606,3 +606,13 @@ def test_a_model_directory_without_a_trained_head_for_its_labels_is_refused(
     with pytest.raises(AdapterFormatError, match="head has 2 labels, the recorded labels are 3"):
         load_trained(three)
     assert load_trained(tiny_bert).task == "classification"  # a trained two-label head
+
+
+def test_predict_prints_one_line_per_text_whatever_it_holds(run_dir: Path, capsys) -> None:
+    # a text with a newline was printed as two lines, the second looking like a row of its own
+    texts = ["first line\nsecond\tfield", "a \\ b", "plain"]
+    assert main(["predict", "--adapter", str(run_dir / "adapter"), *texts]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and all(line.count("\t") == 2 for line in lines)
+    shown = [line.split("\t")[2] for line in lines]
+    assert shown == ["first line\\nsecond\\tfield", "a \\\\ b", "plain"]

@@ -55,17 +55,25 @@ def figure_directory(value: str) -> str:
 
     if not value:
         raise argparse.ArgumentTypeError("expected a directory, found an empty string")
-    path = Path(value)
-    for part in (path, *path.parents):
+    _no_file_in_the_way(value, Path(value), "for the figures")
+    return value
+
+
+def _no_file_in_the_way(value: str, start: Path, what: str) -> None:
+    """Refuse (a usage error) when the nearest existing one of ``start`` and its parents is
+    not a directory: the directory ``value`` could not be made there (``[Errno 17] File
+    exists`` named neither the option nor what was expected)."""
+    from pathlib import Path
+
+    for part in (start, *start.parents):
         if part.exists() or part.is_symlink():
             if not part.is_dir():
-                where = "" if part == path else f" (in {value!r})"
+                where = "" if part == Path(value) else f" (in {value!r})"
                 raise argparse.ArgumentTypeError(
                     f"{str(part)!r}{where} exists and is not a directory; expected a directory "
-                    "for the figures"
+                    f"{what}"
                 )
-            break
-    return value
+            return
 
 
 @contextlib.contextmanager
@@ -138,8 +146,13 @@ def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def _directory(value: str) -> str:
+    from pathlib import Path
+
     if not value.strip():
         raise argparse.ArgumentTypeError("expected a directory, found an empty string")
+    # the directory itself may be a file (refused later, by the command, as "not an empty
+    # directory"); a file among its parents is refused now, before any work
+    _no_file_in_the_way(value, Path(value).parent, "for the output")
     return value
 
 
@@ -292,6 +305,8 @@ def entry() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"] and len(argv) > 1:  # `rankwise -- version`: the command follows
+        argv = argv[1:]
     top = build_parser()
     if not argv or argv[0].startswith("-"):
         args = top.parse_args(argv)

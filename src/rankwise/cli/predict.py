@@ -23,7 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="cut texts at N tokens (default: the length the run trained with)",
     )
-    parser.add_argument("--json", action="store_true", help="print one JSON object per text")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object per text (default: label, probability and text separated "
+        "by tabs, one line per text: a tab, line break or backslash in a text is escaped)",
+    )
     parser.add_argument(
         "texts",
         nargs="*",
@@ -48,8 +53,22 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "probability": p.probability}))
         else:
-            print(f"{p.label}\t{p.probability:.3f}\t{p.text}")
+            print(f"{_field(p.label)}\t{p.probability:.3f}\t{_field(p.text)}")
     return 0
+
+
+# one line per text, three tab-separated fields: a tab or line break in a text (or label) is
+# written as its backslash escape, and a backslash doubled (a text with a newline printed as
+# two lines, the second looking like a row of its own)
+_ESCAPES = str.maketrans(
+    {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r", "\v": "\\v", "\f": "\\f",
+     "\x1c": "\\x1c", "\x1d": "\\x1d", "\x1e": "\\x1e", "\x85": "\\x85",
+     "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)  # fmt: skip
+
+
+def _field(value: str) -> str:
+    return value.translate(_ESCAPES)
 
 
 def _checked_texts(texts: list[str]) -> list[str]:

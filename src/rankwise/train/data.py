@@ -169,6 +169,11 @@ def load_dataset(
         raise ConfigError(f"dataset {name!r} is empty (no rows)")
     columns = list(dict.fromkeys(key for row in rows for key in row))  # a row may lack some
     if task == "causal-lm":
+        if label_column is not None:  # it was ignored: the perplexity of the text column
+            raise ConfigError(
+                f"--label-column (label_column) {label_column!r}: a causal-LM task reads only "
+                f"texts (or prompt/response pairs) from {name!r}; leave it out"
+            )
         return _causal_dataset(rows, columns, name, text_column)
     text_col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
     label_col = detect_column(
