@@ -273,7 +273,7 @@ def grad_check(models: dict[str, nn.Module], batch: dict[str, torch.Tensor]) -> 
         loss = model(**batch).loss
         loss.backward()
         grads = {rename(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
-        return float(loss), grads
+        return float(loss.detach()), grads
 
     loss_ours, g_ours = loss_and_grads(ours, lambda n: n)
     loss_peft, g_peft = loss_and_grads(peft, _peft_name)
