@@ -93,3 +93,6 @@ def test_a_double_dash_before_the_command_runs_it(capsys: pytest.CaptureFixture[
     # `rankwise -- version` went to the top-level parser: help printed, exit 2
     assert main(["--", "version"]) == 0
     assert capsys.readouterr().out.startswith("rankwise ")
+    with pytest.raises(SystemExit) as stop:  # after "--" a name, not an option
+        main(["--", "--help"])
+    assert stop.value.code == 2 and "unknown command '--help'" in capsys.readouterr().err

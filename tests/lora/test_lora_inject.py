@@ -334,3 +334,9 @@ def test_a_lazy_target_is_refused_by_name(lazy: nn.Module) -> None:
     with pytest.raises(InjectionError, match=r"module '1' is a lazy .*one forward pass"):
         inject(model, LoraConfig(r=2, target_modules=["1"]))
     assert model[1] is lazy
+    # not a target: torch's unnamed error came after the target was wrapped
+    for cfg in (LoraConfig(r=2, target_modules=["0"]), LoraConfig(r=2, target_modules=["0"],
+                                                                   bias="all")):  # fmt: skip
+        with pytest.raises(InjectionError, match=r"module '1' is a lazy"):
+            inject(model, cfg)
+        assert type(model[0]) is nn.Linear

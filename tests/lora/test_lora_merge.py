@@ -331,7 +331,7 @@ def test_an_embedding_with_max_norm_is_not_merged() -> None:
         model(ids)  # the lookup's own in-place renormalization, before the snapshot
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for operation in (merge, merge_and_unload):
-        with pytest.raises(MergeError, match=r"embedding '0' has max_norm=1.0.*unmerged"):
+        with pytest.raises(MergeError, match=r"embedding has max_norm=1.0.*unmerged"):
             operation(model)
         assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert merge_blocker(model) is not None  # finetune --merge finds out before training
@@ -378,3 +378,63 @@ def test_disable_adapters_on_a_partly_merged_model_runs_the_base() -> None:
         torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
     assert model[0].merged and not model[2].merged
     torch.testing.assert_close(model(x), adapted, rtol=0, atol=1e-6)
+
+
+def test_unload_inside_disable_adapters_keeps_the_trained_biases() -> None:
+    # the block's bias stand-ins were restored by name after unload removed base_layer:
+    # AttributeError on leaving the block, and the model kept the injection-time biases
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    inject(model, LoraConfig(r=2, target_modules=["0"], bias="lora_only"), generator=0)
+    with torch.no_grad():
+        model[0].base_layer.bias.add_(1.0)  # "trained"
+    trained = model[0].base_layer.bias.detach().clone()
+    with disable_adapters(model):
+        plain = unload(model)
+    assert isinstance(plain[0], nn.Linear) and torch.equal(plain[0].bias, trained)
+
+
+def test_bias_stand_ins_cover_shared_biases_and_in_place_loads(tmp_path) -> None:
+    from rankwise.io import load_adapter, save_adapter
+
+    torch.manual_seed(0)
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.bias = a.bias  # one bias, two owners
+    model = nn.Sequential(a, nn.Tanh(), b)
+    x = torch.randn(3, 4)
+    want = model(x).detach()
+    inject(model, LoraConfig(r=2, target_modules=["0"], bias="lora_only"), generator=0)
+    with torch.no_grad():
+        model[0].base_layer.bias.add_(1.0)
+    save_adapter(model, tmp_path / "tied")
+    with disable_adapters(model):  # b still showed the trained bias: 1.0 off
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+        with pytest.raises(Exception, match="inside disable_adapters"):  # would be dropped
+            load_adapter(model, tmp_path / "tied")
+    # a file training every bias, loaded in place into a bias="none" injection
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    want = base(x).detach()
+    trained = inject(copy_of(base), LoraConfig(r=2, target_modules=["0"], bias="all"), generator=0)
+    with torch.no_grad():
+        trained[2].bias.add_(1.0)
+    save_adapter(trained, tmp_path)
+    model = inject(copy_of(base), LoraConfig(r=2, target_modules=["0"]), generator=0)
+    load_adapter(model, tmp_path)
+    with disable_adapters(model):  # 1.80 off: the file's biases were never recorded
+        torch.testing.assert_close(model(x), want, rtol=0, atol=1e-6)
+
+
+def copy_of(model: nn.Module) -> nn.Module:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_a_max_norm_embedding_layer_is_not_merged_on_its_own_either() -> None:
+    model = nn.Sequential(nn.Embedding(30, 8, max_norm=1.0))
+    inject(model, LoraConfig(r=4, target_modules=["0"], init_lora_weights=False), generator=0)
+    before = model[0].base_layer.weight.detach().clone()
+    with pytest.raises(MergeError, match="max_norm=1.0"):
+        model[0].merge()
+    assert torch.equal(model[0].base_layer.weight, before) and not model[0].merged

@@ -606,13 +606,31 @@ def test_a_model_directory_without_a_trained_head_for_its_labels_is_refused(
     with pytest.raises(AdapterFormatError, match="head has 2 labels, the recorded labels are 3"):
         load_trained(three)
     assert load_trained(tiny_bert).task == "classification"  # a trained two-label head
+    # a config without architectures: judged by the head weights in model.safetensors
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_bert, bare)
+    config = json.loads((bare / "config.json").read_text())
+    config.pop("architectures", None)
+    (bare / "config.json").write_text(json.dumps(config))
+    assert load_trained(bare).task == "classification"  # it was refused
+    (base / "config.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((base / "config.json").read_text()).items()
+                if k != "architectures"
+            }
+        )  # fmt: skip
+    )
+    with pytest.raises(AdapterFormatError, match="without a trained classification head"):
+        load_trained(base)
 
 
 def test_predict_prints_one_line_per_text_whatever_it_holds(run_dir: Path, capsys) -> None:
     # a text with a newline was printed as two lines, the second looking like a row of its own
-    texts = ["first line\nsecond\tfield", "a \\ b", "plain"]
+    texts = ["first line\nsecond\tfield", "C:\\new\\table.txt", "plain"]
     assert main(["predict", "--adapter", str(run_dir / "adapter"), *texts]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 3 and all(line.count("\t") == 2 for line in lines)
     shown = [line.split("\t")[2] for line in lines]
-    assert shown == ["first line\\nsecond\\tfield", "a \\\\ b", "plain"]
+    assert shown == ["first line\\nsecond\\tfield", "C:\\new\\table.txt", "plain"]  # as given

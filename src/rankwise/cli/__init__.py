@@ -305,10 +305,11 @@ def entry() -> NoReturn:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"] and len(argv) > 1:  # `rankwise -- version`: the command follows
+    command_follows = argv[:1] == ["--"] and len(argv) > 1  # `rankwise -- version`
+    if command_follows:
         argv = argv[1:]
     top = build_parser()
-    if not argv or argv[0].startswith("-"):
+    if not argv or (argv[0].startswith("-") and not command_follows):
         args = top.parse_args(argv)
         top.print_help()
         return 0 if args.command is None and not argv else 2

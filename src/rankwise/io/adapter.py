@@ -43,6 +43,7 @@ from rankwise.lora.inject import (
     lora_layers,
     replace_state_config,
     set_trainable,
+    trained_biases,
 )
 from rankwise.lora.layers import adapter_dtype
 from rankwise.lora.state import adapter_state_dict, planned_shapes
@@ -215,6 +216,12 @@ def load_adapter(
             "lora_magnitude_vector (not a DoRA adapter)"
         )
     injected = hasattr(model, STATE_ATTR)
+    if injected and get_state(model).swapped:
+        # the block shows stand-ins for modules_to_save and trained biases: values loaded into
+        # them would be dropped when the block puts the trained tensors back
+        raise AdapterFormatError(
+            f"{directory}: the model is inside disable_adapters(); load the adapter after the block"
+        )
     if injected:
         expected = _expected_for_swap(model, config)
         plan = None
@@ -241,6 +248,11 @@ def load_adapter(
             raise InjectionError(f"{directory}: {err}") from None
     else:
         _set_layer_scales(model, config)
+        # a file training more biases than the injection did (bias "all" into "none"):
+        # their values before the copy are the base ones disable_adapters shows
+        state = get_state(model)
+        layers = [name for name, _ in lora_layers(model)]
+        state.originals.update(trained_biases(model, config.bias, layers, state.originals))
         # files do not record LoRA-FA (PEFT has no such field): A stays frozen as it was
         lora_fa = get_state(model).config.use_lora_fa
         replace_state_config(

@@ -140,12 +140,12 @@ def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | Non
         if residual is not None:
             wrapper.set_base_matrix(residual)  # PiSSA/OLoRA: W_res = W - s·B0 A0
         _set_submodule(model, name, wrapper)
-    state.originals.update(_trained_biases(model, cfg.bias, list(built), state.originals))
+    state.originals.update(trained_biases(model, cfg.bias, list(built), state.originals))
     object.__setattr__(model, STATE_ATTR, state)
     set_trainable(model, trainable=not cfg.inference_mode)
 
 
-def _trained_biases(
+def trained_biases(
     model: nn.Module, mode: str, targets: list[str], recorded: dict[str, Tensor]
 ) -> dict[str, Tensor]:
     """Copies of the biases ``bias="all"`` (every ``*.bias``) or ``"lora_only"`` (the adapted
@@ -158,12 +158,14 @@ def _trained_biases(
         wanted = {f"{t}.base_layer.bias" for t in targets}
     else:
         wanted = None
+    params = list(model.named_parameters(remove_duplicate=False))
+    trained = {  # every name of a shared bias: each owner gets its stand-in in the block
+        id(p)
+        for name, p in params
+        if name.rsplit(".", 1)[-1] == "bias" and (wanted is None or name in wanted)
+    }
     return {
-        name: p.detach().clone()
-        for name, p in model.named_parameters()
-        if name.rsplit(".", 1)[-1] == "bias"
-        and (wanted is None or name in wanted)
-        and name not in recorded
+        name: p.detach().clone() for name, p in params if id(p) in trained and name not in recorded
     }
 
 

@@ -307,7 +307,24 @@ class LoraLayer(nn.Module):
                 f"{type(self).__name__}: adapters are disabled (inside disable_adapters()); "
                 "merge after the block"
             )
+        refusal = self.merge_refusal() if what == "merge" else None
+        if refusal is not None:
+            raise MergeError(f"{type(self).__name__}: {refusal}")
         return None if self._in_place_is_safe(what) else self.planned_weight(what)
+
+    def merge_refusal(self) -> str | None:
+        """Why this layer's adapter can never be merged exactly, or None: an embedding with
+        ``max_norm``, whose unmerged lookup renormalizes rows of ``W0`` and of ``Aᵀ`` apart and
+        a merged one rows of ``W0 + ΔW`` (in place: unmerge would then subtract ``ΔW`` from
+        other values)."""
+        max_norm = getattr(self.base_layer, "max_norm", None) if self.kind == "embedding" else None
+        if max_norm is None:
+            return None
+        return (
+            f"the embedding has max_norm={max_norm}, which renormalizes the rows it looks up: "
+            "the merged weight would not give the unmerged output (and unmerge would not "
+            "restore the base weight). Keep this adapter unmerged"
+        )
 
     def _in_place_is_safe(self, what: str) -> bool:
         """Whether ``merge``/``unmerge`` may write ``W ± s·B A`` in place: plain LoRA on a

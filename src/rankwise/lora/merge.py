@@ -72,17 +72,9 @@ def merge_blocker(model: nn.Module) -> str | None:
     rather than after."""
     layers = list(lora_layers(model))
     for name, layer in layers:
-        max_norm = (
-            getattr(layer.base_layer, "max_norm", None) if layer.kind == "embedding" else None
-        )
-        if max_norm is not None:
-            # the unmerged lookup renormalizes rows of W0 and of Aᵀ apart, a merged one rows of
-            # W0 + ΔW (and in place: unmerge would then subtract ΔW from other values)
-            return (
-                f"embedding {name!r} has max_norm={max_norm}, which renormalizes the rows it "
-                "looks up: the merged weight would not give the unmerged output (and unmerge "
-                "would not restore the base weight). Keep this adapter unmerged"
-            )
+        refusal = layer.merge_refusal()
+        if refusal is not None:
+            return f"layer {name!r}: {refusal}"
     tied = tied_weights(model, [name for name, _ in layers])
     if not tied:
         return None
@@ -147,6 +139,9 @@ def unload(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module) -> nn.Module:
     state = get_state(model)
+    if state.swapped:  # inside disable_adapters: the trained tensors back, under their names
+        _restore_saved(model, state.swapped)
+        state.swapped = {}
     for name, layer in list(lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     params = dict(model.named_parameters(remove_duplicate=False))  # the base names again
@@ -193,7 +188,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
         if not outer:
             _restore_saved(model, state.swapped)
             state.swapped = {}
-        _apply(was_merged, "merge")
+        if getattr(model, STATE_ATTR, None) is state:  # not unloaded inside the block
+            _apply(was_merged, "merge")
 
 
 def set_inference_cache(model: nn.Module, enabled: bool) -> nn.Module:

@@ -78,6 +78,7 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
             "target_modules: expected a list of names, a regex or 'all-linear', found None"
         )
     modules = dict(model.named_modules())
+    _check_materialized_params(modules)
     names, save_names, cfg = selected_names(model, config, modules, strict=strict)
     targets = []
     for name in names:
@@ -388,16 +389,22 @@ def check_ranks(model: nn.Module, plan: Plan) -> None:
         )
 
 
+def _check_materialized_params(modules: dict[str, nn.Module]) -> None:
+    """Refuse a model holding a parameter not materialized yet (``nn.LazyLinear``,
+    ``nn.LazyConv2d``), target or not, naming its module: torch's error named none, and came
+    after the model was changed (from the trainable flags or the bias copies)."""
+    for name, module in modules.items():
+        if any(isinstance(p, nn.parameter.UninitializedParameter)
+               for p in module._parameters.values()):  # fmt: skip
+            raise InjectionError(
+                f"module {name!r} is a lazy {type(module).__name__} whose parameters are not "
+                "initialized yet; run one forward pass before injecting adapters"
+            )
+
+
 def _check_nonempty(name: str, module: nn.Module) -> None:
-    """Refuse a weight with a zero dimension, naming the module and its shape, or one not
-    materialized yet (``nn.LazyLinear``, ``nn.LazyConv2d``: torch's error named no module)."""
-    weight = module.weight  # type: ignore[union-attr]
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        raise InjectionError(
-            f"target_modules: module {name!r} is a lazy {type(module).__name__} whose weight is "
-            "not initialized yet; run one forward pass before injecting adapters"
-        )
-    shape = tuple(weight.shape)
+    """Refuse a weight with a zero dimension, naming the module and its shape."""
+    shape = tuple(module.weight.shape)  # type: ignore[union-attr]
     if 0 in shape:
         raise InjectionError(
             f"target_modules: module {name!r} has a zero-size weight of shape {shape}; "

@@ -26,6 +26,7 @@ from rankwise.train.models import (
     TOKENIZER_FILES,
     check_positions,
     has_tokenizer_files,
+    load_config,
     load_pretrained,
     resolve_model_source,
     with_pad_token,
@@ -279,21 +280,33 @@ def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Bas
 def _check_trained_head(root: Path, names: tuple[str, ...]) -> None:
     """A full model directory must bring a classification head for ``names``: loading it
     otherwise initializes a random one (a base model's directory, or a head of another size),
-    and predictions change from run to run."""
-    from transformers import AutoConfig
+    and predictions change from run to run. Read from ``architectures`` (a
+    ``*ForSequenceClassification`` class) and the config's labels; a config without
+    ``architectures`` is judged by the head weights in ``model.safetensors``."""
+    config = load_config(str(root), option="--adapter")
+    if config.architectures:
+        trained = any(a.endswith("ForSequenceClassification") for a in config.architectures)
+        rows = config.num_labels if trained else None
+    else:
+        weights = root / "model.safetensors"
+        if not weights.is_file():  # sharded or another format: nothing to tell from here
+            return
+        from rankwise.io.files import read_header
 
-    config = AutoConfig.from_pretrained(root)
-    classes = [a for a in config.architectures or () if a.endswith("ForSequenceClassification")]
-    if not classes:
+        found = [
+            i.shape[0] for k, i in read_header(weights).items() if k.endswith(HEAD_WEIGHT_KEYS)
+        ]
+        rows = int(found[0]) if found else None
+    if rows is None:
         raise AdapterFormatError(
             f"{root}: a model directory without a trained classification head (architectures "
             f"{config.architectures or []}); predict/evaluate need a finetuned classifier: a "
             "finetune run's adapter/ or merged/ directory"
         )
-    if config.num_labels != len(names):
+    if rows != len(names):
         raise AdapterFormatError(
-            f"{root}: its classification head has {config.num_labels} labels, the recorded "
-            f"labels are {len(names)} ({list(names)}); the head would be re-initialized"
+            f"{root}: its classification head has {rows} labels, the recorded labels are "
+            f"{len(names)} ({list(names)}); the head would be re-initialized"
         )
 
 
