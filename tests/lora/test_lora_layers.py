@@ -213,13 +213,15 @@ def test_gradients_equal_peft(kind: str, hooked: bool) -> None:
         torch.testing.assert_close(gx, x.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dora", [False, True])  # DoRA: an IndexError for 0-D input
 @pytest.mark.parametrize("rows", [4, 200])  # the small-rows path and the custom node
-def test_wrong_input_shapes_fail_as_nn_linear_does(rows: int) -> None:
+def test_wrong_input_shapes_fail_as_nn_linear_does(rows: int, dora: bool) -> None:
     import copy
 
     base = nn.Linear(8, 6)
     model = nn.Sequential(copy.deepcopy(base))
-    inject(model, LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), generator=0)
+    cfg = LoraConfig(r=2, target_modules=["0"], init_lora_weights=False, use_dora=dora)
+    inject(model, cfg, generator=0)
     model.train()
     for x in (torch.randn(rows, 7, requires_grad=True), torch.tensor(1.0)):
         with pytest.raises(RuntimeError) as plain:

@@ -413,7 +413,8 @@ class DoraLinear(DoraMixin, LoraLinear):
             # float32 adapter on a half-precision base: the merged weight would round c ⊙ ...)
             return F.linear(x, self.inference_weight(), bias)
         dropout = self.dropout is not None and self.training
-        if dropout or not plain or not one_dtype or autograd_transforms_active():
+        wrong_shape = x.dim() == 0 or x.shape[-1] != A.shape[1]  # the base layer's own error
+        if dropout or not plain or not one_dtype or wrong_shape or autograd_transforms_active():
             # PEFT: base(x) + (c - 1) ⊙ W0 x̃ + c ⊙ s·B A x̃, x̃ = dropout(x); without dropout
             # W0 x̃ is base(x) less its bias (hooks, subclasses: the modules are called). Mixed
             # precision or autocast: in the adapter's dtype, rounded to the base's once
