@@ -536,3 +536,22 @@ def test_randomized_extract_without_a_rank_is_refused_before_loading(
             "--out", str(tmp_path / "out"), "--energy", "0.9", "--randomized"]  # fmt: skip
     assert main(argv) == 2
     assert "--randomized needs --rank (an integer); found --energy 0.9" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["2", "0", "nan", "abc"])
+@pytest.mark.parametrize(
+    "command",
+    [["resize", "{r8}"], ["extract", "--finetuned", "{tuned}", "--base", "{base}"]],
+    ids=["resize", "extract"],
+)
+def test_an_energy_outside_0_1_is_a_usage_error_naming_the_option(
+    command: list[str], value: str, setup: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    # the library refused it after both models loaded, naming "energy", not --energy
+    names = {k: str(v) for k, v in setup.items()}
+    argv = [p.format(**names) for p in command] + ["--out", str(tmp_path / "o"), "--energy", value]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    assert "argument --energy: expected a fraction in (0, 1]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

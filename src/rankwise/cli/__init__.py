@@ -137,6 +137,20 @@ def seed(value: str) -> int:
     return number
 
 
+def energy_fraction(value: str) -> float:
+    """argparse ``type`` of ``--energy``: a fraction in (0, 1], checked before any model or
+    adapter is loaded (the library's refusal came after, and named ``energy``)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in (0, 1], found {value!r}"
+        ) from None
+    if not 0.0 < number <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], found {value}")
+    return number
+
+
 def add_out_option(parser: argparse.ArgumentParser, help: str) -> None:
     """The required output directory option, ``--out`` (alias ``--output``), into ``args.out``;
     an empty value (an unset shell variable) is a usage error, not the working directory."""

@@ -9,6 +9,7 @@ from typing import Any
 from rankwise.cli import (
     CliError,
     add_out_option,
+    energy_fraction,
     figure_directory,
     new_output_dir,
     require_plotting,
@@ -28,7 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_out_option(parser, "adapter directory to write")
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="rank of every layer (capped at min(out, in))")
-    size.add_argument("--energy", type=float, help="keep this fraction of each |dW|_F^2, per layer")
+    size.add_argument(
+        "--energy", type=energy_fraction, help="keep this fraction of each |dW|_F^2, per layer"
+    )
     parser.add_argument(
         "--targets", help="comma-separated module names (default: every changed linear layer)"
     )

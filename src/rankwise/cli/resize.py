@@ -8,6 +8,7 @@ from rankwise.cli import (
     CliError,
     add_out_option,
     copy_sidecars,
+    energy_fraction,
     figure_directory,
     new_output_dir,
     require_plotting,
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group(required=True)
     size.add_argument("--rank", type=int, help="new rank (capped at each module's r)")
     size.add_argument(
-        "--energy", type=float, help="keep this fraction of each |dW|_F^2, per module"
+        "--energy", type=energy_fraction, help="keep this fraction of each |dW|_F^2, per module"
     )
     parser.add_argument(
         "--plot",
