@@ -555,3 +555,24 @@ def test_an_energy_outside_0_1_is_a_usage_error_naming_the_option(
     assert stop.value.code == 2
     assert "argument --energy: expected a fraction in (0, 1]" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--density", "0.3"],
+        ["--method", "svd", "--density", "nan"],
+        ["--seed", "3"],
+        ["--method", "ties", "--seed", "3"],
+    ],  # fmt: skip
+)
+def test_combine_refuses_options_its_method_ignores(
+    options: list[str], setup: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    # --density (even nan) with linear/svd and --seed with anything but dare were ignored
+    out = tmp_path / "sum"
+    argv = ["combine", str(setup["r2"]), str(setup["r8"]), "--out", str(out), *options]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--density: only --method ties or dare" in err or "--seed: only --method dare" in err
+    assert not out.exists()

@@ -634,3 +634,14 @@ def test_predict_prints_one_line_per_text_whatever_it_holds(run_dir: Path, capsy
     assert len(lines) == 3 and all(line.count("\t") == 2 for line in lines)
     shown = [line.split("\t")[2] for line in lines]
     assert shown == ["first line\\nsecond\\tfield", "C:\\new\\table.txt", "plain"]  # as given
+
+
+def test_predict_checks_its_options_before_reading_stdin(tmp_path: Path, monkeypatch) -> None:
+    # with no TEXT at a terminal, a bad --adapter or --max-length 0 waited for input first
+    class Untouched(io.StringIO):
+        def read(self, *args: object) -> str:
+            raise AssertionError("stdin read before the options were checked")
+
+    monkeypatch.setattr("sys.stdin", Untouched())
+    assert main(["predict", "--adapter", str(tmp_path / "missing")]) == 2
+    assert main(["predict", "--adapter", str(tmp_path), "--max-length", "0"]) == 2

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         help="rank k for svd/ties/dare (default: the largest r or rank_pattern entry of the inputs, as PEFT)",
     )
-    parser.add_argument("--density", type=float, default=0.5, help="ties/dare: fraction kept (0.5)")
-    parser.add_argument("--seed", type=seed, default=0, help="dare: seed of the drop masks")
+    parser.add_argument("--density", type=float, help="ties/dare: fraction kept (0.5)")
+    parser.add_argument("--seed", type=seed, help="dare: seed of the drop masks (0)")
     parser.add_argument(
         "--head-from",
         type=int,
@@ -78,8 +78,16 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.weights is not None and not all(math.isfinite(w) for w in args.weights):
         raise CliError(f"--weights: expected finite numbers, found {args.weights}")
-    if args.method in ("ties", "dare") and not 0.0 < args.density <= 1.0:
-        raise CliError(f"--density: expected a fraction in (0, 1], found {args.density}")
+    # options another method ignores: refused rather than ignored without a word
+    if args.density is not None and args.method not in ("ties", "dare"):
+        raise CliError(
+            f"--density: only --method ties or dare uses it, found --method {args.method}"
+        )
+    if args.seed is not None and args.method != "dare":
+        raise CliError(f"--seed: only --method dare uses it, found --method {args.method}")
+    density = 0.5 if args.density is None else args.density
+    if args.method in ("ties", "dare") and not 0.0 < density <= 1.0:
+        raise CliError(f"--density: expected a fraction in (0, 1], found {density}")
     head = args.head_from
     if head is not None and not 1 <= head <= len(args.adapters):
         raise CliError(f"--head-from: expected 1..{len(args.adapters)}, found {head}")
@@ -91,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
             args.weights,
             method=args.method,
             rank=args.rank,
-            density=args.density,
-            generator=args.seed,
+            density=density,
+            generator=0 if args.seed is None else args.seed,
             extras_from=None if head is None else head - 1,
         )
         print(format_table(*layer_table(rows)))

@@ -43,12 +43,14 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     from rankwise.train.inference import load_trained, predict
 
-    texts = _checked_texts(args.texts) if args.texts else _stdin_texts()
     if args.max_length is not None and args.max_length < 1:
         from rankwise.cli import CliError
 
         raise CliError(f"--max-length: expected an integer >= 1, found {args.max_length}")
+    texts = _checked_texts(args.texts) if args.texts else None
     trained = load_trained(args.adapter, model=args.model, max_length=args.max_length)
+    if texts is None:  # stdin read once the options and the adapter are known good (a bad
+        texts = _stdin_texts()  # --adapter at a terminal waited for input first)
     for p in predict(trained, texts):
         if args.json:
             print(json.dumps({"text": p.text, "label": p.label, "probability": p.probability}))
