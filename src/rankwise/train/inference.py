@@ -89,13 +89,12 @@ def read_task_info(directory: str | Path) -> dict[str, Any]:
     return info
 
 
-def _label_names_of_model_dir(directory: Path) -> tuple[str, ...]:
-    """The model's label names as transformers reads them: its ``id2label``, else
-    ``LABEL_0..LABEL_{num_labels-1}`` (transformers 5 leaves the default two-label id2label
-    out of config.json, so the raw file of a binary classifier has none)."""
-    from transformers import AutoConfig
-
-    id2label = AutoConfig.from_pretrained(directory).id2label or {}
+def _label_names_of_model_dir(config: Any) -> tuple[str, ...]:
+    """A model directory's label names as transformers reads them from its ``config``
+    (``AutoConfig``): its ``id2label``, else ``LABEL_0..LABEL_{num_labels-1}`` (transformers 5
+    leaves the default two-label id2label out of config.json, so the raw file of a binary
+    classifier has none)."""
+    id2label = config.id2label or {}
     return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
 
 
@@ -143,9 +142,16 @@ def _task_of(config: dict[str, Any], task_type: str | None) -> str:
 def _head_size(root: Path) -> int | None:
     """Rows of the classifier head an adapter file carries (modules_to_save), if any."""
     from rankwise.io import adapter_weights_file
+
+    return _head_rows(adapter_weights_file(root))
+
+
+def _head_rows(weights: Path) -> int | None:
+    """Rows of the classifier head in the safetensors file ``weights`` (read from its
+    header), or None when it holds none."""
     from rankwise.io.files import read_header
 
-    for key, info in read_header(adapter_weights_file(root)).items():
+    for key, info in read_header(weights).items():
         if key.endswith(HEAD_WEIGHT_KEYS):
             return int(info.shape[0])
     return None
@@ -270,20 +276,19 @@ def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Bas
         )
     names = tuple(info.get("label_names") or ())
     task = str(info.get("task") or _task_of(_model_config(str(root)), None))
-    if task == "classification" and not names:
-        names = _label_names_of_model_dir(root)
     if task == "classification":
-        _check_trained_head(root, names)
+        config = load_config(str(root), option="--adapter")  # read once: names and head
+        names = names or _label_names_of_model_dir(config)
+        _check_trained_head(root, config, names)
     return _Base(str(root), task, names, False)
 
 
-def _check_trained_head(root: Path, names: tuple[str, ...]) -> None:
+def _check_trained_head(root: Path, config: Any, names: tuple[str, ...]) -> None:
     """A full model directory must bring a classification head for ``names``: loading it
     otherwise initializes a random one (a base model's directory, or a head of another size),
     and predictions change from run to run. Read from ``architectures`` (a
     ``*ForSequenceClassification`` class) and the config's labels; a config without
     ``architectures`` is judged by the head weights in ``model.safetensors``."""
-    config = load_config(str(root), option="--adapter")
     if config.architectures:
         trained = any(a.endswith("ForSequenceClassification") for a in config.architectures)
         rows = config.num_labels if trained else None
@@ -291,12 +296,7 @@ def _check_trained_head(root: Path, names: tuple[str, ...]) -> None:
         weights = root / "model.safetensors"
         if not weights.is_file():  # sharded or another format: nothing to tell from here
             return
-        from rankwise.io.files import read_header
-
-        found = [
-            i.shape[0] for k, i in read_header(weights).items() if k.endswith(HEAD_WEIGHT_KEYS)
-        ]
-        rows = int(found[0]) if found else None
+        rows = _head_rows(weights)
     if rows is None:
         raise AdapterFormatError(
             f"{root}: a model directory without a trained classification head (architectures "
