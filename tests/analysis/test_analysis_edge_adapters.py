@@ -499,7 +499,9 @@ def test_similarity_names_the_module_and_reports_what_it_leaves_out(tmp_path: Pa
     _peft_save(tmp_path / "qv", r=4, lora_alpha=8, init_lora_weights=False)
     _peft_save(tmp_path / "untrained", r=4, lora_alpha=8)  # B = 0
     _peft_save(tmp_path / "q", r=4, lora_alpha=8, init_lora_weights=False, target_modules=["query"])
-    with pytest.raises(ValueError, match=rf"module '{QUERY}' \(.*qv vs .*untrained\): factor B"):
+    with pytest.raises(
+        ValueError, match=rf"module '{QUERY}' \(.*qv vs .*untrained\): X2 \(factor B\) is all zeros"
+    ):
         adapter_similarity(tmp_path / "qv", tmp_path / "untrained", factor="B")
     with pytest.warns(RuntimeWarning, match=r"qv: 2 module\(s\) the other adapter does not adapt"):
         rows = adapter_similarity(tmp_path / "qv", tmp_path / "q")

@@ -86,3 +86,34 @@ def test_errors_name_the_culprit() -> None:
         subspace_similarity(torch.zeros(10, 4), torch.randn(10, 4), factor="B")
     with pytest.raises(ShapeMismatchError, match="matrix"):
         subspace_similarity(torch.randn(4), torch.randn(4, 10))
+
+
+def test_non_finite_inputs_are_refused_by_their_own_names() -> None:
+    """A NaN reached rankwise.linalg, whose error named its own argument "M" (not X1/X2, nor
+    delta, W_finetuned, the factors, a PiSSA weight); one NaN in A counted as 4 (of B·A)."""
+    from rankwise.analysis import extract, resize, spectrum
+    from rankwise.lora.init_svd import pissa_init, top_singular_triplets
+
+    g = torch.Generator().manual_seed(0)
+    A1, A2 = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g)
+    A2[1, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"X2 \(factor A\): expected finite entries; found 1 NaN"):
+        subspace_similarity(A1, A2)
+    with pytest.raises(ValueError, match=r"X1 \(factor A\): expected finite"):
+        subspace_similarity(A2, A1)
+    with pytest.raises(ValueError, match=r"X2 \(factor B\) is all zeros"):
+        subspace_similarity(A1.T, torch.zeros(16, 4), factor="B")
+    D = torch.randn(8, 8, generator=g)
+    D[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="delta: expected finite entries; found 1 NaN/Inf"):
+        spectrum(D)
+    with pytest.raises(ValueError, match="W_finetuned: expected finite"):
+        extract(torch.randn(8, 8, generator=g), D, 2)
+    B, A = torch.randn(8, 2, generator=g), torch.randn(2, 8, generator=g)
+    A[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="factors A: expected finite entries; found 1 NaN/Inf"):
+        resize(B, A, 1)
+    with pytest.raises(ValueError, match="pissa_init: weight must be finite, found 1 NaN"):
+        pissa_init(D, r=2, scaling=1.0)
+    with pytest.raises(ValueError, match=r"top_singular_triplets: r must be an int in \[1, .*8\]"):
+        top_singular_triplets(torch.randn(16, 8, generator=g), 9)

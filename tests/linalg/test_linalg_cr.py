@@ -86,3 +86,15 @@ def test_zero_product_is_handled() -> None:
 def test_cr_bad_input(args: tuple, kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         cr_approx(*args, **kwargs)
+
+
+def test_expected_error_on_inputs_that_require_grad_gives_no_warning() -> None:
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 5, generator=g, requires_grad=True)
+    Y = torch.randn(5, 4, generator=g, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "Converting a tensor with requires_grad=True ..."
+        value = cr_expected_error(X, Y, 2)
+    assert value == pytest.approx(cr_expected_error(X.detach(), Y.detach(), 2))

@@ -134,3 +134,24 @@ def test_matmul_promotes_like_the_dense_product() -> None:
     ints = torch.arange(20)
     assert monarch.matmul(ints).dtype == torch.float32
     torch.testing.assert_close(monarch.matmul(ints), monarch.to_dense() @ ints.float())
+
+
+def test_matmul_refuses_a_complex_x() -> None:
+    """The cast to the factors' real dtype dropped x's imaginary part: M @ (1j·1) gave 0."""
+    M = monarch_project(torch.randn(8, 8, generator=torch.Generator().manual_seed(0)), 2)
+    with pytest.raises(ValueError, match=r"x: expected a real array, found dtype torch.complex64"):
+        M.matmul(1j * torch.ones(8))
+    with pytest.raises(ValueError, match="x: expected a real array, found dtype torch.complex128"):
+        Monarch(M.L.numpy(), M.R.numpy()).matmul(np.ones(8) * 1j)
+
+
+def test_mismatched_factors_are_refused_by_name() -> None:
+    """A hand-built pair with two block counts had shape (8, 8) and failed in einsum/bmm."""
+    from rankwise.errors import ShapeMismatchError
+
+    M = Monarch(torch.ones(2, 4, 2), torch.ones(3, 3, 4))
+    for use in (lambda: M.shape, M.to_dense, lambda: M.matmul(torch.ones(8))):
+        with pytest.raises(ShapeMismatchError, match=r"found L \(2, 4, 2\) and R \(3, 3, 4\)"):
+            use()
+    with pytest.raises(ShapeMismatchError, match=r"found L \(2, 4\) and R"):
+        Monarch(torch.ones(2, 4), torch.ones(2, 2, 4)).to_dense()

@@ -116,3 +116,34 @@ def test_effective_rank_stays_within_its_bounds() -> None:
         value = effective_rank(np.eye(n))
         assert 1.0 <= value <= n and value == pytest.approx(n, rel=1e-12)
     assert effective_rank(np.ones((1, 1))) == 1.0
+
+
+def test_energy_one_keeps_the_numerical_rank() -> None:
+    """fraction = 1 promises an error of 0: a last σ of 3e-8·σ_1 is kept in float64 (the
+    rounding slack dropped it: error 1.7e-8), the rounding-level σ of a rank-4 matrix are
+    not (rank 4, not 40), and eps follows S's dtype (1e-8 is rounding in float32)."""
+    g = torch.Generator().manual_seed(0)
+    Q1, _ = torch.linalg.qr(torch.randn(50, 4, dtype=torch.float64, generator=g))
+    Q2, _ = torch.linalg.qr(torch.randn(40, 4, dtype=torch.float64, generator=g))
+    M = Q1 @ torch.diag(torch.tensor([1.0, 1.0, 1.0, 3e-8], dtype=torch.float64)) @ Q2.T
+    svd = truncated_svd(M, energy=1.0)
+    assert svd.S.numel() == 4
+    assert relative_error(M, (svd.U * svd.S) @ svd.Vh) < 1e-13
+    S = np.concatenate([np.ones(1000), [6e-7]])
+    assert rank_for_energy(S, 1.0) == 1001 and rank_for_energy(S, 0.999) == 999
+    assert rank_for_energy(np.array([1, 1, 1e-8], dtype=np.float32), 1.0) == 2
+    assert rank_for_energy(torch.tensor([1.0, 1.0, 1e-8], dtype=torch.float64), 1.0) == 3
+    assert rank_for_energy(np.array([3, 2, 0]), 1.0) == 2
+    assert rank_for_energy(np.zeros(2), 1.0) == 1
+
+
+@pytest.mark.parametrize("fn", [energy, lambda S: rank_for_energy(S, 0.5)])
+def test_a_0d_numpy_spectrum_is_refused_as_0d(fn) -> None:
+    """np.ascontiguousarray made a 0-D array 1-D: energy(np.array(3.0)) gave [1.]."""
+    with pytest.raises(ValueError, match=r"S: expected a non-empty 1-D vector, found shape \(\)"):
+        fn(np.array(3.0))
+
+
+def test_a_0d_numpy_matrix_is_refused_as_0d() -> None:
+    with pytest.raises(ValueError, match=r"A: expected a 2-D matrix, found 0-D with shape \(\)"):
+        rl.pinv(np.array(3.0))

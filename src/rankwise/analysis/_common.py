@@ -10,13 +10,20 @@ from rankwise.linalg._random import make_generator
 
 
 def check_matrix(M: Tensor, *, name: str) -> None:
-    """Raise unless ``M`` is a 2-D floating-point tensor with no empty dimension."""
+    """Raise unless ``M`` is a 2-D finite floating-point tensor with no empty dimension
+    (checked here, by its caller's name: ``rankwise.linalg`` would name its own argument, or
+    an internal product of two factors)."""
     if not isinstance(M, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor; found {type(M).__name__}")
     if M.ndim != 2 or 0 in M.shape:
         raise ShapeMismatchError(f"{name} must be a non-empty matrix; found shape {tuple(M.shape)}")
     if not M.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; found {M.dtype}")
+    with torch.no_grad():  # one streaming pass; the exact count only when something is off
+        if not bool(torch.isfinite(M.sum())):
+            bad = int((~torch.isfinite(M)).sum())
+            if bad:
+                raise ValueError(f"{name}: expected finite entries; found {bad} NaN/Inf entries")
 
 
 def check_factors(B: Tensor, A: Tensor, *, name: str = "factors") -> None:

@@ -150,9 +150,6 @@ def _check_inputs(
                 f"factors[{i}] is a ({B.shape[0]}, {A.shape[1]}) update; "
                 f"factors[0] is ({B0.shape[0]}, {A0.shape[1]}): all must have the same shape"
             )
-        for label, t in (("B", B), ("A", A)):
-            if not bool(torch.isfinite(t).all()):
-                raise ValueError(f"factors[{i}] {label}: expected finite entries; found NaN or inf")
     return _check_weights(weights, len(factors), "factors")
 
 
@@ -187,8 +184,6 @@ def _check_deltas(deltas: Sequence[Tensor], weights: Sequence[float]) -> list[fl
                 f"deltas[{i}] has shape {tuple(d.shape)}; deltas[0] has "
                 f"{tuple(deltas[0].shape)}: all must have the same shape"
             )
-        if not bool(torch.isfinite(d).all()):
-            raise ValueError(f"deltas[{i}]: expected finite entries; found NaN or inf")
     return _check_weights(weights, len(deltas), "deltas")
 
 

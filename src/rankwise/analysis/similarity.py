@@ -32,15 +32,23 @@ def factor_basis(X: Tensor, *, factor: Factor = "A") -> Tensor:
     with zero singular value (a rank-deficient factor) are arbitrary, so φ is meaningful up to
     the factor's numerical rank.
     """
-    check_matrix(X, name=f"factor {factor}")
+    _factor_basis_checked(X, factor, name=f"factor {factor}")
+    return _basis(X, factor, name=f"factor {factor}")
+
+
+def _factor_basis_checked(X: Tensor, factor: Factor, *, name: str) -> None:
+    check_matrix(X, name=name)
     if factor not in ("A", "B"):
         raise ValueError(
             f"factor must be 'A' (right singular vectors) or 'B' (left); found {factor!r}"
         )
+
+
+def _basis(X: Tensor, factor: Factor, *, name: str) -> Tensor:
     svd = truncated_svd(X.to(work_dtype(X)))
     if float(svd.S[0]) == 0.0:
         raise ValueError(
-            f"factor {factor} is all zeros (an untrained LoRA B?): it spans no subspace to compare"
+            f"{name} is all zeros (an untrained LoRA B?): it spans no subspace to compare"
         )
     return svd.Vh.mT if factor == "A" else svd.U  # (in, k) or (out, k), k = min(X.shape)
 
@@ -55,8 +63,11 @@ def subspace_similarity(X1: Tensor, X2: Tensor, *, factor: Factor = "A") -> Tens
     (``E‖U^{i⊤}V^{j}‖_F² = i·j/d`` in dimension ``d``). Computed in ``O(r₁ r₂ d)`` from the
     overlap matrix ``G = U₁ᵀU₂`` by 2-D cumulative sums of ``G²``.
     """
-    U1 = factor_basis(X1, factor=factor)  # (d, r1)
-    U2 = factor_basis(X2, factor=factor)  # (d, r2)
+    # both checked first, each by its own name (which one holds the NaN, which one is empty)
+    _factor_basis_checked(X1, factor, name=f"X1 (factor {factor})")
+    _factor_basis_checked(X2, factor, name=f"X2 (factor {factor})")
+    U1 = _basis(X1, factor, name=f"X1 (factor {factor})")  # (d, r1)
+    U2 = _basis(X2, factor, name=f"X2 (factor {factor})")  # (d, r2)
     if U1.shape[0] != U2.shape[0]:
         side = "in (columns of A)" if factor == "A" else "out (rows of B)"
         raise ShapeMismatchError(

@@ -42,7 +42,9 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
         with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
             warnings.simplefilter("ignore", UserWarning)
             native = value.dtype.newbyteorder("=")  # torch reads native byte order only
-            tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=native))
+            # np.require keeps a 0-D array 0-D (ascontiguousarray made it 1-D: the error
+            # then named the wrong shape)
+            tensor = torch.from_numpy(np.require(value, dtype=native, requirements="C"))
     elif isinstance(value, torch.Tensor):
         tensor = value
     else:

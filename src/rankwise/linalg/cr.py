@@ -104,7 +104,9 @@ def cr_expected_error(X: ArrayLike, Y: ArrayLike, rank: int) -> float:
     """
     x, y, _ = _pair(X, Y)
     c = check_rank(rank, (x.shape[1],), "rank")
-    ux, uy, factor = _unit_pair(x.to(torch.float64), y.to(torch.float64))
+    ux, uy, factor = _unit_pair(
+        x.detach().to(torch.float64), y.detach().to(torch.float64)
+    )  # a float out
     if factor == 0:
         return 0.0
     # In units of ``factor`` = max|X|·max|Y|, scaled back by products of floats at the end:

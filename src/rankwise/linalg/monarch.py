@@ -37,11 +37,23 @@ class Monarch(NamedTuple):
 
     @property
     def shape(self) -> tuple[int, int]:
+        self._check_shapes()
         b, p, _ = self.L.shape
         q = self.R.shape[2]
         return (p * b, b * q)
 
+    def _check_shapes(self) -> None:
+        """``L`` (b, p, b) and ``R`` (b, b, q) with one ``b`` (a hand-built pair of other
+        shapes gave a wrong ``shape`` and torch's einsum/bmm errors naming neither)."""
+        L, R = tuple(self.L.shape), tuple(self.R.shape)
+        if len(L) != 3 or len(R) != 3 or not L[0] == L[2] == R[0] == R[1]:
+            raise ShapeMismatchError(
+                f"Monarch: expected L of shape (b, p, b) and R of shape (b, b, q) with one b, "
+                f"found L {L} and R {R}"
+            )
+
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        self._check_shapes()
         was_numpy = isinstance(self.L, np.ndarray)
         return torch.as_tensor(self.L), torch.as_tensor(self.R), was_numpy
 
@@ -58,6 +70,8 @@ class Monarch(NamedTuple):
         factors times a float64 ``x`` give float64; integer ``x`` takes the factors' dtype)."""
         L, R, was_numpy = self._factors()
         x = torch.as_tensor(x, device=L.device)
+        if x.is_complex():  # its imaginary part would be dropped by the cast below
+            raise ValueError(f"x: expected a real array, found dtype {x.dtype}")
         dtype = torch.promote_types(R.dtype, x.dtype) if x.is_floating_point() else R.dtype
         L, R = L.to(dtype), R.to(dtype)
         b, p, _ = L.shape

@@ -28,7 +28,8 @@ def _spectrum(S: Any, name: str = "S") -> tuple[torch.Tensor, bool]:
     # float128/longdouble, strings, objects: torch has no such dtype (from_numpy raises)
     if was_numpy and (S.dtype.kind not in "biuf" or S.dtype.itemsize > 8):
         raise ValueError(f"{name}: expected a real numeric array, found dtype {S.dtype}")
-    tensor = torch.from_numpy(np.ascontiguousarray(S)) if was_numpy else S
+    # np.require keeps a 0-D array 0-D (ascontiguousarray made it 1-D: energy of a scalar)
+    tensor = torch.from_numpy(np.require(S, requirements="C")) if was_numpy else S
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor or numpy.ndarray, found {type(S)}")
     if tensor.ndim != 1 or tensor.numel() == 0:
@@ -78,11 +79,23 @@ def energy(S: ArrayLike) -> ArrayLike:
 def rank_for_energy(S: ArrayLike, fraction: float) -> int:
     """Smallest ``r >= 1`` whose top-``r`` triplets keep at least ``fraction`` of the energy.
 
-    ``fraction`` must lie in (0, 1]. The comparison allows ``len(S)`` ulps of rounding in the
-    cumulative sum, so a spectrum built to keep exactly 80% at rank 2 gives rank 2 for 0.8.
+    ``fraction`` must lie in (0, 1]. The comparison allows ``4·len(S)`` ulps of rounding in
+    the cumulative sum, so a spectrum built to keep exactly 80% at rank 2 gives rank 2 for
+    0.8. ``fraction = 1`` gives the numerical rank instead, as
+    :func:`numpy.linalg.matrix_rank` counts it (``σ > len(S)·eps·σ_1``, ``eps`` of ``S``'s
+    dtype): the slack would drop a last ``σ`` as large as 3e-8·σ_1 in float64, and no slack
+    would keep every rounding-level ``σ`` of a rank-deficient matrix.
     """
     fraction = check_fraction(fraction, "fraction", closed_right=True)
     cumulative, _ = _spectrum(S)
+    if fraction == 1.0:
+        eps = float(torch.finfo(torch.float64).eps)  # integer spectra: as float64
+        if isinstance(S, torch.Tensor) and S.is_floating_point():
+            eps = float(torch.finfo(S.dtype).eps)
+        elif isinstance(S, np.ndarray) and S.dtype.kind == "f":
+            eps = float(np.finfo(S.dtype).eps)
+        tol = cumulative.numel() * eps * float(cumulative.max())
+        return max(1, int((cumulative > tol).sum()))
     cumulative = torch.as_tensor(energy(cumulative))
     slack = 4 * cumulative.numel() * torch.finfo(torch.float64).eps
     reached = torch.nonzero(cumulative >= fraction - slack)

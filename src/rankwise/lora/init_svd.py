@@ -58,6 +58,11 @@ def _check(weight: Tensor, r: int, scaling: float, name: str) -> None:
         raise ValueError(f"{name}: scaling must be > 0, found {scaling!r}")
     if not weight.is_floating_point():
         raise ValueError(f"{name}: weight must be floating point, found {weight.dtype}")
+    with torch.no_grad():  # here, by name: the SVD's own check named its argument "M"
+        if not bool(torch.isfinite(weight.sum())):
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ValueError(f"{name}: weight must be finite, found {bad} NaN/Inf entries")
 
 
 def _work(weight: Tensor) -> Tensor:
@@ -81,6 +86,7 @@ def top_singular_triplets(
     """
     from rankwise.linalg import randomized_svd, truncated_svd
 
+    _check(weight, r, 1.0, "top_singular_triplets")  # by its own names (r, not linalg's rank)
     W = _work(weight)
     if method == "exact":
         svd = truncated_svd(W, r)
