@@ -208,3 +208,13 @@ def test_every_output_file_gets_the_usual_file_mode(tiny, tmp_path: Path, capsys
     wrong = {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777) for p in files
              if p.stat().st_mode & 0o777 != default_file_mode()}  # fmt: skip
     assert not wrong
+
+
+def test_eval_split_flag_next_to_eval_data_is_refused(tiny, tmp_path: Path, capsys) -> None:
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--eval-data", str(data)]
+    code, _, err = _run([*argv, "--eval-split", "0.5", "--output", str(out)], capsys)
+    assert code != 0
+    assert "--eval-split" in err and "ignored with option --eval-data" in err, err
+    assert not out.exists()

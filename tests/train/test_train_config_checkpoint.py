@@ -270,3 +270,13 @@ def test_an_ignored_option_is_warned_about_by_the_main_process_only(
             warnings.simplefilter("always")
             loop.train(config)
         assert sum("ignored by --method full" in str(w.message) for w in caught) == expected
+
+
+def test_eval_split_with_eval_data_is_not_read_and_not_recorded() -> None:
+    """The whole --eval-data file is evaluated: an eval_split next to it was ignored without a
+    word and recorded in config.yaml as if applied (a config file's value is warned about)."""
+    assert resolve(TrainConfig(data="x.tsv", eval_data="dev.tsv")).eval_split is None
+    assert resolve(TrainConfig(data="x.tsv")).eval_split == 0.1
+    with pytest.warns(RuntimeWarning, match=r"--eval-split .*ignored with option --eval-data"):
+        resolved = resolve(TrainConfig(data="x.tsv", eval_data="dev.tsv", eval_split=0.5))
+    assert resolved.eval_split is None

@@ -574,3 +574,26 @@ def test_a_label_column_for_a_causal_lm_task_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "d.jsonl", json.dumps({"text": "great"}) + "\n")
     with pytest.raises(ConfigError, match=r"--label-column \(label_column\) 'nope': a causal-LM"):
         load_dataset(str(path), task="causal-lm", label_column="nope")
+
+
+def test_a_split_that_leaves_one_training_label_is_refused(tmp_path: Path) -> None:
+    """The two-label check ran on the whole file only: a held-out split could leave every
+    training example labelled 0, and the run trained a one-class classifier (accuracy 0%)."""
+    ds = load_dataset(str(_write(tmp_path / "d.tsv", "label\ttext\n0\ta\n0\tb\n0\tc\n1\td\n")))
+    refused = 0
+    for seed in range(20):
+        try:
+            split = held_out_split(ds, 1, generator=seed)
+        except ConfigError as err:
+            assert "--eval-split" in str(err) and "label '0'" in str(err), err
+            refused += 1
+        else:
+            assert len(set(split.train.labels or ())) == 2
+    assert 0 < refused < 20  # the seeds that hold out the one '1' are refused, the rest run
+
+
+@pytest.mark.parametrize("name", ["inf", "nan", "Infinity", "-inf"])
+def test_label_names_that_float_parses_are_names(tmp_path: Path, name: str) -> None:
+    path = _write(tmp_path / "d.tsv", f"label\ttext\n{name}\ta\nneg\tb\n{name}\tc\n")
+    ds = load_dataset(str(path))
+    assert set(ds.label_names) == {name, "neg"}

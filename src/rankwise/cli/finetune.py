@@ -115,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     config = from_mapping(values)
     flagged = {k: v for k, v in ignored_options(config).items() if k in given}
     if flagged:  # given now, for a method that ignores it: refused (from a file: a warning)
-        raise ConfigError(next(iter(flagged.values())) + " (drop it, or choose that method)")
+        raise ConfigError(next(iter(flagged.values())))
     return config
 
 

