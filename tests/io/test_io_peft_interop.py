@@ -648,6 +648,29 @@ def test_overlapping_patterns_keep_their_order_in_the_file(tmp_path: Path) -> No
     torch.testing.assert_close(logits(theirs, "bert"), expected, rtol=0, atol=1e-5)
 
 
+def test_a_peft_file_whose_sorted_rank_pattern_reorders_matches_says_why(tmp_path: Path) -> None:
+    """PEFT 0.21 saves rank_pattern with sorted keys: {"layer\\.0\\..*": 2, "key": 6} comes
+    back as {"key": 6, ...}, so layer 0's key reads as rank 6 against 2 in the weights. PEFT
+    refuses its own file; the refusal here names the module and now says why."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["query", "key"], task_type="SEQ_CLS")
+    get_peft_model(
+        BUILDERS["bert"](), PeftConfig(**kwargs, rank_pattern={r"layer\.0\..*": 2, "key": 6})
+    ).save_pretrained(tmp_path)
+    assert (
+        list(json.loads((tmp_path / "adapter_config.json").read_text())["rank_pattern"])[0] == "key"
+    )
+    model = BUILDERS["bert"]()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(
+        ShapeMismatchError, match=r"layer\.0\.attention\.self\.key.*PEFT saves them"
+    ):
+        load_adapter(model, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 @pytest.mark.parametrize("dora", [False, True])
 def test_a_merged_model_saves_its_unmerged_embedding_and_can_still_unmerge(
     tmp_path: Path, dora: bool

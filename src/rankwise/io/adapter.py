@@ -234,7 +234,7 @@ def load_adapter(
     targets = None if plan is None else {t.name for t in plan.targets}
     optional = optional_embedding_shapes(model, targets)
     expected.update({k: v for k, v in optional.items() if k in found and k not in expected})
-    _check_keys(expected, found, source=weights)
+    _check_keys(expected, found, source=weights, hint=_rank_pattern_hint(config))
     tensors = read_tensors(weights, [*renamed.values(), *(k for v in aliases.values() for k in v)])
     values = {k: tensors[f] for k, f in renamed.items()}
     _check_aliases(values, aliases, tensors, source=weights)
@@ -451,8 +451,25 @@ def _check_base_kept(model: nn.Module, values: dict[str, Tensor], *, source: Pat
         )
 
 
+def _rank_pattern_hint(config: LoraConfig) -> str:
+    """Why a rank from ``rank_pattern`` may not fit the file: PEFT (0.21) writes its config
+    with ``sort_keys=True``, so patterns that overlap can match in another order when read
+    back (the first match wins) and PEFT itself refuses the file with a size mismatch."""
+    if len(config.rank_pattern or {}) < 2:
+        return ""
+    return (
+        " (the config's rank_pattern holds several patterns, matched in the file's order; "
+        "PEFT saves them with the keys sorted, which can change which one a module matches "
+        "first: PEFT refuses such a file too)"
+    )
+
+
 def _check_keys(
-    expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, source: Path
+    expected: dict[str, tuple[int, ...]],
+    found: dict[str, tuple[int, ...]],
+    *,
+    source: Path,
+    hint: str = "",
 ) -> None:
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
@@ -466,7 +483,7 @@ def _check_keys(
             module = module.removesuffix(".base_layer")
             raise ShapeMismatchError(
                 f"{source}: module {module!r}, key {key!r}: expected shape {tuple(shape)}, "
-                f"found {tuple(found[key])}"
+                f"found {tuple(found[key])}" + (hint if ".lora_" in key else "")
             )
 
 
