@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -572,3 +573,21 @@ def test_a_bfloat16_adapter_stays_bfloat16_through_read_and_combine(tmp_path: Pa
     combine_adapters([tmp_path / "a", tmp_path / "a"], tmp_path / "out", method="linear")
     written = load_file(tmp_path / "out" / "adapter_model.safetensors")
     assert {v.dtype for k, v in written.items() if "lora_" in k} == {torch.bfloat16}
+
+
+def test_a_lora_b_without_its_lora_a_is_refused(tmp_path: Path) -> None:
+    """Modules were gathered from the lora_A keys: a lora_B without one was skipped, its
+    update left out of the spectrum, similarity and combine results."""
+    from safetensors.torch import load_file, save_file
+
+    from rankwise.analysis import read_factors
+
+    _peft_save(tmp_path / "a", r=4, lora_alpha=8, init_lora_weights=False)
+    file = tmp_path / "a" / "adapter_model.safetensors"
+    tensors = load_file(file)
+    dropped = next(k for k in tensors if k.endswith("value.lora_A.weight"))
+    del tensors[dropped]
+    save_file(tensors, file, metadata={"format": "pt"})
+    orphan = dropped.replace("lora_A", "lora_B")
+    with pytest.raises(AdapterFormatError, match=rf"key '{re.escape(orphan)}' has no matching"):
+        read_factors(tmp_path / "a")

@@ -119,6 +119,16 @@ def read_factors(directory: str | os.PathLike[str]) -> dict[str, Factors]:
         raise AdapterFormatError(
             f"{directory}: no '{PREFIX}<module>{_A}' tensors in {WEIGHTS_NAME}"
         )
+    orphans = sorted(
+        k for k in tensors if k.startswith(PREFIX) and k.endswith(_B)
+        and k[len(PREFIX) : -len(_B)] not in set(modules)
+    )  # fmt: skip
+    if orphans:  # skipped before: the module's update left out of every result
+        raise AdapterFormatError(
+            f"{directory}: key {orphans[0]!r} has no matching '{_A}' in {WEIGHTS_NAME}"
+            f"{f' ({len(orphans)} such keys)' if len(orphans) > 1 else ''}; expected each "
+            "module's lora_A and lora_B"
+        )
     out: dict[str, Factors] = {}
     for module in modules:
         A = tensors[f"{PREFIX}{module}{_A}"]  # (r, in)
