@@ -476,3 +476,24 @@ def test_a_peft_adalora_file_with_options_it_ignores_still_loads(extra: dict, tm
         ours = load_adapter(Two(), tmp_path)
     x = torch.randn(4, 10)
     torch.testing.assert_close(ours(x), theirs.eval()(x), atol=1e-5, rtol=0)
+
+
+def test_an_allocator_over_pruned_layers_is_refused_up_front(tmp_path) -> None:
+    """Layers pruned before (a file loaded for training; or the same config object injected
+    again, its rank_pattern filled in by the first run's allocator) have r < init_r: the run
+    trained to the end and then could not save (masks of r, not init_r, entries), or failed
+    at the first step with "lora_A has no gradient" for a layer pruned to r = 0."""
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import get_config, inject
+
+    cfg, model, alloc = _ten_step_run()
+    _train(model, cfg, alloc, cfg.total_step)
+    save_adapter(model, tmp_path)
+    loaded = load_adapter(WithHead(), tmp_path, is_trainable=True)
+    with pytest.raises(ConfigError, match=r"AdaLoRA layer 'lin\d' has r=\d, expected init_r=4"):
+        RankAllocator(loaded, get_config(loaded))
+    again = inject(WithHead(), cfg, generator=0)  # cfg.rank_pattern holds the first run's masks
+    with pytest.raises(ConfigError, match=r"rank_pattern=None"):
+        RankAllocator(again, cfg)
+    fresh = dataclasses.replace(cfg, rank_pattern=None)
+    RankAllocator(inject(WithHead(), fresh, generator=0), fresh)  # the way to train again

@@ -116,6 +116,11 @@ def test_bad_input_leaves_the_model_unchanged() -> None:
     # no save could hold it (for_original_base refuses DoRA): refused before training, not after
     with pytest.raises(ConfigError, match="use_dora"):
         lora_ga_init(model, LoraConfig(r=2, target_modules=["query"], use_dora=True), [_batch()])
+    # another initializer was replaced by LoRA-GA's without a word
+    for init in ("pissa", False, "gaussian"):
+        cfg = LoraConfig(r=2, target_modules=["query"], init_lora_weights=init)
+        with pytest.raises(ConfigError, match=rf"init_lora_weights: .*found {init!r}"):
+            lora_ga_init(model, cfg, [_batch()])
     assert not hasattr(model, "_rankwise_lora")
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k]), k

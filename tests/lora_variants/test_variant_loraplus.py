@@ -71,3 +71,8 @@ def test_bad_values_are_named() -> None:
         loraplus_param_groups(model, 1e-3, weight_decay=float("nan"))
     with pytest.raises(ValueError, match="lr"):
         create_loraplus_optimizer(model, torch.optim.SGD, 1e-3, optimizer_kwargs={"lr": 1.0})
+    # every group sets weight_decay (default 0): the optimizer's default was never read
+    with pytest.raises(ValueError, match="'weight_decay' .*pass weight_decay="):
+        create_loraplus_optimizer(
+            model, torch.optim.AdamW, 1e-3, optimizer_kwargs={"weight_decay": 0.3}
+        )

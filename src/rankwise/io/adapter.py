@@ -15,6 +15,7 @@ was. A model that already has adapters of the same shapes gets its weights swapp
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from rankwise.errors import (
     MergeError,
     ShapeMismatchError,
 )
-from rankwise.io.config_json import read_adapter_config, write_adapter_config
+from rankwise.io.config_json import CONFIG_NAME, read_adapter_config, write_adapter_config
 from rankwise.io.embeddings import embedding_state, optional_embedding_shapes
 from rankwise.io.files import read_header, read_tensors, replaced_dir, write_safetensors
 from rankwise.lora.adalora import AdaLoraConfig, truncate_to_rank_pattern
@@ -208,6 +209,7 @@ def load_adapter(
             "LoRA-GA adapters for the original base (save_adapter(..., for_original_base=True))"
         )
     weights = adapter_weights_file(directory)
+    _warn_peft_randomized_pissa(directory, config)
     header = read_header(weights)
     renamed, aliases = _rename_keys(header, source=weights)
     if config.use_dora and not any(k.endswith(".lora_magnitude_vector") for k in renamed):
@@ -264,6 +266,29 @@ def load_adapter(
     if not is_trainable:
         wrapper.eval()
     return wrapper
+
+
+def _warn_peft_randomized_pissa(directory: Path, config: LoraConfig) -> None:
+    """A randomized-PiSSA file PEFT wrote (it records ``peft_version``; rankwise does not):
+    its residual base came from PEFT's own random draw, which the file does not hold, so the
+    one rebuilt here differs (logits 0.15 off on a tiny Llama, as PEFT's own reload under
+    another seed). rankwise's own such files are rebuilt exactly (a fixed seed)."""
+    if config.initializer != "pissa":
+        return
+    try:
+        written = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # read_adapter_config has just read it; nothing to add
+    if isinstance(written, dict) and "peft_version" in written:
+        warnings.warn(
+            f"{directory}: a randomized-PiSSA adapter written by PEFT "
+            f"(init_lora_weights={written.get('init_lora_weights')!r}): its residual base came "
+            "from a random draw the file does not record, and the one rebuilt here differs, "
+            "so predictions differ from the model that saved it; in PEFT, save it with "
+            "path_initial_model_for_weight_conversion (a plain LoRA on the original base)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:

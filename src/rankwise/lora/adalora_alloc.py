@@ -77,6 +77,17 @@ class RankAllocator:
                 f"target_r: the average rank AdaLoRA prunes to must be <= init_r = "
                 f"{config.init_r} to train, found {config.target_r}"
             )
+        pruned = {n: layer.r for n, layer in self.layers.items() if layer.r != config.init_r}
+        if pruned:  # masks are init_r long: training ran, then the save failed on them
+            name, r = next(iter(pruned.items()))
+            raise ConfigError(
+                f"RankAllocator: AdaLoRA layer {name!r} has r={r}, expected init_r="
+                f"{config.init_r} triplets to allocate over"
+                f"{f' ({len(pruned) - 1} more such layers)' if len(pruned) > 1 else ''}: its "
+                "adapter was pruned before (loaded from a file, or injected with a config whose "
+                "rank_pattern an earlier allocation filled in); train from a fresh inject with "
+                "rank_pattern=None"
+            )
         self.init_budget = sum(layer.r for layer in self.layers.values())
         self.target_budget = config.target_r * len(self.layers)
         self.reset_importance()

@@ -199,6 +199,11 @@ def lora_ga_init(
             "re-expressed for the original base (save_adapter(..., for_original_base=True)), "
             "which DoRA's magnitudes cannot be; set use_dora=False"
         )
+    if config.init_lora_weights not in (True, "lora_ga"):  # replaced below: it was silently
+        raise ConfigError(
+            f"init_lora_weights: LoRA-GA sets its own initialization; expected True or "
+            f"'lora_ga', found {config.init_lora_weights!r}"
+        )
     # "lora_ga" in the attached config (and the file); the factors are set after apply_plan
     plan = resolve(model, config.replace(init_lora_weights="lora_ga"))
     check_ranks(model, plan)

@@ -143,4 +143,9 @@ def create_loraplus_optimizer(
     for reserved in ("lr", "params"):
         if reserved in kwargs:
             raise ValueError(f"optimizer_kwargs: {reserved!r} is set by create_loraplus_optimizer")
+    if "weight_decay" in kwargs:  # every group sets its own: the optimizer default is never read
+        raise ValueError(
+            f"optimizer_kwargs: 'weight_decay' ({kwargs['weight_decay']!r}) would be ignored, "
+            "each parameter group sets its own; pass weight_decay= to create_loraplus_optimizer"
+        )
     return optimizer_cls(groups, lr=groups[0]["lr"], **kwargs)
