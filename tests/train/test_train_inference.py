@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rankwise.cli import main
-from rankwise.errors import ConfigError
+from rankwise.errors import AdapterFormatError, ConfigError
 from rankwise.train import TrainConfig, train
 from rankwise.train.inference import evaluate_file, load_trained, merge_to, predict
 
@@ -461,11 +461,12 @@ def test_loading_an_adapter_with_its_own_head_gives_no_reinit_warning(
     assert trained.model.classifier.out_features == 3  # the adapter's trained head
 
 
-def test_an_adapter_saving_another_module_still_warns_of_a_new_head(
+def test_an_adapter_saving_another_module_is_refused_over_a_head_of_other_size(
     tiny_bert: Path, tmp_path: Path
 ) -> None:
     # any modules_to_save counted as "the adapter brings the head": a 3-label adapter saving
-    # only the pooler over the 2-label checkpoint got a random head without a word
+    # only the pooler over the 2-label checkpoint got a random head without a word (then a
+    # warning; now refused, as for a model directory: the head changed at every load)
     import json
 
     from transformers import AutoModelForSequenceClassification
@@ -479,8 +480,46 @@ def test_an_adapter_saving_another_module_still_warns_of_a_new_head(
     adapter = save_adapter(inject(model, config, generator=0), tmp_path / "adapter")
     task = {"task": "classification", "label_names": ["0", "1", "2"], "base_model": str(tiny_bert)}
     (adapter / "rankwise_task.json").write_text(json.dumps(task))
-    with pytest.warns(RuntimeWarning, match="head is re-initialized"):
+    with pytest.raises(AdapterFormatError, match=r"saves no classification head .*has 2 labels"):
         load_trained(adapter)
+
+
+def test_an_adapter_without_a_head_over_a_base_without_one_is_refused(
+    tiny_bert: Path, tmp_path: Path
+) -> None:
+    """No classifier in the adapter and a bare BertModel base (id2label in its config): the
+    head was random and another at every load, so predict's labels and merge's weights changed
+    from run to run without a word."""
+    from transformers import AutoConfig, BertModel
+
+    from rankwise.io import save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    base = tmp_path / "bare"
+    bare = BertModel(AutoConfig.from_pretrained(tiny_bert))
+    bare.config.id2label, bare.config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+    bare.save_pretrained(base)
+    model = inject(bare, LoraConfig(r=2, target_modules=["query", "value"]), generator=0)
+    adapter = save_adapter(model, tmp_path / "adapter")
+    task = {"task": "classification", "label_names": ["neg", "pos"], "base_model": str(base)}
+    (adapter / "rankwise_task.json").write_text(json.dumps(task))
+    with pytest.raises(AdapterFormatError, match=r"saves no classification head.*\['BertModel'\]"):
+        load_trained(adapter)
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(adapter), "--out", str(out)]) != 0
+    assert not out.exists()
+
+
+def test_an_adapter_on_a_model_it_does_not_fit_names_both(
+    run_dir: Path, tiny_gpt2: Path, tmp_path: Path, capsys
+) -> None:
+    """'target_modules: [...] matched no module' named neither --model nor the adapter."""
+    out = tmp_path / "m"
+    argv = ["merge", "--adapter", str(run_dir / "adapter"), "--model", str(tiny_gpt2)]
+    assert main([*argv, "--out", str(out)]) != 0
+    err = capsys.readouterr().err
+    assert f"adapter {str(run_dir / 'adapter')!r} on --model {str(tiny_gpt2)!r}" in err, err
+    assert "recorded base" in err and "matched no module" in err and not out.exists()
 
 
 @pytest.mark.parametrize(

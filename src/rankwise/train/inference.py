@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from rankwise.errors import AdapterFormatError, ConfigError
+from rankwise.errors import AdapterFormatError, ConfigError, InjectionError, ShapeMismatchError
 from rankwise.train.batching import encode
 from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
@@ -209,15 +209,42 @@ def load_trained(
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
         )
+    if has_adapter and task == "classification" and not saves_head and Path(base).is_dir():
+        # the head is the base model's then: a base without a trained one got a random head,
+        # another at every load (predict's labels and merge's weights changed run to run)
+        try:
+            _check_trained_head(Path(base), load_config(str(base)), names)
+        except AdapterFormatError as err:
+            raise AdapterFormatError(
+                f"{root}: the adapter saves no classification head (no classifier in "
+                f"modules_to_save), so the base model's is used, and {err}"
+            ) from None
     loaded = load_pretrained(str(base), task=task, label_names=names, head_from_adapter=saves_head)
     tokenizer = loaded.tokenizer
     if has_adapter:
         from rankwise.io import load_adapter
 
-        load_adapter(loaded.model, root)
+        try:
+            load_adapter(loaded.model, root)
+        except (InjectionError, AdapterFormatError, ShapeMismatchError) as err:
+            # "target_modules: [...] matched no module" named neither the model nor the adapter
+            recorded = info.get("base_model") or _recorded_base(root)
+            given = f"--model {str(base)!r}" if model is not None else f"base model {str(base)!r}"
+            other = f", recorded base {recorded!r}" if recorded and recorded != base else ""
+            raise type(err)(f"adapter {str(root)!r} on {given}{other}: {err}") from None
         tokenizer = _adapter_tokenizer(root, tokenizer)
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
+
+
+def _recorded_base(root: Path) -> str | None:
+    """The adapter config's ``base_model_name_or_path`` (None if absent or unreadable)."""
+    try:
+        data = json.loads((root / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    value = data.get("base_model_name_or_path") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 class _Base(NamedTuple):
