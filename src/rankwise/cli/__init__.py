@@ -36,7 +36,9 @@ def copy_sidecars(source: str, destination: str) -> list[str]:
     import shutil
     from pathlib import Path
 
-    own = {"adapter_model.safetensors", "adapter_config.json", "adapter_model.bin"}
+    from rankwise.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+
+    own = {WEIGHTS_NAME, CONFIG_NAME, PICKLE_NAME}
     copied = []
     for path in sorted(Path(source).iterdir()):
         target = Path(destination) / path.name

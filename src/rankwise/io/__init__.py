@@ -8,10 +8,19 @@ them (from rankwise or PEFT), checking every key and shape before touching the m
 
 from __future__ import annotations
 
-from rankwise.io.adapter import adapter_weights_file, load_adapter, save_adapter
-from rankwise.io.config_json import read_adapter_config, write_adapter_config
+from rankwise.io.adapter import (
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    adapter_weights_file,
+    load_adapter,
+    save_adapter,
+)
+from rankwise.io.config_json import CONFIG_NAME, read_adapter_config, write_adapter_config
 
 __all__ = [
+    "CONFIG_NAME",
+    "PICKLE_NAME",
+    "WEIGHTS_NAME",
     "adapter_weights_file",
     "load_adapter",
     "read_adapter_config",

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 
 from rankwise.errors import AdapterFormatError, ConfigError, InjectionError, ShapeMismatchError
+from rankwise.io import CONFIG_NAME
 from rankwise.train.batching import encode
 from rankwise.train.config import TASKS
 from rankwise.train.data import TextDataset, load_dataset, valid_text
@@ -33,7 +34,6 @@ from rankwise.train.models import (
 )
 
 TASK_FILE = "rankwise_task.json"
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 class Trained(NamedTuple):
@@ -196,15 +196,13 @@ def load_trained(
         raise FileNotFoundError(f"adapter/model directory {str(root)!r} does not exist")
     info = read_task_info(root)
     max_length = _max_length(info, root) if max_length is None else max_length
-    has_adapter = (root / ADAPTER_CONFIG).is_file()
+    has_adapter = (root / CONFIG_NAME).is_file()
     if not has_adapter and not (root / "config.json").is_file():
         raise AdapterFormatError(
-            f"{root}: neither an adapter ({ADAPTER_CONFIG}) nor a model directory (config.json)"
+            f"{root}: neither an adapter ({CONFIG_NAME}) nor a model directory (config.json)"
         )
-    if has_adapter:
-        base, task, names, saves_head = _adapter_base(root, info, model)
-    else:
-        base, task, names, saves_head = _model_dir_base(root, info, model)
+    found = _adapter_base(root, info, model) if has_adapter else _model_dir_base(root, info, model)
+    base, task, names, saves_head = found.source, found.task, found.label_names, found.saves_head
     if task == "classification" and not names:
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
@@ -228,23 +226,13 @@ def load_trained(
             load_adapter(loaded.model, root)
         except (InjectionError, AdapterFormatError, ShapeMismatchError) as err:
             # "target_modules: [...] matched no module" named neither the model nor the adapter
-            recorded = info.get("base_model") or _recorded_base(root)
+            recorded = info.get("base_model") or found.recorded
             given = f"--model {str(base)!r}" if model is not None else f"base model {str(base)!r}"
             other = f", recorded base {recorded!r}" if recorded and recorded != base else ""
             raise type(err)(f"adapter {str(root)!r} on {given}{other}: {err}") from None
         tokenizer = _adapter_tokenizer(root, tokenizer)
     loaded.model.eval()
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
-
-
-def _recorded_base(root: Path) -> str | None:
-    """The adapter config's ``base_model_name_or_path`` (None if absent or unreadable)."""
-    try:
-        data = json.loads((root / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    value = data.get("base_model_name_or_path") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
 
 
 class _Base(NamedTuple):
@@ -254,6 +242,7 @@ class _Base(NamedTuple):
     task: str
     label_names: tuple[str, ...]
     saves_head: bool  # the adapter brings the trained classification head (modules_to_save)
+    recorded: str | None = None  # the base the adapter config names (base_model_name_or_path)
 
 
 def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
@@ -273,7 +262,7 @@ def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
     if base is None:
         raise AdapterFormatError(f"{root}: the base model is not recorded; pass --model")
     if model is None:  # a recorded path from another machine: say where it came from
-        where = TASK_FILE if info.get("base_model") else ADAPTER_CONFIG
+        where = TASK_FILE if info.get("base_model") else CONFIG_NAME
         try:
             resolve_model_source(str(base))
         except FileNotFoundError:
@@ -290,7 +279,7 @@ def _adapter_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
         task = task or _task_of(config, adapter_config.task_type)
         if task == "classification" and not names:
             names = _label_names(config, head_size)
-    return _Base(str(base), task, names, saves_head)
+    return _Base(str(base), task, names, saves_head, adapter_config.base_model_name_or_path)
 
 
 def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Base:
@@ -298,7 +287,7 @@ def _model_dir_base(root: Path, info: dict[str, Any], model: str | None) -> _Bas
     if model is not None:  # it was ignored: another base, or a path that does not exist
         raise ConfigError(
             f"--model {model!r}: {str(root)!r} is a full model directory (no "
-            f"{ADAPTER_CONFIG}), which carries its own base; --model applies to adapter "
+            f"{CONFIG_NAME}), which carries its own base; --model applies to adapter "
             "directories only"
         )
     names = tuple(info.get("label_names") or ())
