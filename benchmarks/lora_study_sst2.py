@@ -460,8 +460,8 @@ def train_run(
 def initial_A(spec: RunSpec) -> dict[str, Tensor]:
     """The run's initial ``A`` factors, ``{module: (r, in)}``: the engine's injection replayed
     (same targets, r, and generator seeded with the run's seed; only the factors draw from it)."""
-    from rankwise.cli.analyze import load_base_model
     from rankwise.lora import LoraConfig, inject
+    from rankwise.train.models import load_base_model
 
     model = load_base_model(None)
     inject(model, LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=list(spec.targets)),
@@ -527,7 +527,7 @@ def similarity_study(runs: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 def amplification_study(runs: Mapping[str, Mapping[str, Any]]) -> list[TypeAmplification]:
     """Table 7 at r = 4, 8, 64 (seed 0) on the base model's weights."""
     from rankwise.analysis import adapter_amplification
-    from rankwise.cli.analyze import load_base_model
+    from rankwise.train.models import load_base_model
 
     model = load_base_model(None)
     out = []
@@ -543,7 +543,7 @@ def budget_study(
     """``rankwise analyze budget --rank 8``: plans from :func:`budget_plan`, one run per set
     with the CLI's α = 2r (scaling 2) and seed 0; an untrained set's row has accuracy None."""
     from rankwise.analysis import budget_plan
-    from rankwise.cli.analyze import load_base_model
+    from rankwise.train.models import load_base_model
 
     plans = list(budget_plan(load_base_model(None), rank=8, sets=PAPER_SETS))
     rows = []

@@ -150,24 +150,6 @@ def _spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
-# an adapter's task_type -> the transformers class whose modules it can name (a language
-# model's lm_head, which AutoModel lacks: "no matching module" for an adapter on it)
-HEAD_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
-
-
-def load_base_model(name: str | None, task_type: str | None = None) -> Any:
-    """A transformers model from a local directory (default: the bundled MiniLM): ``AutoModel``,
-    or the language-model class for a ``task_type`` of :data:`HEAD_CLASSES`."""
-    import transformers
-
-    from rankwise.train.models import load_config, resolve_model_source
-
-    source = resolve_model_source(name)
-    load_config(source)  # a one-line error naming --model when it is not at hand
-    cls = getattr(transformers, HEAD_CLASSES.get(task_type or "", "AutoModel"))
-    return cls.from_pretrained(source).eval()
-
-
 def _amplification(args: argparse.Namespace) -> int:
     from rankwise.analysis import adapter_amplification
     from rankwise.analysis.report import amplification_table
@@ -178,6 +160,7 @@ def _amplification(args: argparse.Namespace) -> int:
 
     quiet_transformers()  # one-line errors, no load reports or progress bars (as merge)
     from rankwise.io import read_adapter_config
+    from rankwise.train.models import load_base_model
 
     config = read_adapter_config(args.adapter)
     name = args.model or config.base_model_name_or_path  # default: the adapter's own base

@@ -435,3 +435,51 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
             )
             readable_files(tmp)  # final is new or empty: every file here was written now
     return final
+
+
+# Tokenizer files and the run's task file: copied from --finetuned so predict/evaluate work
+SIDECARS = ("rankwise_task.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+            "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+            "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+
+
+def copy_extract_sidecars(
+    source: str, destination: str, *, task: dict | None, base: str, tuned_config: Any
+) -> list[str]:
+    """Tokenizer files as they are; the task file with ``base_model`` set to ``base`` (the
+    extracted adapter applies to that model, not to the fine-tuned one's own base). A model
+    fine-tuned elsewhere has no task file: one is written from its config (the task from its
+    class, the label names from its ``id2label``), so predict/evaluate/merge name the labels as
+    the fine-tuned model does instead of the base's (often ``LABEL_i``)."""
+    import shutil
+
+    from rankwise.train.config import atomic_write_text
+
+    copied = []
+    for name in SIDECARS:
+        path = Path(source) / name
+        if name == "rankwise_task.json":
+            info = task if path.is_file() else task_from_config(tuned_config)
+            if info is None:
+                continue
+            info = {**info, "base_model": base}
+            atomic_write_text(Path(destination) / name, json.dumps(info, indent=2))
+        elif path.is_file():
+            shutil.copy2(path, Path(destination) / name)
+        else:
+            continue
+        copied.append(name)
+    return copied
+
+
+def task_from_config(config: Any) -> dict | None:
+    """``rankwise_task.json`` fields of a transformers model without one (None if its class
+    is neither a sequence classifier nor a causal LM)."""
+    names = getattr(config, "architectures", None) or []
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        id2label = config.id2label or {}
+        labels = [str(id2label[k]) for k in sorted(id2label, key=int)]
+        return {"task": "classification", "label_names": labels}
+    if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names):
+        return {"task": "causal-lm", "label_names": []}
+    return None

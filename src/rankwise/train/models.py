@@ -379,3 +379,74 @@ def check_positions(model: Any, lengths: list[int], *, where: str) -> None:
             f"{where}: a text is {longest} tokens long, the model's position embeddings hold "
             f"{limit}; set --max-length {limit} or less"
         )
+
+
+def load_finetuned_pair(base: str | None, finetuned: str) -> tuple[Any, Any, list[str]]:
+    """Both models with the fine-tuned one's architecture class (so module paths agree), and
+    the head modules to store whole: those the base checkpoint lacks (initialized at random
+    on load, so a delta against them would be noise) and, for sequence classification, a
+    changed ``classifier``/``score``."""
+    import transformers
+
+    quiet_transformers()
+    source, base_source = resolve_model_source(finetuned), resolve_model_source(base)
+    config = load_config(source, option="--finetuned")
+    check_same_model(base_source, load_config(base_source, option="--base"), config)
+    names = getattr(config, "architectures", None) or ["AutoModel"]
+    cls = getattr(transformers, names[0], transformers.AutoModel)
+    tuned = cls.from_pretrained(source).eval()
+    base_model, info = cls.from_pretrained(base_source, output_loading_info=True)
+    modules = dict(tuned.named_modules())
+    missing = set(info.get("missing_keys", ()))
+    absent = {  # modules whose every parameter the base checkpoint lacks (initialized at random)
+        name
+        for name, module in modules.items()
+        if name
+        and any(True for _ in module.parameters())
+        and all(f"{name}.{n}" in missing for n, _ in module.named_parameters())
+    }
+    # the outermost of them: a new head, or a pooler a base saved without one lacks
+    heads = {n for n in absent if not any(n.startswith(a + ".") for a in absent)}
+    if names[0].endswith("ForSequenceClassification"):
+        base_params = dict(base_model.named_parameters())
+        for head in HEADS:
+            if head in modules and any(
+                not torch.equal(p, base_params[f"{head}.{n}"])
+                for n, p in modules[head].named_parameters()
+            ):
+                heads.add(head)
+    return base_model.eval(), tuned, sorted(heads)
+
+
+# config fields that must agree for two checkpoints to be one model before and after tuning
+_SHAPE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "intermediate_size", "n_embd",
+                 "n_layer", "d_model", "num_layers")  # fmt: skip
+
+
+def check_same_model(base: str, base_config: Any, tuned_config: Any) -> None:
+    """Refuse, before any weight is loaded, a base of another architecture or size (loading it
+    with the fine-tuned model's class would build that class's defaults, possibly billions of
+    parameters)."""
+    for field in _SHAPE_FIELDS:
+        a, b = getattr(base_config, field, None), getattr(tuned_config, field, None)
+        if a != b:
+            raise ConfigError(
+                f"--base {base!r} is not the fine-tuned model's base: {field} is {a!r} there and "
+                f"{b!r} in --finetuned (pass the model it was fine-tuned from)"
+            )
+
+
+# an adapter's task_type -> the transformers class whose modules it can name (a language
+# model's lm_head, which AutoModel lacks: "no matching module" for an adapter on it)
+HEAD_CLASSES = {"CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM"}
+
+
+def load_base_model(name: str | None, task_type: str | None = None) -> Any:
+    """A transformers model from a local directory (default: the bundled MiniLM): ``AutoModel``,
+    or the language-model class for a ``task_type`` of :data:`HEAD_CLASSES`."""
+    import transformers
+
+    source = resolve_model_source(name)
+    load_config(source)  # a one-line error naming --model when it is not at hand
+    cls = getattr(transformers, HEAD_CLASSES.get(task_type or "", "AutoModel"))
+    return cls.from_pretrained(source).eval()
