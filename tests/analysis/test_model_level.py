@@ -83,6 +83,25 @@ def test_extracted_adapter_reproduces_the_finetuned_model_in_peft(tmp_path: Path
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_half_precision_finetune_of_a_float32_base_adapts_only_what_changed(
+    tmp_path: Path, dtype: torch.dtype
+) -> None:
+    """Compared with the float32 base as stored, every layer of a model saved in float16
+    differed by rounding: all linear layers got adapters of pure rounding noise and the
+    embeddings were listed as not captured. The base is compared (and subtracted) at the
+    fine-tuned model's precision."""
+    base = _bert()
+    tuned = _finetune(base, {"query": 2, "value": 2}, seed=1).to(dtype)
+    report = extract_adapter(base, tuned, tmp_path / "ad", rank=2)
+    assert (
+        sorted(row.module.rsplit(".", 1)[-1] for row in report.layers)
+        == ["query"] * 2 + ["value"] * 2
+    )
+    assert report.uncaptured == ()
+    assert all(row.relative_error < 1e-2 for row in report.layers)
+
+
 def test_extract_by_energy_writes_per_layer_ranks(tmp_path: Path) -> None:
     base = _bert()
     tuned = _finetune(base, {"query": 1, "value": 3}, seed=2)

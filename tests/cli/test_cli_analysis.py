@@ -576,3 +576,28 @@ def test_combine_refuses_options_its_method_ignores(
     err = capsys.readouterr().err
     assert "--density: only --method ties or dare" in err or "--seed: only --method dare" in err
     assert not out.exists()
+
+
+def test_out_may_be_the_empty_working_directory_or_a_symlink_to_one(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """Both were accepted and failed after all the work ('.': [Errno 22], a symlink:
+    [Errno 20]) with the table already printed; they are filled in place now, and a
+    dangling symlink is refused before anything runs."""
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert main(["resize", str(setup["r8"]), "--out", ".", "--rank", "2"]) == 0
+    assert (here / "adapter_model.safetensors").is_file()
+    assert not [p for p in here.iterdir() if p.name.startswith(".tmp")]
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    assert main(["resize", str(setup["r8"]), "--out", str(tmp_path / "link"), "--rank", "2"]) == 0
+    assert (tmp_path / "link").is_symlink() and (real / "adapter_config.json").is_file()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    capsys.readouterr()
+    argv = ["resize", str(setup["r8"]), "--out", str(tmp_path / "dangling"), "--rank", "2"]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert "symlink to a missing directory" in err and out == ""

@@ -60,6 +60,22 @@ def matches_name(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
 
 
+def _at_precision_of(W0: Tensor, W1: Tensor) -> Tensor:
+    """The base weight ``W0`` as the fine-tuned model stores its weights: rounded to ``W1``'s
+    dtype when that is coarser (a float32 base fine-tuned and saved in float16/bfloat16), so
+    an unchanged layer compares equal and a changed one's update carries no rounding noise (the
+    float32-vs-float16 difference made every layer "changed": rank-3 adapters of pure noise
+    on 9 untouched layers of 13)."""
+    if (
+        W0.dtype != W1.dtype
+        and W0.is_floating_point()
+        and W1.is_floating_point()
+        and torch.finfo(W1.dtype).eps > torch.finfo(W0.dtype).eps
+    ):
+        return W0.to(W1.dtype)
+    return W0
+
+
 def _targets(
     base: dict[str, nn.Module], tuned: dict[str, nn.Module], targets: Sequence[str] | None
 ) -> list[str]:
@@ -73,7 +89,12 @@ def _targets(
     ]
     if targets is None:  # every linear layer whose weight changed
         return [
-            n for n in linear if not torch.equal(linear_weight(base[n]), linear_weight(tuned[n]))
+            n
+            for n in linear
+            if not torch.equal(
+                _at_precision_of(linear_weight(base[n]), linear_weight(tuned[n])),
+                linear_weight(tuned[n]),
+            )
         ]
     chosen = []
     for target in targets:
@@ -98,7 +119,11 @@ def _uncaptured(
         if name in captured or _inside(name, saved):
             continue
         q = base.get(name)
-        if q is None or q.shape != p.shape or not torch.equal(q.detach(), p.detach()):
+        if (
+            q is None
+            or q.shape != p.shape
+            or not torch.equal(_at_precision_of(q.detach(), p.detach()), p.detach())
+        ):
             out.append(name)
     return tuple(out)
 
@@ -142,7 +167,8 @@ def extract_adapter(
     report = []
     unchanged: list[str] = []
     for name in layers:
-        W0, W1 = linear_weight(base[name]), linear_weight(tuned[name])
+        W1 = linear_weight(tuned[name])
+        W0 = _at_precision_of(linear_weight(base[name]), W1)
         if W0.shape != W1.shape:
             raise ShapeMismatchError(f"layer {name!r}: {tuple(W0.shape)} vs {tuple(W1.shape)}")
         k = None if rank is None else min(rank, min(W0.shape))

@@ -98,6 +98,8 @@ def new_output_dir(
         raise CliError(
             f"{option}: {value!r} exists and is not an empty directory; choose a new one"
         )
+    if final.is_symlink() and not final.exists():  # checked now, not after all the work
+        raise CliError(f"{option}: {value!r} is a symlink to a missing directory")
     where = final.resolve()
     for name, other in (outside or {}).items():
         if other and (where == Path(other).resolve() or where in Path(other).resolve().parents):
@@ -108,7 +110,13 @@ def new_output_dir(
     from rankwise.io.files import made_parents
 
     with made_parents(final):  # a failed command also removes the parents made for it
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        # an existing empty directory that cannot be renamed onto ('.', a symlink, a mount
+        # point: EINVAL/ENOTDIR after all the work) is filled in place, from a temporary
+        # inside it (its parent may not be writable); any other beside it, then renamed
+        in_place = final.is_dir() and (
+            final.is_symlink() or where == Path.cwd().resolve() or os.path.ismount(where)
+        )
+        tmp = (where if in_place else final.parent) / f".tmp-{where.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             yield tmp
@@ -116,9 +124,16 @@ def new_output_dir(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         try:
-            if final.is_dir():
-                final.rmdir()  # empty (checked above); fails rather than lose anything there
-            os.replace(tmp, final)
+            if in_place:
+                if any(e != tmp for e in where.iterdir()):
+                    raise OSError(f"{value!r} is no longer empty")
+                for entry in sorted(tmp.iterdir()):
+                    os.replace(entry, where / entry.name)
+                tmp.rmdir()
+            else:
+                if final.is_dir():
+                    final.rmdir()  # empty (checked above); fails rather than lose anything
+                os.replace(tmp, final)
         except OSError as err:  # something else wrote into it meanwhile: no hidden leftover
             shutil.rmtree(tmp, ignore_errors=True)
             raise CliError(f"{option}: could not create {value!r} ({err})") from None
