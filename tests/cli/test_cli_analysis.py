@@ -601,3 +601,18 @@ def test_out_may_be_the_empty_working_directory_or_a_symlink_to_one(
     assert main(argv) == 2
     out, err = capsys.readouterr()
     assert "symlink to a missing directory" in err and out == ""
+
+
+def test_extract_seed_needs_randomized_and_a_figure_path_taken_by_a_directory_is_named(
+    setup: dict[str, Path], tmp_path: Path, capsys
+) -> None:
+    """--seed without --randomized was ignored (a byte-identical adapter); a directory where a
+    figure goes failed with [Errno 21] naming the figure's temporary file."""
+    argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(setup["tuned"])]
+    assert main([*argv, "--rank", "2", "--seed", "7", "--out", str(tmp_path / "x")]) == 2
+    assert "--seed: only --randomized uses it" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "figs" / "spectrum.png").mkdir(parents=True)
+    assert main(["analyze", "spectrum", str(setup["r2"]), "--plot", str(tmp_path / "figs")]) == 2
+    err = capsys.readouterr().err
+    assert "spectrum.png': a directory is in the way of the file" in err and ".spectrum." not in err

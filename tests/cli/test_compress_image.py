@@ -187,3 +187,39 @@ def test_a_decompression_bomb_is_a_one_line_error(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert err.startswith("rankwise compress-image: error: image ") and "Traceback" not in err
     assert "decompression bomb" in err and not out.exists()
+
+
+def test_bad_images_are_named_and_seed_needs_randomized(tmp_path: Path, capsys) -> None:
+    """A truncated file failed when its pixels were read ("image file is truncated", no
+    name), a NaN float TIFF as linalg's "M", a directory as "no such file"; --seed without
+    --randomized was ignored."""
+    from PIL import Image
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.full((32, 48), 128, np.uint8)).save(good)
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:-40])
+    nan = np.full((32, 48), np.nan, np.float32)
+    Image.fromarray(nan, mode="F").save(tmp_path / "nan.tif")
+    (tmp_path / "adir").mkdir()
+    cases = {
+        "trunc.png": r"image '.*trunc\.png': .*truncated",
+        "nan.tif": r"image '.*nan\.tif': 1536 pixels are NaN or infinite",
+        "adir": r"image: '.*adir' is a directory; expected an image file",
+    }
+    for name, pattern in cases.items():
+        argv = ["compress-image", str(tmp_path / name), "--ranks", "2"]
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2, name
+        assert re.search(pattern, capsys.readouterr().err), name
+    argv = [
+        "compress-image",
+        str(good),
+        "--ranks",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    assert main(argv) == 2
+    assert "--seed: only --randomized uses it" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

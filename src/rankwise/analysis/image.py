@@ -45,19 +45,30 @@ def load_gray(path: str | None) -> np.ndarray:
     else:
         from PIL import Image  # a dependency of matplotlib
 
+        if Path(path).is_dir():
+            raise IsADirectoryError(f"image: {path!r} is a directory; expected an image file")
         if not Path(path).is_file():
             raise FileNotFoundError(f"image: no such file {path!r}")
         try:
             opened = Image.open(path)
         except Image.DecompressionBombError as err:  # not an OSError: would be a traceback
             raise ValueError(f"image {path!r}: {err}") from None
-        with opened as image:
-            if image.mode.startswith(("I", "F")):  # 16/32-bit grayscale: RGB would clip at 255
-                gray = np.asarray(image, dtype=np.float64)
-                top = float(gray.max()) if gray.size else 0.0
-                full = 1.0 if image.mode == "F" else 65535.0  # 16-bit range for integer modes
-                return gray / max(full, top) if top > 0 else gray
-            pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+        try:  # the pixels are decoded here: a truncated file fails now, by its name
+            with opened as image:
+                if image.mode.startswith(("I", "F")):  # 16/32-bit grayscale: RGB clips at 255
+                    gray = np.asarray(image, dtype=np.float64)
+                    if not np.isfinite(gray).all():  # a float TIFF: linalg would name "M"
+                        bad = int((~np.isfinite(gray)).sum())
+                        raise ValueError(f"image {path!r}: {bad} pixels are NaN or infinite")
+                    top = float(gray.max()) if gray.size else 0.0
+                    full = 1.0 if image.mode == "F" else 65535.0  # 16-bit range, integer modes
+                    pixels = gray / max(full, top) if top > 0 else gray
+                else:
+                    rgb = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+                    pixels = rgb[..., :3] @ np.array([0.299, 0.587, 0.114])
+        except OSError as err:  # "image file is truncated (28 bytes not processed)"
+            raise ValueError(f"image {path!r}: {err}") from None
+        return pixels
     return pixels[..., :3] @ np.array([0.299, 0.587, 0.114])
 
 

@@ -161,7 +161,12 @@ def extract_adapter(
             raise KeyError(f"modules_to_save: {module!r} is not a module of finetuned_model")
     layers = [n for n in _targets(base, tuned, targets) if not _inside(n, modules_to_save)]
     if not layers:
-        raise ValueError("no linear layer differs between base_model and finetuned_model")
+        saved = f" outside modules_to_save {list(modules_to_save)}" if modules_to_save else ""
+        raise ValueError(
+            f"no linear layer differs between base_model and finetuned_model{saved}: there is "
+            "no update to extract"
+            + (" (the saved modules are stored whole, not extracted)" if saved else "")
+        )
     gen = as_generator(generator)
     factors: dict[str, Factors] = {}
     report = []
@@ -275,8 +280,11 @@ def adapter_amplification(
         product = f.B.double() @ f.A.double()  # (out, in): dense, as W is
         delta = product
         if W.shape != delta.shape:
+            base = read_config(directory).base_model_name_or_path
             raise ShapeMismatchError(
-                f"module {module!r}: model weight {tuple(W.shape)}, adapter update {tuple(delta.shape)}"
+                f"{directory}: module {module!r}: model weight {tuple(W.shape)}, adapter update "
+                f"{tuple(delta.shape)}: the model is not the adapter's base"
+                + (f" (recorded base: {base})" if base else "")
             )
         eps = torch.finfo(f.A.dtype).eps  # the adapter's rounding level
         if magnitudes is not None:

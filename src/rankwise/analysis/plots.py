@@ -46,6 +46,9 @@ def _figure(**kwargs: Any) -> Any:
 
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # os.replace said "[Errno 21] Is a directory" naming the temporary file
+        fig.clf()
+        raise IsADirectoryError(f"figure {str(path)!r}: a directory is in the way of the file")
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
     os.close(fd)
     try:

@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--randomized", action="store_true", help="randomized ID (default: pivoted QR)"
     )
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the randomized ID")
+    parser.add_argument("--seed", type=seed, help="--randomized: seed of the ID (0)")
 
 
 def _ranks(text: str) -> tuple[int, ...]:
@@ -55,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     from rankwise.analysis import plots
     from rankwise.analysis.image import approximations, crop_for_monarch, load_gray
 
+    if args.seed is not None and not args.randomized:  # it was ignored without a word
+        raise CliError(f"--seed: only --randomized uses it, found --seed {args.seed} without it")
     image = load_gray(args.image)
     if max(args.ranks) > min(image.shape):  # no rank-k approximation beyond min(m, n)
         raise CliError(
@@ -63,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         )
     image = crop_for_monarch(image, args.ranks)
     rows, pictures, S = approximations(
-        image, args.ranks, randomized=args.randomized, seed=args.seed
+        image, args.ranks, randomized=args.randomized, seed=0 if args.seed is None else args.seed
     )
     created = not args.out.exists()  # made here: removed again if the figures fail
     with made_parents(args.out):  # and so are the parents made for it

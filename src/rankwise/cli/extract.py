@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets", help="comma-separated module names (default: every changed linear layer)"
     )
     parser.add_argument("--randomized", action="store_true", help="randomized SVD (needs --rank)")
-    parser.add_argument("--seed", type=seed, default=0, help="seed of the randomized SVD")
+    parser.add_argument("--seed", type=seed, help="--randomized: seed of the SVD (0)")
     parser.add_argument(
         "--plot", type=figure_directory, metavar="DIR", help="also write the adapter's spectrum PNG"
     )
@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if args.randomized and args.rank is None:  # before both models load, naming the options
         given = f"--energy {args.energy}" if args.energy is not None else "no --rank"
         raise CliError(f"--randomized needs --rank (an integer); found {given}")
+    if args.seed is not None and not args.randomized:  # it was ignored without a word
+        raise CliError(f"--seed: only --randomized uses it, found --seed {args.seed} without it")
     task = _read_task(args.finetuned)
     require_plotting(args.plot)
     with new_output_dir(args.out, outside={"--plot": args.plot}) as tmp:
@@ -82,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             energy=args.energy,
             targets=targets,
             randomized=args.randomized,
-            generator=args.seed,
+            generator=0 if args.seed is None else args.seed,
             task_type="SEQ_CLS" if seq_cls else None,
             modules_to_save=heads,
             base_model_name_or_path=resolve_model_source(args.base),
