@@ -616,3 +616,17 @@ def test_extract_seed_needs_randomized_and_a_figure_path_taken_by_a_directory_is
     assert main(["analyze", "spectrum", str(setup["r2"]), "--plot", str(tmp_path / "figs")]) == 2
     err = capsys.readouterr().err
     assert "spectrum.png': a directory is in the way of the file" in err and ".spectrum." not in err
+
+
+def test_out_given_by_absolute_path_after_the_working_directory_was_removed(
+    setup: dict[str, Path], tmp_path: Path, monkeypatch
+) -> None:
+    """The in-place check asked for the working directory unguarded: FileNotFoundError."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    out = tmp_path / "empty"
+    out.mkdir()
+    assert main(["resize", str(setup["r8"]), "--out", str(out), "--rank", "2"]) == 0
+    assert (out / "adapter_model.safetensors").is_file()

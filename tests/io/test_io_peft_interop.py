@@ -669,6 +669,16 @@ def test_a_peft_file_whose_sorted_rank_pattern_reorders_matches_says_why(tmp_pat
     ):
         load_adapter(model, tmp_path)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    # a model of another width is not a rank_pattern matter: no hint (it was added to any
+    # lora_ mismatch)
+    from transformers import BertConfig, BertForSequenceClassification
+
+    wide = BertForSequenceClassification(
+        BertConfig(**{**model.config.to_dict(), "hidden_size": 2 * model.config.hidden_size})
+    )
+    with pytest.raises(ShapeMismatchError) as info:
+        load_adapter(wide, tmp_path)
+    assert "PEFT saves them" not in str(info.value)
 
 
 @pytest.mark.parametrize("dora", [False, True])

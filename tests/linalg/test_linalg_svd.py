@@ -329,3 +329,15 @@ def test_signs_agree_between_routines_on_tied_entries() -> None:
         r = randomized_svd(M, 3, generator=seed)  # width 8 = min(m, n): the exact subspace
         torch.testing.assert_close(r.U, t.U)
         torch.testing.assert_close(r.Vh, t.Vh)
+
+
+def test_the_sign_tie_rule_leaves_ordinary_columns_to_the_largest_entry() -> None:
+    """A 0.1% margin re-signed columns whose two largest entries were merely close (and with
+    them LoRA-GA's B0): only rounding-level ties go to the first index."""
+    from rankwise.linalg.svd import _fix_signs
+
+    U = torch.tensor([[0.5, -0.5], [-0.50004, 0.5 * (1 + 1e-14)]], dtype=torch.float64)
+    signed, _ = _fix_signs(U, torch.eye(2, dtype=torch.float64))
+    # column 0: the larger |entry| (row 1, negative) is made positive: the column flips;
+    # column 1: a rounding-level tie, the first entry decides (it is made positive)
+    assert signed[1, 0] > 0 and signed[0, 1] > 0

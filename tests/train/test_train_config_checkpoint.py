@@ -280,3 +280,18 @@ def test_eval_split_with_eval_data_is_not_read_and_not_recorded() -> None:
     with pytest.warns(RuntimeWarning, match=r"--eval-split .*ignored with option --eval-data"):
         resolved = resolve(TrainConfig(data="x.tsv", eval_data="dev.tsv", eval_split=0.5))
     assert resolved.eval_split is None
+
+
+def test_a_run_with_eval_data_recorded_before_resumes(tmp_path: Path) -> None:
+    """resolve() once recorded eval_split 0.1 beside eval_data; now it records None, and the
+    resume check refused such a run ("eval-split: 0.1 in the run, None now")."""
+    import dataclasses
+
+    from rankwise.train.outputs import check_resumable
+
+    now = resolve(TrainConfig(data="x.tsv", eval_data="dev.tsv", output=str(tmp_path)))
+    write_yaml(dataclasses.replace(now, eval_split=0.1), tmp_path / "config.yaml")
+    check_resumable(now, tmp_path / "config.yaml")  # no error
+    other = dataclasses.replace(now, eval_data=None, eval_split=0.2)
+    with pytest.raises(ConfigError, match="eval-split"):
+        check_resumable(other, tmp_path / "config.yaml")

@@ -684,3 +684,28 @@ def test_predict_checks_its_options_before_reading_stdin(tmp_path: Path, monkeyp
     monkeypatch.setattr("sys.stdin", Untouched())
     assert main(["predict", "--adapter", str(tmp_path / "missing")]) == 2
     assert main(["predict", "--adapter", str(tmp_path), "--max-length", "0"]) == 2
+
+
+def test_the_head_check_also_reads_a_hub_id_base_config(
+    tiny_bert: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The check ran for local directories only: a (cached) hub id base without a trained
+    head still gave a random head at every load. Its config is read as from_pretrained reads
+    it (here: stood in for the hub's, no network)."""
+    from transformers import AutoConfig, BertModel
+
+    import rankwise.train.inference as inference
+    from rankwise.io import save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    config = AutoConfig.from_pretrained(tiny_bert)
+    config.architectures = ["BertModel"]
+    adapter = save_adapter(
+        inject(BertModel(config), LoraConfig(r=2, target_modules=["query"]), generator=0),
+        tmp_path / "adapter",
+    )
+    task = {"task": "classification", "label_names": ["0", "1"], "base_model": "someone/bert"}
+    (adapter / "rankwise_task.json").write_text(json.dumps(task))
+    monkeypatch.setattr(inference, "load_config", lambda source, **_: config)
+    with pytest.raises(AdapterFormatError, match=r"saves no classification head.*someone/bert"):
+        load_trained(adapter)

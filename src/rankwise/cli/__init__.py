@@ -107,16 +107,26 @@ def new_output_dir(
                 f"{name}: {other!r} is {option} {value!r} or inside it; choose a directory "
                 f"outside {option}"
             )
-    from rankwise.io.files import made_parents
+    from rankwise.io.files import _files_replaced, _keep_in_place, made_parents
 
     with made_parents(final):  # a failed command also removes the parents made for it
         # an existing empty directory that cannot be renamed onto ('.', a symlink, a mount
-        # point: EINVAL/ENOTDIR after all the work) is filled in place, from a temporary
-        # inside it (its parent may not be writable); any other beside it, then renamed
-        in_place = final.is_dir() and (
-            final.is_symlink() or where == Path.cwd().resolve() or os.path.ismount(where)
-        )
-        tmp = (where if in_place else final.parent) / f".tmp-{where.name}-{os.getpid()}"
+        # point: EINVAL/ENOTDIR/EBUSY after all the work) is filled in place, as save_adapter
+        # does (rankwise.io.files: from a temporary inside it, JSON last)
+        if final.is_dir() and (final.is_symlink() or _keep_in_place(where)):
+            filling = _files_replaced(where)
+            tmp = filling.__enter__()
+            try:
+                yield tmp
+            except BaseException:
+                filling.__exit__(*sys.exc_info())
+                raise
+            try:
+                filling.__exit__(None, None, None)
+            except OSError as err:
+                raise CliError(f"{option}: could not fill {value!r} ({err})") from None
+            return
+        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             yield tmp
@@ -124,16 +134,9 @@ def new_output_dir(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         try:
-            if in_place:
-                if any(e != tmp for e in where.iterdir()):
-                    raise OSError(f"{value!r} is no longer empty")
-                for entry in sorted(tmp.iterdir()):
-                    os.replace(entry, where / entry.name)
-                tmp.rmdir()
-            else:
-                if final.is_dir():
-                    final.rmdir()  # empty (checked above); fails rather than lose anything
-                os.replace(tmp, final)
+            if final.is_dir():
+                final.rmdir()  # empty (checked above); fails rather than lose anything there
+            os.replace(tmp, final)
         except OSError as err:  # something else wrote into it meanwhile: no hidden leftover
             shutil.rmtree(tmp, ignore_errors=True)
             raise CliError(f"{option}: could not create {value!r} ({err})") from None

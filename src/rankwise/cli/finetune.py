@@ -110,6 +110,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = Path(chosen["output"]).expanduser() / "config.yaml"
         if saved.is_file():
             values.update(normalized_keys(read_yaml(saved)))
+            if values.get("eval_data") is not None:  # recorded (0.1) by runs before 2026-12-07
+                values.pop("eval_split", None)  # though not read: no warning about it now
     values.update(from_file)  # flags override a file's options, in either spelling
     values.update(given)
     config = from_mapping(values)

@@ -489,6 +489,21 @@ def _rank_pattern_hint(config: LoraConfig) -> str:
     )
 
 
+def _rank_differs(key: str, expected: tuple[int, ...], found: tuple[int, ...]) -> bool:
+    """Whether a factor's shapes differ in its rank dimension only (lora_A's first, lora_B's
+    second, as lora_embedding_A's and _B's): what a rank_pattern matched otherwise gives."""
+    expected, found = tuple(expected), tuple(found)
+    if len(expected) != len(found) or len(expected) < 2 or ".lora_" not in key:
+        return False
+    a_side = ".lora_A." in key or ".lora_embedding_A" in key  # rank first (r, ...)
+    b_side = ".lora_B." in key or ".lora_embedding_B" in key  # rank second (out, r, ...)
+    dim = 0 if a_side else 1 if b_side else None
+    if dim is None:
+        return False
+    others = [i for i in range(len(expected)) if i != dim]
+    return expected[dim] != found[dim] and all(expected[i] == found[i] for i in others)
+
+
 def _check_keys(
     expected: dict[str, tuple[int, ...]],
     found: dict[str, tuple[int, ...]],
@@ -508,7 +523,8 @@ def _check_keys(
             module = module.removesuffix(".base_layer")
             raise ShapeMismatchError(
                 f"{source}: module {module!r}, key {key!r}: expected shape {tuple(shape)}, "
-                f"found {tuple(found[key])}" + (hint if ".lora_" in key else "")
+                f"found {tuple(found[key])}"
+                + (hint if _rank_differs(key, shape, found[key]) else "")
             )
 
 

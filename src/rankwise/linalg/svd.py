@@ -3,7 +3,7 @@
 Both return ``SVD(U, S, Vh)`` with ``M ≈ U @ diag(S) @ Vh``: ``U`` is (m, r) with orthonormal
 columns, ``S`` is (r,) descending and non-negative, ``Vh`` is (r, n) with orthonormal rows.
 Signs are fixed so that the largest-magnitude entry of every column of ``U`` is positive (the
-first of them where several are equal to within 0.1%), which makes results reproducible across
+first of them where several are equal to within rounding), which makes results reproducible across
 LAPACK drivers and between the two routines.
 """
 
@@ -41,18 +41,21 @@ class SVD(NamedTuple):
     Vh: torch.Tensor
 
 
-# Entries of a column of U within this fraction of its largest |.| count as tied for the sign
-# rule: of a tie the first one decides (argmax alone broke exact ties, e.g. a Hadamard-like
-# basis, by rounding noise: 14 of 60 columns flipped between the two routines).
-SIGN_TIE_TOLERANCE = 1e-3
+# Entries of a column of U within this many units of U's rounding (eps of its dtype) of its
+# largest |.| count as tied for the sign rule, and the first of them decides: argmax alone
+# broke exact ties (a Hadamard-like basis) by rounding noise, 14 of 60 columns flipped between
+# the two routines. Only ties at rounding level: a wider margin (0.1% was tried) re-signed
+# ordinary columns, and with them LoRA-GA's B0 (taken from other triplets than A0).
+SIGN_TIE_ULPS = 1000
 
 
 def _fix_signs(U: torch.Tensor, Vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # (m, r), (r, n): flip triplet i so that the first of U[:, i]'s largest-|.| entries (within
-    # SIGN_TIE_TOLERANCE) is positive.
+    # SIGN_TIE_ULPS of rounding) is positive.
     magnitude = U.abs()
     top = magnitude.amax(dim=0, keepdim=True)  # (1, r)
-    pivots = (magnitude >= top * (1 - SIGN_TIE_TOLERANCE)).to(torch.uint8).argmax(dim=0)  # (r,)
+    margin = SIGN_TIE_ULPS * torch.finfo(U.dtype).eps
+    pivots = (magnitude >= top * (1 - margin)).to(torch.uint8).argmax(dim=0)  # (r,)
     signs = torch.sign(U.gather(0, pivots[None, :]))  # (1, r)
     signs = torch.where(signs == 0, torch.ones_like(signs), signs)
     return U * signs, Vh * signs.T

@@ -207,11 +207,17 @@ def load_trained(
         raise AdapterFormatError(
             f"{root}: label names are not recorded ({TASK_FILE}); cannot build the classifier"
         )
-    if has_adapter and task == "classification" and not saves_head and Path(base).is_dir():
+    if has_adapter and task == "classification" and not saves_head:
         # the head is the base model's then: a base without a trained one got a random head,
-        # another at every load (predict's labels and merge's weights changed run to run)
+        # another at every load (predict's labels and merge's weights changed run to run); a
+        # hub id is judged by its (cached) config, else left to from_pretrained's own error
         try:
-            _check_trained_head(Path(base), load_config(str(base)), names)
+            base_config = load_config(str(base))
+        except (ConfigError, OSError, ValueError):
+            base_config = None
+        try:
+            if base_config is not None:
+                _check_trained_head(Path(base), base_config, names)
         except AdapterFormatError as err:
             raise AdapterFormatError(
                 f"{root}: the adapter saves no classification head (no classifier in "

@@ -168,10 +168,15 @@ def check_resumable(config: TrainConfig, saved_file: Path) -> None:
     from rankwise.train.config import from_mapping, read_yaml
 
     saved = from_mapping(read_yaml(saved_file))
+    # eval_split is not read with eval_data: runs before 2026-12-07 recorded 0.1 there
+    unread = (
+        {"eval_split"} if saved.eval_data is not None and config.eval_data is not None else set()
+    )
     changed = [
         (name, getattr(saved, name), getattr(config, name))
         for name in TrainConfig.__dataclass_fields__
-        if name not in RESUMABLE and not _same(name, getattr(saved, name), getattr(config, name))
+        if name not in RESUMABLE | unread
+        and not _same(name, getattr(saved, name), getattr(config, name))
     ]
     if changed:
         listed = "; ".join(
