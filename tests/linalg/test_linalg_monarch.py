@@ -143,6 +143,9 @@ def test_matmul_refuses_a_complex_x() -> None:
         M.matmul(1j * torch.ones(8))
     with pytest.raises(ValueError, match="x: expected a real array, found dtype torch.complex128"):
         Monarch(M.L.numpy(), M.R.numpy()).matmul(np.ones(8) * 1j)
+    # complex factors (hand-built) take a complex x, as to_dense() @ x does
+    C = Monarch(M.L.to(torch.complex64), M.R.to(torch.complex64))
+    torch.testing.assert_close(C.matmul(1j * torch.ones(8)), C.to_dense() @ (1j * torch.ones(8)))
 
 
 def test_mismatched_factors_are_refused_by_name() -> None:

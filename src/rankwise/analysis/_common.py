@@ -7,6 +7,7 @@ from torch import Tensor
 
 from rankwise.errors import ShapeMismatchError
 from rankwise.linalg._random import make_generator
+from rankwise.linalg._validate import non_finite_count
 
 
 def check_matrix(M: Tensor, *, name: str) -> None:
@@ -19,11 +20,8 @@ def check_matrix(M: Tensor, *, name: str) -> None:
         raise ShapeMismatchError(f"{name} must be a non-empty matrix; found shape {tuple(M.shape)}")
     if not M.is_floating_point():
         raise TypeError(f"{name} must be a floating-point tensor; found {M.dtype}")
-    with torch.no_grad():  # one streaming pass; the exact count only when something is off
-        if not bool(torch.isfinite(M.sum())):
-            bad = int((~torch.isfinite(M)).sum())
-            if bad:
-                raise ValueError(f"{name}: expected finite entries; found {bad} NaN/Inf entries")
+    if bad := non_finite_count(M):
+        raise ValueError(f"{name}: expected finite entries; found {bad} NaN/Inf entries")
 
 
 def check_factors(B: Tensor, A: Tensor, *, name: str = "factors") -> None:

@@ -63,13 +63,19 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
         tensor = tensor.to(torch.float32)
     if min(tensor.shape) == 0:
         raise ValueError(f"{name}: expected a non-empty matrix, found shape {tuple(tensor.shape)}")
-    # One streaming pass: a NaN/Inf entry makes the sum non-finite (a finite overflow only
-    # sends us to the exact count below, which then finds nothing).
-    if check_finite and not bool(torch.isfinite(tensor.sum())):
-        bad = int((~torch.isfinite(tensor)).sum())
-        if bad:
-            raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
+    if check_finite and (bad := non_finite_count(tensor)):
+        raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
     return Matrix(tensor, was_numpy)
+
+
+def non_finite_count(tensor: torch.Tensor) -> int:
+    """How many entries of ``tensor`` are NaN/inf, in one streaming pass when there are none:
+    a NaN/inf entry makes the sum non-finite (a finite overflow only sends it to the exact
+    count, which then finds nothing)."""
+    with torch.no_grad():
+        if bool(torch.isfinite(tensor.sum())):
+            return 0
+        return int((~torch.isfinite(tensor)).sum())
 
 
 def check_rank(rank: Any, shape: tuple[int, ...], name: str = "rank") -> int:

@@ -70,7 +70,8 @@ class Monarch(NamedTuple):
         factors times a float64 ``x`` give float64; integer ``x`` takes the factors' dtype)."""
         L, R, was_numpy = self._factors()
         x = torch.as_tensor(x, device=L.device)
-        if x.is_complex():  # its imaginary part would be dropped by the cast below
+        if x.is_complex() and not (L.is_complex() or R.is_complex()):
+            # real factors: the cast below to their dtype would drop x's imaginary part
             raise ValueError(f"x: expected a real array, found dtype {x.dtype}")
         dtype = torch.promote_types(R.dtype, x.dtype) if x.is_floating_point() else R.dtype
         L, R = L.to(dtype), R.to(dtype)

@@ -32,6 +32,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from rankwise.linalg._validate import non_finite_count
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
 from rankwise.lora.layers import INIT_A, INIT_B, LoraLayer
@@ -58,11 +59,8 @@ def _check(weight: Tensor, r: int, scaling: float, name: str) -> None:
         raise ValueError(f"{name}: scaling must be > 0, found {scaling!r}")
     if not weight.is_floating_point():
         raise ValueError(f"{name}: weight must be floating point, found {weight.dtype}")
-    with torch.no_grad():  # here, by name: the SVD's own check named its argument "M"
-        if not bool(torch.isfinite(weight.sum())):
-            bad = int((~torch.isfinite(weight)).sum())
-            if bad:
-                raise ValueError(f"{name}: weight must be finite, found {bad} NaN/Inf entries")
+    if bad := non_finite_count(weight):  # here, by name: the SVD's own check says "M"
+        raise ValueError(f"{name}: weight must be finite, found {bad} NaN/Inf entries")
 
 
 def _work(weight: Tensor) -> Tensor:
@@ -84,10 +82,21 @@ def top_singular_triplets(
     ``method="exact"``: full thin SVD, truncated. ``"randomized"``: Halko et al. 2011 with
     ``oversample`` extra columns and ``power_iters`` subspace iterations (``"auto"``: adaptive).
     """
+    _check(weight, r, 1.0, "top_singular_triplets")  # by its own names (r, not linalg's rank)
+    return _top_triplets(_work(weight), r, method, oversample, power_iters, generator)
+
+
+def _top_triplets(
+    W: Tensor,
+    r: int,
+    method: PissaMethod,
+    oversample: int,
+    power_iters: int | Literal["auto"],
+    generator: torch.Generator | int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`top_singular_triplets` of a checked working-precision ``W``."""
     from rankwise.linalg import randomized_svd, truncated_svd
 
-    _check(weight, r, 1.0, "top_singular_triplets")  # by its own names (r, not linalg's rank)
-    W = _work(weight)
     if method == "exact":
         svd = truncated_svd(W, r)
     elif method == "randomized":
@@ -123,9 +132,7 @@ def pissa_init(
     # the randomized SVD draws from its own fixed seed, per layer, not from ``generator``:
     # the file records only the method, and load_adapter must rebuild the same residual base
     svd_gen = torch.Generator(device=W.device).manual_seed(PISSA_SEED)
-    U, S, Vh = top_singular_triplets(
-        W, r, method=method, oversample=oversample, power_iters=power_iters, generator=svd_gen
-    )
+    U, S, Vh = _top_triplets(W, r, method, oversample, power_iters, svd_gen)  # checked above
     root = torch.sqrt(S / scaling)  # (r,): √(S/s) split between the two factors
     A = root[:, None] * Vh  # (r, in)
     B = U * root[None, :]  # (out, r)
