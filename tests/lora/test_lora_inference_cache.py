@@ -351,3 +351,39 @@ def test_adapters_made_under_inference_mode_run_and_follow_writes(dora: bool) ->
         want = model(x)
     torch.testing.assert_close(second, want, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(second, first)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_swapped_parameters_after_a_cached_forward(use_dora: bool) -> None:
+    """torch.utils.swap_tensors refuses a tensor with a weak reference, which the caches' keys
+    hold: under set_swap_module_params_on_conversion(True) (always for wrapper-subclass
+    parameters) ``.to()`` and ``load_state_dict`` failed after one cached eval forward (DoRA:
+    after any forward), leaving the model half converted (22 float32 and 3 float64 weights)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 6))
+    config = rw.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=use_dora)
+    rw.inject(model, config, generator=0)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            layer.lora_B.weight.normal_(std=0.3)
+    x = torch.randn(8, 12)
+    model(x).sum().backward()  # DoRA keeps its norm cache in training too
+    model.eval()
+    with torch.no_grad():
+        before = model(x)  # builds the caches
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    previous = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to(torch.float64)
+        assert {p.dtype for p in model.parameters()} == {torch.float64}
+        with torch.no_grad():
+            torch.testing.assert_close(model(x.double()), before.double(), atol=1e-5, rtol=1e-5)
+        model.to(torch.float32)
+        with torch.no_grad():
+            model(x)  # cached again
+        model.load_state_dict(state)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before, atol=1e-6, rtol=1e-6)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(previous)

@@ -144,6 +144,19 @@ class LoraLayer(nn.Module):
         self.drop_inference_cache()  # the inference cache is for eval mode only
         return super().train(mode)
 
+    # The caches' keys hold weak references to the weights (cache_key._Same), and
+    # torch.utils.swap_tensors refuses a tensor that has one: ``.to()``/``.half()`` under
+    # torch.__future__.set_swap_module_params_on_conversion(True) (always for wrapper-subclass
+    # parameters) and ``load_state_dict`` under it failed after one cached forward, leaving the
+    # model half converted. Both make the caches stale anyway: dropped first.
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> LoraLayer:
+        self.drop_inference_cache()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.drop_inference_cache()  # runs before the children's tensors are loaded
+        super()._load_from_state_dict(*args, **kwargs)
+
     def __getstate__(self) -> dict[str, Any]:
         """Copies and pickles (``copy.deepcopy``, ``torch.save(model)``) leave the inference
         cache behind: one ``(out, in)`` matrix per layer, rebuilt on the next eval forward."""
