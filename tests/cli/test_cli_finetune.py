@@ -218,3 +218,72 @@ def test_eval_split_flag_next_to_eval_data_is_refused(tiny, tmp_path: Path, caps
     assert code != 0
     assert "--eval-split" in err and "ignored with option --eval-data" in err, err
     assert not out.exists()
+
+
+def test_model_dropout_is_not_saved_into_the_merged_model(tiny, tmp_path: Path, capsys) -> None:
+    """--model-dropout is a training setting: merged/config.json said 0.0 where the base and
+    `rankwise merge` of the same adapter say 0.1 (and the same for --method full's model/)."""
+    model, data = tiny
+    base = json.loads((model / "config.json").read_text())["hidden_dropout_prob"]
+    for method, folder in (("lora", "merged"), ("full", "model")):
+        out = tmp_path / method
+        argv = ["--model", str(model), "--data", str(data), "--output", str(out)]
+        argv += ["--max-steps", "1", "--model-dropout", "0", "--method", method, "--merge"]
+        code, _, err = _run(argv, capsys)
+        assert code == 0, err
+        saved = json.loads((out / folder / "config.json").read_text())
+        assert saved["hidden_dropout_prob"] == base == 0.1, method
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--method", "full", "--r", "8"], "--r (r in a config file): read by --method"),
+        (["--method", "full", "--dropout", "0.1"], "--dropout (dropout in a config file): read"),
+        (["--method", "full", "--targets", "query,key,value,dense"], "would be ignored"),
+        (["--method", "lora", "--ga-batches", "8"], "--ga-batches (ga_batches in a config"),
+        (["--save-every", "0", "--keep-checkpoints", "5"], "checkpoints are off"),
+    ],
+)
+def test_a_flag_the_run_would_ignore_is_refused_even_at_its_default(
+    tiny, tmp_path: Path, capsys, argv, needle
+) -> None:
+    """Only values off the default were refused: `--method full --r 8` (typed, so meant)
+    and `--keep-checkpoints` with checkpoints off ran without a word."""
+    model, data = tiny
+    out = tmp_path / "out"
+    base = ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "1"]
+    code, _, err = _run([*base, *argv], capsys)
+    assert code != 0 and needle in err, err
+    assert not out.exists()
+
+
+def test_loraplus_logs_the_base_rate_with_an_embedding_target(tiny, tmp_path: Path, capsys) -> None:
+    """The embedding adapters' group (PEFT's loraplus_lr_embedding, 1e-6) came first and the
+    run logged 1e-6 as its learning rate whatever --lr was."""
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "2"]
+    argv += ["--method", "loraplus", "--targets", "word_embeddings", "--lr", "1e-3"]
+    argv += ["--warmup", "0"]
+    code, _, err = _run(argv, capsys)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [row["lr"] for row in rows if "lr" in row]
+    assert rates and rates[0] == pytest.approx(1e-3), rates
+
+
+def test_ga_batches_beyond_one_epoch_is_said(tiny, tmp_path: Path, capsys) -> None:
+    """--ga-batches 100 on a 9-batch epoch gave the adapter of --ga-batches 9 without a word."""
+    import warnings
+
+    model, data = tiny
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--data", str(data), "--output", str(out), "--max-steps", "1"]
+    argv += ["--method", "lora-ga", "--ga-batches", "100", "--batch-size", "4"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = _run(argv, capsys)
+    said = err + "".join(str(w.message) for w in caught)
+    assert code == 0, err
+    assert "--ga-batches 100: one epoch holds 9 batches of 4 examples" in said, said

@@ -14,12 +14,14 @@ from typing import Any
 from rankwise.errors import ConfigError
 from rankwise.train.config import (
     FIELDS,
+    METHOD_OPTIONS,
     METHODS,
     TASKS,
     TrainConfig,
     from_mapping,
     ignored_options,
     normalized_keys,
+    option,
     read_yaml,
 )
 
@@ -40,8 +42,12 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
         "LoRA rank; adalora: the average rank kept at the end (default 8); also "
         "--lora-r (under torchrun, whose own parser takes --r for an abbreviation)",
     ),
-    "alpha": (float, "LoRA alpha; scaling = alpha / r (default 16)"),
-    "loraplus-ratio": (float, "loraplus: lr of B = lr x this ratio, A and head at lr (default 16)"),
+    "alpha": (float, "LoRA alpha; scaling = alpha / r, alpha / sqrt(r) for rslora (default 16)"),
+    "loraplus-ratio": (
+        float,
+        "loraplus: lr of B = lr x this ratio, A and head at lr, embedding adapters at 1e-6 "
+        "(PEFT's default) (default 16)",
+    ),
     "init-r": (int, "adalora: initial rank, pruned to --r on average (default ceil(1.5 r))"),
     "ga-batches": (int, "lora-ga: training batches to estimate the gradient on (default 8)"),
     "dropout": (float, "LoRA dropout (default 0.1)"),
@@ -118,6 +124,23 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     flagged = {k: v for k, v in ignored_options(config).items() if k in given}
     if flagged:  # given now, for a method that ignores it: refused (from a file: a warning)
         raise ConfigError(next(iter(flagged.values())))
+    for name in given:  # a flag at its default value is still a flag the method ignores
+        if name == "targets" and config.method == "full":
+            raise ConfigError(
+                f"{option('targets')}: --method full trains every parameter; targets "
+                f"{given[name]!r} would be ignored (drop the option)"
+            )
+        methods = METHOD_OPTIONS.get(name)
+        if methods is not None and config.method not in methods:
+            raise ConfigError(
+                f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
+                f"--method {config.method}; found {given[name]} (drop it, or choose that method)"
+            )
+    if "keep_checkpoints" in given and config.save_every == 0:
+        raise ConfigError(
+            f"{option('keep_checkpoints')}: checkpoints are off ({option('save_every')} 0), so "
+            f"it would be ignored; found {given['keep_checkpoints']} (drop it, or save some)"
+        )
     return config
 
 

@@ -21,6 +21,7 @@ hooks.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any
 
 import torch
@@ -183,7 +184,15 @@ def gradient_batches(
     global_batch = config.batch_size * config.grad_accum * world_size
     order = length_grouped_batches(
         encoded.lengths(), global_batch, generator=epoch_generator(config.seed, 0)
-    )[: config.ga_batches]
+    )
+    if config.ga_batches > len(order):  # capped: said, not silent (config.yaml keeps the value)
+        warnings.warn(
+            f"option --ga-batches {config.ga_batches}: one epoch holds {len(order)} batches of "
+            f"{global_batch} examples; LoRA-GA estimates the gradient on those {len(order)}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    order = order[: config.ga_batches]
     per_batch = [
         [
             collate(encoded, ids[i : i + GA_CHUNK], pad_id=pad_id)

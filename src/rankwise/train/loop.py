@@ -288,6 +288,10 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
     global_batch = _global_batch(run)
     step, epoch, next_batch = position
     bar, seen, clock = _progress(run, step), 0, time.perf_counter()
+    # the group at --lr is logged: LoRA+ puts embedding adapters' group (PEFT's 1e-6) first
+    # when they are the only adapters, and the log said 1e-6 whatever --lr was
+    initial = [g.get("initial_lr", g["lr"]) for g in run.optimizer.param_groups]
+    base_group = next((i for i, v in enumerate(initial) if v == config.lr), 0)
     run.prepared.model.train()
     try:
         while step < run.total_steps:
@@ -295,7 +299,7 @@ def _train_steps(run: _Run, position: ckpt.Position, stop_after: int | None) -> 
             batches = length_grouped_batches(lengths, global_batch, generator=gen)
             for index in range(next_batch, len(batches)):
                 tick = time.perf_counter()
-                lr = run.scheduler.get_last_lr()[0]  # the rate this step trains at
+                lr = run.scheduler.get_last_lr()[base_group]  # the rate this step trains at
                 loss = _optimizer_step(run, batches[index], step + 1)
                 if not math.isfinite(loss):  # the same on every process (summed over them)
                     raise ValueError(

@@ -7,7 +7,9 @@ path; without network the error says so and how to pass a local directory instea
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -158,8 +160,10 @@ def load_pretrained(
     except (OSError, ValueError) as err:  # ValueError: no or an unrecognized config.json
         raise model_load_error(source, err) from None
     _check_tokenizer_files(source)
+    originals: dict[str, Any] = {}
     if model_dropout is not None:
         for key, value in _dropout_overrides(config, model_dropout).items():
+            originals[key] = getattr(config, key)
             setattr(config, key, value)
     with_pad_token(tokenizer, source)
     mismatched = False
@@ -176,11 +180,36 @@ def load_pretrained(
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = model_dropout
+        # a training setting: saved models (merged/, full model/) keep the checkpoint's own
+        model.__dict__[_DROPOUT_ORIGINALS] = originals
     stored = None
     if for_training and model.dtype == torch.float16:  # config.json may not say: the weights do
         model, stored = _upcast_for_training(model, source), torch.float16
     names = tuple(label_names) if task == "classification" else ()
     return Loaded(model, tokenizer, source, names, stored)
+
+
+_DROPOUT_ORIGINALS = "_rankwise_config_dropout"
+
+
+@contextlib.contextmanager
+def checkpoint_dropout(model: Any) -> Iterator[None]:
+    """The model's config with the checkpoint's own dropout values while the block runs (a
+    ``save_pretrained``): ``--model-dropout`` is a training setting, and ``merged/config.json``
+    said 0.0 where ``rankwise merge`` of the same adapter (and the base) says 0.1."""
+    originals = model.__dict__.get(_DROPOUT_ORIGINALS) or {}
+    config = getattr(model, "config", None)
+    if config is None or not originals:
+        yield
+        return
+    current = {key: getattr(config, key) for key in originals}
+    for key, value in originals.items():
+        setattr(config, key, value)
+    try:
+        yield
+    finally:
+        for key, value in current.items():
+            setattr(config, key, value)
 
 
 def _classification_head(

@@ -30,6 +30,7 @@ from rankwise.train.config import TrainConfig, atomic_write_text, option, write_
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.methods import MergeCheck, Prepared
 from rankwise.train.metrics import CURVE_FILE, METRICS_FILE, plot_training_curve
+from rankwise.train.models import checkpoint_dropout
 
 CONFIG_FILE = "config.yaml"
 TASK_FILE = "rankwise_task.json"
@@ -220,7 +221,7 @@ def save_trained(prepared: Prepared, out: Path, *, tokenizer: Any, info: dict[st
     """The adapter (PEFT format) or, for full fine-tuning, the whole model; plus tokenizer."""
     if prepared.lora_config is None:
         final = out / "model"
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp, checkpoint_dropout(prepared.model):
             prepared.model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             atomic_write_text(tmp / TASK_FILE, json.dumps(info, indent=2))
@@ -286,7 +287,7 @@ def save_merged(
         model = model.to(dtype)
         model.config.dtype = dtype
     final = out / "merged"
-    with atomic_dir(final) as tmp:
+    with atomic_dir(final) as tmp, checkpoint_dropout(model):
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if info is not None:
