@@ -14,14 +14,12 @@ from typing import Any
 from rankwise.errors import ConfigError
 from rankwise.train.config import (
     FIELDS,
-    METHOD_OPTIONS,
     METHODS,
     TASKS,
     TrainConfig,
     from_mapping,
     ignored_options,
     normalized_keys,
-    option,
     read_yaml,
 )
 
@@ -121,26 +119,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update(from_file)  # flags override a file's options, in either spelling
     values.update(given)
     config = from_mapping(values)
-    flagged = {k: v for k, v in ignored_options(config).items() if k in given}
+    flagged = {k: v for k, v in ignored_options(config, given).items() if k in given}
     if flagged:  # given now, for a method that ignores it: refused (from a file: a warning)
         raise ConfigError(next(iter(flagged.values())))
-    for name in given:  # a flag at its default value is still a flag the method ignores
-        if name == "targets" and config.method == "full":
-            raise ConfigError(
-                f"{option('targets')}: --method full trains every parameter; targets "
-                f"{given[name]!r} would be ignored (drop the option)"
-            )
-        methods = METHOD_OPTIONS.get(name)
-        if methods is not None and config.method not in methods:
-            raise ConfigError(
-                f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
-                f"--method {config.method}; found {given[name]} (drop it, or choose that method)"
-            )
-    if "keep_checkpoints" in given and config.save_every == 0:
-        raise ConfigError(
-            f"{option('keep_checkpoints')}: checkpoints are off ({option('save_every')} 0), so "
-            f"it would be ignored; found {given['keep_checkpoints']} (drop it, or save some)"
-        )
     return config
 
 

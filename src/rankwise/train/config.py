@@ -13,7 +13,7 @@ import dataclasses
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -320,10 +320,7 @@ def _check_targets(config: TrainConfig) -> None:
             f"the only value (a regex cannot hold a comma), found {list(config.targets)}"
         )
     if config.method == "full" and config.targets != DEFAULT_TARGETS:
-        raise ConfigError(
-            f"{option('targets')}: --method full trains every parameter; targets "
-            f"{list(config.targets)} would be ignored (drop the option)"
-        )
+        raise ConfigError(_full_targets_message(config))
 
 
 def _check_representable(config: TrainConfig) -> None:
@@ -361,19 +358,35 @@ METHOD_OPTIONS: dict[str, tuple[str, ...]] = {
 }
 
 
-def ignored_options(config: TrainConfig) -> dict[str, str]:
+def _full_targets_message(config: TrainConfig) -> str:
+    return (
+        f"{option('targets')}: --method full trains every parameter; targets "
+        f"{list(config.targets)} would be ignored (drop the option)"
+    )
+
+
+def ignored_options(config: TrainConfig, given: Collection[str] = ()) -> dict[str, str]:
     """Option name -> why it is ignored (and what to do), for each of
-    :data:`METHOD_OPTIONS` set off its default on a method that does not read it, and for
-    ``eval_split`` next to ``eval_data`` (the held-out split is of ``data`` only: the run used
-    the whole eval file and recorded the split as if applied)."""
+    :data:`METHOD_OPTIONS` on a method that does not read it, set off its default or named in
+    ``given`` (flags: typed, so meant, even at the default value), and for ``eval_split`` next
+    to ``eval_data`` (the held-out split is of ``data`` only: the run used the whole eval file
+    and recorded the split as if applied). Of ``given`` also ``targets`` with ``--method
+    full`` and ``keep_checkpoints`` with checkpoints off."""
     out = {}
+    if "targets" in given and config.method == "full":
+        out["targets"] = _full_targets_message(config)
     for name, methods in METHOD_OPTIONS.items():
         value = getattr(config, name)
-        if config.method not in methods and value != FIELDS[name].default:
+        if config.method not in methods and (value != FIELDS[name].default or name in given):
             out[name] = (
                 f"{option(name)}: read by --method {' / '.join(methods)} only, and ignored by "
                 f"--method {config.method}; found {value} (drop it, or choose that method)"
             )
+    if "keep_checkpoints" in given and config.save_every == 0:
+        out["keep_checkpoints"] = (
+            f"{option('keep_checkpoints')}: checkpoints are off ({option('save_every')} 0), so "
+            f"it would be ignored; found {config.keep_checkpoints} (drop it, or save some)"
+        )
     if config.eval_data is not None and config.eval_split is not None:
         out["eval_split"] = (
             f"{option('eval_split')}: holds out part of --data, and is ignored with "
