@@ -287,3 +287,69 @@ def test_ga_batches_beyond_one_epoch_is_said(tiny, tmp_path: Path, capsys) -> No
     said = err + "".join(str(w.message) for w in caught)
     assert code == 0, err
     assert "--ga-batches 100: one epoch holds 9 batches of 4 examples" in said, said
+
+
+def test_a_runs_config_file_derives_its_defaults_again_for_other_options(
+    tiny, tmp_path: Path, capsys
+) -> None:
+    """A run's config.yaml records the values derived from other options (lr by method, the
+    demo corpus's steps, AdaLoRA's init_r); `--config` of that file with another --method kept
+    them: --method full trained at LoRA's 5e-4, `--r 16` on an AdaLoRA file was refused for
+    init_r 12. They are derived again now; a value edited in the file is kept."""
+    from rankwise.cli import COMMANDS, _command_parser
+    from rankwise.cli.finetune import config_from_args
+    from rankwise.train.config import resolve
+
+    model, data = tiny
+    run = tmp_path / "run"
+    argv = ["--model", str(model), "--data", str(data), "--max-steps", "1", "--batch-size", "8",
+            "--method", "adalora", "--save-every", "0", "--output", str(run)]  # fmt: skip
+    code, stdout, err = _run(argv, capsys)
+    assert code == 0, stdout + err
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert (saved["lr"], saved["init_r"], saved["max_length"], saved["eval_split"]) == (
+        5e-4, 12, 128, 0.1)  # fmt: skip
+    assert saved["filled_defaults"] == {"lr": 5e-4, "epochs": 1.0, "max_length": 128,
+                                        "eval_split": 0.1, "init_r": 12}  # fmt: skip
+    parser, _ = _command_parser("finetune", COMMANDS["finetune"])
+
+    def resolved(*flags: str, file: Path = run / "config.yaml"):
+        return resolve(config_from_args(parser.parse_args(["--config", str(file), *flags])))
+
+    same = resolved("--output", str(tmp_path / "again"))
+    assert (same.lr, same.init_r, same.epochs, same.max_length, same.eval_split) == (
+        5e-4, 12, 1.0, 128, 0.1)  # fmt: skip
+    assert resolved("--method", "full").lr == 5e-5
+    assert resolved("--method", "lora").init_r is None
+    assert resolved("--r", "16").init_r == 24
+    assert resolved("--max-steps", "3").max_steps == 3
+    # an edited value is the user's: kept
+    edited = tmp_path / "edited.yaml"
+    edited.write_text((run / "config.yaml").read_text().replace("\nlr: 0.0005", "\nlr: 0.002"))
+    assert resolved("--method", "full", file=edited).lr == 0.002
+    # a malformed record is named
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("r: 4\nfilled_defaults: {rank: 3}\n")
+    code, _, err = _run(["--config", str(bad)], capsys)
+    assert code == 2 and "filled_defaults: expected a mapping of some of lr" in err
+
+
+def test_a_demo_runs_config_file_with_data_gets_the_usual_defaults(tmp_path: Path) -> None:
+    """The demo corpus's 200 steps, 64 tokens and 1,000 held-out examples are derived: a demo
+    run's config.yaml reused with --data trained 200 steps of SST-2 at 64 tokens."""
+    from rankwise.cli import COMMANDS, _command_parser
+    from rankwise.cli.finetune import config_from_args
+    from rankwise.train.config import TrainConfig, filled_defaults, resolve, write_yaml
+
+    demo = TrainConfig(output=str(tmp_path / "demo"))
+    demo_resolved = resolve(demo)
+    assert (demo_resolved.max_steps, demo_resolved.max_length) == (200, 64)
+    write_yaml(demo_resolved, tmp_path / "config.yaml", filled=filled_defaults(demo, demo_resolved))
+    parser, _ = _command_parser("finetune", COMMANDS["finetune"])
+    args = ["--config", str(tmp_path / "config.yaml"), "--data", "train.tsv"]
+    config = resolve(config_from_args(parser.parse_args(args)))
+    assert (config.max_steps, config.max_length, config.eval_split, config.epochs) == (
+        None, 128, 0.1, 1.0)  # fmt: skip
+    # the file as it is: the demo again
+    again = resolve(config_from_args(parser.parse_args(args[:2])))
+    assert again == demo_resolved

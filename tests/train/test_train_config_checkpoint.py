@@ -262,7 +262,7 @@ def test_an_ignored_option_is_warned_about_by_the_main_process_only(
     from rankwise.train.distributed import DistInfo
 
     monkeypatch.setattr(loop.dist_, "teardown", lambda info: None)
-    monkeypatch.setattr(loop, "_train", lambda config, info, echo, stop_after, started: None)
+    monkeypatch.setattr(loop, "_train", lambda *args: None)
     config = TrainConfig(method="full", r=16, output=str(tmp_path / "out"))
     for rank, expected in ((0, 1), (1, 0)):
         monkeypatch.setattr(loop.dist_, "setup", lambda rank=rank: DistInfo(rank, 2, rank, False))
@@ -295,3 +295,15 @@ def test_a_run_with_eval_data_recorded_before_resumes(tmp_path: Path) -> None:
     other = dataclasses.replace(now, eval_data=None, eval_split=0.2)
     with pytest.raises(ConfigError, match="eval-split"):
         check_resumable(other, tmp_path / "config.yaml")
+
+
+def test_a_runs_config_yaml_reads_back_with_its_record_of_derived_options(tmp_path: Path) -> None:
+    from rankwise.train.config import filled_defaults, read_config_file
+
+    given = TrainConfig(data="x.tsv", method="adalora")
+    resolved = resolve(given)
+    write_yaml(resolved, tmp_path / "config.yaml", filled=filled_defaults(given, resolved))
+    assert from_mapping(read_yaml(tmp_path / "config.yaml")) == resolved  # a record, no option
+    options, filled = read_config_file(tmp_path / "config.yaml")
+    assert from_mapping(options) == resolved
+    assert filled == {"lr": 5e-4, "epochs": 1.0, "max_length": 128, "eval_split": 0.1, "init_r": 12}

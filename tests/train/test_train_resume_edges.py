@@ -27,6 +27,21 @@ def _config(model: Path, data: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def test_a_resume_keeps_the_runs_record_of_derived_options(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    """config.yaml lists the options derived rather than given (filled_defaults); a resume
+    holds them as given values, and rewrote the file: the record must survive it."""
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    filled = {"epochs": 1.0, "max_length": 128}
+    assert yaml.safe_load((out / "config.yaml").read_text())["filled_defaults"] == filled
+    # as `--resume` reads them: the run's values, derived ones as if given
+    train(_config(tiny_bert, toy_tsv, out, resume=True, epochs=1.0, max_length=128), echo=_quiet)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["filled_defaults"] == filled and saved["resume"] is False
+
+
 def test_resume_refuses_changed_options_and_keeps_the_run(
     tiny_bert: Path, toy_tsv: Path, tmp_path: Path
 ) -> None:

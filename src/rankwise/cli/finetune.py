@@ -19,8 +19,8 @@ from rankwise.train.config import (
     TrainConfig,
     from_mapping,
     ignored_options,
-    normalized_keys,
-    read_yaml,
+    read_config_file,
+    without_filled,
 )
 
 # flag -> (type, help). Defaults are None here so "given on the command line" is detectable.
@@ -107,13 +107,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from pathlib import Path
 
     given = {name: getattr(args, name) for name in FIELDS if getattr(args, name, None) is not None}
-    from_file = normalized_keys(read_yaml(args.config)) if args.config is not None else {}
+    from_file: dict[str, Any] = {}
+    if args.config is not None:  # a run's config.yaml: what it derived is derived again
+        from_file = without_filled(*read_config_file(args.config))
     values: dict[str, Any] = {}
     chosen = {**from_file, **given}
     if chosen.get("resume") is True and isinstance(chosen.get("output"), str):
         saved = Path(chosen["output"]).expanduser() / "config.yaml"
-        if saved.is_file():
-            values.update(normalized_keys(read_yaml(saved)))
+        if saved.is_file():  # the run's own values, derived ones too: it continues with them
+            values.update(read_config_file(saved)[0])
             if values.get("eval_data") is not None:  # recorded (0.1) by runs before 2026-12-07
                 values.pop("eval_split", None)  # though not read: no warning about it now
     values.update(from_file)  # flags override a file's options, in either spelling

@@ -155,10 +155,14 @@ def _coerce(name: str, value: Any) -> Any:
 
 def normalized_keys(values: Mapping[str, Any]) -> dict[str, Any]:
     """``values`` (one source: a YAML file, or the flags) keyed by field name (``-`` -> ``_``);
-    an option given in both spellings is refused (which one was meant?)."""
+    an option given in both spellings is refused (which one was meant?). A run's record of
+    derived options (:data:`FILLED_KEY`, see :func:`read_config_file`) is not an option: left
+    out, so ``from_mapping(read_yaml(run / "config.yaml"))`` is the run's config."""
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name == FILLED_KEY:
+            continue
         if name not in FIELDS:
             known = ", ".join(n.replace("_", "-") for n in FIELDS)
             raise ConfigError(f"unknown option {key!r}; known options: {known}")
@@ -199,11 +203,70 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return loaded
 
 
-def write_yaml(config: TrainConfig, path: str | os.PathLike[str]) -> None:
-    """Write the resolved config atomically (temp file in the same directory + ``os.replace``)."""
+# Options :func:`resolve` derives from the others when they are not given. A run's config.yaml
+# records their values (what the run used, what a resume compares) and, under FILLED_KEY, which
+# of them were derived: a --config run from that file whose options differ (another --method,
+# --data on a demo run's file) derives them afresh instead of keeping, say, LoRA's 5e-4 for
+# --method full or the demo corpus's 200 steps for SST-2.
+DERIVED = ("lr", "epochs", "max_steps", "max_length", "eval_split", "init_r")
+FILLED_KEY = "filled_defaults"
+_FILLED_COMMENT = (
+    f"# {FILLED_KEY}: the options above that were not given but derived from the others;\n"
+    "# --config FILE derives them again, so a run with other options gets its own defaults\n"
+)
+
+
+def filled_defaults(given: TrainConfig, resolved: TrainConfig) -> dict[str, Any]:
+    """Of :data:`DERIVED`, the options unset in ``given`` that :func:`resolve` filled."""
+    return {
+        name: getattr(resolved, name)
+        for name in DERIVED
+        if getattr(given, name) is None and getattr(resolved, name) is not None
+    }
+
+
+def read_config_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A config file's options (keyed by field name) and its :data:`FILLED_KEY` mapping (empty
+    for files without one: hand-written, or written before 2026-12-07)."""
+    values = dict(read_yaml(path))
+    found = [key for key in (FILLED_KEY, FILLED_KEY.replace("_", "-")) if key in values]
+    filled = values.pop(found[0]) if found else {}
+    if len(found) > 1:
+        raise ConfigError(f"config file {str(path)!r}: {FILLED_KEY} is given twice")
+    if filled is None:
+        filled = {}
+    if not isinstance(filled, dict) or not set(filled) <= set(DERIVED):
+        raise ConfigError(
+            f"config file {str(path)!r}: {FILLED_KEY}: expected a mapping of some of "
+            f"{', '.join(DERIVED)} to the values derived for them, found {filled!r}"
+        )
+    return normalized_keys(values), {name: _coerce(name, v) for name, v in filled.items()}
+
+
+def without_filled(values: Mapping[str, Any], filled: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` without the options in ``filled`` that still hold the derived value (one
+    edited in the file since is the user's: kept)."""
+    return {
+        name: value
+        for name, value in values.items()
+        if not (name in filled and value is not None and _coerce(name, value) == filled[name])
+    }
+
+
+def write_yaml(
+    config: TrainConfig,
+    path: str | os.PathLike[str],
+    *,
+    filled: Mapping[str, Any] | None = None,
+) -> None:
+    """Write the resolved config atomically (temp file in the same directory + ``os.replace``),
+    with ``filled`` (see :data:`FILLED_KEY`) after the options when there are any."""
     import yaml
 
-    atomic_write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+    text = yaml.safe_dump(config.to_dict(), sort_keys=False)
+    if filled:
+        text += _FILLED_COMMENT + yaml.safe_dump({FILLED_KEY: dict(filled)}, sort_keys=False)
+    atomic_write_text(Path(path), text)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -44,7 +44,7 @@ from rankwise.train.batching import (
     length_grouped_batches,
     shard,
 )
-from rankwise.train.config import TrainConfig, option, resolve
+from rankwise.train.config import TrainConfig, filled_defaults, option, resolve
 from rankwise.train.evaluate import EvalResult, evaluate, loss_sum
 from rankwise.train.hooks import MethodHooks, gradient_batches, make_hooks
 from rankwise.train.inputs import RunData, load_run_data
@@ -407,13 +407,20 @@ def train(
         # exit and have torchrun kill the others before they said why); a warning (an option
         # the method ignores) from rank 0 only
         with dist_.main_warns(info):
-            config = resolve(config)
-        return _train(config, info, echo if info.is_main else (lambda _: None), stop_after, started)
+            resolved = resolve(config)
+        filled = filled_defaults(config, resolved)
+        echo_ = echo if info.is_main else (lambda _: None)
+        return _train(resolved, info, echo_, stop_after, started, filled)
     finally:
         dist_.teardown(info)
 
 
-def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], None]) -> _Run:
+def _build_run(
+    config: TrainConfig,
+    info: dist_.DistInfo,
+    echo: Callable[[str], None],
+    filled: dict[str, Any],
+) -> _Run:
     """Load inputs (nothing written yet), adapt the model, then open the output directory."""
     out = check_output(config, info)  # a refused --output or resume before anything loads
     torch.manual_seed(config.seed)  # the head's and the adapters' initial values
@@ -438,7 +445,7 @@ def _build_run(config: TrainConfig, info: dist_.DistInfo, echo: Callable[[str], 
         reason = merge_blocker(model)  # found now, not after training
         if reason is not None:
             raise ConfigError(f"--merge: {reason} (drop --merge or that target)")
-    out = prepare_output(config, info, out)
+    out = prepare_output(config, info, out, filled)
     hooks = make_hooks(config, model)
     optimizer, scheduler = _optimizer(hooks.param_groups(model), config, total)
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if info.world_size > 1 else model
@@ -467,13 +474,14 @@ def _train(
     echo: Callable[[str], None],
     stop_after: int | None,
     started: float,
+    filled: dict[str, Any],
 ) -> TrainResult:
     with dist_.main_warns(info):  # the same data and model on every process: warned once
-        run = _build_run(config, info, echo)
+        run = _build_run(config, info, echo, filled)
     _announce(run)
     position = _resume(run) if config.resume else ckpt.Position(0, 0, 0)
     if config.resume:  # checked: now the run's options are this invocation's
-        record_config(config, info, run.out)
+        record_config(config, info, run.out, filled)
     before = _before(run, position)
     steps, rate = _train_steps(run, position, stop_after)
     result = TrainResult(

@@ -16,7 +16,7 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -26,7 +26,13 @@ from rankwise.errors import ConfigError
 from rankwise.io.files import readable_files, swap_in
 from rankwise.train import distributed as dist_
 from rankwise.train.batching import Encoded
-from rankwise.train.config import TrainConfig, atomic_write_text, option, write_yaml
+from rankwise.train.config import (
+    TrainConfig,
+    atomic_write_text,
+    option,
+    read_config_file,
+    write_yaml,
+)
 from rankwise.train.evaluate import EvalResult, evaluate
 from rankwise.train.methods import MergeCheck, Prepared
 from rankwise.train.metrics import CURVE_FILE, METRICS_FILE, plot_training_curve
@@ -85,7 +91,12 @@ def check_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = N
     return out
 
 
-def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None = None) -> Path:
+def prepare_output(
+    config: TrainConfig,
+    info: dist_.DistInfo,
+    out: Path | None = None,
+    filled: Mapping[str, Any] | None = None,
+) -> Path:
     """Check (:func:`check_output`, again: the model and data loaded meanwhile), create and
     (rank 0) start the output directory; write the resolved config, except on a resume, whose
     checkpoint is checked first (:func:`record_config` then)."""
@@ -99,24 +110,38 @@ def prepare_output(config: TrainConfig, info: dist_.DistInfo, out: Path | None =
                 f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
             ) from None
         if not config.resume:
-            record_config(config, info, out)
+            record_config(config, info, out, filled)
     dist_.barrier(info)
     return out
 
 
-def record_config(config: TrainConfig, info: dist_.DistInfo, out: Path) -> None:
+def record_config(
+    config: TrainConfig, info: dist_.DistInfo, out: Path, filled: Mapping[str, Any] | None = None
+) -> None:
     """(Rank 0) write the run's ``config.yaml``: local paths absolute, ``resume`` left out (it
-    belongs to one invocation: the file repeats the run elsewhere as it is). On a resume, once
-    the checkpoint was accepted (a refused one leaves the file as it was), clearing what a
-    kill during a final save left behind."""
+    belongs to one invocation: the file repeats the run elsewhere as it is), and ``filled``:
+    the options derived rather than given (:data:`~rankwise.train.config.FILLED_KEY`). On a
+    resume, once the checkpoint was accepted (a refused one leaves the file as it was), keeping
+    the file's own record of those and clearing what a kill during a final save left behind."""
     if not info.is_main:
         return
+    filled = dict(filled or {})
     if config.resume:  # a kill during a final save left its temporary (as checkpoints do)
         for leftover in out.iterdir():
             if leftover.is_dir() and leftover.name.startswith(FINAL_LEFTOVERS):
                 shutil.rmtree(leftover, ignore_errors=True)
+        # the resumed options hold the run's derived values as if given: keep its record
+        recorded = read_config_file(out / CONFIG_FILE)[1] if (out / CONFIG_FILE).is_file() else {}
+        filled = {
+            **{k: v for k, v in recorded.items() if getattr(config, k) == v},
+            **filled,
+        }
     try:
-        write_yaml(dataclasses.replace(_absolute_paths(config), resume=False), out / CONFIG_FILE)
+        write_yaml(
+            dataclasses.replace(_absolute_paths(config), resume=False),
+            out / CONFIG_FILE,
+            filled=filled,
+        )
     except OSError as err:
         raise PermissionError(
             f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
@@ -166,9 +191,9 @@ def _absolute_paths(config: TrainConfig) -> TrainConfig:
 def check_resumable(config: TrainConfig, saved_file: Path) -> None:
     """Refuse a resume whose options differ from the run's own ``config.yaml`` (other than
     :data:`RESUMABLE`): the checkpoint's optimizer, schedule and data order belong to those."""
-    from rankwise.train.config import from_mapping, read_yaml
+    from rankwise.train.config import from_mapping, read_config_file
 
-    saved = from_mapping(read_yaml(saved_file))
+    saved = from_mapping(read_config_file(saved_file)[0])
     # eval_split is not read with eval_data: runs before 2026-12-07 recorded 0.1 there
     unread = (
         {"eval_split"} if saved.eval_data is not None and config.eval_data is not None else set()
