@@ -126,6 +126,24 @@ def test_peft_init_names_at_the_file_edge() -> None:
         assert from_peft_init(to_peft_init(ours)) == ours
 
 
+def test_peft_randomized_pissa_spelling_is_accepted_in_the_config() -> None:
+    """PEFT's "pissa_niter_N" (its randomized PiSSA) was refused by LoraConfig, though files
+    holding it load: it is rankwise's "pissa" (a randomized SVD), in code as in files."""
+    from lora_testkit import tiny_bert_cls
+
+    from rankwise.lora import LoraConfig, inject
+
+    config = LoraConfig(r=4, target_modules=["query"], init_lora_weights="pissa_niter_4")
+    assert config.init_lora_weights == "pissa"
+    models = [
+        inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=["query"], init_lora_weights=i))
+        for i in ("pissa_niter_16", "pissa")
+    ]
+    states = [m.state_dict() for m in models]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
 def test_original_base_factors_and_config() -> None:
     from rankwise.lora import LoraConfig
     from rankwise.lora.init_svd import original_base_config, original_base_factors

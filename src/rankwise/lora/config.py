@@ -68,7 +68,9 @@ class LoraConfig:
       ``QUESTION_ANS`` adds ``qa_outputs``, as PEFT's task models do).
     * ``init_lora_weights``: ``True`` (kaiming-uniform A, zero B), ``False`` (random A and B,
       for tests), or a registered initializer name (``"gaussian"``, ``"pissa"`` — randomized
-      SVD —, ``"pissa_exact"``, ``"olora"``, ``"lora_ga"`` — set by
+      SVD, PEFT's ``"pissa_niter_N"``, which is read as ``"pissa"`` (adaptive iterations
+      instead of ``N``) —, ``"pissa_exact"`` — full SVD, PEFT's ``"pissa"`` —, ``"olora"``,
+      ``"lora_ga"`` — set by
       :func:`~rankwise.lora.lora_ga.lora_ga_init`, which ``inject`` points to —; see
       :data:`rankwise.lora.initializers.INITIALIZERS`).
     * ``use_dora``: the DoRA parametrization (:mod:`rankwise.lora.dora`);
@@ -113,6 +115,10 @@ class LoraConfig:
         self.alpha_pattern = _mapping("alpha_pattern", self.alpha_pattern)
         if isinstance(self.layers_to_transform, (list, tuple)):
             self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.init_lora_weights, str) and PEFT_PISSA_NITER.fullmatch(
+            self.init_lora_weights
+        ):  # PEFT's randomized PiSSA is ours: N is left to its adaptive iteration count
+            self.init_lora_weights = "pissa"
         _validate(self)
 
     def validate(self) -> None:
@@ -269,6 +275,9 @@ def _check_layers(cfg: LoraConfig) -> None:
             raise ConfigError(f"layers_pattern: expected non-empty strings, found {pattern!r}")
         _check_regex("layers_pattern", pattern)  # PEFT reads it as a regex fragment
 
+
+# PEFT's spelling of a randomized PiSSA: "pissa_niter_<subspace iterations>"
+PEFT_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 # registry entries that are not PEFT values of init_lora_weights: AdaLoraConfig's own init
 # (AdaLoraConfig.initializer; its files say True / False)

@@ -26,19 +26,16 @@ names. PEFT's config strings (``"pissa"`` = full SVD, ``"pissa_niter_N"`` = rand
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from rankwise.linalg._validate import non_finite_count
-from rankwise.lora.config import LoraConfig
+from rankwise.lora.config import PEFT_PISSA_NITER, LoraConfig
 from rankwise.lora.initializers import LoraInit, as_generator, kaiming_init
 from rankwise.lora.layers import INIT_A, INIT_B, LoraLayer
 
-# PEFT's spelling of a randomized PiSSA: "pissa_niter_<power iterations>"
-_PEFT_NITER = re.compile(r"pissa_niter_(\d+)")
 # power iterations written for our randomized "pissa" (its adaptive rule stops at <= 8)
 PEFT_NITER_FOR_FAST = 4
 
@@ -200,7 +197,7 @@ def from_peft_init(value: bool | str) -> bool | str:
         return "pissa_exact"
     if isinstance(value, str) and value.lower() in _PEFT_BASE_KEEPING:
         return True
-    if isinstance(value, str) and _PEFT_NITER.fullmatch(value):
+    if isinstance(value, str) and PEFT_PISSA_NITER.fullmatch(value):
         return "pissa"
     return value
 
