@@ -196,8 +196,8 @@ def test_a_missing_optional_package_is_a_one_line_error(
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     argv = ["analyze", "spectrum", str(setup["r8"]), "--plot", str(setup["root"] / "noplot")]
     assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("rankwise analyze: error: needs the package 'matplotlib'")
+    err = capsys.readouterr().err  # named like argparse's own errors of the analysis
+    assert err.startswith("rankwise analyze spectrum: error: needs the package 'matplotlib'")
     assert "rankwise[plot]" in err and "Traceback" not in err
     # budget: refused before its runs (it trained every set, then failed at the figure)
     out = setup["root"] / "budget-noplot"
@@ -205,7 +205,7 @@ def test_a_missing_optional_package_is_a_one_line_error(
             str(out), "--plot", str(setup["root"] / "noplot")]  # fmt: skip
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("rankwise analyze: error: needs the package 'matplotlib'")
+    assert err.startswith("rankwise analyze budget: error: needs the package 'matplotlib'")
     assert not out.exists()
 
 

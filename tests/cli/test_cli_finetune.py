@@ -353,3 +353,31 @@ def test_a_demo_runs_config_file_with_data_gets_the_usual_defaults(tmp_path: Pat
     # the file as it is: the demo again
     again = resolve(config_from_args(parser.parse_args(args[:2])))
     assert again == demo_resolved
+
+
+def test_warnings_are_one_line_like_errors(tiny, tmp_path: Path, capsys) -> None:
+    """A warning printed Python's `file:line: RuntimeWarning: ...` and the source line of the
+    warnings.warn call under it; the CLI shows it as one line, named like its errors. The
+    display only: warnings stay recordable (pytest.warns), and the format is restored."""
+    import subprocess
+    import sys
+    import warnings
+
+    model, data = tiny
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({"ga_batches": 4}))  # ignored by --method lora: a warning
+    argv = ["--config", str(cfg), "--model", str(model), "--data", str(data), "--max-steps", "1",
+            "--batch-size", "8", "--save-every", "0", "--output", str(tmp_path / "out")]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "rankwise", "finetune", *argv],
+        capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "default"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "ignored by --method lora" in line]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("rankwise finetune: warning: option --ga-batches")
+    assert lines[0].endswith("(RuntimeWarning)") and "warnings.warn" not in done.stderr
+    before = warnings.formatwarning
+    with pytest.warns(RuntimeWarning, match="ignored by --method lora"):
+        _run([*argv[:-1], str(tmp_path / "out2")], capsys)
+    assert warnings.formatwarning is before

@@ -24,6 +24,9 @@ from typing import NamedTuple, NoReturn
 
 from rankwise import __version__
 
+# the data files the commands read (rankwise.train.rows), for their --help
+DATA_FORMATS = ".tsv/.csv/.jsonl/.json or hf:<name>[/<config>][:<split>]"
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line, exit code 2."""
@@ -209,7 +212,10 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command("evaluate", "accuracy or perplexity of a trained adapter on a data file"),
     "predict": Command("predict", "labels a trained classifier gives to texts"),
     "merge": Command("merge", "merge an adapter into its base model (plain transformers model)"),
-    "analyze": Command("analyze", "adapter analysis: subspace similarity, spectrum, amplification"),
+    "analyze": Command(
+        "analyze",
+        "adapter analysis: subspace similarity, spectrum, amplification, equal-budget comparison",
+    ),
     "extract": Command("extract", "extract a LoRA adapter from a fine-tuned model by SVD"),
     "resize": Command("resize", "resize an adapter to a lower rank, in factored form"),
     "combine": Command("combine", "combine adapters: exact linear, SVD, TIES or DARE"),
@@ -252,6 +258,26 @@ def _sigterm_raises() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _one_line_warnings(label: str) -> Iterator[None]:
+    """Warnings shown as ``<label>: warning: <message> (<category>)``, one line like the
+    errors, not Python's ``file:line: Category: message`` plus the warning's source line.
+    Only the display changes: filters and recording (``warnings.catch_warnings``, pytest) stay
+    as they are; restored afterwards."""
+    import warnings
+
+    def formatted(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
+        text = " ".join(str(message).split("\n"))
+        return f"{label}: warning: {text} ({category.__name__})\n"
+
+    previous = warnings.formatwarning
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
 
 
 def build_parser(commands: dict[str, Command] | None = None) -> argparse.ArgumentParser:
@@ -352,8 +378,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         top.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS) or '(none yet)'}")
     parser, module = _command_parser(name, COMMANDS[name])
     args = parser.parse_args(_negative_values_attached(parser, rest))
+    if getattr(args, "analysis", None):  # as argparse's own errors name it
+        name = f"{name} {args.analysis}"
     try:
-        with _sigterm_raises():
+        with _sigterm_raises(), _one_line_warnings(f"rankwise {name}{_rank_label()}"):
             return int(module.run(args) or 0)
     except Terminated:  # cleaned up on the way here; SIGTERM still ends the whole process
         print(f"rankwise {name}{_rank_label()}: terminated", file=sys.stderr)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from rankwise.cli import CliError, figure_directory, require_plotting, seed
+from rankwise.cli import DATA_FORMATS, CliError, figure_directory, require_plotting, seed
 
 
 def _plot_option(parser: argparse.ArgumentParser) -> None:
@@ -85,7 +85,7 @@ def _types(text: str) -> dict[str, str]:
 
 def _budget_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory (default: the bundled MiniLM)")
-    p.add_argument("--data", required=True, help="training data (.tsv/.csv/.jsonl)")
+    p.add_argument("--data", required=True, help=f"training data: {DATA_FORMATS}")
     p.add_argument("--eval-data", help="held-out data (default: a split of --data)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--budget", type=int, help="trainable LoRA parameters per run")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from rankwise.cli import DATA_FORMATS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -17,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         metavar="FILE",
-        help=".tsv/.csv/.jsonl or hf:<name>[/<config>][:<split>]",
+        help=DATA_FORMATS,
     )
     parser.add_argument(
         "--model", metavar="PATH", help="base model (default: the one recorded with the adapter)"

