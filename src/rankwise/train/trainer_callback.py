@@ -107,10 +107,33 @@ class SaveAdapterCallback(TrainerCallback):
         **kwargs: Any,
     ) -> None:
         """The trained adapter into ``output_dir``, or into a hyperparameter-search trial's own
-        folder (where its checkpoints went: trials would overwrite one another's)."""
+        folder (where its checkpoints went: trials would overwrite one another's). With
+        ``load_best_model_at_end`` the best checkpoint's adapter, as this callback saved it
+        there: the model Trainer loaded back is that checkpoint's, and the copy holds whatever
+        else the save depends on at that step (AdaLoRA's ranks kept, which the allocator's
+        callback restores in its own ``on_train_end``, perhaps after this one)."""
         directory = self._run_dir if self._run_dir is not None else Path(args.output_dir)
         self._run_dir = None
+        best = state.best_model_checkpoint
+        if args.load_best_model_at_end and best is not None and state.is_world_process_zero:
+            if _copy_adapter(Path(best), directory):
+                return
         self._save(model, directory, state)
+
+
+def _copy_adapter(source: Path, directory: Path) -> bool:
+    """Copy the adapter files of ``source`` into ``directory`` together (other files there are
+    kept); False, copying nothing, when ``source`` does not hold both."""
+    from rankwise.io import CONFIG_NAME, WEIGHTS_NAME
+    from rankwise.io.files import atomic_write_bytes, replaced_dir
+
+    names = (WEIGHTS_NAME, CONFIG_NAME)
+    if not all((source / name).is_file() for name in names):
+        return False
+    with replaced_dir(directory) as tmp:
+        for name in names:
+            atomic_write_bytes(tmp / name, (source / name).read_bytes())
+    return True
 
 
 ALLOCATOR_FILE = "adalora_allocator.safetensors"
