@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from rankwise.lora.adalora import (
     AdaLoraConfig,
+    AdaLoraConv,
+    AdaLoraLayer,
     AdaLoraLinear,
     adalora_init,
     adalora_random_init,
@@ -59,6 +61,8 @@ WEIGHT_READING.update({"pissa", "pissa_exact", "olora"})
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaLoraConv",
+    "AdaLoraLayer",
     "AdaLoraLinear",
     "DoraConv",
     "DoraEmbedding",

@@ -168,46 +168,24 @@ def _check_masks(pattern: dict[str, Any], init_r: int) -> dict[str, list[bool]]:
     return out
 
 
-class AdaLoraLinear(LoraLayer):
-    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``:
-    ``h = base(x) + s · P (λ ⊙ (Q x̃))``, ``s = α / (r_init + 1e-5)``, ``x̃ = dropout(x)``.
+class AdaLoraLayer(LoraLayer):
+    """The AdaLoRA triplets on a base layer: ``lora_A = Q: (r, in)``, ``lora_E = λ: (r, 1)``
+    (zero at init), ``lora_B = P: (out, r)``, ``ΔW = s · P diag(λ) Q`` with
+    ``s = α / (r_init + 1e-5)``, in the layer's matrix view (:meth:`base_matrix`).
 
     ``factors()`` are the live ``Q = lora_A`` and ``P = lora_B`` (what ``set_factors``
-    writes); the update is ``ΔW = s · P diag(λ) Q`` (:meth:`effective_factors`).
+    writes); :meth:`effective_factors` folds ``λ`` in. Subclasses: :class:`AdaLoraLinear`,
+    :class:`AdaLoraConv`.
     """
 
-    kind: ClassVar[str] = "linear"
     parametrization: ClassVar[str] = "adalora"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float,
-        scaling: float,
-        lora_dropout: float,
-    ) -> None:
-        super().__init__(
-            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
-        )
-        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base_layer)
+    def _triplets(self, in_features: int, out_features: int, r: int) -> None:
         w = self.base_weight
         kw = {"device": w.device, "dtype": self._dtype}
-        self.lora_A = nn.Parameter(torch.zeros(r, self.in_features, **kw))  # Q: (r, in)
+        self.lora_A = nn.Parameter(torch.zeros(r, in_features, **kw))  # Q: (r, in)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))  # λ: (r, 1), zero at init
-        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, **kw))  # P: (out, r)
-
-    @classmethod
-    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
-        _, in_f, out_f = linear_dims(base)
-        return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
-
-    def base_matrix(self) -> Tensor:
-        return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
-
-    def _from_matrix(self, delta: Tensor) -> Tensor:
-        return delta.t() if self.fan_in_fan_out else delta
+        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **kw))  # P: (out, r)
 
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_A, self.lora_B)
@@ -229,6 +207,39 @@ class AdaLoraLinear(LoraLayer):
         dt = self.merge_dtype()
         return self._from_matrix((B.to(dt) * self.scaling) @ A.to(dt))
 
+
+class AdaLoraLinear(AdaLoraLayer):
+    """AdaLoRA on ``nn.Linear`` / transformers ``Conv1D``:
+    ``h = base(x) + s · P (λ ⊙ (Q x̃))``, ``s = α / (r_init + 1e-5)``, ``x̃ = dropout(x)``."""
+
+    kind: ClassVar[str] = "linear"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base_layer)
+        self._triplets(self.in_features, self.out_features, r)
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        _, in_f, out_f = linear_dims(base)
+        return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.t() if self.fan_in_fan_out else delta
+
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (..., out)
         if self.r == 0:  # every triplet pruned (PEFT allows r = 0): the base layer alone
@@ -238,6 +249,63 @@ class AdaLoraLinear(LoraLayer):
             h = h.to(self._dtype)
         h = F.linear(h, self.lora_A) * self.lora_E.view(-1)  # (..., r): Q x̃, times λ
         return self._project_up(result, h, self.lora_B)  # + s · P (...)
+
+
+class AdaLoraConv(AdaLoraLayer):
+    """AdaLoRA on ``nn.Conv2d`` (PEFT's ``SVDConv2d``) and ``nn.Conv1d`` (``groups =
+    dilation = 1``, zero padding, as for LoRA): ``Q: (r, in·prod(k))`` is a convolution of the
+    base layer's kernel, stride and padding onto ``r`` channels (weighted by ``λ``) and ``P``
+    a 1×1 convolution back; ``ΔW = s · P diag(λ) Q`` reshaped to ``(out, in, *k)``. PEFT
+    forms that ``ΔW`` in every forward; here the two small convolutions never do (the same
+    sum in another order). PEFT has no AdaLoRA on ``Conv1d``: such a file is rankwise's own.
+    """
+
+    kind: ClassVar[str] = "conv"
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        k = math.prod(base_layer.kernel_size)
+        self._triplets(self.in_features * k, self.out_features, r)
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        k = math.prod(int(s) for s in base.kernel_size)
+        in_f, out_f = int(base.in_channels), int(base.out_channels)
+        return {"lora_A": (r, in_f * k), "lora_E": (r, 1), "lora_B": (out_f, r)}
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.flatten(1)  # (out, in * prod(k))
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.base_weight.shape)
+
+    def adapted_forward(self, x: Tensor) -> Tensor:
+        result = self.base_layer(x)  # (N, out, *spatial)
+        if self.r == 0:  # every triplet pruned: the base layer alone
+            return result
+        base = self.base_layer
+        conv = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d
+        h = x if self.dropout is None else self.dropout(x)
+        if h.dtype != self._dtype:
+            h = h.to(self._dtype)
+        kernel = (self.lora_A * self.lora_E).view(self.r, self.in_features, *base.kernel_size)
+        h = conv(h, kernel, None, base.stride, base.padding) * self.scaling  # (N, r, *spatial)
+        ones = (1,) * len(base.kernel_size)
+        up = conv(h, self.lora_B.view(self.out_features, self.r, *ones))  # (N, out, *spatial)
+        if up.dtype != result.dtype:  # add in the adapter's dtype, round once (as PEFT)
+            return (result.to(up.dtype) + up).to(result.dtype)
+        return result + up
 
 
 def adalora_init(
@@ -270,7 +338,7 @@ def orthogonal_regularization(model: nn.Module) -> Tensor:
     """
     terms = []
     for module in model.modules():
-        if isinstance(module, AdaLoraLinear):  # a layer pruned to r = 0 adds two zero terms
+        if isinstance(module, AdaLoraLayer):  # a layer pruned to r = 0 adds two zero terms
             for cov in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):
                 eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
                 terms.append(torch.linalg.matrix_norm(cov - eye))  # Frobenius, (r, r)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from rankwise.errors import ConfigError
-from rankwise.lora.adalora import AdaLoraConfig, AdaLoraLinear
+from rankwise.lora.adalora import AdaLoraConfig, AdaLoraLayer
 from rankwise.lora.inject import STATE_ATTR, LoraState
 
 PARAMS = ("lora_A", "lora_E", "lora_B")
@@ -57,7 +57,8 @@ def budget_schedule(
 
 
 class RankAllocator:
-    """AdaLoRA's budget allocation over every :class:`AdaLoraLinear` of ``model``."""
+    """AdaLoRA's budget allocation over every AdaLoRA layer of ``model`` (:class:`AdaLoraLayer`:
+    linear and convolution alike)."""
 
     def __init__(self, model: nn.Module, config: AdaLoraConfig) -> None:
         if not isinstance(config, AdaLoraConfig):
@@ -67,8 +68,8 @@ class RankAllocator:
         # resolved): save_adapter reads that one, so the kept triplets go there too
         attached = getattr(model, STATE_ATTR, None)
         self._attached = attached.config if isinstance(attached, LoraState) else None
-        self.layers: dict[str, AdaLoraLinear] = {
-            name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLinear)
+        self.layers: dict[str, AdaLoraLayer] = {
+            name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLayer)
         }
         if not self.layers:
             raise ConfigError("model: no AdaLoRA layers; inject(model, AdaLoraConfig(...)) first")

@@ -8,7 +8,7 @@ Rows: ``"vanilla"`` (:mod:`~rankwise.lora.layers`, :mod:`~rankwise.lora.embeddin
 
 from __future__ import annotations
 
-from rankwise.lora.adalora import AdaLoraLinear
+from rankwise.lora.adalora import AdaLoraConv, AdaLoraLinear
 from rankwise.lora.conv import LoraConv
 from rankwise.lora.dora import DORA_WRAPPERS
 from rankwise.lora.embedding import LoraEmbedding
@@ -17,5 +17,5 @@ from rankwise.lora.layers import LoraLayer, LoraLinear
 WRAPPERS: dict[str, dict[str, type[LoraLayer]]] = {
     "vanilla": {"linear": LoraLinear, "embedding": LoraEmbedding, "conv": LoraConv},
     "dora": DORA_WRAPPERS,
-    "adalora": {"linear": AdaLoraLinear},
+    "adalora": {"linear": AdaLoraLinear, "conv": AdaLoraConv},
 }
