@@ -211,6 +211,29 @@ def test_swap_checks_modules_to_save_against_the_model(tmp_path: Path) -> None:
         load_adapter(model, tmp_path)
 
 
+@pytest.mark.parametrize(("have", "want"), [("plain", "dora"), ("dora", "plain"),
+                                             ("plain", "adalora"), ("adalora", "dora")])  # fmt: skip
+def test_swap_between_parametrizations_names_them(have: str, want: str, tmp_path: Path) -> None:
+    """A DoRA file swapped into plain LoRA adapters said only "keys do not fit the model:
+    unexpected [...lora_magnitude_vector]"."""
+    from rankwise.lora import AdaLoraConfig
+
+    configs = {"plain": CFG, "dora": CFG.replace(use_dora=True),
+               "adalora": AdaLoraConfig(init_r=4, target_r=2, total_step=10,
+                                        target_modules=["query"])}  # fmt: skip
+    save_adapter(inject(tiny_bert_cls(), configs[want], generator=0), tmp_path)
+    model = inject(tiny_bert_cls(), configs[have], generator=3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = {"plain": "plain LoRA", "dora": "DoRA", "adalora": "AdaLoRA"}
+    with pytest.raises(
+        AdapterFormatError, match=f"adapters are {names[have]}, the file's {names[want]}"
+    ):
+        load_adapter(model, tmp_path)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert get_config(model).parametrization == configs[have].parametrization
+
+
 def test_adapter_for_a_model_of_other_shapes_names_module_and_shapes(tmp_path: Path) -> None:
     from transformers import BertConfig, BertForSequenceClassification
 

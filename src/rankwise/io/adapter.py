@@ -394,6 +394,14 @@ def _check_aliases(
 def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
     if any(layer.merged for _, layer in lora_layers(model)):
         raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
+    kinds = {"vanilla": "plain LoRA", "dora": "DoRA", "adalora": "AdaLoRA"}
+    have, want = get_state(model).config.parametrization, config.parametrization
+    if have != want:  # other tensors per layer: the keys' mismatch named neither
+        raise AdapterFormatError(
+            f"load_adapter: cannot swap adapters in place: the model's adapters are "
+            f"{kinds.get(have, have)}, the file's {kinds.get(want, want)}. Load it into a fresh "
+            "copy of the base model (or rankwise.lora.unload(model) first)"
+        )
     residual = [name for name, layer in lora_layers(model) if initial_factors(layer) is not None]
     if (residual or config.initializer in RESIDUAL_INITIALIZERS) and not _same_residual(
         model, config
