@@ -108,3 +108,82 @@ def test_embedding_max_norm_norm_is_taken_as_peft_does(tmp_path) -> None:
         key = name.split("layer.")[-1]
         other = next(g for n, g in grads.items() if n.startswith(key.split(".")[0]))
         torch.testing.assert_close(p.grad.reshape(other.shape), other, rtol=1e-5, atol=1e-6)
+
+
+class _Two(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(64, 64)
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lin(y).float().pow(2).sum() + self.conv(x).float().pow(2).sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("variant", ["lora", "dora", "adalora"])
+def test_dropout_on_a_half_precision_base_is_taken_in_the_adapters_dtype(
+    variant: str, dtype: torch.dtype
+) -> None:
+    """The adapter path dropped out x in the base's half precision, then cast it to the float32
+    adapter: x / (1 - p) rounded first, every adapter gradient 0.15-0.3% off PEFT's (which
+    casts, then drops out). The same masks, so now equal to rounding."""
+    # PEFT's DoRA on a half-precision Conv2d with dropout fails (its conv of the float32 input
+    # with the half weight): the linear layer only there
+    targets = ["lin"] if variant == "dora" else ["lin", "conv"]
+    kw = dict(lora_alpha=8, target_modules=targets, lora_dropout=0.3, init_lora_weights=False)
+    if variant == "adalora":
+        ours_cfg = rw.AdaLoraConfig(init_r=4, target_r=2, total_step=10, **kw)
+        theirs_cfg = peft.AdaLoraConfig(init_r=4, target_r=2, total_step=10, **kw)
+    else:
+        ours_cfg = rw.LoraConfig(r=4, use_dora=variant == "dora", **kw)
+        theirs_cfg = peft.LoraConfig(r=4, use_dora=variant == "dora", **kw)
+    base = _Two().to(dtype)
+    theirs = peft.get_peft_model(copy.deepcopy(base), theirs_cfg)
+    ours = rw.inject(copy.deepcopy(base), ours_cfg, generator=0)
+
+    def key(name: str) -> str:
+        name = name.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector")
+        return name.replace("base_model.model.", "").replace(".default", "")
+
+    grads_of = {key(k): p for k, p in theirs.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.requires_grad:
+                p.copy_(grads_of[name])
+    g = torch.Generator().manual_seed(1)
+    x, y = (
+        torch.randn(2, 3, 8, 8, generator=g).to(dtype),
+        torch.randn(16, 64, generator=g).to(dtype),
+    )
+    for model in (theirs, ours):
+        model.train()
+        torch.manual_seed(3)  # the same dropout masks
+        model(x, y).backward()
+    for name, p in ours.named_parameters():
+        if p.requires_grad:
+            want = grads_of[name].grad
+            assert p.grad is not None and want is not None, name
+            err = ((p.grad - want).norm() / want.norm()).item()
+            assert err < 1e-5, (name, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dora_conv_on_a_half_precision_base_trains_with_dropout(dtype: torch.dtype) -> None:
+    """(PEFT fails here.) The dropped-out input in float32, the base part through the weight
+    in float32: the same masks give the float32 model's gradients to half precision."""
+    cfg = rw.LoraConfig(r=4, lora_alpha=8, target_modules=["conv"], lora_dropout=0.3,
+                        use_dora=True, init_lora_weights=False)  # fmt: skip
+    models = {dt: rw.inject(_Two().to(dt), cfg, generator=0) for dt in (dtype, torch.float32)}
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 3, 8, 8, generator=g), torch.randn(16, 64, generator=g)
+    for dt, model in models.items():
+        model.train()
+        torch.manual_seed(3)
+        model(x.to(dt), y.to(dt)).backward()
+    for name, p in models[dtype].named_parameters():
+        if p.requires_grad:
+            want = models[torch.float32].get_parameter(name).grad
+            err = ((p.grad - want).norm() / want.norm()).item()
+            assert err < 20 * torch.finfo(dtype).eps, (name, err)

@@ -244,9 +244,8 @@ class AdaLoraLinear(AdaLoraLayer):
         result = self.base_layer(x)  # (..., out)
         if self.r == 0:  # every triplet pruned (PEFT allows r = 0): the base layer alone
             return result
-        h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != self._dtype:
-            h = h.to(self._dtype)
+        h = x if x.dtype == self._dtype else x.to(self._dtype)  # then dropout, as PEFT
+        h = h if self.dropout is None else self.dropout(h)
         h = F.linear(h, self.lora_A) * self.lora_E.view(-1)  # (..., r): Q x̃, times λ
         return self._project_up(result, h, self.lora_B)  # + s · P (...)
 
@@ -296,9 +295,8 @@ class AdaLoraConv(AdaLoraLayer):
             return result
         base = self.base_layer
         conv = F.conv2d if isinstance(base, nn.Conv2d) else F.conv1d
-        h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != self._dtype:
-            h = h.to(self._dtype)
+        h = x if x.dtype == self._dtype else x.to(self._dtype)  # then dropout, as PEFT
+        h = h if self.dropout is None else self.dropout(h)
         kernel = (self.lora_A * self.lora_E).view(self.r, self.in_features, *base.kernel_size)
         h = conv(h, kernel, None, base.stride, base.padding) * self.scaling  # (N, r, *spatial)
         ones = (1,) * len(base.kernel_size)

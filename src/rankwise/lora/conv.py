@@ -61,9 +61,8 @@ class LoraConv(LoraLayer):
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (N, out, *spatial)
-        h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != self._dtype:
-            h = h.to(self._dtype)
+        h = x if x.dtype == self._dtype else x.to(self._dtype)  # then dropout, as PEFT
+        h = h if self.dropout is None else self.dropout(h)
         h = self.lora_A(h) * self.scaling  # (N, r, *spatial): the scale on the r-channel map
         up = self.lora_B(h)
         if up.dtype != result.dtype:  # add in the adapter's dtype, round once (as PEFT)

@@ -420,9 +420,9 @@ class DoraLinear(DoraMixin, LoraLinear):
             # precision or autocast: in the adapter's dtype, rounded to the base's once
             c = self._dora_scale(self._dtype)  # (out,)
             result = self.base_layer(x)
-            if dropout:
-                xd = self.dropout(x)
-                base_part = F.linear(xd, W)
+            if dropout:  # in the adapter's dtype, then dropout (as PEFT)
+                xd = self.dropout(x if x.dtype == self._dtype else x.to(self._dtype))
+                base_part = F.linear(xd, W if W.dtype == xd.dtype else W.to(xd.dtype))
             else:
                 xd, base_part = x, (result - bias if bias is not None else result)
             lora = self.lora_B(self.lora_A(xd.to(self._dtype)))
@@ -524,9 +524,10 @@ class DoraConv(DoraMixin, LoraConv):
         # (out, 1, ...): broadcasts over (N, out, *spatial) and an unbatched (out, *spatial)
         channels = (-1, *(1,) * len(base.kernel_size))
         c = self._dora_scale(self._dtype).view(channels)
-        if self.dropout is not None and self.training:
-            xd = self.dropout(x)
-            base_part = base._conv_forward(xd, base.weight, None)
+        if self.dropout is not None and self.training:  # adapter's dtype, then dropout (PEFT)
+            xd = self.dropout(x if x.dtype == self._dtype else x.to(self._dtype))
+            weight = base.weight if base.weight.dtype == xd.dtype else base.weight.to(xd.dtype)
+            base_part = base._conv_forward(xd, weight, None)
         else:
             xd = x
             base_part = result if base.bias is None else result - base.bias.view(channels)

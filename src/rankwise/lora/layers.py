@@ -553,9 +553,10 @@ class LoraLinear(LoraLayer):
         """General path: the base layer run as a module (hooks, subclasses, mixed dtypes), the
         factors too when they are not plain (hooks, accelerate's offloading)."""
         lora_A, lora_B = self.lora_A, self.lora_B
-        h = x if self.dropout is None else self.dropout(x)
-        if h.dtype != lora_A.weight.dtype:
-            h = h.to(lora_A.weight.dtype)
+        # in the adapter's dtype, then dropout (as PEFT: x / (1 - p) not rounded to a half
+        # precision first)
+        h = x if x.dtype == lora_A.weight.dtype else x.to(lora_A.weight.dtype)
+        h = h if self.dropout is None else self.dropout(h)
         result = self.base_layer(x)
         if _plain(lora_A) and _plain(lora_B):
             # (..., r): project down first, never form B @ A; s folded into the up-projection
