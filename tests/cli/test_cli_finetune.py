@@ -381,3 +381,15 @@ def test_warnings_are_one_line_like_errors(tiny, tmp_path: Path, capsys) -> None
     with pytest.warns(RuntimeWarning, match="ignored by --method lora"):
         _run([*argv[:-1], str(tmp_path / "out2")], capsys)
     assert warnings.formatwarning is before
+
+
+def test_another_librarys_warning_says_where_it_comes_from() -> None:
+    import warnings
+
+    from rankwise import cli
+
+    with cli._one_line_warnings("rankwise finetune"):
+        theirs = warnings.formatwarning("old", FutureWarning, "/x/transformers/a.py", 3)
+        ours = warnings.formatwarning("ignored", RuntimeWarning, "/y/rankwise/train/c.py", 9)
+    assert theirs == "rankwise finetune: warning: old (FutureWarning, /x/transformers/a.py:3)\n"
+    assert ours == "rankwise finetune: warning: ignored (RuntimeWarning)\n"

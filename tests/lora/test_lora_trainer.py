@@ -461,3 +461,33 @@ def test_save_adapter_callback_follows_a_hyperparameter_search_trial(tmp_path: P
     trial = out / "run-0"
     for folder in (trial / "checkpoint-2", trial):
         assert (folder / "adapter_model.safetensors").is_file()
+
+
+def test_a_pruned_trial_saves_its_own_model_not_the_best_checkpoints(tmp_path: Path) -> None:
+    """Optuna's pruning calls on_train_end mid-run and raises, without Trainer loading the best
+    model: the trial's folder got the best checkpoint's adapter, not the model it ended with.
+    After the run's summary log (train_runtime), Trainer has loaded the best model: copied."""
+    transformers = pytest.importorskip("transformers")
+    from rankwise.train import SaveAdapterCallback
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query"], task_type="SEQ_CLS")
+    best = tmp_path / "checkpoint-2"
+    save_adapter(inject(tiny_bert_cls(), config, generator=0), best)
+    model = inject(tiny_bert_cls(), config, generator=1)  # the live model: other factors
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(2))
+    args = _training_args(tmp_path, load_best_model_at_end=True, eval_strategy="steps",
+                          save_strategy="steps")  # fmt: skip
+    for history, source in (([{"loss": 0.7, "step": 3}], "model"),
+                            ([{"loss": 0.7}, {"train_runtime": 1.0}], "best")):  # fmt: skip
+        out = tmp_path / source
+        args.output_dir = str(out)
+        state = transformers.TrainerState(best_model_checkpoint=str(best), log_history=history)
+        SaveAdapterCallback().on_train_end(args, state, transformers.TrainerControl(), model=model)
+        expected = (load_adapter(tiny_bert_cls(), best) if source == "best" else model).eval()
+        torch.testing.assert_close(
+            logits(load_adapter(tiny_bert_cls(), out), "bert"), logits(expected, "bert"),
+            atol=1e-6, rtol=0,
+        )  # fmt: skip

@@ -74,9 +74,13 @@ def test_conv_layer_equals_its_merged_weight_and_peft_delta() -> None:
     model = inject(_vit(), AdaLoraConfig(**KW), generator=0)
     _randomize_lambda(model)
     layer = model.embeddings.patch_embeddings.projection
-    A, B = layer.effective_factors()
-    delta = (layer.scaling * B @ A).reshape(layer.base_layer.weight.shape)  # PEFT's form
-    torch.testing.assert_close(layer.delta_weight(), delta)
+    theirs = peft.get_peft_model(_vit(), peft.AdaLoraConfig(**KW))
+    svd_conv = theirs.base_model.model.embeddings.patch_embeddings.projection
+    with torch.no_grad():
+        for name in ("lora_A", "lora_E", "lora_B"):
+            getattr(svd_conv, name)["default"].copy_(getattr(layer, name))
+        want = svd_conv.get_delta_weight("default")
+    torch.testing.assert_close(layer.delta_weight(), want)
     x = _pixels()
     with torch.no_grad():
         unmerged = model(pixel_values=x).last_hidden_state
@@ -93,8 +97,9 @@ def test_allocator_prunes_conv_and_linear_layers_like_peft(tmp_path: Path) -> No
     same kept triplets, a conv layer among them; the file cut to them reloads exactly."""
     from rankwise.io import load_adapter, save_adapter
 
-    cfg = AdaLoraConfig(**KW)
-    theirs = peft.get_peft_model(_vit(), peft.AdaLoraConfig(**KW))
+    kw = {**KW, "target_r": 1}  # the conv layer keeps 2 of 4 triplets, q_proj none
+    cfg = AdaLoraConfig(**kw)
+    theirs = peft.get_peft_model(_vit(), peft.AdaLoraConfig(**kw))
     ours = inject(_vit(), cfg, generator=0)
     with torch.no_grad():  # PEFT's initial factors (ParameterDict entries "<name>.default")
         for name, p in ours.named_parameters():
@@ -121,6 +126,8 @@ def test_allocator_prunes_conv_and_linear_layers_like_peft(tmp_path: Path) -> No
     pattern = {k.replace(".default", ""): v
                for k, v in theirs.peft_config["default"].rank_pattern.items()}  # fmt: skip
     assert cfg.rank_pattern == pattern
+    conv_kept = cfg.rank_pattern["embeddings.patch_embeddings.projection.lora_E"]
+    assert 0 < sum(conv_kept) < len(conv_kept)  # pruned in part: the file cuts it
     save_adapter(ours, tmp_path)
     back = load_adapter(_vit(), tmp_path)
     with torch.no_grad():
@@ -131,7 +138,9 @@ def test_allocator_prunes_conv_and_linear_layers_like_peft(tmp_path: Path) -> No
         )  # fmt: skip
 
 
-def test_conv1d_adalora_matches_its_merged_weight() -> None:
+def test_conv1d_adalora_matches_its_merged_weight(tmp_path: Path) -> None:
+    from rankwise.io import load_adapter, save_adapter
+
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -154,3 +163,8 @@ def test_conv1d_adalora_matches_its_merged_weight() -> None:
         )  # fmt: skip
     torch.testing.assert_close(unmerged, expected, atol=1e-5, rtol=1e-5)
     assert (unmerged - copy.deepcopy(Net())(x)).abs().max() > 1e-3
+    with pytest.warns(RuntimeWarning, match=r"AdaLoRA on nn.Conv1d \('conv'\): PEFT's AdaLoRA"):
+        save_adapter(model, tmp_path)
+    back = load_adapter(Net(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), unmerged, atol=1e-6, rtol=1e-6)

@@ -307,3 +307,11 @@ def test_a_runs_config_yaml_reads_back_with_its_record_of_derived_options(tmp_pa
     options, filled = read_config_file(tmp_path / "config.yaml")
     assert from_mapping(options) == resolved
     assert filled == {"lr": 5e-4, "epochs": 1.0, "max_length": 128, "eval_split": 0.1, "init_r": 12}
+
+
+def test_filled_defaults_take_either_spelling(tmp_path: Path) -> None:
+    from rankwise.train.config import read_config_file
+
+    (tmp_path / "c.yaml").write_text("max-steps: 200\nfilled-defaults: {max-steps: 200}\n")
+    options, filled = read_config_file(tmp_path / "c.yaml")
+    assert options == {"max_steps": 200} and filled == {"max_steps": 200}

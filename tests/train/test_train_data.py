@@ -244,7 +244,7 @@ def test_invalid_unicode_is_an_error_naming_the_row(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("source", "message"),
     [
-        ("", "expected a .tsv, .csv or .jsonl file or hf:<name>, found ''"),
+        ("", "expected a .tsv, .csv, .jsonl or .json file or hf:<name>, found ''"),
         ("hf:", "'hf:': expected hf:<name>[/<config>][:<split>], found no dataset name"),
         ("hf::train", "found no dataset name"),
         ("hf:/:train", "found no dataset name"),

@@ -263,14 +263,18 @@ def _sigterm_raises() -> Iterator[None]:
 @contextlib.contextmanager
 def _one_line_warnings(label: str) -> Iterator[None]:
     """Warnings shown as ``<label>: warning: <message> (<category>)``, one line like the
-    errors, not Python's ``file:line: Category: message`` plus the warning's source line.
+    errors, not Python's ``file:line: Category: message`` plus the warning's source line (for
+    another library's warning, its ``file:line`` follows the category).
     Only the display changes: filters and recording (``warnings.catch_warnings``, pytest) stay
     as they are; restored afterwards."""
     import warnings
 
     def formatted(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
         text = " ".join(str(message).split("\n"))
-        return f"{label}: warning: {text} ({category.__name__})\n"
+        # another library's warning says where it comes from: it is not rankwise's
+        ours = "rankwise" in Path(str(filename)).parts
+        origin = "" if ours else f", {filename}:{lineno}"
+        return f"{label}: warning: {text} ({category.__name__}{origin})\n"
 
     previous = warnings.formatwarning
     warnings.formatwarning = formatted

@@ -171,6 +171,16 @@ def _check_saveable(model: nn.Module, config: LoraConfig, for_original_base: boo
             RuntimeWarning,
             stacklevel=3,
         )
+    if isinstance(config, AdaLoraConfig):
+        conv1d = [n for n, layer in lora_layers(model) if isinstance(layer.base_layer, nn.Conv1d)]
+        if conv1d:
+            more = " and more" if len(conv1d) > 1 else ""
+            warnings.warn(
+                f"save_adapter: AdaLoRA on nn.Conv1d ({conv1d[0]!r}{more}): PEFT's AdaLoRA has "
+                "no Conv1d layer and cannot load this file (rankwise.load_adapter can)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     reason = None if for_original_base else peft_cannot_rebuild(model)
     if reason is not None:
         warnings.warn(

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 
 from rankwise.errors import ConfigError
 from rankwise.lora.config import LoraConfig
+from rankwise.lora.conv import ConvMatrix
 from rankwise.lora.initializers import LoraInit
 from rankwise.lora.layers import LoraFactors, LoraLayer
 from rankwise.lora.module_kinds import linear_dims
@@ -250,7 +251,7 @@ class AdaLoraLinear(AdaLoraLayer):
         return self._project_up(result, h, self.lora_B)  # + s · P (...)
 
 
-class AdaLoraConv(AdaLoraLayer):
+class AdaLoraConv(ConvMatrix, AdaLoraLayer):
     """AdaLoRA on ``nn.Conv2d`` (PEFT's ``SVDConv2d``) and ``nn.Conv1d`` (``groups =
     dilation = 1``, zero padding, as for LoRA): ``Q: (r, in·prod(k))`` is a convolution of the
     base layer's kernel, stride and padding onto ``r`` channels (weighted by ``λ``) and ``P``
@@ -282,12 +283,6 @@ class AdaLoraConv(AdaLoraLayer):
         k = math.prod(int(s) for s in base.kernel_size)
         in_f, out_f = int(base.in_channels), int(base.out_channels)
         return {"lora_A": (r, in_f * k), "lora_E": (r, 1), "lora_B": (out_f, r)}
-
-    def base_matrix(self) -> Tensor:
-        return self.base_weight.flatten(1)  # (out, in * prod(k))
-
-    def _from_matrix(self, delta: Tensor) -> Tensor:
-        return delta.reshape(self.base_weight.shape)
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (N, out, *spatial)
@@ -321,7 +316,7 @@ def adalora_random_init(
 ) -> LoraInit:
     """``Q: (r, in)``, ``P: (out, r)`` ~ ``N(0, 1)``: PEFT's AdaLoRA with
     ``init_lora_weights=False``, which keeps the factors as ``torch.randn`` drew them (λ too:
-    :meth:`AdaLoraLinear.initialize_extras`), so the adapter changes the output at once."""
+    :meth:`AdaLoraLayer.initialize_extras`), so the adapter changes the output at once."""
     out_f, in_f = weight.shape
     A = torch.randn(r, in_f, generator=generator)
     B = torch.randn(out_f, r, generator=generator)

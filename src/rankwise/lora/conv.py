@@ -12,7 +12,20 @@ from torch import Tensor, nn
 from rankwise.lora.layers import LoraFactors, LoraLayer
 
 
-class LoraConv(LoraLayer):
+class ConvMatrix:
+    """The matrix view of a convolution's kernel ``(out, in, *k)``: ``(out, in·prod(k))``
+    (a LoRA or AdaLoRA wrapper's :meth:`~rankwise.lora.layers.LoraLayer.base_matrix`)."""
+
+    base_weight: Tensor
+
+    def base_matrix(self) -> Tensor:
+        return self.base_weight.flatten(1)  # (out, in * prod(k))
+
+    def _from_matrix(self, delta: Tensor) -> Tensor:
+        return delta.reshape(self.base_weight.shape)
+
+
+class LoraConv(ConvMatrix, LoraLayer):
     """LoRA on ``nn.Conv1d`` / ``nn.Conv2d`` (``groups = dilation = 1``):
     ``h = conv(x) + s · conv_B(conv_A(dropout(x)))`` with ``conv_A`` of the base layer's kernel,
     stride and padding and ``conv_B`` 1×1; ``ΔW = s · (B A)`` reshaped to ``(out, in, *k)``."""
@@ -48,12 +61,6 @@ class LoraConv(LoraLayer):
             "lora_A.weight": (r, int(base.in_channels), *k),
             "lora_B.weight": (int(base.out_channels), r, *ones),
         }
-
-    def base_matrix(self) -> Tensor:
-        return self.base_weight.flatten(1)  # (out, in * prod(k))
-
-    def _from_matrix(self, delta: Tensor) -> Tensor:
-        return delta.reshape(self.base_weight.shape)
 
     def factors(self) -> LoraFactors:
         # A: (r, in * prod(k)); B: (out, r) — views of the conv kernels

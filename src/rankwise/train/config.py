@@ -235,6 +235,8 @@ def read_config_file(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict
         raise ConfigError(f"config file {str(path)!r}: {FILLED_KEY} is given twice")
     if filled is None:
         filled = {}
+    if isinstance(filled, dict):  # either spelling, as the options
+        filled = {str(k).replace("-", "_"): v for k, v in filled.items()}
     if not isinstance(filled, dict) or not set(filled) <= set(DERIVED):
         raise ConfigError(
             f"config file {str(path)!r}: {FILLED_KEY}: expected a mapping of some of "

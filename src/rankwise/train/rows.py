@@ -1,4 +1,4 @@
-"""Dataset files as rows: ``.tsv`` / ``.csv`` / ``.jsonl``, ``hf:`` datasets, the demo corpus.
+"""Dataset files as rows: ``.tsv``, ``.csv``, ``.jsonl``/``.json``, ``hf:`` datasets, the demo corpus.
 
 :func:`read_rows` turns a source into a list of ``{column: value}`` dicts and nothing more;
 column detection, labels and validation are :mod:`rankwise.train.data`'s. Text is read as
@@ -105,14 +105,16 @@ def _mostly_utf8(raw: bytes) -> bool:
 
 
 def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any]]:
-    """Rows of a ``.tsv`` / ``.csv`` / ``.jsonl`` file or an ``hf:<name>[/<config>][:<split>]``.
+    """Rows of a ``.tsv`` / ``.csv`` / ``.jsonl`` / ``.json`` (lines or an array) file or an ``hf:<name>[/<config>][:<split>]``.
 
     Records end at line breaks only: ``\\n``, ``\\r\\n`` or ``\\r`` for TSV/CSV (the csv module,
     which also keeps a line break inside a quoted CSV field) and ``\\n`` for JSONL (a trailing
     ``\\r`` is dropped). U+2028, U+0085 and the like are text, not line breaks.
     """
     if not source:
-        raise ConfigError("data file: expected a .tsv, .csv or .jsonl file or hf:<name>, found ''")
+        raise ConfigError(
+            "data file: expected a .tsv, .csv, .jsonl or .json file or hf:<name>, found ''"
+        )
     if source.startswith("hf:"):
         if not source[3:].partition(":")[0].strip("/"):
             raise ConfigError(
@@ -151,7 +153,7 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
             rows.append(row)
         return rows
     raise ConfigError(
-        f"data file {source!r}: expected a .tsv, .csv or .jsonl file or hf:<name>, found {suffix!r}"
+        f"data file {source!r}: expected a .tsv, .csv, .jsonl or .json file or hf:<name>, found {suffix!r}"
     )
 
 

@@ -109,14 +109,18 @@ class SaveAdapterCallback(TrainerCallback):
         """The trained adapter into ``output_dir``, or into a hyperparameter-search trial's own
         folder (where its checkpoints went: trials would overwrite one another's). With
         ``load_best_model_at_end`` the best checkpoint's adapter, as this callback saved it
-        there: the model Trainer loaded back is that checkpoint's, and the copy holds whatever
+        there (unless a search trial was pruned, which ends before that load): the model
+        Trainer loaded back is that checkpoint's, and the copy holds whatever
         else the save depends on at that step (AdaLoRA's ranks kept, which the allocator's
         callback restores in its own ``on_train_end``, perhaps after this one)."""
         directory = self._run_dir if self._run_dir is not None else Path(args.output_dir)
         self._run_dir = None
         best = state.best_model_checkpoint
-        if args.load_best_model_at_end and best is not None and state.is_world_process_zero:
-            if _copy_adapter(Path(best), directory):
+        # Trainer loads the best model right after logging the run's summary (train_runtime);
+        # a pruned search trial ends here mid-run, its model the last step's
+        reloaded = bool(state.log_history) and "train_runtime" in state.log_history[-1]
+        if args.load_best_model_at_end and best is not None and reloaded:
+            if not state.is_world_process_zero or _copy_adapter(Path(best), directory):
                 return
         self._save(model, directory, state)
 
