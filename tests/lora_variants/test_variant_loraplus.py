@@ -46,6 +46,33 @@ def test_groups_match_peft(use_dora: bool) -> None:
     assert _summary(ours.param_groups) == _summary(theirs.param_groups)
 
 
+def test_peft_call_works_as_it_is() -> None:
+    """PEFT's keyword names (loraplus_lr_ratio, ...; other keywords to the optimizer) were a
+    TypeError: a ported call now gives PEFT's groups and optimizer defaults."""
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+    from peft.optimizers import create_loraplus_optimizer as peft_create
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=TARGETS, task_type="SEQ_CLS")
+    call = dict(lr=1e-3, loraplus_lr_ratio=8.0, loraplus_weight_decay=0.1,
+                loraplus_lr_embedding=1e-5, betas=(0.8, 0.9))  # fmt: skip
+    theirs = peft_create(get_peft_model(tiny_bert_cls(), PeftConfig(**cfg)), torch.optim.AdamW,
+                         **call)  # fmt: skip
+    ours = create_loraplus_optimizer(inject(tiny_bert_cls(), LoraConfig(**cfg)),
+                                     torch.optim.AdamW, **call)  # fmt: skip
+    assert _summary(ours.param_groups) == _summary(theirs.param_groups)
+    assert {g["betas"] for g in ours.param_groups} == {(0.8, 0.9)}
+    model = inject(tiny_bert_cls(), LoraConfig(**cfg))
+    with pytest.raises(TypeError, match="ratio= and loraplus_lr_ratio="):
+        create_loraplus_optimizer(model, torch.optim.AdamW, 1e-3, ratio=2, loraplus_lr_ratio=8)
+    with pytest.raises(TypeError, match="'betas' is given both"):
+        create_loraplus_optimizer(model, torch.optim.AdamW, 1e-3, betas=(0.8, 0.9),
+                                  optimizer_kwargs={"betas": (0.9, 0.99)})  # fmt: skip
+    with pytest.raises(ValueError, match="'weight_decay' .*pass weight_decay="):
+        create_loraplus_optimizer(model, torch.optim.AdamW, 1e-3, weight_decay=0.1,
+                                  optimizer_kwargs={"weight_decay": 0.3})  # fmt: skip
+
+
 def test_roles() -> None:
     model = inject(tiny_bert_cls(), LoraConfig(r=4, target_modules=TARGETS, task_type="SEQ_CLS"))
     groups = {g["name"]: g for g in loraplus_param_groups(model, 2e-4, ratio=16)}

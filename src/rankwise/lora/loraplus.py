@@ -120,26 +120,66 @@ def loraplus_param_groups(
     ]
 
 
+# PEFT's keyword names (peft.optimizers.create_loraplus_optimizer) -> ours
+_PEFT_NAMES = {
+    "loraplus_lr_ratio": "ratio",
+    "loraplus_weight_decay": "weight_decay",
+    "loraplus_lr_embedding": "embedding_lr",
+}
+
+
 def create_loraplus_optimizer(
     model: nn.Module,
     optimizer_cls: type[torch.optim.Optimizer],
     lr: float,
     *,
-    ratio: float = DEFAULT_RATIO,
-    weight_decay: float = 0.0,
-    embedding_lr: float = DEFAULT_EMBEDDING_LR,
+    ratio: float | None = None,
+    weight_decay: float | None = None,
+    embedding_lr: float | None = None,
     optimizer_kwargs: Mapping[str, Any] | None = None,
+    **peft_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """``optimizer_cls`` over :func:`loraplus_param_groups` (``optimizer_kwargs`` passed on,
-    e.g. ``{"betas": (0.9, 0.999)}``). Raises ValueError if nothing is trainable."""
+    e.g. ``{"betas": (0.9, 0.999)}``; defaults: ``ratio`` 16, ``weight_decay`` 0,
+    ``embedding_lr`` 1e-6). Raises ValueError if nothing is trainable.
+
+    PEFT's call works as it is: ``loraplus_lr_ratio``, ``loraplus_weight_decay`` and
+    ``loraplus_lr_embedding`` are ``ratio``, ``weight_decay`` and ``embedding_lr``, and any
+    other keyword goes to the optimizer (as ``optimizer_kwargs``). One difference: a
+    ``weight_decay=`` is the groups' decay here, where PEFT hands it to the optimizer as a
+    default that its groups then override (no decay at all)."""
+    ours: dict[str, Any] = {
+        "ratio": ratio,
+        "weight_decay": weight_decay,
+        "embedding_lr": embedding_lr,
+    }
+    for peft_name, name in _PEFT_NAMES.items():
+        if peft_name in peft_kwargs:
+            if ours[name] is not None:
+                raise TypeError(
+                    f"create_loraplus_optimizer: {name}= and {peft_name}= (PEFT's name for it) "
+                    "are both given"
+                )
+            ours[name] = peft_kwargs.pop(peft_name)
+    kwargs = dict(optimizer_kwargs or {})
+    both = sorted(set(kwargs) & set(peft_kwargs))
+    if both:
+        raise TypeError(
+            f"create_loraplus_optimizer: {both[0]!r} is given both as a keyword and in "
+            "optimizer_kwargs"
+        )
+    kwargs.update(peft_kwargs)
     groups = loraplus_param_groups(
-        model, lr, ratio=ratio, weight_decay=weight_decay, embedding_lr=embedding_lr
+        model,
+        lr,
+        ratio=DEFAULT_RATIO if ours["ratio"] is None else ours["ratio"],
+        weight_decay=0.0 if ours["weight_decay"] is None else ours["weight_decay"],
+        embedding_lr=DEFAULT_EMBEDDING_LR if ours["embedding_lr"] is None else ours["embedding_lr"],
     )
     if not groups:
         raise ValueError(
             f"model: {type(model).__name__} has no trainable parameters; inject adapters first"
         )
-    kwargs = dict(optimizer_kwargs or {})
     for reserved in ("lr", "params"):
         if reserved in kwargs:
             raise ValueError(f"optimizer_kwargs: {reserved!r} is set by create_loraplus_optimizer")
