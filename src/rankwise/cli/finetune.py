@@ -60,7 +60,10 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "max-steps": (int, "optimizer steps; overrides --epochs (default: 200 on the demo corpus)"),
     "batch-size": (int, "examples per process per micro-batch (default 16)"),
     "grad-accum": (int, "micro-batches per optimizer step (default 1)"),
-    "lr": (float, "peak learning rate (default 5e-4 for LoRA, 5e-5 for full)"),
+    "lr": (
+        float,
+        "peak learning rate of AdamW, gradient norm clipped at 1.0 (default 5e-4 for LoRA, 5e-5 for full)",
+    ),
     "warmup": (float, "warmup: a fraction of the steps (< 1) or a number of steps (default 0.06)"),
     "weight-decay": (float, "AdamW weight decay on matrices (default 0)"),
     "max-length": (int, "truncate texts to this many tokens (default 128; 64 on the demo corpus)"),
