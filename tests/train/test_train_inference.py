@@ -113,6 +113,44 @@ def test_peft_adapters_without_a_task_file_evaluate_predict_and_merge(
     assert label == f"LABEL_{best}"
 
 
+def test_an_adapter_without_a_recorded_length_cuts_texts_where_transformers_would(
+    tiny_bert: Path, tmp_path: Path, capsys
+) -> None:
+    """Without rankwise_task.json (PEFT's files) texts were cut at 128 tokens without a word,
+    where transformers' truncation cuts at the tokenizer's model_max_length: a 212-token text
+    classified as PEFT's model does only when cut at 128. Now the tokenizer's limit, within
+    the model's position table."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    config = BertConfig.from_pretrained(tiny_bert)
+    config.max_position_embeddings = 300  # room for more than 128 tokens
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    classifier = _peft_adapter(tmp_path / "base", tmp_path / "cls", "SEQ_CLS", ["query", "value"])
+    trained = load_trained(tmp_path / "cls")
+    assert trained.max_length == min(tok.model_max_length, 300) > 128
+    text = " ".join(f"word{i} good" for i in range(60))  # > 128 tokens, < 300
+    ids = tok(text, return_tensors="pt")
+    assert 128 < ids["input_ids"].shape[1] < 300
+    with torch.no_grad():
+        want = torch.softmax(classifier(**ids).logits, dim=-1).max().item()
+    capsys.readouterr()
+    assert main(["predict", "--adapter", str(tmp_path / "cls"), "--json", text]) == 0
+    got = json.loads(capsys.readouterr().out)["probability"]
+    assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_predict_reads_a_lone_carriage_return_as_a_line_break(
+    run_dir: Path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setattr("sys.stdin", _stdin(b"great film\rawful\r"))
+    assert main(["predict", "--adapter", str(run_dir / "adapter"), "--json"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert [json.loads(line)["text"] for line in out] == ["great film", "awful"]
+
+
 def test_a_binary_classifier_saved_by_transformers_loads(tiny_bert: Path, tmp_path: Path) -> None:
     """transformers 5 leaves the default two-label id2label out of config.json; such a model
     (here PEFT's merge_and_unload + save_pretrained) was refused: "label names are not

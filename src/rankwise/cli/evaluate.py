@@ -33,7 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         metavar="N",
-        help="cut texts at N tokens (default: the length the run trained with)",
+        help="cut texts at N tokens (default: the length the run trained with; for an "
+        "adapter without that record, the tokenizer's model_max_length within the model's "
+        "positions)",
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 

@@ -26,6 +26,11 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     from rankwise.train.inference import load_trained, merge_to
 
-    out = merge_to(load_trained(args.adapter, model=args.model), args.out)
-    print(f"merged model: {out} (load it with transformers' from_pretrained)")
+    trained = load_trained(args.adapter, model=args.model)
+    out = merge_to(trained, args.out)
+    print(
+        f"merged model: {out} (load it with transformers' from_pretrained; rankwise cuts "
+        f"texts at {trained.max_length} tokens, so pass truncation=True, "
+        f"max_length={trained.max_length} to its tokenizer for the same answers)"
+    )
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
@@ -21,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         metavar="N",
-        help="cut texts at N tokens (default: the length the run trained with)",
+        help="cut texts at N tokens (default: the length the run trained with; for an "
+        "adapter without that record, the tokenizer's model_max_length within the model's "
+        "positions)",
     )
     parser.add_argument(
         "--json",
@@ -83,7 +86,8 @@ def _checked_texts(texts: list[str]) -> list[str]:
 
 
 def _stdin_texts() -> list[str]:
-    """The non-blank lines of stdin, without their line ending (``\\n`` or ``\\r\\n``).
+    """The non-blank lines of stdin, without their line ending (``\\n``, ``\\r\\n`` or a lone
+    ``\\r``, as Python's universal newlines).
 
     The bytes are decoded here, with surrogateescape, so that a line that is not valid in the
     stdin encoding is named by its number whatever the locale (a strict decoder would fail
@@ -97,8 +101,8 @@ def _stdin_texts() -> list[str]:
         text = raw.read().decode(sys.stdin.encoding or "utf-8", errors="surrogateescape")
     text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (Windows editors), as data files
     texts = [
-        valid_text(line.rstrip("\r\n"), where=f"stdin line {number}")
-        for number, line in enumerate(text.split("\n"), start=1)
+        valid_text(line, where=f"stdin line {number}")
+        for number, line in enumerate(re.split(r"\r\n|\r|\n", text), start=1)
         if line.strip()
     ]
     if not texts:

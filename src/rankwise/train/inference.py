@@ -98,16 +98,33 @@ def _label_names_of_model_dir(config: Any) -> tuple[str, ...]:
     return tuple(str(id2label[k]) for k in sorted(id2label, key=int))
 
 
-def _max_length(info: dict[str, Any], directory: Path) -> int:
-    """``max_length`` from the task file: a positive integer (128 when it is not recorded)."""
+def _max_length(info: dict[str, Any], directory: Path) -> int | None:
+    """``max_length`` from the task file: a positive integer (None when it is not recorded)."""
     value = info.get("max_length")
     if value is None:
-        return 128
+        return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise AdapterFormatError(
             f"{directory / TASK_FILE}: 'max_length' must be a positive integer, found {value!r}"
         )
     return value
+
+
+FALLBACK_MAX_LENGTH = 128  # neither recorded nor known from the tokenizer or the model
+
+
+def default_max_length(model: Any, tokenizer: Any) -> int:
+    """Where texts are cut when no length is recorded (an adapter from PEFT, a model that
+    rankwise did not train): as transformers' ``truncation=True``, the tokenizer's
+    ``model_max_length``, within the model's position table (``max_position_embeddings``
+    for a model without a learned table); 128 when none of them says."""
+    from rankwise.train.models import position_limit
+
+    limits = [getattr(tokenizer, "model_max_length", None), position_limit(model)]
+    if limits[1] is None:
+        limits.append(getattr(getattr(model, "config", None), "max_position_embeddings", None))
+    known = [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10**6]
+    return min(known) if known else FALLBACK_MAX_LENGTH
 
 
 # PEFT task_type -> rankwise task (an adapter from elsewhere has no rankwise_task.json)
@@ -181,7 +198,8 @@ def load_trained(
 ) -> Trained:
     """An adapter directory (with its base model) or a full model directory, ready to run.
 
-    ``max_length`` replaces the recorded one (texts are cut at that many tokens)."""
+    ``max_length`` replaces the recorded one (texts are cut at that many tokens); with
+    neither, :func:`default_max_length`."""
     if max_length is not None and (
         isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
     ):
@@ -238,6 +256,8 @@ def load_trained(
             raise type(err)(f"adapter {str(root)!r} on {given}{other}: {err}") from None
         tokenizer = _adapter_tokenizer(root, tokenizer)
     loaded.model.eval()
+    if max_length is None:  # not recorded (an adapter from PEFT): transformers' limit
+        max_length = default_max_length(loaded.model, tokenizer)
     return Trained(loaded.model, tokenizer, task, names, max_length, has_adapter)
 
 
