@@ -71,6 +71,15 @@ def test_peft_call_works_as_it_is() -> None:
     with pytest.raises(ValueError, match="'weight_decay' .*pass weight_decay="):
         create_loraplus_optimizer(model, torch.optim.AdamW, 1e-3, weight_decay=0.1,
                                   optimizer_kwargs={"weight_decay": 0.3})  # fmt: skip
+    with pytest.raises(ValueError, match="the optimizer keyword 'params' is set by"):
+        create_loraplus_optimizer(model, torch.optim.AdamW, 1e-3, params=[])
+    # PEFT takes weight_decay= beside loraplus_weight_decay= (its groups override the former)
+    theirs = peft_create(get_peft_model(tiny_bert_cls(), PeftConfig(**cfg)), torch.optim.AdamW,
+                         weight_decay=0.3, **call)  # fmt: skip
+    with pytest.warns(RuntimeWarning, match="weight_decay=0.3 is overridden by loraplus_weight"):
+        ours = create_loraplus_optimizer(inject(tiny_bert_cls(), LoraConfig(**cfg)),
+                                         torch.optim.AdamW, weight_decay=0.3, **call)  # fmt: skip
+    assert _summary(ours.param_groups) == _summary(theirs.param_groups)
 
 
 def test_roles() -> None:

@@ -173,3 +173,27 @@ def test_the_training_data_digest_tells_examples_apart() -> None:
         Encoded(((1, 2), (3,)), ((1, 2), (3,)), "causal-lm"),
     ]
     assert len({base.digest(), *(e.digest() for e in others)}) == 5
+
+
+def test_causal_lm_evaluation_bounds_the_logits_of_one_forward(tiny_gpt2, monkeypatch) -> None:
+    """64 texts per forward at the model's full context held (rows, length, vocab) logits and
+    two copies (6 GB for 16 texts of 1,100 tokens over 30k tokens): a batch is split where its
+    logits would pass EVAL_LOGITS_BYTES, with the same loss."""
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.train import evaluate as ev
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.randint(5, 90, (int(n),), generator=g).tolist() for n in (7, 12, 30, 31, 9)]
+    enc = Encoded(tuple(tuple(r) for r in rows), tuple(tuple(r) for r in rows), "causal-lm")
+    whole = ev.evaluate(model, enc, batch_size=64)
+    shapes: list[tuple[int, ...]] = []
+    model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(tuple(out.logits.shape)),
+                                with_kwargs=True)  # fmt: skip
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(ev, "EVAL_LOGITS_BYTES", 4 * 31 * vocab * 2)  # two rows of 31 tokens
+    split = ev.evaluate(model, enc, batch_size=64)
+    assert max(s[0] for s in shapes) <= 2 and len(shapes) == 3  # sorted: 7, 9 | 12, 30 | 31
+    assert split.loss == pytest.approx(whole.loss, rel=1e-6)
+    assert split.perplexity == pytest.approx(whole.perplexity, rel=1e-6)

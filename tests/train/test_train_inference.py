@@ -117,9 +117,9 @@ def test_an_adapter_without_a_recorded_length_cuts_texts_where_transformers_woul
     tiny_bert: Path, tmp_path: Path, capsys
 ) -> None:
     """Without rankwise_task.json (PEFT's files) texts were cut at 128 tokens without a word,
-    where transformers' truncation cuts at the tokenizer's model_max_length: a 212-token text
-    classified as PEFT's model does only when cut at 128. Now the tokenizer's limit, within
-    the model's position table."""
+    where transformers' truncation cuts at the tokenizer's model_max_length: a text of more
+    than 128 tokens was classified as PEFT's model does only when cut at 128. Now the
+    tokenizer's limit, within the model's position table."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
@@ -140,6 +140,25 @@ def test_an_adapter_without_a_recorded_length_cuts_texts_where_transformers_woul
     assert main(["predict", "--adapter", str(tmp_path / "cls"), "--json", text]) == 0
     got = json.loads(capsys.readouterr().out)["probability"]
     assert got == pytest.approx(want, abs=1e-6)
+
+
+def test_default_max_length_takes_the_tightest_known_limit() -> None:
+    from types import SimpleNamespace
+
+    from rankwise.train.inference import FALLBACK_MAX_LENGTH, default_max_length
+
+    def model(positions: int | None) -> torch.nn.Module:
+        m = torch.nn.Module()  # no learned position table: the config's count, if any
+        m.config = SimpleNamespace(max_position_embeddings=positions)
+        return m
+
+    sentinel = int(1e30)  # transformers' "no limit"
+    cases = [(512, 2048, 512), (sentinel, 2048, 2048), (4096, 1_010_000, 4096),
+             (1_010_000, 1_010_000, 1_010_000), (sentinel, None, FALLBACK_MAX_LENGTH),
+             (None, None, FALLBACK_MAX_LENGTH)]  # fmt: skip
+    for tokenizer_limit, positions, expected in cases:
+        tokenizer = SimpleNamespace(model_max_length=tokenizer_limit)
+        assert default_max_length(model(positions), tokenizer) == expected
 
 
 def test_predict_reads_a_lone_carriage_return_as_a_line_break(

@@ -28,9 +28,14 @@ def run(args: argparse.Namespace) -> int:
 
     trained = load_trained(args.adapter, model=args.model)
     out = merge_to(trained, args.out)
+    n = trained.max_length
+    hint = (
+        f"; pass truncation=True, max_length={n} to its tokenizer for the same answers"
+        if trained.task == "classification"
+        else ""
+    )
     print(
         f"merged model: {out} (load it with transformers' from_pretrained; rankwise cuts "
-        f"texts at {trained.max_length} tokens, so pass truncation=True, "
-        f"max_length={trained.max_length} to its tokenizer for the same answers)"
+        f"texts at {n} tokens{hint})"
     )
     return 0

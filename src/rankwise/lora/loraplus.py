@@ -24,6 +24,7 @@ out. The groups work with any ``torch.optim.Optimizer``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -146,21 +147,31 @@ def create_loraplus_optimizer(
     PEFT's call works as it is: ``loraplus_lr_ratio``, ``loraplus_weight_decay`` and
     ``loraplus_lr_embedding`` are ``ratio``, ``weight_decay`` and ``embedding_lr``, and any
     other keyword goes to the optimizer (as ``optimizer_kwargs``). One difference: a
-    ``weight_decay=`` is the groups' decay here, where PEFT hands it to the optimizer as a
-    default that its groups then override (no decay at all)."""
+    ``weight_decay=`` alone is the groups' decay here, where PEFT hands it to the optimizer as
+    a default that its groups then override (no decay at all); beside
+    ``loraplus_weight_decay=`` it is overridden, as in PEFT (with a warning)."""
     ours: dict[str, Any] = {
         "ratio": ratio,
         "weight_decay": weight_decay,
         "embedding_lr": embedding_lr,
     }
     for peft_name, name in _PEFT_NAMES.items():
-        if peft_name in peft_kwargs:
-            if ours[name] is not None:
-                raise TypeError(
-                    f"create_loraplus_optimizer: {name}= and {peft_name}= (PEFT's name for it) "
-                    "are both given"
-                )
-            ours[name] = peft_kwargs.pop(peft_name)
+        if peft_name not in peft_kwargs:
+            continue
+        value = peft_kwargs.pop(peft_name)
+        if ours[name] is not None and name == "weight_decay":  # PEFT's groups override it
+            warnings.warn(
+                f"create_loraplus_optimizer: weight_decay={ours[name]!r} is overridden by "
+                f"{peft_name}={value!r}, as in PEFT (each group sets its own decay)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif ours[name] is not None:
+            raise TypeError(
+                f"create_loraplus_optimizer: {name}= and {peft_name}= (PEFT's name for it) "
+                "are both given"
+            )
+        ours[name] = value
     kwargs = dict(optimizer_kwargs or {})
     both = sorted(set(kwargs) & set(peft_kwargs))
     if both:
@@ -169,20 +180,17 @@ def create_loraplus_optimizer(
             "optimizer_kwargs"
         )
     kwargs.update(peft_kwargs)
-    groups = loraplus_param_groups(
-        model,
-        lr,
-        ratio=DEFAULT_RATIO if ours["ratio"] is None else ours["ratio"],
-        weight_decay=0.0 if ours["weight_decay"] is None else ours["weight_decay"],
-        embedding_lr=DEFAULT_EMBEDDING_LR if ours["embedding_lr"] is None else ours["embedding_lr"],
-    )
+    groups = loraplus_param_groups(model, lr, **{k: v for k, v in ours.items() if v is not None})
     if not groups:
         raise ValueError(
             f"model: {type(model).__name__} has no trainable parameters; inject adapters first"
         )
     for reserved in ("lr", "params"):
         if reserved in kwargs:
-            raise ValueError(f"optimizer_kwargs: {reserved!r} is set by create_loraplus_optimizer")
+            raise ValueError(
+                f"create_loraplus_optimizer: the optimizer keyword {reserved!r} is set by "
+                "create_loraplus_optimizer itself (each group's); drop it"
+            )
     if "weight_decay" in kwargs:  # every group sets its own: the optimizer default is never read
         raise ValueError(
             f"optimizer_kwargs: 'weight_decay' ({kwargs['weight_decay']!r}) would be ignored, "

@@ -60,6 +60,35 @@ def loss_sum(
     return loss, logits
 
 
+# A causal LM's logits are (rows, length, vocab) floats, and the loss takes two more copies:
+# an evaluation batch is split so that one forward's logits stay within this many bytes (64
+# texts of 1,024 tokens over GPT-2's 50,257-token vocabulary are 13 GB of logits)
+EVAL_LOGITS_BYTES = 1 << 29
+
+
+def _vocab_size(model: Any) -> int | None:
+    try:
+        return int(model.get_output_embeddings().weight.shape[0])
+    except (AttributeError, TypeError, NotImplementedError):
+        size = getattr(getattr(model, "config", None), "vocab_size", None)
+        return size if isinstance(size, int) and size > 0 else None
+
+
+def _logits_bounded(
+    batches: list[list[int]], lengths: list[int], vocab: int | None
+) -> list[list[int]]:
+    """``batches`` (sorted by length) split so each forward's float32 logits fit
+    :data:`EVAL_LOGITS_BYTES` (one text at least); the loss sums are the same."""
+    if vocab is None:
+        return batches
+    out = []
+    for batch in batches:
+        longest = max(lengths[i] for i in batch)
+        rows = max(1, EVAL_LOGITS_BYTES // (4 * longest * vocab))
+        out.extend(batch[k : k + rows] for k in range(0, len(batch), rows))
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: Any,
@@ -72,7 +101,8 @@ def evaluate(
     """Mean loss and accuracy (or perplexity) of ``model`` on ``encoded``, in eval mode.
 
     The model's train/eval mode is restored afterwards. Batches are sorted by length, so the
-    result does not depend on ``batch_size`` beyond float rounding.
+    result does not depend on ``batch_size`` beyond float rounding; a causal LM's are split
+    further where their logits would pass :data:`EVAL_LOGITS_BYTES`.
 
     ``info``: under torchrun, call it on every process: each evaluates every
     ``world_size``-th of the sorted batches, and the loss sums, counts and logits are added
@@ -86,8 +116,12 @@ def evaluate(
     n = len(encoded.input_ids)
     total, terms, correct = 0.0, 0, 0
     rows: dict[int, torch.Tensor] = {}
+    lengths = encoded.lengths()
+    batches = sorted_batches(lengths, batch_size)[rank::world]
+    if encoded.task != "classification":  # logits of (rows, length, vocab): bounded
+        batches = _logits_bounded(batches, lengths, _vocab_size(model))
     try:
-        for indices in sorted_batches(encoded.lengths(), batch_size)[rank::world]:
+        for indices in batches:
             batch = collate(encoded, indices, pad_id=pad_id)
             loss, logits = loss_sum(model, batch, encoded.task)
             total += float(loss)

@@ -115,15 +115,17 @@ FALLBACK_MAX_LENGTH = 128  # neither recorded nor known from the tokenizer or th
 
 def default_max_length(model: Any, tokenizer: Any) -> int:
     """Where texts are cut when no length is recorded (an adapter from PEFT, a model that
-    rankwise did not train): as transformers' ``truncation=True``, the tokenizer's
-    ``model_max_length``, within the model's position table (``max_position_embeddings``
-    for a model without a learned table); 128 when none of them says."""
+    rankwise did not train): the tokenizer's ``model_max_length`` (where transformers'
+    ``truncation=True`` cuts), but never past the model's position table
+    (``max_position_embeddings`` for a model without a learned one); 128 when none of them
+    says (transformers' "no limit" value, a model without positions)."""
     from rankwise.train.models import position_limit
 
     limits = [getattr(tokenizer, "model_max_length", None), position_limit(model)]
     if limits[1] is None:
         limits.append(getattr(getattr(model, "config", None), "max_position_embeddings", None))
-    known = [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10**6]
+    # transformers says "no limit" with int(1e30) (VERY_LARGE_INTEGER)
+    known = [n for n in limits if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 2**31]
     return min(known) if known else FALLBACK_MAX_LENGTH
 
 
