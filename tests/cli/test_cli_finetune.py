@@ -388,8 +388,10 @@ def test_another_librarys_warning_says_where_it_comes_from() -> None:
 
     from rankwise import cli
 
+    package = Path(cli.__file__).resolve().parent.parent  # .../rankwise
+    theirs_file = "/home/u/rankwise/.venv/lib/transformers/a.py"  # a project named rankwise
     with cli._one_line_warnings("rankwise finetune"):
-        theirs = warnings.formatwarning("old", FutureWarning, "/x/transformers/a.py", 3)
-        ours = warnings.formatwarning("ignored", RuntimeWarning, "/y/rankwise/train/c.py", 9)
-    assert theirs == "rankwise finetune: warning: old (FutureWarning, /x/transformers/a.py:3)\n"
+        theirs = warnings.formatwarning("old", FutureWarning, theirs_file, 3)
+        ours = warnings.formatwarning("ignored", RuntimeWarning, str(package / "train/c.py"), 9)
+    assert theirs == f"rankwise finetune: warning: old (FutureWarning, {theirs_file}:3)\n"
     assert ours == "rankwise finetune: warning: ignored (RuntimeWarning)\n"

@@ -272,10 +272,11 @@ def _one_line_warnings(label: str) -> Iterator[None]:
     def formatted(message, category, filename, lineno, line=None) -> str:  # noqa: ANN001
         text = " ".join(str(message).split("\n"))
         # another library's warning says where it comes from: it is not rankwise's
-        ours = "rankwise" in Path(str(filename)).parts
+        ours = str(filename).startswith(package)
         origin = "" if ours else f", {filename}:{lineno}"
         return f"{label}: warning: {text} ({category.__name__}{origin})\n"
 
+    package = str(Path(__file__).resolve().parent.parent) + os.sep  # .../rankwise/
     previous = warnings.formatwarning
     warnings.formatwarning = formatted
     try:
