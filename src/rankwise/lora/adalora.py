@@ -181,12 +181,37 @@ class AdaLoraLayer(LoraLayer):
 
     parametrization: ClassVar[str] = "adalora"
 
-    def _triplets(self, in_features: int, out_features: int, r: int) -> None:
-        w = self.base_weight
-        kw = {"device": w.device, "dtype": self._dtype}
-        self.lora_A = nn.Parameter(torch.zeros(r, in_features, **kw))  # Q: (r, in)
-        self.lora_E = nn.Parameter(torch.zeros(r, 1, **kw))  # λ: (r, 1), zero at init
-        self.lora_B = nn.Parameter(torch.zeros(out_features, r, **kw))  # P: (out, r)
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float,
+    ) -> None:
+        super().__init__(
+            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
+        )
+        self._set_dims(base_layer)
+        kw = {"device": self.base_weight.device, "dtype": self._dtype}
+        for name, shape in self.factor_shapes(base_layer, r).items():  # zero: λ = 0 at init
+            setattr(self, name, nn.Parameter(torch.zeros(shape, **kw)))
+
+    def _set_dims(self, base: nn.Module) -> None:
+        """Set ``in_features`` / ``out_features`` (and the like) from the base layer."""
+        raise NotImplementedError
+
+    @classmethod
+    def _matrix_dims(cls, base: nn.Module) -> tuple[int, int]:
+        """``(in, out)`` of the base layer's matrix view (:meth:`base_matrix`)."""
+        raise NotImplementedError
+
+    @classmethod
+    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+        in_f, out_f = cls._matrix_dims(base)
+        # Q: (r, in), λ: (r, 1), P: (out, r)
+        return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
 
     def factors(self) -> LoraFactors:
         return LoraFactors(self.lora_A, self.lora_B)
@@ -215,25 +240,13 @@ class AdaLoraLinear(AdaLoraLayer):
 
     kind: ClassVar[str] = "linear"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float,
-        scaling: float,
-        lora_dropout: float,
-    ) -> None:
-        super().__init__(
-            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
-        )
-        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base_layer)
-        self._triplets(self.in_features, self.out_features, r)
+    def _set_dims(self, base: nn.Module) -> None:
+        self.fan_in_fan_out, self.in_features, self.out_features = linear_dims(base)
 
     @classmethod
-    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    def _matrix_dims(cls, base: nn.Module) -> tuple[int, int]:
         _, in_f, out_f = linear_dims(base)
-        return {"lora_A": (r, in_f), "lora_E": (r, 1), "lora_B": (out_f, r)}
+        return in_f, out_f
 
     def base_matrix(self) -> Tensor:
         return self.base_weight.t() if self.fan_in_fan_out else self.base_weight
@@ -262,27 +275,13 @@ class AdaLoraConv(ConvMatrix, AdaLoraLayer):
 
     kind: ClassVar[str] = "conv"
 
-    def __init__(
-        self,
-        base_layer: nn.Module,
-        *,
-        r: int,
-        lora_alpha: float,
-        scaling: float,
-        lora_dropout: float,
-    ) -> None:
-        super().__init__(
-            base_layer, r=r, lora_alpha=lora_alpha, scaling=scaling, lora_dropout=lora_dropout
-        )
-        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
-        k = math.prod(base_layer.kernel_size)
-        self._triplets(self.in_features * k, self.out_features, r)
+    def _set_dims(self, base: nn.Module) -> None:
+        self.in_features, self.out_features = base.in_channels, base.out_channels
 
     @classmethod
-    def factor_shapes(cls, base: nn.Module, r: int) -> dict[str, tuple[int, ...]]:
+    def _matrix_dims(cls, base: nn.Module) -> tuple[int, int]:
         k = math.prod(int(s) for s in base.kernel_size)
-        in_f, out_f = int(base.in_channels), int(base.out_channels)
-        return {"lora_A": (r, in_f * k), "lora_E": (r, 1), "lora_B": (out_f, r)}
+        return int(base.in_channels) * k, int(base.out_channels)
 
     def adapted_forward(self, x: Tensor) -> Tensor:
         result = self.base_layer(x)  # (N, out, *spatial)
