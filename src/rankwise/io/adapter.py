@@ -9,8 +9,9 @@ biases per the bias mode (PEFT 0.21.2 ``get_peft_model_state_dict``). PEFT's ext
 ``bias="all"``) are understood on reading.
 
 Loading checks everything first — config, file header, every key and shape, every value
-finite — and only then injects (if needed) and copies, so a bad adapter leaves the model as it
-was. A model that already has adapters of the same shapes gets its weights swapped in place.
+finite (:mod:`rankwise.io.adapter_keys`) — and only then injects (if needed) and copies, so a
+bad adapter leaves the model as it was. A model that already has adapters of the same shapes
+gets its weights swapped in place (:mod:`rankwise.io.swap`).
 """
 
 from __future__ import annotations
@@ -22,18 +23,28 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from rankwise.errors import (
-    AdapterFormatError,
-    ConfigError,
-    InjectionError,
-    MergeError,
-    ShapeMismatchError,
+from rankwise.errors import AdapterFormatError, ConfigError, InjectionError
+from rankwise.io.adapter_keys import (
+    A_KEY,
+    B_KEY,
+    PICKLE_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    check_aliases,
+    check_keys,
+    check_materialized,
+    check_values,
+    copy_in,
+    rank_pattern_hint,
+    rename_keys,
+    target_dtypes,
 )
 from rankwise.io.config_json import CONFIG_NAME, read_adapter_config, write_adapter_config
 from rankwise.io.embeddings import embedding_state, optional_embedding_shapes
 from rankwise.io.files import read_header, read_tensors, replaced_dir, write_safetensors
+from rankwise.io.swap import adopt_config, base_keys, check_base_kept, expected_for_swap
 from rankwise.lora.adalora import AdaLoraConfig, truncate_to_rank_pattern
-from rankwise.lora.config import LoraConfig
+from rankwise.lora.config import RESIDUAL_INITIALIZERS, LoraConfig
 from rankwise.lora.init_svd import initial_factors, original_base_config, original_base_factors
 from rankwise.lora.inject import (
     STATE_ATTR,
@@ -42,22 +53,23 @@ from rankwise.lora.inject import (
     get_config,
     get_state,
     lora_layers,
-    replace_state_config,
     set_trainable,
-    trained_biases,
 )
-from rankwise.lora.layers import adapter_dtype
 from rankwise.lora.state import adapter_state_dict, planned_shapes
-from rankwise.lora.targets import Plan, resolve, selected_names, unwrapped_modules
+from rankwise.lora.targets import resolve
 
-# initializers that move s·B0 A0 out of the base weight (W_res = W - s·B0 A0)
-RESIDUAL_INITIALIZERS = ("pissa", "pissa_exact", "olora")
-
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-# a linear / convolution factor pair's file keys: <PREFIX><module><A_KEY>, <PREFIX><module><B_KEY>
-A_KEY, B_KEY = ".lora_A.weight", ".lora_B.weight"
+__all__ = [
+    "A_KEY",
+    "B_KEY",
+    "PICKLE_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "adapter_weights_file",
+    "load_adapter",
+    "needs_original_base",
+    "peft_cannot_rebuild",
+    "save_adapter",
+]
 
 
 def peft_cannot_rebuild(model: nn.Module) -> str | None:
@@ -210,7 +222,7 @@ def load_adapter(
     """
     wrapper, model = model, _uncompiled(model)
     directory = Path(directory)
-    _check_materialized(model)
+    check_materialized(model)
     config = read_adapter_config(directory)
     if config.initializer == "lora_ga":
         raise AdapterFormatError(
@@ -221,7 +233,7 @@ def load_adapter(
     weights = adapter_weights_file(directory)
     _warn_peft_randomized_pissa(directory, config)
     header = read_header(weights)
-    renamed, aliases = _rename_keys(header, source=weights)
+    renamed, aliases = rename_keys(header, source=weights)
     if config.use_dora and not any(k.endswith(".lora_magnitude_vector") for k in renamed):
         raise AdapterFormatError(
             f"{weights}: the config sets use_dora=True but the file holds no "
@@ -235,7 +247,7 @@ def load_adapter(
             f"{directory}: the model is inside disable_adapters(); load the adapter after the block"
         )
     if injected:
-        expected = _expected_for_swap(model, config)
+        expected = expected_for_swap(model, config)
         plan = None
     else:
         plan = resolve(model, config.replace(inference_mode=not is_trainable), strict=False)
@@ -246,32 +258,22 @@ def load_adapter(
     targets = None if plan is None else {t.name for t in plan.targets}
     optional = optional_embedding_shapes(model, targets)
     expected.update({k: v for k, v in optional.items() if k in found and k not in expected})
-    _check_keys(expected, found, source=weights, hint=_rank_pattern_hint(config))
+    check_keys(expected, found, source=weights, hint=rank_pattern_hint(config))
     tensors = read_tensors(weights, [*renamed.values(), *(k for v in aliases.values() for k in v)])
     values = {k: tensors[f] for k, f in renamed.items()}
-    _check_aliases(values, aliases, tensors, source=weights)
-    _check_values(values, _target_dtypes(model, plan, values), source=weights)
+    check_aliases(values, aliases, tensors, source=weights)
+    check_values(values, target_dtypes(model, plan, values), source=weights)
     if plan is None:
-        _check_base_kept(model, values, source=weights)
+        check_base_kept(model, values, source=weights)
     if plan is not None:
         try:
             apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
         except InjectionError as err:  # an initializer refusing the file's config: name it
             raise InjectionError(f"{directory}: {err}") from None
     else:
-        _set_layer_scales(model, config)
-        # a file training more biases than the injection did (bias "all" into "none"):
-        # their values before the copy are the base ones disable_adapters shows
-        state = get_state(model)
-        layers = [name for name, _ in lora_layers(model)]
-        state.originals.update(trained_biases(model, config.bias, layers, state.originals))
-        # files do not record LoRA-FA (PEFT has no such field): A stays frozen as it was
-        lora_fa = get_state(model).config.use_lora_fa
-        replace_state_config(
-            model, config.replace(inference_mode=not is_trainable, use_lora_fa=lora_fa)
-        )
-    _copy_in(model, values)
-    get_state(model).base_written = _base_keys(model, values)
+        adopt_config(model, config, is_trainable=is_trainable)
+    copy_in(model, values)
+    get_state(model).base_written = base_keys(model, values)
     set_trainable(model, trainable=is_trainable)
     if not is_trainable:
         wrapper.eval()
@@ -350,275 +352,3 @@ def adapter_weights_file(directory: Path) -> Path:
             "safe_serialization=True)) in a process you trust"
         )
     raise AdapterFormatError(f"{directory}: no {WEIGHTS_NAME}")
-
-
-def _rename_keys(header: dict, *, source: Path) -> tuple[dict[str, str], dict[str, list[str]]]:
-    """In-memory name -> file key; PEFT's ``modules_to_save``/``original_module`` copies mapped.
-
-    Also returns name -> further keys holding the same name (checked equal once read)."""
-    out: dict[str, str] = {}
-    aliases: dict[str, list[str]] = {}
-    for key in header:
-        if not key.startswith(PREFIX):
-            raise AdapterFormatError(f"{source}: key {key!r} does not start with {PREFIX!r}")
-        name = key[len(PREFIX) :]
-        if ".original_module." in name:
-            continue  # PEFT's copy of the untrained module (bias="all"); the base holds it
-        owner, sep, rest = name.partition(".modules_to_save.")
-        if sep:
-            # PEFT strips the adapter name only just before the last part: a leaf module's
-            # copy is ``m.modules_to_save.bias``, a module with children keeps it,
-            # ``m.modules_to_save.<adapter>.dense.bias`` (bias="all" writes such keys)
-            parts = rest.split(".")
-            name = ".".join([owner, *(parts[1:] if len(parts) > 1 else parts)])
-        if name.endswith(".lora_magnitude_vector.weight"):
-            # PEFT's save_embedding_layers also writes a DoRA embedding's magnitude under its
-            # module key (``….lora_magnitude_vector.weight``) beside the usual one
-            name = name.removesuffix(".weight")
-        if name in out:
-            aliases.setdefault(name, []).append(key)
-        else:
-            out[name] = key
-    return out, aliases
-
-
-def _check_aliases(
-    values: dict[str, Tensor],
-    aliases: dict[str, list[str]],
-    tensors: dict[str, Tensor],
-    *,
-    source: Path,
-) -> None:
-    """Two keys for one tensor (PEFT's bias="all" with modules_to_save writes ``m.bias`` and
-    ``m.modules_to_save.bias``; its save_embedding_layers a DoRA embedding's magnitude twice)
-    must hold the same value."""
-    for name, keys in aliases.items():
-        for key in keys:
-            if not torch.equal(tensors[key], values[name]):
-                raise AdapterFormatError(
-                    f"{source}: keys {PREFIX + name!r} and {key!r} both hold {name!r} but "
-                    "their values differ; expected one value"
-                )
-
-
-def _expected_for_swap(model: nn.Module, config: LoraConfig) -> dict[str, tuple[int, ...]]:
-    if any(layer.merged for _, layer in lora_layers(model)):
-        raise MergeError("load_adapter: the model's adapters are merged; unmerge(model) first")
-    kinds = {"vanilla": "plain LoRA", "dora": "DoRA", "adalora": "AdaLoRA"}
-    have, want = get_state(model).config.parametrization, config.parametrization
-    if have != want:  # other tensors per layer: the keys' mismatch named neither
-        raise AdapterFormatError(
-            f"load_adapter: cannot swap adapters in place: the model's adapters are "
-            f"{kinds.get(have, have)}, the file's {kinds.get(want, want)}. Load it into a fresh "
-            "copy of the base model (or rankwise.lora.unload(model) first)"
-        )
-    residual = [name for name, layer in lora_layers(model) if initial_factors(layer) is not None]
-    if (residual or config.initializer in RESIDUAL_INITIALIZERS) and not _same_residual(
-        model, config
-    ):
-        # the base weights hold W - s·B0 A0 of the current adapter's init (or must hold the
-        # new one's): swapping only the factors would pair them with the wrong base
-        which = (
-            f"the model's adapter changed the base weights ({residual[0]!r}"
-            f"{' and more' if len(residual) > 1 else ''}: a residual initializer)"
-            if residual
-            else f"the file's init_lora_weights={config.init_lora_weights!r} needs its own "
-            "residual base weights"
-        )
-        raise AdapterFormatError(
-            f"load_adapter: cannot swap adapters in place: {which}. Load it into a fresh copy "
-            "of the base model"
-        )
-    _check_same_modules(model, config)
-    for name, layer in lora_layers(model):
-        r, _ = config.rank_and_alpha(name)
-        if r != layer.r:
-            raise ShapeMismatchError(
-                f"{name}: the adapter config gives r={r}, the model's layer has r={layer.r}"
-            )
-    return {k: tuple(v.shape) for k, v in adapter_state_dict(model, bias=config.bias).items()}
-
-
-def _same_residual(model: nn.Module, config: LoraConfig) -> bool:
-    """The file's adapter would leave the base weights as the model's adapter did: the same
-    residual initializer at the same rank and scale on every layer (another checkpoint of the
-    same run, say), so its factors belong with the residual already there."""
-    current = get_state(model).config
-    if current.initializer != config.initializer or config.initializer == "lora_ga":
-        return False
-    for name, layer in lora_layers(model):
-        r, alpha = config.rank_and_alpha(name)
-        if r != layer.r or config.scaling(r=r, alpha=alpha) != layer.scaling:
-            return False
-    return True
-
-
-def _check_same_modules(model: nn.Module, config: LoraConfig) -> None:
-    """A swap in place needs the file's config to select the modules the model has adapters
-    on (and keeps in full): otherwise the attached config would describe other modules than
-    the weights, and a later save would write an adapter no loader reads back the same."""
-    names, save_names, _ = selected_names(model, config, unwrapped_modules(model), strict=False)
-    state = get_state(model)
-    for what, want, have in (
-        ("adapts", set(names), {n for n, _ in lora_layers(model)}),
-        ("keeps in full (modules_to_save)", set(save_names), set(state.modules_to_save)),
-    ):
-        if want != have:
-            diff = [f"also {_few(sorted(want - have))}"] if want - have else []
-            diff += [f"not {_few(sorted(have - want))}"] if have - want else []
-            raise AdapterFormatError(
-                f"load_adapter: the adapter's config {what} other modules than the model's "
-                f"adapters: {', '.join(diff)}; load it into the base model "
-                "(rankwise.lora.unload(model) first)"
-            )
-
-
-def _base_keys(model: nn.Module, keys: object) -> frozenset[str]:
-    """The keys among ``keys`` that are base-model tensors: not LoRA factors, not
-    modules_to_save (biases of ``bias="all"``/``"lora_only"``, whole embedding weights)."""
-    kept = tuple(m + "." for m in get_state(model).modules_to_save)
-    return frozenset(k for k in keys if ".lora_" not in k and not k.startswith(kept))  # type: ignore[attr-defined]
-
-
-def _check_base_kept(model: nn.Module, values: dict[str, Tensor], *, source: Path) -> None:
-    """A swap must overwrite every base tensor the current adapter changed (trained or loaded
-    biases, whole embeddings): otherwise the old adapter's values would stay in the model."""
-    state = get_state(model)
-    changed = state.base_written | _base_keys(model, adapter_state_dict(model))
-    left = sorted(changed - _base_keys(model, values))
-    if left:
-        raise AdapterFormatError(
-            f"load_adapter: the model's adapter (bias={state.config.bias!r}) changed base "
-            f"tensors {_few(left)} that {source} does not set; swapping in place would keep the "
-            "old values. Load it into a fresh copy of the base model"
-        )
-
-
-def _rank_pattern_hint(config: LoraConfig) -> str:
-    """Why a rank from ``rank_pattern`` may not fit the file: PEFT (0.21) writes its config
-    with ``sort_keys=True``, so patterns that overlap can match in another order when read
-    back (the first match wins) and PEFT itself refuses the file with a size mismatch."""
-    if len(config.rank_pattern or {}) < 2:
-        return ""
-    return (
-        " (the config's rank_pattern holds several patterns, matched in the file's order; "
-        "PEFT saves them with the keys sorted, which can change which one a module matches "
-        "first: PEFT refuses such a file too)"
-    )
-
-
-def _rank_differs(key: str, expected: tuple[int, ...], found: tuple[int, ...]) -> bool:
-    """Whether a factor's shapes differ in its rank dimension only (lora_A's first, lora_B's
-    second, as lora_embedding_A's and _B's): what a rank_pattern matched otherwise gives."""
-    expected, found = tuple(expected), tuple(found)
-    if len(expected) != len(found) or len(expected) < 2 or ".lora_" not in key:
-        return False
-    a_side = ".lora_A." in key or ".lora_embedding_A" in key  # rank first (r, ...)
-    b_side = ".lora_B." in key or ".lora_embedding_B" in key  # rank second (out, r, ...)
-    dim = 0 if a_side else 1 if b_side else None
-    if dim is None:
-        return False
-    others = [i for i in range(len(expected)) if i != dim]
-    return expected[dim] != found[dim] and all(expected[i] == found[i] for i in others)
-
-
-def _check_keys(
-    expected: dict[str, tuple[int, ...]],
-    found: dict[str, tuple[int, ...]],
-    *,
-    source: Path,
-    hint: str = "",
-) -> None:
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    if missing or extra:
-        raise AdapterFormatError(
-            f"{source}: keys do not fit the model: missing {_few(missing)}, unexpected {_few(extra)}"
-        )
-    for key, shape in expected.items():
-        if tuple(found[key]) != tuple(shape):
-            module = key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
-            module = module.removesuffix(".base_layer")
-            raise ShapeMismatchError(
-                f"{source}: module {module!r}, key {key!r}: expected shape {tuple(shape)}, "
-                f"found {tuple(found[key])}"
-                + (hint if _rank_differs(key, shape, found[key]) else "")
-            )
-
-
-def _few(keys: list[str]) -> str:
-    return "none" if not keys else f"{keys[:4]}{' …' if len(keys) > 4 else ''} ({len(keys)})"
-
-
-def _check_materialized(model: nn.Module) -> None:
-    """Refuse a model with meta-device tensors: ``copy_`` into them drops every value."""
-    for kind, named in (("parameter", model.named_parameters), ("buffer", model.named_buffers)):
-        for key, t in named():
-            if t.is_meta:
-                module = key.rpartition(".")[0] or "<root>"
-                raise AdapterFormatError(
-                    f"load_adapter: module {module!r} has {kind} {key!r} on the meta device "
-                    "(shape only, no storage); expected a materialized model (to_empty + load "
-                    "its weights) so the adapter's values can be written"
-                )
-
-
-def _target_dtypes(
-    model: nn.Module, plan: Plan | None, values: dict[str, Tensor]
-) -> dict[str, torch.dtype]:
-    """Key -> dtype the value will have in the model (what ``_copy_in`` casts it to).
-
-    Existing tensors keep their dtype; LoRA tensors a ``plan`` will create get
-    :func:`adapter_dtype` of their base weight (float32 for fp16/bf16 bases).
-    """
-    live = model.state_dict(keep_vars=True)
-    modules = dict(model.named_modules())
-    targets = [t.name for t in plan.targets] if plan is not None else []
-    out: dict[str, torch.dtype] = {}
-    for key in values:
-        if key in live:
-            out[key] = live[key].dtype
-        elif key.replace(".base_layer.", ".") in live:
-            out[key] = live[key.replace(".base_layer.", ".")].dtype
-        else:
-            owner = max((n for n in targets if key.startswith(n + ".")), key=len, default=None)
-            weight = getattr(modules.get(owner), "weight", None) if owner is not None else None
-            if isinstance(weight, Tensor):
-                out[key] = adapter_dtype(weight.dtype)
-    return out
-
-
-def _check_values(
-    values: dict[str, Tensor], dtypes: dict[str, torch.dtype], *, source: Path
-) -> None:
-    """Float tensors where the model holds floats (LoRA factors, a float modules_to_save
-    weight: an integer value would be silently cast), and every value finite *after* the cast
-    to its live dtype (float64 values beyond float32's range would otherwise load as inf)."""
-    for key, value in values.items():
-        wants_float = ".lora_" in key or (key in dtypes and dtypes[key].is_floating_point)
-        if wants_float and not value.is_floating_point():
-            raise AdapterFormatError(
-                f"{source}: tensor {key!r} has dtype {value.dtype}, expected a float"
-            )
-        if not value.is_floating_point():
-            continue
-        dtype = dtypes.get(key, value.dtype)
-        cast = value.to(dtype) if dtype.is_floating_point else value
-        if not torch.isfinite(cast).all():
-            where = "" if dtype == value.dtype else f" once cast from {value.dtype} to {dtype}"
-            raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan{where}")
-
-
-def _set_layer_scales(model: nn.Module, config: LoraConfig) -> None:
-    for name, layer in lora_layers(model):
-        r, alpha = config.rank_and_alpha(name)
-        layer.lora_alpha = alpha
-        layer.scaling = config.scaling(r=r, alpha=alpha)
-        layer.set_dropout(config.lora_dropout)
-
-
-def _copy_in(model: nn.Module, values: dict[str, Tensor]) -> None:
-    live = model.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for key, value in values.items():
-            live[key].copy_(value.to(dtype=live[key].dtype))

@@ -23,7 +23,7 @@ from rankwise.lora.adalora import (
     orthogonal_regularization,
 )
 from rankwise.lora.adalora_alloc import RankAllocator
-from rankwise.lora.config import SCALING_RULES, LoraConfig
+from rankwise.lora.config import RESIDUAL_INITIALIZERS, SCALING_RULES, LoraConfig
 from rankwise.lora.conv import LoraConv
 from rankwise.lora.dora import DoraConv, DoraEmbedding, DoraLinear
 from rankwise.lora.embedding import LoraEmbedding
@@ -57,7 +57,7 @@ INITIALIZERS.update(
         "adalora_random": adalora_random_init,
     }
 )
-WEIGHT_READING.update({"pissa", "pissa_exact", "olora"})
+WEIGHT_READING.update(RESIDUAL_INITIALIZERS)
 
 __all__ = [
     "AdaLoraConfig",

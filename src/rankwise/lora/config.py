@@ -279,6 +279,10 @@ def _check_layers(cfg: LoraConfig) -> None:
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<subspace iterations>"
 PEFT_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
+# initializers that move s·B0 A0 out of the base weight (W_res = W - s·B0 A0), from r singular
+# triplets (PiSSA) or QR columns (OLoRA) of it
+RESIDUAL_INITIALIZERS = frozenset({"pissa", "pissa_exact", "olora"})
+
 # registry entries that are not PEFT values of init_lora_weights: AdaLoraConfig's own init
 # (AdaLoraConfig.initializer; its files say True / False)
 INTERNAL_INITIALIZERS = frozenset({"adalora", "adalora_random"})

@@ -30,7 +30,13 @@ from typing import NamedTuple
 from torch import nn
 
 from rankwise.errors import InjectionError
-from rankwise.lora.config import ALL_LINEAR, SEQ_CLS_HEAD_NAMES, TASK_HEAD_NAMES, LoraConfig
+from rankwise.lora.config import (
+    ALL_LINEAR,
+    RESIDUAL_INITIALIZERS,
+    SEQ_CLS_HEAD_NAMES,
+    TASK_HEAD_NAMES,
+    LoraConfig,
+)
 from rankwise.lora.layers import LoraLayer, wrapper_kind
 from rankwise.lora.module_kinds import is_hf_conv1d
 
@@ -339,8 +345,6 @@ def _check_supported(name: str, module: nn.Module, kind: str | None) -> None:
 # A rank beyond both dims whose factors would hold more than this many numbers is a typo
 # (r=2**40 would otherwise reach the allocator), refused before anything is allocated.
 MAX_OVERSIZED_FACTOR_ELEMENTS = 2**26
-# initializers that take r singular triplets (or QR columns) of the weight: r <= min(out, in)
-_SVD_INITS = frozenset({"pissa", "pissa_exact", "olora"})
 
 
 def check_ranks(model: nn.Module, plan: Plan) -> None:
@@ -369,7 +373,8 @@ def check_ranks(model: nn.Module, plan: Plan) -> None:
                 "(a larger r cannot raise the rank of the update)"
             )
         if t.r > limit:
-            if plan.config.initializer in _SVD_INITS and t.kind != "embedding":
+            # r singular triplets (or QR columns) of the weight: r <= min(out, in)
+            if plan.config.initializer in RESIDUAL_INITIALIZERS and t.kind != "embedding":
                 # the top-r singular triplets must exist (embeddings use the default init)
                 raise InjectionError(
                     f"r: module {t.name!r} (weight shape {shape}): "
