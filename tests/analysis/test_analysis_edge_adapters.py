@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -475,6 +476,75 @@ def test_combine_adapters_names_the_source_of_another_size(tmp_path: Path) -> No
     ):
         combine_adapters(sources, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _wide_bert(layers: int) -> torch.nn.Module:
+    config = transformers.BertConfig(
+        hidden_size=48, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=37,
+        vocab_size=100,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    return transformers.BertModel(config).eval()
+
+
+def test_combine_adapters_refuses_other_layers_of_a_model_of_another_size(
+    tmp_path: Path,
+) -> None:
+    # only modules of the same name were compared: adapters on other layers of a wider model
+    # were combined into a file no model loads
+    _peft_save(tmp_path / "a", r=2, target_modules=["query"], init_lora_weights=False)
+    peft.get_peft_model(
+        _wide_bert(4),
+        peft.LoraConfig(
+            r=2, target_modules=["query"], layers_to_transform=[2, 3], init_lora_weights=False
+        ),
+    ).save_pretrained(tmp_path / "wide")
+    with pytest.raises(
+        ValueError,
+        match=r"layer\.[23]\.attention\.self\.query': .*wide' \(sources\[1\]\) holds a "
+        r"\(48, 48\) update, .*a' \(sources\[0\]\) a \(32, 32\) one for the same module of "
+        r"another layer",
+    ):
+        combine_adapters([tmp_path / "a", tmp_path / "wide"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_combine_adapters_warns_when_nothing_shows_one_model(tmp_path: Path) -> None:
+    # no common module and no recorded base model: a wider model's adapter was combined
+    # without a word (PEFT then refused the result with a size mismatch)
+    _peft_save(tmp_path / "a", r=2, target_modules=["query", "value"], init_lora_weights=False)
+    peft.get_peft_model(
+        _wide_bert(2), peft.LoraConfig(r=2, target_modules=["key"], init_lora_weights=False)
+    ).save_pretrained(tmp_path / "wide")
+    with pytest.warns(RuntimeWarning, match=r"adapt no common module .* cannot check"):
+        combine_adapters([tmp_path / "a", tmp_path / "wide"], tmp_path / "out")
+    # adapters of the same modules (or layers of them): nothing to warn about
+    _peft_save(tmp_path / "b", r=2, target_modules=["value"], init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        combine_adapters([tmp_path / "a", tmp_path / "b"], tmp_path / "out2")
+
+
+@pytest.mark.parametrize("method", ["svd", "ties"])
+def test_combine_half_precision_adapters_with_a_large_weight(tmp_path: Path, method: str) -> None:
+    # the report's exact sum was formed in float16 and overflowed, refusing a combination
+    # whose own factors were finite (max |B| ~ 1e3), with an error naming no module
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        model = peft.get_peft_model(
+            _bert(), peft.LoraConfig(r=2, target_modules=["query"], init_lora_weights=False)
+        )
+        model.half().save_pretrained(tmp_path / name)
+    rows = combine_adapters(
+        [tmp_path / "a", tmp_path / "b"], tmp_path / method, [1e5, 1.0], method=method
+    )
+    assert rows and all(math.isfinite(row.relative_error) for row in rows)
+    if method == "svd":  # rank 2 of a sum dominated by one rank-2 update
+        assert max(row.relative_error for row in rows) < 1e-3
+    from safetensors.torch import load_file
+
+    tensors = load_file(tmp_path / method / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float16 and torch.isfinite(t).all() for t in tensors.values())
 
 
 def test_linear_combine_refuses_a_rank_up_front_and_overflow_names_the_weights(

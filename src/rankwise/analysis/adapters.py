@@ -7,6 +7,7 @@ function of :mod:`rankwise.analysis` module by module, and returns one report ro
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import os
@@ -32,6 +33,7 @@ from rankwise.analysis.algebra import (
     choose_rank,
     combine,
     combine_rank_cap,
+    concatenate,
     factored_svd,
     split_svd,
 )
@@ -175,6 +177,7 @@ def combine_adapters(
     extras = _common_extras(sources, configs, extras_from)
     _check_module_prefixes(sources, adapters)
     _check_module_shapes(sources, adapters)
+    _warn_unchecked(sources, adapters, configs)
     gen = as_generator(generator)  # one stream across modules, in sorted module order
     if rank is None and method != "linear":
         # PEFT's default new rank: the largest rank any input adapter declares (r or a
@@ -192,7 +195,9 @@ def combine_adapters(
             out = combine(pairs, ws, method=method, rank=keep, density=density, generator=gen)
         except ValueError as err:
             raise type(err)(f"module {module!r}: {err}") from None
-        exact = combine(pairs, ws, method="linear")
+        # the exact sum in the work dtype, not the inputs' (a half-precision sum can overflow
+        # where the method's own result does not)
+        exact = concatenate(pairs, ws)
         new[module] = out
         error = factored_relative_error(exact, out)
         report.append(LayerReport(module, _shape(out), exact.A.shape[0], out.A.shape[0], error))
@@ -237,7 +242,13 @@ def _check_module_prefixes(
 def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, Factors]]) -> None:
     """Refuse a module whose update has another shape in another adapter (a model of another
     size), naming both directories (the per-module check counted only the adapters holding
-    the module, so its index named the wrong one, and no directory)."""
+    the module, so its index named the wrong one, and no directory).
+
+    Adapters on other layers of the same modules are compared too, by role (the name with
+    its list indices as ``*``: ``encoder.layer.*.attention.self.key``), where each adapter
+    holds two or more modules of the role, all of one shape: evidence that the model's layers
+    share it (some models' layers differ in size, e.g. OpenELM's; a role seen once, or with
+    several shapes, is not compared)."""
     first: dict[str, tuple[int, tuple[int, int]]] = {}
     for i, adapter in enumerate(adapters):
         for module, (B, A) in adapter.items():
@@ -249,6 +260,50 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
                     f"update, {str(sources[j])!r} (sources[{j}]) a {seen} one: adapters of "
                     "models of other sizes cannot be combined"
                 )
+    by_role: dict[str, tuple[int, str, tuple[int, int]]] = {}
+    for i, adapter in enumerate(adapters):
+        shapes: dict[str, dict[tuple[int, int], str]] = {}
+        for module, (B, A) in sorted(adapter.items()):
+            shape = (int(B.shape[0]), int(A.shape[1]))
+            shapes.setdefault(_role(module), {}).setdefault(shape, module)
+        counts = collections.Counter(_role(m) for m in adapter)
+        for role, found in shapes.items():
+            if len(found) != 1 or counts[role] < 2:
+                continue  # layers of other sizes within one model, or no evidence either way
+            ((shape, module),) = found.items()
+            j, other, seen = by_role.setdefault(role, (i, module, shape))
+            if seen != shape:
+                raise ValueError(
+                    f"module {module!r}: {str(sources[i])!r} (sources[{i}]) holds a {shape} "
+                    f"update, {str(sources[j])!r} (sources[{j}]) a {seen} one for the same "
+                    f"module of another layer ({other!r}): adapters of models of other sizes "
+                    "cannot be combined"
+                )
+
+
+def _role(module: str) -> str:
+    """A module's name with its list indices as ``*`` (the same module in every layer)."""
+    return ".".join("*" if part.isdigit() else part for part in module.split("."))
+
+
+def _warn_unchecked(
+    sources: Sequence[PathLike], adapters: list[dict[str, Factors]], configs: list[LoraConfig]
+) -> None:
+    """Warn when two inputs adapt no common module, not even on other layers, and do not both
+    name their base model: nothing here shows they belong to one model (one of another size
+    would fail only when the combination is loaded)."""
+    roles = [{_role(m) for m in a} for a in adapters]
+    for (i, a), (j, b) in itertools.combinations(enumerate(roles), 2):
+        named = configs[i].base_model_name_or_path and configs[j].base_model_name_or_path
+        if not a & b and not named:
+            warnings.warn(
+                f"sources: {str(sources[i])!r} and {str(sources[j])!r} adapt no common module "
+                "and do not both record base_model_name_or_path: rankwise cannot check that "
+                "they adapt one model (adapters of a model of another size would fail only "
+                "when the result is loaded)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def _declared_rank(config: LoraConfig, factors: dict[str, Factors]) -> int:

@@ -187,7 +187,7 @@ def _check_deltas(deltas: Sequence[Tensor], weights: Sequence[float]) -> list[fl
     return _check_weights(weights, len(deltas), "deltas")
 
 
-def _concatenate(factors: Sequence[tuple[Tensor, Tensor]], weights: list[float]) -> Factors:
+def concatenate(factors: Sequence[tuple[Tensor, Tensor]], weights: list[float]) -> Factors:
     """``Σ wᵢ Bᵢ Aᵢ = [w₁B₁ | … | w_nB_n] · [A₁; …; A_n]`` exactly, rank ``Σ rᵢ``."""
     dtype = work_dtype(*(t for pair in factors for t in pair))
     B = torch.cat(
@@ -304,7 +304,7 @@ def combine(
     if method == "linear":
         if rank is not None:
             raise ValueError("method='linear' is exact and takes no rank; use method='svd'")
-        B, A = _concatenate(factors, w)
+        B, A = concatenate(factors, w)
         B, A = B.to(out_dtype), A.to(out_dtype)
         if not (bool(torch.isfinite(B).all()) and bool(torch.isfinite(A).all())):
             raise ValueError(
@@ -315,7 +315,7 @@ def combine(
     if rank is None:  # at most min(out, in): PEFT allows r above it
         rank = min(max(Ai.shape[0] for _, Ai in factors), *_update_shape(factors))
     if method == "svd":
-        B, A = _concatenate(factors, w)
+        B, A = concatenate(factors, w)
         svd = factored_svd(B, A)
         return split_svd(
             svd, choose_rank(svd.S, rank, None, available=svd.S.numel()), dtype=out_dtype
