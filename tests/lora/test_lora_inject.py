@@ -340,3 +340,73 @@ def test_a_lazy_target_is_refused_by_name(lazy: nn.Module) -> None:
         with pytest.raises(InjectionError, match=r"module '1' is a lazy"):
             inject(model, cfg)
         assert type(model[0]) is nn.Linear
+
+
+def _bert_cls_4_layers() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37,
+        vocab_size=99, num_labels=2,
+    )  # fmt: skip
+    return BertForSequenceClassification(cfg)  # 4 x 6 linear layers + pooler: 25 targets
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [
+        "all-linear",
+        ["query", "key", "value", "dense"],
+        [f"layer.{i}.attention.self.query" for i in range(4)],
+    ],
+)
+def test_long_target_lists_are_condensed_as_peft(tmp_path, targets) -> None:
+    # PEFT rewrites a list of 20+ names (all-linear's expansion included) to the fewest
+    # suffixes that select the same modules; rankwise attached and saved the 25 full paths
+    import json
+
+    from peft import LoraConfig as PeftConfig
+    from peft import get_peft_model
+
+    from rankwise.io import save_adapter
+
+    kwargs = {"r": 2, "task_type": "SEQ_CLS", "target_modules": targets}
+    names = inject(_bert_cls_4_layers(), LoraConfig(**kwargs), dry_run=True)
+    if targets == "all-linear":  # 25 names, as listed
+        assert len(names) == 25
+        listed = inject(_bert_cls_4_layers(), LoraConfig(**{**kwargs, "target_modules": names}))
+        assert sorted(get_config(listed).target_modules) == ["dense", "key", "query", "value"]
+    ours = inject(_bert_cls_4_layers(), LoraConfig(**kwargs))
+    theirs = get_peft_model(_bert_cls_4_layers(), PeftConfig(**kwargs))
+    expected = theirs.peft_config["default"].target_modules
+    expected = expected if isinstance(expected, str) else sorted(expected)
+    got = get_config(ours).target_modules
+    assert (got if isinstance(got, str) else sorted(got)) == expected
+    assert sorted(n for n, _ in lora_layers(ours)) == sorted(names)
+    save_adapter(ours, tmp_path / "ours")
+    theirs.save_pretrained(tmp_path / "peft")
+    read = [
+        json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("ours", "peft")
+    ]
+    assert sorted(read[0]["target_modules"]) == sorted(read[1]["target_modules"])
+
+
+def test_minimal_suffixes_select_the_same_names() -> None:
+    from rankwise.lora.targets import minimal_suffixes
+
+    names = [
+        f"m.{part}.{i}.{leaf}" for part in ("enc", "dec") for i in range(12) for leaf in "qkvo"
+    ]
+    wanted = [n for n in names if n.endswith((".q", ".v")) or ".dec.3." in n]
+    others = [n for n in names if n not in wanted]
+    got = minimal_suffixes(wanted, others)
+    assert got == ["dec.3.k", "dec.3.o", "q", "v"]  # "3.k" would take enc.3.k too
+    from peft.tuners.tuners_utils import _find_minimal_target_modules
+
+    assert got == sorted(_find_minimal_target_modules(wanted, others))
+
+    def hit(n: str) -> bool:
+        return any(n == s or n.endswith("." + s) for s in got)
+
+    assert [n for n in names if hit(n)] == [n for n in names if n in wanted]

@@ -118,7 +118,44 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
     conv1d = any(is_hf_conv1d(modules[t.name]) for t in targets)
     if cfg.fan_in_fan_out != conv1d:
         cfg = cfg.replace(fan_in_fan_out=conv1d)
-    return Plan(tuple(targets), save_names, cfg)
+    return Plan(tuple(targets), save_names, _condensed(cfg, modules))
+
+
+# PEFT condenses a target_modules list of this many entries or more (MIN_TARGET_MODULES_FOR_
+# OPTIMIZATION), "all-linear" after its expansion to full names included
+CONDENSE_MIN_ENTRIES = 20
+
+
+def _condensed(cfg: LoraConfig, modules: dict[str, nn.Module]) -> LoraConfig:
+    """``cfg`` with a long ``target_modules`` list replaced by the fewest name suffixes that
+    match the same modules, as PEFT rewrites it before injecting (so the config attached to
+    the model and written to files names what PEFT's does: ``["dense", "key", "query",
+    "value"]`` for MiniLM's all-linear, not 37 module paths)."""
+    entries = cfg.target_modules
+    if isinstance(entries, str) or len(entries or []) < CONDENSE_MIN_ENTRIES:
+        return cfg
+    others = [n for n in modules if n and not _suffix_match(n, entries)]
+    shorter = minimal_suffixes(entries, others)
+    return cfg.replace(target_modules=shorter) if len(shorter) < len(entries) else cfg
+
+
+def _suffixes(name: str) -> list[str]:
+    """A dotted name's suffixes at part boundaries, shortest first (``c``, ``b.c``, ``a.b.c``)."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1)]
+
+
+def minimal_suffixes(entries: Iterable[str], others: Iterable[str]) -> list[str]:
+    """A small set of suffixes that suffix-match every name in ``entries`` and no name in
+    ``others`` (which match no entry): greedily, each entry not yet matched takes its shortest
+    suffix that no other name ends with, entries in the order of their suffixes. Sorted."""
+    taken = {suffix for name in others for suffix in _suffixes(name)}
+    chosen: list[str] = []
+    for entry in sorted(set(entries), key=_suffixes):
+        if _suffix_match(entry, chosen):
+            continue
+        chosen.append(next(s for s in _suffixes(entry) if s not in taken))
+    return sorted(chosen)
 
 
 def selected_names(
