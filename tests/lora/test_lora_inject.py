@@ -410,3 +410,35 @@ def test_minimal_suffixes_select_the_same_names() -> None:
         return any(n == s or n.endswith("." + s) for s in got)
 
     assert [n for n in names if hit(n)] == [n for n in names if n in wanted]
+
+
+def test_mamba_layers_read_past_the_adapter_are_refused_or_left_out() -> None:
+    # all-linear put an adapter on Mamba's dt_proj (its weight is used as `dt_proj.weight @ x`:
+    # the unmerged output equalled the base's, merging then changed it) and out_proj (read by
+    # the fused kernels; PEFT refuses it), without a word
+    from transformers import MambaConfig, MambaForCausalLM
+
+    torch.manual_seed(0)
+    config = MambaConfig(hidden_size=16, state_size=4, num_hidden_layers=1, vocab_size=50)
+    model = MambaForCausalLM(config)
+    before = snapshot(model)
+    with pytest.warns(RuntimeWarning, match=r"left out 'backbone.layers.0.mixer.dt_proj' and 1"):
+        names = inject(model, LoraConfig(target_modules="all-linear"), dry_run=True)
+    assert names == ["backbone.layers.0.mixer.in_proj", "backbone.layers.0.mixer.x_proj"]
+    for target in ("dt_proj", "out_proj"):
+        with pytest.raises(InjectionError, match=rf"mixer.{target}' cannot take an adapter"):
+            inject(model, LoraConfig(target_modules=[target]))
+        assert_unchanged(model, before)
+
+
+def test_all_linear_on_fused_experts_says_they_stay_frozen() -> None:
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, vocab_size=50,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning, match=r"experts are fused parameters .*gate_up_proj"):
+        names = inject(MixtralForCausalLM(config), LoraConfig(target_modules="all-linear"))
+    assert len(list(lora_layers(names))) == 4  # q, k, v, o

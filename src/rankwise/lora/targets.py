@@ -90,6 +90,7 @@ def resolve(model: nn.Module, config: LoraConfig, *, strict: bool = True) -> Pla
     for name in names:
         kind = wrapper_kind(modules[name])
         _check_supported(name, modules[name], kind)
+        _check_not_bypassed(model, name)
         r, alpha = cfg.rank_and_alpha(name)
         _check_nonempty(name, modules[name])
         targets.append(Target(name, kind, r, alpha))  # type: ignore[arg-type]
@@ -263,8 +264,75 @@ def _in_layers(cfg: LoraConfig, name: str) -> bool:
     return layer == idx if isinstance(idx, int) else layer in idx
 
 
+# Mamba-style models whose forward reads these layers' weights itself (the CUDA kernel path,
+# and on every device Mamba's time-step projection ``dt_proj.weight @ x`` and its causal
+# convolution), so an adapter on them is bypassed unmerged and changes the output once merged.
+# PEFT 0.21 refuses out_proj and conv1d on these model types; dt_proj as measured here
+# (transformers 5.25: unmerged output equal to the base's, no gradient reaching the factors).
+BYPASSED_LAYERS: dict[str, frozenset[str]] = {
+    "mamba": frozenset({"out_proj", "conv1d", "dt_proj"}),
+    "falcon_mamba": frozenset({"out_proj", "conv1d", "dt_proj"}),
+    "mamba2": frozenset({"out_proj", "conv1d"}),
+    "falcon_h1": frozenset({"out_proj", "conv1d"}),
+    "nemotron_h": frozenset({"out_proj", "conv1d"}),
+}
+
+
+def _bypassed(model: nn.Module, name: str) -> bool:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return name.rpartition(".")[2] in BYPASSED_LAYERS.get(str(model_type), ())
+
+
+def _check_not_bypassed(model: nn.Module, name: str) -> None:
+    if _bypassed(model, name):
+        model_type = model.config.model_type  # type: ignore[union-attr]
+        raise InjectionError(
+            f"target_modules: module {name!r} cannot take an adapter in a {model_type!r} model: "
+            "its forward reads the layer's weight directly (dt_proj on every device, the "
+            "others on the fused-kernel path), so an adapter there would do nothing until "
+            "merged and then change the output (PEFT refuses out_proj and conv1d there too); "
+            f"expected none of {sorted(BYPASSED_LAYERS[model_type])}"
+        )
+
+
+# config fields holding a mixture-of-experts model's expert count (transformers' names)
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+
+
+def _warn_fused_experts(model: nn.Module, names: list[str]) -> None:
+    """All-linear on a mixture-of-experts model whose experts are fused 3-D parameters
+    (transformers 5's Mixtral: ``experts.gate_up_proj: (experts, 2·ffn, hidden)``), not linear
+    layers: they stay frozen here, where PEFT adapts them through ``target_parameters``."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, f, None) for f in EXPERT_COUNT_FIELDS}
+    counts = {c for c in counts if isinstance(c, int) and c > 1}
+    fused = [n for n, p in model.named_parameters() if p.dim() == 3 and p.shape[0] in counts]
+    if fused:
+        more = f" and {len(fused) - 1} more" if len(fused) > 1 else ""
+        warnings.warn(
+            f"target_modules='all-linear': the model's experts are fused parameters "
+            f"({fused[0]!r}{more}), not linear layers, and stay frozen; the adapter covers "
+            f"{len(names)} linear layers (PEFT also adapts the experts, with target_parameters, "
+            "which rankwise does not support)",
+            RuntimeWarning,
+            stacklevel=6,  # inject's caller
+        )
+
+
 def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig) -> list[str]:
     names = [n for n, m in modules.items() if n and (isinstance(m, nn.Linear) or is_hf_conv1d(m))]
+    bypassed = [n for n in names if _bypassed(model, n)]
+    if bypassed:  # PEFT refuses all-linear there; the other linear layers take adapters
+        names = [n for n in names if n not in bypassed]
+        warnings.warn(
+            f"target_modules='all-linear': left out {bypassed[0]!r}"
+            f"{f' and {len(bypassed) - 1} more' if len(bypassed) > 1 else ''}: the "
+            f"{model.config.model_type!r} model reads "  # type: ignore[union-attr]
+            f"{'/'.join(sorted({n.rpartition('.')[2] for n in bypassed}))} weights directly, "
+            "past any adapter",
+            RuntimeWarning,
+            stacklevel=5,  # inject's caller
+        )
     head: nn.Module | None = None
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
@@ -275,6 +343,7 @@ def _all_linear(model: nn.Module, modules: dict[str, nn.Module], cfg: LoraConfig
         head = head.base_layer
     if head is not None:
         names = [n for n in names if modules[n] is not head]
+    _warn_fused_experts(model, names)
     return names
 
 
