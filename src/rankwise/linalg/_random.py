@@ -10,8 +10,9 @@ from rankwise.errors import GeneratorError
 GeneratorLike = torch.Generator | int | None
 
 
-# The integers torch.Generator.manual_seed takes
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+# The seeds taken: torch.Generator.manual_seed's non-negative range (it also takes negative
+# ones, wrapped modulo 2**64, so -1 and 2**64 - 1 gave the same draws; numpy refuses them)
+SEED_MIN, SEED_MAX = 0, 2**64 - 1
 
 
 def make_generator(generator: GeneratorLike) -> torch.Generator | None:

@@ -39,12 +39,7 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
         # float128/longdouble: torch has no such dtype (from_numpy would raise a TypeError)
         if value.dtype.kind not in "biuf" or value.dtype.itemsize > 8:
             raise ValueError(f"{name}: expected a real numeric array, found dtype {value.dtype}")
-        with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
-            warnings.simplefilter("ignore", UserWarning)
-            native = value.dtype.newbyteorder("=")  # torch reads native byte order only
-            # np.require keeps a 0-D array 0-D (ascontiguousarray made it 1-D: the error
-            # then named the wrong shape)
-            tensor = torch.from_numpy(np.require(value, dtype=native, requirements="C"))
+        tensor = from_numpy(value)
     elif isinstance(value, torch.Tensor):
         tensor = value
     else:
@@ -66,6 +61,17 @@ def as_matrix(value: Any, name: str, *, check_finite: bool = True) -> Matrix:
     if check_finite and (bad := non_finite_count(tensor)):
         raise ValueError(f"{name}: expected finite entries, found {bad} NaN/Inf entries")
     return Matrix(tensor, was_numpy)
+
+
+def from_numpy(value: np.ndarray) -> torch.Tensor:
+    """A numpy array as a tensor, whatever its strides (negative ones: ``x[::-1]``) and byte
+    order: copied to a C-contiguous native-order array where needed (torch reads neither)."""
+    with warnings.catch_warnings():  # read-only arrays: fine, nothing here writes to them
+        warnings.simplefilter("ignore", UserWarning)
+        native = value.dtype.newbyteorder("=")
+        # np.require keeps a 0-D array 0-D (ascontiguousarray made it 1-D: the error then
+        # named the wrong shape)
+        return torch.from_numpy(np.require(value, dtype=native, requirements="C"))
 
 
 def non_finite_count(tensor: torch.Tensor) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from rankwise.errors import ShapeMismatchError
-from rankwise.linalg._validate import ArrayLike, as_matrix, to_output
+from rankwise.linalg._validate import ArrayLike, as_matrix, from_numpy, to_output
 
 
 class Monarch(NamedTuple):
@@ -55,7 +55,7 @@ class Monarch(NamedTuple):
     def _factors(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
         self._check_shapes()
         was_numpy = isinstance(self.L, np.ndarray)
-        return torch.as_tensor(self.L), torch.as_tensor(self.R), was_numpy
+        return _tensor(self.L), _tensor(self.R), was_numpy
 
     def to_dense(self) -> ArrayLike:
         """The (m, n) matrix: ``M[(i, s), (j, t)] = L[s, i, j] · R[j, s, t]``."""
@@ -69,7 +69,7 @@ class Monarch(NamedTuple):
         floating dtype of the factors and ``x``, as ``to_dense() @ x`` would be (float32
         factors times a float64 ``x`` give float64; integer ``x`` takes the factors' dtype)."""
         L, R, was_numpy = self._factors()
-        x = torch.as_tensor(x, device=L.device)
+        x = _tensor(x).to(L.device)
         if x.is_complex() and not (L.is_complex() or R.is_complex()):
             # real factors: the cast below to their dtype would drop x's imaginary part
             raise ValueError(f"x: expected a real array, found dtype {x.dtype}")
@@ -89,6 +89,12 @@ class Monarch(NamedTuple):
         out = torch.bmm(L, y)  # (b_s, p, c): L_s applied per block
         out = out.transpose(0, 1).reshape(m, -1)  # (p, b_s, c) -> rows (i, s): the permutation P
         return to_output(out.reshape(m) if x.ndim == 1 else out, was_numpy)
+
+
+def _tensor(value: ArrayLike) -> torch.Tensor:
+    """``torch.as_tensor`` that also takes numpy arrays with negative strides (a flipped
+    view, ``x[::-1]``), as every other entry point does (:func:`from_numpy`)."""
+    return from_numpy(value) if isinstance(value, np.ndarray) else torch.as_tensor(value)
 
 
 def _slices(M: torch.Tensor, nblocks: int) -> torch.Tensor:

@@ -81,10 +81,11 @@ def rank_for_energy(S: ArrayLike, fraction: float) -> int:
 
     ``fraction`` must lie in (0, 1]. The comparison allows ``4·len(S)`` ulps of rounding in
     the cumulative sum, so a spectrum built to keep exactly 80% at rank 2 gives rank 2 for
-    0.8. ``fraction = 1`` gives the numerical rank instead, as
-    :func:`numpy.linalg.matrix_rank` counts it (``σ > len(S)·eps·σ_1``, ``eps`` of ``S``'s
-    dtype): the slack would drop a last ``σ`` as large as 3e-8·σ_1 in float64, and no slack
-    would keep every rounding-level ``σ`` of a rank-deficient matrix.
+    0.8. ``fraction = 1`` gives the numerical rank instead (``σ > len(S)·eps·σ_1``, ``eps`` of
+    ``S``'s dtype: :func:`numpy.linalg.matrix_rank`'s rule for a square matrix; given the
+    matrix, :func:`~rankwise.linalg.truncated_svd` with ``energy=1`` uses its ``max(m, n)``):
+    the slack would drop a last ``σ`` as large as 3e-8·σ_1 in float64, and no slack would keep
+    every rounding-level ``σ`` of a rank-deficient matrix.
     """
     fraction = check_fraction(fraction, "fraction", closed_right=True)
     cumulative, _ = _spectrum(S)

@@ -76,9 +76,11 @@ def _rank_from_options(
     if rank is not None:
         return check_rank(rank, shape)
     if energy is not None:
-        return rank_for_energy(
-            S.detach().cpu(), check_fraction(energy, "energy", closed_right=True)
-        )
+        energy = check_fraction(energy, "energy", closed_right=True)
+        if energy == 1.0:  # the numerical rank, with pinv's and matrix_rank's max(m, n)·eps
+            cutoff = max(shape) * torch.finfo(S.dtype).eps * float(S[0])
+            return max(1, int((S > cutoff).sum()))
+        return rank_for_energy(S.detach().cpu(), energy)
     if tol is not None:
         tol = check_fraction(tol, "tol", closed_right=False)
         # Smallest r with σ_{r+1} <= tol·σ_1, i.e. relative spectral error ‖M - M_r‖₂/‖M‖₂ <= tol.
