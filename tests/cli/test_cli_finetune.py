@@ -176,12 +176,12 @@ def test_resume_set_in_a_config_file_starts_from_the_runs_options(tmp_path: Path
         ["--config", str(by_file)],
         ["--config", str(only_change), "--output", str(run), "--resume"],
     ):
-        config = config_from_args(parser.parse_args(argv))
+        config = config_from_args(parser.parse_args(argv))[0]
         assert config.resume and config.output == str(run)
         assert (config.data, config.max_steps, config.lr) == ("train.tsv", 8, 1e-3)
         assert config.save_every == 2  # the file's change, over the run's 4
     flags_win = ["--config", str(by_file), "--save-every", "3"]
-    assert config_from_args(parser.parse_args(flags_win)).save_every == 3
+    assert config_from_args(parser.parse_args(flags_win))[0].save_every == 3
 
 
 def test_resume_without_output_says_so(capsys) -> None:
@@ -314,7 +314,7 @@ def test_a_runs_config_file_derives_its_defaults_again_for_other_options(
     parser, _ = _command_parser("finetune", COMMANDS["finetune"])
 
     def resolved(*flags: str, file: Path = run / "config.yaml"):
-        return resolve(config_from_args(parser.parse_args(["--config", str(file), *flags])))
+        return resolve(config_from_args(parser.parse_args(["--config", str(file), *flags]))[0])
 
     same = resolved("--output", str(tmp_path / "again"))
     assert (same.lr, same.init_r, same.epochs, same.max_length, same.eval_split) == (
@@ -347,11 +347,11 @@ def test_a_demo_runs_config_file_with_data_gets_the_usual_defaults(tmp_path: Pat
     write_yaml(demo_resolved, tmp_path / "config.yaml", filled=filled_defaults(demo, demo_resolved))
     parser, _ = _command_parser("finetune", COMMANDS["finetune"])
     args = ["--config", str(tmp_path / "config.yaml"), "--data", "train.tsv"]
-    config = resolve(config_from_args(parser.parse_args(args)))
+    config = resolve(config_from_args(parser.parse_args(args))[0])
     assert (config.max_steps, config.max_length, config.eval_split, config.epochs) == (
         None, 128, 0.1, 1.0)  # fmt: skip
     # the file as it is: the demo again
-    again = resolve(config_from_args(parser.parse_args(args[:2])))
+    again = resolve(config_from_args(parser.parse_args(args[:2]))[0])
     assert again == demo_resolved
 
 

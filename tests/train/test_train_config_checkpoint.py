@@ -315,3 +315,27 @@ def test_filled_defaults_take_either_spelling(tmp_path: Path) -> None:
     (tmp_path / "c.yaml").write_text("max-steps: 200\nfilled-defaults: {max-steps: 200}\n")
     options, filled = read_config_file(tmp_path / "c.yaml")
     assert options == {"max_steps": 200} and filled == {"max_steps": 200}
+
+
+def test_a_flag_the_method_ignores_is_refused_after_the_rendezvous(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the CLI refused it before train() lined the processes up: under torchrun a fast process
+    # exited and torchrun killed the other before it said why ("terminated")
+    from rankwise.errors import ConfigError
+    from rankwise.train import loop
+    from rankwise.train.distributed import DistInfo
+
+    calls: list[str] = []
+    monkeypatch.setattr(
+        loop.dist_, "setup", lambda: calls.append("setup") or DistInfo(0, 1, 0, False)
+    )
+    monkeypatch.setattr(loop.dist_, "teardown", lambda info: calls.append("teardown"))
+    monkeypatch.setattr(loop, "_train", lambda *args: None)
+    config = TrainConfig(method="full", r=4, output=str(tmp_path / "out"))
+    with pytest.raises(ConfigError, match=r"option --r .*ignored by --method full"):
+        loop.train(config, given={"r"})
+    assert calls == ["setup", "teardown"]
+    # a misspelt method is named as such, not as a method that ignores the flag
+    with pytest.raises(ConfigError, match=r"option --method .*: expected one of .* found 'fulll'"):
+        loop.train(TrainConfig(method="fulll", r=4), given={"r", "method"})

@@ -349,6 +349,20 @@ def _under_torchrun() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1")
 
 
+def _peer_gone(err: BaseException) -> bool:
+    """Whether ``err`` is torch.distributed's report, under torchrun, that another process
+    left a collective operation (it exited on an error of its own)."""
+    if not _under_torchrun():
+        return False
+    import torch.distributed as dist
+
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(err)
+    return isinstance(err, backend_error) or any(
+        sign in text for sign in ("Connection closed by peer", "Connection reset by peer")
+    )
+
+
 def _say(line: str) -> None:
     """One line to stderr in a single write: under torchrun the processes share the stream,
     and print's separate write of the newline let two errors run into one line."""
@@ -402,6 +416,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         _say(f"rankwise {name}{_rank_label()}: error: {message}")
+        return 2
+    except RuntimeError as err:
+        if not _peer_gone(err):
+            raise
+        # another process failed alone (an output only rank 0 writes) and said why; this one
+        # lost it at the next collective: one line, not gloo's 30-line traceback
+        _say(
+            f"rankwise {name}{_rank_label()}: error: another process stopped (its error is "
+            "above), so this one did too"
+        )
         return 2
     except ModuleNotFoundError as err:  # an optional dependency of this command
         top = (err.name or "").split(".")[0]

@@ -12,14 +12,12 @@ import os
 from typing import Any
 
 from rankwise.cli import DATA_FORMATS
-from rankwise.errors import ConfigError
 from rankwise.train.config import (
     FIELDS,
     METHODS,
     TASKS,
     TrainConfig,
     from_mapping,
-    ignored_options,
     read_config_file,
     without_filled,
 )
@@ -102,8 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Defaults, then (resuming) the run's own config.yaml, then ``--config``, then flags.
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, frozenset[str]]:
+    """Defaults, then (resuming) the run's own config.yaml, then ``--config``, then flags;
+    and the names of the options given as flags (refused by ``train`` where ignored).
 
     Whether to resume and where may come from a flag or from the ``--config`` file; either
     way the run's saved options are the base, so a file that sets only what may change on a
@@ -124,11 +123,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                 values.pop("eval_split", None)  # though not read: no warning about it now
     values.update(from_file)  # flags override a file's options, in either spelling
     values.update(given)
-    config = from_mapping(values)
-    flagged = {k: v for k, v in ignored_options(config, given).items() if k in given}
-    if flagged:  # given now, for a method that ignores it: refused (from a file: a warning)
-        raise ConfigError(next(iter(flagged.values())))
-    return config
+    return from_mapping(values), frozenset(given)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
     quiet_transformers()
     from rankwise.train import train
 
-    result = train(config_from_args(args))
+    # a flag the method ignores is refused by every process after the rendezvous (train)
+    config, given = config_from_args(args)
+    result = train(config, given=given)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun: rank 0 reports
         return 0
     print(

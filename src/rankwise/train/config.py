@@ -278,12 +278,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(Path(path), text.encode("utf-8"))
 
 
-def validate(config: TrainConfig) -> None:
-    """Reject impossible values before any model or data is loaded."""
+def validate(config: TrainConfig, given: Collection[str] = ()) -> None:
+    """Reject impossible values before any model or data is loaded. ``given``: the options
+    typed as flags; one the method ignores is refused (from a file: a warning)."""
     _check_choices(config)
     _check_counts(config)
     _check_numbers(config)
-    _check_targets(config)
+    _check_targets(config, given)
 
 
 def _check_choices(config: TrainConfig) -> None:
@@ -368,14 +369,14 @@ def _check_numbers(config: TrainConfig) -> None:
             )
 
 
-def _check_targets(config: TrainConfig) -> None:
+def _check_targets(config: TrainConfig, given: Collection[str] = ()) -> None:
     """Target module names: a tuple of strings, one pattern alone, none with --method full;
     then whether an option is one the method ignores (:func:`ignored_options`)."""
     if not isinstance(config.targets, tuple) or not all(isinstance(t, str) for t in config.targets):
         raise ConfigError(
             f"{option('targets')}: expected a tuple of module names, found {config.targets!r}"
         )
-    _check_method_options(config)  # valid values first, then whether they are read
+    _check_method_options(config, given)  # valid values first, then whether they are read
     if not config.targets and config.method != "full":
         raise ConfigError(f"{option('targets')}: expected at least one module name, found none")
     special = [t for t in config.targets if is_pattern_target(t)]
@@ -461,12 +462,17 @@ def ignored_options(config: TrainConfig, given: Collection[str] = ()) -> dict[st
     return out
 
 
-def _check_method_options(config: TrainConfig) -> None:
-    for message in ignored_options(config).values():
+def _check_method_options(config: TrainConfig, given: Collection[str] = ()) -> None:
+    """Refuse a flag (``given``) the run would ignore, typed so meant; warn about the others."""
+    found = ignored_options(config, given)
+    flagged = [message for name, message in found.items() if name in given]
+    if flagged:
+        raise ConfigError(flagged[0])
+    for message in found.values():
         warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
-def resolve(config: TrainConfig) -> TrainConfig:
+def resolve(config: TrainConfig, given: Collection[str] = ()) -> TrainConfig:
     """Fill the defaults that depend on other fields, then :func:`validate`.
 
     * ``lr``: 5e-4 for adapter methods, 5e-5 for full fine-tuning (the usual LoRA / BERT values).
@@ -474,8 +480,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     * The bundled demo corpus (``data`` unset) trains ``DEMO_MAX_STEPS`` steps at
       ``DEMO_MAX_LENGTH`` tokens and holds out ``DEMO_EVAL_SPLIT`` examples, unless set.
     * Otherwise ``max_length`` 128 and a 10% held-out split (none with ``eval_data``).
+
+    ``given``: the options typed as flags (:func:`validate`).
     """
-    validate(config)
+    validate(config, given)
     demo = config.data is None
     lr = config.lr if config.lr is not None else (5e-5 if config.method == "full" else 5e-4)
     max_steps = config.max_steps

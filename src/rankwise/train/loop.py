@@ -25,7 +25,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -396,9 +396,11 @@ def train(
     *,
     echo: Callable[[str], None] = print,
     stop_after: int | None = None,
+    given: Collection[str] = (),
 ) -> TrainResult:
     """Fine-tune as ``config`` says; see the module docstring. ``stop_after`` ends the run after
-    that many optimizer steps without any final output (as a kill would; for resume tests)."""
+    that many optimizer steps without any final output (as a kill would; for resume tests).
+    ``given``: the options typed as flags, refused where the method ignores them."""
     started = time.perf_counter()
     info = dist_.setup()
     try:
@@ -407,7 +409,7 @@ def train(
         # exit and have torchrun kill the others before they said why); a warning (an option
         # the method ignores) from rank 0 only
         with dist_.main_warns(info):
-            resolved = resolve(config)
+            resolved = resolve(config, given)
         filled = filled_defaults(config, resolved)
         echo_ = echo if info.is_main else (lambda _: None)
         return _train(resolved, info, echo_, stop_after, started, filled)
