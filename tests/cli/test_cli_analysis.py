@@ -630,3 +630,25 @@ def test_out_given_by_absolute_path_after_the_working_directory_was_removed(
     out.mkdir()
     assert main(["resize", str(setup["r8"]), "--out", str(out), "--rank", "2"]) == 0
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_a_damaged_model_file_is_one_line(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # extract's and analyze's model loads let safetensors' error out as a 30-line traceback
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(setup["tuned"], bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    argv = ["extract", "--base", str(setup["base"]), "--finetuned", str(bad), "--rank", "2"]
+    assert main([*argv, "--out", str(tmp_path / "never")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rankwise extract: error: --finetuned '{bad}': its weights file is not")
+    assert err.count("\n") == 1 and not (tmp_path / "never").exists()
+    argv = ["analyze", "amplification", str(setup["r2"]), "--model", str(bad)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--model '" in err and "its weights file is not a valid safetensors" in err, err
+    assert err.count("\n") == 1

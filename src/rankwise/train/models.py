@@ -250,16 +250,25 @@ def _instantiate(auto: Any, source: str, config: Any, task: str, *, new_head: bo
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # the "newly initialized classifier" report
     try:
-        if task == "classification":
-            return _from_pretrained(auto, source, config, new_head=new_head)
-        return _causal_lm(auto, source, config)
-    except SafetensorError as err:  # a truncated or damaged weights file: one line, not 30
-        raise AdapterFormatError(
-            f"model {source!r}: its weights file is not a valid safetensors file ({err}); "
-            "copy or save the model again"
-        ) from None
+        with weights_errors(source, "model"):
+            if task == "classification":
+                return _from_pretrained(auto, source, config, new_head=new_head)
+            return _causal_lm(auto, source, config)
     finally:
         transformers.logging.set_verbosity(verbosity)
+
+
+@contextlib.contextmanager
+def weights_errors(source: str, option: str) -> Iterator[None]:
+    """A truncated or damaged weights file met while loading ``source`` (given as
+    ``option``): a one-line AdapterFormatError naming it, not safetensors' 30-line traceback."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise AdapterFormatError(
+            f"{option} {source!r}: its weights file is not a valid safetensors file ({err}); "
+            "copy or save the model again"
+        ) from None
 
 
 def _check_task_class(auto: Any, config: Any, task: str, source: str) -> None:
@@ -423,8 +432,10 @@ def load_finetuned_pair(base: str | None, finetuned: str) -> tuple[Any, Any, lis
     check_same_model(base_source, load_config(base_source, option="--base"), config)
     names = getattr(config, "architectures", None) or ["AutoModel"]
     cls = getattr(transformers, names[0], transformers.AutoModel)
-    tuned = cls.from_pretrained(source).eval()
-    base_model, info = cls.from_pretrained(base_source, output_loading_info=True)
+    with weights_errors(source, "--finetuned"):
+        tuned = cls.from_pretrained(source).eval()
+    with weights_errors(base_source, "--base"):
+        base_model, info = cls.from_pretrained(base_source, output_loading_info=True)
     modules = dict(tuned.named_modules())
     missing = set(info.get("missing_keys", ()))
     absent = {  # modules whose every parameter the base checkpoint lacks (initialized at random)
@@ -478,4 +489,5 @@ def load_base_model(name: str | None, task_type: str | None = None) -> Any:
     source = resolve_model_source(name)
     load_config(source)  # a one-line error naming --model when it is not at hand
     cls = getattr(transformers, HEAD_CLASSES.get(task_type or "", "AutoModel"))
-    return cls.from_pretrained(source).eval()
+    with weights_errors(source, "--model"):
+        return cls.from_pretrained(source).eval()
