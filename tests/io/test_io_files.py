@@ -264,3 +264,37 @@ def test_a_foreign_directory_the_saver_cannot_write_is_still_swapped() -> None:
         assert len(left) == 1 and f"is left at {parent / left[0]}" in done.stderr
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_directory_holding_a_mount_point_is_written_in_place(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # the swap carried the mount off with the old directory, whose removal then emptied the
+    # mounted file system (seen with a tmpfs mounted at adapter/data)
+    from rankwise.io.files import replaced_dir
+
+    final = tmp_path / "adapter"
+    (final / "data").mkdir(parents=True)
+    (final / "data" / "important.txt").write_text("keep")
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(final / "data") or real(p))
+    inode = final.stat().st_ino
+    with replaced_dir(final) as tmp:
+        atomic_write_bytes(tmp / "adapter_config.json", b"{}")
+    assert final.stat().st_ino == inode  # kept in place, not swapped
+    assert (final / "data" / "important.txt").read_text() == "keep"
+    assert (final / "adapter_config.json").read_bytes() == b"{}"
+    assert sorted(os.listdir(tmp_path)) == ["adapter"]
+
+
+def test_a_long_valid_name_is_saved(tmp_path: Path) -> None:
+    # the temporary sibling's name was the whole name plus marks: past NAME_MAX (255 bytes)
+    # for a name of 245 characters, an OSError naming a hidden temporary path
+    from rankwise.io.files import replaced_dir
+
+    final = tmp_path / ("y" * 250)
+    for _ in range(2):  # made, then replaced
+        with replaced_dir(final) as tmp:
+            atomic_write_bytes(tmp / "adapter_config.json", b"{}")
+    atomic_write_bytes(tmp_path / ("z" * 250), b"x")
+    assert sorted(os.listdir(tmp_path)) == ["y" * 250, "z" * 250]

@@ -110,7 +110,7 @@ def new_output_dir(
                 f"{name}: {other!r} is {option} {value!r} or inside it; choose a directory "
                 f"outside {option}"
             )
-    from rankwise.io.files import _files_replaced, _keep_in_place, made_parents
+    from rankwise.io.files import _files_replaced, _keep_in_place, made_parents, temp_stem
 
     with made_parents(final):  # a failed command also removes the parents made for it
         # an existing empty directory that cannot be renamed onto ('.', a symlink, a mount
@@ -129,7 +129,7 @@ def new_output_dir(
             except OSError as err:
                 raise CliError(f"{option}: could not fill {value!r} ({err})") from None
             return
-        tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+        tmp = final.parent / f".tmp-{temp_stem(final.name)}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             yield tmp

@@ -77,10 +77,20 @@ def readable_files(directory: Path) -> None:
             os.chmod(path, mode)
 
 
+# characters of a destination's name kept in its temporary sibling's name: the whole name
+# plus the marks overflowed NAME_MAX (255 bytes) for a valid name of 245 characters
+TEMP_STEM_CHARS = 32
+
+
+def temp_stem(name: str) -> str:
+    """The part of ``name`` a temporary file or directory beside it is named with."""
+    return name[:TEMP_STEM_CHARS]
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file in the same directory + os.replace)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{temp_stem(path.name)}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -127,7 +137,8 @@ def replaced_dir(final: Path) -> Iterator[Path]:
     one by one with ``os.replace`` (each atomic; JSON files last, so an adapter's config names
     weights that are already in place): one that holds the working directory (``"."``, or
     Trainer's ``output_dir`` run from inside it: the process would be stranded in the old,
-    deleted one), a mount point (a container volume: renaming it fails with EBUSY), and, when
+    deleted one), a mount point (a container volume: renaming it fails with EBUSY) or one
+    holding a mount point (the swap would carry it off and the old tree's removal empty it), and, when
     it is writable itself, one whose parent is not writable and one owned by another user (a
     swap would make it the saver's; a foreign one the saver cannot write is swapped, as before).
     """
@@ -141,7 +152,7 @@ def replaced_dir(final: Path) -> Iterator[Path]:
         with _files_replaced(final) as tmp:
             yield tmp
         return
-    tmp = final.parent / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    tmp = final.parent / f".{temp_stem(final.name)}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()  # the umask's mode, as mkdir(final) would give; copytree copies final's mode
     try:
         if final.is_dir():
@@ -169,7 +180,7 @@ def replaced_dir(final: Path) -> Iterator[Path]:
 def _keep_in_place(directory: Path) -> bool:
     """Whether ``directory`` must keep its inode: its files are replaced one by one
     (:func:`replaced_dir`), not the directory swapped."""
-    if _holds_working_dir(directory) or os.path.ismount(directory):
+    if _holds_working_dir(directory) or os.path.ismount(directory) or _holds_mount(directory):
         return True
     if not os.access(directory, os.W_OK):  # only a swap can replace it (a sudo-made adapter/)
         return False
@@ -177,6 +188,16 @@ def _keep_in_place(directory: Path) -> bool:
         return True
     geteuid = getattr(os, "geteuid", None)  # POSIX only
     return geteuid is not None and directory.stat().st_uid != geteuid()
+
+
+def _holds_mount(directory: Path) -> bool:
+    """Whether an entry of ``directory`` is a mount point: a swap would move the mount with
+    the old directory, whose removal then empties the mounted file system."""
+    try:
+        with os.scandir(directory) as entries:
+            return any(e.is_dir(follow_symlinks=False) and os.path.ismount(e.path) for e in entries)
+    except OSError:
+        return False
 
 
 def _holds_working_dir(directory: Path) -> bool:
@@ -218,7 +239,7 @@ def swap_in(tmp: Path, final: Path, *, stale: Path | None = None) -> None:
         os.replace(tmp, final)
     elif not _exchange(tmp, final):  # no atomic exchange: a brief moment with no ``final``
         if stale is None:
-            stale = final.parent / f".{final.name}.{secrets.token_hex(4)}.stale"
+            stale = final.parent / f".{temp_stem(final.name)}.{secrets.token_hex(4)}.stale"
         os.replace(final, stale)
         try:
             os.replace(tmp, final)
