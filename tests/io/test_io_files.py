@@ -298,3 +298,39 @@ def test_a_long_valid_name_is_saved(tmp_path: Path) -> None:
             atomic_write_bytes(tmp / "adapter_config.json", b"{}")
     atomic_write_bytes(tmp_path / ("z" * 250), b"x")
     assert sorted(os.listdir(tmp_path)) == ["y" * 250, "z" * 250]
+
+
+def test_a_save_during_a_load_never_gives_a_mix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # load_adapter read the config, then opened the weights by path again: a save landing in
+    # between gave one adapter's alpha with the other's factors (49 of 213 loads mixed)
+    from lora_testkit import tiny_bert_cls
+
+    from rankwise.io import adapter as adapter_io
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import inject, lora_layers
+
+    def saved(alpha: int, value: float):
+        model = inject(tiny_bert_cls(), LoraConfig(r=2, lora_alpha=alpha, target_modules=["query"]))
+        for _, layer in lora_layers(model):
+            torch.nn.init.constant_(layer.lora_B.weight, value)
+        return model
+
+    directory = tmp_path / "adapter"
+    save_adapter(saved(8, 8.0), directory)
+    other = saved(16, 16.0)
+    real = adapter_io.read_tensors
+    calls: list[int] = []
+
+    def saved_meanwhile(*args, **kwargs):
+        if not calls:  # another process's save lands between the config and the weights
+            save_adapter(other, directory)
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_io, "read_tensors", saved_meanwhile)
+    loaded = load_adapter(tiny_bert_cls(), directory)
+    assert len(calls) == 2  # read again
+    for _, layer in lora_layers(loaded):
+        assert layer.scaling == 8.0 and bool((layer.lora_B.weight == 16.0).all())

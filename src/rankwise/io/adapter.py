@@ -56,7 +56,7 @@ from rankwise.lora.inject import (
     set_trainable,
 )
 from rankwise.lora.state import adapter_state_dict, planned_shapes
-from rankwise.lora.targets import resolve
+from rankwise.lora.targets import Plan, resolve
 
 __all__ = [
     "A_KEY",
@@ -218,11 +218,61 @@ def load_adapter(
     mode. Raises AdapterFormatError / ShapeMismatchError (InjectionError when the config
     selects no module of ``model``) with the model unchanged. A ``torch.compile``d model gets
     the adapter in the model it wraps (the file's module names carry no ``_orig_mod.``, as
-    :func:`save_adapter` writes them); the wrapper is returned.
+    :func:`save_adapter` writes them); the wrapper is returned. Files replaced while they are
+    read (another process saving there) are read again, so the config and the weights loaded
+    are always one save's.
     """
     wrapper, model = model, _uncompiled(model)
     directory = Path(directory)
     check_materialized(model)
+    for _ in range(READ_ATTEMPTS):  # a save swapping the files in between: read them again
+        before = _identity(directory)
+        config, plan, values = _read_checked(model, directory, is_trainable)
+        if _identity(directory) == before:
+            break
+    else:
+        raise AdapterFormatError(
+            f"{directory}: its files changed while being read, {READ_ATTEMPTS} times (another "
+            "process saving to it?); load it once the save is done"
+        )
+    if plan is not None:
+        try:
+            apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
+        except InjectionError as err:  # an initializer refusing the file's config: name it
+            raise InjectionError(f"{directory}: {err}") from None
+    else:
+        adopt_config(model, config, is_trainable=is_trainable)
+    copy_in(model, values)
+    get_state(model).base_written = base_keys(model, values)
+    set_trainable(model, trainable=is_trainable)
+    if not is_trainable:
+        wrapper.eval()
+    return wrapper
+
+
+# reads of a directory another process keeps replacing before load_adapter gives up
+READ_ATTEMPTS = 3
+
+
+def _identity(directory: Path) -> tuple[tuple[int, int, int, int], ...]:
+    """The directory's and its two files' (device, inode, size, mtime): any save in between
+    (a swapped directory, a file replaced in place) changes it. Missing: zeros."""
+
+    def of(path: Path) -> tuple[int, int, int, int]:
+        try:
+            st = path.stat()
+        except OSError:
+            return (0, 0, 0, 0)
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    return of(directory), of(directory / CONFIG_NAME), of(directory / WEIGHTS_NAME)
+
+
+def _read_checked(
+    model: nn.Module, directory: Path, is_trainable: bool
+) -> tuple[LoraConfig, Plan | None, dict[str, Tensor]]:
+    """The file's config, the injection plan (None: a swap in place) and the values to copy,
+    every check passed; reads only, the model untouched."""
     config = read_adapter_config(directory)
     if config.initializer == "lora_ga":
         raise AdapterFormatError(
@@ -265,19 +315,7 @@ def load_adapter(
     check_values(values, target_dtypes(model, plan, values), source=weights)
     if plan is None:
         check_base_kept(model, values, source=weights)
-    if plan is not None:
-        try:
-            apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
-        except InjectionError as err:  # an initializer refusing the file's config: name it
-            raise InjectionError(f"{directory}: {err}") from None
-    else:
-        adopt_config(model, config, is_trainable=is_trainable)
-    copy_in(model, values)
-    get_state(model).base_written = base_keys(model, values)
-    set_trainable(model, trainable=is_trainable)
-    if not is_trainable:
-        wrapper.eval()
-    return wrapper
+    return config, plan, values
 
 
 def _warn_peft_randomized_pissa(directory: Path, config: LoraConfig) -> None:
