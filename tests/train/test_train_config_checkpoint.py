@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -339,3 +340,48 @@ def test_a_flag_the_method_ignores_is_refused_after_the_rendezvous(
     # a misspelt method is named as such, not as a method that ignores the flag
     with pytest.raises(ConfigError, match=r"option --method .*: expected one of .* found 'fulll'"):
         loop.train(TrainConfig(method="fulll", r=4), given={"r", "method"})
+
+
+@pytest.mark.parametrize("where", ["weights", "state"])
+def test_a_checkpoint_that_cannot_be_written_leaves_nothing_behind(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    # a full disk left checkpoints/.tmp-step-…-<pid>/ behind (removed only by a later save),
+    # and safetensors' own error ("File too large (os error 27)") named no file
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    ckpt.save_checkpoint(tmp_path, ckpt.Position(1, 0, 1), **_state(1))
+    if where == "weights":
+
+        def full(*args, **kwargs):
+            raise SafetensorError("Error while serializing: File too large (os error 27)")
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+        match = r"checkpoint .*step-000002: could not be written \(Error while serializing"
+    else:
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(torch, "save", full)
+        match = "No space left on device"
+    with pytest.raises(OSError, match=match):
+        ckpt.save_checkpoint(tmp_path, ckpt.Position(2, 0, 2), **_state(2))
+    root = tmp_path / ckpt.CHECKPOINTS_DIR
+    assert sorted(p.name for p in root.iterdir()) == ["step-000001"]
+
+
+def test_a_failed_atomic_write_names_the_file_meant(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from rankwise.io.files import atomic_write_bytes
+
+    def full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError) as caught:
+        atomic_write_bytes(tmp_path / "adapter_config.json", b"{}")
+    assert caught.value.filename == str(tmp_path / "adapter_config.json")
+    assert os.listdir(tmp_path) == []

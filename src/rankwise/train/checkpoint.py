@@ -21,11 +21,12 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
 import torch
+from safetensors import SafetensorError
 
 from rankwise.io.files import readable_files
 
@@ -98,8 +99,6 @@ def save_checkpoint(
     ``hooks``: the method hooks' state (tensors, lists, dicts, numbers, strings, bools);
     ``rank_rngs``: every process's generator state under torchrun (default: this one's).
     """
-    from safetensors.torch import save_file
-
     root = Path(output) / CHECKPOINTS_DIR
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{position.step:06d}"
@@ -108,6 +107,39 @@ def save_checkpoint(
         if leftover.is_dir() and leftover.name.startswith((".tmp-", ".stale-")):
             shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
+    try:
+        _fill(tmp, weights, optimizer, scheduler, hooks, rank_rngs, position, meta)
+    except BaseException as err:  # a full disk, say: no half-built checkpoint left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, SafetensorError):  # safetensors' own error names no file
+            raise OSError(f"checkpoint {final}: could not be written ({err})") from None
+        raise
+    if final.exists():  # re-saving a step (after a resume): move the old one aside first
+        _discard(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    # newer ones belong to a timeline this run left (it resumed from an older checkpoint past
+    # unusable ones): dropped, so pruning below never removes the one just written
+    found = list_checkpoints(output)
+    kept = [p for p in found if cast(int, _step_of(p)) <= position.step]
+    for old in [p for p in found if p not in kept] + kept[:-keep]:
+        _discard(old)
+    return final
+
+
+def _fill(
+    tmp: Path,
+    weights: Mapping[str, torch.Tensor],
+    optimizer: Mapping[str, Any],
+    scheduler: Mapping[str, Any],
+    hooks: Mapping[str, Any] | None,
+    rank_rngs: Sequence[torch.Tensor] | None,
+    position: Position,
+    meta: Mapping[str, Any] | None,
+) -> None:
+    """Write a checkpoint's three files into the empty directory ``tmp``, fsync'ed."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().contiguous().cpu().clone() for k, v in weights.items()}
     save_file(tensors, str(tmp / WEIGHTS_FILE))
     readable_files(tmp)  # save_file makes it 0o600, unlike the run's other files
@@ -129,17 +161,6 @@ def save_checkpoint(
     (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2), encoding="utf-8")
     for name in (WEIGHTS_FILE, STATE_FILE, INDEX_FILE):
         _fsync(tmp / name)
-    if final.exists():  # re-saving a step (after a resume): move the old one aside first
-        _discard(final)
-    os.replace(tmp, final)
-    _fsync(root)
-    # newer ones belong to a timeline this run left (it resumed from an older checkpoint past
-    # unusable ones): dropped, so pruning below never removes the one just written
-    found = list_checkpoints(output)
-    kept = [p for p in found if cast(int, _step_of(p)) <= position.step]
-    for old in [p for p in found if p not in kept] + kept[:-keep]:
-        _discard(old)
-    return final
 
 
 def _discard(path: Path) -> None:
