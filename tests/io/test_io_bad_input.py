@@ -351,3 +351,27 @@ def test_an_initializer_refusing_the_files_config_names_the_directory_and_module
     ):
         load_adapter(model, directory)
     assert_unchanged(model, snap)
+
+
+def test_a_weights_file_or_a_config_without_targets_is_named(tmp_path) -> None:
+    # a path to the weights file said "no adapter_config.json (not an adapter directory)";
+    # a config without target_modules failed at injection, naming no file
+    import json
+
+    from lora_testkit import tiny_bert_cls
+
+    from rankwise.errors import AdapterFormatError
+    from rankwise.io import load_adapter, save_adapter
+    from rankwise.lora import LoraConfig, inject
+
+    directory = tmp_path / "adapter"
+    save_adapter(inject(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"])), directory)
+    weights = directory / "adapter_model.safetensors"
+    with pytest.raises(AdapterFormatError, match=r"expected an adapter directory .* found a file"):
+        load_adapter(tiny_bert_cls(), weights)
+    config = directory / "adapter_config.json"
+    data = json.loads(config.read_text())
+    data.pop("target_modules")
+    config.write_text(json.dumps(data))
+    with pytest.raises(AdapterFormatError, match=r"adapter_config.json: target_modules is missing"):
+        load_adapter(tiny_bert_cls(), directory)

@@ -149,6 +149,11 @@ def config_from_json(data: Any, *, source: str) -> LoraConfig:
         del fields["rank_pattern"]
     if isinstance(fields.get("target_modules"), (list, tuple)):
         fields["target_modules"] = sorted(fields["target_modules"], key=str)
+    if fields.get("target_modules") is None:  # named here, not by the injection's error
+        raise AdapterFormatError(
+            f"{source}: target_modules is missing or null; expected the adapted modules (a "
+            "list of names, a regex or 'all-linear')"
+        )
     try:
         return cls(**fields)
     except (ConfigError, TypeError) as err:
@@ -180,6 +185,11 @@ def _sorted_keys(value: Any, key: str | None = None) -> Any:
 def read_adapter_config(directory: str | Path) -> LoraConfig:
     """The :class:`LoraConfig` in ``directory/adapter_config.json`` (written by rankwise or PEFT)."""
     path = Path(directory) / CONFIG_NAME
+    if Path(directory).is_file():  # the weights file itself, say
+        raise AdapterFormatError(
+            f"{directory}: expected an adapter directory (holding {CONFIG_NAME}), found a file"
+            + (f"; give its directory {str(Path(directory).parent)!r}" if path.parent.name else "")
+        )
     if not path.is_file():
         raise AdapterFormatError(f"{directory}: no {CONFIG_NAME} (not an adapter directory)")
     try:
