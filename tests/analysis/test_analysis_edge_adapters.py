@@ -661,3 +661,20 @@ def test_a_lora_b_without_its_lora_a_is_refused(tmp_path: Path) -> None:
     orphan = dropped.replace("lora_A", "lora_B")
     with pytest.raises(AdapterFormatError, match=rf"key '{re.escape(orphan)}' has no matching"):
         read_factors(tmp_path / "a")
+
+
+def test_combine_adapters_of_stages_of_other_widths_in_one_model(tmp_path: Path) -> None:
+    # Swin's stages differ in width: adapters on stage 0's and stage 1's blocks were refused
+    # as "models of other sizes" once every list index counted as a layer
+    config = transformers.SwinConfig(
+        image_size=32, patch_size=4, embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=2
+    )
+    for stage in (0, 1):
+        torch.manual_seed(0)
+        target = rf".*layers\.{stage}\.blocks\.\d+\.attention\.q_proj"
+        peft.get_peft_model(
+            transformers.SwinModel(config),
+            peft.LoraConfig(r=2, target_modules=target, init_lora_weights=False),
+        ).save_pretrained(tmp_path / f"stage{stage}")
+    rows = combine_adapters([tmp_path / "stage0", tmp_path / "stage1"], tmp_path / "out")
+    assert len(rows) == 4

@@ -271,18 +271,19 @@ def test_a_directory_holding_a_mount_point_is_written_in_place(
 ) -> None:
     # the swap carried the mount off with the old directory, whose removal then emptied the
     # mounted file system (seen with a tmpfs mounted at adapter/data)
+    from rankwise.io import files
     from rankwise.io.files import replaced_dir
 
     final = tmp_path / "adapter"
-    (final / "data").mkdir(parents=True)
-    (final / "data" / "important.txt").write_text("keep")
-    real = os.path.ismount
-    monkeypatch.setattr(os.path, "ismount", lambda p: str(p) == str(final / "data") or real(p))
+    (final / "extra" / "data").mkdir(parents=True)  # a bind mount, two levels down
+    (final / "extra" / "data" / "important.txt").write_text("keep")
+    mount = str((final / "extra" / "data").resolve())
+    monkeypatch.setattr(files, "_mount_points", lambda: ["/", mount])
     inode = final.stat().st_ino
     with replaced_dir(final) as tmp:
         atomic_write_bytes(tmp / "adapter_config.json", b"{}")
     assert final.stat().st_ino == inode  # kept in place, not swapped
-    assert (final / "data" / "important.txt").read_text() == "keep"
+    assert (final / "extra" / "data" / "important.txt").read_text() == "keep"
     assert (final / "adapter_config.json").read_bytes() == b"{}"
     assert sorted(os.listdir(tmp_path)) == ["adapter"]
 

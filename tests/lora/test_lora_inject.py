@@ -442,3 +442,15 @@ def test_all_linear_on_fused_experts_says_they_stay_frozen() -> None:
     with pytest.warns(RuntimeWarning, match=r"experts are fused parameters .*gate_up_proj"):
         names = inject(MixtralForCausalLM(config), LoraConfig(target_modules="all-linear"))
     assert len(list(lora_layers(names))) == 4  # q, k, v, o
+
+
+def test_a_long_list_with_layers_to_transform_is_not_condensed() -> None:
+    # a full name is adapted whatever layers_to_transform says, a suffix only in those layers:
+    # the condensed list selected 6 of 24 modules when read back (the file did not reload)
+    names = inject(_bert_cls_4_layers(), LoraConfig(target_modules="all-linear"), dry_run=True)
+    names = [n for n in names if "pooler" not in n]
+    config = LoraConfig(target_modules=names, layers_to_transform=[0])
+    model = inject(_bert_cls_4_layers(), config)
+    assert sorted(get_config(model).target_modules) == sorted(names)
+    again = inject(_bert_cls_4_layers(), get_config(model), dry_run=True)
+    assert sorted(again) == sorted(names) and len(names) >= 24

@@ -385,3 +385,9 @@ def test_a_failed_atomic_write_names_the_file_meant(
         atomic_write_bytes(tmp_path / "adapter_config.json", b"{}")
     assert caught.value.filename == str(tmp_path / "adapter_config.json")
     assert os.listdir(tmp_path) == []
+
+
+def test_a_run_seed_may_be_negative_as_runs_recorded_it() -> None:
+    # the generators' range narrowed to [0, 2**64 - 1]; a run's config.yaml with seed -1
+    # (accepted before) must still resume
+    assert resolve(TrainConfig(seed=-1)).seed == -1

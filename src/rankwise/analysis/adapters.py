@@ -7,7 +7,6 @@ function of :mod:`rankwise.analysis` module by module, and returns one report ro
 
 from __future__ import annotations
 
-import collections
 import itertools
 import math
 import os
@@ -245,10 +244,10 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
     the module, so its index named the wrong one, and no directory).
 
     Adapters on other layers of the same modules are compared too, by role (the name with
-    its list indices as ``*``: ``encoder.layer.*.attention.self.key``), where each adapter
-    holds two or more modules of the role, all of one shape: evidence that the model's layers
-    share it (some models' layers differ in size, e.g. OpenELM's; a role seen once, or with
-    several shapes, is not compared)."""
+    the list indices that vary within the adapter as ``*``: ``encoder.layer.*.attention.self.
+    key``; :func:`_layer_roles`), where each adapter's modules of the role have one shape:
+    evidence that the model's layers share it (layers that differ in size, OpenELM's or
+    Swin's stages, give several shapes or other roles and are not compared)."""
     first: dict[str, tuple[int, tuple[int, int]]] = {}
     for i, adapter in enumerate(adapters):
         for module, (B, A) in adapter.items():
@@ -263,13 +262,13 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
     by_role: dict[str, tuple[int, str, tuple[int, int]]] = {}
     for i, adapter in enumerate(adapters):
         shapes: dict[str, dict[tuple[int, int], str]] = {}
+        roles = _layer_roles(list(adapter))
         for module, (B, A) in sorted(adapter.items()):
             shape = (int(B.shape[0]), int(A.shape[1]))
-            shapes.setdefault(_role(module), {}).setdefault(shape, module)
-        counts = collections.Counter(_role(m) for m in adapter)
+            shapes.setdefault(roles[module], {}).setdefault(shape, module)
         for role, found in shapes.items():
-            if len(found) != 1 or counts[role] < 2:
-                continue  # layers of other sizes within one model, or no evidence either way
+            if "*" not in role or len(found) != 1:
+                continue  # one module (compared by name), or layers of other sizes
             ((shape, module),) = found.items()
             j, other, seen = by_role.setdefault(role, (i, module, shape))
             if seen != shape:
@@ -279,6 +278,24 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
                     f"module of another layer ({other!r}): adapters of models of other sizes "
                     "cannot be combined"
                 )
+
+
+def _layer_roles(modules: Sequence[str]) -> dict[str, str]:
+    """Each module's name with ``*`` for each list index that varies among the modules of the
+    same kind (``encoder.layer.*.attention.self.key`` across BERT's layers); an index that does
+    not vary stays (Swin's stage in ``layers.0.blocks.*``: its stages differ in width, so stage
+    0's modules are not compared with stage 1's)."""
+    kinds: dict[str, list[list[str]]] = {}
+    for module in modules:
+        kinds.setdefault(_role(module), []).append(module.split("."))
+    out = {}
+    for kin in kinds.values():
+        varying = {i for i in range(len(kin[0])) if len({parts[i] for parts in kin}) > 1}
+        for parts in kin:
+            out[".".join(parts)] = ".".join(
+                "*" if i in varying and part.isdigit() else part for i, part in enumerate(parts)
+            )
+    return out
 
 
 def _role(module: str) -> str:

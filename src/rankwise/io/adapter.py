@@ -254,18 +254,21 @@ def load_adapter(
 READ_ATTEMPTS = 3
 
 
-def _identity(directory: Path) -> tuple[tuple[int, int, int, int], ...]:
-    """The directory's and its two files' (device, inode, size, mtime): any save in between
-    (a swapped directory, a file replaced in place) changes it. Missing: zeros."""
+def _identity(directory: Path) -> tuple[tuple[int, ...], ...]:
+    """The directory's (device, inode) and its two files' (device, inode, size, mtime): a save
+    in between (a swapped directory, a file replaced in place) changes it; other files coming
+    and going in the directory (logs) do not. Missing: empty."""
 
-    def of(path: Path) -> tuple[int, int, int, int]:
+    def of(path: Path, *, whole: bool = True) -> tuple[int, ...]:
         try:
             st = path.stat()
         except OSError:
-            return (0, 0, 0, 0)
-        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            return ()
+        return (
+            (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) if whole else (st.st_dev, st.st_ino)
+        )
 
-    return of(directory), of(directory / CONFIG_NAME), of(directory / WEIGHTS_NAME)
+    return of(directory, whole=False), of(directory / CONFIG_NAME), of(directory / WEIGHTS_NAME)
 
 
 def _read_checked(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -101,7 +102,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
         if isinstance(err, OSError) and err.filename in (None, tmp):
-            err.filename = str(path)  # a full disk names the file meant, not the temporary
+            # a full disk names the file meant, not the temporary (nor the rename's pair)
+            err.filename, err.filename2 = str(path), None
         raise
 
 
@@ -193,13 +195,32 @@ def _keep_in_place(directory: Path) -> bool:
 
 
 def _holds_mount(directory: Path) -> bool:
-    """Whether an entry of ``directory`` is a mount point: a swap would move the mount with
-    the old directory, whose removal then empties the mounted file system."""
+    """Whether a mount point lies anywhere below ``directory`` (a bind mount within one file
+    system too): a swap would move it with the old directory, whose removal then empties the
+    mounted file system. Linux's mount table where there is one, else the entries' own test."""
+    below = str(directory.resolve()).rstrip(os.sep) + os.sep
+    points = _mount_points()
+    if points is not None:
+        return any(point.startswith(below) for point in points)
     try:
         with os.scandir(directory) as entries:
             return any(e.is_dir(follow_symlinks=False) and os.path.ismount(e.path) for e in entries)
     except OSError:
         return False
+
+
+def _mount_points() -> list[str] | None:
+    """Every mount point of this process's namespace (Linux), or None where there is no table."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as table:
+            return [_unescape_mount(row[4]) for row in map(str.split, table) if len(row) > 4]
+    except OSError:
+        return None
+
+
+def _unescape_mount(field: str) -> str:
+    """A mountinfo path field: spaces, tabs, newlines and backslashes are octal escapes."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _holds_working_dir(directory: Path) -> bool:

@@ -13,6 +13,9 @@ GeneratorLike = torch.Generator | int | None
 # The seeds taken: torch.Generator.manual_seed's non-negative range (it also takes negative
 # ones, wrapped modulo 2**64, so -1 and 2**64 - 1 gave the same draws; numpy refuses them)
 SEED_MIN, SEED_MAX = 0, 2**64 - 1
+# A run's --seed (torch.manual_seed for the whole process): torch's whole range, negative ones
+# included, as runs recorded them before the generators' range was narrowed (they resume)
+RUN_SEED_MIN = -(2**63)
 
 
 def make_generator(generator: GeneratorLike) -> torch.Generator | None:

@@ -135,6 +135,8 @@ def _condensed(cfg: LoraConfig, modules: dict[str, nn.Module]) -> LoraConfig:
     entries = cfg.target_modules
     if isinstance(entries, str) or len(entries or []) < CONDENSE_MIN_ENTRIES:
         return cfg
+    if cfg.layers_to_transform is not None:  # a full name is adapted whatever the layers say,
+        return cfg  # a suffix only in them: a condensed list would select fewer modules
     others = [n for n in modules if n and not _suffix_match(n, entries)]
     shorter = minimal_suffixes(entries, others)
     return cfg.replace(target_modules=shorter) if len(shorter) < len(entries) else cfg

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rankwise.errors import ConfigError
-from rankwise.linalg._random import SEED_MAX, SEED_MIN
+from rankwise.linalg._random import RUN_SEED_MIN, SEED_MAX
 
 TASKS = ("classification", "causal-lm")
 METHODS = (
@@ -404,9 +404,9 @@ def _check_representable(config: TrainConfig) -> None:
             f"{option('lr')} × {option('loraplus_ratio')}: B's learning rate "
             f"{config.lr * config.loraplus_ratio:.3g} exceeds float32's range"
         )
-    if not SEED_MIN <= config.seed <= SEED_MAX:
+    if not RUN_SEED_MIN <= config.seed <= SEED_MAX:
         raise ConfigError(
-            f"{option('seed')}: expected a seed in [{SEED_MIN}, {SEED_MAX}], found {config.seed}"
+            f"{option('seed')}: expected a seed in [{RUN_SEED_MIN}, {SEED_MAX}], found {config.seed}"
         )
 
 
