@@ -367,7 +367,9 @@ def test_a_weights_file_or_a_config_without_targets_is_named(tmp_path) -> None:
     directory = tmp_path / "adapter"
     save_adapter(inject(tiny_bert_cls(), LoraConfig(r=2, target_modules=["query"])), directory)
     weights = directory / "adapter_model.safetensors"
-    with pytest.raises(AdapterFormatError, match=r"expected an adapter directory .* found a file"):
+    with pytest.raises(
+        AdapterFormatError, match=r"not an adapter directory: expected a directory .* found a file"
+    ):
         load_adapter(tiny_bert_cls(), weights)
     config = directory / "adapter_config.json"
     data = json.loads(config.read_text())

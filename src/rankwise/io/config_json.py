@@ -187,7 +187,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
     path = Path(directory) / CONFIG_NAME
     if Path(directory).is_file():  # the weights file itself, say
         raise AdapterFormatError(
-            f"{directory}: expected an adapter directory (holding {CONFIG_NAME}), found a file"
+            f"{directory}: not an adapter directory: expected a directory holding {CONFIG_NAME}, "
+            "found a file"
             + (f"; give its directory {str(Path(directory).parent)!r}" if path.parent.name else "")
         )
     if not path.is_file():
