@@ -70,7 +70,7 @@ def test_config_file_and_flags_override_it(tiny, tmp_path: Path, capsys) -> None
         (["--data", "{tmp}/empty.tsv"], "empty"),
         (["--data", "{tmp}/floats.tsv"], "is a number but not a non-negative integer"),
         (["--data", "{tmp}/negative.tsv"], "label '-1' is a number but not"),
-        (["--data", "{tmp}/words.tsv"], "neither an integer nor a name"),
+        (["--data", "{tmp}/words.tsv"], "column 'label': the label is empty"),
         (["--config", "{tmp}"], "is a directory; expected a YAML file"),
         (["--model", "{tmp}/no_model"], "does not exist"),
         (["--model", "nobody-xyz/no-such-model-xyz"], "could not be downloaded"),

@@ -144,7 +144,9 @@ def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> 
 def test_a_text_that_is_not_a_string_is_an_error_naming_the_row(tmp_path: Path) -> None:
     rows = [{"text": "good film", "label": 1}, {"text": 5, "label": 0}]
     path = _write(tmp_path / "d.jsonl", "\n".join(json.dumps(r) for r in rows))
-    with pytest.raises(ConfigError, match="row 2: column 'text' holds int 5; expected text"):
+    with pytest.raises(
+        ConfigError, match=r"row 2 \(line 2\): column .text. holds int 5; expected text"
+    ):
         load_dataset(str(path))
     with pytest.raises(ConfigError, match="row 2"):
         load_dataset(str(path), task="causal-lm")
@@ -232,12 +234,14 @@ def test_invalid_unicode_is_an_error_naming_the_row(tmp_path: Path) -> None:
     """A JSON "\\udce9" escape is valid JSON but no valid text: the tokenizer crashed on it."""
     rows = [{"text": "ok", "label": 1}, {"text": "caf\udce9", "label": 0}]
     path = _write(tmp_path / "d.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    match = "row 2: column 'text': the text is not valid UTF-8/Unicode .*U\\+DCE9 at character 4"
+    match = r"row 2 \(line 2\): column 'text': the text is not valid UTF-8/Unicode .*U\+DCE9 at character 4"
     with pytest.raises(ConfigError, match=match):
         load_dataset(str(path))
     pairs = [{"prompt": "q", "response": "a"}, {"prompt": "\ud800?", "response": "a"}]
     path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in pairs))
-    with pytest.raises(ConfigError, match="row 2: column 'prompt': .*U\\+D800 at character 1\\)"):
+    with pytest.raises(
+        ConfigError, match=r"row 2 \(line 2\): column 'prompt': .*U\+D800 at character 1\)"
+    ):
         load_dataset(str(path), task="causal-lm")
 
 
@@ -291,11 +295,11 @@ def test_a_prompt_or_response_that_is_not_a_string_is_an_error(tmp_path: Path) -
     for value, kind in (({"a": 1}, "dict"), (0, "int"), (False, "bool"), (["x"], "list")):
         rows = [{"prompt": "q", "response": "fine"}, {"prompt": "q", "response": value}]
         path = _write(tmp_path / "p.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-        with pytest.raises(ConfigError, match=f"row 2: column 'response' holds {kind}"):
+        with pytest.raises(ConfigError, match=rf"row 2 \(line 2\): column 'response' holds {kind}"):
             load_dataset(str(path), task="causal-lm")
     rows = [{"prompt": ["x", "y"], "response": "fine"}]
     path = _write(tmp_path / "p.jsonl", json.dumps(rows[0]) + "\n")
-    with pytest.raises(ConfigError, match="row 1: column 'prompt' holds list"):
+    with pytest.raises(ConfigError, match=r"row 1 \(line \d+\): column 'prompt' holds list"):
         load_dataset(str(path), task="causal-lm")
 
 
@@ -597,3 +601,68 @@ def test_label_names_that_float_parses_are_names(tmp_path: Path, name: str) -> N
     path = _write(tmp_path / "d.tsv", f"label\ttext\n{name}\ta\nneg\tb\n{name}\tc\n")
     ds = load_dataset(str(path))
     assert set(ds.label_names) == {name, "neg"}
+
+
+def test_label_errors_name_the_line_and_column(tmp_path: Path) -> None:
+    # "row 3: label '' is neither an integer nor a name" for an empty label on line 8 of a CSV
+    # with a multi-line text; a short row's missing label read "label None"
+    path = tmp_path / "d.csv"
+    path.write_text('text,label\na,pos\n"two\nlines\nhere",neg\n\nb,\n')
+    with pytest.raises(ConfigError, match=r"row 3 \(line 7\), column 'label': the label is empty"):
+        load_dataset(str(path))
+    path.write_text("text,label\na,pos\nb\n")
+    with pytest.raises(ConfigError, match=r"row 2 \(line 3\), column 'label': no label"):
+        load_dataset(str(path))
+    train = load_dataset(str(_write(tmp_path / "t.csv", "text,label\na,pos\nb,neg\n")))
+    dev = _write(
+        tmp_path / "dev.jsonl", '{"text": "a", "label": "pos"}\n\n{"text": "b", "label": "meh"}\n'
+    )
+    with pytest.raises(ConfigError, match=r"row 2 \(line 3\): label 'meh' is not one of"):
+        load_dataset(str(dev), label_names=train.label_names)
+
+
+def test_header_names_with_spaces_and_long_values(tmp_path: Path) -> None:
+    # "text, label" was not found ("columns: text,  label"); a pandas column-oriented JSON
+    # printed the whole column (12 kB) in one error line
+    path = _write(tmp_path / "d.csv", "text, label\ngood,pos\nbad,neg\n")
+    assert load_dataset(str(path)).label_names == ("neg", "pos")
+    column = {str(i): f"text {i}" for i in range(500)}
+    path = _write(tmp_path / "p.json", json.dumps([{"text": column, "label": "pos"}]))
+    with pytest.raises(
+        ConfigError, match=r"holds dict .*characters\); expected text; from pandas"
+    ) as err:
+        load_dataset(str(path))
+    assert len(str(err.value)) < 400
+
+
+def test_causal_lm_rows_skipped_are_counted(tmp_path: Path) -> None:
+    # classification warned about null/blank texts, causal-LM dropped them without a word
+    rows = [{"text": "a"}, {"text": None}, {"txt": "b"}, {"text": " "}, {"text": "c"}]
+    path = _write(tmp_path / "lm.jsonl", "\n".join(json.dumps(r) for r in rows))
+    with pytest.warns(RuntimeWarning) as caught:
+        data = load_dataset(str(path), task="causal-lm")
+    said = " | ".join(str(w.message) for w in caught)
+    assert data.texts == ("a", "c")
+    assert "2 of 5 rows have no 'text' value" in said and "1 of 5 rows have an empty" in said
+    pairs = [{"prompt": "q", "response": "a"}, {"prompt": None, "response": "b"},
+             {"prompt": "q", "response": ""}]  # fmt: skip
+    path = _write(tmp_path / "pr.jsonl", "\n".join(json.dumps(r) for r in pairs))
+    with pytest.warns(RuntimeWarning) as caught:
+        data = load_dataset(str(path), task="causal-lm")
+    said = " | ".join(str(w.message) for w in caught)
+    assert data.texts == ("a", "b")
+    assert "1 of 3 rows have an empty or blank 'response'" in said
+    assert "1 of 3 rows have a response but no 'prompt'" in said
+
+
+def test_one_based_integer_labels_are_said_and_cp1252_is_read_as_such(tmp_path: Path) -> None:
+    # stars 1..5 made a 6-class head with a class 0 no example had, without a word; Excel's
+    # Windows-1252 CSV was read as latin-1 and "don’t" lost its apostrophe to the tokenizer
+    path = _write(tmp_path / "stars.csv", "text,label\na,1\nb,2\nc,3\n")
+    with pytest.warns(
+        RuntimeWarning, match=r"these start at 1 \(up to 3\): class 0 has no example"
+    ):
+        assert load_dataset(str(path)).label_names == ("0", "1", "2", "3")
+    excel = tmp_path / "excel.csv"
+    excel.write_bytes("text,label\ndon’t … 5 €,neg\ncafé,pos\n".encode("cp1252") + b"x\x81y,pos\n")
+    assert load_dataset(str(excel)).texts == ("don’t … 5 €", "café", "x\x81y")

