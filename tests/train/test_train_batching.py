@@ -197,3 +197,22 @@ def test_causal_lm_evaluation_bounds_the_logits_of_one_forward(tiny_gpt2, monkey
     assert max(s[0] for s in shapes) <= 2 and len(shapes) == 3  # sorted: 7, 9 | 12, 30 | 31
     assert split.loss == pytest.approx(whole.loss, rel=1e-6)
     assert split.perplexity == pytest.approx(whole.perplexity, rel=1e-6)
+
+
+def test_encoding_in_chunks_gives_the_ids_of_one_call(tiny_gpt2, tiny_bert, monkeypatch) -> None:
+    # every text was tokenized in one call, whose encodings the tokenizer holds at once
+    from transformers import AutoTokenizer
+
+    from rankwise.train import batching
+
+    texts = tuple(f"text number {i} " * (i % 5 + 1) for i in range(11))
+    prompts = tuple(f"q{i}?" for i in range(11))
+    cases = [
+        (AutoTokenizer.from_pretrained(tiny_bert), TextDataset(texts, (0, 1) * 5 + (0,), ("a", "b"), None, "d"), "classification"),
+        (AutoTokenizer.from_pretrained(tiny_gpt2), TextDataset(texts, None, (), prompts, "d"), "causal-lm"),
+    ]  # fmt: skip
+    for tok, data, task in cases:
+        whole = encode(data, tok, task=task, max_length=16)
+        monkeypatch.setattr(batching, "TOKENIZE_CHUNK", 3)
+        assert encode(data, tok, task=task, max_length=16) == whole
+        monkeypatch.undo()
