@@ -237,7 +237,7 @@ def load_adapter(
         )
     if plan is not None:
         try:
-            apply_plan(model, plan, generator=torch.Generator().manual_seed(0))
+            apply_plan(model, plan, generator=torch.Generator().manual_seed(0), values_follow=True)
         except InjectionError as err:  # an initializer refusing the file's config: name it
             raise InjectionError(f"{directory}: {err}") from None
     else:

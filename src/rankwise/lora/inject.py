@@ -19,7 +19,13 @@ from torch import Tensor, nn
 from rankwise.errors import ConfigError, InjectionError, RankwiseError
 from rankwise.lora.config import LoraConfig
 from rankwise.lora.init_svd import record_initial_factors
-from rankwise.lora.initializers import INITIALIZERS, WEIGHT_READING, as_generator
+from rankwise.lora.initializers import (
+    FILE_REPLACED,
+    INITIALIZERS,
+    WEIGHT_READING,
+    as_generator,
+    placeholder_init,
+)
 from rankwise.lora.layers import LoraLayer
 from rankwise.lora.registry import WRAPPERS
 from rankwise.lora.targets import Plan, Target, check_ranks, resolve, warn_aliased_targets
@@ -104,14 +110,25 @@ def inject(
     return model
 
 
-def apply_plan(model: nn.Module, plan: Plan, *, generator: torch.Generator | None) -> None:
-    """Build and initialize every wrapper, then swap them in and set the trainable flags."""
+def apply_plan(
+    model: nn.Module,
+    plan: Plan,
+    *,
+    generator: torch.Generator | None,
+    values_follow: bool = False,
+) -> None:
+    """Build and initialize every wrapper, then swap them in and set the trainable flags.
+    ``values_follow``: the caller copies every factor in next (a loaded file), so an
+    initializer that does not move the base weight is not run (zero placeholders)."""
     modules = dict(model.named_modules())
     cfg = plan.config
     check_wrappers(plan)
     warn_aliased_targets(model, plan)
     # every wrapper built and initialized first; residual base weights are written only after
-    built = {t.name: _build(modules[t.name], t, cfg, generator) for t in plan.targets}
+    built = {
+        t.name: _build(modules[t.name], t, cfg, generator, values_follow=values_follow)
+        for t in plan.targets
+    }
     check_residual_untied(
         model, [n for n, (_, residual) in built.items() if residual is not None], cfg
     )
@@ -252,7 +269,12 @@ def check_wrappers(plan: Plan) -> None:
 
 
 def _build(
-    base: nn.Module, target: Target, cfg: LoraConfig, g: torch.Generator | None
+    base: nn.Module,
+    target: Target,
+    cfg: LoraConfig,
+    g: torch.Generator | None,
+    *,
+    values_follow: bool = False,
 ) -> tuple[LoraLayer, Tensor | None]:
     """The initialized wrapper and the residual base weight to write (or None)."""
     cls = WRAPPERS[parametrization_name(cfg)][target.kind]
@@ -268,7 +290,8 @@ def _build(
             lora_dropout=cfg.lora_dropout,
         )
     layer.train(base.training)
-    init = INITIALIZERS[cfg.initializer]
+    replaced = values_follow and cfg.initializer in FILE_REPLACED
+    init = placeholder_init if replaced else INITIALIZERS[cfg.initializer]
     with torch.no_grad():
         W = layer.base_matrix().detach()  # (out, in)
         finite = cfg.initializer not in WEIGHT_READING or bool(torch.isfinite(W).all())
