@@ -263,9 +263,8 @@ def _check_module_shapes(sources: Sequence[PathLike], adapters: list[dict[str, F
     for i, adapter in enumerate(adapters):
         shapes: dict[str, dict[tuple[int, int], str]] = {}
         roles = _layer_roles(list(adapter))
-        for module, (B, A) in sorted(adapter.items()):
-            shape = (int(B.shape[0]), int(A.shape[1]))
-            shapes.setdefault(roles[module], {}).setdefault(shape, module)
+        for module, factors in sorted(adapter.items()):
+            shapes.setdefault(roles[module], {}).setdefault(_shape(factors), module)
         for role, found in shapes.items():
             if "*" not in role or len(found) != 1:
                 continue  # one module (compared by name), or layers of other sizes

@@ -210,21 +210,21 @@ def load_dataset(
             RuntimeWarning,
             stacklevel=2,
         )
-    texts, keys, wheres = _texts_and_keys(rows, name, text_col, label_col)
+    texts, keys, numbers = _texts_and_keys(rows, name, text_col, label_col)
     keys, names = _label_names(rows, keys, name, label_col, label_names)
-    ids = _label_ids(keys, names, source=name, wheres=wheres)
+    ids = _label_ids(keys, names, source=name, rows=rows, numbers=numbers)
     return TextDataset(tuple(texts), ids, names, None, name)
 
 
 def _texts_and_keys(
     rows: Sequence[Mapping[str, Any]], name: str, text_col: str, label_col: str
-) -> tuple[list[str], list[int | str], list[str]]:
-    """The non-empty texts, their label keys and rows (:func:`~rankwise.train.rows.
-    row_label`); rows with a missing or blank text are skipped, with a warning giving each
-    count."""
+) -> tuple[list[str], list[int | str], list[int]]:
+    """The non-empty texts, their label keys and row numbers (1-based; named in an error by
+    :func:`~rankwise.train.rows.row_label`); rows with a missing or blank text are skipped,
+    with a warning giving each count."""
     texts: list[str] = []
     keys: list[int | str] = []
-    wheres: list[str] = []
+    numbers: list[int] = []
     for number, row in enumerate(rows, start=1):
         where = row_label(rows, number)
         text = _text(row.get(text_col), source=name, row=where, column=text_col)
@@ -232,11 +232,11 @@ def _texts_and_keys(
             continue
         texts.append(text)
         keys.append(_label_key(row.get(label_col), source=name, row=where, column=label_col))
-        wheres.append(where)
+        numbers.append(number)
     if not texts:
         raise ConfigError(f"dataset {name!r} has no non-empty text in column {text_col!r}")
     _warn_skipped(rows, name, text_col)
-    return texts, keys, wheres
+    return texts, keys, numbers
 
 
 def _warn_skipped(rows: Sequence[Mapping[str, Any]], name: str, column: str) -> None:
@@ -348,15 +348,21 @@ def relabeled(dataset: TextDataset, names: Sequence[str]) -> TextDataset:
 
 
 def _label_ids(
-    keys: Sequence[int | str], names: tuple[str, ...], *, source: str, wheres: Sequence[str]
+    keys: Sequence[int | str],
+    names: tuple[str, ...],
+    *,
+    source: str,
+    rows: Sequence[Mapping[str, Any]],
+    numbers: Sequence[int],
 ) -> tuple[int, ...]:
     index = {n: i for i, n in enumerate(names)}
     ids = []
-    for key, where in zip(keys, wheres, strict=True):
+    for key, number in zip(keys, numbers, strict=True):
         i = key if isinstance(key, int) else index.get(key)
         if i is None or not 0 <= i < len(names):
             raise ConfigError(
-                f"{source!r} {where}: label {key!r} is not one of the training labels {list(names)}"
+                f"{source!r} {row_label(rows, number)}: label {key!r} is not one of the "
+                f"training labels {list(names)}"
             )
         ids.append(i)
     return tuple(ids)

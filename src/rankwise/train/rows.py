@@ -20,6 +20,7 @@ import csv
 import importlib.util
 import io
 import json
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -81,9 +82,13 @@ def _read_text(path: Path, encoding: str | None) -> str:
         # Windows) where its bytes 0x80-0x9F occur (’ € … are control characters in latin-1,
         # which tokenizers delete: "don’t" trained as "don t"), latin-1 for the five bytes it
         # leaves undefined; latin-1 otherwise (the two agree on every other byte)
-        if any(0x80 <= b <= 0x9F for b in raw):
+        if _C1_BYTE.search(raw):
             return raw.decode("cp1252", errors="_rw_cp1252")
         return raw.decode("latin-1")
+
+
+# a byte Windows-1252 prints and latin-1 reads as a C1 control (a scan in C, not per byte)
+_C1_BYTE = re.compile(rb"[\x80-\x9f]")
 
 
 def _cp1252_gaps(err: UnicodeError) -> tuple[str, int]:
