@@ -56,6 +56,9 @@ def test_report_format_matches_the_issue_example() -> None:
     from rankwise.lora.report import TrainableReport
 
     assert str(TrainableReport(341_000, 22_700_000, {})) == "trainable 0.34M / 22.7M (1.50%)"
+    # a count that would read 0.00 of the total's unit is given in its own (PEFT prints 1,090)
+    assert str(TrainableReport(1_090, 1_000_162, {})) == "trainable 1.09K / 1M (0.11%)"
+    assert str(TrainableReport(16, 7_000_000_000, {})) == "trainable 16 / 7B (2.3e-07%)"
 
 
 def test_only_adapter_and_head_parameters_change_after_steps() -> None:

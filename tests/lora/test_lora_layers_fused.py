@@ -344,3 +344,43 @@ def test_the_row_count_picks_the_training_route(p: float) -> None:
         results.append((out, xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad))
     for mine, theirs in zip(*results, strict=True):
         torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_train_mode_without_autograd_takes_the_nodes_route(bias: bool) -> None:
+    """Reentrant activation checkpointing runs the first forward without autograd and the
+    backward's recomputation with it: both must give the same output bit for bit (the merged
+    route and the factored one round differently), so its gradients equal those of a run
+    without checkpointing, as PEFT's do."""
+    n, d = 4 * layers_mod.SMALL_ROWS_MAX, 16  # 3·in < N: the merged route
+    assert gemm_merge_pays(n, d, torch.float32)
+    torch.manual_seed(0)
+    layer = LoraLinear(
+        nn.Linear(d, d, bias=bias).requires_grad_(False),
+        r=4,
+        lora_alpha=8,
+        scaling=2.0,
+        lora_dropout=0.0,
+    ).train()
+    g = torch.Generator().manual_seed(1)
+    layer.set_factors(torch.randn(4, d, generator=g), torch.randn(d, 4, generator=g))
+    x = torch.randn(n, d, generator=g)
+    with torch.no_grad():
+        plain = layer(x)
+    assert torch.equal(plain, layer(x).detach())
+
+    model = nn.Sequential(layer, nn.Tanh(), nn.Linear(d, 1)).train()
+
+    def grads(checkpointed: bool) -> list[torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        if checkpointed:
+            h = torch.utils.checkpoint.checkpoint(model[0], xi, use_reentrant=True)
+            out = model[2](model[1](h))
+        else:
+            out = model(xi)
+        out.square().sum().backward()
+        return [xi.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad]
+
+    for mine, theirs in zip(grads(True), grads(False), strict=True):
+        assert torch.equal(mine, theirs)

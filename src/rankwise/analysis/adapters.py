@@ -71,6 +71,8 @@ class ModuleSimilarity(NamedTuple):
 
 
 class ModuleSpectrum(NamedTuple):
+    """One adapted module's ``ΔW`` spectrum: its name, ``(out, in)`` shape, adapter rank."""
+
     module: str
     shape: tuple[int, int]  # (out, in)
     rank: int

@@ -39,6 +39,8 @@ class ExtractReport(NamedTuple):
 
 
 class ModuleAmplification(NamedTuple):
+    """One adapted module's :class:`Amplification` (``module``: its name in the model)."""
+
     module: str
     amplification: Amplification
 

@@ -58,8 +58,10 @@ from rankwise.lora.linear_ops import (
     SMALL_ROWS_MAX,
     LoraLinearFunction,
     autograd_transforms_active,
+    forward_merges,
     lora_linear,
     lora_linear_autograd,
+    merged_linear,
 )
 from rankwise.lora.module_kinds import (  # noqa: F401 (re-exported: their home was here)
     _plain,
@@ -525,6 +527,9 @@ class LoraLinear(LoraLayer):
         elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
             y = LoraLinearFunction.apply(x2d, Wt, b, A, B, self.scaling, xa)
+        elif forward_merges(x2d.shape[0], x2d.shape[1], W.dtype, xa):
+            # no autograd in train mode (reentrant checkpointing's first pass): the node's route
+            y = merged_linear(x2d, Wt, b, A, B, self.scaling)
         else:
             y = lora_linear(x2d, Wt, b, A, B, self.scaling, xa).y
         return y.view(*x.shape[:-1], self.out_features)  # (..., out)

@@ -240,6 +240,24 @@ def merged_right(Wt: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
     return torch.addmm(Wt, A.t(), B.t(), alpha=scaling)
 
 
+def merged_linear(
+    x: Tensor, Wt: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, scaling: float
+) -> Tensor:
+    """``y = x (Wt + s·Aᵀ Bᵀ) + b``: the merged route's output, the frozen layer's own GEMM on
+    a weight-sized temporary (:func:`merged_right`, freed after the GEMM)."""
+    M = merged_right(Wt, A, B, scaling)  # (in, out)
+    return torch.addmm(bias, x, M) if bias is not None else torch.mm(x, M)
+
+
+def forward_merges(n: int, in_features: int, dtype: torch.dtype, xa: Tensor | None) -> bool:
+    """The route of :class:`LoraLinearFunction`'s forward when it picks one (``merge=None``):
+    merged when there is no separate adapter input and :func:`gemm_merge_pays`. The layer's
+    no-grad training forward takes the same route, so its output is the node's bit for bit
+    (reentrant activation checkpointing runs the first forward without autograd, and the
+    backward recomputes it with autograd)."""
+    return xa is None and gemm_merge_pays(n, in_features, dtype)
+
+
 def autograd_transforms_active() -> bool:
     """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jvp``, ...) or a forward-mode
     AD level (``torch.autograd.forward_ad.dual_level``) is active. The custom nodes
@@ -440,7 +458,7 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> Tensor:
         n, dtype = x.shape[0], Wt.dtype
         if merge is None:  # per direction (module docstring)
-            merge_fwd = xa is None and gemm_merge_pays(n, x.shape[1], dtype)
+            merge_fwd = forward_merges(n, x.shape[1], dtype, xa)
             merge_bwd = xa is None and gemm_merge_pays(n, Wt.shape[1], dtype)
         elif merge and xa is not None:
             raise ValueError("LoraLinearFunction: merge=True needs x_a None (no dropout)")
@@ -448,8 +466,7 @@ class LoraLinearFunction(torch.autograd.Function):
             merge_fwd = merge_bwd = merge
         if merge_fwd:
             h_s_t = rank_product_t(x, (A * scaling).t())  # (r, N), for ∂L/∂B; x still warm
-            M = merged_right(Wt, A, B, scaling)  # (in, out), freed after the GEMM
-            y = torch.addmm(bias, x, M) if bias is not None else torch.mm(x, M)
+            y = merged_linear(x, Wt, bias, A, B, scaling)
         else:
             y, h_s_t = lora_linear(x, Wt, bias, A, B, scaling, xa)
         ctx.save_for_backward(x, Wt, A, B, h_s_t, xa)

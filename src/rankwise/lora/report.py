@@ -34,8 +34,13 @@ class TrainableReport(NamedTuple):
     def __str__(self) -> str:
         scale, unit = _unit(self.total)
         t, n = self.trainable / scale, self.total / scale
-        t_text = f"{t:.3g}" if t >= 1 or t == 0 else f"{t:.2f}"
-        return f"trainable {t_text}{unit} / {n:.3g}{unit} ({self.percent:.2f}%)"
+        t_text = f"{t:.3g}{unit}" if t >= 1 or t == 0 else f"{t:.2f}{unit}"
+        if 0 < t < 0.005:  # would read 0.00M: in its own unit (1.09K / 1M)
+            own_scale, own_unit = _unit(self.trainable)
+            t_text = f"{self.trainable / own_scale:.3g}{own_unit}"
+        pct = self.percent
+        pct_text = f"{pct:.2f}" if pct >= 0.01 or pct == 0 else f"{pct:.2g}"
+        return f"trainable {t_text} / {n:.3g}{unit} ({pct_text}%)"
 
     def table(self) -> str:
         """One line per category: ``name  trainable / total``."""
