@@ -652,3 +652,72 @@ def test_a_damaged_model_file_is_one_line(
     err = capsys.readouterr().err
     assert "--model '" in err and "its weights file is not a valid safetensors" in err, err
     assert err.count("\n") == 1
+
+
+def test_resize_copies_known_sidecars_only_and_no_link_out(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A downloaded adapter directory could hold links to the user's own files (the audit's
+    ``tokenizer.json -> ~/.ssh/id_rsa``, ``README_id_rsa``): resize/combine copied every file,
+    following links, into the adapter the user then shares."""
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(setup["r2"], src)
+    secret = tmp_path / "private.txt"
+    secret.write_text("SECRET")
+    (src / "special_tokens_map.json").symlink_to(secret)
+    (src / "README_id_rsa").symlink_to(secret)
+    (src / "notes.txt").write_text("not a sidecar")
+    (src / "vocab.txt").write_text("[PAD]\nhello\n")
+    (src / "tokenizer_config.json").symlink_to("vocab.txt")  # a link inside: kept
+    with pytest.warns(RuntimeWarning, match="special_tokens_map.json: not copied"):
+        _run(["resize", str(src), "--out", str(tmp_path / "out"), "--rank", "1"], capsys)
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == [
+        "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "vocab.txt"
+    ]  # fmt: skip
+    assert not (tmp_path / "out" / "tokenizer_config.json").is_symlink()
+
+
+def test_sidecar_links_into_a_hub_cache_snapshot_are_followed(tmp_path: Path) -> None:
+    from rankwise.train.inference import sidecar_file
+
+    snapshot = tmp_path / "models--org--m" / "snapshots" / "abc"
+    blobs = tmp_path / "models--org--m" / "blobs"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    (blobs / "f00d").write_text("{}")
+    (snapshot / "tokenizer.json").symlink_to(Path("..", "..", "blobs", "f00d"))
+    assert sidecar_file(snapshot / "tokenizer.json")
+    assert not sidecar_file(snapshot / "missing.json")
+
+
+@pytest.mark.parametrize("defect", ["nan head", "no prefix", "dot-dot module"])
+def test_resize_refuses_what_load_adapter_refuses(
+    setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], defect: str
+) -> None:
+    """resize/combine carried extra tensors unchecked into an adapter that load_adapter then
+    refused (a NaN head), kept keys without PEFT's prefix, and read '../../x' as a module."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "src"
+    shutil.copytree(setup["r2"], src)
+    weights = src / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    if defect == "nan head":
+        tensors["base_model.model.classifier.weight"] = torch.full((2, 32), float("nan"))
+    elif defect == "no prefix":
+        tensors["junk"] = torch.zeros(3)
+    else:
+        key = next(k for k in tensors if k.endswith("lora_A.weight"))
+        tensors["base_model.model.../../x.lora_A.weight"] = tensors[key].clone()
+    save_file(tensors, weights)
+    code = main(["resize", str(src), "--out", str(tmp_path / "out"), "--rank", "1"])
+    err = capsys.readouterr().err
+    assert code == 2 and "adapter_model.safetensors" in err
+    expected = {"nan head": "inf or nan", "no prefix": "'junk'", "dot-dot module": "empty name"}
+    assert expected[defect] in err
+    assert not (tmp_path / "out").exists()

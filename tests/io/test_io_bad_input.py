@@ -139,6 +139,29 @@ CASES = {
         ShapeMismatchError,
         r"'bert.embeddings.word_embeddings'.*expected shape \(\d+, 32\), found \(120, 32\)",
     ),
+    "config nested too deeply": (
+        lambda d: (d / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000),
+        AdapterFormatError,
+        "not valid JSON \\(nested too deeply\\)",
+    ),
+    # valid alone, an error inside PEFT's (.*\.)?(key)$: re.error escaped the load
+    "inline flag in rank_pattern": (
+        lambda d: _edit_config(d, rank_pattern={"(?i)QUERY": 2}),
+        AdapterFormatError,
+        "rank_pattern: '\\(\\?i\\)QUERY' is not valid where it is used",
+    ),
+    "base model not a string": (
+        lambda d: _edit_config(d, base_model_name_or_path=123),
+        AdapterFormatError,
+        "base_model_name_or_path: expected a model id or path",
+    ),
+    "dot-dot module key": (
+        lambda d: _edit_weights(
+            d, lambda t: t.update({"base_model.model.../x.lora_A.weight": torch.zeros(1)})
+        ),
+        AdapterFormatError,
+        "an empty name between dots",
+    ),
     "embedding nan": (
         lambda d: _edit_weights(d, lambda t: t.update({EMB: _nan_embedding()})),
         AdapterFormatError,

@@ -85,6 +85,17 @@ def test_replace_validates_and_copies() -> None:
             "layers_pattern: expected a string or a list",
         ),
         ({"use_rslora": 1}, "use_rslora"),
+        # valid alone, not inside PEFT's wider regex (re.error escaped from a load)
+        ({"alpha_pattern": {"(?i)q": 2}}, "alpha_pattern: .* is not valid where it is used"),
+        (
+            {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "(?i)h"},
+            "layers_pattern: .* is not valid where it is used",
+        ),
+        (
+            {"target_modules": ["q"], "layers_to_transform": [0], "layers_pattern": "(?P<idx>h)"},
+            "layers_pattern: .* is not valid where it is used",
+        ),
+        ({"base_model_name_or_path": ["a"]}, "base_model_name_or_path: expected a model id"),
     ],
 )
 def test_errors_name_the_field(kwargs: dict, message: str) -> None:

@@ -190,15 +190,22 @@ def test_module_names_cannot_place_plots_outside_the_plot_directory(tmp_path: Pa
     from rankwise.analysis.plots import plot_similarity
 
     directory = save_adapter(inject(mlp(), CFG, generator=0), tmp_path / "work" / "adapter")
-    g = torch.Generator().manual_seed(0)
-    modules = ["../../escaped", "/tmp/absolute"]
-    tensors = {}
-    for module in modules:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(2, 8, generator=g)
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(6, 2, generator=g)
-    save_file(tensors, directory / "adapter_model.safetensors")
-    cfg = json.loads((directory / "adapter_config.json").read_text())
-    (directory / "adapter_config.json").write_text(json.dumps({**cfg, "target_modules": modules}))
+
+    def write(modules: list[str]) -> None:
+        g = torch.Generator().manual_seed(0)
+        tensors = {}
+        for module in modules:
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(2, 8, generator=g)
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(6, 2, generator=g)
+        save_file(tensors, directory / "adapter_model.safetensors")
+        cfg = json.loads((directory / "adapter_config.json").read_text())
+        cfg["target_modules"] = modules
+        (directory / "adapter_config.json").write_text(json.dumps(cfg))
+
+    write(["../../escaped", "x"])  # '..' holds empty module names: refused when read
+    with pytest.raises(AdapterFormatError, match="is not a module path"):
+        adapter_similarity(directory, directory)
+    write(["/tmp/absolute", "a/b"])
     plots = tmp_path / "work" / "plots"
     outside = tree_digest(tmp_path)
     written = plot_similarity(adapter_similarity(directory, directory), plots)

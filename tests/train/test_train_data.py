@@ -521,6 +521,13 @@ def test_a_json_array_file_is_read_and_blank_texts_are_counted(tmp_path: Path) -
     lines.write_text('{"text": "a", "label": 0}\n{"text": \n')
     with pytest.raises(ConfigError, match=r"line 2: invalid JSON .*JSON Lines"):
         load_dataset(str(lines))
+    deep = "[" * 100_000 + "]" * 100_000  # the parser's RecursionError escaped
+    lines.write_text('{"text": "a", "label": 0}\n' + deep + "\n")
+    with pytest.raises(ConfigError, match=r"line 2: invalid JSON \(nested too deeply\)"):
+        load_dataset(str(lines))
+    bad.write_text(deep)
+    with pytest.raises(ConfigError, match=r"e.json': invalid JSON \(nested too deeply\)"):
+        load_dataset(str(bad))
 
 
 def test_the_second_text_of_a_pair_is_named_in_a_warning(tmp_path: Path) -> None:

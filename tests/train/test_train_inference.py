@@ -230,6 +230,7 @@ def test_a_bad_max_length_in_the_task_file_is_an_error(
         ('{"label_names": ["pos", "neg", "pos"]}', "'label_names' repeats 'pos'"),
         ('{"base_model": 7}', "'base_model' must be a string, found 7"),
         (b'{"task": "classification\xff"}', "not UTF-8 text"),
+        ("[" * 100_000 + "]" * 100_000, "invalid JSON (nested too deeply)"),
     ],
 )
 def test_a_broken_task_file_is_an_error_naming_file_and_field(

@@ -28,6 +28,7 @@ from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import A_KEY as _A
 from rankwise.io.adapter import B_KEY as _B
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
+from rankwise.io.adapter_keys import check_values, rename_keys
 from rankwise.io.files import (
     made_parents,
     read_header,
@@ -78,15 +79,18 @@ def read_extras(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
     their file keys, to be carried unchanged into a derived adapter (PEFT's copies of the
     untrained module, ``.original_module.``, left out)."""
     path = weights_file(Path(directory))
-    keys = [
-        k for k in read_header(path) if not k.endswith((_A, _B)) and ".original_module." not in k
-    ]
-    return read_tensors(path, keys) if keys else {}
+    header = read_header(path)
+    rename_keys(header, source=path)  # every key a module path under PEFT's prefix
+    keys = [k for k in header if not k.endswith((_A, _B)) and ".original_module." not in k]
+    extras = read_tensors(path, keys) if keys else {}
+    check_values(extras, {}, source=path)  # no inf/nan carried into the derived adapter
+    return extras
 
 
 def _read_tensors(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
     path = weights_file(Path(directory))
     header = read_header(path)  # validated before any tensor is read
+    rename_keys(header, source=path)  # every key a module path under PEFT's prefix
     embedding = [k for k in header if ".lora_embedding_" in k]
     if embedding:
         raise AdapterFormatError(

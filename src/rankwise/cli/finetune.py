@@ -42,8 +42,8 @@ _OPTIONS: dict[str, tuple[Any, str]] = {
     "alpha": (float, "LoRA alpha; scaling = alpha / r, alpha / sqrt(r) for rslora (default 16)"),
     "loraplus-ratio": (
         float,
-        "loraplus: lr of B = lr x this ratio, A and head at lr, embedding adapters at 1e-6 "
-        "(PEFT's default) (default 16)",
+        "loraplus: lr of B and of every 1-D tensor (biases, norms) = lr x this ratio, A and "
+        "the head's weight at lr, embedding adapters at 1e-6 (as PEFT) (default 16)",
     ),
     "init-r": (int, "adalora: initial rank, pruned to --r on average (default ceil(1.5 r))"),
     "ga-batches": (int, "lora-ga: training batches to estimate the gradient on (default 8)"),

@@ -38,6 +38,10 @@ def rename_keys(header: dict, *, source: Path) -> tuple[dict[str, str], dict[str
         if not key.startswith(PREFIX):
             raise AdapterFormatError(f"{source}: key {key!r} does not start with {PREFIX!r}")
         name = key[len(PREFIX) :]
+        if "" in name.split("."):  # torch refuses empty module names: '..', a leading '.'
+            raise AdapterFormatError(
+                f"{source}: key {key!r} is not a module path (an empty name between dots)"
+            )
         if ".original_module." in name:
             continue  # PEFT's copy of the untrained module (bias="all"); the base holds it
         owner, sep, rest = name.partition(".modules_to_save.")

@@ -197,6 +197,8 @@ def read_adapter_config(directory: str | Path) -> LoraConfig:
         data = json.loads(path.read_text(encoding="utf-8"), parse_constant=_reject_constant)
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as err:
         raise AdapterFormatError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:  # the parser's own limit (a crafted file of nested arrays)
+        raise AdapterFormatError(f"{path}: not valid JSON (nested too deeply)") from None
     return config_from_json(data, source=str(path))
 
 

@@ -174,9 +174,19 @@ def pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     Same rule as PEFT's ``get_pattern_key``: ``re.match(rf"(.*\\.)?({key})$", name)``.
     """
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(pattern_key_regex(key), module_name):
             return key
     return None
+
+
+def pattern_key_regex(key: str) -> str:
+    """The regex a ``rank_pattern``/``alpha_pattern`` key is used as (PEFT's)."""
+    return rf"(.*\.)?({key})$"
+
+
+def layers_regex(pattern: str) -> str:
+    """The regex a ``layers_pattern`` entry is used as (PEFT's): its layer index as ``idx``."""
+    return rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\."
 
 
 def _names_or_regex(name: str, value: Any) -> list[str] | str | None:
@@ -215,6 +225,11 @@ def _validate(cfg: LoraConfig) -> None:
         raise ConfigError(f"lora_dropout: expected a float in [0, 1), found {cfg.lora_dropout!r}")
     if cfg.bias not in BIAS_MODES:
         raise ConfigError(f"bias: expected one of {BIAS_MODES}, found {cfg.bias!r}")
+    base = cfg.base_model_name_or_path
+    if base is not None and not isinstance(base, str):  # read as a path or hub id later
+        raise ConfigError(
+            f"base_model_name_or_path: expected a model id or path (a string) or None, found {base!r}"
+        )
     if cfg.task_type is not None and cfg.task_type not in TASK_TYPES:
         raise ConfigError(
             f"task_type: expected None or one of {TASK_TYPES}, found {cfg.task_type!r}"
@@ -224,10 +239,10 @@ def _validate(cfg: LoraConfig) -> None:
         if isinstance(value, str) and value != ALL_LINEAR:
             _check_regex(field_name, value)
     for key, r in cfg.rank_pattern.items():
-        _check_regex("rank_pattern", key)
+        _check_regex("rank_pattern", key, pattern_key_regex)
         _check_rank(f"rank_pattern[{key!r}]", r)
     for key, alpha in cfg.alpha_pattern.items():
-        _check_regex("alpha_pattern", key)
+        _check_regex("alpha_pattern", key, pattern_key_regex)
         _check_alpha(f"alpha_pattern[{key!r}]", alpha)
     _check_layers(cfg)
     _check_init(cfg.init_lora_weights)
@@ -247,11 +262,22 @@ def _check_alpha(name: str, alpha: Any) -> None:
         raise ConfigError(f"{name}: expected a positive finite number, found {alpha!r}")
 
 
-def _check_regex(name: str, pattern: str) -> None:
+def _check_regex(name: str, pattern: str, used_as: Callable[[str], str] | None = None) -> None:
+    """``pattern`` compiles, alone and as it is used (``used_as``: a key inside PEFT's wider
+    regex, where inline flags such as ``(?i)`` are an error in the middle)."""
     try:
         re.compile(pattern)
     except re.error as err:
         raise ConfigError(f"{name}: {pattern!r} is not a valid regex ({err})") from None
+    if used_as is None:
+        return
+    try:
+        re.compile(used_as(pattern))
+    except re.error as err:
+        raise ConfigError(
+            f"{name}: {pattern!r} is not valid where it is used, inside the regex "
+            f"{used_as(pattern)!r} (as in PEFT): {err}"
+        ) from None
 
 
 def _check_layers(cfg: LoraConfig) -> None:
@@ -273,7 +299,7 @@ def _check_layers(cfg: LoraConfig) -> None:
     for pattern in [patterns] if isinstance(patterns, str) else patterns or []:
         if not isinstance(pattern, str) or not pattern:
             raise ConfigError(f"layers_pattern: expected non-empty strings, found {pattern!r}")
-        _check_regex("layers_pattern", pattern)  # PEFT reads it as a regex fragment
+        _check_regex("layers_pattern", pattern, layers_regex)  # PEFT reads it as a regex fragment
 
 
 # PEFT's spelling of a randomized PiSSA: "pissa_niter_<subspace iterations>"

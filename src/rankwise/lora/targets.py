@@ -36,6 +36,7 @@ from rankwise.lora.config import (
     SEQ_CLS_HEAD_NAMES,
     TASK_HEAD_NAMES,
     LoraConfig,
+    layers_regex,
 )
 from rankwise.lora.layers import LoraLayer, wrapper_kind
 from rankwise.lora.module_kinds import is_hf_conv1d
@@ -257,7 +258,7 @@ def _in_layers(cfg: LoraConfig, name: str) -> bool:
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)  # the first numbered segment
     else:
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = re.match(layers_regex(pattern), name)
             if match is not None:
                 break
     if match is None:

@@ -200,7 +200,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         if not all(isinstance(part, dict) for part in (hashes, fields, meta)):
             raise TypeError("sha256, position and meta must be JSON objects")
         position = Position(**{k: int(v) for k, v in fields.items()})
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as err:
         raise ValueError(f"{path / INDEX_FILE}: unreadable ({type(err).__name__})") from None
     for name in (WEIGHTS_FILE, STATE_FILE):
         file = path / name

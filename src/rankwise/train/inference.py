@@ -67,6 +67,8 @@ def read_task_info(directory: str | Path) -> dict[str, Any]:
         raise AdapterFormatError(f"{path}: not UTF-8 text ({err.reason})") from None
     except json.JSONDecodeError as err:
         raise AdapterFormatError(f"{path}: invalid JSON ({err.msg})") from None
+    except RecursionError:
+        raise AdapterFormatError(f"{path}: invalid JSON (nested too deeply)") from None
     if not isinstance(info, dict):
         raise AdapterFormatError(f"{path}: expected a JSON object, found {type(info).__name__}")
     task = info.get("task")
@@ -465,10 +467,37 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     return final
 
 
-# Tokenizer files and the run's task file: copied from --finetuned so predict/evaluate work
+# Tokenizer files and the run's task file: copied from --finetuned (extract) or the source
+# adapter (resize, combine) so predict/evaluate work on the result; nothing else is copied
 SIDECARS = ("rankwise_task.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
-            "spiece.model", "tokenizer.model", "sentencepiece.bpe.model")  # fmt: skip
+            "spiece.model", "spm.model", "tokenizer.model", "sentencepiece.bpe.model",
+            "chat_template.jinja", "chat_template.json")  # fmt: skip
+
+
+def sidecar_file(path: Path) -> bool:
+    """Whether ``path`` is a file to copy as a sidecar: a regular file, or a symbolic link
+    to one inside its own directory or, for a Hugging Face cache snapshot
+    (``<repo>/snapshots/<rev>/``), inside that repository's ``blobs``. A link elsewhere is
+    skipped with a warning: a downloaded adapter could otherwise pull any file the user can
+    read (``tokenizer.json -> ~/.ssh/id_rsa``) into the adapter derived from it."""
+    if not path.is_symlink():
+        return path.is_file()
+    if not path.is_file():
+        return False
+    folder = path.parent.resolve()
+    target = path.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    if any(target.is_relative_to(root) for root in roots):
+        return True
+    warnings.warn(
+        f"{path}: not copied: a symbolic link to {str(target)!r}, outside its directory",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return False
 
 
 def copy_extract_sidecars(
@@ -487,12 +516,12 @@ def copy_extract_sidecars(
     for name in SIDECARS:
         path = Path(source) / name
         if name == "rankwise_task.json":
-            info = task if path.is_file() else task_from_config(tuned_config)
+            info = task if sidecar_file(path) else task_from_config(tuned_config)
             if info is None:
                 continue
             info = {**info, "base_model": base}
             atomic_write_text(Path(destination) / name, json.dumps(info, indent=2))
-        elif path.is_file():
+        elif sidecar_file(path):
             shutil.copy2(path, Path(destination) / name)
         else:
             continue

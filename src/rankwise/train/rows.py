@@ -108,6 +108,8 @@ def _json_array(text: str, *, source: str) -> list[dict[str, Any]]:
         raise ConfigError(
             f"data file {source!r} line {err.lineno}: invalid JSON ({err.msg})"
         ) from None
+    except RecursionError:
+        raise ConfigError(f"data file {source!r}: invalid JSON (nested too deeply)") from None
     for number, row in enumerate(rows, start=1):
         if not isinstance(row, dict):
             raise ConfigError(
@@ -167,6 +169,10 @@ def read_rows(source: str, *, encoding: str | None = None) -> list[dict[str, Any
                 raise ConfigError(
                     f"data file {source!r} line {number}: invalid JSON ({err.msg}); expected "
                     "JSON Lines (one object per line) or, in a .json file, one array of objects"
+                ) from None
+            except RecursionError:
+                raise ConfigError(
+                    f"data file {source!r} line {number}: invalid JSON (nested too deeply)"
                 ) from None
             if not isinstance(row, dict):
                 raise ConfigError(

@@ -278,6 +278,6 @@ def _read_allocator(path: Path) -> dict[str, Any]:
             state[field][name] = fh.get_tensor(key)
     try:
         state["rank_pattern"] = json.loads(metadata["rank_pattern"])
-    except (KeyError, json.JSONDecodeError):
+    except (KeyError, json.JSONDecodeError, RecursionError):
         raise ConfigError(f"{path}: no readable rank_pattern in its metadata") from None
     return state
