@@ -654,7 +654,7 @@ def test_a_damaged_model_file_is_one_line(
     assert err.count("\n") == 1
 
 
-def test_resize_copies_known_sidecars_only_and_no_link_out(
+def test_resize_copies_no_link_leading_out_of_the_adapter(
     setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A downloaded adapter directory could hold links to the user's own files (the audit's
@@ -668,15 +668,20 @@ def test_resize_copies_known_sidecars_only_and_no_link_out(
     secret.write_text("SECRET")
     (src / "special_tokens_map.json").symlink_to(secret)
     (src / "README_id_rsa").symlink_to(secret)
-    (src / "notes.txt").write_text("not a sidecar")
+    (src / "bpe.codes").write_text("a b\n")  # PhoBERT's: any regular file comes along
     (src / "vocab.txt").write_text("[PAD]\nhello\n")
     (src / "tokenizer_config.json").symlink_to("vocab.txt")  # a link inside: kept
     with pytest.warns(RuntimeWarning, match="special_tokens_map.json: not copied"):
         _run(["resize", str(src), "--out", str(tmp_path / "out"), "--rank", "1"], capsys)
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == [
-        "adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "vocab.txt"
-    ]  # fmt: skip
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "bpe.codes",
+        "tokenizer_config.json",
+        "vocab.txt",
+    ]  # fmt: skip (README.md: PEFT's model card)
     assert not (tmp_path / "out" / "tokenizer_config.json").is_symlink()
 
 
@@ -691,9 +696,14 @@ def test_sidecar_links_into_a_hub_cache_snapshot_are_followed(tmp_path: Path) ->
     (snapshot / "tokenizer.json").symlink_to(Path("..", "..", "blobs", "f00d"))
     assert sidecar_file(snapshot / "tokenizer.json")
     assert not sidecar_file(snapshot / "missing.json")
+    (snapshot / "checkpoint-500").mkdir()  # an adapter in a folder of the repository
+    (snapshot / "checkpoint-500" / "vocab.txt").symlink_to(Path("..", "..", "..", "blobs", "f00d"))
+    assert sidecar_file(snapshot / "checkpoint-500" / "vocab.txt")
 
 
-@pytest.mark.parametrize("defect", ["nan head", "no prefix", "dot-dot module"])
+@pytest.mark.parametrize(
+    "defect", ["nan head", "int head", "aliases differ", "no prefix", "dot-dot module"]
+)
 def test_resize_refuses_what_load_adapter_refuses(
     setup: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], defect: str
 ) -> None:
@@ -709,6 +719,11 @@ def test_resize_refuses_what_load_adapter_refuses(
     tensors = load_file(weights)
     if defect == "nan head":
         tensors["base_model.model.classifier.weight"] = torch.full((2, 32), float("nan"))
+    elif defect == "int head":
+        tensors["base_model.model.classifier.weight"] = torch.zeros(2, 32, dtype=torch.int64)
+    elif defect == "aliases differ":  # PEFT's bias="all" with modules_to_save writes both
+        tensors["base_model.model.classifier.bias"] = torch.zeros(2)
+        tensors["base_model.model.classifier.modules_to_save.default.bias"] = torch.ones(2)
     elif defect == "no prefix":
         tensors["junk"] = torch.zeros(3)
     else:
@@ -718,6 +733,12 @@ def test_resize_refuses_what_load_adapter_refuses(
     code = main(["resize", str(src), "--out", str(tmp_path / "out"), "--rank", "1"])
     err = capsys.readouterr().err
     assert code == 2 and "adapter_model.safetensors" in err
-    expected = {"nan head": "inf or nan", "no prefix": "'junk'", "dot-dot module": "empty name"}
+    expected = {
+        "nan head": "inf or nan",
+        "int head": "dtype torch.int64, expected a float",
+        "aliases differ": "values differ",
+        "no prefix": "'junk'",
+        "dot-dot module": "empty name",
+    }
     assert expected[defect] in err
     assert not (tmp_path / "out").exists()

@@ -59,6 +59,9 @@ def test_report_format_matches_the_issue_example() -> None:
     # a count that would read 0.00 of the total's unit is given in its own (PEFT prints 1,090)
     assert str(TrainableReport(1_090, 1_000_162, {})) == "trainable 1.09K / 1M (0.11%)"
     assert str(TrainableReport(16, 7_000_000_000, {})) == "trainable 16 / 7B (2.3e-07%)"
+    assert str(TrainableReport(999_999, 10**9, {})) == "trainable 1M / 1B (0.10%)"
+    assert str(TrainableReport(5_000, 10**6, {})) == "trainable 5K / 1M (0.50%)"
+    assert str(TrainableReport(4_999, 10**6, {})) == "trainable 5K / 1M (0.50%)"
 
 
 def test_only_adapter_and_head_parameters_change_after_steps() -> None:

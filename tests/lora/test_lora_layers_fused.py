@@ -368,6 +368,15 @@ def test_train_mode_without_autograd_takes_the_nodes_route(bias: bool) -> None:
     with torch.no_grad():
         plain = layer(x)
     assert torch.equal(plain, layer(x).detach())
+    # eval with the inference cache off keeps its promise of no weight-sized temporary
+    formed = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(linear_ops, "merged_right", lambda *a: formed.append(a) or merged_right(*a))
+        layer.inference_cache = False
+        with torch.no_grad():
+            layer.eval()(x)
+        layer.train().inference_cache = True
+    assert formed == []
 
     model = nn.Sequential(layer, nn.Tanh(), nn.Linear(d, 1)).train()
 

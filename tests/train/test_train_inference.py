@@ -769,3 +769,22 @@ def test_the_head_check_also_reads_a_hub_id_base_config(
     monkeypatch.setattr(inference, "load_config", lambda source, **_: config)
     with pytest.raises(AdapterFormatError, match=r"saves no classification head.*someone/bert"):
         load_trained(adapter)
+
+
+def test_json_nested_too_deeply_is_named_or_skipped(tmp_path: Path) -> None:
+    """The parser's RecursionError escaped a model's config.json (predict on a model
+    directory) and a metrics.jsonl line (a hand-edited or hostile file)."""
+    from rankwise.errors import ConfigError
+    from rankwise.train.inference import _model_config
+    from rankwise.train.metrics import read_metrics
+
+    deep = "[" * 100_000 + "]" * 100_000
+    (tmp_path / "config.json").write_text(deep)
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON \(nested too deeply\)"):
+        _model_config(str(tmp_path))
+    (tmp_path / "config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
+        _model_config(str(tmp_path))
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 0.5}\n' + deep + '\n{"step": 2, "loss": 0.4}\n')
+    assert [r["step"] for r in read_metrics(metrics)] == [1, 2]

@@ -28,7 +28,7 @@ from rankwise.io import read_adapter_config, write_adapter_config
 from rankwise.io.adapter import A_KEY as _A
 from rankwise.io.adapter import B_KEY as _B
 from rankwise.io.adapter import PREFIX, WEIGHTS_NAME
-from rankwise.io.adapter_keys import check_values, rename_keys
+from rankwise.io.adapter_keys import check_aliases, check_values, rename_keys
 from rankwise.io.files import (
     made_parents,
     read_header,
@@ -80,10 +80,19 @@ def read_extras(directory: str | os.PathLike[str]) -> dict[str, Tensor]:
     untrained module, ``.original_module.``, left out)."""
     path = weights_file(Path(directory))
     header = read_header(path)
-    rename_keys(header, source=path)  # every key a module path under PEFT's prefix
+    names, aliases = rename_keys(header, source=path)  # every key a module path under PREFIX
     keys = [k for k in header if not k.endswith((_A, _B)) and ".original_module." not in k]
     extras = read_tensors(path, keys) if keys else {}
-    check_values(extras, {}, source=path)  # no inf/nan carried into the derived adapter
+    # as load_adapter checks them (there against the model's dtypes): weights and biases are
+    # floats, every float finite, and two keys for one tensor agree
+    floats = {
+        k: v.dtype if v.is_floating_point() else torch.float32
+        for k, v in extras.items()
+        if k.endswith((".weight", ".bias"))
+    }
+    check_values(extras, floats, source=path)
+    by_name = {name: extras[key] for name, key in names.items() if key in extras}
+    check_aliases(by_name, aliases, extras, source=path)
     return extras
 
 

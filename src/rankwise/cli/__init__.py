@@ -35,21 +35,24 @@ class CliError(Exception):
 
 
 def copy_sidecars(source: str, destination: str) -> list[str]:
-    """Copy the files beside an adapter (``rankwise_task.json``, tokenizer files: the names in
-    :data:`~rankwise.train.inference.SIDECARS`, no others, and no link leading out of the
-    directory) from ``source`` into the derived adapter ``destination`` (resize, combine), so
-    predict/evaluate work on it as on the source; anything already there is kept."""
+    """Copy the files beside an adapter (``rankwise_task.json``, tokenizer files) from
+    ``source`` into the derived adapter ``destination`` (resize, combine), so predict/evaluate
+    work on it as on the source; the adapter's own files, anything already there and symbolic
+    links leading out of the directory (:func:`~rankwise.train.inference.sidecar_file`) are
+    left alone."""
     import shutil
     from pathlib import Path
 
-    from rankwise.train.inference import SIDECARS, sidecar_file
+    from rankwise.io import CONFIG_NAME, PICKLE_NAME, WEIGHTS_NAME
+    from rankwise.train.inference import sidecar_file
 
+    own = {WEIGHTS_NAME, CONFIG_NAME, PICKLE_NAME}
     copied = []
-    for name in SIDECARS:
-        path, target = Path(source) / name, Path(destination) / name
-        if not target.exists() and sidecar_file(path):
+    for path in sorted(Path(source).iterdir()):
+        target = Path(destination) / path.name
+        if path.name not in own and not target.exists() and sidecar_file(path):
             shutil.copy2(path, target)
-            copied.append(name)
+            copied.append(path.name)
     return copied
 
 

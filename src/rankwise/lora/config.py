@@ -274,9 +274,12 @@ def _check_regex(name: str, pattern: str, used_as: Callable[[str], str] | None =
     try:
         re.compile(used_as(pattern))
     except re.error as err:
+        hint = ""
+        if "global flags" in str(err):  # '(?i)q' -> '(?i:q)', which holds inside
+            hint = "; a scoped flag group such as '(?i:...)' works there"
         raise ConfigError(
             f"{name}: {pattern!r} is not valid where it is used, inside the regex "
-            f"{used_as(pattern)!r} (as in PEFT): {err}"
+            f"{used_as(pattern)!r} (as in PEFT): {err}{hint}"
         ) from None
 
 

@@ -527,7 +527,7 @@ class LoraLinear(LoraLayer):
         elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
             y = LoraLinearFunction.apply(x2d, Wt, b, A, B, self.scaling, xa)
-        elif forward_merges(x2d.shape[0], x2d.shape[1], W.dtype, xa):
+        elif self.training and forward_merges(x2d.shape[0], x2d.shape[1], W.dtype, xa):
             # no autograd in train mode (reentrant checkpointing's first pass): the node's route
             y = merged_linear(x2d, Wt, b, A, B, self.scaling)
         else:

@@ -35,9 +35,8 @@ class TrainableReport(NamedTuple):
         scale, unit = _unit(self.total)
         t, n = self.trainable / scale, self.total / scale
         t_text = f"{t:.3g}{unit}" if t >= 1 or t == 0 else f"{t:.2f}{unit}"
-        if 0 < t < 0.005:  # would read 0.00M: in its own unit (1.09K / 1M)
-            own_scale, own_unit = _unit(self.trainable)
-            t_text = f"{self.trainable / own_scale:.3g}{own_unit}"
+        if 0 < t < 0.1:  # 0.00M or two digits at most: in its own unit (1.09K / 1M)
+            t_text = _own_unit(self.trainable)
         pct = self.percent
         pct_text = f"{pct:.2f}" if pct >= 0.01 or pct == 0 else f"{pct:.2g}"
         return f"trainable {t_text} / {n:.3g}{unit} ({pct_text}%)"
@@ -46,6 +45,16 @@ class TrainableReport(NamedTuple):
         """One line per category: ``name  trainable / total``."""
         rows = sorted(self.by_type.items(), key=lambda kv: -kv[1].total)
         return "\n".join(f"{k:<24} {v.trainable:>12,} / {v.total:>12,}" for k, v in rows)
+
+
+def _own_unit(n: int) -> str:
+    """``n`` to 3 significant figures in the smallest unit that keeps it below 1000 once
+    rounded (999,999 is 1M, not 1e+03K)."""
+    for scale, unit in ((1.0, ""), (1e3, "K"), (1e6, "M")):
+        text = f"{n / scale:.3g}"
+        if float(text) < 1000:
+            return text + unit
+    return f"{n / 1e9:.3g}B"
 
 
 def _unit(n: int) -> tuple[float, str]:

@@ -139,7 +139,11 @@ def _model_config(base: str) -> dict[str, Any]:
     """The base model's config.json (a local directory; {} when it is a hub id not at hand)."""
     path = Path(base) / "config.json"
     if path.is_file():
-        data = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError
+            reason = "nested too deeply" if isinstance(err, RecursionError) else err
+            raise ConfigError(f"{path}: not valid JSON ({reason})") from None
         return data if isinstance(data, dict) else {}
     try:
         from transformers import AutoConfig
@@ -467,20 +471,24 @@ def merge_to(trained: Trained, out: str | Path) -> Path:
     return final
 
 
-# Tokenizer files and the run's task file: copied from --finetuned (extract) or the source
-# adapter (resize, combine) so predict/evaluate work on the result; nothing else is copied
+# Tokenizer files and the run's task file, copied from --finetuned (a model directory, which
+# holds much else) by extract so predict/evaluate work on the result; the vocabulary files of
+# transformers' tokenizers (their VOCAB_FILES_NAMES) besides the common ones
 SIDECARS = ("rankwise_task.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
             "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
             "spiece.model", "spm.model", "tokenizer.model", "sentencepiece.bpe.model",
-            "chat_template.jinja", "chat_template.json")  # fmt: skip
+            "sentencepiece.model", "chat_template.jinja", "chat_template.json", "bpe.codes",
+            "entity_vocab.json", "source.spm", "target.spm", "target_vocab.json",
+            "normalizer.json")  # fmt: skip
 
 
 def sidecar_file(path: Path) -> bool:
     """Whether ``path`` is a file to copy as a sidecar: a regular file, or a symbolic link
-    to one inside its own directory or, for a Hugging Face cache snapshot
-    (``<repo>/snapshots/<rev>/``), inside that repository's ``blobs``. A link elsewhere is
-    skipped with a warning: a downloaded adapter could otherwise pull any file the user can
-    read (``tokenizer.json -> ~/.ssh/id_rsa``) into the adapter derived from it."""
+    to one inside its own directory or, in a Hugging Face cache snapshot
+    (``<repo>/snapshots/<rev>/``, or a folder below it), inside that repository's ``blobs``.
+    A link elsewhere is skipped with a warning: a downloaded adapter could otherwise pull any
+    file the user can read (``tokenizer.json -> ~/.ssh/id_rsa``) into an adapter derived from
+    it, which the user may then share."""
     if not path.is_symlink():
         return path.is_file()
     if not path.is_file():
@@ -488,12 +496,15 @@ def sidecar_file(path: Path) -> bool:
     folder = path.parent.resolve()
     target = path.resolve()
     roots = [folder]
-    if folder.parent.name == "snapshots":
-        roots.append(folder.parent.parent / "blobs")
+    for ancestor in (folder, *folder.parents):
+        if ancestor.parent.name == "snapshots":  # <repo>/snapshots/<rev>: links into blobs
+            roots.append(ancestor.parent.parent / "blobs")
+            break
     if any(target.is_relative_to(root) for root in roots):
         return True
     warnings.warn(
-        f"{path}: not copied: a symbolic link to {str(target)!r}, outside its directory",
+        f"{path}: not copied: a symbolic link to {str(target)!r}, outside the adapter's "
+        "directory (and not a hub cache blob)",
         RuntimeWarning,
         stacklevel=3,
     )

@@ -34,7 +34,7 @@ def read_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     for line in file.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
             continue
         if not isinstance(record, dict) or not _is_int(record.get("step")):
             continue
