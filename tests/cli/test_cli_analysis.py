@@ -742,3 +742,33 @@ def test_resize_refuses_what_load_adapter_refuses(
     }
     assert expected[defect] in err
     assert not (tmp_path / "out").exists()
+
+
+def test_missing_or_old_optional_packages_name_their_extra(
+    setup: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pillow came with [plot] but the hint said 'pip install PIL' (no such package); a
+    transformers too old for a name imported was a traceback (ImportError, not the
+    ModuleNotFoundError the handler caught)."""
+    import sys
+
+    image = tmp_path / "x.png"
+    image.write_bytes(b"\x89PNG")
+    with monkeypatch.context() as mp:
+        mp.setitem(sys.modules, "PIL", None)
+        assert main(["compress-image", str(image), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the package 'PIL'" in err and "pip install 'rankwise[plot]'" in err
+    import rankwise.cli.predict
+
+    def too_old(args: object) -> int:
+        raise ImportError("cannot import name 'NewThing' from 'transformers'", name="transformers")
+
+    monkeypatch.setattr(rankwise.cli.predict, "run", too_old)
+    assert main(["predict", "--adapter", str(setup["r8"]), "good"]) == 2
+    err = capsys.readouterr().err
+    assert "the installed 'transformers' is too old" in err and "rankwise[hf]" in err
+    assert "Traceback" not in err

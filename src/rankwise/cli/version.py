@@ -8,7 +8,9 @@ import platform
 
 from rankwise import __version__
 
-_PEERS = ("torch", "numpy", "safetensors", "transformers", "peft", "scipy", "scikit-learn")
+# the dependencies and extras the commands use, then the peers tests and benchmarks compare with
+_PEERS = ("torch", "numpy", "safetensors", "transformers", "tokenizers", "datasets", "PyYAML",
+          "tqdm", "matplotlib", "scikit-learn", "peft", "scipy")  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

