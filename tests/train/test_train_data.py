@@ -131,6 +131,7 @@ def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> 
         return [{"text": known[(path, name)], "label": 0}]
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)  # errors listed per reading
     from rankwise.train.rows import _read_hf
 
     assert _read_hf("stanfordnlp/imdb:test") == [{"text": "imdb", "label": 0}]
@@ -139,6 +140,28 @@ def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> 
     assert _read_hf("nyu-mll/glue/sst2:validation")[0]["text"] == "nyu sst2"
     with pytest.raises(ConfigError, match="no_owner/none.*no_owner \\(config none\\)"):
         _read_hf("no_owner/none")
+    # a dataset that exists, with a bad split: its own error, not the other reading's too
+    calls.clear()
+    real = fake
+
+    def bad_split(path, name=None, *, split):
+        if split == "nope" and (path, name) in known:
+            raise ValueError("Unknown split \"nope\". Should be one of ['train']")
+        return real(path, name, split=split)
+
+    monkeypatch.setattr(datasets, "load_dataset", bad_split)
+    with pytest.raises(ConfigError, match="Unknown split") as info:
+        _read_hf("stanfordnlp/imdb:nope")
+    assert "config" not in str(info.value) and len(calls) == 0
+    # offline and in no cache: said so, once
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+    def offline(path, name=None, *, split):
+        raise ConnectionError(f"Couldn't reach '{path}' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ConfigError, match="glue/sst2: not in the local datasets cache"):
+        _read_hf("glue/sst2")
 
 
 def test_a_text_that_is_not_a_string_is_an_error_naming_the_row(tmp_path: Path) -> None:

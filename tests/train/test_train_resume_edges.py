@@ -327,3 +327,57 @@ def test_a_checkpoint_with_the_earlier_data_digest_still_resumes(
         index.write_text(json.dumps(data))
     done = train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
     assert done.resumed_from == 2 and done.steps == 4
+
+
+def test_a_run_holds_its_output_directory_against_another(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    """Two runs in one --output (two fresh starts, two --resume, a --resume of a run still
+    going) both ran and reported success, their metrics interleaved and the last save's
+    adapter and config.yaml kept: the directory is locked for the length of a run."""
+    import fcntl
+    import os
+
+    from rankwise.train.outputs import held_outputs
+
+    out = tmp_path / "run"
+    train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
+    assert held_outputs() == frozenset()  # released when the run ended
+    metrics = (out / "metrics.jsonl").read_bytes()
+    fd = os.open(out, os.O_RDONLY)  # another process's run, as its lock shows it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="is in use by another rankwise finetune run"):
+            train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        fd2 = os.open(fresh, os.O_RDONLY)
+        fcntl.flock(fd2, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match="in use"):
+            train(_config(tiny_bert, toy_tsv, fresh), echo=_quiet)
+        os.close(fd2)
+        assert list(fresh.iterdir()) == []
+    finally:
+        os.close(fd)
+    assert (out / "metrics.jsonl").read_bytes() == metrics and held_outputs() == frozenset()
+    done = train(_config(tiny_bert, toy_tsv, out, resume=True), echo=_quiet)
+    assert done.resumed_from == 2 and held_outputs() == frozenset()
+
+
+def test_the_default_output_moves_on_when_another_run_took_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs without --output started in the same second picked one name; the second was
+    refused, told to --resume a run it never started."""
+    from rankwise.train.outputs import _absolute, _claim_default
+
+    monkeypatch.chdir(tmp_path)
+    taken = tmp_path / "runs" / "finetune-x"
+    taken.mkdir(parents=True)
+    mine = _claim_default(Path("runs") / "finetune-x")
+    assert mine.is_dir() and mine.resolve() != taken and list(mine.iterdir()) == []
+    # an hf: local dataset directory is recorded absolute, as a file path is
+    (tmp_path / "ds").mkdir()
+    assert _absolute("hf:ds:train") == f"hf:{tmp_path / 'ds'}:train"
+    assert _absolute("hf:glue/sst2:train") == "hf:glue/sst2:train"
+    assert _absolute("ds") == str(tmp_path / "ds")

