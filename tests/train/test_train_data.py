@@ -114,6 +114,11 @@ def test_hf_datasets_through_the_datasets_library(tmp_path: Path) -> None:
     assert ds.texts == ("fine film", "dull film") and ds.labels == (1, 0)
     with pytest.raises(ConfigError, match="could not load hf:"):
         load_dataset(f"hf:{folder}:no_such_split")
+    # a path that is not there is not tried as <name>/<config> ("/tmp" was scanned whole)
+    with pytest.raises(ConfigError, match="no local dataset directory"):
+        load_dataset(f"hf:{tmp_path / 'moved' / 'ds'}:train")
+    with pytest.raises(ConfigError, match="no local dataset directory './nope'"):
+        load_dataset("hf:./nope")
 
 
 def test_hf_names_with_an_owner_or_a_config(monkeypatch: pytest.MonkeyPatch) -> None:

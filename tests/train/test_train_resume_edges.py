@@ -335,10 +335,11 @@ def test_a_run_holds_its_output_directory_against_another(
     """Two runs in one --output (two fresh starts, two --resume, a --resume of a run still
     going) both ran and reported success, their metrics interleaved and the last save's
     adapter and config.yaml kept: the directory is locked for the length of a run."""
-    import fcntl
     import os
 
     from rankwise.train.outputs import held_outputs
+
+    fcntl = pytest.importorskip("fcntl", reason="the lock is flock, POSIX only")
 
     out = tmp_path / "run"
     train(_config(tiny_bert, toy_tsv, out), echo=_quiet, stop_after=3)
@@ -381,3 +382,23 @@ def test_the_default_output_moves_on_when_another_run_took_the_name(
     assert _absolute("hf:ds:train") == f"hf:{tmp_path / 'ds'}:train"
     assert _absolute("hf:glue/sst2:train") == "hf:glue/sst2:train"
     assert _absolute("ds") == str(tmp_path / "ds")
+
+
+def test_a_run_releases_its_own_lock_only(tmp_path: Path) -> None:
+    """train() released every lock taken since it started: another thread's run's too; and
+    by the directory's name at the end, so a directory renamed meanwhile kept its lock."""
+    pytest.importorskip("fcntl", reason="the lock is flock, POSIX only")
+    from rankwise.train.outputs import claim_output, held_outputs, releasing_claims
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    with releasing_claims():
+        claim_output(a)
+        with releasing_claims():  # another run, started and ended meanwhile
+            claim_output(b)
+            with pytest.raises(ConfigError, match="in use"):
+                claim_output(b)
+        assert held_outputs() == {str(a.resolve())}
+        a.rename(tmp_path / "a.moved")
+    assert held_outputs() == frozenset()

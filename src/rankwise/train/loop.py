@@ -54,10 +54,9 @@ from rankwise.train.models import check_positions
 from rankwise.train.outputs import (
     check_output,
     finish_outputs,
-    held_outputs,
     prepare_output,
     record_config,
-    release_output,
+    releasing_claims,
     task_info,
 )
 
@@ -405,7 +404,6 @@ def train(
     ``given``: the options typed as flags, refused where the method ignores them."""
     started = time.perf_counter()
     info = dist_.setup()
-    held = held_outputs()
     try:
         # options checked right after the rendezvous, which lines the processes up, so each
         # refuses a bad one at about the same moment (checked before it, a fast process could
@@ -415,10 +413,9 @@ def train(
             resolved = resolve(config, given)
         filled = filled_defaults(config, resolved)
         echo_ = echo if info.is_main else (lambda _: None)
-        return _train(resolved, info, echo_, stop_after, started, filled)
+        with releasing_claims():  # the output directory's lock, held for the run
+            return _train(resolved, info, echo_, stop_after, started, filled)
     finally:
-        for out in held_outputs() - held:  # the output directory this run locked
-            release_output(out)
         dist_.teardown(info)
 
 

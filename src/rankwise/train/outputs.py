@@ -10,6 +10,7 @@ directory. Directories are written under a temporary name and renamed into place
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import json
 import math
@@ -137,6 +138,10 @@ def _claim_default(out: Path) -> Path:
 
 # Output directory -> the open descriptor holding its lock (on the directory itself: no file)
 _LOCKS: dict[str, int] = {}
+# The keys claimed within the current releasing_claims() block (a train() call)
+_CLAIMED: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar(
+    "rankwise_claimed_outputs", default=None
+)
 
 
 def claim_output(out: Path) -> None:
@@ -164,14 +169,36 @@ def claim_output(out: Path) -> None:
     except OSError:
         os.close(fd)
         return
-    _LOCKS[str(out.resolve())] = fd
+    key = str(out.resolve())
+    _LOCKS[key] = fd
+    claimed = _CLAIMED.get()
+    if claimed is not None:
+        claimed.append(key)
 
 
 def release_output(out: Path | str) -> None:
-    """Let go of :func:`claim_output`'s lock (nothing if it holds none)."""
-    fd = _LOCKS.pop(str(Path(out).resolve()), None)
+    """Let go of :func:`claim_output`'s lock on ``out`` (nothing if it holds none)."""
+    _release(str(Path(out).resolve()))
+
+
+def _release(key: str) -> None:
+    fd = _LOCKS.pop(key, None)
     if fd is not None:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def releasing_claims() -> Iterator[None]:
+    """Release on the way out the locks :func:`claim_output` took inside (one ``train()``
+    call's own: not another thread's run, and by the key it was taken under, whatever the
+    directory is called by then)."""
+    token = _CLAIMED.set([])
+    try:
+        yield
+    finally:
+        for key in _CLAIMED.get() or []:
+            _release(key)
+        _CLAIMED.reset(token)
 
 
 def held_outputs() -> frozenset[str]:

@@ -265,7 +265,9 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
     """``name[/config][:split]`` through the datasets library (imported here, lazily)."""
     try:
         import datasets
-    except ImportError:
+    except ModuleNotFoundError as err:
+        if err.name != "datasets":
+            raise  # installed, but a package it needs is not: its own error
         raise ConfigError(
             "hf: datasets need the 'datasets' package (pip install 'rankwise[data]')"
         ) from None
@@ -276,6 +278,9 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
     parts = name.split("/")
     if Path(name).exists():  # a local dataset directory (or script) is one name
         readings = [(name, None)]
+    elif name.startswith(("/", "./", "../", "~")):  # a path, never a hub name
+        # (read as <name>/<config>, "/tmp" was loaded as a dataset: every file under it read)
+        raise ConfigError(f"hf:{spec}: no local dataset directory {name!r}")
     elif len(parts) == 2:
         readings = [(name, None), (parts[0], parts[1])]
     else:
@@ -298,7 +303,10 @@ def _read_hf(spec: str) -> list[dict[str, Any]]:
                     errors, not_found = errors[-1:], False
                     break
     if loaded is None:
-        if not_found and datasets.config.HF_HUB_OFFLINE:
+        offline = getattr(datasets.config, "HF_HUB_OFFLINE", None)  # datasets ≥ 2.21
+        if offline is None:
+            offline = getattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+        if not_found and offline:
             raise ConfigError(
                 f"could not load hf:{spec}: not in the local datasets cache, and downloads are "
                 "off (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set)"
@@ -320,7 +328,9 @@ def _quiet_datasets(datasets: Any) -> Iterator[None]:
     logging_ = datasets.utils.logging
     verbosity, bars_off = logging_.get_verbosity(), datasets.utils.are_progress_bars_disabled()
     logging_.set_verbosity_error()
-    datasets.disable_progress_bars()
+    with warnings.catch_warnings():  # HF_DATASETS_DISABLE_PROGRESS_BARS=0 refuses, with a warning
+        warnings.simplefilter("ignore")
+        datasets.disable_progress_bars()
     try:
         yield
     finally:
