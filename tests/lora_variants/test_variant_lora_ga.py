@@ -202,3 +202,19 @@ def test_an_unknown_method_is_refused_before_the_gradient_pass() -> None:
     with pytest.raises(ValueError, match="method: expected 'randomized' or 'exact', found 'foo'"):
         lora_ga_init(model, cfg, [_batch()], loss_fn=loss_fn, method="foo")  # type: ignore[arg-type]
     assert calls == [] and not list(lora_layers(model))
+
+
+def test_a_train_mode_sweep_is_reproducible_and_leaves_the_global_rng() -> None:
+    """With the model in train mode its dropout drew from torch's global RNG: generator=0 gave
+    other factors under another global seed, and the caller's RNG was consumed."""
+    cfg = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS)
+    factors = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = _model().train()  # tiny BERT: dropout 0.1
+        state = torch.get_rng_state()
+        lora_ga_init(model, cfg, [_batch()], generator=0)
+        assert torch.equal(torch.get_rng_state(), state) and model.training
+        factors.append([t.detach().clone() for _, m in lora_layers(model) for t in m.factors()])
+    for a, b in zip(*factors, strict=True):
+        assert torch.equal(a, b)

@@ -402,3 +402,16 @@ def test_a_run_releases_its_own_lock_only(tmp_path: Path) -> None:
         assert held_outputs() == {str(a.resolve())}
         a.rename(tmp_path / "a.moved")
     assert held_outputs() == frozenset()
+
+
+def test_train_leaves_the_callers_rng_as_it_was(
+    tiny_bert: Path, toy_tsv: Path, tmp_path: Path
+) -> None:
+    """train() seeded torch's global RNG with the run's seed: a caller's next draw after it
+    was the same whatever the caller had seeded."""
+    import torch
+
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    train(_config(tiny_bert, toy_tsv, tmp_path / "run", max_steps=2), echo=_quiet)
+    assert torch.equal(torch.get_rng_state(), state)

@@ -25,14 +25,17 @@ makes its scale "stable" in the paper's sense). We follow the paper and its refe
 Gradients are estimated with only the target weights requiring grad (activations of the rest
 are not differentiated); ``layers_per_pass`` bounds how many weight gradients are held at once
 (each pass is one sweep over ``batches``). The model's mode (train/eval) is left as the
-caller set it; its ``requires_grad`` flags and existing ``.grad`` values are restored.
+caller set it (in train mode its dropout draws from a fork of torch's RNG seeded from
+``generator``, when one is given: the same seed, the same factors); its ``requires_grad``
+flags and existing ``.grad`` values are restored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Literal
 
 import torch
@@ -233,17 +236,18 @@ def lora_ga_init(
             )
     check_residual_untied(model, [t.name for t in linear], plan.config)
     g = as_generator(generator)
-    inits = _initializations(
-        model,
-        linear,
-        batch_list,
-        config,
-        loss_fn or default_loss,
-        gamma=gamma,
-        method=method,
-        step=int(layers_per_pass or len(linear)),
-        g=g,
-    )
+    with _sweep_rng(g):  # a train-mode model's dropout: drawn from a fork seeded by g
+        inits = _initializations(
+            model,
+            linear,
+            batch_list,
+            config,
+            loss_fn or default_loss,
+            gamma=gamma,
+            method=method,
+            step=int(layers_per_pass or len(linear)),
+            g=g,
+        )
     apply_plan(model, plan, generator=g)  # the plan resolved before the gradients
     for name, init in inits.items():
         layer = model.get_submodule(name)
@@ -251,6 +255,23 @@ def lora_ga_init(
         record_initial_factors(layer)  # A0, B0 for save_adapter(..., for_original_base=True)
         layer.set_base_matrix(init.base)
     return model
+
+
+@contextlib.contextmanager
+def _sweep_rng(g: torch.Generator | None) -> Iterator[None]:
+    """The gradient sweep of a model in train mode draws its dropout masks from torch's global
+    RNG. Given a generator, it draws them from a fork of that RNG seeded from a copy of the
+    generator (the generator itself is not advanced, the caller's RNG is left as it was), so a
+    fixed seed gives the same factors; None: the global RNG itself, as everywhere."""
+    if g is None:
+        yield
+        return
+    copy = torch.Generator(device=g.device)
+    copy.set_state(g.get_state())
+    seed = int(torch.randint(0, 2**62, (1,), generator=copy, device=g.device))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _initializations(

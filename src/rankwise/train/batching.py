@@ -168,6 +168,7 @@ def length_grouped_batches(
     A random permutation is cut into mega-batches of ``group * batch_size``, each sorted by
     length (longest first) and cut into batches of ``batch_size``; the batches are then
     shuffled. Only the last batch may be smaller. ``group=1`` gives plain random batches.
+    ``generator``: a seed or a generator; None is seed 0, not torch's global RNG.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, found {batch_size}")

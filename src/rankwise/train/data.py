@@ -437,7 +437,9 @@ def data_generator(generator: torch.Generator | int | None) -> torch.Generator:
 def held_out_split(
     dataset: TextDataset, size: float, *, generator: torch.Generator | int | None = None
 ) -> Split:
-    """A seeded random split: ``size`` examples (a fraction when < 1) held out for evaluation."""
+    """A seeded random split: ``size`` examples (a fraction when < 1) held out for evaluation.
+    ``generator``: a seed or a generator; None is seed 0 (:func:`data_generator`), not torch's
+    global RNG."""
     n = len(dataset.texts)
     count = round(size * n) if size < 1 else int(size)
     if not 1 <= count < n:

@@ -413,7 +413,10 @@ def train(
             resolved = resolve(config, given)
         filled = filled_defaults(config, resolved)
         echo_ = echo if info.is_main else (lambda _: None)
-        with releasing_claims():  # the output directory's lock, held for the run
+        # the run seeds torch's RNG (and a resume restores its state): in a fork, so the
+        # caller's RNG is as it was after train() returns; the output directory's lock is
+        # held for the run
+        with torch.random.fork_rng(devices=[]), releasing_claims():
             return _train(resolved, info, echo_, stop_after, started, filled)
     finally:
         dist_.teardown(info)
