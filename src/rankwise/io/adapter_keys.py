@@ -190,10 +190,19 @@ def check_values(
         if not value.is_floating_point():
             continue
         dtype = dtypes.get(key, value.dtype)
-        cast = value.to(dtype) if dtype.is_floating_point else value
-        if not torch.isfinite(cast).all():
+        if not _all_finite(value, dtype if dtype.is_floating_point else value.dtype):
             where = "" if dtype == value.dtype else f" once cast from {value.dtype} to {dtype}"
             raise AdapterFormatError(f"{source}: tensor {key!r} holds inf or nan{where}")
+
+
+def _all_finite(value: Tensor, dtype: torch.dtype, block: int = 1 << 22) -> bool:
+    """Every entry of ``value`` finite once cast to ``dtype``, checked in blocks of ``block``
+    entries: the values read from the file are memory-mapped, and a whole-tensor cast and
+    test (a 131 MB embedding: +312 MB at peak) cost more than the tensor itself."""
+    for part in value.reshape(-1).split(block):
+        if not bool(torch.isfinite(part.to(dtype)).all()):
+            return False
+    return True
 
 
 def copy_in(model: nn.Module, values: dict[str, Tensor]) -> None:
