@@ -455,10 +455,12 @@ class LoraLinear(LoraLayer):
         ):
             return False
         W, (A, B) = self.base_weight, self.factors()
+        # a half-precision base with float32 factors (inject's adapters on a bf16/fp16 model):
+        # in place too, each layer formed in float32 and rounded at its write (_in_place_write)
+        half = W.dtype in (torch.bfloat16, torch.float16) and A.dtype == B.dtype == torch.float32
         if (
-            W.dtype not in (torch.float32, torch.float64)  # delta_weight: W's own dtype
-            or A.dtype != W.dtype
-            or B.dtype != W.dtype
+            not (half or W.dtype in (torch.float32, torch.float64))  # delta_weight: W's dtype
+            or (not half and (A.dtype != W.dtype or B.dtype != W.dtype))
             or W.is_meta
             or not (A.device == B.device == W.device)
             or min(W.numel(), A.numel(), B.numel()) == 0
@@ -476,6 +478,14 @@ class LoraLinear(LoraLayer):
         (``s·B A`` rounded once, then the sum), with one weight-sized temporary at a time. (An
         ``addmm_`` into the weight adds the r rank-1 terms one by one at W's magnitude: a merge
         and unmerge round trip then drifted to 1.09e-6 relative, above the 1e-6 promised.)"""
+        W = self.base_weight
+        if W.dtype in (torch.bfloat16, torch.float16):
+            # planned_weight's own formula and rounding, one layer's float32 temporary at a
+            # time and no finiteness pass (the bound proved it): merging every layer of a
+            # bf16 model kept all the new weights first (+1.65 GB on a 1B model, PEFT +0.25)
+            rule = self.merged_weight if what == "merge" else self.unmerged_weight
+            W.copy_(rule(W.detach().to(self.merge_dtype())))
+            return
         delta = self.delta_weight()  # W's dtype and layout (write_weight: no_grad)
         if what == "merge":
             self.base_weight.add_(delta)
