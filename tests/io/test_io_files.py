@@ -393,3 +393,32 @@ def test_the_finite_check_reads_in_blocks_and_casts_each() -> None:
     assert not _all_finite(x, torch.float64, block=3)
     x[7] = 1e300
     assert _all_finite(x, torch.float64, block=3) and not _all_finite(x, torch.float32, block=3)
+
+
+def test_a_failed_weights_write_keeps_the_os_errno(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors reports its I/O errors as SafetensorError; they become the OSError a write
+    gives (errno from the message: EFBIG was EIO), and the old file stays."""
+    import errno
+
+    from safetensors import SafetensorError
+
+    from rankwise.io import files
+
+    path = tmp_path / "w.safetensors"
+    files.write_safetensors(path, {"a": torch.ones(2)}, metadata={"format": "pt"})
+    before = path.read_bytes()
+    for message, code in [
+        ("Error while serializing: I/O error: File too large (os error 27)", errno.EFBIG),
+        ("No space left on device", errno.ENOSPC),
+    ]:
+
+        def fail(*args, message=message, **kwargs):
+            raise SafetensorError(message)
+
+        monkeypatch.setattr(files, "st_save_file", fail)
+        with pytest.raises(OSError) as caught:
+            files.write_safetensors(path, {"a": torch.zeros(2)}, metadata={"format": "pt"})
+        assert caught.value.errno == code and caught.value.filename == str(path)
+        assert path.read_bytes() == before and os.listdir(tmp_path) == ["w.safetensors"]

@@ -204,16 +204,23 @@ def test_an_unknown_method_is_refused_before_the_gradient_pass() -> None:
     assert calls == [] and not list(lora_layers(model))
 
 
-def test_a_train_mode_sweep_is_reproducible_and_leaves_the_global_rng() -> None:
+def test_a_train_mode_sweep_is_reproducible_and_leaves_the_global_rng(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """With the model in train mode its dropout drew from torch's global RNG: generator=0 gave
-    other factors under another global seed, and the caller's RNG was consumed."""
+    other factors under another global seed, and the caller's RNG was consumed (and CUDA's
+    generators are not reseeded for it)."""
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: seeded.append(seed))
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS)
     factors = []
     for seed in (1, 2):
         torch.manual_seed(seed)
         model = _model().train()  # tiny BERT: dropout 0.1
         state = torch.get_rng_state()
+        seeded.clear()  # (the test's own seeding above)
         lora_ga_init(model, cfg, [_batch()], generator=0)
+        assert seeded == []
         assert torch.equal(torch.get_rng_state(), state) and model.training
         factors.append([t.detach().clone() for _, m in lora_layers(model) for t in m.factors()])
     for a, b in zip(*factors, strict=True):

@@ -338,8 +338,11 @@ def write_safetensors(
         try:
             st_save_file(plain, tmp, metadata=metadata)
         except SafetensorError as err:  # its I/O errors (a full disk) as OSError, as a write's
-            code = errno.ENOSPC if "space" in str(err).lower() else errno.EIO
-            raise OSError(code, f"cannot write the safetensors file ({err})", str(path)) from None
+            found = re.search(r"os error (\d+)", str(err))  # the OS's own errno, when given
+            code = int(found.group(1)) if found else errno.EIO
+            if not found and "space" in str(err).lower():
+                code = errno.ENOSPC
+            raise OSError(code, f"{os.strerror(code)} ({err})", str(path)) from None
 
     atomic_write_with(path, write)
 

@@ -269,8 +269,8 @@ def _sweep_rng(g: torch.Generator | None) -> Iterator[None]:
     copy = torch.Generator(device=g.device)
     copy.set_state(g.get_state())
     seed = int(torch.randint(0, 2**62, (1,), generator=copy, device=g.device))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):  # the CPU generator's state, restored after
+        torch.random.default_generator.manual_seed(seed)  # not CUDA's, which stays untouched
         yield
 
 

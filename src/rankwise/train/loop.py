@@ -416,7 +416,8 @@ def train(
         # the run seeds torch's RNG (and a resume restores its state): in a fork, so the
         # caller's RNG is as it was after train() returns; the output directory's lock is
         # held for the run
-        with torch.random.fork_rng(devices=[]), releasing_claims():
+        cuda = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=cuda), releasing_claims():
             return _train(resolved, info, echo_, stop_after, started, filled)
     finally:
         dist_.teardown(info)
