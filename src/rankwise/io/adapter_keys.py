@@ -145,8 +145,9 @@ def check_materialized(model: nn.Module) -> None:
                 module = key.rpartition(".")[0] or "<root>"
                 raise AdapterFormatError(
                     f"load_adapter: module {module!r} has {kind} {key!r} on the meta device "
-                    "(shape only, no storage); expected a materialized model (to_empty + load "
-                    "its weights) so the adapter's values can be written"
+                    "(shape only, no storage); expected a materialized model so the adapter's "
+                    "values can be written: load the model's weights first (for a model "
+                    "offloaded by accelerate, load the adapter before offloading it)"
                 )
 
 
