@@ -52,17 +52,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.compiler import is_compiling
 
-from rankwise.errors import MergeError, ShapeMismatchError
+from rankwise.errors import ShapeMismatchError
 from rankwise.lora.cache_key import weights_key
 from rankwise.lora.linear_ops import (
     SMALL_ROWS_MAX,
     LoraLinearFunction,
     autograd_transforms_active,
-    forward_merges,
     lora_linear,
     lora_linear_autograd,
     merged_linear,
+    route_merges,
 )
+from rankwise.lora.merge_writes import MergeWrites
 from rankwise.lora.module_kinds import (  # noqa: F401 (re-exported: their home was here)
     _plain,
     is_hf_conv1d,
@@ -89,7 +90,7 @@ def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if base_dtype in _LOW_PRECISION else base_dtype
 
 
-class LoraLayer(nn.Module):
+class LoraLayer(MergeWrites, nn.Module):
     """Base of every wrapper: ``h = base_layer(x) + s · B A x`` (see the module docstring).
 
     Attributes: ``base_layer`` (the original module), ``lora_A`` / ``lora_B``, ``r``,
@@ -298,97 +299,6 @@ class LoraLayer(nn.Module):
         delta = self._from_matrix(self.scaling * (B0.to(dtype) @ A0.to(dtype)))
         return (W.to(dtype) + sign * delta).to(W.dtype)
 
-    # -- merge -------------------------------------------------------------------------------
-    def merge(self) -> None:
-        """Add ``s B A`` into the base weight, computed in float32 at least (:meth:`merge_dtype`);
-        refuses non-finite results."""
-        self.write_weight(self.plan_write("merge"), "merge")
-
-    def unmerge(self) -> None:
-        """Subtract ``s B A`` from the merged base weight (:meth:`merge_dtype`); the inverse of
-        merge."""
-        self.write_weight(self.plan_write("unmerge"), "unmerge")
-
-    def plan_write(self, what: str) -> Tensor | None:
-        """:meth:`planned_weight`, or None where :meth:`write_weight` can update the weight in
-        place and a bound proves the result finite (:meth:`_in_place_is_safe`): nothing
-        weight-sized is formed or kept until the write. Validates without mutating.
-
-        No merge while the adapters are disabled (inside
-        :func:`~rankwise.lora.disable_adapters`): the block promises the base model's output,
-        and a merged weight would carry the adapter into it."""
-        if what == "merge" and self.disabled:
-            raise MergeError(
-                f"{type(self).__name__}: adapters are disabled (inside disable_adapters()); "
-                "merge after the block"
-            )
-        refusal = self.merge_refusal() if what == "merge" else None
-        if refusal is not None:
-            raise MergeError(f"{type(self).__name__}: {refusal}")
-        return None if self._in_place_is_safe(what) else self.planned_weight(what)
-
-    def merge_refusal(self) -> str | None:
-        """Why this layer's adapter can never be merged exactly, or None: an embedding with
-        ``max_norm``, whose unmerged lookup renormalizes rows of ``W0`` and of ``Aᵀ`` apart and
-        a merged one rows of ``W0 + ΔW`` (in place: unmerge would then subtract ``ΔW`` from
-        other values)."""
-        max_norm = getattr(self.base_layer, "max_norm", None) if self.kind == "embedding" else None
-        if max_norm is None:
-            return None
-        return (
-            f"the embedding has max_norm={max_norm}, which renormalizes the rows it looks up: "
-            "the merged weight would not give the unmerged output (and unmerge would not "
-            "restore the base weight). Keep this adapter unmerged"
-        )
-
-    def _in_place_is_safe(self, what: str) -> bool:
-        """Whether ``merge``/``unmerge`` may write ``W ± s·B A`` in place: plain LoRA on a
-        float32 or float64 linear weight with factors of its dtype, in the right state, and
-        ``max|W| + |s|·r·max|A|·max|B|`` (a bound on every result entry) far below the dtype's
-        largest value, so the result is finite without being formed first (NaN/inf anywhere
-        fails the bound: the exact check then runs and names the layer)."""
-        return False
-
-    def _in_place_write(self, what: str) -> None:
-        raise NotImplementedError  # only where _in_place_is_safe can say True
-
-    def planned_weight(self, what: str) -> Tensor:
-        """The base weight ``merge``/``unmerge`` would write, in the base weight's dtype.
-
-        Validates without mutating: MergeError if the state is wrong (already merged / not
-        merged), the weight is on the meta device (no values to merge into), or the result is
-        not finite *after* the cast to the base dtype (float32 ``W + s B A`` may overflow fp16).
-        """
-        name = type(self).__name__
-        if what == "merge" and self.merged:
-            raise MergeError(f"{name}: already merged")
-        if what == "unmerge" and not self.merged:
-            raise MergeError(f"{name}: not merged, nothing to unmerge")
-        weight = self.base_weight
-        if weight.is_meta:
-            raise MergeError(
-                f"{name}: the base weight is on the meta device (shape {tuple(weight.shape)}, "
-                f"no values); materialize the model (to_empty + load) before {what}"
-            )
-        rule = self.merged_weight if what == "merge" else self.unmerged_weight
-        new = rule(weight.detach().to(self.merge_dtype())).to(weight.dtype)
-        if not torch.isfinite(new).all():
-            raise MergeError(
-                f"{name}: {what} would give non-finite weights in {weight.dtype} "
-                "(the adapter or base weight holds inf/nan or overflows); weights left unchanged"
-            )
-        return new
-
-    def write_weight(self, new: Tensor | None, what: str) -> None:
-        """Write a weight from :meth:`plan_write` (``what`` the same; None: in place) and flip
-        ``merged``."""
-        with torch.no_grad():
-            if new is None:
-                self._in_place_write(what)
-            else:
-                self.base_weight.copy_(new)
-        self.merged = what == "merge"
-
     def _project_up(self, result: Tensor, h: Tensor, B: Tensor) -> Tensor:
         """``result + s · h @ B.T`` with ``s`` folded into the fused matmul (one allocation).
 
@@ -458,9 +368,9 @@ class LoraLinear(LoraLayer):
         # a half-precision base with float32 factors (inject's adapters on a bf16/fp16 model):
         # in place too, each layer formed in float32 and rounded at its write (_in_place_write)
         half = W.dtype in (torch.bfloat16, torch.float16) and A.dtype == B.dtype == torch.float32
+        full = W.dtype in (torch.float32, torch.float64) and A.dtype == B.dtype == W.dtype
         if (
-            not (half or W.dtype in (torch.float32, torch.float64))  # delta_weight: W's dtype
-            or (not half and (A.dtype != W.dtype or B.dtype != W.dtype))
+            not (half or full)  # full: delta_weight in W's own dtype
             or W.is_meta
             or not (A.device == B.device == W.device)
             or min(W.numel(), A.numel(), B.numel()) == 0
@@ -478,13 +388,11 @@ class LoraLinear(LoraLayer):
         (``s·B A`` rounded once, then the sum), with one weight-sized temporary at a time. (An
         ``addmm_`` into the weight adds the r rank-1 terms one by one at W's magnitude: a merge
         and unmerge round trip then drifted to 1.09e-6 relative, above the 1e-6 promised.)"""
-        W = self.base_weight
-        if W.dtype in (torch.bfloat16, torch.float16):
-            # planned_weight's own formula and rounding, one layer's float32 temporary at a
-            # time and no finiteness pass (the bound proved it): merging every layer of a
-            # bf16 model kept all the new weights first (+1.65 GB on a 1B model, PEFT +0.25)
-            rule = self.merged_weight if what == "merge" else self.unmerged_weight
-            W.copy_(rule(W.detach().to(self.merge_dtype())))
+        if self.base_weight.dtype in (torch.bfloat16, torch.float16):
+            # planned_weight's own formula and rounding, one layer's temporary at a time and
+            # no finiteness pass (the bound proved it): merging every layer of a bf16 model
+            # kept all the new weights first (+1.65 GB on a 1B model, PEFT +0.25)
+            self.base_weight.copy_(self._formed_weight(what))
             return
         delta = self.delta_weight()  # W's dtype and layout (write_weight: no_grad)
         if what == "merge":
@@ -537,7 +445,7 @@ class LoraLinear(LoraLayer):
         elif torch.is_grad_enabled():
             # one autograd node, hand-written backward; W + s·BA as a temporary when it pays
             y = LoraLinearFunction.apply(x2d, Wt, b, A, B, self.scaling, xa)
-        elif self.training and forward_merges(x2d.shape[0], x2d.shape[1], W.dtype, xa):
+        elif self.training and route_merges(x2d.shape[0], x2d.shape[1], W.dtype, xa):
             # no autograd in train mode (reentrant checkpointing's first pass): the node's route
             y = merged_linear(x2d, Wt, b, A, B, self.scaling)
         else:

@@ -249,13 +249,13 @@ def merged_linear(
     return torch.addmm(bias, x, M) if bias is not None else torch.mm(x, M)
 
 
-def forward_merges(n: int, in_features: int, dtype: torch.dtype, xa: Tensor | None) -> bool:
-    """The route of :class:`LoraLinearFunction`'s forward when it picks one (``merge=None``):
-    merged when there is no separate adapter input and :func:`gemm_merge_pays`. The layer's
-    no-grad training forward takes the same route, so its output is the node's bit for bit
-    (reentrant activation checkpointing runs the first forward without autograd, and the
-    backward recomputes it with autograd)."""
-    return xa is None and gemm_merge_pays(n, in_features, dtype)
+def route_merges(n: int, k: int, dtype: torch.dtype, xa: Tensor | None) -> bool:
+    """The route :class:`LoraLinearFunction` picks for one direction (``merge=None``; forward
+    ``k = in``, backward ``k = out``): merged when there is no separate adapter input and
+    :func:`gemm_merge_pays`. The layer's no-grad training forward takes the same route, so its
+    output is the node's bit for bit (reentrant activation checkpointing runs the first
+    forward without autograd, and the backward recomputes it with autograd)."""
+    return xa is None and gemm_merge_pays(n, k, dtype)
 
 
 def autograd_transforms_active() -> bool:
@@ -458,8 +458,8 @@ class LoraLinearFunction(torch.autograd.Function):
     ) -> Tensor:
         n, dtype = x.shape[0], Wt.dtype
         if merge is None:  # per direction (module docstring)
-            merge_fwd = forward_merges(n, x.shape[1], dtype, xa)
-            merge_bwd = xa is None and gemm_merge_pays(n, Wt.shape[1], dtype)
+            merge_fwd = route_merges(n, x.shape[1], dtype, xa)
+            merge_bwd = route_merges(n, Wt.shape[1], dtype, xa)
         elif merge and xa is not None:
             raise ValueError("LoraLinearFunction: merge=True needs x_a None (no dropout)")
         else:
